@@ -1,6 +1,6 @@
 """The whole pipeline on the embedded synthetic data, one command: python -m bdsafety.demo
 
-attack (BadNets) -> clean reference (pratio 0) -> defenses -> retuning attack on each -> LMC -> table + plots.
+attack (BadNets) -> clean reference (pratio 0) -> defenses -> retuning attack on each -> QRA on FST -> LMC -> table + plots.
 Every step runs the same command a user would type (printed before it runs), so the demo doubles as a
 walk-through. Steps whose output already exists are skipped (--fresh redoes everything).
 """
@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DEFENSES = ("fst", "exact_purification", "pam")
+# FST and BTI-DBF(U): the paper's superficial baselines that purify the demo model; EP: the oracle reference; PAM.
+DEFAULT_DEFENSES = ("fst", "bti_dbf", "exact_purification", "pam")
+FOLDER = {"i_bau": "i-bau"}  # entry point name -> its folder under defense/ (BackdoorBench's name)
 ALL_DEFENSES = ("ft", "fst", "lp", "fe_tuning", "ft_init", "exact_purification", "ft_sam", "anp", "i_bau", "bti_dbf", "pam")
 
 
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
     unknown = [d for d in defenses if d not in ALL_DEFENSES]
     if unknown:
         p.error(f"unknown defenses {unknown}; valid: {', '.join(ALL_DEFENSES)}")
+    folders = [FOLDER.get(d, d) for d in defenses]
     root = Path(a.record_root)
     common = ["--record_root", str(root), "--device", a.device] + (["--overwrite"] if a.fresh else [])
     t0 = time.time()
@@ -64,19 +67,22 @@ def main(argv=None) -> int:
     if need(clean / "attack_result.pt"):
         run(["attack/badnet.py", "--yaml_path", "config/attack/badnet/demo.yaml", "--save_folder_name", "clean_demo",
               "--pratio", "0", *common], log)
-    for d in defenses:
-        if need(bd / "defense" / d / "defense_result.pt"):
+    for d, f in zip(defenses, folders):
+        if need(bd / "defense" / f / "defense_result.pt"):
             run([f"defense/{d}.py", "--result_file", "badnet_demo", "--yaml_path", f"config/defense/{d}/demo.yaml", *common], log)
     ra = ["retune_attack/ra.py", "--yaml_path", "config/retune_attack/ra/demo.yaml", *common]
     if need(bd / "ra" / "ra_result.pt"):
         run([*ra, "--result_file", "badnet_demo", "--defense", "none"], log)
     if need(clean / "ra" / "ra_result.pt"):
         run([*ra, "--result_file", "clean_demo", "--defense", "none", "--poison_source", "badnet_demo"], log)
-    todo = [d for d in defenses if need(bd / "defense" / d / "ra" / "ra_result.pt")]
+    todo = [f for f in folders if need(bd / "defense" / f / "ra" / "ra_result.pt")]
     if todo:
         run([*ra, "--result_file", "badnet_demo", "--defense", ",".join(todo)], log)
+    if "fst" in folders and need(bd / "defense" / "fst" / "qra" / "qra_compare.csv"):
+        run(["retune_attack/qra.py", "--result_file", "badnet_demo", "--defense", "fst", "--clean_record", "clean_demo",
+             "--yaml_path", "config/retune_attack/qra/demo.yaml", *common], log)
     if need(bd / "lmc" / "lmc.csv"):
-        run(["analysis/lmc.py", "--result_file", "badnet_demo", "--defense", ",".join(defenses), *common], log)
+        run(["analysis/lmc.py", "--result_file", "badnet_demo", "--defense", ",".join(folders), *common], log)
     run(["analysis/report.py", "--result_file", "badnet_demo", "--clean_record", "clean_demo", "--record_root", str(root)], log)
     log(f"finished: table in {bd / 'report' / 'report.md'}, plots {bd / 'report' / 'ra_curves.png'} and {bd / 'lmc' / 'lmc.png'}")
     return 0

@@ -52,3 +52,38 @@ def clean_record(tmp_path_factory) -> str:
     """The clean reference record: the demo pipeline with pratio 0 (10 epochs instead of 30 to keep CI short: the
     clean task is learned within 10; the README's demo trains it for the full 30)."""
     return _cached_or_build(tmp_path_factory, "clean_demo", ["--pratio", "0", "--epochs", "10"])
+
+
+@pytest.fixture(scope="session")
+def demo_work(tmp_path_factory, demo_record, clean_record):
+    """Private copies of the demo and clean records (no defense folders), shared by the end-to-end tests of RA/QRA
+    and PAM so that FST and its retuning attack run once per session (see ``fst_after_ra``)."""
+    import shutil
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("work") / "record"
+    root.mkdir()
+    copies = {}
+    for src in (demo_record, clean_record):
+        copies[Path(src).name] = dst = root / Path(src).name
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("defense", "ra", "bti_inversion"))
+    return SimpleNamespace(root=root, demo=copies["badnet_demo"], clean=copies["clean_demo"])
+
+
+@pytest.fixture(scope="session")
+def fst_after_ra(demo_work):
+    """FST on the shared demo copy (its demo config), then the demo retuning attack on it: the RA output folder.
+
+    python defense/fst.py --result_file R --yaml_path config/defense/fst/demo.yaml
+    python retune_attack/ra.py --result_file R --defense fst --yaml_path config/retune_attack/ra/demo.yaml
+    """
+    from bdsafety.defenses.finetune import main as ft_main
+    from bdsafety.retune.ra import main as ra_main
+
+    cfg = os.path.join(ROOT, "config")
+    ft_main("fst", ["--result_file", str(demo_work.demo), "--yaml_path", os.path.join(cfg, "defense", "fst", "demo.yaml"),
+                    "--no_progress"])
+    (out,) = ra_main(["--result_file", str(demo_work.demo), "--defense", "fst", "--no_progress",
+                      "--yaml_path", os.path.join(cfg, "retune_attack", "ra", "demo.yaml")])
+    return out

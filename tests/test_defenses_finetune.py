@@ -303,22 +303,28 @@ def check_folder(folder, name, record):
 
 # Behaviour on the demo, as measured with the demo configs and seed 0 (numbers in the README section):
 # after-defense C-Acc / ASR: ft 0.999 / 0.918, lp 0.999 / 0.929, ft_sam 1.000 / 0.961 (the backdoor survives),
-# exact_purification 0.999 / 0.004, fst 0.746 / 0.000, fe_tuning 0.599 / 0.000 (backdoor gone, but a re-initialised
-# head is not re-learned to full accuracy in 80 steps), ft_init 0.997 / 0.329 (partly purified).
+# exact_purification 0.999 / 0.004, fst 0.974 / 0.006 (alpha 0.1; with the code default 0.2: 0.746 / 0.000),
+# fe_tuning 0.599 / 0.000 (backdoor gone, but a re-initialised head is not re-learned to full accuracy in 80 steps),
+# ft_init 0.997 / 0.329 (partly purified).
 EXPECT = {
     "ft": dict(asr_min=0.5, max_drop=0.10),
     "lp": dict(asr_min=0.5, max_drop=0.10),
     "ft_sam": dict(asr_min=0.5, max_drop=0.10),
     "exact_purification": dict(asr_max=0.2, max_drop=0.10),
-    "fst": dict(asr_max=0.2, acc_min=0.6),
+    "fst": dict(asr_max=0.2, max_drop=0.05),
     "fe_tuning": dict(asr_max=0.2, acc_min=0.4),
     "ft_init": dict(asr_max=0.6, max_drop=0.10),
 }
 
 
 @pytest.mark.parametrize("name", list(DEFENSES))
-def test_end_to_end_demo(name, record):
-    folder = run(name, record)
+def test_end_to_end_demo(name, record, request):
+    if name == "fst":  # FST on the demo already runs once per session for the RA/PAM tests (conftest.fst_after_ra)
+        request.getfixturevalue("fst_after_ra")
+        record = str(request.getfixturevalue("demo_work").demo)
+        folder = os.path.join(record, "defense", name)
+    else:
+        folder = run(name, record)
     assert str(folder) == os.path.join(record, "defense", name)
     before, after = check_folder(folder, name, record)
     assert before["test_asr"] > 0.9 and before["test_acc"] > 0.95  # the demo backdoor is there to begin with

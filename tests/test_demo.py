@@ -1,4 +1,6 @@
 """The README's main command chains entry points: every command it runs must parse against its entry point."""
+import pytest
+
 import bdsafety.demo as demo
 from bdsafety.attacks.pipeline import ATTACK_SCHEMAS
 from bdsafety.config import parse_config
@@ -11,39 +13,54 @@ def _schema(script: str):
         from bdsafety.retune.ra import RA_SCHEMA
 
         return RA_SCHEMA
+    if script == "retune_attack/qra.py":
+        from bdsafety.retune.qra import QRA_SCHEMA
+
+        return QRA_SCHEMA
     if script == "analysis/lmc.py":
         from bdsafety.analysis.lmc import LMC_SCHEMA
 
         return LMC_SCHEMA
     name = script.split("/")[1][:-3]
-    if name == "fst":
+    if name in ("ft", "fst", "lp", "fe_tuning", "ft_init"):
         from bdsafety.defenses.finetune import finetune_schema
 
-        return finetune_schema("fst")
+        return finetune_schema(name)
     if name == "exact_purification":
         from bdsafety.defenses.exact_purification import ep_schema
 
         return ep_schema()
-    if name == "pam":
-        from bdsafety.defenses.pam import schema
+    if name == "ft_sam":
+        from bdsafety.defenses.ft_sam import ft_sam_schema
 
-        return schema()
+        return ft_sam_schema()
+    if name in ("anp", "i_bau", "bti_dbf", "pam"):
+        import importlib
+
+        return importlib.import_module(f"bdsafety.defenses.{name}").schema()
     return None
 
 
-def test_every_demo_command_parses(monkeypatch, tmp_path):
+@pytest.mark.parametrize("defenses", [None, "all"])
+def test_every_demo_command_parses(monkeypatch, tmp_path, defenses):
     calls = []
     monkeypatch.setattr(demo, "_run", lambda args, log: calls.append(args))
-    assert demo.main(["--record_root", str(tmp_path), "--fresh"]) == 0
+    assert demo.main(["--record_root", str(tmp_path), "--fresh", *(["--defenses", defenses] if defenses else [])]) == 0
     scripts = [c[0] for c in calls]
     assert scripts[0] == "attack/badnet.py" and "analysis/report.py" in scripts and "analysis/lmc.py" in scripts
+    run_defenses = [s.split("/")[1][:-3] for s in scripts if s.startswith("defense/")]
+    assert run_defenses == list(demo.ALL_DEFENSES if defenses == "all" else demo.DEFAULT_DEFENSES)
+    for args in calls:
+        if args[0] == "retune_attack/ra.py" or args[0] == "analysis/lmc.py":  # folder names, e.g. i_bau -> i-bau
+            names = args[args.index("--defense") + 1].split(",")
+            assert "i_bau" not in names
     checked = 0
     for args in calls:
         schema = _schema(args[0])
         if schema is not None:
             parse_config(schema, args[1:])  # raises on any unknown flag, bad value or broken yaml
             checked += 1
-    assert checked >= 8
+    assert checked == len(calls) - 1  # everything but report.py
 
 
 def test_dry_run_prints_and_runs_nothing(capsys, tmp_path):

@@ -5,7 +5,6 @@ Unit tests run in a second; the end-to-end tests (marked slow) train on copies o
 """
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,21 +221,16 @@ def test_qra_reactivates_dormant_backdoor_toy(alpha):
 
 # ------------------------------------------------------------------------------------------------ end to end
 
-def _copy_record(src, dst_root: Path) -> Path:
-    dst = dst_root / Path(src).name
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("defense"))
-    return dst
-
-
 def _ra_rows(folder: Path) -> pd.DataFrame:
     return pd.read_csv(folder / "ra_df.csv", index_col=0, na_values=["nan_value"])
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, demo_record, clean_record):
-    root = tmp_path_factory.mktemp("retune") / "record"
-    root.mkdir()
-    return SimpleNamespace(root=root, demo=_copy_record(demo_record, root), clean=_copy_record(clean_record, root))
+def work(demo_work):
+    return demo_work
+
+
+RA_EPOCHS = 20  # config/retune_attack/ra/demo.yaml
 
 
 def _ra(*args):
@@ -248,7 +242,7 @@ def test_ra_undefended_keeps_backdoor(work):
     out = _ra("--result_file", str(work.demo), "--defense", "none")[0]
     assert out == work.demo / "ra"
     df = _ra_rows(out)
-    assert list(df["epoch"]) == list(range(6))  # before RA + every epoch
+    assert list(df["epoch"]) == list(range(RA_EPOCHS + 1))  # before RA + every epoch
     assert df["test_asr"].notna().all() and df["test_acc"].notna().all()
     asr0 = df["test_asr"].iloc[0]
     assert asr0 >= 0.8
@@ -272,26 +266,18 @@ def test_ra_clean_reference_stays_low(work):
     assert df["test_asr"].max() < 0.2
 
 
-def _purify(work) -> str:
-    """FST on the demo record: python defense/fst.py --result_file R --yaml_path config/defense/fst/demo.yaml."""
-    from bdsafety.defenses.finetune import main as defense_main
-
-    defense_main("fst", ["--result_file", str(work.demo), "--yaml_path", str(ROOT / "config/defense/fst/demo.yaml"), "--no_progress"])
-    return "fst"
-
-
 @pytest.mark.slow
-def test_ra_and_qra_on_purified_model(work):
-    name = _purify(work)
-    out = _ra("--result_file", str(work.demo), "--defense", name)[0]
+def test_ra_and_qra_on_purified_model(work, fst_after_ra):
+    name = "fst"  # FST and RA on it ran once in the session fixture fst_after_ra (conftest.py)
+    out = fst_after_ra
     assert out == work.demo / "defense" / name / "ra"
     df = _ra_rows(out)
     print(f"{name} + RA: ASR per epoch", df["test_asr"].round(4).tolist(), "C-Acc", df["test_acc"].round(4).tolist())
     assert df["test_asr"].iloc[0] < 0.2  # purified
-    assert df[["test_acc", "test_asr", "test_ra"]].notna().all().all() and list(df["epoch"]) == list(range(6))
+    assert df[["test_acc", "test_asr", "test_ra"]].notna().all().all() and list(df["epoch"]) == list(range(RA_EPOCHS + 1))
     assert df["test_acc"].iloc[-1] >= df["test_acc"].iloc[0] - 0.02  # retuning on mostly clean data keeps the clean task
-    # NOT asserted: the paper's "ASR >= 0.5 within 5 RA epochs". On this demo (cnn_small, synthetic data) it does not
-    # happen: measured FST 0.000 -> 0.000 after 5 epochs, the clean reference 0.000 -> 0.002 (README, retuning section).
+    # the backdoor comes back: measured 0.006 -> 0.293 (the paper's CIFAR-10 figures are higher, README)
+    assert df["test_asr"].iloc[-1] >= 0.15
 
     # QRA against the same purified model, shortened (3 epochs on 128 + 128 samples) to keep the test cheap
     q = Q.main(["--yaml_path", QRA_DEMO, "--no_progress", "--result_file", str(work.demo), "--defense", name,
