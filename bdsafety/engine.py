@@ -24,7 +24,12 @@ from bdsafety.data.device import DeviceDataset, Normalizer, iterate_batches
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; nothing from the run is saved."""
+    """The loss became NaN/inf or exploded past ``max_loss``; nothing from the run is saved."""
+
+
+# A mean training loss above this is divergence, not learning: cross-entropy at chance is ln(classes) (5.3 for 200
+# classes), and no bundled objective adds terms of this size. fit(max_loss=...) overrides it.
+MAX_LOSS = 1e4
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -173,10 +178,11 @@ def fit(
     desc: str = "train",
     progress: bool | None = None,
     on_epoch_end: Callable | None = None,
+    max_loss: float = MAX_LOSS,
 ) -> list[dict]:
     """Train ``model`` for ``epochs`` on ``train``; return one metrics row per epoch (epoch 0 = before training
     when ``eval_at_start``). Test metrics are computed every ``eval_every`` epochs and at the last epoch
-    (NaN elsewhere). Raises TrainingDiverged on a non-finite loss.
+    (NaN elsewhere). Raises TrainingDiverged when an epoch's mean loss is not finite or exceeds ``max_loss``.
     """
     from tqdm.auto import tqdm
 
@@ -201,10 +207,11 @@ def fit(
                 seen += len(y)
                 bar.update(1)
             train_loss = tot_loss.item() / max(1, seen)
-            if not math.isfinite(train_loss):
+            if not math.isfinite(train_loss) or train_loss > max_loss:
                 raise TrainingDiverged(
-                    f"{desc}: the training loss became {train_loss} in epoch {epoch}. Lower the learning rate (lr) or check "
-                    "the data; nothing from this run was saved."
+                    f"{desc}: the training loss became {train_loss:.4g} in epoch {epoch}"
+                    + ("" if not math.isfinite(train_loss) else f" (above {max_loss:g}: diverged)")
+                    + ". Lower the learning rate (lr) or check the data; nothing from this run was saved."
                 )
             lr = optimizer.param_groups[0]["lr"] if optimizer is not None else math.nan
             if scheduler is not None:
