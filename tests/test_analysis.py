@@ -1,7 +1,9 @@
 """LMC analysis and the report table."""
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -83,3 +85,64 @@ def test_report_table(tmp_path):
     assert math.isnan(df.loc["No defense", "p_test_asr"])
     md = to_markdown(df)
     assert "| fst | 88.0 | 5.0 | 80.0 | 87.0 | 70.0 | 20.0 |" in md
+
+
+def _fake_record_tree(root):
+    """A record tree with only the csv files the report and the notebook read (as the entry points write them)."""
+    from bdsafety.records import write_metrics_csv
+
+    rd = root / "badnet_demo"
+    (rd / "ra").mkdir(parents=True)
+    (rd / "attack_result.pt").write_bytes(b"")
+    write_metrics_csv([{"epoch": 1, "test_acc": 0.99, "test_asr": 0.97, "test_ra": 0.03}], rd, "attack")
+    for name, asr, p_asr in (("fst", 0.01, 0.3), ("pam", 0.0, 0.02), ("pam_rho0.3", 0.002, 0.03), ("pam_rho0.5", 0.0, 0.02)):
+        d = rd / "defense" / name
+        (d / "ra").mkdir(parents=True)
+        write_metrics_csv([{"epoch": 1, "test_acc": 0.97, "test_asr": asr, "test_ra": 0.9}], d, name)
+        write_metrics_csv([{"epoch": e, "test_acc": 0.98, "test_asr": asr + (p_asr - asr) * e / 4, "test_ra": 0.8}
+                           for e in range(5)], d / "ra", "ra")
+    (rd / "defense" / "pam_rho0.7").mkdir()  # a sweep folder without results: NaN row, not a crash
+    (rd / "lmc").mkdir()
+    rows = [{"alpha": a / 4, "clean_loss": 0.1, "clean_acc": 0.98, "backdoor_loss": 1.0, "asr": a / 4,
+             "backdoor_error": 1 - a / 4, "defense": d} for d in ("fst", "pam") for a in range(5)]
+    pd.DataFrame(rows).to_csv(rd / "lmc" / "lmc.csv", index=False)
+    return rd
+
+
+def test_rho_sweep_table(tmp_path):
+    from bdsafety.analysis.report import rho_sweep
+
+    rd = _fake_record_tree(tmp_path)
+    sweep = rho_sweep(str(rd))
+    assert list(sweep.index) == [0.3, 0.5, 0.7]
+    assert sweep.loc[0.3, "p_test_asr"] == pytest.approx(0.03) and math.isnan(sweep.loc[0.7, "test_acc"])
+    assert rho_sweep(str(rd / "defense" / "fst")).empty  # no sweep folders: an empty table
+
+
+def test_analysis_notebook_runs(tmp_path, monkeypatch):
+    """Every code cell of analysis/superficial_safety.ipynb runs on a record tree (first cell's paths overridden)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "show", lambda *a, **k: plt.close("all"))
+    _fake_record_tree(tmp_path)
+    (tmp_path / "clean_demo" / "ra").mkdir(parents=True)
+    from bdsafety.records import write_metrics_csv
+
+    write_metrics_csv([{"epoch": 1, "test_acc": 1.0, "test_asr": 0.0, "test_ra": 1.0}], tmp_path / "clean_demo", "attack")
+    nb = json.loads((Path(__file__).resolve().parents[1] / "analysis" / "superficial_safety.ipynb").read_text())
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    assert len(cells) >= 5
+    ns: dict = {}
+    exec(cells[0], ns)
+    ns["RECORD_ROOT"] = tmp_path
+    for src in cells[1:]:
+        exec(src, ns)
+    assert ns["table"].loc["fst", "p_test_asr"] == pytest.approx(0.3) and "Clean" in ns["table"].index
+    assert set(ns["curves"]) >= {"fst", "pam", "pam_rho0.3"}
+    assert ns["lmc_table"].loc["pam", 0.0] == pytest.approx(100.0)
+    assert list(ns["sweep"].index) == [0.3, 0.5, 0.7]

@@ -62,6 +62,21 @@ def ra_curves(result_file: str, record_root: str = "./record", clean_record: str
     return {k: pd.read_csv(v / "ra_df.csv") for k, v in found.items() if (v / "ra_df.csv").is_file()}
 
 
+def rho_sweep(result_file: str, record_root: str = "./record") -> pd.DataFrame:
+    """PAM's rho sweep (folders defense/pam_rho<value>/ from defense/pam.py --rho_sweep): one row per rho with
+    C-Acc/ASR/RA after PAM and p_* after the retuning attack where one was run; empty when there is no sweep."""
+    rd = resolve_record_dir(result_file, record_root)
+    rows = []
+    for d in sorted((rd / "defense").glob("pam_rho*")):
+        try:
+            rho = float(d.name[len("pam_rho"):])
+        except ValueError:
+            continue
+        rows.append({"rho": rho, **{k: v for k, v in _row(d.name, d, d.name, d / "ra").items() if k != "model"}})
+    cols = ["rho", *METRICS, *(f"p_{k}" for k in METRICS)]
+    return pd.DataFrame(rows, columns=cols).set_index("rho").sort_index()
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     """Percent table in the paper's layout."""
     head = "| model | C-Acc | ASR | RA | P-C-Acc | P-ASR | P-RA |\n|---|---|---|---|---|---|---|\n"
