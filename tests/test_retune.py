@@ -178,6 +178,18 @@ class _Toy(torch.nn.Module):
         return logits
 
 
+class _QueryOnly(torch.nn.Module):
+    """Wraps a model so that its outputs carry no autograd history: only its answers can be used (black box)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.model(x.detach())
+
+
 def _toy_images(labels, p, rng):
     x = rng.uniform(0, 1, (len(labels), 4, 4, 3))
     x[..., 1] = np.array([0.2, 0.5, 0.8])[labels][:, None, None] + rng.uniform(-0.04, 0.04, (len(labels), 4, 4))
@@ -185,11 +197,12 @@ def _toy_images(labels, p, rng):
     return (x * 255).round().clip(0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("alpha", [0.2, 0.0])
-def test_qra_reactivates_dormant_backdoor_toy(alpha):
-    """White-box QRA on a toy with a known dormant backdoor: the learned perturbation pushes the trigger pixel past
-    the purified model's threshold (ASR 0 -> 1) while the clean model is unaffected; without the KL term
-    (alpha 0) nothing is reactivated."""
+@pytest.mark.parametrize("alpha, access", [(0.2, "white_box"), (0.0, "white_box"), (0.2, "black_box"), (0.0, "black_box")])
+def test_qra_reactivates_dormant_backdoor_toy(alpha, access):
+    """QRA on a toy with a known dormant backdoor: the learned perturbation pushes the trigger pixel past the
+    purified model's threshold (ASR 0 -> 1) while the clean model is unaffected; without the KL term (alpha 0)
+    nothing is reactivated. black_box reaches the same with only queries to the purified model: the test wraps f_pur
+    so that its outputs carry no autograd history, leaving nothing but its answers to learn from."""
     from bdsafety import engine
     from bdsafety.data.device import Normalizer
     from bdsafety.data.info import DatasetInfo
@@ -208,7 +221,12 @@ def test_qra_reactivates_dormant_backdoor_toy(alpha):
     assert before["test_asr"] == 0 and before["ra_model_test_asr"] == 1 and before["clean_model_test_asr"] == 0
     torch.manual_seed(0)
     gen = Q.PerturbationGenerator((3, 4, 4), 16 / 255, (64, 64, 64))
-    rows = Q.train_generator(gen, train, f_pur, f_ra, f_clean, norm, epochs=10, batch_size=32, lr=0.1, momentum=0.9, alpha=alpha)
+    if access == "black_box":
+        f_pur = _QueryOnly(f_pur)
+    rows = Q.train_generator(gen, train, f_pur, f_ra, f_clean, norm, epochs=10, batch_size=32, lr=0.1, momentum=0.9, alpha=alpha,
+                             access=access, zo_queries=20, zo_mu=0.005)
+    if access == "black_box":
+        assert rows[-1]["queries_to_purified"] == 10 * len(train) * 21  # epochs x samples x (1 + zo_queries)
     after = Q.qra_metrics(exp, {"pur": f_pur, "clean_model": f_clean}, gen, 0)
     assert after["clean_model_test_asr"] == 0 and after["clean_model_test_acc"] == 1  # no transfer to the clean model
     assert after["test_acc"] == 1 and after["test_target_rate"] == 0  # clean inputs are left alone
@@ -299,6 +317,15 @@ def test_ra_and_qra_on_purified_model(work, fst_after_ra):
 
     x01 = torch.rand(32, 3, 32, 32)
     assert (Q.perturb(gen, x01, Normalizer(dataset_info("synthetic"))) - x01).abs().max() <= 16 / 255 + 1e-6
+
+    # the query-only variant through the same entry point: labelled black_box, queries counted
+    qb = Q.main(["--yaml_path", QRA_DEMO, "--no_progress", "--result_file", str(work.demo), "--defense", name,
+                 "--clean_record", str(work.clean), "--epochs", "2", "--eval_every", "2", "--clean_num", "64", "--poison_num", "64",
+                 "--access", "black_box", "--zo_queries", "3", "--save_name", "qra_bb"])
+    assert (pd.read_csv(qb / "qra_compare.csv")["access"] == "black_box").all()
+    rows_bb = pd.read_csv(qb / "qra_df.csv", index_col=0, na_values=["nan_value"])
+    assert rows_bb["queries_to_purified"].iloc[-1] == 2 * 128 * 4
+    assert "black_box" in (qb / "config.yaml").read_text()
 
 
 @pytest.mark.slow

@@ -10,8 +10,13 @@ on clean + poisoned (non-target-class) TRAINING samples: the purified model f_pu
 the RA-retuned model f_ra on x (backdoor reactivated on triggered inputs, normal on clean ones), while a clean
 reference model f_clean keeps predicting the true label (so delta is not a plain adversarial example).
 
-Access: WHITE-BOX. Gradients are back-propagated through f_pur, f_ra is only queried, f_clean is the attacker's
-own model (as in the paper's official code). This is written in every output (config.yaml, qra_compare.csv).
+Access (``--access``, written in every output: config.yaml, qra_compare.csv):
+- white_box (default, as the paper's official code): gradients are back-propagated through f_pur.
+- black_box: f_pur is only QUERIED for its output probabilities (score-based). The gradient of the KL term with
+  respect to the perturbed image is estimated from queries with Gaussian finite differences,
+      g ~ 1/q * sum_j [KL(x_a + mu * u_j) - KL(x_a)] / mu * u_j,   u_j ~ N(0, I)   (q = zo_queries, mu = zo_mu),
+  and chained into the generator; each step costs q + 1 batched queries (counted and reported).
+In both, f_ra is only queried (its predictions on the unperturbed images) and f_clean is the attacker's own model.
 
 Report (test set): f_pur C-Acc / ASR / RA and f_clean C-Acc / ASR with and without delta, and the
 target-prediction rate (fraction of NON-target-class clean test images predicted as the record's target label).
@@ -60,7 +65,11 @@ QRA_SCHEMA = {
                                  "model (made with --pratio 0)"),
     "clean_model": Option(None, "or: a model file (attack_result.pt / defense_result.pt format) of a clean reference model"),
     "poison_source": Option(None, "record whose bd_train supplies the poisoned samples (default: the same record)"),
-    "access": Option("white_box", "threat model: white_box = back-propagate through the purified model", choices=("white_box",)),
+    "access": Option("white_box", "threat model: white_box = back-propagate through the purified model; black_box = "
+                                  "only query its output probabilities (zeroth-order gradient estimate)",
+                     choices=("white_box", "black_box")),
+    "zo_queries": Option(20, "black_box: random directions (queries to the purified model beyond the base one) per step"),
+    "zo_mu": Option(0.005, "black_box: finite-difference step in [0,1] pixel space"),
     "eps": Option(16 / 255, "L_inf bound of the perturbation in [0,1] pixel space (a float or 'a/b')", type=fraction),
     "alpha": Option(0.2, "weight of the KL(f_ra || f_pur) reactivation term (the CE on the clean model has weight 1)"),
     "hidden": Option([1024, 1024, 1024], "hidden widths of the generator MLP", type=int_list),
@@ -257,32 +266,64 @@ def _record_target(exp) -> int:
 
 def train_generator(gen: PerturbationGenerator, data: DeviceDataset, f_pur, f_ra, f_clean, norm, *, epochs: int,
                     batch_size: int, lr: float, momentum: float, alpha: float, seed: int = 0, on_epoch_end=None,
-                    eval_batch_size: int = 1024, desc: str = "QRA", progress: bool | None = False) -> list[dict]:
-    """Train ``gen`` (white-box: gradients through the frozen f_pur and f_clean) with engine.fit; one row per epoch.
+                    eval_batch_size: int = 1024, desc: str = "QRA", progress: bool | None = False,
+                    access: str = "white_box", zo_queries: int = 20, zo_mu: float = 0.005) -> list[dict]:
+    """Train ``gen`` with engine.fit; one row per epoch. white_box: gradients through the frozen f_pur and f_clean;
+    black_box: f_pur only queried (zeroth-order estimate of the KL term's gradient, see the module docstring).
 
     ``data`` holds uint8 images with their TRUE labels; the RA model's predictions on the unperturbed images are the
     KL targets (computed once: no augmentation here). ``on_epoch_end(epoch, row)`` may add test metrics to the row.
     """
+    if access not in ("white_box", "black_box"):
+        raise ValueError(f"access must be white_box or black_box, not {access!r}")
+    if access == "black_box" and (int(zo_queries) < 1 or not zo_mu > 0):
+        raise ValueError(f"black_box QRA needs zo_queries >= 1 and zo_mu > 0 (got {zo_queries}, {zo_mu})")
     for m in (f_pur, f_ra, f_clean):
         _frozen(m)
     opt = engine.make_optimizer(gen.parameters(), "sgd", lr, momentum, 0.0)
     teacher = teacher_logits(f_ra, data, norm, eval_batch_size)
-    stats = {"kl": 0.0, "ce": 0.0, "agree": 0, "n": 0}
+    stats = {"kl": 0.0, "ce": 0.0, "agree": 0, "n": 0, "queries": 0}
+    zo_rng = torch.Generator(device=data.device).manual_seed(int(seed) + 1)
     batch = {}
 
     def batch_fn(xb, y, idx):
         batch["idx"] = idx
         return xb.float() / 255.0, y
 
+    def query_kl(xq, log_p):
+        """Per-sample KL(f_ra(x) || f_pur(xq)) from f_pur's output probabilities only (one batched query)."""
+        with torch.no_grad(), engine.autocast(xq.device):
+            logits = f_pur(norm(xq.clamp(0.0, 1.0)))
+        stats["queries"] += len(xq)
+        return (log_p.exp() * (log_p - F.log_softmax(logits.float(), 1))).sum(1), logits
+
     def step(g, x01, y):
         opt.zero_grad(set_to_none=True)
         logits_ra = teacher[batch["idx"]]
-        with engine.autocast(x01.device):
-            xa = perturb(g, x01, norm)
-            logits_pur = f_pur(norm(xa))
-            logits_clean = f_clean(norm(xa))
-        loss, kl, ce = qra_loss(logits_pur, logits_ra, logits_clean, y, alpha)
-        loss.backward()
+        if access == "white_box":
+            with engine.autocast(x01.device):
+                xa = perturb(g, x01, norm)
+                logits_pur = f_pur(norm(xa))
+                logits_clean = f_clean(norm(xa))
+            loss, kl, ce = qra_loss(logits_pur, logits_ra, logits_clean, y, alpha)
+            loss.backward()
+        else:
+            with engine.autocast(x01.device):
+                xa = perturb(g, x01, norm)
+                logits_clean = f_clean(norm(xa))
+            ce = F.cross_entropy(logits_clean.float(), y)
+            log_p = F.log_softmax(logits_ra.float(), 1)
+            xa0 = xa.detach().float()
+            kl_i, logits_pur = query_kl(xa0, log_p)
+            grad = torch.zeros_like(xa0)
+            for _ in range(int(zo_queries)):
+                u = torch.randn(xa0.shape, generator=zo_rng, device=xa0.device)
+                grad += ((query_kl(xa0 + zo_mu * u, log_p)[0] - kl_i) / zo_mu).view(-1, 1, 1, 1) * u
+            grad /= int(zo_queries) * len(y)  # d(batch-mean KL)/d(x_a), estimated
+            kl = kl_i.mean()
+            # the surrogate's gradient w.r.t. x_a is alpha * grad; its value is not the loss, so report the true one
+            (ce + alpha * (grad * xa.float()).sum()).backward()
+            loss = alpha * kl + ce
         opt.step()
         stats["kl"] += kl.item() * len(y)
         stats["ce"] += ce.item() * len(y)
@@ -294,6 +335,8 @@ def train_generator(gen: PerturbationGenerator, data: DeviceDataset, f_pur, f_ra
         n = max(1, stats["n"])
         row["train_clean_model_acc"] = row.pop("train_acc")  # fit's accuracy is of the logits step() returns
         row.update(train_kl=stats["kl"] / n, train_ce=stats["ce"] / n, train_pur_ra_agreement=stats["agree"] / n)
+        if access == "black_box":
+            row["queries_to_purified"] = stats["queries"]  # cumulative, images sent to f_pur
         stats.update(kl=0.0, ce=0.0, agree=0, n=0)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
@@ -381,7 +424,9 @@ def run_qra(cfg: SimpleNamespace) -> Path:
         print(f"[qra:{target_info.name}] {msg}", flush=True)
 
     data, meta = qra_data(exp, cfg)
-    log(f"record {exp.record_dir.name}: {exp.model_name}, target {target}; access {cfg.access} (gradients through the purified model)")
+    how = ("gradients through the purified model" if cfg.access == "white_box" else
+           f"purified model only queried: {cfg.zo_queries} + 1 queries per image per step, mu {cfg.zo_mu}")
+    log(f"record {exp.record_dir.name}: {exp.model_name}, target {target}; access {cfg.access} ({how})")
     log(f"purified {target_info.model_file}; RA model {ra_file}; clean reference {clean_src}")
     log(f"generator data: {cfg.clean_num} clean + {cfg.poison_num} poisoned non-target-class training samples "
         f"(from {meta['poison_source']}); eps {cfg.eps:.5f}, alpha {cfg.alpha}, SGD lr {cfg.lr} momentum {cfg.momentum}, "
@@ -405,7 +450,8 @@ def run_qra(cfg: SimpleNamespace) -> Path:
 
     rows = train_generator(gen, data, f_pur, f_ra, f_clean, exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size,
                            lr=cfg.lr, momentum=cfg.momentum, alpha=cfg.alpha, seed=cfg.random_seed, on_epoch_end=evaluate,
-                           eval_batch_size=cfg.eval_batch_size, desc=f"QRA {target_info.name}", progress=exp.progress)
+                           eval_batch_size=cfg.eval_batch_size, desc=f"QRA {target_info.name}", progress=exp.progress,
+                           access=cfg.access, zo_queries=cfg.zo_queries, zo_mu=cfg.zo_mu)
     after = qra_metrics(exp, {"pur": f_pur, "clean_model": f_clean}, gen, target)
     row0 = {"epoch": 0, **{k: v for k, v in base.items() if not k.startswith("ra_model_")}}
     rows = [row0] + rows
