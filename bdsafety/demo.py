@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from bdsafety.defenses.i_bau import NAME as IBAU_FOLDER  # BackdoorBench's folder name, "i-bau"
+
 ROOT = Path(__file__).resolve().parent.parent
 # FST and BTI-DBF(U): the paper's superficial baselines that purify the demo model; EP: the oracle reference; PAM.
 DEFAULT_DEFENSES = ("fst", "bti_dbf", "exact_purification", "pam")
-FOLDER = {"i_bau": "i-bau"}  # entry point name -> its folder under defense/ (BackdoorBench's name)
+FOLDER = {"i_bau": IBAU_FOLDER}  # entry point name -> its folder under defense/ where they differ
 ALL_DEFENSES = ("ft", "fst", "lp", "fe_tuning", "ft_init", "exact_purification", "ft_sam", "anp", "i_bau", "bti_dbf", "pam")
 
 

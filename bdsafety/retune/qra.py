@@ -400,6 +400,8 @@ def run_qra(cfg: SimpleNamespace) -> Path:
     from bdsafety.records import atomic_torch_save, atomic_write_text
 
     t0 = time.time()
+    if cfg.access == "black_box" and (int(cfg.zo_queries) < 1 or not cfg.zo_mu > 0):
+        raise ConfigError(f"--access black_box needs --zo_queries >= 1 and --zo_mu > 0 (got {cfg.zo_queries}, {cfg.zo_mu})")
     exp = open_experiment(cfg)
     if not cfg.defense or "," in str(cfg.defense) or cfg.defense == "all":
         raise ConfigError("--defense must name ONE defense folder (or 'none'): QRA attacks one purified model per run")
