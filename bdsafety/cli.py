@@ -1,35 +1,47 @@
-"""Shared plumbing for the thin entry points: expected errors become one clear line and exit code 2."""
+"""Shared plumbing of the thin entry points.
+
+Every entry script (attack/<name>.py, defense/<name>.py, retune_attack/<name>.py, analysis/<name>.py) is the same
+three lines: it calls ``entry_point(__file__)``, which finds its registered method from the script's own folder
+and file name. Errors a user can cause (bdsafety.errors.UserError) become one line on stderr and exit code 2;
+every other exception is a bug and keeps its traceback. BDSAFETY_DEBUG=1 shows tracebacks for user errors too.
+"""
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 
 def run_cli(fn: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
-    """Run ``fn(argv)``; print expected errors (bad config, missing record/data, diverged training) without a traceback.
+    """Run ``fn(argv)``; print user errors as one line (exit 2), Ctrl-C as one line (exit 130)."""
+    from bdsafety.errors import UserError
 
-    Set BDSAFETY_DEBUG=1 to see the full traceback.
-    """
-    from bdsafety.config import ConfigError
-    from bdsafety.engine import TrainingDiverged
-
-    expected: tuple = (ConfigError, FileNotFoundError, FileExistsError, TrainingDiverged, ValueError, KeyError)
-    try:
-        from bdsafety.records import RecordError
-
-        expected = expected + (RecordError,)
-    except ImportError:  # pragma: no cover - records always present in a full install
-        pass
     try:
         fn(argv)
-    except expected as e:
+    except UserError as e:
         if os.environ.get("BDSAFETY_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was kept", file=sys.stderr)
         return 130
     return 0
+
+
+def method_for_script(path: str | os.PathLike):
+    """The registered method of an entry script: defense/pam.py -> registry.get('defense', 'pam')."""
+    from bdsafety import registry
+
+    p = Path(path)
+    kinds = {d: k for k, d in registry.KIND_DIRS.items()}
+    kind = kinds.get(p.parent.name)
+    if kind is None:
+        raise RuntimeError(f"{p}: entry scripts live in one of {', '.join(kinds)}/")
+    return registry.get(kind, p.stem)
+
+
+def entry_point(script: str, argv: list[str] | None = None) -> int:
+    """main() of every entry script."""
+    return run_cli(lambda a: method_for_script(script).main(a), argv)

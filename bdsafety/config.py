@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
+import re
 import platform
 import sys
 import time
@@ -21,8 +23,84 @@ from typing import Any, Callable, Sequence
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration problem the user must fix; the message says what and how."""
+from bdsafety.errors import ConfigError  # noqa: E402  (re-exported: bdsafety.config.ConfigError)
+
+
+# ------------------------------------------------------------------------------------------- value checks
+@dataclass(frozen=True)
+class Check:
+    """The valid values of a numeric option: an interval, optionally integers only. ``describe`` is shown in errors
+    and in --help. Non-finite floats (nan, inf) are always refused."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    text: str = ""
+
+    def ok(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.integer and float(v) != int(v):
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        if self.hi is not None and (v > self.hi or (self.hi_open and v == self.hi)):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.text:
+            return self.text
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        kind = "an integer" if self.integer else "a finite number"
+        return f"{kind} in {'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+
+class AmountCheck(Check):
+    """A ratio in (0, 1) of a split, or a count >= 1 (an integer)."""
+
+    def ok(self, v) -> bool:
+        if not Check(lo=0, lo_open=True).ok(v):
+            return False
+        return v < 1 or float(v) == int(v)
+
+    def describe(self) -> str:
+        return "a ratio in (0, 1) or a whole count >= 1"
+
+
+POS_INT = Check(lo=1, integer=True, text="an integer >= 1")
+NONNEG_INT = Check(lo=0, integer=True, text="an integer >= 0")
+SEED = Check(lo=0, hi=2**32 - 1, integer=True, text="an integer in [0, 2**32 - 1]")
+POSITIVE = Check(lo=0, lo_open=True, text="a finite number > 0")
+NONNEG = Check(lo=0, text="a finite number >= 0")
+FRACTION = Check(lo=0, hi=1, text="a number in [0, 1]")
+OPEN_FRACTION = Check(lo=0, hi=1, lo_open=True, hi_open=True, text="a number strictly between 0 and 1")
+PROB = Check(lo=0, hi=1, lo_open=True, text="a number in (0, 1]")
+FINITE = Check(text="a finite number")
+AMOUNT = AmountCheck()
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
+
+
+def check_device_name(name: str) -> str:
+    if name is None or not _DEVICE.match(str(name)):
+        raise ConfigError(f"device {name!r} is not a device name: use auto, cpu, cuda or cuda:N (N = GPU index)")
+    return str(name)
+
+
+def check_folder_name(name: str, flag: str = "save_name") -> str:
+    """A plain folder name: no path separator, not '.', '..' or hidden, no spaces or shell characters."""
+    s = str(name)
+    if s in (".", "..") or not _FOLDER_NAME.match(s) or s.startswith(".") or "/" in s or "\\" in s:
+        raise ConfigError(f"--{flag} {s!r} is not a plain folder name: use letters, digits and _ . + = - only, no path "
+                          f"separator, not '.' or '..', not starting with '.' (e.g. --{flag} my_run)")
+    return s
 
 
 @dataclass
@@ -31,6 +109,20 @@ class Option:
     help: str = ""
     type: Callable | None = None  # inferred from the default when None
     choices: Sequence | None = None
+    check: Check | None = None  # valid values of a number (or of each element of a list of numbers)
+    nullable: bool | None = None  # may be None (default: only when the default is None)
+    kind: str | None = None  # 'device', 'folder_name', 'index_file': validated by name
+
+    def is_nullable(self) -> bool:
+        return self.default is None if self.nullable is None else self.nullable
+
+    def is_numeric(self) -> bool:
+        d = self.default
+        if isinstance(d, bool) or self.choices is not None:
+            return False
+        if self.check is not None:
+            return True
+        return isinstance(d, (int, float)) or self.type in (int, float, float_list, int_list)
 
 
 def _str2bool(v) -> bool:
@@ -44,6 +136,18 @@ def _str2bool(v) -> bool:
     raise ValueError(f"not a boolean: {v!r}")
 
 
+def _int(v) -> int:
+    """int from an int, an integral float (1e3) or a string; refuses 2.5 instead of truncating it."""
+    if isinstance(v, bool):
+        raise ValueError("a boolean is not an integer")
+    if isinstance(v, int):
+        return v
+    f = float(v)
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError(f"not an integer: {v!r}")
+    return int(f)
+
+
 def float_list(v) -> list:
     if isinstance(v, (list, tuple)):
         return [float(a) for a in v]
@@ -52,8 +156,8 @@ def float_list(v) -> list:
 
 def int_list(v) -> list:
     if isinstance(v, (list, tuple)):
-        return [int(a) for a in v]
-    return [int(a) for a in str(v).split(",") if a.strip()]
+        return [_int(a) for a in v]
+    return [_int(a) for a in str(v).split(",") if a.strip()]
 
 
 def str_list(v) -> list:
@@ -69,7 +173,7 @@ def _caster(opt: Option) -> Callable:
     if isinstance(d, bool):
         return _str2bool
     if isinstance(d, int):
-        return int
+        return _int
     if isinstance(d, float):
         return float
     if isinstance(d, (list, tuple)):
@@ -78,7 +182,9 @@ def _caster(opt: Option) -> Callable:
 
 
 def _cast(name: str, opt: Option, value, source: str):
-    if value is None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and opt.is_nullable()):
+        if not opt.is_nullable():
+            raise ConfigError(f"{source}: '{name}' has no value; give one (default {opt.default!r}) or delete the line")
         return None
     try:
         v = _caster(opt)(value)
@@ -86,6 +192,16 @@ def _cast(name: str, opt: Option, value, source: str):
         raise ConfigError(f"{source}: bad value {value!r} for '{name}' ({e}); default is {opt.default!r}") from None
     if opt.choices is not None and v not in opt.choices:
         raise ConfigError(f"{source}: '{name}' must be one of {list(opt.choices)}, got {v!r}")
+    if isinstance(v, float) and not math.isfinite(v) and opt.check is None:
+        raise ConfigError(f"{source}: '{name}' must be a finite number, got {value!r}")
+    if opt.check is not None:
+        for item in (v if isinstance(v, (list, tuple)) else [v]):
+            if not opt.check.ok(item):
+                raise ConfigError(f"{source}: '{name}' must be {opt.check.describe()}, got {item!r}")
+    if opt.kind == "device":
+        check_device_name(v)
+    elif opt.kind == "folder_name":
+        check_folder_name(v, name)
     return v
 
 
@@ -95,14 +211,39 @@ def _unknown_key_message(key: str, valid: Sequence[str], source: str) -> str:
     return f"{source}: unknown key '{key}'.{hint} Valid keys: {', '.join(sorted(valid))}"
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _no_duplicates(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"duplicate key '{key}' (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): keep one")
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"yaml config not found: {p}. Configs live under config/<attack|defense|retune_attack>/<name>/<dataset>.yaml")
+        raise ConfigError(f"yaml config not found: {p}. Configs live under config/<attack|defense|retune_attack|study>/<name>/<dataset>.yaml")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot be read as text ({e})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid yaml: {e}") from None
+    if data is None:
+        raise ConfigError(f"{p} is empty (or holds only comments): put key: value settings in it, or drop --yaml_path")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
     return data
@@ -137,7 +278,8 @@ def parse_config(schema: dict[str, Option], argv: Sequence[str] | None = None, d
             text = f"{opt.help} (default {opt.default})".replace("%", "%%")
             parser.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS, help=text)
         else:
-            text = f"{opt.help} (default {opt.default!r})".replace("%", "%%")
+            valid = f"; {opt.check.describe()}" if opt.check is not None else ""
+            text = f"{opt.help} (default {opt.default!r}{valid})".replace("%", "%%")
             parser.add_argument(f"--{name}", default=argparse.SUPPRESS, help=text)
     ns = vars(parser.parse_args(argv))
     return resolve(schema, ns.pop("yaml_path", None), ns)
@@ -199,13 +341,18 @@ def dump_yaml(obj) -> str:
 
 
 def resolve_device(name: str) -> str:
+    """'auto' -> cuda when available, else cpu; checks that a named device exists."""
+    import torch
+
     if name in (None, "", "auto"):
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
+    name = check_device_name(name)
     if name.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise ConfigError(f"device '{name}' requested but CUDA is not available here; use --device cpu (or auto)")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s) "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' requested but it is not available here; use --device cpu (or auto)")
     return name

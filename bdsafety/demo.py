@@ -7,7 +7,6 @@ walk-through. Steps whose output already exists are skipped (--fresh redoes ever
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys

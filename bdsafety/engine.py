@@ -20,16 +20,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bdsafety.errors import ConfigError
 from bdsafety.data.device import DeviceDataset, Normalizer, iterate_batches
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf or exploded past ``max_loss``; nothing from the run is saved."""
+from bdsafety.errors import TrainingDiverged  # noqa: E402,F401  (re-exported)
 
 
 # A mean training loss above this is divergence, not learning: cross-entropy at chance is ln(classes) (5.3 for 200
 # classes), and no bundled objective adds terms of this size. fit(max_loss=...) overrides it.
 MAX_LOSS = 1e4
+
+
+@torch.no_grad()
+def check_finite_model(model: torch.nn.Module, what: str = "model") -> None:
+    """Raise TrainingDiverged if any parameter or floating buffer of ``model`` is NaN/inf (checked on the final
+    weights of every run before anything is saved)."""
+    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainingDiverged(f"{what}: {len(bad)} weight tensors hold NaN/inf after training (first: {bad[0]}); the run "
+                               f"diverged. Lower the learning rate (lr) or check the data; nothing from this run was saved.")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -61,7 +72,7 @@ def make_optimizer(params, name: str = "sgd", lr: float = 0.01, momentum: float 
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adam")
+    raise ConfigError(f"unknown optimizer {name!r}; valid: sgd, adam")
 
 
 def make_scheduler(optimizer, name: str, epochs: int, milestones=(), gamma: float = 0.1):
@@ -73,7 +84,7 @@ def make_scheduler(optimizer, name: str, epochs: int, milestones=(), gamma: floa
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
     if name in ("none", "constant"):
         return None
-    raise ValueError(f"unknown lr scheduler {name!r}; valid: cosine, multistep, none")
+    raise ConfigError(f"unknown lr scheduler {name!r}; valid: cosine, multistep, none")
 
 
 @dataclass
@@ -191,6 +202,10 @@ def fit(
     rows: list[dict] = []
     if eval_at_start and evalsets is not None:
         rows.append({"epoch": 0, "train_loss": math.nan, "train_acc": math.nan, **_test_metrics(model, evalsets, norm, eval_batch_size)})
+    if epochs < 1 or batch_size < 1:
+        raise TrainingDiverged(f"{desc}: {epochs} epochs of batch size {batch_size} make no optimizer step; both must be >= 1")
+    if len(train) == 0:
+        raise TrainingDiverged(f"{desc}: the training data is empty, so no optimizer step would be made")
     steps_per_epoch = math.ceil(len(train) / batch_size)
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not use_progress(progress), dynamic_ncols=True, leave=False)
     try:
@@ -207,6 +222,9 @@ def fit(
                 seen += len(y)
                 bar.update(1)
             train_loss = tot_loss.item() / max(1, seen)
+            last_loss = float(loss)
+            if not math.isfinite(last_loss) and math.isfinite(train_loss):
+                train_loss = last_loss  # the last step diverged: report it as the epoch's loss
             if not math.isfinite(train_loss) or train_loss > max_loss:
                 raise TrainingDiverged(
                     f"{desc}: the training loss became {train_loss:.4g} in epoch {epoch}"
@@ -228,6 +246,7 @@ def fit(
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "test_acc", "test_asr") if k in row and not math.isnan(row[k])})
     finally:
         bar.close()
+    check_finite_model(model, desc)
     return rows
 
 

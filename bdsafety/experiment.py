@@ -7,7 +7,6 @@ RA), the defender's reserved clean subset, and an atomic writer for an output fo
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,20 +16,25 @@ import numpy as np
 import torch
 
 from bdsafety import engine
-from bdsafety.config import Option, dump_yaml, resolve_device, run_metadata
+from bdsafety.config import POS_INT, SEED, Option, dump_yaml, resolve_device, run_metadata
 from bdsafety.data.device import DeviceDataset, Normalizer
+from bdsafety.errors import ConfigError, DataError
+from bdsafety.outputs import DEPENDENTS, OutputFolder  # noqa: F401  (OutputFolder re-exported for old imports)
 
 RECORD_SCHEMA = {
     "result_file": Option(None, "record folder: a name under record_root, or a path"),
     "record_root": Option("./record", "folder holding record folders (e.g. a BackdoorBench checkout's record/)"),
     "dataset_path": Option(None, "folder holding <dataset>/ (default: from the record's data_path)"),
     "model": Option(None, "expected model name; must match the record's (the record decides)"),
-    "device": Option("auto", "cpu, cuda, cuda:N or auto"),
-    "random_seed": Option(0, "seed for data subsets, init and batch order"),
-    "trust_record": Option(False, "allow full unpickling of record files (only for files you trust)"),
+    "device": Option("auto", "cpu, cuda, cuda:N or auto", kind="device"),
+    "random_seed": Option(0, "seed for data subsets, init and batch order", check=SEED),
+    "trust_record": Option(False, "allow full unpickling of record files (only for files you trust: a pickle can run code)"),
     "overwrite": Option(False, "replace an existing output folder"),
+    "dependents": Option("ask", "with --overwrite, results stored inside the output being replaced (a defense's ra/, "
+                                "qra/): 'ask' refuses and lists them, 'delete' deletes them, 'archive' moves the old output "
+                                "with them to .archive/", choices=DEPENDENTS),
     "no_progress": Option(False, "disable progress bars"),
-    "eval_batch_size": Option(1024, "evaluation batch size"),
+    "eval_batch_size": Option(1024, "evaluation batch size", check=POS_INT),
 }
 
 
@@ -86,7 +90,7 @@ class Experiment:
 
         res = load_model_result(path, trust_record=self.cfg.trust_record)
         if res["model_name"] != self.model_name or int(res["num_classes"]) != self.num_classes:
-            raise ValueError(
+            raise DataError(
                 f"{path} holds a {res['model_name']} with {res['num_classes']} classes, but record {self.record_dir.name} is a "
                 f"{self.model_name} with {self.num_classes} classes: it belongs to another record"
             )
@@ -103,7 +107,7 @@ class Experiment:
         """The attack's real poisoned training samples, with their backdoor labels."""
         bd = self.record.bd_train
         if bd is None or len(bd) == 0:
-            raise ValueError(
+            raise DataError(
                 f"record {self.record_dir.name} has no poisoned training samples (bd_train is "
                 f"{'None' if bd is None else 'empty'}: e.g. a clean reference model or a training-controlled attack such as LIRA)"
             )
@@ -141,7 +145,7 @@ def load_record_data(record, record_dir: Path, dataset_path: str | None = None):
         kw = dict(img_size=tuple(record.img_size[:2]))
     data = load_clean_dataset(record.clean_data, data_location(record, record_dir, dataset_path), **kw)
     if len(data.train_y) != record.bd_test.length and record.bd_train is not None and len(data.train_y) != record.bd_train.length:
-        raise ValueError(
+        raise DataError(
             f"the clean {record.clean_data} data found has {len(data.train_y)} training images but record {record_dir.name} was "
             f"made on {record.bd_train.length}: point --dataset_path at the data the record was made from"
         )
@@ -152,11 +156,11 @@ def open_experiment(cfg: SimpleNamespace) -> Experiment:
     from bdsafety.records import load_attack_record, resolve_record_dir
 
     if not cfg.result_file:
-        raise ValueError("--result_file is required: the record folder to work on (a name under --record_root, or a path)")
+        raise ConfigError("--result_file is required: the record folder to work on (a name under --record_root, or a path)")
     record_dir = resolve_record_dir(cfg.result_file, cfg.record_root)
     record = load_attack_record(record_dir, trust_record=cfg.trust_record)
     if getattr(cfg, "model", None) and cfg.model != record.model_name:
-        raise ValueError(
+        raise ConfigError(
             f"--model {cfg.model} does not match record {record_dir.name}, which holds a {record.model_name}: the model comes "
             f"from the record; drop --model or pick the record made with {cfg.model}"
         )
@@ -183,14 +187,14 @@ def reserved_indices(labels: np.ndarray, amount: float, *, balanced: bool = Fals
     n = len(labels)
     count = int(round(amount * n)) if amount < 1 else int(amount)
     if count <= 0 or count > n:
-        raise ValueError(f"reserved amount {amount} gives {count} samples out of {n}: use a ratio in (0, 1) or a count in [1, {n}]")
+        raise ConfigError(f"reserved amount {amount} gives {count} samples out of {n}: use a ratio in (0, 1) or a count in [1, {n}]")
     rng = np.random.default_rng(seed)
     if not balanced:
         return np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
     classes = np.arange(num_classes) if num_classes else np.unique(labels)
     per = count // len(classes)
     if per < 1:
-        raise ValueError(
+        raise ConfigError(
             f"a class-balanced reserved subset of {count} samples cannot cover {len(classes)} classes; "
             f"raise the ratio to at least {len(classes) / n:.3g} (or {len(classes)} samples)"
         )
@@ -198,61 +202,43 @@ def reserved_indices(labels: np.ndarray, amount: float, *, balanced: bool = Fals
     for c in classes:
         pool = np.flatnonzero(labels == c)
         if len(pool) < per:
-            raise ValueError(f"class {c} has only {len(pool)} samples, fewer than the {per} per class the reserved subset needs")
+            raise DataError(f"class {c} has only {len(pool)} samples, fewer than the {per} per class the reserved subset needs")
         out.append(rng.choice(pool, size=per, replace=False))
     return np.sort(np.concatenate(out)).astype(np.int64)
 
 
-def read_index(path) -> np.ndarray:
+def read_index(path, n: int | None = None, flag: str = "--index") -> np.ndarray:
+    """Sorted indices from an index file (one integer per line, like log/index.txt), validated: parseable,
+    non-empty, non-negative, unique and, with ``n``, below ``n``. Errors name the flag and the file."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"index file {p} not found (an index.txt of a previous run's log/ folder)")
-    return np.loadtxt(p, dtype=np.int64, ndmin=1)
-
-
-# ---------------------------------------------------------------- atomic output folders
-class OutputFolder:
-    """Build an output folder under a temporary name and move it into place only when complete.
-
-        with OutputFolder(dest, overwrite=cfg.overwrite) as out:
-            ... write into out.path ...
-    An error inside the block removes the temporary folder; an existing ``dest`` is kept unless overwrite.
-    """
-
-    def __init__(self, dest: Path, overwrite: bool = False, keep: tuple = ()):
-        self.dest = Path(dest)
-        self.overwrite = overwrite
-        self.keep = keep  # sub-folders of an existing dest to carry over (e.g. 'ra' results are not lost silently)
-        if self.dest.exists() and not overwrite:
-            raise FileExistsError(f"{self.dest} already exists; pass --overwrite to replace it, or choose another --save_name")
-        self.path = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}"
-
-    def __enter__(self) -> "OutputFolder":
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
-        (self.path / "log").mkdir()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return False
-        if self.dest.exists():
-            old = self.dest.parent / f".{self.dest.name}.old-{os.getpid()}"
-            os.replace(self.dest, old)
-            os.replace(self.path, self.dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.path, self.dest)
-        return False
+        raise ConfigError(f"{flag} {p}: file not found (give the index.txt of a previous run's log/ folder)")
+    try:
+        raw = np.loadtxt(p, dtype=np.float64, ndmin=1)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{flag} {p}: not a list of integers, one per line ({str(e).splitlines()[0]})") from None
+    if raw.size == 0:
+        raise ConfigError(f"{flag} {p} is empty: it must list at least one sample index")
+    if raw.ndim != 1:
+        raise ConfigError(f"{flag} {p}: expected one integer per line, found {raw.shape[1]} columns")
+    if not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw)):
+        raise ConfigError(f"{flag} {p}: holds values that are not integers")
+    idx = raw.astype(np.int64)
+    if idx.min() < 0:
+        raise ConfigError(f"{flag} {p}: holds a negative index ({idx.min()})")
+    if len(np.unique(idx)) != len(idx):
+        raise ConfigError(f"{flag} {p}: holds {len(idx) - len(np.unique(idx))} repeated indices; each sample may appear once")
+    if n is not None and idx.max() >= n:
+        raise ConfigError(f"{flag} {p}: index {idx.max()} is beyond the {n} training samples; the file belongs to other data")
+    return np.sort(idx)
 
 
 def write_run_files(folder: Path, name: str, cfg: SimpleNamespace, device: str, t0: float, rows: list[dict] | None,
                     index: np.ndarray | None = None, log_lines: list[str] = (), **meta) -> None:
     """The standard files of a run: <name>_df.csv, <name>_df_summary.csv (when rows is not None), config.yaml,
     log/<time>.log, log/index.txt."""
-    from bdsafety.records import atomic_write_text, write_metrics_csv
+    from bdsafety.records import write_metrics_csv
+    from bdsafety.safeio import atomic_write_text
 
     folder = Path(folder)
     (folder / "log").mkdir(exist_ok=True)

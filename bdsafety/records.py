@@ -1,4 +1,5 @@
-"""Read and write BackdoorBench records (v2.0 and v2.2): safe loading, atomic writes, csv summaries.
+"""Read and write BackdoorBench records (v2.0 and v2.2) and their csv summaries (safe loading and atomic writes
+live in bdsafety.safeio, the inspector in bdsafety.inspector).
 
 The format is specified in docs RECORD_FORMAT.md. In short, ``record/<name>/`` holds ``attack_result.pt``
 (written last, so its presence means the record is complete), ``info.pickle`` (the attack's args),
@@ -11,23 +12,18 @@ Inspect a record from the shell::
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
 import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
-import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from pickle import UnpicklingError
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -49,157 +45,10 @@ NAN_VALUE = "nan_value"  # how BackdoorBench's Metric_Aggregator stores NaN in c
 SUMMARY_INDEX = ("last", "valid_max", "exist_nan_value")
 
 
-class RecordError(Exception):
-    """A record (or one of its files) is missing, broken, or refused by safe loading. The message says how to fix it."""
-
-
-# ----------------------------------------------------------------------------------------------- safe loading
-
-def _numpy_safe_globals() -> list:
-    """Exactly the numpy globals a BackdoorBench record pickles: int64/float64 arrays, numpy scalars, their dtypes.
-
-    Pickles written with numpy 2 name ``numpy._core.multiarray``, those written with numpy 1.x (BackdoorBench
-    v2.0 records) ``numpy.core.multiarray``: both spellings map to the same function. int32 is included because
-    ``np.arange`` gives int32 indices on Windows with numpy 1.x.
-    """
-    try:
-        from numpy._core import multiarray as ma
-    except ImportError:  # numpy < 1.26 has no numpy._core
-        from numpy.core import multiarray as ma
-    entries: list = [np.ndarray, np.dtype]
-    for fn in (ma._reconstruct, ma.scalar):
-        for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
-            entries.append((fn, f"{module}.{fn.__name__}"))
-    # unpickling a dtype ends with a BUILD on the dtype instance, which torch only allows for listed types
-    entries += [type(np.dtype(t)) for t in (np.int64, np.float64, np.int32)]
-    return entries
-
-
-_REFUSED_PATTERNS = (
-    re.compile(r"GLOBAL (\S+) was not an allowed global"),
-    re.compile(r"unsupported GLOBAL (\S+) whose module"),
-    re.compile(r"reduce for unrecognized function (.+?)(?: which belongs|$)", re.M),
-    re.compile(r"Can only (?:build|create new object for) .*?(?:got|but got) (.+)$", re.M),
+from bdsafety.safeio import (  # noqa: F401  (re-exported: the record API predates safeio)
+    RecordError, _ensure_safe_loadable, _current_umask, atomic_torch_save, atomic_write_bytes, atomic_write_text,
+    safe_torch_load,
 )
-
-
-def _weights_only_detail(msg: str) -> str:
-    """The informative line of torch's long weights_only error message."""
-    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", msg, re.S)
-    return (m.group(1) if m else msg.splitlines()[0] if msg else "unknown error").strip()
-
-
-def _weights_only_load(f: str | os.PathLike | BinaryIO, name: str) -> Any:
-    if not hasattr(torch.serialization, "safe_globals"):
-        raise RecordError(f"reading {name} safely needs torch>=2.5 (torch.serialization.safe_globals); "
-                          f"this is torch {torch.__version__}: upgrade torch, or pass --trust_record for files you trust")
-    with torch.serialization.safe_globals(_numpy_safe_globals()):
-        return torch.load(f, map_location="cpu", weights_only=True)
-
-
-def _ensure_safe_loadable(obj: Any, what: str) -> None:
-    """Refuse to write ``obj`` if safe_torch_load could not read it back (e.g. a Path or a custom object)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    try:
-        _weights_only_load(buf, what)
-    except UnpicklingError as e:
-        raise ValueError(f"{what} holds a value that safe loading refuses ({_weights_only_detail(str(e))}); "
-                         "store plain python values (str, int, float, bool, None, lists, dicts) or tensors") from None
-
-
-def safe_torch_load(path: str | os.PathLike, trust_record: bool = False) -> Any:
-    """``torch.load`` a record file with ``weights_only=True`` plus the numpy allow-list, onto the CPU.
-
-    ``trust_record=True`` (``--trust_record`` on the CLI) allows full unpickling: only for files you trust,
-    since a pickle can run arbitrary code. Every failure is a :class:`RecordError` naming the file.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise RecordError(f"{path} does not exist; re-run the command that writes it")
-    if not path.is_file():
-        raise RecordError(f"{path} is not a file (expected a file written by torch.save)")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        raise RecordError(f"{path} is empty (an interrupted write?); re-run the command that writes it")
-    is_zip = head == b"PK\x03\x04"
-    if not is_zip and head[:1] != b"\x80":
-        raise RecordError(f"{path} is not a file written by torch.save (neither a torch zip archive nor a pickle)")
-    if is_zip and not zipfile.is_zipfile(path):
-        raise RecordError(f"{path} is truncated or corrupt (its zip directory is missing); "
-                          "re-run the command that writes it, or copy the file again")
-    try:
-        if trust_record:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        return _weights_only_load(path, str(path))
-    except UnpicklingError as e:
-        msg = str(e)
-        if trust_record:
-            raise RecordError(f"{path} could not be unpickled: {_weights_only_detail(msg)}") from None
-        refused = next((m.group(1).strip() for p in _REFUSED_PATTERNS if (m := p.search(msg))), None)
-        if refused is not None:
-            raise RecordError(
-                f"{path} was refused by safe loading: it needs the global {refused}, which is not on the allow-list "
-                "(tensors, numpy arrays/scalars). A pickle can run code: if you trust this file, load it with "
-                "--trust_record (trust_record=True) to allow full unpickling."
-            ) from None
-        raise RecordError(
-            f"{path} could not be read with safe loading ({_weights_only_detail(msg)}); it may be corrupt "
-            "(re-run the command that writes it), or, if you trust it, load it with --trust_record (trust_record=True)."
-        ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as e:
-        raise RecordError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else '-'}); "
-                          "re-run the command that writes it, or copy the file again") from None
-
-
-# ----------------------------------------------------------------------------------------------- atomic writes
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write ``path`` through a temp file in the same folder, fsync it, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename; not possible on every platform
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    return path
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` that never leaves a half-written file at ``path``."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    return _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (utf-8) to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------- metrics csv
@@ -315,7 +164,7 @@ def _write_png_dir(split: PoisonedSplit, dst: Path) -> None:
 
 def save_attack_record(record_dir: str | os.PathLike, *, model_state: Mapping[str, torch.Tensor], model_name: str,
                        num_classes: int, clean_data: str, data_path: str, img_size: tuple,
-                       bd_train: PoisonedSplit | None, bd_test: PoisonedSplit, info: dict) -> Path:
+                       bd_train: PoisonedSplit | None, bd_test: PoisonedSplit, info: dict, name: str | None = None) -> Path:
     """Write a BackdoorBench v2.2 attack record into ``record_dir`` (normally ``record/<name>``).
 
     Writes the PNG folders, ``info.pickle`` and, last, ``attack_result.pt`` with BackdoorBench's structure
@@ -335,7 +184,7 @@ def save_attack_record(record_dir: str | os.PathLike, *, model_state: Mapping[st
     result_path = record_dir / "attack_result.pt"
     result_path.unlink(missing_ok=True)
 
-    name = record_dir.resolve().name
+    name = name or record_dir.resolve().name  # the record's final name (it may be written in a temporary folder)
     states: dict[str, dict | None] = {}
     for key, split, full_index in (("bd_train", bd_train, True), ("bd_test", bd_test, False)):
         sub = f"{key}_dataset"
@@ -573,72 +422,15 @@ def resolve_record_dir(result_file: str | os.PathLike, record_root: str | os.Pat
                       f"{listing}; {_missing_record_hint(given)}")
 
 
-# ----------------------------------------------------------------------------------------------- inspector
-
-def _metrics_line(folder: Path, name: str) -> str:
-    path = folder / f"{name}_df_summary.csv"
-    last = read_metrics_summary(folder, name) if path.is_file() else {}
-
-    def fmt(key: str) -> str:
-        v = last.get(key)
-        return "-" if v is None or math.isnan(v) else f"{v:.4f}"
-
-    return "  ".join(f"{k} {fmt(k)}" for k in ("test_acc", "test_asr", "test_ra"))
-
-
-def _inspect(argv: list[str] | None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bdsafety.records", description="Summarize a BackdoorBench record.")
-    parser.add_argument("record", help="record folder (or a bare name under ./record)")
-    parser.add_argument("--trust_record", action="store_true",
-                        help="allow full unpickling (can run code: only for records you trust)")
-    args = parser.parse_args(argv)
-    record_dir = resolve_record_dir(args.record)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rec = load_attack_record(record_dir, trust_record=args.trust_record)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-
-    def show(v: Any) -> str:
-        return "-" if v is None else str(v)
-
-    h, w, c = rec.img_size
-    train = "-" if rec.bd_train is None else f"{len(rec.bd_train)} of {rec.bd_train.length}"
-    lines = [
-        f"record        {record_dir}",
-        f"model         {rec.model_name}",
-        f"dataset       {rec.clean_data} ({rec.data_path})",
-        f"classes       {rec.num_classes}",
-        f"img_size      {h}x{w}x{c}",
-        f"attack        {show(rec.attack)}",
-        f"target        {show(rec.attack_target)}",
-        f"pratio        {show(rec.pratio)}",
-        f"label trans   {show(rec.attack_label_trans)}",
-        f"poisoned      train {train}, test {len(rec.bd_test)} of {rec.bd_test.length}",
-        f"attack result {_metrics_line(record_dir, 'attack')}",
-    ]
-    defenses = list_defenses(record_dir)
-    lines.append(f"defenses      {len(defenses) or 'none'}")
-    for name in defenses:
-        folder = record_dir / "defense" / name
-        lines.append(f"  {name:<12}{_metrics_line(folder, name)}")
-        if (folder / "ra").is_dir():
-            lines.append(f"  {name + ' +RA':<12}{_metrics_line(folder / 'ra', 'ra')}")
-    print("\n".join(lines))
-
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: print a record's summary; expected errors become one line on stderr and a non-zero exit code."""
-    from bdsafety.cli import run_cli
+    """``python -m bdsafety.records RECORD``: the record inspector (bdsafety.inspector)."""
+    from bdsafety.inspector import main as inspector_main
 
-    try:
-        return run_cli(_inspect, argv)
-    except SystemExit as e:  # argparse: --help or a usage error
-        return e.code if isinstance(e.code, int) else 1
+    return inspector_main(argv)
 
 
 if __name__ == "__main__":
-    # run the copy imported as bdsafety.records, so RecordError is the class bdsafety.cli catches
     from bdsafety.records import main as _main
 
     raise SystemExit(_main())

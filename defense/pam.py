@@ -3,9 +3,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bdsafety.cli import run_cli  # noqa: E402
-from bdsafety.defenses.pam import main  # noqa: E402
+from bdsafety.cli import entry_point  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(entry_point(__file__))

@@ -18,10 +18,10 @@ def _threads():
 
 def _build_record(root, name: str, extra: list[str]) -> str:
     """Run the demo BadNets attack (config/attack/badnet/demo.yaml) into ``root``; returns the record folder."""
-    from bdsafety.attacks.pipeline import main
+    from bdsafety.registry import get
 
     cfg = os.path.join(ROOT, "config", "attack", "badnet", "demo.yaml")
-    main("badnet", ["--yaml_path", cfg, "--record_root", str(root), "--save_folder_name", name, "--no_progress", *extra])
+    get("attack", "badnet").main(["--yaml_path", cfg, "--record_root", str(root), "--save_folder_name", name, "--no_progress", *extra])
     return os.path.join(str(root), name)
 
 
@@ -78,11 +78,11 @@ def fst_after_ra(demo_work):
     python defense/fst.py --result_file R --yaml_path config/defense/fst/demo.yaml
     python retune_attack/ra.py --result_file R --defense fst --yaml_path config/retune_attack/ra/demo.yaml
     """
-    from bdsafety.defenses.finetune import main as ft_main
+    from bdsafety.registry import get
     from bdsafety.retune.ra import main as ra_main
 
     cfg = os.path.join(ROOT, "config")
-    ft_main("fst", ["--result_file", str(demo_work.demo), "--yaml_path", os.path.join(cfg, "defense", "fst", "demo.yaml"),
+    get("defense", "fst").main(["--result_file", str(demo_work.demo), "--yaml_path", os.path.join(cfg, "defense", "fst", "demo.yaml"),
                     "--no_progress"])
     (out,) = ra_main(["--result_file", str(demo_work.demo), "--defense", "fst", "--no_progress",
                       "--yaml_path", os.path.join(cfg, "retune_attack", "ra", "demo.yaml")])

@@ -132,7 +132,8 @@ def test_detect_target_votes_for_the_planted_target(demo_record):
 
     cfg = resolve(DEFENSE_SCHEMA, None, {"result_file": demo_record, "device": "cpu"})
     exp = open_experiment(cfg)
-    _, reserved = reserved_subset(exp, cfg)
+    idx, _ = reserved_subset(exp, cfg)
+    reserved = exp.train.subset(idx)
     model = exp.backdoored_model()
     t, votes = bti.detect_target(exp, model, _PatchTrigger(), reserved)
     assert t == exp.target == 0
@@ -355,7 +356,9 @@ def test_ibau_hypergradient_matches_the_explicit_fixed_point_formula():
 def _run(module, name, rec_dir, extra=()):
     argv = ["--result_file", rec_dir.name, "--record_root", str(rec_dir.parent), "--device", "cpu", "--no_progress",
             "--yaml_path", str(ROOT / "config" / "defense" / name / "demo.yaml"), *extra]
-    return Path(module.main(argv))
+    from bdsafety.registry import get
+
+    return Path(get("defense", name).main(argv))
 
 
 def _summary(folder: Path) -> dict:
@@ -440,7 +443,8 @@ def test_bti_dbf_end_to_end_on_the_demo_record(demo_record, tmp_path):
     cfg = resolve(bti_dbf_mod.schema(), str(ROOT / "config" / "defense" / "bti_dbf" / "demo.yaml"),
                   {"result_file": rec.name, "record_root": str(rec.parent), "device": "cpu"})
     exp = open_experiment(cfg)
-    idx, reserved = reserved_subset(exp, cfg)
+    idx, _ = reserved_subset(exp, cfg)
+    reserved = exp.train.subset(idx)
     lines = []
     inv = bti.load_or_invert(exp, exp.backdoored_model(), idx, reserved, cfg, lines.append)
     assert any("loaded from cache" in s for s in lines) and inv.target == 0

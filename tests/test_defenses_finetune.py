@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
+from bdsafety.registry import get
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -253,20 +255,13 @@ def test_ep_pool_uses_the_records_original_labels():
     exp = SimpleNamespace(record=SimpleNamespace(bd_train=bd),
                           bd_train=lambda: DeviceDataset(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.zeros(3)))
     assert ep.true_label_pool(exp).y.tolist() == [3, 4, 0]
-    with pytest.raises(ConfigError, match="poison_fraction"):
+    with pytest.raises(ConfigError, match="p_rev"):
         ep.mix_batch_fn(ep.true_label_pool(exp), 1.5, Normalizer(_Info()))
 
 
 # ------------------------------------------------------------------------------------------- end to end
-DEFENSES = {  # name -> entry function (what defense/<name>.py runs)
-    "ft": lambda argv: ftm.main("ft", argv),
-    "fst": lambda argv: ftm.main("fst", argv),
-    "lp": lambda argv: ftm.main("lp", argv),
-    "fe_tuning": lambda argv: ftm.main("fe_tuning", argv),
-    "ft_init": lambda argv: ftm.main("ft_init", argv),
-    "exact_purification": ep.main,
-    "ft_sam": sam.main,
-}
+DEFENSES = {name: (lambda argv, name=name: get("defense", name).main(argv))  # what defense/<name>.py runs
+            for name in ("ft", "fst", "lp", "fe_tuning", "ft_init", "exact_purification", "ft_sam")}
 
 
 @pytest.fixture(scope="module")
@@ -360,8 +355,8 @@ def test_bad_input_is_refused_and_nothing_is_written(record):
         run("ft_sam", record, "--ratio", "5", "--save_name", "bad_ratio_balanced")
     with pytest.raises(TrainingDiverged, match="Lower the learning rate"):
         run("ft", record, "--lr", "1e30", "--epochs", "1", "--save_name", "nan_run")
-    with pytest.raises(ConfigError, match="poison_fraction"):
-        run("exact_purification", record, "--poison_fraction", "0", "--save_name", "bad_fraction")
+    with pytest.raises(ConfigError, match="p_rev"):
+        run("exact_purification", record, "--p_rev", "0", "--save_name", "bad_fraction")
     # through the CLI wrapper: one clear line and exit code 2
     demo_ft = os.path.join(ROOT, "config", "defense", "ft", "demo.yaml")
     argv = ["--result_file", record, "--yaml_path", demo_ft, "--lr", "1e30", "--epochs", "1", "--save_name", "nan_cli", "--no_progress"]

@@ -2,43 +2,13 @@
 import pytest
 
 import bdsafety.demo as demo
-from bdsafety.attacks.pipeline import ATTACK_SCHEMAS
 from bdsafety.config import parse_config
 
 
 def _schema(script: str):
-    if script == "attack/badnet.py":
-        return ATTACK_SCHEMAS["badnet"]
-    if script == "retune_attack/ra.py":
-        from bdsafety.retune.ra import RA_SCHEMA
+    from bdsafety.cli import method_for_script
 
-        return RA_SCHEMA
-    if script == "retune_attack/qra.py":
-        from bdsafety.retune.qra import QRA_SCHEMA
-
-        return QRA_SCHEMA
-    if script == "analysis/lmc.py":
-        from bdsafety.analysis.lmc import LMC_SCHEMA
-
-        return LMC_SCHEMA
-    name = script.split("/")[1][:-3]
-    if name in ("ft", "fst", "lp", "fe_tuning", "ft_init"):
-        from bdsafety.defenses.finetune import finetune_schema
-
-        return finetune_schema(name)
-    if name == "exact_purification":
-        from bdsafety.defenses.exact_purification import ep_schema
-
-        return ep_schema()
-    if name == "ft_sam":
-        from bdsafety.defenses.ft_sam import ft_sam_schema
-
-        return ft_sam_schema()
-    if name in ("anp", "i_bau", "bti_dbf", "pam"):
-        import importlib
-
-        return importlib.import_module(f"bdsafety.defenses.{name}").schema()
-    return None
+    return method_for_script(script).schema()
 
 
 @pytest.mark.parametrize("defenses", [None, "all"])

@@ -227,7 +227,9 @@ def _rows(folder: Path, name: str) -> pd.DataFrame:
 def pam_work(demo_work):
     """PAM run once with the demo config on the session's shared copy of the demo record."""
     from bdsafety.defenses.bti import CACHE_DIR
-    from bdsafety.defenses.pam import main
+    from bdsafety.registry import get
+
+    main = get("defense", "pam").main
 
     rec = demo_work.demo
     t0 = time.time()
@@ -251,9 +253,9 @@ def test_pam_demo_purifies_and_writes_backdoorbench_folder(pam_work, demo_record
     # at most 5 points of C-Acc (issue 4); measured with the demo config (rho 0.3): 99.9 -> 97.0
     assert last["test_acc"] >= before["test_acc"] - 0.05
     # one row per epoch: 0 (before) .. rounds*epochs, with the round, and metrics at least at every round's end
-    assert list(df["epoch"]) == list(range(cfg["config"]["rounds"] * cfg["config"]["epochs"] + 1))
+    assert list(df["epoch"]) == list(range(cfg["config"]["n_rounds"] * cfg["config"]["epochs"] + 1))
     assert df["test_asr"].iloc[0] >= 0.8
-    for r in range(1, cfg["config"]["rounds"] + 1):
+    for r in range(1, cfg["config"]["n_rounds"] + 1):
         assert df[df["round"] == r]["test_asr"].notna().iloc[-1]
     for f in ("defense_result.pt", "pam_df_summary.csv", "config.yaml", "log/index.txt", "bti_generator.pt"):
         assert (pam_work.out / f).is_file(), f
@@ -298,9 +300,11 @@ def test_paper_claim_fst_superficial_pam_not(pam_and_fst_after_ra):
 
 @pytest.mark.slow
 def test_rho_sweep_reuses_one_inversion_and_real_source(pam_work, capsys):
-    from bdsafety.defenses.pam import main
+    from bdsafety.registry import get
 
-    short = ["--result_file", str(pam_work.rec), "--yaml_path", str(PAM_DEMO), "--no_progress", "--rounds", "2", "--epochs", "1",
+    main = get("defense", "pam").main
+
+    short = ["--result_file", str(pam_work.rec), "--yaml_path", str(PAM_DEMO), "--no_progress", "--n_rounds", "2", "--epochs", "1",
              "--bti_gen_epochs", "1"]
     n_cache = len(list((pam_work.rec / "bti_inversion").glob("*.pt")))
     outs = main(short + ["--rho_sweep", "0.3,0.7"])

@@ -18,19 +18,21 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bdsafety.errors import ConfigError
 from bdsafety import engine
-from bdsafety.config import Option, float_list, parse_config, str_list
+from bdsafety.config import AMOUNT, FRACTION, POS_INT, Option, float_list, str_list
+from bdsafety.registry import register
 from bdsafety.data.device import iterate_batches
 from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, reserved_indices, write_run_files
 
 LMC_SCHEMA = {
     **RECORD_SCHEMA,
     "defense": Option(["all"], "defense folders to analyse (comma list) or 'all'", type=str_list),
-    "points": Option(21, "number of alpha values on [0, 1]"),
-    "alphas": Option(None, "explicit alpha values (overrides points)", type=float_list),
+    "points": Option(21, "number of alpha values on [0, 1]", check=POS_INT),
+    "alphas": Option(None, "explicit alpha values (overrides points)", type=float_list, check=FRACTION),
     "bn": Option("recompute", "BatchNorm buffers at each point", choices=("recompute", "interpolate")),
-    "ratio": Option(0.05, "reserved clean data for BN statistics: ratio (<1) or count"),
-    "bn_batch_size": Option(256, "batch size of the BN-statistics pass"),
+    "ratio": Option(0.05, "reserved clean data for BN statistics: ratio (<1) or count", check=AMOUNT),
+    "bn_batch_size": Option(256, "batch size of the BN-statistics pass", check=POS_INT),
     "save_name": Option("lmc", "output folder name under the record"),
 }
 
@@ -117,7 +119,7 @@ def run_lmc(cfg) -> Path:
     names = available if cfg.defense == ["all"] else cfg.defense
     missing = [n for n in names if n not in available]
     if missing or not names:
-        raise ValueError(f"no defense folder {missing or ''} in {exp.record_dir / 'defense'}; available: {', '.join(available) or 'none'} "
+        raise ConfigError(f"no defense folder {missing or ''} in {exp.record_dir / 'defense'}; available: {', '.join(available) or 'none'} "
                          f"(run e.g. python defense/fst.py --result_file {exp.record_dir.name} first)")
     alphas = cfg.alphas if cfg.alphas else np.linspace(0, 1, cfg.points)
     idx = reserved_indices(exp.data.train_y, cfg.ratio, seed=cfg.random_seed)
@@ -129,7 +131,7 @@ def run_lmc(cfg) -> Path:
         curves[n] = lmc_path(exp, theta_def, theta_bd, alphas, cfg.bn, reserved, cfg.bn_batch_size, exp.progress)
         print(f"[lmc] {n}: ASR at alpha=0 {curves[n]['asr'].iloc[0]:.3f}, at alpha=0.5 "
               f"{np.interp(0.5, curves[n]['alpha'], curves[n]['asr']):.3f}, at alpha=1 {curves[n]['asr'].iloc[-1]:.3f}")
-    with OutputFolder(exp.record_dir / cfg.save_name, overwrite=cfg.overwrite) as out:
+    with OutputFolder(exp.record_dir / cfg.save_name, overwrite=cfg.overwrite, dependents=cfg.dependents, what="LMC output") as out:
         table = pd.concat([df.assign(defense=n) for n, df in curves.items()], ignore_index=True)
         table.to_csv(out.path / "lmc.csv", index=False)
         plot_lmc(curves, out.path / "lmc.png", f"{exp.record_dir.name}: LMC (BN {cfg.bn})")
@@ -139,6 +141,12 @@ def run_lmc(cfg) -> Path:
     return dest
 
 
+register("analysis", "lmc", schema=lambda: dict(LMC_SCHEMA), needs=("defense",), configs=("demo",),
+         description="LMC analysis along the backdoor-connected path")(run_lmc)
+
+
 def main(argv=None) -> Path:
-    cfg = parse_config(LMC_SCHEMA, argv, description="LMC analysis along the backdoor-connected path", prog="analysis/lmc.py")
-    return run_lmc(cfg)
+    """``python analysis/lmc.py ...`` without the CLI error handling (tests, notebooks)."""
+    from bdsafety.registry import get
+
+    return get("analysis", "lmc").main(argv)

@@ -1,6 +1,7 @@
 """Which samples get poisoned, and which label they get (BackdoorBench's conventions)."""
 from __future__ import annotations
 
+from bdsafety.errors import ConfigError
 import numpy as np
 
 LABEL_TRANS = ("all2one", "all2all")
@@ -13,7 +14,7 @@ def backdoor_labels(y: np.ndarray, label_trans: str, target: int, num_classes: i
         return np.full_like(y, target)
     if label_trans == "all2all":
         return (y + 1) % num_classes
-    raise ValueError(f"unknown attack_label_trans {label_trans!r}; valid: {', '.join(LABEL_TRANS)}")
+    raise ConfigError(f"unknown attack_label_trans {label_trans!r}; valid: {', '.join(LABEL_TRANS)}")
 
 
 def select_train_poison(y: np.ndarray, pratio: float, *, label_trans: str = "all2one", target: int = 0,
@@ -27,16 +28,16 @@ def select_train_poison(y: np.ndarray, pratio: float, *, label_trans: str = "all
     """
     y = np.asarray(y)
     if not 0.0 <= pratio <= 1.0:
-        raise ValueError(f"pratio must lie in [0, 1], got {pratio}")
+        raise ConfigError(f"pratio must lie in [0, 1], got {pratio}")
     n_poison = int(round(pratio * len(y)))
     if pratio == 0:
         return np.zeros(0, dtype=np.int64)
     pool = np.flatnonzero(y == target) if clean_label else np.arange(len(y))
     if n_poison == 0:
-        raise ValueError(f"pratio {pratio} poisons 0 of {len(y)} training samples; raise pratio to at least "
+        raise ConfigError(f"pratio {pratio} poisons 0 of {len(y)} training samples; raise pratio to at least "
                          f"{1 / len(y):.2g} (or use pratio 0 on purpose for a clean reference model)")
     if n_poison > len(pool):
-        raise ValueError(f"pratio {pratio} asks for {n_poison} poisoned samples but only {len(pool)} are eligible "
+        raise ConfigError(f"pratio {pratio} asks for {n_poison} poisoned samples but only {len(pool)} are eligible "
                          f"({'target-class samples, clean-label attack' if clean_label else 'training samples'})")
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(pool, size=n_poison, replace=False)).astype(np.int64)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from bdsafety.errors import DataError
 from bdsafety.data.info import DATASETS, DatasetInfo, dataset_info
 
 SUPPORTED = ("cifar10", "cifar100", "gtsrb", "tiny", "imagefolder", "synthetic")
@@ -69,13 +70,13 @@ def load_clean_dataset(
     synthetic_kwargs: passed to ``make_synthetic`` (n_train, n_test, seed); synthetic only.
     """
     if name in UNSUPPORTED:
-        raise ValueError(
+        raise DataError(
             f"dataset {name!r} is a BackdoorBench dataset that bdsafety does not support; supported: "
             f"{', '.join(SUPPORTED)}. To use your own images, put them in the 'imagefolder' layout "
             "(<root>/train/<class>/*.png, <root>/test/<class>/*.png) and use dataset 'imagefolder'."
         )
     if name not in SUPPORTED:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(SUPPORTED)}")
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(SUPPORTED)}")
     if synthetic_kwargs and name != "synthetic":
         raise TypeError(
             f"unexpected arguments for dataset {name!r}: {', '.join(sorted(synthetic_kwargs))} "
@@ -87,7 +88,7 @@ def load_clean_dataset(
 
         if hw is not None:
             if hw[0] != hw[1]:
-                raise ValueError(f"synthetic images are square; got img_size {img_size}")
+                raise DataError(f"synthetic images are square; got img_size {img_size}")
             synthetic_kwargs["size"] = hw[0]
         return make_synthetic(**synthetic_kwargs)
 
@@ -96,7 +97,7 @@ def load_clean_dataset(
         return _load_imagefolder(root, hw, progress)
     info = DATASETS[name]
     if hw is not None and hw != tuple(info.img_size[:2]):
-        raise ValueError(
+        raise DataError(
             f"{name} images are {info.img_size[0]}x{info.img_size[1]}; img_size={img_size} applies only to "
             "imagefolder (and square synthetic). Drop img_size for this dataset."
         )
@@ -112,7 +113,7 @@ def _parse_img_size(img_size) -> tuple[int, int] | None:
         return None
     size = (int(img_size),) * 2 if isinstance(img_size, (int, np.integer)) else tuple(int(s) for s in img_size)
     if len(size) not in (2, 3) or min(size[:2]) < 1 or (len(size) == 3 and size[2] != 3):
-        raise ValueError(f"img_size must be (H, W) or (H, W, 3) with positive H, W; got {img_size}")
+        raise DataError(f"img_size must be (H, W) or (H, W, 3) with positive H, W; got {img_size}")
     return size[0], size[1]
 
 
@@ -330,7 +331,7 @@ def _read_gtsrb_csv(csv_path: str, folder: str, root: str) -> tuple[list[str], l
         rows = list(csv.reader(f, delimiter=";"))
     header = rows[0] if rows else []
     if "Filename" not in header or "ClassId" not in header:
-        raise ValueError(
+        raise DataError(
             f"{csv_path}: header {header} lacks Filename/ClassId; expected the official GTSRB csv "
             "(Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId). For the test set use GT-final_test.csv "
             "from GTSRB_Final_Test_GT.zip, not GT-final_test.test.csv (which has no labels)."
@@ -360,7 +361,7 @@ def _load_gtsrb(root: str, progress: bool | None) -> CleanData:
     test_paths, test_labels = _read_gtsrb_csv(os.path.join(test_dir, "GT-final_test.csv"), test_dir, root)
     for labels in (train_labels, test_labels):
         if labels and not 0 <= min(labels) <= max(labels) < _GTSRB_CLASSES:
-            raise ValueError(f"gtsrb: ClassId outside 0..42 in the csv files under {root}")
+            raise DataError(f"gtsrb: ClassId outside 0..42 in the csv files under {root}")
     hw = DATASETS["gtsrb"].img_size[:2]
     tx, ty = _decode_split("gtsrb", root, "train", root, train_paths, train_labels, hw, progress)
     vx, vy = _decode_split("gtsrb", root, "test", root, test_paths, test_labels, hw, progress)
@@ -422,7 +423,7 @@ def _load_tiny(root: str, download: bool, progress: bool | None) -> CleanData:
         val_items = [(p, c) for c in _class_dirs(val) for p in _image_files(os.path.join(val, c))]
     unknown = sorted({c for _, c in val_items} - set(index))
     if unknown:
-        raise ValueError(f"tiny: val classes {unknown[:5]} have no train folder in {base}/train")
+        raise DataError(f"tiny: val classes {unknown[:5]} have no train folder in {base}/train")
     if not val_items:
         raise _not_found("tiny", val, layout, fix, "val/ holds no labelled images")
     for p, _ in val_items:
@@ -457,7 +458,7 @@ def _load_imagefolder(root: str, hw: tuple[int, int] | None, progress: bool | No
     if classes != test_classes:
         only_train = sorted(set(classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(classes))
-        raise ValueError(
+        raise DataError(
             f"imagefolder {root}: train and test must have the same class folders; only in train: {only_train}, "
             f"only in test: {only_test}. Create the missing folders (a test folder may be empty) or rename them."
         )
@@ -467,7 +468,7 @@ def _load_imagefolder(root: str, hw: tuple[int, int] | None, progress: bool | No
         for i, c in enumerate(classes):
             files = _image_files(os.path.join(root, split, c))
             if split == "train" and not files:
-                raise ValueError(
+                raise DataError(
                     f"imagefolder: {os.path.join(root, split, c)} has no images "
                     f"(accepted extensions: {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
                 )

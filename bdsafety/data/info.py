@@ -30,7 +30,8 @@ def dataset_info(name: str, num_classes: int | None = None, img_size: tuple | No
         return DATASETS[name]
     if name == "imagefolder":
         if num_classes is None or img_size is None:
-            raise ValueError("imagefolder needs num_classes and img_size (read from the folder)")
+            raise DataError("imagefolder needs num_classes and img_size (read from the folder)")
         return DatasetInfo("imagefolder", int(num_classes), tuple(img_size), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True)
     valid = ", ".join(sorted(list(DATASETS) + ["imagefolder"]))
-    raise ValueError(f"unknown dataset {name!r}; valid datasets: {valid}")
+    raise DataError(f"unknown dataset {name!r}; valid datasets: {valid}")
+from bdsafety.errors import DataError

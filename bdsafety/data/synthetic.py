@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bdsafety.errors import DataError
 from bdsafety.data.info import DATASETS
 
 CLASSES = ["circle", "square", "triangle", "plus", "ring", "hstripes", "vstripes", "frame", "dots", "cross"]
@@ -79,7 +80,7 @@ def make_synthetic(n_train: int = 5000, n_test: int = 1000, seed: int = 0, size:
     from bdsafety.data.datasets import CleanData  # local import: datasets imports this module lazily too
 
     if n_train < 10 or n_test < 10:
-        raise ValueError("synthetic dataset needs at least 10 train and 10 test images (one per class)")
+        raise DataError("synthetic dataset needs at least 10 train and 10 test images (one per class)")
     rng = np.random.default_rng(seed)
     splits = []
     for n in (n_train, n_test):

@@ -29,39 +29,40 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bdsafety.errors import ConfigError
 from bdsafety import engine
-from bdsafety.config import Option
+from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Option
 from bdsafety.data.device import random_crop_flip
-from bdsafety.defenses.base import defense_main, defense_schema
+from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.registry import register
 
 NAME = "anp"
 
 ANP_SCHEMA = {
-    "anp_eps": Option(0.4, "bound of the multiplicative neuron perturbations delta, xi in [-eps, eps]"),
-    "anp_steps": Option(1, "signed-gradient ascent steps for the perturbations (step size eps / steps)"),
-    "anp_alpha": Option(0.2, "trade-off: alpha * natural loss + (1 - alpha) * perturbed loss"),
-    "anp_mask_lr": Option(0.2, "SGD learning rate of the neuron masks"),
-    "anp_mask_momentum": Option(0.9, "SGD momentum of the neuron masks"),
-    "nb_iter": Option(2000, "mask optimisation iterations (batches)"),
-    "print_every": Option(500, "evaluate and log every N iterations (one csv row each)"),
+    "anp_eps": Option(0.4, "bound of the multiplicative neuron perturbations delta, xi in [-eps, eps]", check=POSITIVE),
+    "anp_steps": Option(1, "signed-gradient ascent steps for the perturbations (step size eps / steps)", check=POS_INT),
+    "anp_alpha": Option(0.2, "trade-off: alpha * natural loss + (1 - alpha) * perturbed loss", check=FRACTION),
+    "anp_mask_lr": Option(0.2, "SGD learning rate of the neuron masks", check=POSITIVE),
+    "anp_mask_momentum": Option(0.9, "SGD momentum of the neuron masks", check=NONNEG),
+    "nb_iter": Option(2000, "mask optimisation iterations (batches)", check=POS_INT),
+    "print_every": Option(500, "evaluate and log every N iterations (one csv row each)", check=POS_INT),
     "anp_augment": Option(True, "random crop (+ the dataset's flip) of the reserved data, like the official train loader"),
     "pruning_by": Option("threshold", "prune neurons with mask < pruning_number ('threshold') or the pruning_number "
                                       "smallest masks ('number')", choices=("threshold", "number")),
-    "pruning_number": Option(0.2, "the pruning threshold (pruning_by threshold) or neuron count (pruning_by number)"),
+    "pruning_number": Option(0.2, "the pruning threshold (pruning_by threshold) or neuron count (pruning_by number)", check=NONNEG),
     "anp_prune_bias": Option(False, "also zero the BN bias of pruned channels (false: weight only, ANP's pruning, which "
                                     "equals the masked network the masks were optimised in)"),
     "pruning_sweep": Option(True, "also evaluate thresholds 0, step, ..., pruning_max and write anp_threshold_sweep.csv "
                                   "(for reporting only: nothing is selected with test data)"),
-    "pruning_max": Option(0.9, "largest threshold of the sweep"),
-    "pruning_step": Option(0.05, "threshold step of the sweep"),
-    "batch_size": Option(128, "batch size of the mask optimisation"),
+    "pruning_max": Option(0.9, "largest threshold of the sweep", check=NONNEG),
+    "pruning_step": Option(0.05, "threshold step of the sweep", check=POSITIVE),
+    "batch_size": Option(128, "batch size of the mask optimisation", check=POS_INT),
 }
 
 
@@ -119,7 +120,7 @@ def wrap_batchnorms(model: nn.Module) -> list[tuple[str, NoisyBN]]:
     """Replace every BatchNorm2d of ``model`` (in place) by a NoisyBN wrapper; returns [(name, wrapper)]."""
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     if not targets:
-        raise ValueError(f"ANP perturbs BatchNorm2d channels, but {type(model).__name__} has no BatchNorm2d layer; "
+        raise ConfigError(f"ANP perturbs BatchNorm2d channels, but {type(model).__name__} has no BatchNorm2d layer; "
                          "use another defense for this model")
     out = []
     for name, bn in targets:
@@ -215,10 +216,10 @@ def select_pruned(mask_values, by: str, number: float) -> list[tuple[str, int]]:
     if by == "number":
         k = int(number)
         if k < 0:
-            raise ValueError(f"pruning_number must be >= 0 for pruning_by number, got {number}")
+            raise ConfigError(f"pruning_number must be >= 0 for pruning_by number, got {number}")
         order = sorted(mask_values, key=lambda t: t[2])
         return [(n, i) for n, i, _ in order[:k]]
-    raise ValueError(f"unknown pruning_by {by!r}; valid: threshold, number")
+    raise ConfigError(f"unknown pruning_by {by!r}; valid: threshold, number")
 
 
 def prune_model(model: nn.Module, pruned: list[tuple[str, int]], prune_bias: bool = False) -> nn.Module:
@@ -244,12 +245,13 @@ def _pruned_copy(model, mask_values, cfg, by=None, number=None):
 
 
 # ------------------------------------------------------------------------------------------- the defense
-def anp(exp, model: nn.Module, reserved, cfg, log: Callable):
-    """ANP as a ``run_defense`` algorithm: learn neuron masks on the reserved data, prune the backdoored model."""
+def anp(ctx) -> DefenseResult:
+    """ANP: learn neuron masks on the reserved data, prune the backdoored model."""
+    exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     if len(reserved) == 0:
-        raise ValueError("ANP needs the defender's reserved clean data, but it is empty; raise --ratio")
+        raise ConfigError("ANP needs the defender's reserved clean data, but it is empty; raise --ratio")
     if cfg.nb_iter < 1:
-        raise ValueError(f"nb_iter must be >= 1, got {cfg.nb_iter}")
+        raise ConfigError(f"nb_iter must be >= 1, got {cfg.nb_iter}")
     g = engine.seed_everything(cfg.random_seed)
     trainer = MaskTrainer(model, cfg, generator=g)
     n_neurons = sum(w.neuron_mask.numel() for _, w in trainer.wrappers)
@@ -290,9 +292,9 @@ def anp(exp, model: nn.Module, reserved, cfg, log: Callable):
     log(f"pruned {len(pruned)}/{n_neurons} neurons ({cfg.pruning_by} {cfg.pruning_number}, "
         f"{'weight and bias' if cfg.anp_prune_bias else 'BN weight'} set to 0)")
 
-    files = {"mask_values.txt": _mask_file_writer(mask_values)}
-    extra = {"anp": {"n_neurons": n_neurons, "n_pruned": len(pruned), "pruning_by": cfg.pruning_by,
-                     "pruning_number": cfg.pruning_number, "prune_bias": bool(cfg.anp_prune_bias)}, "files": files}
+    files = {"mask_values.txt": _mask_file_text(mask_values)}
+    info = {"anp": {"n_neurons": n_neurons, "n_pruned": len(pruned), "pruning_by": cfg.pruning_by,
+                    "pruning_number": cfg.pruning_number, "prune_bias": bool(cfg.anp_prune_bias)}}
     if cfg.pruning_sweep:
         sweep = []
         for thr in np.arange(0.0, cfg.pruning_max + cfg.pruning_step / 2, cfg.pruning_step):
@@ -300,33 +302,20 @@ def anp(exp, model: nn.Module, reserved, cfg, log: Callable):
             m = exp.metrics(pm)
             sweep.append({"threshold": round(float(thr), 6), "n_pruned": len(pr),
                           **{k: m[k] for k in ("test_acc", "test_asr", "test_ra") if k in m}})
-        files["anp_threshold_sweep.csv"] = _sweep_writer(sweep)
+        import pandas as pd
+
+        files["anp_threshold_sweep.csv"] = pd.DataFrame(sweep)
         log("threshold sweep (reporting only): " + "; ".join(
             f"{s['threshold']:.2f}: {s['n_pruned']} pruned, C-Acc {s['test_acc']:.3f} ASR {s.get('test_asr', float('nan')):.3f}"
             for s in sweep))
-    return pruned_model, rows, extra
+    return DefenseResult(pruned_model, rows, artifacts=files, info=info)
 
 
-def _mask_file_writer(mask_values):
-    def write(path):
-        from bdsafety.records import atomic_write_text
-
-        lines = ["No \t Layer Name \t Neuron Idx \t Mask Score"]
-        lines += [f"{i} \t {n} \t {c} \t {v:.4f}" for i, (n, c, v) in enumerate(mask_values)]
-        atomic_write_text(path, "\n".join(lines) + "\n")
-
-    return write
-
-
-def _sweep_writer(sweep):
-    def write(path):
-        import pandas as pd
-
-        from bdsafety.records import atomic_write_text
-
-        atomic_write_text(path, pd.DataFrame(sweep).to_csv(index=False))
-
-    return write
+def _mask_file_text(mask_values) -> str:
+    """mask_values.txt in the official ANP layout."""
+    lines = ["No \t Layer Name \t Neuron Idx \t Mask Score"]
+    lines += [f"{i} \t {n} \t {c} \t {v:.4f}" for i, (n, c, v) in enumerate(mask_values)]
+    return "\n".join(lines) + "\n"
 
 
 def schema() -> dict:
@@ -336,5 +325,4 @@ def schema() -> dict:
     return s
 
 
-def main(argv=None):
-    return defense_main(NAME, anp, schema(), argv, description="ANP (Adversarial Neuron Pruning) defense")
+register("defense", NAME, schema=schema, description="ANP (Adversarial Neuron Pruning) defense")(anp)

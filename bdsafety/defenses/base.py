@@ -1,99 +1,156 @@
-"""What every defense shares: its config keys, the defender's reserved clean data, and the output folder.
+"""What every defense shares: its config keys, its inputs (``DefenseContext``), its typed result
+(``DefenseResult``) and the run scaffold that writes ``record/<rf>/defense/<folder>/`` in BackdoorBench's format.
 
-A defense algorithm is a function ``algo(exp, model, reserved, cfg, log) -> (model, rows, extra)``:
-  exp       the opened record (bdsafety.experiment.Experiment)
-  model     the backdoored model (a fresh copy, on the device)
-  reserved  the defender's clean subset (DeviceDataset) drawn from the clean training set
-  cfg       resolved config
-  log       a callable taking one line of text (goes to the terminal and log/<time>.log)
-returning the defended model, one metrics row per epoch (C-Acc / ASR / RA computed by the algorithm through
-``exp.metrics``) and a dict of extra files/values to save. ``run_defense`` does everything else: reads the
-record, draws and saves the reserved subset, evaluates before/after, writes
-record/<rf>/defense/<name>/ atomically in BackdoorBench's format.
+A defense is one registered function ``run(ctx: DefenseContext) -> DefenseResult``::
+
+    @register("defense", "my_defense", schema=lambda: defense_schema(my_option=Option(...)), description="...")
+    def my_defense(ctx):
+        rows = engine.fit(ctx.model, ctx.reserved, ...)
+        return DefenseResult(ctx.model, rows, artifacts={"my_mask.pt": {...}}, info={"my_value": 3})
+
+The scaffold (``run_defense``) does everything else: opens the record, draws the defender's reserved clean subset
+(and its validation part), evaluates before and after, checks the final weights are finite, and writes the
+folder through the one safe output path (bdsafety.outputs.OutputFolder): defense_result.pt, <name>_df.csv,
+<name>_df_summary.csv, config.yaml, log/<time>.log, log/index.txt (the reserved subset), log/val_index.txt,
+every artifact, and every extra index file the defense reports (``indices``).
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable
 
-from bdsafety.config import Option, parse_config
-from bdsafety.engine import format_metrics
-from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, read_index, reserved_indices, write_run_files
+import numpy as np
+import torch
+
+from bdsafety.config import AMOUNT, FRACTION, POS_INT, Check, Option
+from bdsafety.data.device import DeviceDataset
+from bdsafety.engine import check_finite_model, format_metrics
+from bdsafety.errors import ConfigError
+from bdsafety.experiment import RECORD_SCHEMA, open_experiment, read_index, reserved_indices
 
 DEFENSE_SCHEMA = {
     **RECORD_SCHEMA,
-    "ratio": Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set"),
+    "ratio": Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set", check=AMOUNT),
+    "val_ratio": Option(0.0, "fraction of the reserved data held out as a clean validation split (never trained on; "
+                             "used by methods that select something, e.g. a pruning threshold)",
+                        check=Check(lo=0, hi=0.5, hi_open=True, text="a fraction in [0, 0.5)")),
     "balanced": Option(False, "draw the reserved data class-balanced"),
-    "index": Option(None, "index.txt of a previous run: reuse that reserved subset (BackdoorBench's --index)"),
-    "save_name": Option(None, "output folder name under defense/ (default: the defense's name)"),
-    "epochs": Option(10, "training epochs"),
-    "batch_size": Option(128, "batch size"),
-    "lr": Option(0.01, "learning rate"),
-    "eval_every": Option(1, "evaluate C-Acc/ASR/RA every N epochs (and at the last)"),
+    "index": Option(None, "index.txt of a previous run: reuse that reserved subset (BackdoorBench's --index)",
+                    kind="index_file"),
+    "save_name": Option(None, "output folder name under defense/ (default: the defense's folder name)", kind="folder_name"),
+    "epochs": Option(10, "training epochs", check=POS_INT),
+    "batch_size": Option(128, "batch size", check=POS_INT),
+    "lr": Option(0.01, "learning rate", check=Check(lo=0, lo_open=True, text="a finite number > 0")),
+    "eval_every": Option(1, "evaluate C-Acc/ASR/RA every N epochs (and at the last)", check=POS_INT),
 }
+_ = FRACTION  # re-exported for defense modules
 
 
 def defense_schema(**extra: Option) -> dict:
     return {**DEFENSE_SCHEMA, **extra}
 
 
-def reserved_subset(exp, cfg) -> "tuple":
-    """(indices, DeviceDataset) of the defender's clean data: from --index, else drawn with the seed."""
+@dataclass
+class DefenseContext:
+    """Everything a defense works with; built by ``run_defense``."""
+
+    exp: Any  # bdsafety.experiment.Experiment
+    model: torch.nn.Module  # a fresh copy of the backdoored model, on the device
+    reserved: DeviceDataset  # the defender's clean training data (the validation part excluded)
+    reserved_idx: np.ndarray  # its training-set indices
+    val: DeviceDataset | None  # clean validation split carved from the reserved data (None when val_ratio is 0)
+    val_idx: np.ndarray
+    cfg: SimpleNamespace
+    log: Callable[[str], None]
+    name: str  # the registered defense name
+
+    @property
+    def device(self) -> str:
+        return self.exp.device
+
+
+@dataclass
+class DefenseResult:
+    """What a defense returns: the defended model, one metrics row per (evaluated) epoch, files to write beside
+    defense_result.pt (name -> value, format chosen by type: bytes, str, DataFrame -> csv, uint8 image -> png,
+    figure -> png, anything else torch.save), values for config.yaml, and extra index files for log/."""
+
+    model: torch.nn.Module
+    rows: list[dict]
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    indices: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def reserved_subset(exp, cfg) -> tuple[np.ndarray, np.ndarray]:
+    """(reserved training indices, validation indices) of the defender's clean data.
+
+    From ``--index`` (a previous run's log/index.txt) or drawn with the seed; then ``val_ratio`` of it is held out
+    (a seeded, separate draw) as the clean validation split. The same config always gives the same subsets."""
+    n = len(exp.data.train_y)
     if cfg.index:
-        idx = read_index(cfg.index)
-        if idx.max(initial=-1) >= len(exp.data.train_y):
-            raise ValueError(f"{cfg.index} holds indices beyond the {len(exp.data.train_y)} training samples: it belongs to another dataset")
+        idx = read_index(cfg.index, n, flag="--index")
     else:
-        idx = reserved_indices(exp.data.train_y, cfg.ratio, balanced=cfg.balanced, seed=cfg.random_seed, num_classes=exp.num_classes)
+        idx = reserved_indices(exp.data.train_y, cfg.ratio, balanced=cfg.balanced, seed=cfg.random_seed,
+                               num_classes=exp.num_classes)
         if len(idx) < exp.num_classes and cfg.ratio < 1:
-            raise ValueError(
-                f"ratio {cfg.ratio} reserves {len(idx)} samples for {exp.num_classes} classes: fewer than one per class; raise --ratio"
-            )
-    return idx, exp.train.subset(idx)
+            raise ConfigError(f"ratio {cfg.ratio} reserves {len(idx)} samples for {exp.num_classes} classes: fewer than one "
+                              f"per class; raise --ratio")
+    val_ratio = float(getattr(cfg, "val_ratio", 0.0) or 0.0)
+    if val_ratio <= 0:
+        return idx, np.zeros(0, dtype=np.int64)
+    n_val = int(round(val_ratio * len(idx)))
+    if n_val < 1 or n_val >= len(idx):
+        raise ConfigError(f"val_ratio {val_ratio} of {len(idx)} reserved samples gives {n_val} validation samples; "
+                          f"choose a val_ratio that leaves at least one sample on each side")
+    rng = np.random.default_rng([int(cfg.random_seed), 0x56414C])  # "VAL": a stream separate from the reserved draw
+    val = np.sort(rng.choice(idx, size=n_val, replace=False)).astype(np.int64)
+    return np.setdiff1d(idx, val).astype(np.int64), val
 
 
-def run_defense(name: str, algo: Callable, cfg: SimpleNamespace) -> Path:
-    """Open the record, run ``algo``, write record/<rf>/defense/<save_name or name>/; returns that folder."""
-    from bdsafety.records import save_model_result
+def run_defense(method, cfg: SimpleNamespace) -> Path:
+    """Open the record, run the registered defense ``method``, write record/<rf>/defense/<save_name or folder>/."""
+    from bdsafety.outputs import OutputFolder
+    from bdsafety.scaffold import Output, write_output
 
     t0 = time.time()
     exp = open_experiment(cfg)
-    dest = exp.record_dir / "defense" / (cfg.save_name or name)
-    if dest.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{dest} already exists (maybe BackdoorBench's own '{dest.name}'); pass --overwrite to replace it, "
-                              f"or --save_name to write beside it")
+    dest = exp.record_dir / "defense" / (cfg.save_name or method.folder)
+    out = OutputFolder(dest, overwrite=cfg.overwrite, dependents=cfg.dependents, what="defense output")  # refuse early
     lines: list[str] = []
 
     def log(msg: str):
         lines.append(msg)
-        print(f"[{name}] {msg}", flush=True)
+        print(f"[{method.name}] {msg}", flush=True)
 
-    idx, reserved = reserved_subset(exp, cfg)
-    model = exp.backdoored_model()
-    before = exp.metrics(model)
+    idx, val_idx = reserved_subset(exp, cfg)
+    ctx = DefenseContext(exp=exp, model=exp.backdoored_model(), reserved=exp.train.subset(idx), reserved_idx=idx,
+                         val=exp.train.subset(val_idx) if len(val_idx) else None, val_idx=val_idx, cfg=cfg, log=log,
+                         name=method.name)
+    before = exp.metrics(ctx.model)
     log(f"record {exp.record_dir.name}: {exp.model_name}, {exp.record.clean_data}, target {exp.target}; "
-        f"{len(idx)} reserved clean samples; before: {format_metrics(before)}")
-    model, rows, extra = algo(exp, model, reserved, cfg, log)
-    rows = [{"epoch": 0, **{k: before[k] for k in ("test_acc", "test_asr", "test_ra") if k in before}}] + list(rows)
+        f"{len(idx)} reserved clean samples" + (f" + {len(val_idx)} for validation" if len(val_idx) else "")
+        + f"; before: {format_metrics(before)}")
+    result = method.run(ctx)
+    if not isinstance(result, DefenseResult):
+        raise TypeError(f"defense {method.name} returned {type(result).__name__}, expected a DefenseResult")
+    model = result.model
+    check_finite_model(model, f"defense {method.name}")
     after = exp.metrics(model)
-    if not rows or any(math.isnan(rows[-1].get(k, math.nan)) for k in ("test_acc", "test_asr")):
-        rows.append({"epoch": rows[-1].get("epoch", 0) + 1 if rows else 1, **after})
+    rows = [{"epoch": 0, **{k: before[k] for k in ("test_acc", "test_asr", "test_ra") if k in before}}] + list(result.rows)
+    if any(math.isnan(rows[-1].get(k, math.nan)) for k in ("test_acc", "test_asr")):
+        rows.append({"epoch": rows[-1].get("epoch", 0) + 1 if len(rows) > 1 else 1, **after})
     log(f"after: {format_metrics(after)}")
-    with OutputFolder(dest, overwrite=cfg.overwrite) as out:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        save_model_result(out.path / "defense_result.pt", state, exp.model_name, exp.num_classes)
-        for fname, writer in (extra or {}).get("files", {}).items():
-            writer(out.path / fname)
-        write_run_files(out.path, name, cfg, exp.device, t0, rows, index=idx, log_lines=lines, defense=name,
-                        record=str(exp.record_dir), before=before, after=after,
-                        **{k: v for k, v in (extra or {}).items() if k != "files"})
+    indices = {"index": idx, **({"val_index": val_idx} if len(val_idx) else {}), **result.indices}
+    with out:
+        write_output(out.path, Output(
+            name=method.folder, rows=rows, model_state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            model_file="defense_result.pt", artifacts=result.artifacts, indices=indices, log_lines=lines,
+            info=dict(defense=method.name, output_folder=dest.name, record=str(exp.record_dir), before=before, after=after,
+                      **result.info)), exp, cfg, t0)
     log(f"written to {dest} ({time.time() - t0:.0f}s)")
     return dest
-
-
-def defense_main(name: str, algo: Callable, schema: dict, argv=None, description: str = "") -> Path:
-    cfg = parse_config(schema, argv, description=description or f"{name} defense", prog=f"defense/{name}.py")
-    return run_defense(name, algo, cfg)

@@ -43,7 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdsafety.config import Option
+from bdsafety.errors import ConfigError
+from bdsafety.config import NONNEG, POSITIVE, POS_INT, Option
 from bdsafety.data.device import DeviceDataset, iterate_batches
 from bdsafety.engine import autocast
 
@@ -51,25 +52,25 @@ CACHE_DIR = "bti_inversion"
 CACHE_FORMAT = 1
 
 BTI_SCHEMA: dict[str, Option] = {
-    "bti_pretrain_epochs": Option(50, "BTI-DBF: generator pretraining epochs on D_r (G ~ identity)"),
-    "bti_mask_epochs": Option(20, "BTI-DBF: benign-feature mask epochs"),
-    "bti_gen_epochs": Option(30, "BTI-DBF: generator (trigger inversion) epochs per call"),
-    "bti_lr": Option(1e-3, "BTI-DBF: Adam learning rate of the generator (pretraining and inversion)"),
-    "bti_mask_lr": Option(0.01, "BTI-DBF: Adam learning rate of the feature mask"),
-    "bti_batch_size": Option(128, "BTI-DBF: batch size of every inversion stage"),
-    "bti_norm_bound": Option(0.3, "BTI-DBF: minimise MSE(x, G(x)) (normalised space) while it exceeds this bound"),
-    "bti_feat_bound": Option(3.0, "BTI-DBF: ... or while the benign-feature distance L_ben exceeds this bound"),
-    "bti_ben_weight": Option(0.01, "BTI-DBF: weight of L_ben in -L_bd + w * L_ben"),
-    "bti_target_weight": Option(1.0, "BTI-DBF: weight of CE(f(G(x)), detected target) in rounds after the first"),
-    "bti_pretrain_switch": Option(0.1, "BTI-DBF pretraining: MSE(x, G(x)) above which its weight is bti_pretrain_w_high"),
-    "bti_pretrain_w_high": Option(100.0, "BTI-DBF pretraining: weight of MSE(x, G(x)) above the switch"),
-    "bti_pretrain_w_low": Option(0.01, "BTI-DBF pretraining: weight of MSE(x, G(x)) below the switch"),
-    "bti_unet_base": Option(32, "BTI-DBF UNet: channels of the first block, doubled per block (official 32)"),
-    "bti_unet_depth": Option(4, "BTI-DBF UNet: encoder/decoder blocks (official 4); images need H, W >= 2**depth"),
+    "bti_pretrain_epochs": Option(50, "BTI-DBF: generator pretraining epochs on D_r (G ~ identity)", check=POS_INT),
+    "bti_mask_epochs": Option(20, "BTI-DBF: benign-feature mask epochs", check=POS_INT),
+    "bti_gen_epochs": Option(30, "BTI-DBF: generator (trigger inversion) epochs per call", check=POS_INT),
+    "bti_lr": Option(1e-3, "BTI-DBF: Adam learning rate of the generator (pretraining and inversion)", check=POSITIVE),
+    "bti_mask_lr": Option(0.01, "BTI-DBF: Adam learning rate of the feature mask", check=POSITIVE),
+    "bti_batch_size": Option(128, "BTI-DBF: batch size of every inversion stage", check=POS_INT),
+    "bti_norm_bound": Option(0.3, "BTI-DBF: minimise MSE(x, G(x)) (normalised space) while it exceeds this bound", check=NONNEG),
+    "bti_feat_bound": Option(3.0, "BTI-DBF: ... or while the benign-feature distance L_ben exceeds this bound", check=NONNEG),
+    "bti_ben_weight": Option(0.01, "BTI-DBF: weight of L_ben in -L_bd + w * L_ben", check=NONNEG),
+    "bti_target_weight": Option(1.0, "BTI-DBF: weight of CE(f(G(x)), detected target) in rounds after the first", check=NONNEG),
+    "bti_pretrain_switch": Option(0.1, "BTI-DBF pretraining: MSE(x, G(x)) above which its weight is bti_pretrain_w_high", check=NONNEG),
+    "bti_pretrain_w_high": Option(100.0, "BTI-DBF pretraining: weight of MSE(x, G(x)) above the switch", check=NONNEG),
+    "bti_pretrain_w_low": Option(0.01, "BTI-DBF pretraining: weight of MSE(x, G(x)) below the switch", check=NONNEG),
+    "bti_unet_base": Option(32, "BTI-DBF UNet: channels of the first block, doubled per block (official 32)", check=POS_INT),
+    "bti_unet_depth": Option(4, "BTI-DBF UNet: encoder/decoder blocks (official 4); images need H, W >= 2**depth", check=POS_INT),
     "bti_unet_residual": Option(True, "BTI-DBF UNet: predict a residual in logit space, G(x) = sigmoid(logit(x) + r(x)), "
                                       "with r initialised to 0 (G starts as the identity); false: G(x) = sigmoid(UNet(x))"),
     "bti_detect_noise": Option(0.03, "BTI-DBF target detection: std of Gaussian noise (normalised space) added to x before G, "
-                                     "as the official code"),
+                                     "as the official code", check=NONNEG),
     "bti_augment": Option(True, "BTI-DBF: random crop (+ the dataset's flip) of D_r batches, like the official train loader"),
     "bti_refresh": Option(False, "BTI-DBF: recompute the trigger inversion even when a cached one matches"),
 }
@@ -141,7 +142,7 @@ class UNetGenerator(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.config["channels"]:
             raise ValueError(f"UNetGenerator expects (N, {self.config['channels']}, H, W) images, got shape {tuple(x.shape)}")
         if min(x.shape[-2:]) < 2**depth:
-            raise ValueError(f"images of {tuple(x.shape[-2:])} px are too small for a UNet of depth {depth}: "
+            raise ConfigError(f"images of {tuple(x.shape[-2:])} px are too small for a UNet of depth {depth}: "
                              f"lower bti_unet_depth to at most {int(math.log2(min(x.shape[-2:])))}")
         h = x
         skips = []
@@ -198,7 +199,7 @@ def _batches(exp, reserved: DeviceDataset, cfg, gen: torch.Generator):
 
 def _check_reserved(reserved: DeviceDataset, what: str):
     if len(reserved) == 0:
-        raise ValueError(f"{what} needs the defender's reserved clean data, but it is empty; raise --ratio")
+        raise ConfigError(f"{what} needs the defender's reserved clean data, but it is empty; raise --ratio")
 
 
 class _Means:

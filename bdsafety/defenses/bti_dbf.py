@@ -23,20 +23,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import Option
+from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Option
 from bdsafety.defenses import bti
-from bdsafety.defenses.base import defense_main, defense_schema, reserved_subset
+from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.registry import register
 
 NAME = "bti_dbf"
 
 BTIDBF_SCHEMA = {
-    "rounds": Option(5, "rounds of (re-)inversion + unlearning (official --nround)"),
-    "epochs": Option(30, "unlearning epochs per round (official --ul_round)"),
-    "lr": Option(1e-4, "Adam learning rate of the unlearning"),
-    "weight_decay": Option(0.0, "Adam weight decay of the unlearning"),
+    "n_rounds": Option(5, "rounds of (re-)inversion + unlearning (official --nround)", check=POS_INT),
+    "epochs": Option(30, "unlearning epochs per round (official --ul_round)", check=POS_INT),
+    "lr": Option(1e-4, "Adam learning rate of the unlearning", check=POSITIVE),
+    "wd": Option(0.0, "Adam weight decay of the unlearning", check=NONNEG),
     "p_rev": Option(0.2, "fraction of every batch replaced by G(x) with TRUE labels (count int(p_rev * n + 1), as the "
-                         "official code)"),
-    "feat_weight": Option(1.0, "weight of MSE(phi(x), phi(x_mix)) in the unlearning loss"),
+                         "official code)", check=FRACTION),
+    "feat_weight": Option(1.0, "weight of MSE(phi(x), phi(x_mix)) in the unlearning loss", check=NONNEG),
     "augment": Option(True, "random crop (+ the dataset's flip) of the reserved data during unlearning"),
     "retrain_generator": Option(True, "in rounds after the first, re-learn the mask and retrain G (with CE to the detected "
                                       "target) against the current model"),
@@ -78,19 +79,20 @@ def unlearn_step(optimizer, feat_weight: float) -> Callable:
     return step
 
 
-def bti_dbf(exp, model: nn.Module, reserved, cfg, log: Callable):
-    """BTI-DBF(U) as a ``run_defense`` algorithm."""
+def bti_dbf(ctx) -> DefenseResult:
+    """BTI-DBF(U): trigger inversion, then unlearning with inverted samples under their true labels."""
+    exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     g = engine.seed_everything(cfg.random_seed)
-    idx, _ = reserved_subset(exp, cfg)  # the seeded subset run_defense drew: the inversion cache is keyed on it
+    idx = ctx.reserved_idx  # the inversion cache is keyed on the reserved subset
     inv = bti.load_or_invert(exp, model, idx, reserved, cfg, log)
     G, mask, target = inv.generator, inv.mask, int(inv.target)
     extra = {"detected_target": target, "true_target": exp.target, "target_votes": [int(v) for v in inv.votes],
-             "bti_dbf": {"rounds": cfg.rounds, "epochs_per_round": cfg.epochs, "p_rev": cfg.p_rev}, "files": {}}
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+             "bti_dbf": {"rounds": cfg.n_rounds, "epochs_per_round": cfg.epochs, "p_rev": cfg.p_rev}}
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     step = unlearn_step(opt, cfg.feat_weight)
     hflip = bool(getattr(exp.info, "hflip", True))
     rows: list[dict] = []
-    for r in range(cfg.rounds):
+    for r in range(cfg.n_rounds):
         if r > 0 and cfg.retrain_generator:
             t0 = time.time()
             mask = bti.learn_benign_mask(exp, model, reserved, cfg, log)
@@ -110,19 +112,13 @@ def bti_dbf(exp, model: nn.Module, reserved, cfg, log: Callable):
         rr = engine.fit(model, reserved, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=step, optimizer=opt,
                         batch_fn=mixing_batch_fn(G, exp.norm, cfg.p_rev, g), augment=cfg.augment, hflip=hflip,
                         evalsets=exp.evalsets, eval_every=cfg.eval_every, eval_batch_size=cfg.eval_batch_size, generator=g,
-                        desc=f"bti_dbf round {r + 1}/{cfg.rounds}", progress=exp.progress, on_epoch_end=tag)
+                        desc=f"bti_dbf round {r + 1}/{cfg.n_rounds}", progress=exp.progress, on_epoch_end=tag)
         rows.extend(rr)
-        log(f"round {r + 1}/{cfg.rounds} ({cfg.epochs} epochs of unlearning): {engine.format_metrics(rr[-1])}")
+        log(f"round {r + 1}/{cfg.n_rounds} ({cfg.epochs} epochs of unlearning): {engine.format_metrics(rr[-1])}")
 
-    state = {k: v.detach().cpu() for k, v in G.state_dict().items()}
-
-    def write_generator(path, state=state, config=dict(G.config), mask=mask.detach().cpu(), target=target):
-        from bdsafety.records import atomic_torch_save
-
-        atomic_torch_save({"generator": state, "generator_config": config, "mask": mask, "target": target}, path)
-
-    extra["files"]["bti_generator.pt"] = write_generator
-    return model, rows, extra
+    generator = {"generator": {k: v.detach().cpu() for k, v in G.state_dict().items()}, "generator_config": dict(G.config),
+                 "mask": mask.detach().cpu(), "target": target}
+    return DefenseResult(model, rows, artifacts={"bti_generator.pt": generator}, info=extra)
 
 
 def schema() -> dict:
@@ -132,6 +128,5 @@ def schema() -> dict:
     return defense_schema(**bti.BTI_SCHEMA, **BTIDBF_SCHEMA)
 
 
-def main(argv=None):
-    return defense_main(NAME, bti_dbf, schema(), argv,
-                        description="BTI-DBF(U) defense: BTI-DBF trigger inversion, then unlearning with inverted samples")
+register("defense", NAME, schema=schema, needs=("inversion_cache",),
+         description="BTI-DBF(U) defense: BTI-DBF trigger inversion, then unlearning with inverted samples")(bti_dbf)

@@ -3,7 +3,7 @@ Superficial Safety of Backdoor Defense" (Min et al., NeurIPS 2024). Not Backdoor
 pruning): hence the folder name ``exact_purification``.
 
 EP assumes the defender knows the real trigger. It fine-tunes the backdoored model on the reserved clean data
-where, in every batch, a fraction ``poison_fraction`` of the images is replaced by REAL poisoned samples of
+where, in every batch, a fraction ``p_rev`` of the images is replaced by REAL poisoned samples of
 the attack that carry their TRUE (original) labels, so the model unlearns trigger -> target.
 
 Where the triggered images come from: the record's bd_train images (the attack's own poisoned training
@@ -17,7 +17,7 @@ ones. For clean-label attacks (SIG, LC) every bd_train sample's true label is th
 bd_train cannot unlearn anything: this is logged as a warning.
 
 Defaults: fine-tuning as FT (SGD lr 0.01, momentum 0.9, no weight decay, cosine, 10 epochs, batch 128) on a
-5% reserved split, poison_fraction 0.2 (the fraction PAM and BTI-DBF(U) replace by inverted samples; the
+5% reserved split, p_rev 0.2 (the fraction PAM and BTI-DBF(U) replace by inverted samples; the
 paper gives no separate EP value).
 """
 from __future__ import annotations
@@ -29,20 +29,21 @@ import numpy as np
 import torch
 
 from bdsafety import engine
-from bdsafety.config import ConfigError, Option
+from bdsafety.config import AMOUNT, OPEN_FRACTION, POSITIVE, POS_INT, ConfigError, Option
 from bdsafety.data.device import DeviceDataset, Normalizer, random_crop_flip
-from bdsafety.defenses.base import defense_main, defense_schema
+from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.registry import register
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
 
 
 def ep_schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set"),
-        epochs=Option(10, "training epochs"),
-        batch_size=Option(128, "batch size"),
-        lr=Option(0.01, "SGD learning rate"),
+        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set", check=AMOUNT),
+        epochs=Option(10, "training epochs", check=POS_INT),
+        batch_size=Option(128, "batch size", check=POS_INT),
+        lr=Option(0.01, "SGD learning rate", check=POSITIVE),
         **OPTIM_SCHEMA,
-        poison_fraction=Option(0.2, "fraction of each batch replaced by real poisoned training samples with their true labels"),
+        p_rev=Option(0.2, "fraction of each batch replaced by real poisoned training samples with their true labels", check=OPEN_FRACTION),
     )
 
 
@@ -57,7 +58,7 @@ def mix_batch_fn(pool: DeviceDataset, fraction: float, norm: Normalizer, *, gene
     """batch_fn for engine.fit: replace round(fraction * n) images of each batch (the first positions of an
     already shuffled batch) by random ``pool`` samples with the pool's labels, then normalise."""
     if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"poison_fraction must be in [0, 1], got {fraction}")
+        raise ConfigError(f"p_rev must be in [0, 1], got {fraction}")
 
     def batch_fn(xb, y, idx):
         n = len(y)
@@ -80,33 +81,30 @@ def mix_batch_fn(pool: DeviceDataset, fraction: float, norm: Normalizer, *, gene
     return batch_fn
 
 
-def exact_purification(exp, model, reserved, cfg, log):
+@register("defense", "exact_purification", schema=lambda: ep_schema(), needs=("poisoned_pool",),
+          description="EP (Exact Purification): fine-tuning with real triggered samples carrying their true labels")
+def exact_purification(ctx) -> DefenseResult:
     """Fine-tune all layers on reserved clean data mixed with real poisoned samples carrying their true labels."""
+    exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     check_common(cfg)
-    if not (0.0 < cfg.poison_fraction < 1.0) or math.isnan(cfg.poison_fraction):
-        raise ConfigError(f"poison_fraction must be in (0, 1) (a fraction of each batch), got {cfg.poison_fraction}")
+    if not (0.0 < cfg.p_rev < 1.0) or math.isnan(cfg.p_rev):
+        raise ConfigError(f"p_rev must be in (0, 1) (a fraction of each batch), got {cfg.p_rev}")
     gen = engine.seed_everything(cfg.random_seed)
     pool = true_label_pool(exp)
     bd = exp.record.bd_train
     differs = int((np.asarray(bd.orig_labels) != np.asarray(bd.bd_labels)).sum())
     log(f"{len(pool)} real poisoned training samples with their true labels ({differs} of them relabelled by the attack); "
-        f"{cfg.poison_fraction:.0%} of every batch replaced by them")
+        f"{cfg.p_rev:.0%} of every batch replaced by them")
     if differs == 0:
         log("WARNING: every poisoned training sample already carries its true label (a clean-label attack such as SIG or LC): "
             "EP built from bd_train only repeats the attack's own samples and cannot unlearn the trigger")
     params = list(model.parameters())
     opt = make_sgd(params, cfg)
     step = engine.sgd_step(opt)
-    batch_fn = mix_batch_fn(pool, cfg.poison_fraction, exp.norm, generator=gen, augment=True, hflip=exp.info.hflip)
+    batch_fn = mix_batch_fn(pool, cfg.p_rev, exp.norm, generator=gen, augment=True, hflip=exp.info.hflip)
     rows = fit_reserved(exp, model, reserved, cfg, step_fn=step, optimizer=opt, generator=gen, batch_fn=batch_fn,
                         desc="exact_purification")
     model.eval()
     for r in rows:
         log(f"epoch {r['epoch']}: train_loss {r['train_loss']:.4f} {engine.format_metrics(r)}")
-    return model, rows, {"poison_pool_size": len(pool), "poison_pool_relabelled": differs}
-
-
-def main(argv=None):
-    """Entry point of defense/exact_purification.py."""
-    return defense_main("exact_purification", exact_purification, ep_schema(), argv,
-                        description="EP (Exact Purification): fine-tuning with real triggered samples carrying their true labels")
+    return DefenseResult(model, rows, info={"poison_pool_size": len(pool), "poison_pool_relabelled": differs})

@@ -40,14 +40,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import ConfigError, Option
-from bdsafety.defenses.base import defense_main, defense_schema
+from bdsafety.config import AMOUNT, NONNEG, POSITIVE, POS_INT, ConfigError, Option
+from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.registry import register
 from bdsafety.models import classifier_layer
 
 # ------------------------------------------------------------------------------------------- configuration
 OPTIM_SCHEMA = {
-    "sgd_momentum": Option(0.9, "SGD momentum"),
-    "wd": Option(0.0, "weight decay"),
+    "sgd_momentum": Option(0.9, "SGD momentum", check=NONNEG),
+    "wd": Option(0.0, "weight decay", check=NONNEG),
     "lr_scheduler": Option("cosine", "per-epoch learning-rate schedule (cosine: CosineAnnealingLR, T_max=epochs)",
                            choices=("cosine", "none")),
 }
@@ -78,15 +79,15 @@ def finetune_schema(variant: str) -> dict:
         raise ValueError(f"unknown fine-tuning variant {variant!r}; valid: {', '.join(VARIANTS)}")
     v = VARIANTS[variant]
     return defense_schema(
-        ratio=Option(0.02, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set (official FST code: 0.02)"),
-        epochs=Option(10, "training epochs"),
-        batch_size=Option(128, "batch size"),
-        lr=Option(0.01, "SGD learning rate"),
+        ratio=Option(0.02, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set (official FST code: 0.02)", check=AMOUNT),
+        epochs=Option(10, "training epochs", check=POS_INT),
+        batch_size=Option(128, "batch size", check=POS_INT),
+        lr=Option(0.01, "SGD learning rate", check=POSITIVE),
         **OPTIM_SCHEMA,
         reinit_head=Option(v["reinit_head"], "re-initialise the final linear layer before tuning"),
         train_layers=Option(v["train_layers"], "which parameters train: all, head (final linear layer) or features "
                                                "(everything but the head)", choices=TRAIN_LAYERS),
-        alpha=Option(v["alpha"], "weight of the FST term <W, W0>_F (W0 = original head weight); 0 disables it"),
+        alpha=Option(v["alpha"], "weight of the FST term <W, W0>_F (W0 = original head weight); 0 disables it", check=NONNEG),
         head_norm_constraint=Option(v["head_norm_constraint"], "after every step rescale the head weight to ||W0||_F (FST)"),
         frozen_bn_eval=Option(True, "BatchNorm layers whose parameters are all frozen run in eval mode (no running-stat updates)"),
     )
@@ -121,7 +122,7 @@ def set_trainable(model: nn.Module, train_layers: str) -> list[nn.Parameter]:
     """Set requires_grad for 'all', 'head' (final linear layer only) or 'features' (all but the head);
     returns the trainable parameters."""
     if train_layers not in TRAIN_LAYERS:
-        raise ValueError(f"train_layers must be one of {TRAIN_LAYERS}, got {train_layers!r}")
+        raise ConfigError(f"train_layers must be one of {TRAIN_LAYERS}, got {train_layers!r}")
     head_ids = {id(p) for p in classifier_layer(model).parameters()}
     out = []
     for p in model.parameters():
@@ -130,7 +131,7 @@ def set_trainable(model: nn.Module, train_layers: str) -> list[nn.Parameter]:
         if p.requires_grad:
             out.append(p)
     if not out:
-        raise ValueError(f"train_layers={train_layers!r} leaves no parameter to train")
+        raise ConfigError(f"train_layers={train_layers!r} leaves no parameter to train")
     return out
 
 
@@ -228,8 +229,9 @@ def finetune_step(model: nn.Module, cfg: SimpleNamespace, generator: torch.Gener
     return step, opt, info
 
 
-def finetune(exp, model, reserved, cfg, log, name: str = "finetune"):
+def finetune(ctx, name: str = "finetune") -> DefenseResult:
     """FT / LP / FE-tuning / FT-init / FST, selected by cfg.reinit_head, train_layers, alpha, head_norm_constraint."""
+    exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     check_common(cfg)
     gen = engine.seed_everything(cfg.random_seed)
     step, opt, info = finetune_step(model, cfg, gen)
@@ -243,12 +245,17 @@ def finetune(exp, model, reserved, cfg, log, name: str = "finetune"):
     for r in rows:
         log(f"epoch {r['epoch']}: train_loss {r['train_loss']:.4f} {engine.format_metrics(r)}")
     info["head_weight_norm_final"] = float(classifier_layer(model).weight.detach().norm())
-    return model, rows, info
+    return DefenseResult(model, rows, info=info)
 
 
-def main(variant: str, argv=None):
-    """Entry point of defense/<variant>.py."""
-    def algo(exp, model, reserved, cfg, log):
-        return finetune(exp, model, reserved, cfg, log, name=variant)
+def _register_variants() -> None:
+    import functools
 
-    return defense_main(variant, algo, finetune_schema(variant), argv, description=DESCRIPTIONS[variant])
+    for variant in VARIANTS:
+        def run(ctx, variant=variant):
+            return finetune(ctx, name=variant)
+
+        register("defense", variant, schema=functools.partial(finetune_schema, variant), description=DESCRIPTIONS[variant])(run)
+
+
+_register_variants()

@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import ConfigError, Option
-from bdsafety.defenses.base import defense_main, defense_schema
+from bdsafety.config import AMOUNT, Check, NONNEG, POSITIVE, POS_INT, ConfigError, Option
+from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.registry import register
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
 
 EPS = 1e-12
@@ -144,21 +145,24 @@ def sam_step(optimizer, params, rho: float, adaptive: bool = True, loss_fn: Call
 # ------------------------------------------------------------------------------------------- the defense
 def ft_sam_schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set (BackdoorBench: 0.05)"),
+        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set (BackdoorBench: 0.05)", check=AMOUNT),
         balanced=Option(True, "draw the reserved data class-balanced (BackdoorBench's choose_by_class)"),
-        epochs=Option(100, "training epochs (BackdoorBench ft-sam: 100 on cifar10/cifar100/tiny, 50 on gtsrb)"),
-        batch_size=Option(256, "batch size"),
-        lr=Option(0.01, "SGD learning rate of the base optimizer"),
-        **{**OPTIM_SCHEMA, "wd": Option(5e-4, "weight decay")},
-        rho=Option(2.0, "SAM neighbourhood radius (BackdoorBench: 2.0; 8.0 for gtsrb and tiny)"),
+        epochs=Option(100, "training epochs (BackdoorBench ft-sam: 100 on cifar10/cifar100/tiny, 50 on gtsrb)", check=POS_INT),
+        batch_size=Option(256, "batch size", check=POS_INT),
+        lr=Option(0.01, "SGD learning rate of the base optimizer", check=POSITIVE),
+        **{**OPTIM_SCHEMA, "wd": Option(5e-4, "weight decay", check=NONNEG)},
+        rho=Option(2.0, "SAM neighbourhood radius (BackdoorBench: 2.0; 8.0 for gtsrb and tiny)", check=NONNEG),
         adaptive=Option(True, "adaptive SAM: e = rho * w^2 g / || |w| g ||, else e = rho * g / ||g||"),
-        label_smoothing=Option(0.1, "label smoothing of the training loss (BackdoorBench: 0.1; 0.0 for gtsrb and tiny)"),
+        label_smoothing=Option(0.1, "label smoothing of the training loss (BackdoorBench: 0.1; 0.0 for gtsrb and tiny)", check=Check(lo=0, hi=1, hi_open=True, text="a number in [0, 1)")),
         freeze_bn=Option(True, "keep BatchNorm running statistics unchanged by the perturbed forward pass"),
     )
 
 
-def ft_sam(exp, model, reserved, cfg, log):
+@register("defense", "ft_sam", schema=lambda: ft_sam_schema(),
+          description="FT-SAM (ICCV 2023): fine-tuning with adaptive sharpness-aware minimization")
+def ft_sam(ctx) -> DefenseResult:
     """Fine-tune all layers with (adaptive) SAM on the reserved data."""
+    exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     check_common(cfg)
     if cfg.rho < 0 or not math.isfinite(cfg.rho):
         raise ConfigError(f"rho must be a finite number >= 0, got {cfg.rho}")
@@ -172,10 +176,4 @@ def ft_sam(exp, model, reserved, cfg, log):
     model.eval()
     for r in rows:
         log(f"epoch {r['epoch']}: train_loss {r['train_loss']:.4f} {engine.format_metrics(r)}")
-    return model, rows, {}
-
-
-def main(argv=None):
-    """Entry point of defense/ft_sam.py."""
-    return defense_main("ft_sam", ft_sam, ft_sam_schema(), argv,
-                        description="FT-SAM (ICCV 2023): fine-tuning with adaptive sharpness-aware minimization")
+    return DefenseResult(model, rows)

@@ -25,30 +25,31 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bdsafety.errors import ConfigError
 from bdsafety import engine
-from bdsafety.config import Option
+from bdsafety.config import NONNEG, POSITIVE, POS_INT, PROB, Option
 from bdsafety.data.device import iterate_batches
-from bdsafety.defenses.base import defense_main, defense_schema
+from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.registry import register
 
 NAME = "i-bau"
 
 IBAU_SCHEMA = {
-    "n_rounds": Option(5, "unlearning rounds (a new universal perturbation each round)"),
-    "K": Option(5, "fixed-point iterations of the implicit hypergradient"),
+    "n_rounds": Option(5, "unlearning rounds (a new universal perturbation each round)", check=POS_INT),
+    "K": Option(5, "fixed-point iterations of the implicit hypergradient", check=POS_INT),
     "optim": Option("adam", "outer (model) optimiser", choices=("adam", "sgd")),
-    "lr": Option(1e-4, "outer optimiser learning rate"),
-    "batch_size": Option(256, "batch size"),
-    "ibau_pert_lr": Option(10.0, "SGD learning rate of the universal perturbation (one pass per round)"),
-    "ibau_pert_reg": Option(0.001, "weight of ||delta||_2^2 in the perturbation objectives"),
-    "ibau_pert_norm": Option(10.0, "L2 radius of the perturbation in pixel space [0,1] (0: no projection)"),
-    "ibau_inner_lr": Option(0.1, "step size of the fixed-point map Phi(delta) = delta - lr * dL_inner/d delta"),
-    "ibau_outer_portion": Option(0.01, "fraction of each batch perturbed by delta in the outer loss (at least one image)"),
+    "lr": Option(1e-4, "outer optimiser learning rate", check=POSITIVE),
+    "batch_size": Option(256, "batch size", check=POS_INT),
+    "ibau_pert_lr": Option(10.0, "SGD learning rate of the universal perturbation (one pass per round)", check=POSITIVE),
+    "ibau_pert_reg": Option(0.001, "weight of ||delta||_2^2 in the perturbation objectives", check=NONNEG),
+    "ibau_pert_norm": Option(10.0, "L2 radius of the perturbation in pixel space [0,1] (0: no projection)", check=NONNEG),
+    "ibau_inner_lr": Option(0.1, "step size of the fixed-point map Phi(delta) = delta - lr * dL_inner/d delta", check=POSITIVE),
+    "ibau_outer_portion": Option(0.01, "fraction of each batch perturbed by delta in the outer loss (at least one image)", check=PROB),
     "ibau_clamp": Option(False, "clamp x + delta to [0, 1] (the official code does not)"),
     "ibau_bn_train": Option(False, "train-mode BatchNorm during unlearning (official and BackdoorBench: eval mode)"),
     "augment": Option(True, "random crop (+ the dataset's flip) of the reserved data, like BackdoorBench's loader"),
@@ -128,10 +129,11 @@ def hypergradient(model: nn.Module, params: list[torch.Tensor], delta: torch.Ten
     return [a + b for a, b in zip(g_theta, indirect)]
 
 
-def i_bau(exp, model: nn.Module, reserved, cfg, log: Callable):
-    """I-BAU as a ``run_defense`` algorithm."""
+def i_bau(ctx) -> DefenseResult:
+    """I-BAU: minimax unlearning of a universal adversarial perturbation with the implicit hypergradient."""
+    exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     if len(reserved) == 0:
-        raise ValueError("I-BAU needs the defender's reserved clean data, but it is empty; raise --ratio")
+        raise ConfigError("I-BAU needs the defender's reserved clean data, but it is empty; raise --ratio")
     g = engine.seed_everything(cfg.random_seed)
     norm = exp.norm
     hflip = bool(getattr(exp.info, "hflip", True))
@@ -169,7 +171,7 @@ def i_bau(exp, model: nn.Module, reserved, cfg, log: Callable):
             f"reserved data to class {cls} (true target {exp.target}); clean loss after {train_loss:.4f}; "
             f"{engine.format_metrics(m)}")
     model.eval()
-    return model, rows, {"i_bau": {"n_rounds": cfg.n_rounds, "K": cfg.K}}
+    return DefenseResult(model, rows, info={"i_bau": {"n_rounds": cfg.n_rounds, "K": cfg.K}})
 
 
 def schema() -> dict:
@@ -179,5 +181,5 @@ def schema() -> dict:
     return s
 
 
-def main(argv=None):
-    return defense_main(NAME, i_bau, schema(), argv, description="I-BAU (implicit backdoor adversarial unlearning) defense")
+# entry name i_bau (defense/i_bau.py, config/defense/i_bau/), output folder i-bau as BackdoorBench names it
+register("defense", "i_bau", folder=NAME, schema=schema, description="I-BAU (implicit backdoor adversarial unlearning) defense")(i_bau)

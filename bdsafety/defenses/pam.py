@@ -5,7 +5,7 @@ Two stages, both on the defender's reserved clean data D_r (one seeded subset fo
      approximate backdoor feature, and the detected target class;
   2. PAM tuning: every batch, a fraction ``p_rev`` of the images x_i is replaced by G(x_i) with its TRUE
      label (unlearning), and each step takes its gradient at a point displaced from theta_t TOWARD the
-     backdoored weights theta_bd (``PathAwareStep``), then applies it at theta_t. ``rounds`` x ``epochs``;
+     backdoored weights theta_bd (``PathAwareStep``), then applies it at theta_t. ``n_rounds`` x ``epochs``;
      in every round after the first, G is retrained against the current model (the official code's
      generator silently froze after round 0).
 
@@ -28,10 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bdsafety.errors import ConfigError, DataError
 from bdsafety import engine
-from bdsafety.config import Option, float_list, parse_config
+from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Option, float_list
 from bdsafety.data.device import DeviceDataset, random_crop_flip
-from bdsafety.defenses.base import defense_schema, reserved_subset, run_defense
+from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.registry import register
 
 NAME = "pam"
 FORMS = ("normalized", "interpolation")
@@ -40,25 +42,25 @@ SOURCES = ("inverted", "real")
 
 PAM_SCHEMA = {
     "rho": Option(0.5, "PAM displacement toward theta_bd: its L2 length (normalized form) or the path fraction in [0,1] "
-                       "(interpolation form)"),
+                       "(interpolation form)", check=NONNEG),
     "pam_form": Option("normalized", "displacement: 'normalized' e = rho*d/||d|| or 'interpolation' e = rho*d, d = theta_bd - theta",
                        choices=FORMS),
     "pam_bn": Option("clean", "BatchNorm running statistics: 'clean' (an extra no-grad forward at theta_t updates them, the "
                               "displaced pass does not: they describe the weights that are kept), 'update' (official code: the "
                               "displaced pass updates them), 'freeze' (never updated: they stay the backdoored model's). The "
                               "weights are the same in all three; 'clean' gave the best C-Acc on the demo (README)", choices=BN_MODES),
-    "p_rev": Option(0.2, "fraction of every batch replaced by backdoor-like samples with their TRUE labels"),
+    "p_rev": Option(0.2, "fraction of every batch replaced by backdoor-like samples with their TRUE labels", check=FRACTION),
     "pam_source": Option("inverted", "backdoor-like samples: 'inverted' = G(x) from BTI-DBF; 'real' = the attack's real poisoned "
                                      "training samples (oracle ablation: a defender does not have them)", choices=SOURCES),
-    "rounds": Option(3, "PAM rounds (each retrains G against the current model, then tunes for --epochs)"),
-    "epochs": Option(30, "PAM tuning epochs per round"),
-    "lr": Option(0.01, "PAM base optimizer (SGD) learning rate"),
-    "momentum": Option(0.1, "PAM base optimizer (SGD) momentum"),
-    "weight_decay": Option(0.0, "PAM base optimizer (SGD) weight decay"),
+    "n_rounds": Option(3, "PAM rounds (each retrains G against the current model, then tunes for --epochs)", check=POS_INT),
+    "epochs": Option(30, "PAM tuning epochs per round", check=POS_INT),
+    "lr": Option(0.01, "PAM base optimizer (SGD) learning rate", check=POSITIVE),
+    "sgd_momentum": Option(0.1, "PAM base optimizer (SGD) momentum", check=NONNEG),
+    "wd": Option(0.0, "PAM base optimizer (SGD) weight decay", check=NONNEG),
     "augment": Option(True, "random crop + horizontal flip of the reserved data during PAM tuning"),
     "retrain_generator": Option(True, "in rounds after the first, retrain G against the current model (with the target CE)"),
     "rho_sweep": Option(None, "comma-separated rho values: one run per value into defense/<save_name or pam>_rho<value>/, "
-                              "all reusing one trigger inversion", type=float_list),
+                              "all reusing one trigger inversion", type=float_list, check=NONNEG),
 }
 
 
@@ -80,9 +82,9 @@ def _bn_modules(model: nn.Module) -> list[nn.Module]:
 def check_rho(rho: float, form: str) -> float:
     rho = float(rho)
     if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"PAM rho must be a finite number >= 0, got {rho}")
+        raise ConfigError(f"PAM rho must be a finite number >= 0, got {rho}")
     if form == "interpolation" and rho > 1:
-        raise ValueError(f"with pam_form interpolation rho is a fraction of the path to theta_bd and must be in [0, 1], got {rho}")
+        raise ConfigError(f"with pam_form interpolation rho is a fraction of the path to theta_bd and must be in [0, 1], got {rho}")
     return rho
 
 
@@ -103,9 +105,9 @@ class PathAwareStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, theta_bd: Mapping[str, torch.Tensor], rho: float,
                  form: str = "normalized", bn_mode: str = "clean", loss_fn: Callable = F.cross_entropy):
         if form not in FORMS:
-            raise ValueError(f"PAM form {form!r} is not one of {list(FORMS)}; use pam_form: normalized (default) or interpolation")
+            raise ConfigError(f"PAM form {form!r} is not one of {list(FORMS)}; use pam_form: normalized (default) or interpolation")
         if bn_mode not in BN_MODES:
-            raise ValueError(f"PAM BatchNorm mode {bn_mode!r} is not one of {list(BN_MODES)}; set pam_bn to one of them")
+            raise ConfigError(f"PAM BatchNorm mode {bn_mode!r} is not one of {list(BN_MODES)}; set pam_bn to one of them")
         rho = check_rho(rho, form)
         named = trainable_parameters(model)
         missing = [n for n, _ in named if n not in theta_bd]
@@ -199,7 +201,7 @@ def mixing_batch_fn(norm, p_rev: float, replace: Callable) -> Callable:
     """``fit`` batch_fn: the first round(p_rev * B) images of each (already shuffled) batch are passed through
     ``replace(x01, y) -> (x01', y')`` in [0,1] pixel space; then everything is normalised."""
     if not 0.0 <= p_rev <= 1.0:
-        raise ValueError(f"p_rev is the fraction of each batch replaced by backdoor-like samples and must be in [0, 1], got {p_rev}")
+        raise ConfigError(f"p_rev is the fraction of each batch replaced by backdoor-like samples and must be in [0, 1], got {p_rev}")
 
     def fn(xb, y, idx):
         x01 = xb.float().div_(255.0)
@@ -234,7 +236,7 @@ def real_poison_replacer(bd_images: DeviceDataset, orig_labels: torch.Tensor, ge
     (true) labels: the oracle ablation of PAM."""
     n = len(bd_images)
     if n == 0:
-        raise ValueError("pam_source real needs the attack's poisoned training samples, but the record has none; use pam_source inverted")
+        raise DataError("pam_source real needs the attack's poisoned training samples, but the record has none; use pam_source inverted")
 
     def replace(x01, y):
         pick = torch.randint(0, n, (len(y),), generator=generator).to(bd_images.device)
@@ -258,17 +260,19 @@ def _apply_generator(G, x01):
     return G(x01)
 
 
-def pam(exp, model: nn.Module, reserved: DeviceDataset, cfg: SimpleNamespace, log: Callable):
-    """The PAM defense as a ``run_defense`` algorithm: (exp, backdoored model, reserved data, cfg, log) -> (model, rows, extra)."""
+def pam(ctx) -> DefenseResult:
+    """The PAM defense: BTI-DBF inversion, then path-aware unlearning on the reserved data."""
+    exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     theta_bd = parameter_snapshot(model)
     g = engine.seed_everything(cfg.random_seed)
     extra: dict = {"pam": {"form": cfg.pam_form, "rho": cfg.rho, "bn_mode": cfg.pam_bn, "source": cfg.pam_source,
-                           "p_rev": cfg.p_rev, "rounds": cfg.rounds, "epochs_per_round": cfg.epochs}, "files": {}}
+                           "p_rev": cfg.p_rev, "rounds": cfg.n_rounds, "epochs_per_round": cfg.epochs}}
+    artifacts: dict = {}
     inv = None
     G = None
     if cfg.pam_source == "inverted":
         bti = _bti()
-        idx, _ = reserved_subset(exp, cfg)  # the same seeded subset run_defense drew: the inversion cache is keyed on it
+        idx = ctx.reserved_idx  # the inversion cache is keyed on the reserved subset
         # --overwrite (or --bti_refresh) recomputes the inversion; a rho sweep does so only for its first value
         refresh = bool(getattr(cfg, "_bti_refresh", cfg.overwrite or cfg.bti_refresh))
         inv = bti.load_or_invert(exp, model, idx, reserved, cfg, log, refresh=refresh)
@@ -285,10 +289,10 @@ def pam(exp, model: nn.Module, reserved: DeviceDataset, cfg: SimpleNamespace, lo
         log(f"pam_source real: mixing in the attack's {len(bd_ds)} real poisoned training samples with their true labels (oracle)")
     batch_fn = mixing_batch_fn(exp.norm, cfg.p_rev, replace)
 
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd)
     step = PathAwareStep(model, opt, theta_bd, cfg.rho, form=cfg.pam_form, bn_mode=cfg.pam_bn)
     rows: list[dict] = []
-    for r in range(cfg.rounds):
+    for r in range(cfg.n_rounds):
         if r > 0 and inv is not None and cfg.retrain_generator:
             t0 = time.time()
             G = _bti().train_generator(exp, model, G, inv.mask, reserved, cfg, log, target=inv.target)
@@ -303,24 +307,17 @@ def pam(exp, model: nn.Module, reserved: DeviceDataset, cfg: SimpleNamespace, lo
 
         rr = engine.fit(model, reserved, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=step, optimizer=opt,
                         batch_fn=batch_fn, augment=cfg.augment, hflip=exp.info.hflip, evalsets=exp.evalsets, eval_every=cfg.eval_every,
-                        eval_batch_size=cfg.eval_batch_size, generator=g, desc=f"pam round {r + 1}/{cfg.rounds}",
+                        eval_batch_size=cfg.eval_batch_size, generator=g, desc=f"pam round {r + 1}/{cfg.n_rounds}",
                         progress=exp.progress, on_epoch_end=tag)
         rows.extend(rr)
-        log(f"round {r + 1}/{cfg.rounds} ({cfg.epochs} epochs): {engine.format_metrics(rr[-1])}  "
+        log(f"round {r + 1}/{cfg.n_rounds} ({cfg.epochs} epochs): {engine.format_metrics(rr[-1])}  "
             f"||theta - theta_bd|| = {float(step.last_distance):.4f}")
     if G is not None:
-        obj = {"generator": {k: v.detach().cpu() for k, v in G.state_dict().items()},
-               "generator_config": dict(getattr(G, "config", {})),
-               "mask": inv.mask.detach().cpu() if torch.is_tensor(inv.mask) else inv.mask,
-               "target": int(inv.target)}
-
-        def write_generator(path, obj=obj):
-            from bdsafety.records import atomic_torch_save
-
-            atomic_torch_save(obj, path)
-
-        extra["files"]["bti_generator.pt"] = write_generator
-    return model, rows, extra
+        artifacts["bti_generator.pt"] = {"generator": {k: v.detach().cpu() for k, v in G.state_dict().items()},
+                                         "generator_config": dict(getattr(G, "config", {})),
+                                         "mask": inv.mask.detach().cpu() if torch.is_tensor(inv.mask) else inv.mask,
+                                         "target": int(inv.target)}
+    return DefenseResult(model, rows, artifacts=artifacts, info=extra)
 
 
 def schema() -> dict:
@@ -331,24 +328,23 @@ def schema() -> dict:
     return defense_schema(**bti_schema, **PAM_SCHEMA)
 
 
-def run(cfg: SimpleNamespace):
-    """Run PAM once, or once per value of cfg.rho_sweep; returns the output folder(s).
+def sweep_configs(cfg: SimpleNamespace) -> list[SimpleNamespace]:
+    """One config per value of cfg.rho_sweep (each into defense/<save_name or pam>_rho<value>/), or [cfg].
 
-    In a sweep every value reuses one cached inversion; --overwrite / --bti_refresh recompute it for the first value only."""
+    Every value reuses one cached inversion; --overwrite / --bti_refresh recompute it for the first value only. All
+    destinations are checked before any training."""
     if not cfg.rho_sweep:
-        return run_defense(NAME, pam, cfg)
+        return [cfg]
+    from bdsafety.outputs import OutputFolder
     from bdsafety.records import resolve_record_dir
 
     base = cfg.save_name or NAME
     for rho in cfg.rho_sweep:  # fail before any training
         check_rho(rho, cfg.pam_form)
-        if not cfg.result_file:
-            continue  # open_experiment names the problem
-        dest = resolve_record_dir(cfg.result_file, cfg.record_root) / "defense" / f"{base}_rho{rho:g}"
-        if dest.exists() and not cfg.overwrite:
-            raise FileExistsError(f"{dest} already exists; pass --overwrite to replace the sweep's folders, or --save_name to "
-                                  f"write beside them")
-    outs = []
+        if cfg.result_file:
+            OutputFolder(resolve_record_dir(cfg.result_file, cfg.record_root) / "defense" / f"{base}_rho{rho:g}",
+                         overwrite=cfg.overwrite, dependents=cfg.dependents, what="defense output")
+    out = []
     for i, rho in enumerate(cfg.rho_sweep):
         c = copy.copy(cfg)
         c._sources = dict(cfg._sources, rho="rho_sweep", save_name="rho_sweep")
@@ -356,12 +352,10 @@ def run(cfg: SimpleNamespace):
         c.save_name = f"{base}_rho{rho:g}"
         c._bti_refresh = bool(cfg.overwrite or cfg.bti_refresh) and i == 0
         c.bti_refresh = bool(cfg.bti_refresh) and i == 0  # load_or_invert reads it too
-        outs.append(run_defense(NAME, pam, c))
-    return outs
+        out.append(c)
+    return out
 
 
-def main(argv=None):
-    cfg = parse_config(schema(), argv, description="PAM (Path-Aware Minimization) defense: BTI-DBF trigger inversion, then "
-                                                   "path-aware unlearning toward safety along the backdoor-connected path",
-                       prog="defense/pam.py")
-    return run(cfg)
+register("defense", NAME, schema=schema, needs=("inversion_cache",), expand=sweep_configs,
+         description="PAM (Path-Aware Minimization) defense: BTI-DBF trigger inversion, then path-aware unlearning toward "
+                     "safety along the backdoor-connected path")(pam)

@@ -35,8 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bdsafety.errors import DataError, OutputError
 from bdsafety import engine
-from bdsafety.config import ConfigError, Option, int_list, parse_config
+from bdsafety.config import NONNEG, NONNEG_INT, POSITIVE, POS_INT, ConfigError, Option, int_list
+from bdsafety.registry import register
 from bdsafety.data.device import DeviceDataset
 from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, write_run_files
 from bdsafety.retune.ra import poison_source_split, resolve_targets
@@ -68,19 +70,19 @@ QRA_SCHEMA = {
     "access": Option("white_box", "threat model: white_box = back-propagate through the purified model; black_box = "
                                   "only query its output probabilities (zeroth-order gradient estimate)",
                      choices=("white_box", "black_box")),
-    "zo_queries": Option(20, "black_box: random directions (queries to the purified model beyond the base one) per step"),
-    "zo_mu": Option(0.005, "black_box: finite-difference step in [0,1] pixel space"),
-    "eps": Option(16 / 255, "L_inf bound of the perturbation in [0,1] pixel space (a float or 'a/b')", type=fraction),
-    "alpha": Option(0.2, "weight of the KL(f_ra || f_pur) reactivation term (the CE on the clean model has weight 1)"),
-    "hidden": Option([1024, 1024, 1024], "hidden widths of the generator MLP", type=int_list),
-    "clean_num": Option(500, "clean training samples to train the generator on"),
-    "poison_num": Option(500, "poisoned non-target-class training samples to train the generator on"),
-    "epochs": Option(50, "generator training epochs"),
-    "batch_size": Option(128, "batch size"),
-    "lr": Option(0.1, "SGD learning rate of the generator"),
-    "momentum": Option(0.9, "SGD momentum"),
-    "eval_every": Option(10, "evaluate on the test set every N epochs (and at the last)"),
-    "grid_n": Option(8, "examples per row in qra_examples.png"),
+    "zo_queries": Option(20, "black_box: random directions (queries to the purified model beyond the base one) per step", check=POS_INT),
+    "zo_mu": Option(0.005, "black_box: finite-difference step in [0,1] pixel space", check=POSITIVE),
+    "eps": Option(16 / 255, "L_inf bound of the perturbation in [0,1] pixel space (a float or 'a/b')", type=fraction, check=POSITIVE),
+    "alpha": Option(0.2, "weight of the KL(f_ra || f_pur) reactivation term (the CE on the clean model has weight 1)", check=NONNEG),
+    "hidden": Option([1024, 1024, 1024], "hidden widths of the generator MLP", type=int_list, check=POS_INT),
+    "clean_num": Option(500, "clean training samples to train the generator on", check=NONNEG_INT),
+    "poison_num": Option(500, "poisoned non-target-class training samples to train the generator on", check=NONNEG_INT),
+    "epochs": Option(50, "generator training epochs", check=POS_INT),
+    "batch_size": Option(128, "batch size", check=POS_INT),
+    "lr": Option(0.1, "SGD learning rate of the generator", check=POSITIVE),
+    "sgd_momentum": Option(0.9, "SGD momentum", check=NONNEG),
+    "eval_every": Option(10, "evaluate on the test set every N epochs (and at the last)", check=POS_INT),
+    "grid_n": Option(8, "examples per row in qra_examples.png", check=POS_INT),
     "save_name": Option("qra", "output folder name inside the defense folder"),
 }
 
@@ -146,20 +148,20 @@ def qra_data(exp, cfg) -> tuple[DeviceDataset, dict]:
     split, src_dir, _ = poison_source_split(exp, cfg.poison_source, "QRA")
     eligible = np.flatnonzero(split.orig_labels != split.bd_labels)  # non-target-class (the label was flipped)
     if cfg.poison_num < 0 or cfg.clean_num < 0 or cfg.poison_num + cfg.clean_num == 0:
-        raise ValueError(f"clean_num ({cfg.clean_num}) and poison_num ({cfg.poison_num}) must be >= 0 and not both 0")
+        raise ConfigError(f"clean_num ({cfg.clean_num}) and poison_num ({cfg.poison_num}) must be >= 0 and not both 0")
     if cfg.poison_num > 0 and len(eligible) == 0:
-        raise ValueError(f"the {len(split)} poisoned training samples of {src_dir.name} all keep their label (a clean-label attack "
+        raise DataError(f"the {len(split)} poisoned training samples of {src_dir.name} all keep their label (a clean-label attack "
                          f"such as SIG or LC): QRA needs triggered NON-target-class training images; pass --poison_source with a "
                          f"record that applies the same trigger to other classes, or --poison_num 0")
     if cfg.poison_num > len(eligible):
-        raise ValueError(f"poison_num {cfg.poison_num} is larger than the {len(eligible)} poisoned non-target-class training "
+        raise ConfigError(f"poison_num {cfg.poison_num} is larger than the {len(eligible)} poisoned non-target-class training "
                          f"samples of {src_dir.name} (of {len(split)} poisoned in all); lower --poison_num to at most {len(eligible)}")
     n_train = len(exp.data.train_y)
     rng = np.random.default_rng([int(cfg.random_seed), QRA_SEED_STREAM])
     sel = np.sort(rng.choice(eligible, size=cfg.poison_num, replace=False))
     candidates = np.setdiff1d(np.arange(n_train), split.indices[sel])
     if cfg.clean_num > len(candidates):
-        raise ValueError(f"clean_num {cfg.clean_num} is larger than the {len(candidates)} training samples available; lower --clean_num")
+        raise ConfigError(f"clean_num {cfg.clean_num} is larger than the {len(candidates)} training samples available; lower --clean_num")
     clean_idx = np.sort(rng.choice(candidates, size=cfg.clean_num, replace=False))
     ds = DeviceDataset.concat([
         exp.train.subset(clean_idx),
@@ -189,7 +191,7 @@ def load_clean_reference(exp, cfg) -> tuple[torch.nn.Module, str]:
     if cfg.clean_model:
         p = Path(cfg.clean_model)
         if not p.is_file():
-            raise FileNotFoundError(f"clean_model {p} not found; create a clean reference record with `{_attack_yaml_hint(exp)}` "
+            raise ConfigError(f"clean_model {p} not found; create a clean reference record with `{_attack_yaml_hint(exp)}` "
                                     "and pass --clean_record instead, or fix the path")
         return exp.model_from_file(p), str(p)
     try:
@@ -197,14 +199,14 @@ def load_clean_reference(exp, cfg) -> tuple[torch.nn.Module, str]:
     except RecordError:
         root = Path(cfg.record_root)
         have = sorted(p.name for p in root.iterdir() if (p / "attack_result.pt").is_file()) if root.is_dir() else []
-        raise FileNotFoundError(f"clean_record {cfg.clean_record!r} is neither a folder nor a record under {root} (records there: "
+        raise ConfigError(f"clean_record {cfg.clean_record!r} is neither a folder nor a record under {root} (records there: "
                                 f"{', '.join(have) or 'none'}); create it with `{_attack_yaml_hint(exp)}`") from None
     rec = load_attack_record(d, trust_record=cfg.trust_record)
     if rec.bd_train is not None and len(rec.bd_train) > 0:
-        raise ValueError(f"clean_record {d.name} holds a backdoored model ({len(rec.bd_train)} poisoned training samples): "
+        raise DataError(f"clean_record {d.name} holds a backdoored model ({len(rec.bd_train)} poisoned training samples): "
                          f"a clean reference is made with --pratio 0, e.g. `{_attack_yaml_hint(exp)}`")
     if rec.clean_data != exp.record.clean_data:
-        raise ValueError(f"clean_record {d.name} was trained on {rec.clean_data}, record {exp.record_dir.name} on "
+        raise DataError(f"clean_record {d.name} was trained on {rec.clean_data}, record {exp.record_dir.name} on "
                          f"{exp.record.clean_data}: use a clean model of the same dataset")
     return exp.model_from_file(d / "attack_result.pt"), str(d / "attack_result.pt")
 
@@ -275,9 +277,9 @@ def train_generator(gen: PerturbationGenerator, data: DeviceDataset, f_pur, f_ra
     KL targets (computed once: no augmentation here). ``on_epoch_end(epoch, row)`` may add test metrics to the row.
     """
     if access not in ("white_box", "black_box"):
-        raise ValueError(f"access must be white_box or black_box, not {access!r}")
+        raise ConfigError(f"access must be white_box or black_box, not {access!r}")
     if access == "black_box" and (int(zo_queries) < 1 or not zo_mu > 0):
-        raise ValueError(f"black_box QRA needs zo_queries >= 1 and zo_mu > 0 (got {zo_queries}, {zo_mu})")
+        raise ConfigError(f"black_box QRA needs zo_queries >= 1 and zo_mu > 0 (got {zo_queries}, {zo_mu})")
     for m in (f_pur, f_ra, f_clean):
         _frozen(m)
     opt = engine.make_optimizer(gen.parameters(), "sgd", lr, momentum, 0.0)
@@ -408,11 +410,11 @@ def run_qra(cfg: SimpleNamespace) -> Path:
     target_info = resolve_targets(exp.record_dir, cfg.defense)[0]
     dest = target_info.out_dir(cfg.save_name)
     if dest.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it, or --save_name to write beside it")
+        raise OutputError(f"{dest} already exists; pass --overwrite to replace it, or --save_name to write beside it")
     f_clean, clean_src = load_clean_reference(exp, cfg)
     ra_file = target_info.folder / cfg.ra_name / "ra_result.pt"
     if not ra_file.is_file():
-        raise FileNotFoundError(f"QRA needs the RA model of '{cfg.defense}', but {ra_file} does not exist; create it with "
+        raise ConfigError(f"QRA needs the RA model of '{cfg.defense}', but {ra_file} does not exist; create it with "
                                 f"`python retune_attack/ra.py --result_file {cfg.result_file} --defense {cfg.defense}"
                                 + (f" --save_name {cfg.ra_name}" if cfg.ra_name != "ra" else "") + "`")
     f_pur = _frozen(exp.backdoored_model() if target_info.name == "none" else exp.model_from_file(target_info.model_file))
@@ -431,7 +433,7 @@ def run_qra(cfg: SimpleNamespace) -> Path:
     log(f"record {exp.record_dir.name}: {exp.model_name}, target {target}; access {cfg.access} ({how})")
     log(f"purified {target_info.model_file}; RA model {ra_file}; clean reference {clean_src}")
     log(f"generator data: {cfg.clean_num} clean + {cfg.poison_num} poisoned non-target-class training samples "
-        f"(from {meta['poison_source']}); eps {cfg.eps:.5f}, alpha {cfg.alpha}, SGD lr {cfg.lr} momentum {cfg.momentum}, "
+        f"(from {meta['poison_source']}); eps {cfg.eps:.5f}, alpha {cfg.alpha}, SGD lr {cfg.lr} momentum {cfg.sgd_momentum}, "
         f"{cfg.epochs} epochs, seed {cfg.random_seed}")
 
     models = {"pur": f_pur, "clean_model": f_clean, "ra_model": f_ra}
@@ -451,7 +453,7 @@ def run_qra(cfg: SimpleNamespace) -> Path:
                 f"purified {_fmt(m, 'test_')} | clean model {_fmt(m, 'clean_model_test_')}")
 
     rows = train_generator(gen, data, f_pur, f_ra, f_clean, exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                           lr=cfg.lr, momentum=cfg.momentum, alpha=cfg.alpha, seed=cfg.random_seed, on_epoch_end=evaluate,
+                           lr=cfg.lr, momentum=cfg.sgd_momentum, alpha=cfg.alpha, seed=cfg.random_seed, on_epoch_end=evaluate,
                            eval_batch_size=cfg.eval_batch_size, desc=f"QRA {target_info.name}", progress=exp.progress,
                            access=cfg.access, zo_queries=cfg.zo_queries, zo_mu=cfg.zo_mu)
     after = qra_metrics(exp, {"pur": f_pur, "clean_model": f_clean}, gen, target)
@@ -466,7 +468,7 @@ def run_qra(cfg: SimpleNamespace) -> Path:
     compare.insert(0, "access", cfg.access)
     log("comparison (test set):\n" + compare.to_string(index=False))
 
-    with OutputFolder(dest, overwrite=cfg.overwrite) as out:
+    with OutputFolder(dest, overwrite=cfg.overwrite, dependents=cfg.dependents, what="QRA output") as out:
         state = {k: v.detach().cpu() for k, v in gen.state_dict().items()}
         atomic_torch_save({"state_dict": state, **gen.spec()}, out.path / "generator.pt")
         atomic_write_text(out.path / "qra_compare.csv", compare.to_csv(index=False))
@@ -491,8 +493,13 @@ def _compare_row(model: str, delta: bool, m: dict, pre: str) -> dict:
     return {"model": model, "delta": delta, **{f"test_{k}": m.get(pre + k) for k in ("acc", "asr", "ra", "target_rate")}}
 
 
+register("retune", "qra", schema=lambda: dict(QRA_SCHEMA), needs=("defense", "ra_model", "clean_reference", "poisoned_pool"),
+         description="query-based reactivation attack (QRA): learn a sample-specific input perturbation that reactivates a "
+                     "purified model's backdoor but not a clean model's")(run_qra)
+
+
 def main(argv=None) -> Path:
-    cfg = parse_config(QRA_SCHEMA, argv, description="query-based reactivation attack (QRA, white-box): learn a "
-                       "sample-specific perturbation that reactivates a purified model's backdoor but not a clean model's",
-                       prog="retune_attack/qra.py")
-    return run_qra(cfg)
+    """``python retune_attack/qra.py ...`` without the CLI error handling (tests, notebooks)."""
+    from bdsafety.registry import get
+
+    return get("retune", "qra").main(argv)

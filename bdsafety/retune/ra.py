@@ -24,8 +24,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from bdsafety.errors import ConfigError, DataError, OutputError
 from bdsafety import engine
-from bdsafety.config import Option, parse_config
+from bdsafety.config import AMOUNT, NONNEG, NONNEG_INT, POSITIVE, POS_INT, Option
+from bdsafety.registry import register
 from bdsafety.data.device import DeviceDataset
 from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, write_run_files
 
@@ -44,13 +46,13 @@ RA_SCHEMA = {
                             "(ft,fst,pam), 'all' (every defense of the record) or 'none' (the record's own model)"),
     "poison_source": Option(None, "record (name under record_root, or path) whose bd_train supplies the poisoned "
                                   "samples (default: the same record; needed for a clean reference record made with --pratio 0)"),
-    "ratio": Option(0.02, "size of the RA set: ratio (<1) or count (>=1) of the training set, poisoned samples included"),
-    "poison_num": Option(5, "real poisoned training samples (with their backdoor labels) that replace clean ones"),
-    "epochs": Option(5, "retuning epochs"),
-    "batch_size": Option(128, "batch size"),
-    "lr": Option(0.01, "SGD learning rate (constant)"),
-    "momentum": Option(0.9, "SGD momentum"),
-    "wd": Option(0.0, "weight decay"),
+    "ratio": Option(0.02, "size of the RA set: ratio (<1) or count (>=1) of the training set, poisoned samples included", check=AMOUNT),
+    "poison_num": Option(5, "real poisoned training samples (with their backdoor labels) that replace clean ones", check=NONNEG_INT),
+    "epochs": Option(5, "retuning epochs", check=POS_INT),
+    "batch_size": Option(128, "batch size", check=POS_INT),
+    "lr": Option(0.01, "SGD learning rate (constant)", check=POSITIVE),
+    "sgd_momentum": Option(0.9, "SGD momentum", check=NONNEG),
+    "wd": Option(0.0, "weight decay", check=NONNEG),
     "augment": Option(True, "standard train augmentation (random crop, flip where the dataset uses it), redrawn each epoch"),
     "save_name": Option("ra", "output folder name, created inside the defense folder (or the record for --defense none)"),
 }
@@ -62,7 +64,7 @@ def ra_set_size(amount: float, n_train: int) -> int:
     """Number of samples of the RA set: ``amount`` < 1 is a ratio of the training set, >= 1 a count."""
     count = int(round(amount * n_train)) if amount < 1 else int(amount)
     if count <= 0 or count > n_train:
-        raise ValueError(f"ratio {amount} gives an RA set of {count} samples out of {n_train} training samples: "
+        raise ConfigError(f"ratio {amount} gives an RA set of {count} samples out of {n_train} training samples: "
                          f"use a ratio in (0, 1) or a count in [1, {n_train}]")
     return count
 
@@ -78,12 +80,12 @@ def ra_subset_indices(n_train: int, poison_pool: np.ndarray, amount: float, pois
     poison_pool = np.asarray(poison_pool, dtype=np.int64)
     total = ra_set_size(amount, n_train)
     if poison_num < 0:
-        raise ValueError(f"poison_num must be >= 0, got {poison_num}")
+        raise ConfigError(f"poison_num must be >= 0, got {poison_num}")
     if poison_num > total:
-        raise ValueError(f"poison_num {poison_num} is larger than the whole RA set ({total} samples from ratio {amount}); "
+        raise ConfigError(f"poison_num {poison_num} is larger than the whole RA set ({total} samples from ratio {amount}); "
                          f"lower --poison_num or raise --ratio")
     if poison_num > len(poison_pool):
-        raise ValueError(f"poison_num {poison_num} is larger than the {len(poison_pool)} poisoned training samples available; "
+        raise ConfigError(f"poison_num {poison_num} is larger than the {len(poison_pool)} poisoned training samples available; "
                          f"lower --poison_num to at most {len(poison_pool)}")
     rng = np.random.default_rng([int(seed), RA_SEED_STREAM])
     poison_sel = np.sort(rng.choice(len(poison_pool), size=poison_num, replace=False)).astype(np.int64)
@@ -139,10 +141,10 @@ def poison_source_split(exp, source: str | None, purpose: str = "RA"):
                "bd_train is empty: it was made with --pratio 0 (a clean reference record)")
         hint = (f"pass --poison_source <attack record> (a record of the attack on the same data whose bd_train holds its "
                 f"poisoned samples, e.g. --poison_source badnet_demo)" + (" or --poison_num 0 (clean-only retuning control)" if purpose == "RA" else ""))
-        raise ValueError(f"{purpose} needs real poisoned training samples, but record {src_dir.name} has none ({why}); {hint}")
+        raise DataError(f"{purpose} needs real poisoned training samples, but record {src_dir.name} has none ({why}); {hint}")
     if not same:
         if rec.clean_data != exp.record.clean_data or split.length != len(exp.data.train_y) or tuple(rec.img_size) != tuple(exp.record.img_size):
-            raise ValueError(f"poison_source {src_dir.name} was made on {rec.clean_data} ({split.length} training images, "
+            raise DataError(f"poison_source {src_dir.name} was made on {rec.clean_data} ({split.length} training images, "
                              f"{tuple(rec.img_size)}), but record {exp.record_dir.name} on {exp.record.clean_data} "
                              f"({len(exp.data.train_y)} training images, {tuple(exp.record.img_size)}): pick a record on the same data")
     return split, src_dir, rec
@@ -192,12 +194,12 @@ def resolve_targets(record_dir: Path, defense: str | None) -> list[RATarget]:
     listing = (f"defenses of record {record_dir.name}: {', '.join(existing)}" if existing else
                f"record {record_dir.name} has no defense folders yet")
     if not defense:
-        raise ValueError(f"--defense is required: a defense folder name, a comma list, 'all', or 'none' (the record's own "
+        raise ConfigError(f"--defense is required: a defense folder name, a comma list, 'all', or 'none' (the record's own "
                          f"model); {listing}")
     names = [s.strip() for s in str(defense).split(",") if s.strip()]
     if "all" in names:
         if not existing:
-            raise ValueError(f"--defense all: {listing}; run a defense first (e.g. python defense/fst.py --result_file "
+            raise ConfigError(f"--defense all: {listing}; run a defense first (e.g. python defense/fst.py --result_file "
                              f"{record_dir.name}) or use --defense none")
         names = [n for n in names if n != "all"] + [n for n in existing if n not in names]
     out, seen = [], set()
@@ -211,7 +213,7 @@ def resolve_targets(record_dir: Path, defense: str | None) -> list[RATarget]:
         folder = record_dir / "defense" / n
         if not (folder / "defense_result.pt").is_file():
             what = "has no defense_result.pt (unfinished run?)" if folder.is_dir() else "does not exist"
-            raise ValueError(f"{folder} {what}; {listing}. Run the defense first (python defense/{n}.py --result_file "
+            raise ConfigError(f"{folder} {what}; {listing}. Run the defense first (python defense/{n}.py --result_file "
                              f"{record_dir.name}) or pick one of those")
         out.append(RATarget(n, folder / "defense_result.pt", folder))
     return out
@@ -227,7 +229,7 @@ def retune(exp, model: torch.nn.Module, ra: RASet, cfg: SimpleNamespace, desc: s
     """Fine-tune ``model`` in place on the RA set; rows for epoch 0 (before) and every epoch after."""
     engine.seed_everything(cfg.random_seed)
     gen = torch.Generator().manual_seed(int(cfg.random_seed))
-    opt = engine.make_optimizer(model.parameters(), "sgd", cfg.lr, cfg.momentum, cfg.wd)
+    opt = engine.make_optimizer(model.parameters(), "sgd", cfg.lr, cfg.sgd_momentum, cfg.wd)
     return engine.fit(
         model, ra.data, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=engine.sgd_step(opt),
         optimizer=opt, augment=cfg.augment, hflip=exp.info.hflip, evalsets=exp.evalsets, eval_every=1,
@@ -251,7 +253,7 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
     targets = resolve_targets(exp.record_dir, cfg.defense)
     for t in targets:  # fail before any training
         if t.out_dir(cfg.save_name).exists() and not cfg.overwrite:
-            raise FileExistsError(f"{t.out_dir(cfg.save_name)} already exists; pass --overwrite to replace it, or "
+            raise OutputError(f"{t.out_dir(cfg.save_name)} already exists; pass --overwrite to replace it, or "
                                   f"--save_name to write beside it")
     ra, warnings_ = build_ra_set(exp, cfg)
     header = [
@@ -259,7 +261,7 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
         f"RA set: {len(ra.data)} samples = {len(ra.clean_idx)} clean + {ra.n_poison} poisoned (from {ra.poison_source}); "
         f"poisoned training indices {ra.poison_idx.tolist()}, backdoor labels {ra.poison_labels.tolist()}, "
         f"original labels {ra.poison_orig_labels.tolist()}",
-        f"SGD lr {cfg.lr} momentum {cfg.momentum} wd {cfg.wd}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
+        f"SGD lr {cfg.lr} momentum {cfg.sgd_momentum} wd {cfg.wd}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
         f"augment {cfg.augment}, seed {cfg.random_seed}",
         *warnings_,
     ]
@@ -281,7 +283,7 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
             log(f"epoch {r['epoch']}: {engine.format_metrics(r)}")
         log(f"ASR per epoch: {_asr_line(rows)}")
         dest = t.out_dir(cfg.save_name)
-        with OutputFolder(dest, overwrite=cfg.overwrite) as out:
+        with OutputFolder(dest, overwrite=cfg.overwrite, dependents=cfg.dependents, what="RA output") as out:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             save_model_result(out.path / "ra_result.pt", state, exp.model_name, exp.num_classes)
             from bdsafety.records import atomic_write_text
@@ -302,7 +304,13 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
     return outs
 
 
+register("retune", "ra", schema=lambda: dict(RA_SCHEMA), needs=("defense", "poisoned_pool"),
+         description="retuning attack (RA): fine-tune a (purified) model on a small set with a few real poisoned samples "
+                     "and track C-Acc/ASR/RA per epoch")(run_ra)
+
+
 def main(argv=None) -> list[Path]:
-    cfg = parse_config(RA_SCHEMA, argv, description="retuning attack (RA): fine-tune a (purified) model on a small set "
-                       "with a few real poisoned samples and track C-Acc/ASR/RA per epoch", prog="retune_attack/ra.py")
-    return run_ra(cfg)
+    """``python retune_attack/ra.py ...`` without the CLI error handling (tests, notebooks)."""
+    from bdsafety.registry import get
+
+    return get("retune", "ra").main(argv)

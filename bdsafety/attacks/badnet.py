@@ -1,0 +1,21 @@
+"""BadNets (Gu et al., 2017) as BackdoorBench runs it: a white square at the bottom-right corner, dirty label."""
+from __future__ import annotations
+
+import numpy as np
+
+from bdsafety.attacks.base import Attack, register_attack
+from bdsafety.attacks.triggers import apply_badnet
+from bdsafety.config import POS_INT, Option
+
+
+@register_attack
+class BadNets(Attack):
+    name = "badnet"
+    description = "BadNets attack: a white patch at the bottom-right corner, dirty label (BackdoorBench-compatible record)"
+    options = {"patch_size": Option(3, "side of the white square at the bottom-right corner", check=POS_INT)}
+
+    def apply(self, images: np.ndarray, *, split: str, indices: np.ndarray) -> np.ndarray:
+        return apply_badnet(images, patch=self.cfg.patch_size)
+
+    def info(self) -> dict:
+        return {"patch_size": self.cfg.patch_size}

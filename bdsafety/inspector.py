@@ -1,0 +1,85 @@
+"""The record inspector: ``python -m bdsafety.inspector RECORD`` (also ``python -m bdsafety.records RECORD``).
+
+Prints what a record holds (model, data, attack, poisoned counts, metrics of the attack and of every defense,
+retuning attack and analysis under it) and exits non-zero when no tool could use the record.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from bdsafety.records import list_defenses, load_attack_record, read_metrics_summary, resolve_record_dir
+
+
+def _metrics_line(folder: Path, name: str) -> str:
+    path = folder / f"{name}_df_summary.csv"
+    last = read_metrics_summary(folder, name) if path.is_file() else {}
+
+    def fmt(key: str) -> str:
+        v = last.get(key)
+        return "-" if v is None or math.isnan(v) else f"{v:.4f}"
+
+    return "  ".join(f"{k} {fmt(k)}" for k in ("test_acc", "test_asr", "test_ra"))
+
+
+def _inspect(argv: list[str] | None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bdsafety.records", description="Summarize a BackdoorBench record.")
+    parser.add_argument("record", help="record folder (or a bare name under ./record)")
+    parser.add_argument("--trust_record", action="store_true",
+                        help="allow full unpickling (can run code: only for records you trust)")
+    args = parser.parse_args(argv)
+    record_dir = resolve_record_dir(args.record)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = load_attack_record(record_dir, trust_record=args.trust_record)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+
+    def show(v: Any) -> str:
+        return "-" if v is None else str(v)
+
+    h, w, c = rec.img_size
+    train = "-" if rec.bd_train is None else f"{len(rec.bd_train)} of {rec.bd_train.length}"
+    lines = [
+        f"record        {record_dir}",
+        f"model         {rec.model_name}",
+        f"dataset       {rec.clean_data} ({rec.data_path})",
+        f"classes       {rec.num_classes}",
+        f"img_size      {h}x{w}x{c}",
+        f"attack        {show(rec.attack)}",
+        f"target        {show(rec.attack_target)}",
+        f"pratio        {show(rec.pratio)}",
+        f"label trans   {show(rec.attack_label_trans)}",
+        f"poisoned      train {train}, test {len(rec.bd_test)} of {rec.bd_test.length}",
+        f"attack result {_metrics_line(record_dir, 'attack')}",
+    ]
+    defenses = list_defenses(record_dir)
+    lines.append(f"defenses      {len(defenses) or 'none'}")
+    for name in defenses:
+        folder = record_dir / "defense" / name
+        lines.append(f"  {name:<12}{_metrics_line(folder, name)}")
+        if (folder / "ra").is_dir():
+            lines.append(f"  {name + ' +RA':<12}{_metrics_line(folder / 'ra', 'ra')}")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print a record's summary; expected errors become one line on stderr and a non-zero exit code."""
+    from bdsafety.cli import run_cli
+
+    try:
+        return run_cli(_inspect, argv)
+    except SystemExit as e:  # argparse: --help or a usage error
+        return e.code if isinstance(e.code, int) else 1
+
+
+if __name__ == "__main__":
+    # run the copy imported as bdsafety.records, so RecordError is the class bdsafety.cli catches
+    from bdsafety.records import main as _main
+
+    raise SystemExit(_main())
+

@@ -1,0 +1,227 @@
+"""The one output path: every output folder (attack record, defense, RA, QRA, LMC, study) is built in a
+temporary folder beside its destination and moved into place only when complete.
+
+Guarantees (tested by killing runs at several points, tests/test_outputs.py):
+  * a killed run leaves either the old complete output or the new complete one, never a partial one and never
+    nothing: the finished folder replaces the old one with one atomic exchange (Linux renameat2 RENAME_EXCHANGE;
+    elsewhere two renames, and ``recover`` puts back whichever complete folder a kill between them left aside);
+  * leftovers of killed runs (hidden ``.<name>.tmp-*`` / ``.<name>.new-*`` / ``.<name>.old-*`` folders) are
+    cleaned up by the next run on the same destination and are never listed as results (hidden names);
+  * user-given names are plain folder names (``check_folder_name``);
+  * ``overwrite`` replaces only the named output. Results computed from it and stored inside it (a defense's
+    ra/ and qra/, a record's defense/ folder) are never deleted silently: ``dependents='ask'`` (the default)
+    refuses and lists them; 'delete' deletes them with the old output; 'archive' moves the old output, with
+    them, to ``<parent>/.archive/<name>-<time>/``.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from bdsafety.config import check_folder_name
+from bdsafety.errors import OutputError
+
+DEPENDENTS = ("ask", "delete", "archive")
+_TAGS = (".tmp-", ".new-", ".old-")
+
+
+# ------------------------------------------------------------------------------------------- atomic exchange
+def _renameat2():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (True), or return False where the OS cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    rc = _RENAMEAT2(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(dest: Path) -> list[tuple[str, int, Path]]:
+    """(tag, pid, path) of the hidden work folders of ``dest`` left by earlier runs."""
+    out = []
+    if not dest.parent.is_dir():
+        return out
+    prefix = f".{dest.name}"
+    for p in dest.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        rest = p.name[len(prefix):]
+        for tag in _TAGS:
+            if rest.startswith(tag):
+                try:
+                    pid = int(rest[len(tag):].split("-")[0])
+                except ValueError:
+                    continue
+                out.append((tag, pid, p))
+    return out
+
+
+def recover(dest: str | os.PathLike) -> None:
+    """Repair what a killed run left around ``dest``: if ``dest`` is missing, put back the newest complete folder
+    (a finished ``.new-`` one, else the ``.old-`` one set aside); then delete the work folders of dead runs."""
+    dest = Path(dest)
+    found = [x for x in _leftovers(dest) if not _pid_alive(x[1])]
+    if not dest.exists():
+        for tag in (".new-", ".old-"):
+            cands = sorted((p for t, _, p in found if t == tag), key=lambda p: p.stat().st_mtime, reverse=True)
+            if cands:
+                os.replace(cands[0], dest)
+                found = [x for x in found if x[2] != cands[0]]
+                break
+    for _, _, p in found:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def dependents_of(dest: Path, own: Iterable[str] = ("log",)) -> list[str]:
+    """Sub-folders of an existing output that are results of their own (everything but ``own`` and hidden ones)."""
+    if not dest.is_dir():
+        return []
+    own = set(own)
+    return sorted(p.name for p in dest.iterdir() if p.is_dir() and p.name not in own and not p.name.startswith("."))
+
+
+class OutputFolder:
+    """Build an output folder under a temporary name and move it into place only when complete.
+
+        with OutputFolder(dest, overwrite=cfg.overwrite, dependents=cfg.dependents) as out:
+            ... write into out.path ...
+
+    An error (or Ctrl-C) inside the block removes the temporary folder and keeps the old output. ``own`` lists the
+    sub-folders the output itself writes (never dependents); ``carry`` sub-folders of the old output that are moved
+    into the new one (caches that stay valid, e.g. nothing by default).
+    """
+
+    def __init__(self, dest: str | os.PathLike, *, overwrite: bool = False, dependents: str = "ask",
+                 own: Iterable[str] = ("log",), carry: Iterable[str] = (), what: str = "output"):
+        self.dest = Path(dest)
+        check_folder_name(self.dest.name, "output folder name")
+        if dependents not in DEPENDENTS:
+            raise OutputError(f"dependents must be one of {', '.join(DEPENDENTS)}, got {dependents!r}")
+        self.overwrite, self.dependents, self.own, self.carry, self.what = overwrite, dependents, tuple(own), tuple(carry), what
+        recover(self.dest)
+        self.replaced: list[str] = []
+        if self.dest.exists():
+            if not overwrite:
+                raise OutputError(f"{self.dest} already exists; pass --overwrite to replace it"
+                                  f"{', or --save_name to write beside it' if what != 'record' else ', or choose another --save_folder_name'}")
+            deps = [d for d in dependents_of(self.dest, self.own) if d not in self.carry]
+            if deps and dependents == "ask":
+                listing = ", ".join(f"{d}/" for d in deps)
+                raise OutputError(
+                    f"{self.dest} holds results computed from it ({listing}); replacing it would delete them or leave them "
+                    f"stale. Pass --dependents delete to delete them with the old {what}, or --dependents archive to move the "
+                    f"old {what} with them to {self.dest.parent / '.archive'}/")
+            self.replaced = deps
+        self.path = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}-{time.time_ns() % 10**9}"
+
+    def __enter__(self) -> "OutputFolder":
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir()
+        (self.path / "log").mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return False
+        self.commit()
+        return False
+
+    def commit(self) -> Path:
+        """Move the finished folder into place (atomically replacing an existing one)."""
+        pid = os.getpid()
+        if self.dest.exists():
+            for name in self.carry:
+                if (self.dest / name).exists() and not (self.path / name).exists():
+                    os.replace(self.dest / name, self.path / name)
+        new = self.dest.parent / f".{self.dest.name}.new-{pid}-{time.time_ns() % 10**9}"
+        os.replace(self.path, new)  # complete from here on: recover() may promote it
+        if self.dest.exists():
+            old = self.dest.parent / f".{self.dest.name}.old-{pid}-{time.time_ns() % 10**9}"
+            if exchange(new, self.dest):
+                os.replace(new, old)  # `new` now holds the previous output
+            else:
+                os.replace(self.dest, old)
+                os.replace(new, self.dest)
+            if self.dependents == "archive":
+                archive = self.dest.parent / ".archive"
+                archive.mkdir(exist_ok=True)
+                os.replace(old, archive / f"{self.dest.name}-{time.strftime('%Y%m%d-%H%M%S')}-{pid}")
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(new, self.dest)
+        return self.dest
+
+
+def write_artifact(path: str | os.PathLike, value: Any) -> Path:
+    """Write one named output file, choosing the format from the value's type (atomically):
+    bytes -> as is; str -> utf-8 text; pandas DataFrame -> csv; uint8 (H, W[, C]) numpy image -> png (RGB);
+    a matplotlib Figure -> png; anything else -> torch.save, checked to be readable by safe loading."""
+    from bdsafety.safeio import atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_safe_loadable
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(value, (bytes, bytearray)):
+        return atomic_write_bytes(path, bytes(value))
+    if isinstance(value, str):
+        return atomic_write_text(path, value)
+    try:
+        import pandas as pd
+
+        if isinstance(value, pd.DataFrame):
+            return atomic_write_text(path, value.to_csv(index=value.index.name is not None))
+    except ImportError:  # pragma: no cover
+        pass
+    import numpy as np
+
+    if isinstance(value, np.ndarray) and path.suffix == ".png":
+        import cv2
+
+        img = value[..., ::-1] if value.ndim == 3 and value.shape[2] == 3 else value
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(img))
+        if not ok:
+            raise OutputError(f"could not encode {path.name} as png")
+        return atomic_write_bytes(path, buf.tobytes())
+    if type(value).__name__ == "Figure" and hasattr(value, "savefig"):
+        import io
+
+        buf = io.BytesIO()
+        value.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=130)
+        import matplotlib.pyplot as plt
+
+        plt.close(value)
+        return atomic_write_bytes(path, buf.getvalue())
+    ensure_safe_loadable(value, path.name)
+    return atomic_torch_save(value, path)

@@ -1,0 +1,179 @@
+"""The one list of methods: every attack, defense, retuning attack and analysis registers itself here once.
+
+    from bdsafety.registry import register
+
+    @register("defense", "my_defense", schema=my_schema, description="...")
+    def my_defense(ctx):            # the run function; its contract depends on the kind (see below)
+        ...
+
+The registry drives the entry points (``defense/my_defense.py`` is a 3-line shim that looks its method up by its
+own file name), ``--defense all``, the study runner, the demo and the tests (every registered method must have
+its entry script, a yaml per supported dataset plus ``demo.yaml``, and every shipped yaml must parse against
+its schema). Adding a method is therefore one registered module plus its yamls (and the copied shim).
+
+Kinds and their run contracts:
+  attack    ``run(ctx: AttackContext) -> AttackOutcome``   (bdsafety.attacks.base; the scaffold writes the record)
+  defense   ``run(ctx: DefenseContext) -> DefenseResult``  (bdsafety.defenses.base; the scaffold writes defense/<folder>/)
+  retune    ``run(cfg) -> list[Path]``                     (RA, QRA: own scaffold on bdsafety.experiment)
+  analysis  ``run(cfg) -> Path``                           (LMC)
+
+``needs`` says what a method requires besides its record, so the study runner can order jobs:
+``clean_reference`` (a clean record of the same data), ``ra_model`` (the RA output of the same defense),
+``defense`` (a defense folder to work on), ``poisoned_pool`` (real poisoned training samples).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from bdsafety.errors import ConfigError
+
+# kind -> folder of its entry scripts and of its configs (BackdoorBench's layout)
+KIND_DIRS = {"attack": "attack", "defense": "defense", "retune": "retune_attack", "analysis": "analysis"}
+# packages whose modules register methods (imported by discover())
+_PACKAGES = ("bdsafety.attacks", "bdsafety.defenses", "bdsafety.retune", "bdsafety.analysis")
+# datasets every method ships a yaml for, besides demo.yaml
+DATASET_CONFIGS = ("cifar10", "cifar100", "gtsrb", "tiny")
+NEEDS = ("clean_reference", "ra_model", "defense", "poisoned_pool", "inversion_cache")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Method:
+    kind: str
+    name: str
+    run: Callable
+    schema: Callable[[], dict]
+    description: str
+    folder: str  # output folder name (defense/<folder>/; BackdoorBench's where it has one, e.g. 'i-bau')
+    needs: frozenset = field(default_factory=frozenset)
+    configs: tuple = DATASET_CONFIGS + ("demo",)  # config/<kind dir>/<name>/<config>.yaml that must exist
+    module: str = ""
+    expand: Callable | None = None  # cfg -> list of cfgs: one run per element (e.g. PAM's --rho_sweep); None: one run
+
+    @property
+    def entry(self) -> str:
+        """The entry script, relative to the repository root: 'defense/pam.py'."""
+        return f"{KIND_DIRS[self.kind]}/{self.name}.py"
+
+    @property
+    def config_dir(self) -> Path:
+        return ROOT / "config" / KIND_DIRS[self.kind] / self.name
+
+    def config_path(self, dataset: str) -> Path:
+        return self.config_dir / f"{dataset}.yaml"
+
+    def parse(self, argv=None):
+        """Resolve defaults < --yaml_path < flags against this method's schema (validated)."""
+        from bdsafety.config import parse_config
+
+        return parse_config(self.schema(), argv, description=self.description, prog=self.entry)
+
+    def main(self, argv=None):
+        return self.run_config(self.parse(argv))
+
+    def run_config(self, cfg):
+        """Run with an already-resolved config (the study runner's path)."""
+        from bdsafety import scaffold
+
+        return scaffold.run(self, cfg)
+
+
+_REGISTRY: dict[tuple[str, str], Method] = {}
+_discovered = False
+
+
+def register(kind: str, name: str, *, schema: Callable[[], dict], description: str, folder: str | None = None,
+             needs: Iterable[str] = (), configs: Iterable[str] | None = None, expand: Callable | None = None) -> Callable:
+    """Decorator registering ``run`` as method ``name`` of ``kind``; returns ``run`` unchanged."""
+    if kind not in KIND_DIRS:
+        raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KIND_DIRS)}")
+    bad = set(needs) - set(NEEDS)
+    if bad:
+        raise ValueError(f"{kind} {name}: unknown needs {sorted(bad)}; valid: {', '.join(NEEDS)}")
+
+    def deco(run: Callable) -> Callable:
+        key = (kind, name)
+        m = Method(kind=kind, name=name, run=run, schema=schema, description=description, folder=folder or name,
+                   needs=frozenset(needs), configs=tuple(configs) if configs is not None else DATASET_CONFIGS + ("demo",),
+                   module=getattr(run, "__module__", ""), expand=expand)
+        old = _REGISTRY.get(key)
+        if old is not None and old.module != m.module:
+            raise ValueError(f"{kind} {name!r} is registered twice: by {old.module} and by {m.module}")
+        _REGISTRY[key] = m
+        return run
+
+    return deco
+
+
+def discover() -> None:
+    """Import every module of the method packages once, so that their ``register`` calls run."""
+    global _discovered
+    if _discovered:
+        return
+    for pkg_name in _PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{pkg_name}.{info.name}")
+    _discovered = True
+
+
+def methods(kind: str | None = None) -> list[Method]:
+    """Registered methods (of one kind), sorted by kind then name."""
+    discover()
+    return sorted((m for m in _REGISTRY.values() if kind is None or m.kind == kind), key=lambda m: (m.kind, m.name))
+
+
+def names(kind: str) -> list[str]:
+    return [m.name for m in methods(kind)]
+
+
+def get(kind: str, name: str) -> Method:
+    """The method ``name`` of ``kind``; also found by its output folder name (BackdoorBench's 'i-bau')."""
+    discover()
+    if (kind, name) in _REGISTRY:
+        return _REGISTRY[(kind, name)]
+    for m in methods(kind):
+        if m.folder == name:
+            return m
+    valid = names(kind)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"unknown {kind} {name!r}.{hint} Registered {kind}s: {', '.join(valid)}")
+
+
+def by_folder(kind: str, folder: str) -> Method | None:
+    """The registered method writing output folder ``folder`` (None for folders of unknown origin)."""
+    discover()
+    return next((m for m in methods(kind) if m.folder == folder), None)
+
+
+def select(spec, available: Iterable[str], what: str = "defense", allow_none: bool = False) -> list[str]:
+    """The one 'all | a,b' selector: ``spec`` is 'all', a comma list or a list of names; 'all' expands to
+    ``available`` (in its order) and may be combined with names. Unknown names are an error listing ``available``.
+    ``allow_none`` accepts the name 'none' (the record's own model) and keeps it first."""
+    available = list(available)
+    if spec is None or spec == "" or spec == []:
+        raise ConfigError(f"no {what} given: name one, a comma list, or 'all' (available: {', '.join(available) or 'none yet'})")
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    items = [s.strip() for s in items if str(s).strip()]
+    out: list[str] = []
+    for s in items:
+        expand = available if s == "all" else [s]
+        if s == "all" and not available:
+            raise ConfigError(f"'all' {what}s requested, but there are none yet")
+        for n in expand:
+            if n == "none" and allow_none:
+                pass
+            elif n not in available:
+                close = difflib.get_close_matches(n, available, n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown {what} {n!r}.{hint} Available: {', '.join(available) or 'none'}")
+            if n not in out:
+                out.append(n)
+    return out

@@ -1,0 +1,186 @@
+"""Safe loading of third-party pickles and atomic writes: the two I/O rules every file of this project follows.
+
+- ``safe_torch_load``: record files (attack_result.pt, info.pickle, defense_result.pt) come from third parties and a
+  pickle can run code. They load with ``weights_only=True`` plus an allow-list of exactly the numpy types
+  BackdoorBench records contain; anything else is refused with an error saying whether the content is merely of an
+  unknown type or can execute code, and naming ``--trust_record``, the explicit opt-in for files you trust.
+- ``atomic_*``: a file is written to a temp file in the same folder, fsynced, then renamed into place, so no reader
+  ever sees half a file.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from pickle import UnpicklingError
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+import torch
+
+from bdsafety.errors import UserError
+
+__all__ = ["RecordError", "safe_torch_load", "atomic_torch_save", "atomic_write_text", "atomic_write_bytes",
+           "ensure_safe_loadable"]
+
+
+class RecordError(UserError):
+    """A record (or one of its files) is missing, broken, or refused by safe loading. The message says how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------- safe loading
+
+def _numpy_safe_globals() -> list:
+    """Exactly the numpy globals a BackdoorBench record pickles: int64/float64 arrays, numpy scalars, their dtypes.
+
+    Pickles written with numpy 2 name ``numpy._core.multiarray``, those written with numpy 1.x (BackdoorBench
+    v2.0 records) ``numpy.core.multiarray``: both spellings map to the same function. int32 is included because
+    ``np.arange`` gives int32 indices on Windows with numpy 1.x.
+    """
+    try:
+        from numpy._core import multiarray as ma
+    except ImportError:  # numpy < 1.26 has no numpy._core
+        from numpy.core import multiarray as ma
+    entries: list = [np.ndarray, np.dtype]
+    for fn in (ma._reconstruct, ma.scalar):
+        for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            entries.append((fn, f"{module}.{fn.__name__}"))
+    # unpickling a dtype ends with a BUILD on the dtype instance, which torch only allows for listed types
+    entries += [type(np.dtype(t)) for t in (np.int64, np.float64, np.int32)]
+    return entries
+
+
+_REFUSED_PATTERNS = (
+    re.compile(r"GLOBAL (\S+) was not an allowed global"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module"),
+    re.compile(r"reduce for unrecognized function (.+?)(?: which belongs|$)", re.M),
+    re.compile(r"Can only (?:build|create new object for) .*?(?:got|but got) (.+)$", re.M),
+)
+
+
+def _weights_only_detail(msg: str) -> str:
+    """The informative line of torch's long weights_only error message."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", msg, re.S)
+    return (m.group(1) if m else msg.splitlines()[0] if msg else "unknown error").strip()
+
+
+def _weights_only_load(f: str | os.PathLike | BinaryIO, name: str) -> Any:
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise RecordError(f"reading {name} safely needs torch>=2.5 (torch.serialization.safe_globals); "
+                          f"this is torch {torch.__version__}: upgrade torch, or pass --trust_record for files you trust")
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def ensure_safe_loadable(obj: Any, what: str) -> None:
+    """Refuse to write ``obj`` if safe_torch_load could not read it back (e.g. a Path or a custom object)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    try:
+        _weights_only_load(buf, what)
+    except UnpicklingError as e:
+        raise ValueError(f"{what} holds a value that safe loading refuses ({_weights_only_detail(str(e))}); "
+                         "store plain python values (str, int, float, bool, None, lists, dicts) or tensors") from None
+
+
+def safe_torch_load(path: str | os.PathLike, trust_record: bool = False) -> Any:
+    """``torch.load`` a record file with ``weights_only=True`` plus the numpy allow-list, onto the CPU.
+
+    ``trust_record=True`` (``--trust_record`` on the CLI) allows full unpickling: only for files you trust,
+    since a pickle can run arbitrary code. Every failure is a :class:`RecordError` naming the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(f"{path} does not exist; re-run the command that writes it")
+    if not path.is_file():
+        raise RecordError(f"{path} is not a file (expected a file written by torch.save)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise RecordError(f"{path} is empty (an interrupted write?); re-run the command that writes it")
+    is_zip = head == b"PK\x03\x04"
+    if not is_zip and head[:1] != b"\x80":
+        raise RecordError(f"{path} is not a file written by torch.save (neither a torch zip archive nor a pickle)")
+    if is_zip and not zipfile.is_zipfile(path):
+        raise RecordError(f"{path} is truncated or corrupt (its zip directory is missing); "
+                          "re-run the command that writes it, or copy the file again")
+    try:
+        if trust_record:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        return _weights_only_load(path, str(path))
+    except UnpicklingError as e:
+        msg = str(e)
+        if trust_record:
+            raise RecordError(f"{path} could not be unpickled: {_weights_only_detail(msg)}") from None
+        refused = next((m.group(1).strip() for p in _REFUSED_PATTERNS if (m := p.search(msg))), None)
+        if refused is not None:
+            raise RecordError(
+                f"{path} was refused by safe loading: it needs the global {refused}, which is not on the allow-list "
+                "(tensors, numpy arrays/scalars). A pickle can run code: if you trust this file, load it with "
+                "--trust_record (trust_record=True) to allow full unpickling."
+            ) from None
+        raise RecordError(
+            f"{path} could not be read with safe loading ({_weights_only_detail(msg)}); it may be corrupt "
+            "(re-run the command that writes it), or, if you trust it, load it with --trust_record (trust_record=True)."
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise RecordError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else '-'}); "
+                          "re-run the command that writes it, or copy the file again") from None
+
+
+# ----------------------------------------------------------------------------------------------- atomic writes
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` through a temp file in the same folder, fsync it, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # persist the rename; not possible on every platform
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)`` that never leaves a half-written file at ``path``."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (utf-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+
+
+_ensure_safe_loadable = ensure_safe_loadable  # old private name
