@@ -208,7 +208,7 @@ def reserved_indices(labels: np.ndarray, amount: float, *, balanced: bool = Fals
 
 
 def read_index(path, n: int | None = None, flag: str = "--index") -> np.ndarray:
-    """Sorted indices from an index file (one integer per line, like log/index.txt), validated: parseable,
+    """Indices (in file order) from an index file (one integer per line, like log/index.txt), validated: parseable,
     non-empty, non-negative, unique and, with ``n``, below ``n``. Errors name the flag and the file."""
     p = Path(path)
     if not p.is_file():
@@ -230,7 +230,7 @@ def read_index(path, n: int | None = None, flag: str = "--index") -> np.ndarray:
         raise ConfigError(f"{flag} {p}: holds {len(idx) - len(np.unique(idx))} repeated indices; each sample may appear once")
     if n is not None and idx.max() >= n:
         raise ConfigError(f"{flag} {p}: index {idx.max()} is beyond the {n} training samples; the file belongs to other data")
-    return np.sort(idx)
+    return idx  # file order kept (BackdoorBench writes index.txt in draw order)
 
 
 def write_run_files(folder: Path, name: str, cfg: SimpleNamespace, device: str, t0: float, rows: list[dict] | None,

@@ -49,5 +49,7 @@ def test_read_index_roundtrip(tmp_path):
     p = tmp_path / "index.txt"
     p.write_text("3\n1\n2\n")
     assert read_index(p).tolist() == [3, 1, 2]
-    with pytest.raises(FileNotFoundError, match="index file"):
+    from bdsafety.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--index .*nope.txt: file not found"):
         read_index(tmp_path / "nope.txt")
