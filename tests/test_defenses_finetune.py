@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from bdsafety.config import ConfigError, resolve
 from bdsafety.data.device import DeviceDataset, Normalizer
-from bdsafety.defenses import exact_purification as ep
+from bdsafety.defenses.mixing import mixing_batch_fn, pool_replacer, true_label_pool
 from bdsafety.defenses import finetune as ftm
 from bdsafety.defenses import ft_sam as sam
 
@@ -239,7 +239,7 @@ def test_ep_batches_carry_true_labels_of_real_poisoned_samples():
     g = torch.Generator().manual_seed(0)
     pool_x = torch.randint(0, 256, (20, 3, 4, 4), dtype=torch.uint8, generator=g)
     pool = DeviceDataset(pool_x, torch.arange(20) % 5 + 5)  # "true labels" 5..9, distinct from the clean batch's
-    fn = ep.mix_batch_fn(pool, 0.25, Normalizer(_Info()), generator=g, augment=False)
+    fn = mixing_batch_fn(Normalizer(_Info()), 0.25, pool_replacer(pool, g, augment=False))
     xb = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
     y = torch.zeros(8, dtype=torch.long)
     x, y2 = fn(xb, y, torch.arange(8))
@@ -250,13 +250,19 @@ def test_ep_batches_carry_true_labels_of_real_poisoned_samples():
     assert torch.equal(x[2:], torch.zeros(6, 3, 4, 4)) and torch.equal(y2[2:], torch.zeros(6, dtype=torch.long))
 
 
-def test_ep_pool_uses_the_records_original_labels():
-    bd = SimpleNamespace(orig_labels=np.array([3, 4, 0]))
-    exp = SimpleNamespace(record=SimpleNamespace(bd_train=bd),
-                          bd_train=lambda: DeviceDataset(torch.zeros(3, 3, 2, 2, dtype=torch.uint8), torch.zeros(3)))
-    assert ep.true_label_pool(exp).y.tolist() == [3, 4, 0]
+def test_ep_pool_is_the_defenders_part_with_original_labels(tmp_path):
+    from bdsafety.data.poisoned import PoisonedSplit
+    from bdsafety.pools import pool_split
+
+    n = 10
+    bd = PoisonedSplit(np.arange(0, 20, 2), np.zeros((n, 2, 2, 3), np.uint8), np.zeros(n), np.arange(n) % 5 + 1, 20)
+    exp = SimpleNamespace(record=SimpleNamespace(bd_train=bd), record_dir=tmp_path, device="cpu")
+    pool, split = true_label_pool(exp, "EP")
+    ps = pool_split(tmp_path, bd)
+    assert split.indices.tolist() == ps.defender.tolist() and len(ps.attacker) == 5
+    assert pool.y.tolist() == [int(v) for v in bd.orig_labels[np.isin(bd.indices, ps.defender)]]
     with pytest.raises(ConfigError, match="p_rev"):
-        ep.mix_batch_fn(ep.true_label_pool(exp), 1.5, Normalizer(_Info()))
+        mixing_batch_fn(Normalizer(_Info()), 1.5, pool_replacer(pool))
 
 
 # ------------------------------------------------------------------------------------------- end to end

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from bdsafety.defenses.pam import PathAwareStep, mixing_batch_fn, parameter_snapshot, pam_step_fn
+from bdsafety.defenses.mixing import mixing_batch_fn
+from bdsafety.defenses.pam import PathAwareStep, parameter_snapshot, pam_step_fn
 
 
 class TinyBN(nn.Module):

@@ -15,9 +15,14 @@ from bdsafety.data.info import DatasetInfo
 
 
 class DeviceDataset:
-    """uint8 images (N, C, H, W) and int64 labels on one device."""
+    """uint8 images (N, C, H, W) and int64 labels on one device.
 
-    def __init__(self, images, labels, device="cpu"):
+    ``frozen`` (bool per sample, default none): samples that training augmentation must leave untouched. The
+    retuning attack's real poisoned samples are frozen: the official RA loads them with the test transform, and a
+    random crop would cut a corner trigger away in a large fraction of draws (``augment_poison`` unfreezes them).
+    """
+
+    def __init__(self, images, labels, device="cpu", frozen=None):
         if isinstance(images, np.ndarray):
             if images.dtype != np.uint8 or images.ndim != 4:
                 raise ValueError("DeviceDataset expects uint8 images of shape (N, H, W, C)")
@@ -28,6 +33,14 @@ class DeviceDataset:
         self.y = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels, dtype=torch.long).to(device)
         if len(self.x) != len(self.y):
             raise ValueError(f"{len(self.x)} images but {len(self.y)} labels")
+        self.frozen = None
+        if frozen is not None:
+            f = torch.as_tensor(np.asarray(frozen) if not torch.is_tensor(frozen) else frozen, dtype=torch.bool)
+            if f.ndim == 0:
+                f = f.expand(len(self.y))
+            if len(f) != len(self.y):
+                raise ValueError(f"{len(f)} frozen flags for {len(self.y)} samples")
+            self.frozen = f.to(self.x.device).clone() if bool(f.any()) else None
 
     @property
     def device(self) -> torch.device:
@@ -38,14 +51,24 @@ class DeviceDataset:
 
     def subset(self, index) -> "DeviceDataset":
         index = torch.as_tensor(np.asarray(index), dtype=torch.long, device=self.x.device)
-        return DeviceDataset(self.x[index], self.y[index], self.x.device)
+        frozen = None if self.frozen is None else self.frozen[index]
+        return DeviceDataset(self.x[index], self.y[index], self.x.device, frozen=frozen)
 
     def with_labels(self, labels) -> "DeviceDataset":
-        return DeviceDataset(self.x, labels, self.x.device)
+        return DeviceDataset(self.x, labels, self.x.device, frozen=self.frozen)
+
+    def frozen_mask(self) -> torch.Tensor:
+        """Per-sample bool: True where augmentation must not touch the sample."""
+        if self.frozen is None:
+            return torch.zeros(len(self), dtype=torch.bool, device=self.x.device)
+        return self.frozen
 
     @staticmethod
     def concat(parts: list["DeviceDataset"]) -> "DeviceDataset":
-        return DeviceDataset(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].device)
+        frozen = None
+        if any(p.frozen is not None for p in parts):
+            frozen = torch.cat([p.frozen_mask() for p in parts])
+        return DeviceDataset(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), parts[0].device, frozen=frozen)
 
     def numpy_images(self) -> np.ndarray:
         """Back to uint8 (N, H, W, C) on the CPU."""
@@ -103,7 +126,8 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 images, labels, indices) batches; augmentation is redrawn on every pass."""
+    """Yield (uint8 images, labels, indices) batches; augmentation is redrawn on every pass and never touches the
+    dataset's frozen samples (they come out bit-identical to the stored images)."""
     n = len(ds)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     order = order.to(ds.device)
@@ -112,5 +136,6 @@ def iterate_batches(
         idx = order[s : s + batch_size]
         xb = ds.x[idx]
         if augment:
-            xb = random_crop_flip(xb, pad=pad, flip=hflip, generator=generator)
+            xa = random_crop_flip(xb, pad=pad, flip=hflip, generator=generator)
+            xb = xa if ds.frozen is None else torch.where(ds.frozen[idx][:, None, None, None], xb, xa)
         yield xb, ds.y[idx], idx

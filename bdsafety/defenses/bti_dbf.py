@@ -26,6 +26,7 @@ from bdsafety import engine
 from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Option
 from bdsafety.defenses import bti
 from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.defenses.mixing import generator_replacer, mixing_batch_fn
 from bdsafety.registry import register
 
 NAME = "bti_dbf"
@@ -45,20 +46,16 @@ BTIDBF_SCHEMA = {
 }
 
 
-def mixing_batch_fn(G: nn.Module, norm, p_rev: float, generator: torch.Generator) -> Callable:
-    """batch_fn for engine.fit: ((normalised clean x, normalised mixed x), y)."""
+def apply_generator(G: nn.Module, x01: torch.Tensor) -> torch.Tensor:
+    """G on a [0,1] batch (mixed precision where the device supports it), back in fp32."""
+    with engine.autocast(x01.device):
+        return G(x01).float()
 
-    def batch_fn(xb, y, idx):
-        x01 = xb.float().div_(255.0)
-        n = len(y)
-        k = min(n, int(p_rev * n + 1))
-        pick = torch.randperm(n, generator=generator)[:k].to(x01.device)
-        x_mix = x01.clone()
-        with torch.no_grad(), engine.autocast(x01.device):
-            x_mix[pick] = G(x01[pick]).float()
-        return (norm(x01), norm(x_mix)), y
 
-    return batch_fn
+def unlearning_batch_fn(G: nn.Module, norm, p_rev: float) -> Callable:
+    """batch_fn for engine.fit: ((normalised clean x, normalised mixed x), y), the official loop's count of
+    min(B, int(p_rev * B + 1)) images replaced by G(x) (bdsafety.defenses.mixing)."""
+    return mixing_batch_fn(norm, p_rev, generator_replacer(G, apply_generator), count="bti", keep_clean=True)
 
 
 def unlearn_step(optimizer, feat_weight: float) -> Callable:
@@ -110,7 +107,7 @@ def bti_dbf(ctx) -> DefenseResult:
             row["round"] = r + 1
 
         rr = engine.fit(model, reserved, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=step, optimizer=opt,
-                        batch_fn=mixing_batch_fn(G, exp.norm, cfg.p_rev, g), augment=cfg.augment, hflip=hflip,
+                        batch_fn=unlearning_batch_fn(G, exp.norm, cfg.p_rev), augment=cfg.augment, hflip=hflip,
                         evalsets=exp.evalsets, eval_every=cfg.eval_every, eval_batch_size=cfg.eval_batch_size, generator=g,
                         desc=f"bti_dbf round {r + 1}/{cfg.n_rounds}", progress=exp.progress, on_epoch_end=tag)
         rows.extend(rr)

@@ -28,11 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdsafety.errors import ConfigError, DataError
+from bdsafety.errors import ConfigError
 from bdsafety import engine
 from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Option, float_list
-from bdsafety.data.device import DeviceDataset, random_crop_flip
 from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.defenses.mixing import generator_replacer, mixing_batch_fn, pool_replacer, true_label_pool
 from bdsafety.registry import register
 
 NAME = "pam"
@@ -58,6 +58,7 @@ PAM_SCHEMA = {
     "sgd_momentum": Option(0.1, "PAM base optimizer (SGD) momentum", check=NONNEG),
     "wd": Option(0.0, "PAM base optimizer (SGD) weight decay", check=NONNEG),
     "augment": Option(True, "random crop + horizontal flip of the reserved data during PAM tuning"),
+    "augment_poison": Option(False, "pam_source real only, ablation: give the real poisoned samples the random crop / flip too"),
     "retrain_generator": Option(True, "in rounds after the first, retrain G against the current model (with the target CE)"),
     "rho_sweep": Option(None, "comma-separated rho values: one run per value into defense/<save_name or pam>_rho<value>/, "
                               "all reusing one trigger inversion", type=float_list, check=NONNEG),
@@ -197,57 +198,6 @@ def pam_step_fn(model: nn.Module, base_optimizer: torch.optim.Optimizer, theta_b
 
 
 # ---------------------------------------------------------------------------------------------- the batches
-def mixing_batch_fn(norm, p_rev: float, replace: Callable) -> Callable:
-    """``fit`` batch_fn: the first round(p_rev * B) images of each (already shuffled) batch are passed through
-    ``replace(x01, y) -> (x01', y')`` in [0,1] pixel space; then everything is normalised."""
-    if not 0.0 <= p_rev <= 1.0:
-        raise ConfigError(f"p_rev is the fraction of each batch replaced by backdoor-like samples and must be in [0, 1], got {p_rev}")
-
-    def fn(xb, y, idx):
-        x01 = xb.float().div_(255.0)
-        k = int(round(p_rev * len(y)))
-        if k > 0:
-            y = y.clone()
-            xr, yr = replace(x01[:k], y[:k])
-            x01[:k] = xr.to(x01.dtype)
-            y[:k] = yr
-        return norm(x01), y
-
-    return fn
-
-
-def generator_replacer(G: nn.Module, apply: Callable) -> Callable:
-    """x -> G(x) with the TRUE labels kept; ``apply(G, x01)`` runs G on a [0,1] batch and returns [0,1] images."""
-
-    def replace(x01, y):
-        was = G.training
-        G.eval()
-        with torch.no_grad():
-            out = apply(G, x01).clamp(0.0, 1.0)
-        G.train(was)
-        return out, y
-
-    return replace
-
-
-def real_poison_replacer(bd_images: DeviceDataset, orig_labels: torch.Tensor, generator: torch.Generator, augment: bool = True,
-                         hflip: bool = True) -> Callable:
-    """Replace samples by randomly drawn REAL poisoned training samples of the attack, labelled with their original
-    (true) labels: the oracle ablation of PAM."""
-    n = len(bd_images)
-    if n == 0:
-        raise DataError("pam_source real needs the attack's poisoned training samples, but the record has none; use pam_source inverted")
-
-    def replace(x01, y):
-        pick = torch.randint(0, n, (len(y),), generator=generator).to(bd_images.device)
-        xb = bd_images.x[pick]
-        if augment:
-            xb = random_crop_flip(xb, flip=hflip, generator=generator)
-        return xb.float().div_(255.0), orig_labels[pick]
-
-    return replace
-
-
 # ---------------------------------------------------------------------------------------------- the defense
 def _bti():
     from bdsafety.defenses import bti
@@ -265,6 +215,7 @@ def pam(ctx) -> DefenseResult:
     exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     theta_bd = parameter_snapshot(model)
     g = engine.seed_everything(cfg.random_seed)
+    indices: dict = {}
     extra: dict = {"pam": {"form": cfg.pam_form, "rho": cfg.rho, "bn_mode": cfg.pam_bn, "source": cfg.pam_source,
                            "p_rev": cfg.p_rev, "rounds": cfg.n_rounds, "epochs_per_round": cfg.epochs}}
     artifacts: dict = {}
@@ -282,11 +233,11 @@ def pam(ctx) -> DefenseResult:
         extra.update(detected_target=int(inv.target), true_target=exp.target, target_votes=votes)
         replace = generator_replacer(G, _apply_generator)
     else:
-        bd = exp.record.bd_train
-        bd_ds = exp.bd_train()
-        orig = torch.as_tensor(bd.orig_labels, dtype=torch.long, device=exp.device)
-        replace = real_poison_replacer(bd_ds, orig, g, augment=cfg.augment, hflip=exp.info.hflip)
-        log(f"pam_source real: mixing in the attack's {len(bd_ds)} real poisoned training samples with their true labels (oracle)")
+        pool, bd = true_label_pool(exp, "PAM (pam_source real)")
+        replace = pool_replacer(pool, g, augment=cfg.augment_poison, hflip=exp.info.hflip, what="PAM (pam_source real)")
+        indices["defender_poison_index"] = bd.indices
+        log(f"pam_source real: mixing in {len(pool)} real poisoned training samples (the defender's part of the pool) with "
+            f"their true labels (oracle)")
     batch_fn = mixing_batch_fn(exp.norm, cfg.p_rev, replace)
 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd)
@@ -317,7 +268,7 @@ def pam(ctx) -> DefenseResult:
                                          "generator_config": dict(getattr(G, "config", {})),
                                          "mask": inv.mask.detach().cpu() if torch.is_tensor(inv.mask) else inv.mask,
                                          "target": int(inv.target)}
-    return DefenseResult(model, rows, artifacts=artifacts, info=extra)
+    return DefenseResult(model, rows, artifacts=artifacts, info=extra, indices=indices)
 
 
 def schema() -> dict:

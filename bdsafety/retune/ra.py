@@ -4,7 +4,10 @@ The attacker fine-tunes the model under test (a defense's output, the undefended
 reference model) on a small clean subset of the training set in which ``poison_num`` samples are replaced by
 real poisoned training samples of the attack (bd_train images with their backdoor labels); the set size is
 constant. All parameters are trained with plain SGD (lr 0.01, momentum 0.9, no weight decay, batch 128,
-5 epochs, standard train augmentation redrawn each epoch). C-Acc / ASR / RA are measured before RA (epoch 0)
+5 epochs). The clean samples get the standard train augmentation, redrawn each epoch; the poisoned samples are
+NOT augmented (the official RA loads them with the test transform): they enter every batch bit-identical to the
+record's poisoned images (``augment_poison: true`` is the old, augmented ablation). The poisoned samples come from
+the attacker's part of the record's poisoned pool (bdsafety.pools), never from the defender's. C-Acc / ASR / RA are measured before RA (epoch 0)
 and after every epoch: the ASR-vs-epoch curve is the "post-purification robustness" of the paper.
 
     python retune_attack/ra.py --result_file badnet_demo --defense fst --yaml_path config/retune_attack/ra/demo.yaml
@@ -24,7 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from bdsafety.errors import ConfigError, DataError, OutputError
+from bdsafety.errors import ConfigError, OutputError
 from bdsafety import engine
 from bdsafety.config import AMOUNT, NONNEG, NONNEG_INT, POSITIVE, POS_INT, Option
 from bdsafety.registry import register
@@ -53,7 +56,10 @@ RA_SCHEMA = {
     "lr": Option(0.01, "SGD learning rate (constant)", check=POSITIVE),
     "sgd_momentum": Option(0.9, "SGD momentum", check=NONNEG),
     "wd": Option(0.0, "weight decay", check=NONNEG),
-    "augment": Option(True, "standard train augmentation (random crop, flip where the dataset uses it), redrawn each epoch"),
+    "augment": Option(True, "standard train augmentation (random crop, flip where the dataset uses it) of the CLEAN samples, "
+                            "redrawn each epoch"),
+    "augment_poison": Option(False, "ablation: augment the poisoned samples too (the official RA does not: they keep the "
+                                    "test transform, so a random crop never cuts the trigger away)"),
     "save_name": Option("ra", "output folder name, created inside the defense folder (or the record for --defense none)"),
 }
 
@@ -110,44 +116,25 @@ class RASet:
         return len(self.poison_idx)
 
 
-def assemble_ra_set(train: DeviceDataset, split, clean_idx: np.ndarray, poison_sel: np.ndarray, source: str = "") -> RASet:
-    """Clean samples ``train[clean_idx]`` (true labels) + poisoned samples ``split[poison_sel]`` (backdoor labels)."""
+def assemble_ra_set(train: DeviceDataset, split, clean_idx: np.ndarray, poison_sel: np.ndarray, source: str = "",
+                    augment_poison: bool = False) -> RASet:
+    """Clean samples ``train[clean_idx]`` (true labels) + poisoned samples ``split[poison_sel]`` (backdoor labels);
+    the poisoned ones are frozen (never augmented) unless ``augment_poison``."""
     parts = [train.subset(clean_idx)]
     if len(poison_sel):
-        parts.append(DeviceDataset(split.images[poison_sel], split.bd_labels[poison_sel], train.device))
+        parts.append(DeviceDataset(split.images[poison_sel], split.bd_labels[poison_sel], train.device,
+                                   frozen=not augment_poison))
         pidx, plab, porig = split.indices[poison_sel], split.bd_labels[poison_sel], split.orig_labels[poison_sel]
     else:
         pidx = plab = porig = np.zeros(0, dtype=np.int64)
     return RASet(DeviceDataset.concat(parts), np.asarray(clean_idx), pidx, plab, porig, source)
 
 
-def poison_source_split(exp, source: str | None, purpose: str = "RA"):
-    """(bd_train PoisonedSplit, source record folder) supplying real poisoned training samples.
+def poison_source_split(exp, source: str | None, purpose: str = "RA", part: str = "attacker"):
+    """(the attacker's part of bd_train, source record folder, source record): see bdsafety.pools.poisoned_pool."""
+    from bdsafety.pools import poisoned_pool
 
-    ``source`` None: the record's own bd_train. Otherwise another record on the same data (e.g. the attack
-    record when ``exp`` is a clean reference made with --pratio 0). Errors name the problem and the fix.
-    """
-    from bdsafety.records import load_attack_record, resolve_record_dir
-
-    if source:
-        src_dir = resolve_record_dir(source, exp.cfg.record_root)
-        same = src_dir.resolve() == exp.record_dir.resolve()
-        rec = exp.record if same else load_attack_record(src_dir, trust_record=exp.cfg.trust_record)
-    else:
-        src_dir, rec, same = exp.record_dir, exp.record, True
-    split = rec.bd_train
-    if split is None or len(split) == 0:
-        why = ("bd_train is None: the attack stores no poisoned training samples (e.g. LIRA, Blind)" if split is None else
-               "bd_train is empty: it was made with --pratio 0 (a clean reference record)")
-        hint = (f"pass --poison_source <attack record> (a record of the attack on the same data whose bd_train holds its "
-                f"poisoned samples, e.g. --poison_source badnet_demo)" + (" or --poison_num 0 (clean-only retuning control)" if purpose == "RA" else ""))
-        raise DataError(f"{purpose} needs real poisoned training samples, but record {src_dir.name} has none ({why}); {hint}")
-    if not same:
-        if rec.clean_data != exp.record.clean_data or split.length != len(exp.data.train_y) or tuple(rec.img_size) != tuple(exp.record.img_size):
-            raise DataError(f"poison_source {src_dir.name} was made on {rec.clean_data} ({split.length} training images, "
-                             f"{tuple(rec.img_size)}), but record {exp.record_dir.name} on {exp.record.clean_data} "
-                             f"({len(exp.data.train_y)} training images, {tuple(exp.record.img_size)}): pick a record on the same data")
-    return split, src_dir, rec
+    return poisoned_pool(exp, source, purpose, part)
 
 
 def _source_warnings(exp, rec) -> list[str]:
@@ -170,7 +157,8 @@ def build_ra_set(exp, cfg: SimpleNamespace) -> tuple[RASet, list[str]]:
         return assemble_ra_set(exp.train, None, clean_idx, sel, "-"), []
     split, src_dir, rec = poison_source_split(exp, cfg.poison_source, "RA")
     clean_idx, sel = ra_subset_indices(n_train, split.indices, cfg.ratio, cfg.poison_num, cfg.random_seed)
-    return assemble_ra_set(exp.train, split, clean_idx, sel, str(src_dir)), _source_warnings(exp, rec)
+    return (assemble_ra_set(exp.train, split, clean_idx, sel, str(src_dir), augment_poison=cfg.augment_poison),
+            _source_warnings(exp, rec))
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -262,7 +250,7 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
         f"poisoned training indices {ra.poison_idx.tolist()}, backdoor labels {ra.poison_labels.tolist()}, "
         f"original labels {ra.poison_orig_labels.tolist()}",
         f"SGD lr {cfg.lr} momentum {cfg.sgd_momentum} wd {cfg.wd}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
-        f"augment {cfg.augment}, seed {cfg.random_seed}",
+        f"augment {cfg.augment} (poisoned samples: {'augmented' if cfg.augment_poison else 'never augmented'}), seed {cfg.random_seed}",
         *warnings_,
     ]
     for line in header:

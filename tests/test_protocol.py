@@ -1,0 +1,110 @@
+"""The paper's protocol: RA's poisoned samples are never augmented; attacker and defender never share poisoned images."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bdsafety.data.device import DeviceDataset, iterate_batches
+from bdsafety.data.poisoned import PoisonedSplit
+from bdsafety.errors import DataError
+from bdsafety.pools import POOL_FILE, make_split, part_of, pool_split
+from bdsafety.retune.ra import assemble_ra_set
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _split(n=40, length=200, seed=0):
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(length, n, replace=False))
+    imgs = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    imgs[:, -3:, -3:, :] = 255  # a corner trigger a random crop would often cut away
+    return PoisonedSplit(idx, imgs, np.zeros(n), rng.integers(0, 10, n), length)
+
+
+def _capture(ds, epochs=6):
+    """Every batch the training loop would see (augmentation on), mapped back to dataset positions."""
+    g = torch.Generator().manual_seed(0)
+    seen = {}
+    for _ in range(epochs):
+        for xb, y, idx in iterate_batches(ds, 16, shuffle=True, augment=True, generator=g):
+            for x, i in zip(xb, idx.tolist()):
+                seen.setdefault(i, []).append(x.clone())
+    return seen
+
+
+@pytest.mark.parametrize("augment_poison", [False, True])
+def test_ra_poisoned_samples_are_bit_identical_in_every_batch(augment_poison):
+    rng = np.random.default_rng(1)
+    train = DeviceDataset(rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 60))
+    split = _split()
+    ra = assemble_ra_set(train, split, np.arange(30), np.arange(5), augment_poison=augment_poison)
+    seen = _capture(ra.data)
+    stored = torch.from_numpy(split.images[:5]).permute(0, 3, 1, 2)
+    poison_pos = range(30, 35)
+    changed_poison = sum(not torch.equal(x, stored[p - 30]) for p in poison_pos for x in seen[p])
+    changed_clean = sum(not torch.equal(x, train.x[p]) for p in range(30) for x in seen[p])
+    assert changed_clean > 0  # the clean part is augmented
+    if augment_poison:
+        assert changed_poison > 0  # the ablation augments them
+    else:
+        assert changed_poison == 0  # default: every draw of every poisoned sample is the record's image
+
+
+def test_ra_default_config_does_not_augment_poison():
+    from bdsafety.registry import get
+
+    cfg = get("retune", "ra").parse(["--result_file", "x", "--yaml_path", os.path.join(ROOT, "config/retune_attack/ra/demo.yaml")])
+    assert cfg.augment_poison is False
+    for name in ("exact_purification", "pam"):
+        assert get("defense", name).parse(["--result_file", "x"]).augment_poison is False
+
+
+def test_pool_split_is_disjoint_deterministic_and_saved(tmp_path):
+    split = _split()
+    ps = pool_split(tmp_path, split)
+    assert len(np.intersect1d(ps.attacker, ps.defender)) == 0
+    assert sorted(np.concatenate([ps.attacker, ps.defender]).tolist()) == split.indices.tolist()
+    saved = json.loads((tmp_path / POOL_FILE).read_text())
+    assert saved["attacker"] == ps.attacker.tolist()
+    again = pool_split(tmp_path, split)  # read back, same split
+    assert again.attacker.tolist() == ps.attacker.tolist()
+    assert make_split(split.indices).attacker.tolist() == ps.attacker.tolist()  # deterministic from the indices alone
+    a, d = part_of(tmp_path, split, "attacker"), part_of(tmp_path, split, "defender")
+    assert len(np.intersect1d(a.indices, d.indices)) == 0 and len(a) + len(d) == len(split)
+
+
+def test_pool_split_of_other_samples_is_refused(tmp_path):
+    pool_split(tmp_path, _split(seed=0))
+    with pytest.raises(DataError, match="delete pool_split.json"):
+        pool_split(tmp_path, _split(seed=3))
+    (tmp_path / POOL_FILE).write_text("{not json")
+    with pytest.raises(DataError, match="unreadable"):
+        pool_split(tmp_path, _split(seed=0))
+
+
+def test_single_poisoned_sample_cannot_be_shared(tmp_path):
+    one = _split(n=1)
+    with pytest.raises(DataError, match="disjoint"):
+        part_of(tmp_path, one, "attacker")
+
+
+def test_ep_and_ra_draw_disjoint_poisoned_samples(demo_work):
+    """End to end on the demo record: EP's and RA's saved index files never overlap."""
+    from bdsafety.registry import get
+    from bdsafety.retune.ra import main as ra_main
+
+    cfg = os.path.join(ROOT, "config")
+    get("defense", "exact_purification").main([
+        "--result_file", str(demo_work.demo), "--yaml_path", os.path.join(cfg, "defense", "exact_purification", "demo.yaml"),
+        "--epochs", "1", "--no_progress"])
+    ep_dir = demo_work.demo / "defense" / "exact_purification"
+    (out,) = ra_main(["--result_file", str(demo_work.demo), "--defense", "exact_purification", "--no_progress",
+                      "--yaml_path", os.path.join(cfg, "retune_attack", "ra", "demo.yaml"), "--epochs", "1", "--poison_num", "25"])
+    ep_idx = np.loadtxt(ep_dir / "log" / "defender_poison_index.txt", dtype=np.int64, ndmin=1)
+    ra_idx = np.loadtxt(out / "log" / "poison_index.txt", dtype=np.int64, ndmin=1)
+    assert len(ep_idx) > 0 and len(ra_idx) == 25
+    assert len(np.intersect1d(ep_idx, ra_idx)) == 0
+    split = json.loads((demo_work.demo / POOL_FILE).read_text())
+    assert set(ra_idx.tolist()) <= set(split["attacker"]) and set(ep_idx.tolist()) == set(split["defender"])
