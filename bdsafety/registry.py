@@ -54,6 +54,7 @@ class Method:
     configs: tuple = DATASET_CONFIGS + ("demo",)  # config/<kind dir>/<name>/<config>.yaml that must exist
     module: str = ""
     expand: Callable | None = None  # cfg -> list of cfgs: one run per element (e.g. PAM's --rho_sweep); None: one run
+    select: Callable | None = None  # (cfg, outputs of the expanded runs) -> None: picks one on validation data
 
     @property
     def entry(self) -> str:
@@ -88,7 +89,8 @@ _discovered = False
 
 
 def register(kind: str, name: str, *, schema: Callable[[], dict], description: str, folder: str | None = None,
-             needs: Iterable[str] = (), configs: Iterable[str] | None = None, expand: Callable | None = None) -> Callable:
+             needs: Iterable[str] = (), configs: Iterable[str] | None = None, expand: Callable | None = None,
+             select: Callable | None = None) -> Callable:
     """Decorator registering ``run`` as method ``name`` of ``kind``; returns ``run`` unchanged."""
     if kind not in KIND_DIRS:
         raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KIND_DIRS)}")
@@ -100,7 +102,7 @@ def register(kind: str, name: str, *, schema: Callable[[], dict], description: s
         key = (kind, name)
         m = Method(kind=kind, name=name, run=run, schema=schema, description=description, folder=folder or name,
                    needs=frozenset(needs), configs=tuple(configs) if configs is not None else DATASET_CONFIGS + ("demo",),
-                   module=getattr(run, "__module__", ""), expand=expand)
+                   module=getattr(run, "__module__", ""), expand=expand, select=select)
         old = _REGISTRY.get(key)
         if old is not None and old.module != m.module:
             raise ValueError(f"{kind} {name!r} is registered twice: by {old.module} and by {m.module}")

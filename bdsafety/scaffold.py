@@ -29,7 +29,11 @@ def run(method, cfg: SimpleNamespace):
 
         if method.expand is None:
             return run_defense(method, cfg)
-        return [run_defense(method, c) for c in method.expand(cfg)]
+        cfgs = method.expand(cfg)
+        outs = [run_defense(method, c) for c in cfgs]
+        if method.select is not None and len(cfgs) > 1:
+            method.select(cfg, outs)
+        return outs
     return method.run(cfg)
 
 

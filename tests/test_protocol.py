@@ -108,3 +108,59 @@ def test_ep_and_ra_draw_disjoint_poisoned_samples(demo_work):
     assert len(np.intersect1d(ep_idx, ra_idx)) == 0
     split = json.loads((demo_work.demo / POOL_FILE).read_text())
     assert set(ra_idx.tolist()) <= set(split["attacker"]) and set(ep_idx.tolist()) == set(split["defender"])
+
+
+# ------------------------------------------------------------------------------------------- selection
+def test_select_largest_within_tolerance_and_best():
+    from bdsafety.selection import select
+
+    c = [{"rho": 0.3, "val_acc": 0.95}, {"rho": 0.4, "val_acc": 0.94}, {"rho": 0.5, "val_acc": 0.90}]
+    assert select(c, key="rho", tol=0.02)[0]["rho"] == 0.4
+    assert select(c, key="rho", tol=0.10)[0]["rho"] == 0.5
+    assert select(c, key="rho", criterion="best_val_acc")[0]["rho"] == 0.3
+    with pytest.raises(Exception, match="val_ratio"):
+        select([{"rho": 0.3, "val_acc": None}], key="rho")
+
+
+def test_rho_select_needs_a_sweep_and_a_validation_split():
+    from bdsafety.errors import ConfigError
+    from bdsafety.registry import get
+
+    m = get("defense", "pam")
+    with pytest.raises(ConfigError, match="val_ratio"):
+        m.expand(m.parse(["--result_file", "x", "--rho_sweep", "0.3,0.5", "--rho_select", "val"]))
+    with pytest.raises(ConfigError, match="rho_sweep"):
+        m.expand(m.parse(["--result_file", "x", "--rho_select", "val", "--val_ratio", "0.2"]))
+
+
+def test_pam_rho_selected_on_validation_only(demo_work):
+    """A tiny PAM sweep with rho_select val: the choice is made from the validation accuracies written by each run,
+    which are recomputed here from the held-out reserved images of val_index.txt (never trained on)."""
+    import yaml
+
+    from bdsafety.experiment import open_experiment
+    from bdsafety.registry import get
+    from bdsafety.selection import val_accuracy
+
+    short = ["--result_file", str(demo_work.demo), "--yaml_path", os.path.join(ROOT, "config/defense/pam/demo.yaml"),
+             "--no_progress", "--n_rounds", "1", "--epochs", "1", "--bti_pretrain_epochs", "1", "--bti_mask_epochs", "1",
+             "--bti_gen_epochs", "1", "--val_ratio", "0.2", "--rho_sweep", "0.2,0.6", "--rho_select", "val",
+             "--save_name", "pamsel"]
+    m = get("defense", "pam")
+    outs = m.run_config(m.parse(short))
+    sel = yaml.safe_load((demo_work.demo / "defense" / "pamsel_rho_selection.yaml").read_text())
+    cands = {c["rho"]: c["val_acc"] for c in sel["candidates"]}
+    assert set(cands) == {0.2, 0.6} and sel["rho"] in cands and "validation" in sel["data"]
+    best = max(cands.values())
+    assert sel["rho"] == max(r for r, v in cands.items() if v >= best - 0.02)
+    # the recorded validation accuracies are those of the held-out reserved images (val_index.txt), not test data
+    exp = open_experiment(get("defense", "pam").parse(["--result_file", str(demo_work.demo), "--no_progress"]))
+    from bdsafety.records import load_model_result
+
+    for out in outs:
+        meta = yaml.safe_load((out / "config.yaml").read_text())
+        vidx = np.loadtxt(out / "log" / "val_index.txt", dtype=np.int64, ndmin=1)
+        tidx = np.loadtxt(out / "log" / "index.txt", dtype=np.int64, ndmin=1)
+        assert len(np.intersect1d(vidx, tidx)) == 0  # never trained on
+        model = exp.load_model(load_model_result(out / "defense_result.pt")["model"])
+        assert abs(val_accuracy(model, exp.train.subset(vidx), exp.norm) - meta["val_acc"]) < 1e-6

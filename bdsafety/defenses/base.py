@@ -31,6 +31,7 @@ from bdsafety.data.device import DeviceDataset
 from bdsafety.engine import check_finite_model, format_metrics
 from bdsafety.errors import ConfigError
 from bdsafety.experiment import RECORD_SCHEMA, open_experiment, read_index, reserved_indices
+from bdsafety.selection import val_accuracy
 
 DEFENSE_SCHEMA = {
     **RECORD_SCHEMA,
@@ -132,6 +133,7 @@ def run_defense(method, cfg: SimpleNamespace) -> Path:
                          val=exp.train.subset(val_idx) if len(val_idx) else None, val_idx=val_idx, cfg=cfg, log=log,
                          name=method.name)
     before = exp.metrics(ctx.model)
+    val_before = val_accuracy(ctx.model, ctx.val, exp.norm, cfg.eval_batch_size) if ctx.val is not None else None
     log(f"record {exp.record_dir.name}: {exp.model_name}, {exp.record.clean_data}, target {exp.target}; "
         f"{len(idx)} reserved clean samples" + (f" + {len(val_idx)} for validation" if len(val_idx) else "")
         + f"; before: {format_metrics(before)}")
@@ -145,12 +147,17 @@ def run_defense(method, cfg: SimpleNamespace) -> Path:
     if any(math.isnan(rows[-1].get(k, math.nan)) for k in ("test_acc", "test_asr")):
         rows.append({"epoch": rows[-1].get("epoch", 0) + 1 if len(rows) > 1 else 1, **after})
     log(f"after: {format_metrics(after)}")
+    validation = {}
+    if ctx.val is not None:
+        validation = {"val_acc_before": val_before, "val_acc": val_accuracy(model, ctx.val, exp.norm, cfg.eval_batch_size),
+                      "val_size": int(len(ctx.val))}
+        log(f"validation C-Acc (held-out reserved data): {100 * val_before:.2f}% -> {100 * validation['val_acc']:.2f}%")
     indices = {"index": idx, **({"val_index": val_idx} if len(val_idx) else {}), **result.indices}
     with out:
         write_output(out.path, Output(
             name=method.folder, rows=rows, model_state={k: v.detach().cpu() for k, v in model.state_dict().items()},
             model_file="defense_result.pt", artifacts=result.artifacts, indices=indices, log_lines=lines,
             info=dict(defense=method.name, output_folder=dest.name, record=str(exp.record_dir), before=before, after=after,
-                      **result.info)), exp, cfg, t0)
+                      **validation, **result.info)), exp, cfg, t0)
     log(f"written to {dest} ({time.time() - t0:.0f}s)")
     return dest

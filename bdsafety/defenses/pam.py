@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Mapping
 
@@ -62,6 +63,12 @@ PAM_SCHEMA = {
     "retrain_generator": Option(True, "in rounds after the first, retrain G against the current model (with the target CE)"),
     "rho_sweep": Option(None, "comma-separated rho values: one run per value into defense/<save_name or pam>_rho<value>/, "
                               "all reusing one trigger inversion", type=float_list, check=NONNEG),
+    "rho_select": Option("none", "after a rho sweep: 'val' picks one rho on the validation split (needs val_ratio > 0; "
+                                 "criterion: the largest rho whose validation C-Acc is within rho_select_tol of the best "
+                                 "candidate's) and writes defense/<base>_rho_selection.yaml; 'none' selects nothing",
+                         choices=("none", "val")),
+    "rho_select_tol": Option(0.02, "rho_select val: tolerated validation C-Acc loss against the best candidate (a fraction)",
+                             check=FRACTION),
 }
 
 
@@ -284,6 +291,11 @@ def sweep_configs(cfg: SimpleNamespace) -> list[SimpleNamespace]:
 
     Every value reuses one cached inversion; --overwrite / --bti_refresh recompute it for the first value only. All
     destinations are checked before any training."""
+    if cfg.rho_select == "val":
+        if not cfg.rho_sweep or len(cfg.rho_sweep) < 2:
+            raise ConfigError("rho_select val picks one of several rho values: give them with --rho_sweep (at least two)")
+        if not cfg.val_ratio:
+            raise ConfigError("rho_select val selects on a validation split of the reserved data: set --val_ratio (e.g. 0.2)")
     if not cfg.rho_sweep:
         return [cfg]
     from bdsafety.outputs import OutputFolder
@@ -307,6 +319,26 @@ def sweep_configs(cfg: SimpleNamespace) -> list[SimpleNamespace]:
     return out
 
 
-register("defense", NAME, schema=schema, needs=("inversion_cache",), expand=sweep_configs,
+def select_rho(cfg: SimpleNamespace, outputs: list) -> Path | None:
+    """After a rho sweep with rho_select val: choose one rho from the runs' VALIDATION C-Acc (bdsafety.selection)
+    and write defense/<base>_rho_selection.yaml."""
+    if cfg.rho_select != "val":
+        return None
+    import yaml
+
+    from bdsafety.selection import select, write_selection
+
+    cands = []
+    for out in outputs:
+        meta = yaml.safe_load((Path(out) / "config.yaml").read_text())
+        cands.append({"rho": float(meta["config"]["rho"]), "val_acc": meta.get("val_acc"), "output": Path(out).name})
+    chosen, criterion = select(cands, key="rho", criterion="largest_within_tol", tol=cfg.rho_select_tol)
+    path = Path(outputs[0]).parent / f"{cfg.save_name or NAME}_rho_selection.yaml"
+    write_selection(path, what="PAM rho", key="rho", chosen=chosen, criterion=criterion, candidates=cands)
+    print(f"[pam] rho selected on validation data: {chosen['rho']:g} ({criterion}) -> {path}", flush=True)
+    return path
+
+
+register("defense", NAME, schema=schema, needs=("inversion_cache",), expand=sweep_configs, select=select_rho,
          description="PAM (Path-Aware Minimization) defense: BTI-DBF trigger inversion, then path-aware unlearning toward "
                      "safety along the backdoor-connected path")(pam)
