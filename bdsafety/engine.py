@@ -59,6 +59,12 @@ def autocast(device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def fp32(device) -> contextlib.AbstractContextManager:
+    """Autocast OFF (full fp32) inside an autocast region: for finite differences (black-box QRA) and PAM's small
+    weight displacement, which bf16's 8-bit mantissa would swamp (METHODS.md, precision rules)."""
+    return torch.autocast(torch.device(device).type, enabled=False)
+
+
 def prepare_model(model: torch.nn.Module, device) -> torch.nn.Module:
     model = model.to(device)
     if torch.device(device).type == "cuda":

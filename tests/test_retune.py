@@ -343,3 +343,47 @@ def test_black_box_settings_are_checked_before_anything_loads(tmp_path):
     with pytest.raises(ConfigError, match="zo_queries.*>= 1"):
         Q.main(["--result_file", str(tmp_path / "no_such_record"), "--defense", "fst", "--access", "black_box",
                 "--zo_queries", "0", "--no_progress"])
+
+
+def test_black_box_qra_queries_and_pam_displaced_forward_run_in_fp32(monkeypatch):
+    """Under a bf16 autocast region (what engine.autocast gives on a GPU, emulated here on the CPU), the black-box
+    QRA queries and PAM's displaced forward still run with autocast disabled, in fp32."""
+    import contextlib
+
+    from bdsafety import engine
+    from bdsafety.data.device import Normalizer
+    from bdsafety.data.info import DatasetInfo
+    from bdsafety.defenses.pam import PathAwareStep, parameter_snapshot
+
+    monkeypatch.setattr(engine, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled("cpu"), x.dtype))
+            return self.inner(x)
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 4)
+    train = DeviceDataset(_toy_images(y, 0.1, rng), y)
+    norm = Normalizer(DatasetInfo("toy", 3, (4, 4, 3), (0.5,) * 3, (0.25,) * 3, False))
+    gen = Q.PerturbationGenerator((3, 4, 4), 16 / 255, (16,))
+    Q.train_generator(gen, train, Spy(_Toy(0.9)), _Toy(0.8), _Toy(), norm, epochs=1, batch_size=12, lr=0.1, momentum=0.0,
+                      alpha=0.2, access="black_box", zo_queries=2, zo_mu=0.005)
+    assert seen and all(not amp and dt == torch.float32 for amp, dt in seen)
+
+    seen.clear()
+    model = Spy(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)))
+    bd = parameter_snapshot(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    step = PathAwareStep(model, torch.optim.SGD(model.parameters(), lr=0.1), bd, rho=0.1, bn_mode="update")
+    with contextlib.ExitStack() as st:
+        st.enter_context(engine.autocast("cpu"))
+        step(model, torch.randn(5, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1]))
+    assert seen == [(False, torch.float32)]

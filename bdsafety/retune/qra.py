@@ -293,9 +293,10 @@ def train_generator(gen: PerturbationGenerator, data: DeviceDataset, f_pur, f_ra
         return xb.float() / 255.0, y
 
     def query_kl(xq, log_p):
-        """Per-sample KL(f_ra(x) || f_pur(xq)) from f_pur's output probabilities only (one batched query)."""
-        with torch.no_grad(), engine.autocast(xq.device):
-            logits = f_pur(norm(xq.clamp(0.0, 1.0)))
+        """Per-sample KL(f_ra(x) || f_pur(xq)) from f_pur's output probabilities only (one batched query), in fp32:
+        the finite differences of the zeroth-order estimate vanish in bf16's rounding."""
+        with torch.no_grad(), engine.fp32(xq.device):
+            logits = f_pur(norm(xq.float().clamp(0.0, 1.0)))
         stats["queries"] += len(xq)
         return (log_p.exp() * (log_p - F.log_softmax(logits.float(), 1))).sum(1), logits
 
