@@ -194,6 +194,7 @@ def anp_cfg(**over):
     cfg = SimpleNamespace(**{k: o.default for k, o in anp_mod.ANP_SCHEMA.items()})
     for k, v in over.items():
         setattr(cfg, k, v)
+    anp_mod.resolve_variant(cfg)
     return cfg
 
 
@@ -221,10 +222,13 @@ def test_noisy_bn_wrapper_is_exact_at_init():
             assert all(torch.allclose(sa[k], sb[k]) for k in sa)
 
 
-def test_anp_masks_stay_in_unit_interval_and_noise_within_eps():
+@pytest.mark.parametrize("projection", [True, False])
+def test_anp_masks_stay_in_unit_interval_and_noise_within_eps(projection):
+    """Masks stay in [0, 1]; the perturbation stays in [-eps, eps] with anp_noise_projection, and without it (both
+    references) one signed step from a uniform start can leave the box, up to 2 eps."""
     torch.manual_seed(0)
     model = build_model("cnn_small", 4)
-    cfg = anp_cfg(anp_mask_lr=20.0, anp_eps=0.4)  # a huge lr drives masks against both bounds
+    cfg = anp_cfg(anp_mask_lr=20.0, anp_eps=0.4, anp_noise_projection=projection)  # a huge lr drives masks to both bounds
     g = torch.Generator().manual_seed(0)
     tr = anp_mod.MaskTrainer(model, cfg, generator=g)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,))
@@ -233,9 +237,11 @@ def test_anp_masks_stay_in_unit_interval_and_noise_within_eps():
         masks = torch.cat([w.neuron_mask.detach() for _, w in tr.wrappers])
         noise = torch.cat([torch.cat([w.neuron_noise.detach(), w.neuron_noise_bias.detach()]) for _, w in tr.wrappers])
         assert masks.min() >= 0 and masks.max() <= 1
-        assert noise.abs().max() <= 0.4 + 1e-6
+        assert noise.abs().max() <= (0.4 if projection else 0.8) + 1e-6
     assert (masks < 1).any()  # the masks did move
     assert noise.abs().max() > 0.3  # the ascent step pushes the perturbation out to the bound
+    if not projection:
+        assert noise.abs().max() > 0.4 + 1e-3  # unprojected, as both references
     # the original model is untouched (masks live on a wrapped copy)
     assert not any(isinstance(m, anp_mod.NoisyBN) for m in model.modules())
 
@@ -273,6 +279,36 @@ def test_pruned_model_loads_strictly_and_equals_the_masked_network(prune_bias):
     assert by_num == [(n, i) for n, i, _ in smallest]
 
 
+@pytest.mark.parametrize("variant, lr, batch", [("backdoorbench", 0.01, 256), ("original", 0.2, 128)])
+def test_anp_mask_step_matches_a_hand_computed_update(variant, lr, batch):
+    """One ANP mask step of each variant (eps 0: no perturbation, so the loss is alpha * CE of the masked network)
+    against the update written out by hand: m <- clip(m - lr * alpha * dCE/dm, 0, 1), with dCE/dm from an
+    explicit functional form of conv -> BN(gamma * m * x_hat + beta) -> linear."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    x, y = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    cfg = anp_cfg(anp_variant=variant, anp_eps=0.0)
+    assert (cfg.anp_mask_lr, cfg.batch_size) == (lr, batch)  # the variant's values
+    tr = anp_mod.MaskTrainer(net, cfg)
+    with torch.no_grad():
+        for _, w in tr.wrappers:
+            w.neuron_mask.fill_(0.5)  # inside (0, 1): the clip does not hide the step
+    tr.step(x, y)
+    got = torch.cat([w.neuron_mask.detach() for _, w in tr.wrappers])
+
+    conv, bn, lin = net[0], net[1], net[4]
+    m = torch.full((2,), 0.5, requires_grad=True)
+    h = conv(x)
+    mu, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+    xhat = (h - mu) / torch.sqrt(var + bn.eps)
+    z = bn.weight.view(1, -1, 1, 1) * m.view(1, -1, 1, 1) * xhat + bn.bias.view(1, -1, 1, 1)
+    loss = cfg.anp_alpha * nn.functional.cross_entropy(lin(torch.relu(z).flatten(1)), y)
+    (gm,) = torch.autograd.grad(loss, m)
+    expect = (0.5 - lr * gm).clamp(0, 1)
+    assert torch.allclose(got, expect, atol=1e-6)
+    assert not torch.allclose(got, torch.full((2,), 0.5), atol=1e-4)  # the step moved the masks
+
+
 def test_anp_needs_batchnorm():
     with pytest.raises(ValueError, match="no BatchNorm2d"):
         anp_mod.wrap_batchnorms(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))
@@ -304,7 +340,10 @@ def test_ibau_perturbation_respects_its_l2_bound():
     assert d_free.norm() > 0.5  # without the projection the same ascent leaves the ball
 
 
-def test_ibau_hypergradient_matches_the_explicit_fixed_point_formula():
+@pytest.mark.parametrize("space", ["normalized", "pixel"])
+def test_ibau_hypergradient_matches_the_explicit_fixed_point_formula(space):
+    """Each ibau_space against a hand-built reference: explicit Jacobians of the fixed-point map with delta added
+    to the normalised images (BackdoorBench / the paper) or to the [0,1] images (the original I-BAU)."""
     from torch.func import functional_call
 
     net = _tiny_net()
@@ -312,13 +351,14 @@ def test_ibau_hypergradient_matches_the_explicit_fixed_point_formula():
     norm = Normalizer(info)
     x, y = torch.rand(8, 3, 4, 4), torch.randint(0, 3, (8,))
     delta = 0.1 * torch.randn(1, 3, 4, 4)
-    cfg = ibau_cfg(ibau_outer_portion=1.0, K=4)  # every image perturbed: deterministic outer loss
+    cfg = ibau_cfg(ibau_outer_portion=1.0, K=4, ibau_space=space)  # every image perturbed: deterministic outer loss
     names = [n for n, _ in net.named_parameters()]
     params = [p for _, p in net.named_parameters()]
     got = ibau_mod.hypergradient(net, params, delta, x, y, norm, cfg)
 
     def out(d, ps):
-        return functional_call(net, dict(zip(names, ps)), (norm(x + d),))
+        inp = norm(x) + d if space == "normalized" else norm(x + d)
+        return functional_call(net, dict(zip(names, ps)), (inp,))
 
     def phi(d, ps):
         inner = -nn.functional.cross_entropy(out(d, ps), y) + cfg.ibau_pert_reg * d.pow(2).sum()
@@ -343,6 +383,9 @@ def test_ibau_hypergradient_matches_the_explicit_fixed_point_formula():
     got_flat = torch.cat([g.reshape(-1) for g in got])
     assert torch.allclose(got_flat, expect, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got_flat, g_t, atol=1e-6)  # the implicit (indirect) term is not zero
+    other = ibau_mod.hypergradient(net, params, delta, x, y, norm, ibau_cfg(ibau_outer_portion=1.0, K=4,
+                                   ibau_space="pixel" if space == "normalized" else "normalized"))
+    assert not torch.allclose(torch.cat([g.reshape(-1) for g in other]), expect, atol=1e-5)  # the two spaces differ
     # and one outer step with it runs and changes the model
     before = params_vector(net)
     opt = torch.optim.Adam(params, lr=1e-3)

@@ -16,13 +16,21 @@ sets the BN weight of a pruned channel to 0 (ANP's own pruning, which makes it e
 optimisation evaluated), and with ``anp_prune_bias`` also its bias (the channel then outputs exactly 0). No
 mask parameters remain, so defense_result.pt loads strictly into the registered model.
 
-Differences from the official code, on purpose: the perturbation is projected onto [-eps, eps] after each
-ascent step (the official code's single step from a random start can reach 2*eps, outside the paper's
-constraint set); the pruning threshold is a fixed config value (BackdoorBench's anp.py picks the model with the
-lowest TEST-set ASR, which uses test labels to select); BN running statistics changed while learning masks
-(train-mode passes, as in the official code) are discarded, because pruning is applied to the original model.
-Defaults: BackdoorBench / official ANP (eps 0.4, 1 step, alpha 0.2, mask lr 0.2, 2000 iterations of batch 128,
-threshold 0.2).
+Two versions, named by ``anp_variant`` (the values each reference ships; an explicit option overrides them):
+  * ``backdoorbench`` (default; what the paper ran, through BackdoorBench v2.2's defense/anp.py): mask SGD lr 0.01,
+    batch 256;
+  * ``original`` (Wu & Wang's released code, csdongxian/ANP_backdoor): mask SGD lr 0.2, batch 128.
+Both: eps 0.4, 1 ascent step, alpha 0.2, mask momentum 0.9, 2000 iterations, masks clipped to [0, 1]. Noise
+handling as both references do it: uniform random start in [-eps, eps] each iteration, then ``anp_steps`` SGD
+steps of size eps / steps on the SIGN of the gradient, with no projection (so a perturbation can reach 2 eps);
+``anp_noise_projection: true`` projects onto [-eps, eps] after each step (the paper's constraint set; an option).
+
+Pruning: by a fixed threshold (``pruning_by: threshold``, 0.2) or count, or — ``pruning_select: val`` — by the
+largest threshold of the sweep 0, step, ..., pruning_max whose VALIDATION C-Acc (the held-out part of the
+reserved data, ``val_ratio``) is within ``pruning_select_tol`` of the best threshold's. BackdoorBench's anp.py
+picks the threshold with the lowest TEST-set ASR, which selects with test labels: not offered. The sweep's test
+metrics (anp_threshold_sweep.csv) are written for reporting only. BN running statistics changed while learning
+masks (train-mode passes, as in both references) are discarded, because pruning is applied to the original model.
 """
 from __future__ import annotations
 
@@ -44,11 +52,18 @@ from bdsafety.registry import register
 
 NAME = "anp"
 
+VARIANTS = {"backdoorbench": {"anp_mask_lr": 0.01, "batch_size": 256}, "original": {"anp_mask_lr": 0.2, "batch_size": 128}}
+
 ANP_SCHEMA = {
+    "anp_variant": Option("backdoorbench", "whose values fill anp_mask_lr and batch_size when not given: 'backdoorbench' "
+                                           "(v2.2, what the paper ran: 0.01, 256) or 'original' (ANP's code: 0.2, 128)",
+                          choices=tuple(VARIANTS)),
     "anp_eps": Option(0.4, "bound of the multiplicative neuron perturbations delta, xi in [-eps, eps]", check=POSITIVE),
     "anp_steps": Option(1, "signed-gradient ascent steps for the perturbations (step size eps / steps)", check=POS_INT),
     "anp_alpha": Option(0.2, "trade-off: alpha * natural loss + (1 - alpha) * perturbed loss", check=FRACTION),
-    "anp_mask_lr": Option(0.2, "SGD learning rate of the neuron masks", check=POSITIVE),
+    "anp_mask_lr": Option(None, "SGD learning rate of the neuron masks (default: the variant's)", type=float, check=POSITIVE),
+    "anp_noise_projection": Option(False, "project the perturbations onto [-eps, eps] after each ascent step (neither "
+                                          "reference does)"),
     "anp_mask_momentum": Option(0.9, "SGD momentum of the neuron masks", check=NONNEG),
     "nb_iter": Option(2000, "mask optimisation iterations (batches)", check=POS_INT),
     "print_every": Option(500, "evaluate and log every N iterations (one csv row each)", check=POS_INT),
@@ -58,12 +73,25 @@ ANP_SCHEMA = {
     "pruning_number": Option(0.2, "the pruning threshold (pruning_by threshold) or neuron count (pruning_by number)", check=NONNEG),
     "anp_prune_bias": Option(False, "also zero the BN bias of pruned channels (false: weight only, ANP's pruning, which "
                                     "equals the masked network the masks were optimised in)"),
-    "pruning_sweep": Option(True, "also evaluate thresholds 0, step, ..., pruning_max and write anp_threshold_sweep.csv "
-                                  "(for reporting only: nothing is selected with test data)"),
+    "pruning_select": Option("fixed", "'fixed': prune by pruning_by / pruning_number; 'val': the largest threshold of the "
+                                      "sweep whose validation C-Acc is within pruning_select_tol of the best (needs val_ratio > 0)",
+                             choices=("fixed", "val")),
+    "pruning_select_tol": Option(0.02, "pruning_select val: tolerated validation C-Acc loss against the best threshold",
+                                 check=FRACTION),
+    "pruning_sweep": Option(True, "also evaluate thresholds 0, step, ..., pruning_max on the TEST sets and write "
+                                  "anp_threshold_sweep.csv (for reporting only: nothing is selected with test data)"),
     "pruning_max": Option(0.9, "largest threshold of the sweep", check=NONNEG),
     "pruning_step": Option(0.05, "threshold step of the sweep", check=POSITIVE),
-    "batch_size": Option(128, "batch size of the mask optimisation", check=POS_INT),
+    "batch_size": Option(None, "batch size of the mask optimisation (default: the variant's)", type=int, check=POS_INT),
 }
+
+
+def resolve_variant(cfg) -> dict:
+    """Fill anp_mask_lr / batch_size left unset (None) with the variant's values; returns the effective values."""
+    for k, v in VARIANTS[cfg.anp_variant].items():
+        if getattr(cfg, k, None) is None:
+            setattr(cfg, k, v)
+    return {"variant": cfg.anp_variant, **{k: getattr(cfg, k) for k in VARIANTS[cfg.anp_variant]}}
 
 
 # ------------------------------------------------------------------------------------------- the wrapper
@@ -183,7 +211,8 @@ class MaskTrainer:
                     if p.grad is not None:
                         p.grad = torch.sign(p.grad)
                 self.noise_opt.step()
-                project_noise(self.wrappers, self.eps)
+                if getattr(cfg, "anp_noise_projection", False):
+                    project_noise(self.wrappers, self.eps)
         self.mask_opt.zero_grad(set_to_none=True)
         if self.eps > 0:
             _set(self.wrappers, perturbed=True)
@@ -252,6 +281,10 @@ def anp(ctx) -> DefenseResult:
         raise ConfigError("ANP needs the defender's reserved clean data, but it is empty; raise --ratio")
     if cfg.nb_iter < 1:
         raise ConfigError(f"nb_iter must be >= 1, got {cfg.nb_iter}")
+    if cfg.pruning_select == "val" and ctx.val is None:
+        raise ConfigError("pruning_select val chooses the threshold on a validation split of the reserved data: set "
+                          "--val_ratio (e.g. 0.2)")
+    variant = resolve_variant(cfg)
     g = engine.seed_everything(cfg.random_seed)
     trainer = MaskTrainer(model, cfg, generator=g)
     n_neurons = sum(w.neuron_mask.numel() for _, w in trainer.wrappers)
@@ -288,13 +321,27 @@ def anp(ctx) -> DefenseResult:
                 f"{engine.format_metrics(m)}")
             tot_loss, tot_correct, seen = 0.0, 0, 0
     mask_values = trainer.mask_values()
+    selection = None
+    if cfg.pruning_select == "val":
+        from bdsafety.selection import select, val_accuracy
+
+        cands = []
+        for thr in np.arange(0.0, cfg.pruning_max + cfg.pruning_step / 2, cfg.pruning_step):
+            pm, pr = _pruned_copy(model, mask_values, cfg, by="threshold", number=float(thr))
+            cands.append({"threshold": round(float(thr), 6), "n_pruned": len(pr),
+                          "val_acc": val_accuracy(pm, ctx.val, norm, cfg.eval_batch_size)})
+        chosen, criterion = select(cands, key="threshold", criterion="largest_within_tol", tol=cfg.pruning_select_tol)
+        cfg.pruning_by, cfg.pruning_number = "threshold", chosen["threshold"]
+        selection = {"threshold": chosen["threshold"], "criterion": criterion, "candidates": cands}
+        log(f"threshold selected on validation data: {chosen['threshold']:g} ({criterion})")
     pruned_model, pruned = _pruned_copy(model, mask_values, cfg)
     log(f"pruned {len(pruned)}/{n_neurons} neurons ({cfg.pruning_by} {cfg.pruning_number}, "
         f"{'weight and bias' if cfg.anp_prune_bias else 'BN weight'} set to 0)")
 
     files = {"mask_values.txt": _mask_file_text(mask_values)}
     info = {"anp": {"n_neurons": n_neurons, "n_pruned": len(pruned), "pruning_by": cfg.pruning_by,
-                    "pruning_number": cfg.pruning_number, "prune_bias": bool(cfg.anp_prune_bias)}}
+                    "pruning_number": cfg.pruning_number, "prune_bias": bool(cfg.anp_prune_bias), **variant,
+                    "noise_projection": bool(cfg.anp_noise_projection), "pruning_selection": selection}}
     if cfg.pruning_sweep:
         sweep = []
         for thr in np.arange(0.0, cfg.pruning_max + cfg.pruning_step / 2, cfg.pruning_step):

@@ -2,24 +2,27 @@
 
 Minimax unlearning on the defender's clean data:  min_theta  L_outer(delta*(theta), theta),
 delta*(theta) = argmax_delta  CE(f_theta(x + delta), y) - reg * ||delta||^2, a universal (one per round)
-additive perturbation in pixel space. Each round:
+additive perturbation. Each round:
 
 1. perturbation: delta starts at 0; one pass over the reserved data of SGD (lr ``ibau_pert_lr``) on
-   -CE(f(x + delta), f's own prediction) + reg * ||delta||^2, projected onto the L2 ball of radius
-   ``ibau_pert_norm`` after every step (0 disables the projection, as in the official code, where this
-   projection is commented out).
+   -CE(f(x + delta), f's own prediction) + reg * ||delta||^2 (projected onto the L2 ball of radius
+   ``ibau_pert_norm`` after every step only when asked: 0, the default, is no projection, as in both references,
+   where the projection is commented out).
 2. unlearning: for every batch, the implicit hypergradient of the outer loss
    L_outer = CE(f(x with a fraction ``ibau_outer_portion`` of the batch perturbed by delta), y)
    through the fixed point delta = Phi(delta, theta) = delta - ``ibau_inner_lr`` * d L_inner / d delta,
    L_inner = mean(-CE(f(x + delta), y)) + reg * ||delta||^2, computed with ``K`` fixed-point iterations
    v <- (dPhi/d delta)^T v + dL_outer/d delta (Grazzi et al.), then
-   g = dL_outer/d theta + (dPhi/d theta)^T v, and one outer optimiser step (Adam, lr 1e-4) with g.
+   g = dL_outer/d theta + (dPhi/d theta)^T v, and one outer optimiser step with g.
 
-Defaults follow BackdoorBench's i-bau (Adam lr 1e-4, batch 256, n_rounds 5, K 5, 5% reserved data) and the
-official code for the rest (perturbation SGD lr 10, regulariser 0.001, fixed-point step 0.1, outer portion
-0.01, the model kept in eval mode so BatchNorm statistics stay fixed). Differences: the fixed-point map uses
-the current batch (the official code always uses the first batch of the loader), and the perturbation's L2
-bound (10, the official code's commented-out value) is applied by default.
+Where delta lives, ``ibau_space`` (never mixed):
+  * ``normalized`` (default; BackdoorBench v2.2's i-bau, what the paper ran): delta is added to the NORMALISED
+    images, f(norm(x) + delta); outer Adam lr 1e-4;
+  * ``pixel`` (the original I-BAU code): delta is added in [0, 1] pixel space, f(norm(x + delta)); outer Adam lr 1e-3.
+``lr`` left unset takes the space's value. Other defaults: batch 256, 5 rounds, K 5, 5% reserved data; perturbation
+SGD lr 10, regulariser 0.001, fixed-point step 0.1, outer portion 0.01, the model kept in eval mode so BatchNorm
+statistics stay fixed (both references). Difference: the fixed-point map uses the current batch (the official
+code always uses the first batch of the loader).
 """
 from __future__ import annotations
 
@@ -43,14 +46,18 @@ IBAU_SCHEMA = {
     "n_rounds": Option(5, "unlearning rounds (a new universal perturbation each round)", check=POS_INT),
     "K": Option(5, "fixed-point iterations of the implicit hypergradient", check=POS_INT),
     "optim": Option("adam", "outer (model) optimiser", choices=("adam", "sgd")),
-    "lr": Option(1e-4, "outer optimiser learning rate", check=POSITIVE),
+    "ibau_space": Option("normalized", "where delta is added: 'normalized' (BackdoorBench / the paper: to the normalised "
+                                       "images) or 'pixel' (the original I-BAU: to [0,1] images)", choices=("normalized", "pixel")),
+    "lr": Option(None, "outer optimiser learning rate (default: the space's, normalized 1e-4, pixel 1e-3)", type=float,
+                 check=POSITIVE),
     "batch_size": Option(256, "batch size", check=POS_INT),
     "ibau_pert_lr": Option(10.0, "SGD learning rate of the universal perturbation (one pass per round)", check=POSITIVE),
     "ibau_pert_reg": Option(0.001, "weight of ||delta||_2^2 in the perturbation objectives", check=NONNEG),
-    "ibau_pert_norm": Option(10.0, "L2 radius of the perturbation in pixel space [0,1] (0: no projection)", check=NONNEG),
+    "ibau_pert_norm": Option(0.0, "L2 radius of the perturbation, in its space (0: no projection, as both references)",
+                             check=NONNEG),
     "ibau_inner_lr": Option(0.1, "step size of the fixed-point map Phi(delta) = delta - lr * dL_inner/d delta", check=POSITIVE),
     "ibau_outer_portion": Option(0.01, "fraction of each batch perturbed by delta in the outer loss (at least one image)", check=PROB),
-    "ibau_clamp": Option(False, "clamp x + delta to [0, 1] (the official code does not)"),
+    "ibau_clamp": Option(False, "pixel space only: clamp x + delta to [0, 1] (the original code does not)"),
     "ibau_bn_train": Option(False, "train-mode BatchNorm during unlearning (official and BackdoorBench: eval mode)"),
     "augment": Option(True, "random crop (+ the dataset's flip) of the reserved data, like BackdoorBench's loader"),
 }
@@ -66,19 +73,25 @@ def project_l2(delta: torch.Tensor, radius: float) -> torch.Tensor:
     return delta
 
 
-def _perturb(x01, delta, clamp: bool):
+SPACE_LR = {"normalized": 1e-4, "pixel": 1e-3}
+
+
+def model_input(x01, delta, norm, cfg):
+    """The model's input for [0,1] images ``x01`` carrying ``delta`` in ``cfg.ibau_space``."""
+    if cfg.ibau_space == "normalized":
+        return norm(x01) + delta
     x = x01 + delta
-    return x.clamp(0, 1) if clamp else x
+    return norm(x.clamp(0, 1) if cfg.ibau_clamp else x)
 
 
 def find_perturbation(model, batches, norm, cfg, shape, device) -> torch.Tensor:
-    """One pass of SGD ascent on the universal perturbation (pixel space), L2-projected after every step."""
+    """One pass of SGD ascent on the universal perturbation (in cfg.ibau_space), L2-projected when asked."""
     delta = torch.zeros(shape, device=device, requires_grad=True)
     opt = torch.optim.SGD([delta], lr=cfg.ibau_pert_lr)
     for x01, _ in batches:
         with torch.no_grad():
             pred = model(norm(x01)).argmax(1)
-        loss = -F.cross_entropy(model(norm(_perturb(x01, delta, cfg.ibau_clamp))), pred) + cfg.ibau_pert_reg * delta.pow(2).sum()
+        loss = -F.cross_entropy(model(model_input(x01, delta, norm, cfg)), pred) + cfg.ibau_pert_reg * delta.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -91,7 +104,7 @@ def perturbation_majority(model, reserved, norm, delta, cfg) -> tuple[int, float
     """(majority class of f(x + delta) over the reserved data, its share): where the perturbation points."""
     preds = []
     for xb, _, _ in iterate_batches(reserved, 1024):
-        preds.append(model(norm(_perturb(xb.float().div_(255.0), delta, cfg.ibau_clamp))).argmax(1))
+        preds.append(model(model_input(xb.float().div_(255.0), delta, norm, cfg)).argmax(1))
     counts = torch.bincount(torch.cat(preds))
     return int(counts.argmax()), float(counts.max()) / max(1, len(reserved))
 
@@ -111,10 +124,10 @@ def hypergradient(model: nn.Module, params: list[torch.Tensor], delta: torch.Ten
     sel = torch.zeros(n, 1, 1, 1, device=x01.device)
     sel[pick] = 1.0
     # outer loss: a few images of the batch carry the perturbation, all keep their true labels
-    outer = F.cross_entropy(model(norm(_perturb(x01, sel * delta, cfg.ibau_clamp))), y)
+    outer = F.cross_entropy(model(model_input(x01, sel * delta, norm, cfg)), y)
     g_delta, *g_theta = _grads(outer, [delta] + params)
     # fixed-point map Phi(delta, theta) = delta - lr * d L_inner / d delta   (differentiable in delta and theta)
-    inner = -F.cross_entropy(model(norm(_perturb(x01, delta, cfg.ibau_clamp))), y) + cfg.ibau_pert_reg * delta.pow(2).sum()
+    inner = -F.cross_entropy(model(model_input(x01, delta, norm, cfg)), y) + cfg.ibau_pert_reg * delta.pow(2).sum()
     (d_inner,) = torch.autograd.grad(inner, delta, create_graph=True)
     phi = delta - cfg.ibau_inner_lr * d_inner
     v = torch.zeros_like(delta)
@@ -134,6 +147,10 @@ def i_bau(ctx) -> DefenseResult:
     exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     if len(reserved) == 0:
         raise ConfigError("I-BAU needs the defender's reserved clean data, but it is empty; raise --ratio")
+    if cfg.lr is None:
+        cfg.lr = SPACE_LR[cfg.ibau_space]
+    if cfg.ibau_clamp and cfg.ibau_space != "pixel":
+        raise ConfigError("ibau_clamp clamps x + delta to [0, 1], which only exists with ibau_space pixel")
     g = engine.seed_everything(cfg.random_seed)
     norm = exp.norm
     hflip = bool(getattr(exp.info, "hflip", True))
@@ -171,7 +188,8 @@ def i_bau(ctx) -> DefenseResult:
             f"reserved data to class {cls} (true target {exp.target}); clean loss after {train_loss:.4f}; "
             f"{engine.format_metrics(m)}")
     model.eval()
-    return DefenseResult(model, rows, info={"i_bau": {"n_rounds": cfg.n_rounds, "K": cfg.K}})
+    return DefenseResult(model, rows, info={"i_bau": {"n_rounds": cfg.n_rounds, "K": cfg.K, "space": cfg.ibau_space,
+                                                      "lr": cfg.lr, "projection_radius": cfg.ibau_pert_norm}})
 
 
 def schema() -> dict:
