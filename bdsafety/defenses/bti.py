@@ -345,6 +345,14 @@ def train_generator(exp, model: nn.Module, G: UNetGenerator, mask: torch.Tensor,
 
 
 @torch.no_grad()
+def reinvert(exp, model: nn.Module, G: UNetGenerator, reserved: DeviceDataset, cfg, log: Callable, target: int):
+    """The one re-inversion of a round after the first (BTI-DBF(U) and PAM): re-learn the benign-feature mask
+    against the CURRENT model, then retrain G with it (and the CE to the detected ``target``). Returns (mask, G)."""
+    mask = learn_benign_mask(exp, model, reserved, cfg, log)
+    G = train_generator(exp, model, G, mask, reserved, cfg, log, target=target)
+    return mask, G
+
+
 def detect_target(exp, model: nn.Module, G: UNetGenerator, reserved: DeviceDataset, noise_std: float = 0.0,
                   batch_size: int = 1024, seed: int = 0) -> tuple[int, np.ndarray]:
     """(majority class of f(G(x)) over ``reserved``, votes per class). ``noise_std``: Gaussian noise in the model's

@@ -92,8 +92,7 @@ def bti_dbf(ctx) -> DefenseResult:
     for r in range(cfg.n_rounds):
         if r > 0 and cfg.retrain_generator:
             t0 = time.time()
-            mask = bti.learn_benign_mask(exp, model, reserved, cfg, log)
-            G = bti.train_generator(exp, model, G, mask, reserved, cfg, log, target=target)
+            mask, G = bti.reinvert(exp, model, G, reserved, cfg, log, target)
             log(f"round {r + 1}: mask re-learned and generator retrained against the current model ({time.time() - t0:.0f}s)")
             if cfg.earlystop:
                 t_now, votes = bti.detect_target(exp, model, G, reserved, noise_std=cfg.bti_detect_noise, seed=cfg.random_seed)

@@ -46,10 +46,10 @@ PAM_SCHEMA = {
                        "(interpolation form)", check=NONNEG),
     "pam_form": Option("normalized", "displacement: 'normalized' e = rho*d/||d|| or 'interpolation' e = rho*d, d = theta_bd - theta",
                        choices=FORMS),
-    "pam_bn": Option("clean", "BatchNorm running statistics: 'clean' (an extra no-grad forward at theta_t updates them, the "
-                              "displaced pass does not: they describe the weights that are kept), 'update' (official code: the "
-                              "displaced pass updates them), 'freeze' (never updated: they stay the backdoored model's). The "
-                              "weights are the same in all three; 'clean' gave the best C-Acc on the demo (README)", choices=BN_MODES),
+    "pam_bn": Option("update", "BatchNorm running statistics: 'update' (the official code: the displaced pass updates them), "
+                               "'clean' (an extra no-grad forward at theta_t updates them, the displaced pass does not: they "
+                               "describe the weights that are kept), 'freeze' (never updated: they stay the backdoored model's)",
+                     choices=BN_MODES),
     "p_rev": Option(0.2, "fraction of every batch replaced by backdoor-like samples with their TRUE labels", check=FRACTION),
     "pam_source": Option("inverted", "backdoor-like samples: 'inverted' = G(x) from BTI-DBF; 'real' = the attack's real poisoned "
                                      "training samples (oracle ablation: a defender does not have them)", choices=SOURCES),
@@ -60,7 +60,9 @@ PAM_SCHEMA = {
     "wd": Option(0.0, "PAM base optimizer (SGD) weight decay", check=NONNEG),
     "augment": Option(True, "random crop + horizontal flip of the reserved data during PAM tuning"),
     "augment_poison": Option(False, "pam_source real only, ablation: give the real poisoned samples the random crop / flip too"),
-    "retrain_generator": Option(True, "in rounds after the first, retrain G against the current model (with the target CE)"),
+    "retrain_generator": Option(True, "in rounds after the first, re-learn the benign mask and retrain G against the current "
+                                      "model (one re-inversion shared with BTI-DBF(U)); false = the official code, whose G "
+                                      "stays frozen after round 0"),
     "rho_sweep": Option(None, "comma-separated rho values: one run per value into defense/<save_name or pam>_rho<value>/, "
                               "all reusing one trigger inversion", type=float_list, check=NONNEG),
     "rho_select": Option("none", "after a rho sweep: 'val' picks one rho on the validation split (needs val_ratio > 0; "
@@ -234,7 +236,7 @@ def pam(ctx) -> DefenseResult:
         # --overwrite (or --bti_refresh) recomputes the inversion; a rho sweep does so only for its first value
         refresh = bool(getattr(cfg, "_bti_refresh", cfg.overwrite or cfg.bti_refresh))
         inv = bti.load_or_invert(exp, model, idx, reserved, cfg, log, refresh=refresh)
-        G = inv.generator
+        G, mask = inv.generator, inv.mask
         votes = [int(v) for v in (inv.votes.tolist() if torch.is_tensor(inv.votes) else list(inv.votes))]
         log(f"BTI-DBF detected target {inv.target} (true target {exp.target}); votes {votes}")
         extra.update(detected_target=int(inv.target), true_target=exp.target, target_votes=votes)
@@ -253,9 +255,10 @@ def pam(ctx) -> DefenseResult:
     for r in range(cfg.n_rounds):
         if r > 0 and inv is not None and cfg.retrain_generator:
             t0 = time.time()
-            G = _bti().train_generator(exp, model, G, inv.mask, reserved, cfg, log, target=inv.target)
+            mask, G = _bti().reinvert(exp, model, G, reserved, cfg, log, int(inv.target))
             batch_fn = mixing_batch_fn(exp.norm, cfg.p_rev, generator_replacer(G, _apply_generator))
-            log(f"round {r + 1}: generator retrained against the current model ({time.time() - t0:.0f}s)")
+            log(f"round {r + 1}: benign mask re-learned and generator retrained against the current model "
+                f"({time.time() - t0:.0f}s)")
         base = r * cfg.epochs
 
         def tag(epoch, row, base=base, r=r):
@@ -273,7 +276,7 @@ def pam(ctx) -> DefenseResult:
     if G is not None:
         artifacts["bti_generator.pt"] = {"generator": {k: v.detach().cpu() for k, v in G.state_dict().items()},
                                          "generator_config": dict(getattr(G, "config", {})),
-                                         "mask": inv.mask.detach().cpu() if torch.is_tensor(inv.mask) else inv.mask,
+                                         "mask": mask.detach().cpu() if torch.is_tensor(mask) else mask,
                                          "target": int(inv.target)}
     return DefenseResult(model, rows, artifacts=artifacts, info=extra, indices=indices)
 
