@@ -40,3 +40,31 @@ def test_dry_run_prints_and_runs_nothing(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "$ python attack/badnet.py" in out and "retune_attack/ra.py" in out
     assert not any(tmp_path.iterdir())
+
+
+def test_seeds_run_the_chain_per_seed_with_that_seed(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(demo, "_run", lambda args, log: calls.append(args))
+    monkeypatch.setattr(demo, "summarize_seeds", lambda roots, seeds, path: "")
+    assert demo.main(["--record_root", str(tmp_path), "--fresh", "--seeds", "0,2"]) == 0
+    roots = {a[a.index("--record_root") + 1] for a in calls}
+    assert roots == {str(tmp_path / "seed0"), str(tmp_path / "seed2")}
+    for args in calls:
+        if args[0] == "analysis/report.py":
+            continue
+        seeded = "--random_seed" in args and args[args.index("--random_seed") + 1] == "2"
+        assert seeded == args[args.index("--record_root") + 1].endswith("seed2"), args
+        parse_config(_schema(args[0]), args[1:])
+
+
+def test_summarize_seeds_gives_mean_and_range(tmp_path):
+    import pandas as pd
+
+    roots = []
+    for s, asr in ((0, 0.1), (1, 0.3)):
+        r = tmp_path / f"seed{s}" / "badnet_demo" / "report"
+        r.mkdir(parents=True)
+        pd.DataFrame({"model": ["fst"], "test_asr": [asr]}).set_index("model").to_csv(r / "report.csv")
+        roots.append(tmp_path / f"seed{s}")
+    md = demo.summarize_seeds(roots, [0, 1], tmp_path / "demo_seeds.md")
+    assert "| fst | 20.0 [10.0, 30.0] |" in md and (tmp_path / "demo_seeds.csv").is_file()

@@ -164,3 +164,22 @@ def test_pam_rho_selected_on_validation_only(demo_work):
         assert len(np.intersect1d(vidx, tidx)) == 0  # never trained on
         model = exp.load_model(load_model_result(out / "defense_result.pt")["model"])
         assert abs(val_accuracy(model, exp.train.subset(vidx), exp.norm) - meta["val_acc"]) < 1e-6
+
+
+def test_ra_budget_figure_from_its_command(demo_work, fst_after_ra):
+    """analysis/ra_budget.py: one RA run per (defense, poison_num), a tidy csv and the figure."""
+    import pandas as pd
+
+    from bdsafety.analysis.ra_budget import main as budget_main
+
+    rc = budget_main(["--result_file", str(demo_work.demo), "--defense", "fst", "--poison_nums", "1,3", "--no_progress",
+                      "--yaml_path", os.path.join(ROOT, "config/retune_attack/ra/demo.yaml")])
+    assert rc == 0
+    dest = demo_work.demo / "ra_budget"
+    t = pd.read_csv(dest / "ra_budget.csv")
+    assert set(t["poison_num"]) == {1, 3} and set(t["defense"]) == {"fst"}
+    assert (dest / "ra_budget.png").stat().st_size > 1000
+    for n in (1, 3):
+        idx = np.loadtxt(demo_work.demo / "defense" / "fst" / f"ra_budget_p{n}" / "log" / "poison_index.txt", ndmin=1)
+        assert len(idx) == n
+    assert budget_main(["--result_file", str(demo_work.demo), "--poison_nums", "0"]) == 2  # a clear error, exit 2
