@@ -202,6 +202,10 @@ def _cast(name: str, opt: Option, value, source: str):
         check_device_name(v)
     elif opt.kind == "folder_name":
         check_folder_name(v, name)
+    elif opt.kind == "index_file" and v is not None:
+        from bdsafety.experiment import read_index  # parseable, non-empty, non-negative, unique (range: at use)
+
+        read_index(v, None, flag=f"--{name}")
     return v
 
 

@@ -78,7 +78,12 @@ class Experiment:
         from bdsafety.models import load_state_dict_compat
 
         model = self.new_model()
-        load_state_dict_compat(model, state_dict)
+        try:
+            load_state_dict_compat(model, state_dict)
+        except ValueError as e:  # a damaged or foreign model file: the user's to fix, not a bug
+            from bdsafety.records import RecordError
+
+            raise RecordError(f"record {self.record_dir}: {e}") from None
         return model
 
     def backdoored_model(self) -> torch.nn.Module:

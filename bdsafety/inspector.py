@@ -12,12 +12,27 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bdsafety.records import list_defenses, load_attack_record, read_metrics_summary, resolve_record_dir
+from bdsafety.records import (RecordError, list_defenses, load_attack_record, read_metrics_summary, resolve_record_dir,
+                              summary_name)
 
 
-def _metrics_line(folder: Path, name: str) -> str:
+def check_model(rec) -> None:
+    """Build the record's model and load its weights strictly: a RecordError when no tool could use them."""
+    from bdsafety.models import build_model, load_state_dict_compat
+
+    try:
+        model = build_model(rec.model_name, rec.num_classes, tuple(rec.img_size))
+        load_state_dict_compat(model, rec.state_dict)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise RecordError(f"{rec.record_dir}: the model in attack_result.pt cannot be loaded as a {rec.model_name} with "
+                          f"{rec.num_classes} classes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the record "
+                          "is damaged or was written by other code: re-run the attack") from None
+
+
+def _metrics_line(folder: Path, name: str | None = None) -> str:
+    name = name or summary_name(folder)
     path = folder / f"{name}_df_summary.csv"
-    last = read_metrics_summary(folder, name) if path.is_file() else {}
+    last = read_metrics_summary(folder, name) if name and path.is_file() else {}
 
     def fmt(key: str) -> str:
         v = last.get(key)
@@ -38,6 +53,7 @@ def _inspect(argv: list[str] | None) -> None:
         rec = load_attack_record(record_dir, trust_record=args.trust_record)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+    check_model(rec)
 
     def show(v: Any) -> str:
         return "-" if v is None else str(v)
@@ -61,9 +77,10 @@ def _inspect(argv: list[str] | None) -> None:
     lines.append(f"defenses      {len(defenses) or 'none'}")
     for name in defenses:
         folder = record_dir / "defense" / name
-        lines.append(f"  {name:<12}{_metrics_line(folder, name)}")
-        if (folder / "ra").is_dir():
-            lines.append(f"  {name + ' +RA':<12}{_metrics_line(folder / 'ra', 'ra')}")
+        lines.append(f"  {name:<12}{_metrics_line(folder)}")
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and summary_name(p)):
+            label = sub.name.upper() if sub.name in ("ra", "qra") else sub.name
+            lines.append(f"  {name + ' +' + label:<12}{_metrics_line(sub)}")
     print("\n".join(lines))
 
 

@@ -60,7 +60,8 @@ RA_SCHEMA = {
                             "redrawn each epoch"),
     "augment_poison": Option(False, "ablation: augment the poisoned samples too (the official RA does not: they keep the "
                                     "test transform, so a random crop never cuts the trigger away)"),
-    "save_name": Option("ra", "output folder name, created inside the defense folder (or the record for --defense none)"),
+    "save_name": Option("ra", "output folder name, created inside the defense folder (or the record for --defense none)",
+                        kind="folder_name"),
 }
 
 
