@@ -199,6 +199,9 @@ def resolve_targets(record_dir: Path, defense: str | None) -> list[RATarget]:
         if n == "none":
             out.append(RATarget("none", record_dir / "attack_result.pt", record_dir))
             continue
+        from bdsafety.config import check_folder_name
+
+        check_folder_name(n, "defense")  # a folder under defense/, never a path out of the record
         folder = record_dir / "defense" / n
         if not (folder / "defense_result.pt").is_file():
             what = "has no defense_result.pt (unfinished run?)" if folder.is_dir() else "does not exist"
