@@ -451,8 +451,13 @@ def summary_name(folder: str | os.PathLike) -> str | None:
 
 def resolve_record_dir(result_file: str | os.PathLike, record_root: str | os.PathLike = "./record") -> Path:
     """A record folder from a bare name (``<record_root>/<name>``) or a path to an existing folder."""
+    from bdsafety.outputs import recover
+
     given = Path(result_file)
     root = Path(record_root)
+    for cand in (given, root / given):  # a run killed while replacing the record may have left it aside
+        if not cand.exists() and cand.name not in ("", ".", ".."):
+            recover(cand)
     if given.is_dir():
         return given
     if (root / given).is_dir():
