@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -219,7 +220,9 @@ def read_index(path, n: int | None = None, flag: str = "--index") -> np.ndarray:
     if not p.is_file():
         raise ConfigError(f"{flag} {p}: file not found (give the index.txt of a previous run's log/ folder)")
     try:
-        raw = np.loadtxt(p, dtype=np.float64, ndmin=1)
+        with warnings.catch_warnings():  # an empty file: numpy warns, we raise the error below
+            warnings.simplefilter("ignore", UserWarning)
+            raw = np.loadtxt(p, dtype=np.float64, ndmin=1)
     except (ValueError, OSError) as e:
         raise ConfigError(f"{flag} {p}: not a list of integers, one per line ({str(e).splitlines()[0]})") from None
     if raw.size == 0:
