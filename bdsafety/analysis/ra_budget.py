@@ -61,10 +61,13 @@ def run(argv=None) -> Path:
                 rows.append({"defense": d, "poison_num": n, "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),
                              "test_acc": r.get("test_acc")})
     table = pd.DataFrame(rows)
+    from bdsafety.outputs import OutputFolder
+
     dest = rd / "ra_budget"
-    dest.mkdir(exist_ok=True)
-    atomic_write_text(dest / "ra_budget.csv", table.to_csv(index=False))
-    png = plot(table, dest / "ra_budget.png", rd.name)
+    with OutputFolder(dest, overwrite=True, what="RA-budget table") as folder:  # a table of the RA runs: replaced whole
+        atomic_write_text(folder.path / "ra_budget.csv", table.to_csv(index=False))
+        plot(table, folder.path / "ra_budget.png", rd.name)
+    png = dest / "ra_budget.png"
     print("P-ASR after the last RA epoch (rows: defense, columns: poison_num):")
     last = table[table["epoch"] == table["epoch"].max()].pivot(index="defense", columns="poison_num", values="test_asr")
     print((100 * last).round(1).to_string())
