@@ -121,6 +121,8 @@ def run_lmc(cfg) -> Path:
     if missing or not names:
         raise ConfigError(f"no defense folder {missing or ''} in {exp.record_dir / 'defense'}; available: {', '.join(available) or 'none'} "
                          f"(run e.g. python defense/fst.py --result_file {exp.record_dir.name} first)")
+    folder = OutputFolder(exp.record_dir / cfg.save_name, overwrite=cfg.overwrite, dependents=cfg.dependents,
+                          what="LMC output")  # refuse before computing
     alphas = cfg.alphas if cfg.alphas else np.linspace(0, 1, cfg.points)
     idx = reserved_indices(exp.data.train_y, cfg.ratio, seed=cfg.random_seed)
     reserved = exp.train.subset(idx)
@@ -131,7 +133,7 @@ def run_lmc(cfg) -> Path:
         curves[n] = lmc_path(exp, theta_def, theta_bd, alphas, cfg.bn, reserved, cfg.bn_batch_size, exp.progress)
         print(f"[lmc] {n}: ASR at alpha=0 {curves[n]['asr'].iloc[0]:.3f}, at alpha=0.5 "
               f"{np.interp(0.5, curves[n]['alpha'], curves[n]['asr']):.3f}, at alpha=1 {curves[n]['asr'].iloc[-1]:.3f}")
-    with OutputFolder(exp.record_dir / cfg.save_name, overwrite=cfg.overwrite, dependents=cfg.dependents, what="LMC output") as out:
+    with folder as out:
         table = pd.concat([df.assign(defense=n) for n, df in curves.items()], ignore_index=True)
         table.to_csv(out.path / "lmc.csv", index=False)
         plot_lmc(curves, out.path / "lmc.png", f"{exp.record_dir.name}: LMC (BN {cfg.bn})")

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdsafety.errors import DataError, OutputError
+from bdsafety.errors import DataError
 from bdsafety import engine
 from bdsafety.config import NONNEG, NONNEG_INT, POSITIVE, POS_INT, ConfigError, Option, int_list
 from bdsafety.registry import register
@@ -411,8 +411,7 @@ def run_qra(cfg: SimpleNamespace) -> Path:
         raise ConfigError("--defense must name ONE defense folder (or 'none'): QRA attacks one purified model per run")
     target_info = resolve_targets(exp.record_dir, cfg.defense)[0]
     dest = target_info.out_dir(cfg.save_name)
-    if dest.exists() and not cfg.overwrite:
-        raise OutputError(f"{dest} already exists; pass --overwrite to replace it, or --save_name to write beside it")
+    folder = OutputFolder(dest, overwrite=cfg.overwrite, dependents=cfg.dependents, what="QRA output")  # refuse early
     f_clean, clean_src = load_clean_reference(exp, cfg)
     ra_file = target_info.folder / cfg.ra_name / "ra_result.pt"
     if not ra_file.is_file():
@@ -470,7 +469,7 @@ def run_qra(cfg: SimpleNamespace) -> Path:
     compare.insert(0, "access", cfg.access)
     log("comparison (test set):\n" + compare.to_string(index=False))
 
-    with OutputFolder(dest, overwrite=cfg.overwrite, dependents=cfg.dependents, what="QRA output") as out:
+    with folder as out:
         state = {k: v.detach().cpu() for k, v in gen.state_dict().items()}
         atomic_torch_save({"state_dict": state, **gen.spec()}, out.path / "generator.pt")
         atomic_write_text(out.path / "qra_compare.csv", compare.to_csv(index=False))

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from bdsafety.errors import ConfigError, OutputError
+from bdsafety.errors import ConfigError
 from bdsafety import engine
 from bdsafety.config import AMOUNT, NONNEG, NONNEG_INT, POSITIVE, POS_INT, Option
 from bdsafety.registry import register
@@ -244,10 +244,9 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
     t_all = time.time()
     exp = open_experiment(cfg)
     targets = resolve_targets(exp.record_dir, cfg.defense)
-    for t in targets:  # fail before any training
-        if t.out_dir(cfg.save_name).exists() and not cfg.overwrite:
-            raise OutputError(f"{t.out_dir(cfg.save_name)} already exists; pass --overwrite to replace it, or "
-                                  f"--save_name to write beside it")
+    # fail before any training: an existing output without --overwrite, or results inside it without --dependents
+    folders = {t.name: OutputFolder(t.out_dir(cfg.save_name), overwrite=cfg.overwrite, dependents=cfg.dependents,
+                                    what="RA output") for t in targets}
     ra, warnings_ = build_ra_set(exp, cfg)
     header = [
         f"record {exp.record_dir.name}: {exp.model_name}, {exp.record.clean_data}, target {exp.target}",
@@ -276,7 +275,7 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
             log(f"epoch {r['epoch']}: {engine.format_metrics(r)}")
         log(f"ASR per epoch: {_asr_line(rows)}")
         dest = t.out_dir(cfg.save_name)
-        with OutputFolder(dest, overwrite=cfg.overwrite, dependents=cfg.dependents, what="RA output") as out:
+        with folders[t.name] as out:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             save_model_result(out.path / "ra_result.pt", state, exp.model_name, exp.num_classes)
             from bdsafety.records import atomic_write_text
