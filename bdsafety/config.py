@@ -111,7 +111,7 @@ class Option:
     choices: Sequence | None = None
     check: Check | None = None  # valid values of a number (or of each element of a list of numbers)
     nullable: bool | None = None  # may be None (default: only when the default is None)
-    kind: str | None = None  # 'device', 'folder_name', 'index_file': validated by name
+    kind: str | None = None  # 'device', 'folder_name', 'index_file', 'model': validated by name
     none_is_name: bool = False  # the string 'none' is a value (e.g. RA's --defense none), not a null
 
     def is_nullable(self) -> bool:
@@ -204,6 +204,13 @@ def _cast(name: str, opt: Option, value, source: str):
         check_device_name(v)
     elif opt.kind == "folder_name":
         check_folder_name(v, name)
+    elif opt.kind == "model" and v is not None:
+        from bdsafety.models.registry import MODEL_NAMES
+
+        if v not in MODEL_NAMES:
+            close = difflib.get_close_matches(str(v), MODEL_NAMES, n=1)
+            raise ConfigError(f"{source}: unknown model {v!r} for '{name}'." + (f" Did you mean '{close[0]}'?" if close else "")
+                              + f" Valid model names: {', '.join(MODEL_NAMES)}")
     elif opt.kind == "index_file" and v is not None:
         from bdsafety.experiment import read_index  # parseable, non-empty, non-negative, unique (range: at use)
 

@@ -26,7 +26,7 @@ RECORD_SCHEMA = {
     "result_file": Option(None, "record folder: a name under record_root, or a path"),
     "record_root": Option("./record", "folder holding record folders (e.g. a BackdoorBench checkout's record/)"),
     "dataset_path": Option(None, "folder holding <dataset>/ (default: from the record's data_path)"),
-    "model": Option(None, "expected model name; must match the record's (the record decides)"),
+    "model": Option(None, "expected model name; must match the record's (the record decides)", kind="model"),
     "device": Option("auto", "cpu, cuda, cuda:N or auto", kind="device"),
     "random_seed": Option(0, "seed for data subsets, init and batch order", check=SEED),
     "trust_record": Option(False, "allow full unpickling of record files (only for files you trust: a pickle can run code)"),

@@ -45,7 +45,7 @@ DATASET_CHOICES = ("cifar10", "cifar100", "gtsrb", "tiny", "imagefolder", "synth
 COMMON_ATTACK_SCHEMA = {
     "dataset": Option("cifar10", "clean dataset", choices=DATASET_CHOICES),
     "dataset_path": Option("./data", "folder holding <dataset>/ (BackdoorBench convention: --dataset_path ./data)"),
-    "model": Option("preactresnet18", "model registry name"),
+    "model": Option("preactresnet18", "model registry name", kind="model"),
     "pratio": Option(0.1, "fraction of training samples poisoned (0: clean reference model)", check=FRACTION),
     "attack_target": Option(0, "target label (all2one)", check=NONNEG_INT),
     "attack_label_trans": Option("all2one", "label transform", choices=LABEL_TRANS),
