@@ -176,9 +176,12 @@ def test_overwrite_attack_record_with_defense_folder(root):
     with pytest.raises(RecordError, match="records under") as e:  # the archive is not listed as a record
         resolve_record_dir("ghost", root)
     assert "tiny" in str(e.value) and ".archive" not in str(e.value)
-    run("defense", "ft", root)
+    (rec / "ra").mkdir()  # a dependent of the new record (RA of its own model, --defense none)
+    (rec / "ra" / "ra_df.csv").write_text("epoch\n0\n")
+    with pytest.raises(OutputError, match=r"\(ra/\)"):
+        run("attack", "badnet", root, "--overwrite")
     run("attack", "badnet", root, "--overwrite", "--dependents", "delete")
-    assert not (rec / "defense").exists() and len(list((root / ".archive").iterdir())) == 1
+    assert not (rec / "ra").exists() and len(list((root / ".archive").iterdir())) == 1
 
 
 def test_overwrite_defense_with_ra_and_qra(root):
@@ -193,9 +196,10 @@ def test_overwrite_defense_with_ra_and_qra(root):
     (old,) = (ft.parent / ".archive").iterdir()
     assert digest(old / "ra") == ra and (old / "qra" / "qra_df.csv").is_file()
     assert not (ft / "ra").exists() and list_defenses(root / "tiny") == ["ft"]
-    run("retune", "ra", root)
+    (ft / "ra").mkdir()
+    (ft / "ra" / "ra_df.csv").write_text("epoch\n0\n")
     run("defense", "ft", root, "--overwrite", "--dependents", "delete")
-    assert not (ft / "ra").exists()
+    assert not (ft / "ra").exists() and len(list((ft.parent / ".archive").iterdir())) == 1
 
 
 def test_existing_output_without_overwrite_is_refused_before_training(root):
