@@ -129,7 +129,6 @@ def test_output_folder_killed_at_each_point(tmp_path, point, had_old, expect):
     ("attack", "badnet", "write", "old"),
     ("attack", "badnet", "exchanged", "new"),
     ("defense", "ft", "train", "old"),
-    ("defense", "ft", "renamed", "old"),
     ("retune", "ra", "write", "old"),
 ])
 def test_killed_run_keeps_old_or_new_output_and_rerun_works(root, kind, name, point, survivor):
