@@ -1,9 +1,10 @@
 """Safe loading of third-party pickles and atomic writes: the two I/O rules every file of this project follows.
 
 - ``safe_torch_load``: record files (attack_result.pt, info.pickle, defense_result.pt) come from third parties and a
-  pickle can run code. They load with ``weights_only=True`` plus an allow-list of exactly the numpy types
-  BackdoorBench records contain; anything else is refused with an error saying whether the content is merely of an
-  unknown type or can execute code, and naming ``--trust_record``, the explicit opt-in for files you trust.
+  pickle can run code. They load with ``weights_only=True`` plus an allow-list of the numpy types this project and
+  BackdoorBench write (arrays, empty ones included, and scalars of every numeric and boolean dtype); anything else
+  is refused with an error saying whether the content is merely of an unknown type or would call something that
+  executes code, and naming ``--trust_record``, the explicit opt-in for files you trust (which warns before loading).
 - ``atomic_*``: a file is written to a temp file in the same folder, fsynced, then renamed into place, so no reader
   ever sees half a file.
 """
@@ -64,7 +65,9 @@ SAFE_DTYPES = (np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.i
 # naming one is an attack (or a very unusual file), not merely of an unknown type.
 _CODE_MODULES = ("os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "code", "codeop", "pty", "shutil",
                  "socket", "ctypes", "pickle", "_pickle", "marshal", "types", "webbrowser", "commands", "platform",
-                 "multiprocessing", "asyncio", "urllib", "http", "ftplib", "smtplib", "pdb", "timeit", "torch.hub")
+                 "multiprocessing", "asyncio", "urllib", "http", "ftplib", "smtplib", "pdb", "timeit", "torch.hub",
+                 "_posixsubprocess", "pydoc", "cProfile", "profile", "trace", "doctest", "bdb", "numpy.testing",
+                 "numpy.f2py", "numpy.distutils", "setuptools", "pip", "zipimport", "imp")
 _CODE_BUILTINS = ("eval", "exec", "compile", "__import__", "getattr", "setattr", "delattr", "open", "breakpoint",
                   "input", "execfile", "apply", "globals", "locals", "vars")
 
