@@ -32,7 +32,10 @@ def check_model(rec) -> None:
 def _metrics_line(folder: Path, name: str | None = None) -> str:
     name = name or summary_name(folder)
     path = folder / f"{name}_df_summary.csv"
-    last = read_metrics_summary(folder, name) if name and path.is_file() else {}
+    try:
+        last = read_metrics_summary(folder, name) if name and path.is_file() else {}
+    except RecordError as e:  # one damaged csv does not make the record unusable: say so on its line
+        return f"unreadable metrics ({str(e).split(';')[0]})"
 
     def fmt(key: str) -> str:
         v = last.get(key)
