@@ -142,20 +142,32 @@ def normalize_state_dict(state_dict: Mapping) -> dict[str, torch.Tensor]:
     prefix = "module."
     if sd and all(k.startswith(prefix) for k in sd):
         sd = {k[len(prefix):]: v for k, v in sd.items()}
-    out: dict[str, torch.Tensor] = {}
+    folded: dict[str, torch.Tensor] = {}  # X.weight from X.weight_orig * X.weight_mask
     for k, v in sd.items():
-        if k.endswith("_mask") and k[: -len("_mask")] + "_orig" in sd:
-            continue  # folded with its _orig below
         if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in sd:
-            base = k[: -len("_orig")]
-            mask = sd[base + "_mask"]
+            base, mask = k[: -len("_orig")], sd[k[: -len("_orig")] + "_mask"]
             if mask.shape != v.shape:
                 raise DataError(f"state_dict: pruning mask {base}_mask has shape {tuple(mask.shape)}, "
                                 f"but {k} has {tuple(v.shape)}")
-            k, v = base, v * mask.to(v.dtype)
+            folded[base] = v * mask.to(v.dtype)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(k: str, v: torch.Tensor) -> None:
         for old, new in VIT_MLP_RENAMES.items():
             k = k.replace(old, new)
         out[k] = v
+
+    for k, v in sd.items():
+        base = k.rsplit(".", 1)[0] + ".weight"
+        if k.endswith(".bias") and base in folded and base not in out:
+            put(base, folded[base])  # torch's order: weight before bias (prune appends weight_orig after it)
+        if k.endswith("_mask") and k[: -len("_mask")] in folded:
+            continue
+        if k.endswith("_orig") and k[: -len("_orig")] in folded:
+            if k[: -len("_orig")] not in out:
+                put(k[: -len("_orig")], folded[k[: -len("_orig")]])
+            continue
+        put(k, v)
     if "class_token" in out and "encoder.pos_embedding" in out:  # an unwrapped torchvision ViT
         out = {"1." + k: v for k, v in out.items()}
     return out
