@@ -43,13 +43,16 @@ def weights_cache_path(weights) -> Path:
 
 
 def _read_state_dict(path: Path) -> dict:
+    """A state_dict from a weights file: a plain state_dict, a checkpoint's ['state_dict'], or a BackdoorBench
+    result's ['model'] (safe loading: tensors and numpy values only)."""
+    from bdsafety.safeio import RecordError, safe_torch_load
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (any unreadable file is the user's to fix)
-        raise DataError(f"--pretrained {path}: not a readable torch weights file ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        obj = safe_torch_load(path)
+    except RecordError as e:
+        raise DataError(f"--pretrained: {e}") from None
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "model"):  # a checkpoint dict or a BackdoorBench attack_result.pt
+        for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
                 return obj[key]
     if not isinstance(obj, dict):
