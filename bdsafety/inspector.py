@@ -41,6 +41,23 @@ def _metrics_line(folder: Path, name: str | None = None) -> str:
     return "  ".join(f"{k} {fmt(k)}" for k in ("test_acc", "test_asr", "test_ra"))
 
 
+def _architecture_line(rec) -> str:
+    """Whether the weights are the architecture the record names (strict key/shape check), else what they look like."""
+    from bdsafety.models import MODEL_NAMES, identify_model
+    from bdsafety.models.registry import describe_match
+
+    try:
+        found = identify_model(rec.state_dict)
+    except (TypeError, ValueError) as e:
+        return f"unreadable weights ({e})"
+    n = sum(int(v.numel()) for v in rec.state_dict.values() if v.is_floating_point())
+    if rec.model_name in found:
+        return f"weights fit {rec.model_name} ({len(rec.state_dict)} tensors, {n:,} values)"
+    if rec.model_name not in MODEL_NAMES:
+        return f"{rec.model_name!r} is not a registered model. {describe_match(rec.state_dict)}"
+    return f"weights do NOT fit {rec.model_name}. {describe_match(rec.state_dict)}"
+
+
 def _inspect(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bdsafety.records", description="Summarize a BackdoorBench record.")
     parser.add_argument("record", help="record folder (or a bare name under ./record)")
@@ -64,6 +81,7 @@ def _inspect(argv: list[str] | None) -> None:
         f"record        {record_dir}",
         f"model         {rec.model_name}",
         f"dataset       {rec.clean_data} ({rec.data_path})",
+        f"architecture  {_architecture_line(rec)}",
         f"classes       {rec.num_classes}",
         f"img_size      {h}x{w}x{c}",
         f"attack        {show(rec.attack)}",
