@@ -61,7 +61,8 @@ def fraction(v) -> float:
 
 QRA_SCHEMA = {
     **RECORD_SCHEMA,
-    "defense": Option(None, "defense whose purified model is attacked (record/<rf>/defense/<name>/); 'none': the record's own model"),
+    "defense": Option(None, "defense whose purified model is attacked (record/<rf>/defense/<name>/); 'none': the record's own model",
+                     nullable=False),  # 'none' is a value here, not null
     "ra_name": Option("ra", "folder of that defense's RA model (retune_attack/ra.py --save_name)"),
     "clean_record": Option(None, "record (name under record_root, or path) whose attack_result.pt holds a clean reference "
                                  "model (made with --pratio 0)"),

@@ -46,7 +46,8 @@ RA_SEED_STREAM = 0x5241  # "RA"
 RA_SCHEMA = {
     **RECORD_SCHEMA,
     "defense": Option(None, "model(s) to retune: a defense folder name under record/<rf>/defense/, a comma list "
-                            "(ft,fst,pam), 'all' (every defense of the record) or 'none' (the record's own model)"),
+                            "(ft,fst,pam), 'all' (every defense of the record) or 'none' (the record's own model)",
+                     nullable=False),  # 'none' is a value here, not null
     "poison_source": Option(None, "record (name under record_root, or path) whose bd_train supplies the poisoned "
                                   "samples (default: the same record; needed for a clean reference record made with --pratio 0)"),
     "ratio": Option(0.02, "size of the RA set: ratio (<1) or count (>=1) of the training set, poisoned samples included", check=AMOUNT),

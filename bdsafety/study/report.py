@@ -83,12 +83,12 @@ def _plot(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, path: 
     return path
 
 
-def figures(plan, study_dir: Path) -> list:
+def figures(plan, study_dir: Path, valid: set | None = None) -> list:
     """[(caption, png path)]"""
     fig_dir = Path(study_dir) / "figures"
     out = []
-    ra = ra_curves(plan, study_dir)
-    lmc = lmc_curves(plan, study_dir) if "lmc" in plan.study.analyses else pd.DataFrame()
+    ra = ra_curves(plan, study_dir, valid)
+    lmc = lmc_curves(plan, study_dir, valid=valid) if "lmc" in plan.study.analyses else pd.DataFrame()
     for name, curves, x, y, xl, yl in (("ra", ra, "epoch", "test_asr", "RA epoch (0 = before)", "ASR (%)"),
                                        ("lmc", lmc, "alpha", "asr", "alpha (0 = defended, 1 = backdoored)", "ASR (%)")):
         if curves.empty:
@@ -101,7 +101,7 @@ def figures(plan, study_dir: Path) -> list:
     for j in plan.jobs:
         if j.kind == "retune" and j.method == "qra" and j.point["seed"] == min(plan.study.seeds):
             src = Path(study_dir) / j.key / "qra_examples.png"
-            if src.is_file():
+            if src.is_file() and (valid is None or j.key in valid):
                 dst = fig_dir / f"qra_{j.key.replace('/', '__')}.png"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)
@@ -109,9 +109,9 @@ def figures(plan, study_dir: Path) -> list:
     return out
 
 
-def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict) -> tuple[Path, Path]:
+def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: set | None = None) -> tuple[Path, Path]:
     study_dir = Path(study_dir)
-    figs = figures(plan, study_dir)
+    figs = figures(plan, study_dir, valid)
     head = [f"# Study {plan.study.name}", "", f"From `{plan.study.path}`. Jobs: {summary.get('line', '')}. "
             "Cells: percent, mean ± std over seeds (one value when one seed). P-ASR: ASR after the retuning attack.", ""]
     body = []

@@ -73,9 +73,15 @@ def _lmc(row: dict, folder: Path, an: str) -> None:
         row[f"{an}_acc_mid"] = float(np.interp(0.5, df["alpha"], df["clean_acc"]))
 
 
-def collect(plan, study_dir: Path) -> pd.DataFrame:
-    """The results table of a plan's grid from what is on disk now."""
+def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
+    """The results table of a plan's grid from what is on disk now. ``valid``: keys of the jobs whose outputs are
+    current (finished or up to date); outputs of other jobs (e.g. left from before a rerun that failed) read as NaN."""
     study_dir = Path(study_dir)
+
+    def ok(folder: Path) -> Path:
+        if valid is None or folder.relative_to(study_dir).as_posix() in valid:
+            return folder
+        return study_dir / ".missing"
     keys = plan.by_key()
     analyses = list(plan.study.analyses)
     rows = []
@@ -87,7 +93,7 @@ def collect(plan, study_dir: Path) -> pd.DataFrame:
         clean = next((k for k in keys if keys[k].point.get("role") == "clean" and keys[k].point["attack"] == p["attack"]
                       and keys[k].point["dataset"] == p["dataset"] and keys[k].point["model"] == p["model"]
                       and keys[k].point["seed"] == p["seed"]), None)
-        bd = _summary(rdir, "attack")
+        bd = _summary(ok(rdir), "attack")
         targets = [("none", rdir, "attack", rdir / "ra")]
         if clean:
             cdir = output_dir(study_dir, clean)
@@ -101,17 +107,17 @@ def collect(plan, study_dir: Path) -> pd.DataFrame:
             row = {"dataset": p["dataset"], "attack": p["attack"], "pratio": p["pratio"], "model": p["model"], "defense": name,
                    "seed": p["seed"], "record": rname}
             _stage(row, "o_backdoor", bd)
-            _stage(row, "o_robustness", _summary(folder, summary_name))
-            _stage(row, "p_robustness", _summary(ra_dir, "ra"))
-            _qra(row, folder / "qra")
+            _stage(row, "o_robustness", _summary(ok(folder), summary_name))
+            _stage(row, "p_robustness", _summary(ok(ra_dir), "ra"))
+            _qra(row, ok(folder / "qra"))
             for an in analyses:
-                _lmc(row, rdir / f"{an}_{name}", an)
-            row["attack_wall_s"] = _wall(folder if name == "clean" else rdir)
-            row["defense_wall_s"] = _wall(folder) if name not in ("none", "clean") else math.nan
-            row["ra_wall_s"] = _wall(ra_dir)
-            row["qra_wall_s"] = _wall(folder / "qra")
+                _lmc(row, ok(rdir / f"{an}_{name}"), an)
+            row["attack_wall_s"] = _wall(ok(folder if name == "clean" else rdir))
+            row["defense_wall_s"] = _wall(ok(folder)) if name not in ("none", "clean") else math.nan
+            row["ra_wall_s"] = _wall(ok(ra_dir))
+            row["qra_wall_s"] = _wall(ok(folder / "qra"))
             for an in analyses:
-                row[f"{an}_wall_s"] = _wall(rdir / f"{an}_{name}")
+                row[f"{an}_wall_s"] = _wall(ok(rdir / f"{an}_{name}"))
             missing = [s for s, k in (("attack", "o_backdoor_asr"), ("model", "o_robustness_asr")) if math.isnan(row[k])]
             if "ra" in plan.study.retune and math.isnan(row["p_robustness_asr"]):
                 missing.append("ra")
@@ -124,13 +130,12 @@ def timing_columns(df: pd.DataFrame) -> list:
     return [c for c in df.columns if c.endswith("_wall_s")]
 
 
-def ra_curves(plan, study_dir: Path) -> pd.DataFrame:
+def ra_curves(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
     """Long table of ASR / C-Acc per RA epoch: dataset, attack, pratio, model, defense, seed, epoch, test_asr, test_acc."""
     out = []
-    df = collect_targets(plan, study_dir)
-    for t in df:
+    for t in collect_targets(plan, study_dir):
         f = t["ra_dir"] / "ra_df.csv"
-        if f.is_file():
+        if f.is_file() and (valid is None or t["ra_key"] in valid):
             c = pd.read_csv(f)
             for _, r in c.iterrows():
                 out.append({**{k: t[k] for k in POINT}, "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),
@@ -138,11 +143,12 @@ def ra_curves(plan, study_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def lmc_curves(plan, study_dir: Path, analysis: str = "lmc") -> pd.DataFrame:
+def lmc_curves(plan, study_dir: Path, analysis: str = "lmc", valid: set | None = None) -> pd.DataFrame:
     out = []
     for t in collect_targets(plan, study_dir):
+        key = f"{t['record_dir'].name}/{analysis}_{t['defense']}"
         f = t["record_dir"] / f"{analysis}_{t['defense']}" / f"{analysis}.csv"
-        if f.is_file():
+        if f.is_file() and (valid is None or key in valid):
             c = pd.read_csv(f)
             for _, r in c.iterrows():
                 out.append({**{k: t[k] for k in POINT}, "alpha": float(r["alpha"]), "asr": r["asr"], "clean_acc": r["clean_acc"]})
@@ -158,6 +164,6 @@ def collect_targets(plan, study_dir: Path) -> list:
         base = {k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")}
         if j.kind == "retune" and j.method == "ra":
             rdir = output_dir(study_dir, p["record"])
-            out.append({**base, "defense": p["target"], "record_dir": rdir, "ra_dir": output_dir(study_dir, j.key),
+            out.append({**base, "defense": p["target"], "record_dir": rdir, "ra_dir": output_dir(study_dir, j.key), "ra_key": j.key,
                         "folder": output_dir(study_dir, j.key).parent})
     return out

@@ -54,13 +54,15 @@ def assess(plan: Plan, force: bool = False) -> tuple[dict, list, dict]:
         elif marker is None:
             why[j.key] = "new" if not (sd / j.key).exists() else "output without a finished marker"
         elif marker.get("id") != j.id:
-            why[j.key] = "config changed"
+            same = json.dumps(marker.get("config"), sort_keys=True, default=str) == json.dumps(j.config, sort_keys=True, default=str)
+            why[j.key] = "upstream config changed" if same else "config changed"
         else:
-            why[j.key] = "upstream changes"
+            why[j.key] = "upstream reran"
     return current, todo, why
 
 
-def print_plan(plan: Plan, todo: list, why: dict, out=sys.stdout) -> None:
+def print_plan(plan: Plan, todo: list, why: dict, out=None) -> None:
+    out = out or sys.stdout
     todo_keys = {j.key for j in todo}
     kinds: dict = {}
     print(f"study {plan.study.name}: {len(plan.jobs)} jobs ({len(plan.jobs) - len(todo)} up to date, {len(todo)} to run) "
@@ -79,7 +81,8 @@ def print_plan(plan: Plan, todo: list, why: dict, out=sys.stdout) -> None:
 
 def run_study(yaml_path: str, executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
               dry_run: bool = False, fresh: bool = False, progress: bool = True, record_root: str | None = None,
-              study_dir: str | None = None, out=sys.stdout) -> Outcome:
+              study_dir: str | None = None, out=None) -> Outcome:
+    out = out or sys.stdout
     if executor not in EXECUTORS:
         from bdsafety.errors import ConfigError
 
@@ -130,7 +133,8 @@ def run_study(yaml_path: str, executor: str = "local", ray_address: str | None =
     return oc
 
 
-def finish(oc: Outcome, executor: str, out=sys.stdout) -> None:
+def finish(oc: Outcome, executor: str, out=None) -> None:
+    out = out or sys.stdout
     from bdsafety.safeio import atomic_write_text
     from bdsafety.study.report import write_report
     from bdsafety.study.results import collect
@@ -138,13 +142,14 @@ def finish(oc: Outcome, executor: str, out=sys.stdout) -> None:
     sd, plan = oc.study_dir, oc.plan
     n = {s: len(oc.keys(s)) for s in ("ran", "done", "failed", "skipped")}
     line = f"{n['ran']} ran, {n['done']} up to date, {n['failed']} failed, {n['skipped']} skipped"
-    df = collect(plan, sd)
+    valid = {k for k, r in oc.results.items() if r.get("status") in ("done", "ran")}
+    df = collect(plan, sd, valid=valid)
     oc.results_csv = atomic_write_text(sd / "results.csv", df.to_csv(index=False))
     summary = {"line": line, "executor": executor, "wall_s": round(oc.wall_s, 1), "failed": oc.failed,
                "skipped": [r for r in oc.results.values() if r.get("status") == "skipped"],
                "jobs": {k: {kk: r.get(kk) for kk in ("status", "wall_s", "id", "log", "error")} for k, r in oc.results.items()},
                "notes": plan.notes}
-    md, html = write_report(plan, sd, df, summary)
+    md, html = write_report(plan, sd, df, summary, valid)
     oc.report = md
     atomic_write_text(sd / "study.json", json.dumps(summary, indent=1, default=str))
     print(f"study {plan.study.name}: {line} in {oc.wall_s:.0f}s", file=out)
