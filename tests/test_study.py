@@ -39,6 +39,7 @@ def _yaml(path: Path, **changes) -> Path:
 
 def _run(yaml_path, study_dir, **kw):
     out = io.StringIO()
+    kw.setdefault("threads", 1)  # = num_cpus of the tiny study's jobs on Ray: the same arithmetic on both executors
     oc = run_study(str(yaml_path), study_dir=str(study_dir), progress=False, out=out, **kw)
     return oc, out.getvalue()
 

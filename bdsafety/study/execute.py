@@ -75,10 +75,11 @@ class _Tee:
         return False
 
 
-def run_job(job_dict: dict, study_dir: str, upstream: dict) -> dict:
+def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None = None) -> dict:
     """Run one job (in this process) unless an upstream failed. ``upstream``: key -> result dict of each upstream
-    job ({'status': 'done'|'ran'|..., 'run': run id}). Returns this job's result dict; never raises for a job's own
-    error (the traceback goes to its log), only for Ctrl-C."""
+    job ({'status': 'done'|'ran'|..., 'run': run id}). ``threads``: torch threads of the job (default: the job's
+    num_cpus). Returns this job's result dict; never raises for a job's own error (the traceback goes to its log),
+    only for Ctrl-C."""
     from bdsafety.study.plan import Job
 
     job = Job.from_dict(job_dict)
@@ -91,7 +92,7 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict) -> dict:
     runs = {k: upstream[k]["run"] for k in job.deps}
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    threads = max(1, int(round(float(job.resources.get("num_cpus", 1)) or 1)))
+    threads = max(1, int(threads or round(float(job.resources.get("num_cpus", 1)) or 1)))
     import torch
 
     old_threads = torch.get_num_threads()

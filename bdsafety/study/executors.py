@@ -1,6 +1,7 @@
 """Executors: run the jobs that are not up to date, in dependency order.
 
-``local`` runs them one after the other in this process (nothing to start). ``ray`` makes each job a Ray task with
+``local`` runs them one after the other in this process (nothing to start), each with all of this machine's
+torch threads (``threads``; the study's num_cpus only matter on Ray). ``ray`` makes each job a Ray task with
 the resources the study yaml gives its kind (fractional GPUs let several small jobs share one device); a job's
 upstream results are passed to it as Ray object refs, so Ray starts it when they are ready and independent jobs
 run concurrently. Both call ``bdsafety.study.execute.run_job``, so they write the same outputs.
@@ -17,12 +18,15 @@ EXECUTORS = ("local", "ray")
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None]) -> dict:
+def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None], threads: int | None = None) -> dict:
+    import torch
+
     from bdsafety.study.execute import run_job
 
+    threads = threads or torch.get_num_threads()
     results = dict(current)
     for j in todo:
-        r = run_job(j.to_dict(), str(study_dir), {d: results[d] for d in j.deps if d in results})
+        r = run_job(j.to_dict(), str(study_dir), {d: results[d] for d in j.deps if d in results}, threads=threads)
         results[j.key] = r
         on_result(r)
     return results

@@ -81,7 +81,7 @@ def print_plan(plan: Plan, todo: list, why: dict, out=None) -> None:
 
 def run_study(yaml_path: str, executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
               dry_run: bool = False, fresh: bool = False, progress: bool = True, record_root: str | None = None,
-              study_dir: str | None = None, out=None) -> Outcome:
+              study_dir: str | None = None, out=None, threads: int | None = None) -> Outcome:
     out = out or sys.stdout
     if executor not in EXECUTORS:
         from bdsafety.errors import ConfigError
@@ -124,7 +124,7 @@ def run_study(yaml_path: str, executor: str = "local", ray_address: str | None =
         if executor == "ray" and todo:
             results = run_ray(todo, current, sd, on_result, address=ray_address, num_cpus=ray_num_cpus)
         else:
-            results = run_local(todo, current, sd, on_result)
+            results = run_local(todo, current, sd, on_result, threads=threads)
     finally:
         if bar is not None:
             bar.close()
@@ -176,10 +176,12 @@ def main(argv=None) -> int:
     p.add_argument("--study_dir", default=None, help="the study folder (default <record_root>/study_<name>)")
     p.add_argument("--dry_run", action="store_true", help="print the jobs (DAG, what would run and why) and their count")
     p.add_argument("--fresh", action="store_true", help="rerun every job")
+    p.add_argument("--threads", type=int, default=None, help="local executor: torch threads per job (default: all of this "
+                                                             "machine's); on Ray each job gets its num_cpus")
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
     if a.ray_address and a.executor != "ray":
         p.error("--ray_address needs --executor ray")
     oc = run_study(a.yaml_path, a.executor, a.ray_address, a.ray_num_cpus, a.dry_run, a.fresh, not a.no_progress,
-                   a.record_root, a.study_dir)
+                   a.record_root, a.study_dir, threads=a.threads)
     return 1 if oc.failed else 0
