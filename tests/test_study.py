@@ -148,3 +148,17 @@ def test_paper_grid_dry_run_lists_its_jobs(capsys):
     for a in {"ssba", "lc"} - set(attacks):
         assert f"attack '{a}' is not a registered attack" in out
     assert not Path("/nonexistent/record").exists()
+
+
+def test_study_yaml_typos_are_errors_naming_the_valid_keys(tmp_path):
+    from bdsafety.errors import ConfigError
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "defences": ["ft"]}))
+    with pytest.raises(ConfigError, match="Did you mean 'defenses'"):
+        load_study(bad)
+    y = _yaml(tmp_path / "tiny.yaml", ft={"epoch": 2})
+    with pytest.raises(ConfigError, match="ft has no key.*epoch.*valid: .*epochs"):
+        build_plan(load_study(y))
