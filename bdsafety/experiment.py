@@ -122,8 +122,10 @@ class Experiment:
         return self._train
 
     def bd_train(self) -> DeviceDataset:
-        """The attack's real poisoned training samples, with their backdoor labels."""
-        bd = self.record.bd_train
+        """The attack's real poisoned training samples, with their backdoor labels (cross samples skipped)."""
+        from bdsafety.pools import real_poisoned
+
+        bd = real_poisoned(self.record.bd_train, self.record.info)
         if bd is None or len(bd) == 0:
             raise DataError(
                 f"record {self.record_dir.name} has no poisoned training samples (bd_train is "

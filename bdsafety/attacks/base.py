@@ -82,7 +82,7 @@ COMMON_ATTACK_SCHEMA = {
 }
 
 # sub-folders a record writes itself; anything else in an existing record is a result computed from it
-RECORD_OWN = ("bd_train_dataset", "bd_test_dataset", "log")
+RECORD_OWN = ("bd_train_dataset", "bd_test_dataset", "cross_test_dataset", "log")
 
 
 @dataclass
@@ -195,8 +195,9 @@ class Attack:
                                bd_orig_y=torch.as_tensor(bd_test.orig_labels, device=dev))
 
     def train(self, model, train_x: np.ndarray, train_y: np.ndarray, bd_test: PoisonedSplit, *, batch_fn=None,
-              on_epoch_end=None) -> list[dict]:
-        """Train ``model`` on (train_x, train_y) with the config's optimizer and schedule; rows per epoch."""
+              on_epoch_end=None, augment: bool = True) -> list[dict]:
+        """Train ``model`` on (train_x, train_y) with the config's optimizer and schedule; rows per epoch.
+        ``augment=False``: no crop/flip before ``batch_fn`` (an attack that augments after poisoning, e.g. WaNet)."""
         from bdsafety import engine
         from bdsafety.data.device import DeviceDataset
 
@@ -207,7 +208,7 @@ class Attack:
         return engine.fit(
             model, DeviceDataset(train_x, train_y, self.ctx.device), norm=self.normalizer(), epochs=c.epochs,
             batch_size=c.batch_size, step_fn=engine.sgd_step(opt), scheduler=sched, optimizer=opt, batch_fn=batch_fn,
-            hflip=self.ctx.info.hflip, evalsets=self.evalsets(bd_test), eval_every=c.eval_every,
+            augment=augment, hflip=self.ctx.info.hflip, evalsets=self.evalsets(bd_test), eval_every=c.eval_every,
             eval_batch_size=c.eval_batch_size, generator=gen, desc=f"{self.name} {c.dataset}", progress=self.ctx.progress,
             on_epoch_end=on_epoch_end)
 
