@@ -205,12 +205,12 @@ def _cast(name: str, opt: Option, value, source: str):
     elif opt.kind == "folder_name":
         check_folder_name(v, name)
     elif opt.kind == "model" and v is not None:
-        from bdsafety.models.registry import MODEL_NAMES
+        from bdsafety.models.registry import _check_name  # the model registry's own check (unknown, unbuildable)
 
-        if v not in MODEL_NAMES:
-            close = difflib.get_close_matches(str(v), MODEL_NAMES, n=1)
-            raise ConfigError(f"{source}: unknown model {v!r} for '{name}'." + (f" Did you mean '{close[0]}'?" if close else "")
-                              + f" Valid model names: {', '.join(MODEL_NAMES)}")
+        try:
+            _check_name(v)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: '{name}': {e}") from None
     elif opt.kind == "index_file" and v is not None:
         from bdsafety.experiment import read_index  # parseable, non-empty, non-negative, unique (range: at use)
 

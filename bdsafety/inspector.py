@@ -20,8 +20,10 @@ def check_model(rec) -> None:
     """Build the record's model and load its weights strictly: a RecordError when no tool could use them."""
     from bdsafety.models import build_model, load_state_dict_compat
 
+    size = (rec.info or {}).get("model_input_size")
     try:
-        model = build_model(rec.model_name, rec.num_classes, tuple(rec.img_size))
+        model = build_model(rec.model_name, rec.num_classes, tuple(rec.img_size),
+                            input_size=None if size is None else int(size))
         load_state_dict_compat(model, rec.state_dict)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise RecordError(f"{rec.record_dir}: the model in attack_result.pt cannot be loaded as a {rec.model_name} with "
@@ -44,6 +46,23 @@ def _metrics_line(folder: Path, name: str | None = None) -> str:
     return "  ".join(f"{k} {fmt(k)}" for k in ("test_acc", "test_asr", "test_ra"))
 
 
+def _architecture_line(rec) -> str:
+    """Whether the weights are the architecture the record names (strict key/shape check), else what they look like."""
+    from bdsafety.models import MODEL_NAMES, identify_model
+    from bdsafety.models.registry import describe_match
+
+    try:
+        found = identify_model(rec.state_dict)
+    except (TypeError, ValueError) as e:
+        return f"unreadable weights ({e})"
+    n = sum(int(v.numel()) for v in rec.state_dict.values() if v.is_floating_point())
+    if rec.model_name in found:
+        return f"weights fit {rec.model_name} ({len(rec.state_dict)} tensors, {n:,} values)"
+    if rec.model_name not in MODEL_NAMES:
+        return f"{rec.model_name!r} is not a registered model. {describe_match(rec.state_dict)}"
+    return f"weights do NOT fit {rec.model_name}. {describe_match(rec.state_dict)}"
+
+
 def _inspect(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bdsafety.records", description="Summarize a BackdoorBench record.")
     parser.add_argument("record", help="record folder (or a bare name under ./record)")
@@ -56,7 +75,11 @@ def _inspect(argv: list[str] | None) -> None:
         rec = load_attack_record(record_dir, trust_record=args.trust_record)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
-    check_model(rec)
+    try:
+        check_model(rec)
+        unusable = None
+    except RecordError as e:  # print what the record holds (the architecture line says what the weights look like),
+        unusable = e          # then exit non-zero
 
     def show(v: Any) -> str:
         return "-" if v is None else str(v)
@@ -67,6 +90,7 @@ def _inspect(argv: list[str] | None) -> None:
         f"record        {record_dir}",
         f"model         {rec.model_name}",
         f"dataset       {rec.clean_data} ({rec.data_path})",
+        f"architecture  {_architecture_line(rec)}",
         f"classes       {rec.num_classes}",
         f"img_size      {h}x{w}x{c}",
         f"attack        {show(rec.attack)}",
@@ -85,6 +109,8 @@ def _inspect(argv: list[str] | None) -> None:
             label = sub.name.upper() if sub.name in ("ra", "qra") else sub.name
             lines.append(f"  {name + ' +' + label:<12}{_metrics_line(sub)}")
     print("\n".join(lines))
+    if unusable is not None:
+        raise unusable
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -339,7 +339,7 @@ def test_image_size_too_large_for_memory_is_refused_before_decoding(tmp_path):
 
 
 def test_unknown_model_name_is_refused_at_resolve_time(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown model 'presnet18'.*Did you mean 'resnet18'.*cnn_small"):
+    with pytest.raises(ConfigError, match=r"unknown model 'presnet18'.*did you mean .*'resnet18'.*cnn_small"):
         registry.get("attack", "badnet").parse(["--model", "presnet18", "--record_root", str(tmp_path)])
     with pytest.raises(ConfigError, match="unknown model 'x/y'"):
         registry.get("defense", "ft").parse(["--model", "x/y", "--result_file", "tiny"])
