@@ -175,16 +175,16 @@ def test_features_head_equal_torchvision_forward(name, size):
 
 # ------------------------------------------------------------------------------------------ bad input, pretrained, size
 def test_record_of_unknown_architecture_names_the_closest():
-    """A resnet50 whose last stage was renamed matches nothing: the error names resnet50 first and the keys that differ."""
+    """A wide_resnet50_2 whose last stage was renamed matches nothing: the error names wide_resnet50_2 first (resnet50
+    and resnext50_32x4d have the same key names; shapes break the tie) and the keys that differ."""
     with torch.device("meta"):
-        sd = build_model("resnet50", 10).state_dict()
-    sd = {k.replace("layer4.", "stage4."): v for k, v in sd.items()}
-    with torch.device("meta"):
+        sd = build_model("wide_resnet50_2", 10).state_dict()
         model = build_model("resnet50", 10)
+    sd = {k.replace("layer4.", "stage4."): v for k, v in sd.items()}
     with pytest.raises(DataError) as err:
         load_state_dict_compat(model, sd)
     msg = str(err.value)
-    assert "matches no registered model; closest: 'resnet50' (" in msg
+    assert "matches no registered model; closest: 'wide_resnet50_2' (260 of 320 keys shared" in msg
     assert "layer4.0.conv1.weight" in msg and "stage4.0.conv1.weight" in msg
 
 
