@@ -25,7 +25,7 @@ def test_sig_is_backdoorbench_sinusoid_clipped():
     x = np.full((2, 32, 32, 3), 100, np.uint8)
     y = apply_sig(x, delta=40, f=6)
     assert y.shape == x.shape and y.dtype == np.uint8 and x.max() == 100  # copy, input untouched
-    col = 40 * np.sin(2 * np.pi * np.arange(32) * 6 / 32)
+    col = (40 * np.sin(2 * np.pi * np.arange(32) * 6 / 32)).astype(np.float32).astype(np.float64)
     expect = np.clip(100 + col, 0, 255).astype(np.uint8)  # truncation as BackdoorBench
     assert (y == expect[None, None, :, None]).all()  # same in every row and channel
     assert np.abs(y.astype(int) - 100).max() == 40  # the amplitude (j = 4: sin(3 pi / 2) = -1)
@@ -52,7 +52,7 @@ def test_sig_run_refuses_a_too_small_target_class(tmp_path):
 def test_lc_four_corner_trigger():
     m = lc_corner_mask()
     assert m.shape == (32, 32) and set(np.unique(m)) == {-1.0, 0.0, 1.0} and (m != 0).sum() == 36
-    assert m[0, 0] == 1 and m[0, 1] == -1 and m[2, 2] == 1 and m[31, 31] == 1 and m[31, 29] == 1 and m[29, 31] == -1
+    assert m[0, 0] == 1 and m[0, 1] == -1 and m[2, 2] == 1 and m[31, 31] == 1 and m[31, 29] == 1 and m[29, 31] == 1 and m[29, 29] == -1 and m[31, 0] == 1 and m[29, 2] == -1
     assert (m[3:29] == 0).all() and (m[:, 3:29] == 0).all()
     x = np.full((3, 32, 32, 3), 128, np.uint8)
     y = apply_lc_corners(x, amplitude=1.0)
