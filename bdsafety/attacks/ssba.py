@@ -151,7 +151,7 @@ class SSBA(Attack):
         "ssba_max_residual": Option(8.0, "L_inf bound of the encoder's residual in pixel units (0-255)", check=POSITIVE),
         "ssba_steps": Option(3000, "encoder/decoder training steps", check=POS_INT),
         "ssba_batch_size": Option(64, "encoder/decoder training batch size", check=POS_INT),
-        "ssba_lr": Option(1e-3, "encoder/decoder Adam learning rate (cosine schedule)", check=POSITIVE),
+        "ssba_lr": Option(3e-3, "encoder/decoder Adam learning rate (cosine schedule)", check=POSITIVE),
         "ssba_image_weight": Option(10.0, "weight of the residual's MSE against the bit loss", check=NONNEG),
         "ssba_seed": Option(0, "seed of the encoder training (the encoder is cached per dataset and settings, not per "
                                "attack seed)", check=SEED),
