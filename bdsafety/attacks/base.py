@@ -46,6 +46,11 @@ COMMON_ATTACK_SCHEMA = {
     "dataset": Option("cifar10", "clean dataset", choices=DATASET_CHOICES),
     "dataset_path": Option("./data", "folder holding <dataset>/ (BackdoorBench convention: --dataset_path ./data)"),
     "model": Option("preactresnet18", "model registry name"),
+    "pretrained": Option(None, "backbone weights: a local file, or a torchvision weights name (DEFAULT, IMAGENET1K_V1) "
+                               "read from the local torch cache; the classifier is re-initialised for the classes",
+                         type=str),
+    "model_input_size": Option(None, "upsample every batch on the device to this square size inside the model (e.g. 224 "
+                                     "for ImageNet backbones; torchvision architectures only)", type=int, check=POS_INT),
     "pratio": Option(0.1, "fraction of training samples poisoned (0: clean reference model)", check=FRACTION),
     "attack_target": Option(0, "target label (all2one)", check=NONNEG_INT),
     "attack_label_trans": Option("all2one", "label transform", choices=LABEL_TRANS),
@@ -171,8 +176,10 @@ class Attack:
         from bdsafety import engine
         from bdsafety.models import build_model
 
-        return engine.prepare_model(build_model(self.cfg.model, self.ctx.num_classes, tuple(self.ctx.info.img_size)),
-                                    self.ctx.device)
+        c = self.cfg
+        model = build_model(c.model, self.ctx.num_classes, tuple(self.ctx.info.img_size), input_size=c.model_input_size,
+                            pretrained=c.pretrained)
+        return engine.prepare_model(model, self.ctx.device)
 
     def normalizer(self):
         from bdsafety.data.device import Normalizer

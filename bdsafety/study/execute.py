@@ -1,0 +1,141 @@
+"""Running one job, and knowing whether it has to run.
+
+A finished job leaves a marker ``<output>/log/study_job.json`` (written atomically, after the output folder was
+moved into place by the method's own safe output path) holding the job id, a fresh run id, and the run ids of
+the upstream outputs it read. A job is up to date when its marker has its id, its output file is there, and the
+upstream run ids it recorded are the current ones. So:
+  * a rerun skips finished jobs;
+  * a changed config changes the job id (and, through the upstream ids, the ids of everything downstream);
+  * a deleted (or externally replaced) output lost its marker, so it reruns, and its dependents see a new upstream
+    run id and rerun too;
+  * a kill leaves either no marker (the job reruns; the output path cleans the killed run's leftovers) or a complete
+    output with its marker.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+MARKER = "study_job.json"
+
+
+def output_dir(study_dir, key: str) -> Path:
+    return Path(study_dir) / key
+
+
+def log_path(study_dir, key: str) -> Path:
+    return Path(study_dir) / "logs" / (key.replace("/", "__") + ".log")
+
+
+def read_marker(study_dir, job) -> dict | None:
+    out = output_dir(study_dir, job.key)
+    p = out / "log" / MARKER
+    if not p.is_file() or (job.done_file and not (out / job.done_file).is_file()):
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def up_to_date(marker: dict | None, job, upstream_runs: dict) -> bool:
+    """``upstream_runs``: key -> current run id of each upstream job."""
+    if not marker or marker.get("id") != job.id:
+        return False
+    rec = marker.get("upstream") or {}
+    return all(rec.get(k) == upstream_runs.get(k) for k in job.deps) and all(upstream_runs.get(k) for k in job.deps)
+
+
+def _external_run(study_dir, key: str) -> str | None:
+    """Run id of an output not made by the study (a defense folder made elsewhere): its file's size and mtime."""
+    p = output_dir(study_dir, key) / "defense_result.pt"
+    if not p.is_file():
+        return None
+    st = p.stat()
+    return f"external-{st.st_size}-{st.st_mtime_ns}"
+
+
+class _Tee:
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, s):
+        self.f.write(s)
+        return len(s)
+
+    def flush(self):
+        self.f.flush()
+
+    def isatty(self):
+        return False
+
+
+def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None = None) -> dict:
+    """Run one job (in this process) unless an upstream failed. ``upstream``: key -> result dict of each upstream
+    job ({'status': 'done'|'ran'|..., 'run': run id}). ``threads``: torch threads of the job (default: the job's
+    num_cpus). Returns this job's result dict; never raises for a job's own error (the traceback goes to its log),
+    only for Ctrl-C."""
+    from bdsafety.study.plan import Job
+
+    job = Job.from_dict(job_dict)
+    log = log_path(study_dir, job.key)
+    res = {"key": job.key, "id": job.id, "log": str(log), "wall_s": 0.0}
+    bad = [k for k in job.deps if (upstream.get(k) or {}).get("status") not in ("done", "ran")]
+    if bad:
+        u = upstream.get(bad[0]) or {}
+        return {**res, "status": "skipped", "error": f"upstream {bad[0]} {u.get('status', 'missing')}"}
+    runs = {k: upstream[k]["run"] for k in job.deps}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    threads = max(1, int(threads or round(float(job.resources.get("num_cpus", 1)) or 1)))
+    import torch
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with open(log, "a") as f, contextlib.redirect_stdout(_Tee(f)), contextlib.redirect_stderr(_Tee(f)):
+            print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.kind} {job.method} -> {job.key} (id {job.id}, pid "
+                  f"{os.getpid()}, host {os.uname().nodename}, torch threads {threads})", flush=True)
+            try:
+                _run_method(job, study_dir)
+                out = output_dir(study_dir, job.key)
+                if job.done_file and not (out / job.done_file).is_file():
+                    raise RuntimeError(f"the job finished but {out / job.done_file} is missing")
+                run = uuid.uuid4().hex
+                wall = time.time() - t0
+                from bdsafety.safeio import atomic_write_text
+
+                atomic_write_text(out / "log" / MARKER, json.dumps(
+                    {"id": job.id, "run": run, "key": job.key, "kind": job.kind, "method": job.method, "upstream": runs,
+                     "wall_s": round(wall, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": job.config},
+                    indent=1, default=str))
+                print(f"=== done in {wall:.1f}s", flush=True)
+                return {**res, "status": "ran", "run": run, "wall_s": wall}
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # noqa: BLE001  (a job's failure must not stop the study)
+                traceback.print_exc()
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                return {**res, "status": "failed", "error": f"{type(e).__name__}: {msg}", "wall_s": time.time() - t0}
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_method(job, study_dir) -> None:
+    from bdsafety import registry
+    from bdsafety.config import config_dict, resolve
+    from bdsafety.errors import ConfigError
+    from bdsafety.study.plan import RUNTIME_KEYS
+
+    m = registry.get(job.kind, job.method)
+    cfg = resolve(m.schema(), job.yaml_path, job.overrides)
+    conf = {k: v for k, v in config_dict(cfg).items() if k not in RUNTIME_KEYS}
+    if json.dumps(conf, sort_keys=True, default=str) != json.dumps(job.config, sort_keys=True, default=str):
+        raise ConfigError(f"{job.yaml_path} changed after the study was planned; run the study again")
+    m.run_config(cfg)
+

@@ -1,0 +1,145 @@
+"""report.md and a self-contained report.html (PNG figures embedded) of a study, from results.csv and the records.
+
+Tables: per dataset / attack / pratio / model, one row per defense, mean ± std over seeds in percent of C-Acc and ASR
+at the paper's three stages (O-Backdoor, O-Robustness, P-Robustness) and QRA. Figures: ASR vs RA epoch, LMC paths,
+QRA examples (first seed).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from bdsafety.safeio import atomic_write_text
+from bdsafety.study.results import lmc_curves, ra_curves
+
+COLUMNS = (("O-Backdoor C-Acc", "o_backdoor_acc"), ("O-Backdoor ASR", "o_backdoor_asr"),
+           ("O-Robustness C-Acc", "o_robustness_acc"), ("O-Robustness ASR", "o_robustness_asr"),
+           ("P-Robustness C-Acc", "p_robustness_acc"), ("P-ASR (after RA)", "p_robustness_asr"),
+           ("QRA ASR", "qra_asr"), ("QRA ASR on clean model", "qra_clean_asr"))
+GROUP = ("dataset", "attack", "pratio", "model")
+
+
+def _cell(vals: pd.Series) -> str:
+    v = vals.dropna().astype(float)
+    if not len(v):
+        return "-"
+    if len(v) == 1:
+        return f"{100 * v.iloc[0]:.1f}"
+    return f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1):.1f}"
+
+
+def tables(df: pd.DataFrame) -> list:
+    """[(title, DataFrame of formatted cells)] per grid point."""
+    out = []
+    if df.empty:
+        return out
+    cols = [(lab, c) for lab, c in COLUMNS if c in df.columns and df[c].notna().any()]
+    for key, g in df.groupby(list(GROUP), sort=False):
+        title = " / ".join(f"{k} {v:g}" if isinstance(v, float) else f"{v}" for k, v in zip(GROUP, key))
+        rows = []
+        for d, gd in g.groupby("defense", sort=False):
+            rows.append({"defense": d, "seeds": len(gd), **{lab: _cell(gd[c]) for lab, c in cols}})
+        out.append((title, pd.DataFrame(rows)))
+    return out
+
+
+def _md_table(t: pd.DataFrame) -> str:
+    cols = list(t.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in t.iterrows()]
+    return "\n".join(lines)
+
+
+def _slug(key) -> str:
+    return "_".join(f"{v:g}" if isinstance(v, float) else str(v) for v in key)
+
+
+def _plot(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, path: Path, title: str) -> Path | None:
+    if curves.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for d, g in curves.groupby("defense", sort=False):
+        m = g.groupby(x)[y].mean()
+        ax.plot(m.index, 100 * m.values, marker="o", ms=3, label=str(d))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def figures(plan, study_dir: Path, valid: set | None = None) -> list:
+    """[(caption, png path)]"""
+    fig_dir = Path(study_dir) / "figures"
+    out = []
+    ra = ra_curves(plan, study_dir, valid)
+    lmc = lmc_curves(plan, study_dir, valid=valid) if "lmc" in plan.study.analyses else pd.DataFrame()
+    for name, curves, x, y, xl, yl in (("ra", ra, "epoch", "test_asr", "RA epoch (0 = before)", "ASR (%)"),
+                                       ("lmc", lmc, "alpha", "asr", "alpha (0 = defended, 1 = backdoored)", "ASR (%)")):
+        if curves.empty:
+            continue
+        for key, g in curves.groupby(list(GROUP), sort=False):
+            what = "ASR under the retuning attack" if name == "ra" else "LMC: ASR along the defended -> backdoored path"
+            p = _plot(g, x, y, xl, yl, fig_dir / f"{name}_{_slug(key)}.png", f"{what}\n{_slug(key)} (mean over seeds)")
+            if p:
+                out.append((f"{what}: {_slug(key)}", p))
+    for j in plan.jobs:
+        if j.kind == "retune" and j.method == "qra" and j.point["seed"] == min(plan.study.seeds):
+            src = Path(study_dir) / j.key / "qra_examples.png"
+            if src.is_file() and (valid is None or j.key in valid):
+                dst = fig_dir / f"qra_{j.key.replace('/', '__')}.png"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+                out.append((f"QRA examples: {j.key}", dst))
+    return out
+
+
+def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: set | None = None) -> tuple[Path, Path]:
+    study_dir = Path(study_dir)
+    figs = figures(plan, study_dir, valid)
+    head = [f"# Study {plan.study.name}", "", f"From `{plan.study.path}`. Jobs: {summary.get('line', '')}. "
+            "Cells: percent, mean ± std over seeds (one value when one seed). P-ASR: ASR after the retuning attack.", ""]
+    body = []
+    for title, t in tables(df):
+        body += [f"## {title}", "", _md_table(t), ""]
+    fails = summary.get("failed", [])
+    if fails:
+        body += ["## Failed jobs", ""] + [f"- `{r['key']}`: {r.get('error', '')} (log: `{r.get('log', '')}`)" for r in fails] + [""]
+    if plan.notes:
+        body += ["## Notes", ""] + [f"- {n}" for n in plan.notes] + [""]
+    md = "\n".join(head + body + ["## Figures", ""] + [f"![{c}]({p.relative_to(study_dir)})" for c, p in figs]) + "\n"
+    md_path = atomic_write_text(study_dir / "report.md", md)
+    parts = [f"<h1>Study {html.escape(plan.study.name)}</h1>", f"<p>{html.escape(' '.join(head[2:]))}</p>"]
+    for title, t in tables(df):
+        parts += [f"<h2>{html.escape(title)}</h2>", t.to_html(index=False, escape=True, border=0)]
+    if fails:
+        parts += ["<h2>Failed jobs</h2><ul>"] + [f"<li><code>{html.escape(r['key'])}</code>: {html.escape(str(r.get('error', '')))} "
+                                                 f"(log <code>{html.escape(str(r.get('log', '')))}</code>)</li>" for r in fails] + ["</ul>"]
+    if plan.notes:
+        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in plan.notes] + ["</ul>"]
+    parts.append("<h2>Figures</h2>")
+    for c, p in figs:
+        b64 = base64.b64encode(p.read_bytes()).decode()
+        parts.append(f"<figure><img alt='{html.escape(c)}' src='data:image/png;base64,{b64}'><figcaption>{html.escape(c)}"
+                     f"</figcaption></figure>")
+    doc = ("<!doctype html><html><head><meta charset='utf-8'><title>Study " + html.escape(plan.study.name) + "</title><style>"
+           "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+           "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}figure{display:inline-block}</style></head><body>"
+           + "\n".join(parts) + "</body></html>\n")
+    html_path = atomic_write_text(study_dir / "report.html", doc)
+    return md_path, html_path

@@ -1,0 +1,169 @@
+"""results.csv: one tidy row per dataset / attack / pratio / model / defense / seed, read from the records.
+
+Rows: ``defense`` is 'none' (the backdoored model itself), 'clean' (the clean reference model, pratio 0) or a
+defense folder. Columns (fractions in [0, 1]; NaN where a stage was not run or failed):
+  o_backdoor_{acc,asr,ra}     the backdoored model (after the attack)
+  o_robustness_{acc,asr,ra}   after the defense (for 'none': the backdoored model; for 'clean': the clean model)
+  p_robustness_{acc,asr,ra}   after the retuning attack RA on that model (P-ASR = p_robustness_asr)
+  qra_asr_before, qra_asr, qra_acc, qra_clean_asr
+                              QRA: purified model's ASR without / with the learned perturbation (reactivation), its
+                              C-Acc with it, and the clean model's ASR with it (transfer; low = backdoor-specific)
+  lmc_asr_mid, lmc_acc_mid    ASR / C-Acc halfway (alpha 0.5) along the path defended -> backdoored model
+  <stage>_wall_s              wall time of each job (attack, defense, ra, qra, lmc), from the study's markers
+  status                      ok, or the stages missing
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bdsafety.study.execute import MARKER, output_dir
+
+METRICS = (("acc", "test_acc"), ("asr", "test_asr"), ("ra", "test_ra"))
+POINT = ("dataset", "attack", "pratio", "model", "defense", "seed")
+
+
+def _summary(folder: Path, name: str) -> dict:
+    from bdsafety.records import read_metrics_summary
+
+    try:
+        return read_metrics_summary(folder, name)
+    except Exception:
+        return {}
+
+
+def _wall(folder: Path) -> float:
+    try:
+        return float(json.loads((folder / "log" / MARKER).read_text())["wall_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.nan
+
+
+def _stage(row: dict, prefix: str, summary: dict) -> None:
+    for short, key in METRICS:
+        row[f"{prefix}_{short}"] = summary.get(key, math.nan)
+
+
+def _qra(row: dict, folder: Path) -> None:
+    row.update(qra_asr_before=math.nan, qra_asr=math.nan, qra_acc=math.nan, qra_clean_asr=math.nan)
+    f = folder / "qra_compare.csv"
+    if not f.is_file():
+        return
+    df = pd.read_csv(f)
+    df["delta"] = df["delta"].astype(str).str.lower() == "true"
+
+    def pick(model, delta, col):
+        s = df[(df["model"] == model) & (df["delta"] == delta)][col]
+        return float(s.iloc[0]) if len(s) else math.nan
+
+    row.update(qra_asr_before=pick("purified", False, "test_asr"), qra_asr=pick("purified", True, "test_asr"),
+               qra_acc=pick("purified", True, "test_acc"), qra_clean_asr=pick("clean_model", True, "test_asr"))
+
+
+def _lmc(row: dict, folder: Path, an: str) -> None:
+    row[f"{an}_asr_mid"] = row[f"{an}_acc_mid"] = math.nan
+    f = folder / f"{an}.csv"
+    if f.is_file():
+        df = pd.read_csv(f).sort_values("alpha")
+        row[f"{an}_asr_mid"] = float(np.interp(0.5, df["alpha"], df["asr"]))
+        row[f"{an}_acc_mid"] = float(np.interp(0.5, df["alpha"], df["clean_acc"]))
+
+
+def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
+    """The results table of a plan's grid from what is on disk now. ``valid``: keys of the jobs whose outputs are
+    current (finished or up to date); outputs of other jobs (e.g. left from before a rerun that failed) read as NaN."""
+    study_dir = Path(study_dir)
+
+    def ok(folder: Path) -> Path:
+        if valid is None or folder.relative_to(study_dir).as_posix() in valid:
+            return folder
+        return study_dir / ".missing"
+    keys = plan.by_key()
+    analyses = list(plan.study.analyses)
+    rows = []
+    for j in plan.jobs:
+        if j.point.get("role") != "attack":
+            continue
+        p = j.point
+        rname, rdir = j.key, output_dir(study_dir, j.key)
+        clean = next((k for k in keys if keys[k].point.get("role") == "clean" and keys[k].point["attack"] == p["attack"]
+                      and keys[k].point["dataset"] == p["dataset"] and keys[k].point["model"] == p["model"]
+                      and keys[k].point["seed"] == p["seed"]), None)
+        bd = _summary(ok(rdir), "attack")
+        targets = [("none", rdir, "attack", rdir / "ra")]
+        if clean:
+            cdir = output_dir(study_dir, clean)
+            targets.append(("clean", cdir, "attack", cdir / f"ra_{rname}"))
+        folders = [keys[k].point["target"] for k in keys if k.startswith(rname + "/defense/") and keys[k].kind == "defense"]
+        folders += [f for f in plan.study.external_defenses if f not in folders]
+        for f in folders:
+            d = rdir / "defense" / f
+            targets.append((f, d, f, d / "ra"))
+        for name, folder, summary_name, ra_dir in targets:
+            row = {"dataset": p["dataset"], "attack": p["attack"], "pratio": p["pratio"], "model": p["model"], "defense": name,
+                   "seed": p["seed"], "record": rname}
+            _stage(row, "o_backdoor", bd)
+            _stage(row, "o_robustness", _summary(ok(folder), summary_name))
+            _stage(row, "p_robustness", _summary(ok(ra_dir), "ra"))
+            _qra(row, ok(folder / "qra"))
+            for an in analyses:
+                _lmc(row, ok(rdir / f"{an}_{name}"), an)
+            row["attack_wall_s"] = _wall(ok(folder if name == "clean" else rdir))
+            row["defense_wall_s"] = _wall(ok(folder)) if name not in ("none", "clean") else math.nan
+            row["ra_wall_s"] = _wall(ok(ra_dir))
+            row["qra_wall_s"] = _wall(ok(folder / "qra"))
+            for an in analyses:
+                row[f"{an}_wall_s"] = _wall(ok(rdir / f"{an}_{name}"))
+            missing = [s for s, k in (("attack", "o_backdoor_asr"), ("model", "o_robustness_asr")) if math.isnan(row[k])]
+            if "ra" in plan.study.retune and math.isnan(row["p_robustness_asr"]):
+                missing.append("ra")
+            row["status"] = "ok" if not missing else "missing " + ",".join(missing)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def timing_columns(df: pd.DataFrame) -> list:
+    return [c for c in df.columns if c.endswith("_wall_s")]
+
+
+def ra_curves(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
+    """Long table of ASR / C-Acc per RA epoch: dataset, attack, pratio, model, defense, seed, epoch, test_asr, test_acc."""
+    out = []
+    for t in collect_targets(plan, study_dir):
+        f = t["ra_dir"] / "ra_df.csv"
+        if f.is_file() and (valid is None or t["ra_key"] in valid):
+            c = pd.read_csv(f)
+            for _, r in c.iterrows():
+                out.append({**{k: t[k] for k in POINT}, "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),
+                            "test_acc": r.get("test_acc")})
+    return pd.DataFrame(out)
+
+
+def lmc_curves(plan, study_dir: Path, analysis: str = "lmc", valid: set | None = None) -> pd.DataFrame:
+    out = []
+    for t in collect_targets(plan, study_dir):
+        key = f"{t['record_dir'].name}/{analysis}_{t['defense']}"
+        f = t["record_dir"] / f"{analysis}_{t['defense']}" / f"{analysis}.csv"
+        if f.is_file() and (valid is None or key in valid):
+            c = pd.read_csv(f)
+            for _, r in c.iterrows():
+                out.append({**{k: t[k] for k in POINT}, "alpha": float(r["alpha"]), "asr": r["asr"], "clean_acc": r["clean_acc"]})
+    return pd.DataFrame(out)
+
+
+def collect_targets(plan, study_dir: Path) -> list:
+    """Every model of the grid whose robustness is measured: dict with the POINT keys, record_dir, folder, ra_dir."""
+    study_dir = Path(study_dir)
+    out = []
+    for j in plan.jobs:
+        p = j.point
+        base = {k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")}
+        if j.kind == "retune" and j.method == "ra":
+            rdir = output_dir(study_dir, p["record"])
+            out.append({**base, "defense": p["target"], "record_dir": rdir, "ra_dir": output_dir(study_dir, j.key), "ra_key": j.key,
+                        "folder": output_dir(study_dir, j.key).parent})
+    return out

@@ -1,0 +1,187 @@
+"""python analysis/run_study.py --yaml_path config/study/demo.yaml [--executor ray] [--dry_run]
+
+Expands the study's grid into jobs, runs those that are not up to date (new, config changed, output deleted, or
+downstream of one of those), skips the dependents of a failed job, then writes results.csv, report.md and
+report.html to the study folder, whose path it prints last. Exit status 1 when a job failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bdsafety.study.execute import read_marker, up_to_date
+from bdsafety.study.executors import EXECUTORS, run_local, run_ray
+from bdsafety.study.plan import Plan, build_plan
+from bdsafety.study.spec import load_study
+
+
+@dataclass
+class Outcome:
+    study_dir: Path
+    plan: Plan
+    results: dict  # key -> result dict (status done | ran | failed | skipped)
+    wall_s: float = 0.0
+    results_csv: Path | None = None
+    report: Path | None = None
+    keys_by_status: dict = field(default_factory=dict)
+
+    def keys(self, status: str) -> list:
+        return [k for k, r in self.results.items() if r.get("status") == status]
+
+    @property
+    def failed(self) -> list:
+        return [r for r in self.results.values() if r.get("status") == "failed"]
+
+
+def assess(plan: Plan, force: bool = False) -> tuple[dict, list, dict]:
+    """(results of up-to-date jobs, jobs to run in order, key -> why it runs)."""
+    sd = plan.study.study_dir
+    current, todo, why = {}, [], {}
+    for j in plan.jobs:
+        marker = None if force else read_marker(sd, j)
+        runs = {d: current[d]["run"] for d in j.deps if d in current}
+        if not force and all(d in current for d in j.deps) and up_to_date(marker, j, runs):
+            current[j.key] = {"key": j.key, "id": j.id, "status": "done", "run": marker["run"],
+                              "wall_s": marker.get("wall_s", 0.0)}
+            continue
+        todo.append(j)
+        if force:
+            why[j.key] = "forced (--fresh)"
+        elif marker is None:
+            why[j.key] = "new" if not (sd / j.key).exists() else "output without a finished marker"
+        elif marker.get("id") != j.id:
+            same = json.dumps(marker.get("config"), sort_keys=True, default=str) == json.dumps(j.config, sort_keys=True, default=str)
+            why[j.key] = "upstream config changed" if same else "config changed"
+        else:
+            why[j.key] = "upstream reran"
+    return current, todo, why
+
+
+def print_plan(plan: Plan, todo: list, why: dict, out=None) -> None:
+    out = out or sys.stdout
+    todo_keys = {j.key for j in todo}
+    kinds: dict = {}
+    print(f"study {plan.study.name}: {len(plan.jobs)} jobs ({len(plan.jobs) - len(todo)} up to date, {len(todo)} to run) "
+          f"in {plan.study.study_dir}", file=out)
+    for j in plan.jobs:
+        kinds[f"{j.kind} {j.method}"] = kinds.get(f"{j.kind} {j.method}", 0) + 1
+        state = f"RUN ({why[j.key]})" if j.key in todo_keys else "up to date"
+        res = ", ".join(f"{k}={v:g}" for k, v in j.resources.items())
+        deps = f" <- {', '.join(j.deps)}" if j.deps else ""
+        print(f"  [{j.id[:8]}] {j.kind:8s} {j.method:18s} {j.key}  ({res}) {state}{deps}", file=out)
+    print("jobs per method: " + ", ".join(f"{k} {v}" for k, v in kinds.items()), file=out)
+    for n in plan.notes:
+        print(f"note: {n}", file=out)
+    print(f"{len(plan.jobs)} jobs, {len(todo)} to run", file=out)
+
+
+def run_study(yaml_path: str, executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
+              dry_run: bool = False, fresh: bool = False, progress: bool = True, record_root: str | None = None,
+              study_dir: str | None = None, out=None, threads: int | None = None) -> Outcome:
+    out = out or sys.stdout
+    if executor not in EXECUTORS:
+        from bdsafety.errors import ConfigError
+
+        raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    t0 = time.time()
+    study = load_study(yaml_path, record_root=record_root, study_dir=study_dir)
+    plan = build_plan(study)
+    current, todo, why = assess(plan, force=fresh)
+    sd = study.study_dir
+    if dry_run:
+        print_plan(plan, todo, why, out)
+        return Outcome(sd, plan, current, 0.0)
+    sd.mkdir(parents=True, exist_ok=True)
+    for n in plan.notes:
+        print(f"note: {n}", file=out)
+    print(f"study {study.name}: {len(plan.jobs)} jobs, {len(plan.jobs) - len(todo)} up to date, {len(todo)} to run "
+          f"({executor} executor) in {sd}", file=out, flush=True)
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        from bdsafety import engine
+
+        bar = tqdm(total=len(todo), desc=f"study {study.name}", unit="job", disable=not engine.use_progress(True))
+    count = [0]
+
+    def on_result(r):
+        count[0] += 1
+        what = {"ran": f"done in {r.get('wall_s', 0):.0f}s", "failed": f"FAILED: {r.get('error', '')} (log {r.get('log')})",
+                "skipped": f"skipped: {r.get('error', '')}"}.get(r["status"], r["status"])
+        line = f"[study {count[0]}/{len(todo)} {time.time() - t0:5.0f}s] {r['key']}: {what}"
+        if bar is not None and not bar.disable:
+            bar.update(1)
+            bar.write(line, file=out)
+        else:
+            print(line, file=out, flush=True)
+
+    try:
+        if executor == "ray" and todo:
+            results = run_ray(todo, current, sd, on_result, address=ray_address, num_cpus=ray_num_cpus)
+        else:
+            results = run_local(todo, current, sd, on_result, threads=threads)
+    finally:
+        if bar is not None:
+            bar.close()
+    oc = Outcome(sd, plan, results, time.time() - t0)
+    finish(oc, executor, out)
+    return oc
+
+
+def finish(oc: Outcome, executor: str, out=None) -> None:
+    out = out or sys.stdout
+    from bdsafety.safeio import atomic_write_text
+    from bdsafety.study.report import write_report
+    from bdsafety.study.results import collect
+
+    sd, plan = oc.study_dir, oc.plan
+    n = {s: len(oc.keys(s)) for s in ("ran", "done", "failed", "skipped")}
+    line = f"{n['ran']} ran, {n['done']} up to date, {n['failed']} failed, {n['skipped']} skipped"
+    valid = {k for k, r in oc.results.items() if r.get("status") in ("done", "ran")}
+    df = collect(plan, sd, valid=valid)
+    oc.results_csv = atomic_write_text(sd / "results.csv", df.to_csv(index=False))
+    summary = {"line": line, "executor": executor, "wall_s": round(oc.wall_s, 1), "failed": oc.failed,
+               "skipped": [r for r in oc.results.values() if r.get("status") == "skipped"],
+               "jobs": {k: {kk: r.get(kk) for kk in ("status", "wall_s", "id", "log", "error")} for k, r in oc.results.items()},
+               "notes": plan.notes}
+    md, html = write_report(plan, sd, df, summary, valid)
+    oc.report = md
+    atomic_write_text(sd / "study.json", json.dumps(summary, indent=1, default=str))
+    print(f"study {plan.study.name}: {line} in {oc.wall_s:.0f}s", file=out)
+    for r in oc.failed:
+        print(f"  FAILED {r['key']}: {r.get('error', '')}\n    log: {r.get('log')}", file=out)
+    skipped = [r for r in oc.results.values() if r.get("status") == "skipped"]
+    if skipped:
+        print(f"  skipped because an upstream job failed: {', '.join(r['key'] for r in skipped)}", file=out)
+    for note in plan.notes:
+        print(f"  note: {note}", file=out)
+    print(f"results: {oc.results_csv}\nreport: {md} ({html.name})", file=out)
+    print(f"study folder: {sd}", file=out, flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="analysis/run_study.py", description=__doc__.split("\n")[0])
+    p.add_argument("--yaml_path", required=True, help="the study yaml, e.g. config/study/demo.yaml")
+    p.add_argument("--executor", default="local", choices=EXECUTORS, help="local (default: one job after the other, in this "
+                                                                         "process) or ray (jobs as Ray tasks)")
+    p.add_argument("--ray_address", default=None, help="join this Ray cluster (e.g. auto, or the head's ip:6379); default: "
+                                                       "start a local Ray instance")
+    p.add_argument("--ray_num_cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--record_root", default=None, help="folder holding the study folder (default: the yaml's, else ./record)")
+    p.add_argument("--study_dir", default=None, help="the study folder (default <record_root>/study_<name>)")
+    p.add_argument("--dry_run", action="store_true", help="print the jobs (DAG, what would run and why) and their count")
+    p.add_argument("--fresh", action="store_true", help="rerun every job")
+    p.add_argument("--threads", type=int, default=None, help="local executor: torch threads per job (default: all of this "
+                                                             "machine's); on Ray each job gets its num_cpus")
+    p.add_argument("--no_progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.ray_address and a.executor != "ray":
+        p.error("--ray_address needs --executor ray")
+    oc = run_study(a.yaml_path, a.executor, a.ray_address, a.ray_num_cpus, a.dry_run, a.fresh, not a.no_progress,
+                   a.record_root, a.study_dir, threads=a.threads)
+    return 1 if oc.failed else 0

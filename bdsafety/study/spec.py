@@ -1,0 +1,208 @@
+"""The study yaml: a grid of datasets x attacks x poison ratios x models x defenses x retuning attacks x analyses x seeds.
+
+    name: demo                      # the study folder: <record_root>/study_<name>/ (records, results.csv, report)
+    datasets: [synthetic]
+    models: [cnn_small]
+    attacks: [badnet]               # registered attack names ('all' = every registered attack)
+    pratios: [0.1]
+    seeds: [0]
+    clean_reference: true           # a clean record (the attack's own settings, pratio 0) per attack/dataset/model/seed
+    defenses: [fst, pam]            # registered defense names, or 'all'
+    external_defenses: []           # defense folders made elsewhere (e.g. by BackdoorBench) to retune/analyse as found
+    retune: [ra, qra]               # registered retuning attacks
+    qra_defenses: all               # which defenses QRA attacks (default: all of them)
+    analyses: [lmc]                 # registered analyses (one run per defense)
+    configs: {synthetic: demo}      # yaml of each method: config/<kind>/<method>/<name>.yaml; keys: a method, a kind,
+                                    # 'clean' or a dataset ('{dataset}' is replaced); default: the dataset's name
+    set:                            # key: value overrides of those yamls; keys: a kind, 'clean' or a method name
+      attack: {epochs: 20}          # (method beats 'clean' beats kind)
+    resources:                      # per job (Ray executor): 'default', a kind, 'clean' or a method name
+      default: {num_cpus: 1, num_gpus: 0}
+      defense: {num_cpus: 1, num_gpus: 0.25}
+
+Unknown keys are errors listing the valid ones; method names that are not registered (yet) are reported, with the
+jobs they would have made, instead of stopping the study (an attack being added by another branch resolves once
+it is merged).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bdsafety.config import check_folder_name, read_yaml
+from bdsafety.errors import ConfigError
+
+KINDS = ("attack", "defense", "retune", "analysis")
+RESOURCE_KEYS = ("num_cpus", "num_gpus")
+DEFAULT_RESOURCES = {"num_cpus": 1, "num_gpus": 0}
+
+_KEYS = {
+    "name": "study name: the study folder is <record_root>/study_<name>/",
+    "description": "free text",
+    "record_root": "folder holding the study folder (default ./record)",
+    "study_dir": "the study folder itself (default <record_root>/study_<name>)",
+    "dataset_path": "folder holding <dataset>/ (default ./data)",
+    "device": "device of every job: auto, cpu, cuda, cuda:N (default auto; on Ray each job sees the GPUs it was given)",
+    "datasets": "list of datasets",
+    "models": "list of model names",
+    "attacks": "list of registered attacks, or 'all'",
+    "pratios": "list of poison ratios",
+    "seeds": "list of seeds (every job of a grid point gets --random_seed <seed>)",
+    "clean_reference": "train a clean reference record per attack/dataset/model/seed (true/false)",
+    "defenses": "list of registered defenses, or 'all'",
+    "external_defenses": "defense folders already in the records (e.g. BackdoorBench's) to retune and analyse",
+    "retune": "list of retuning attacks (ra, qra)",
+    "qra_defenses": "defenses QRA attacks: a list or 'all' (default all)",
+    "analyses": "list of analyses (lmc)",
+    "configs": "which yaml each method reads (mapping; see bdsafety/study/spec.py)",
+    "set": "overrides of the method yamls (mapping of mappings)",
+    "resources": "num_cpus / num_gpus per job (mapping of mappings)",
+}
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path  # the yaml
+    study_dir: Path
+    dataset_path: Path
+    device: str
+    datasets: list
+    models: list
+    attacks: list
+    pratios: list
+    seeds: list
+    clean_reference: bool
+    defenses: list
+    external_defenses: list
+    retune: list
+    qra_defenses: list | None
+    analyses: list
+    configs: dict
+    set: dict
+    resources: dict
+    notes: list = field(default_factory=list)  # unregistered names and what they would have made
+
+    def config_name(self, kind: str, method: str, dataset: str, clean: bool = False) -> str:
+        """Name of the yaml under config/<kind dir>/<method>/ for this job."""
+        for key in (method, "clean" if clean else None, kind, dataset):
+            if key is not None and key in self.configs:
+                return str(self.configs[key]).format(dataset=dataset)
+        return "demo" if dataset == "synthetic" else dataset
+
+    def overrides(self, kind: str, method: str, clean: bool = False) -> dict:
+        out = dict(self.set.get(kind, {}))
+        if clean:
+            out.update(self.set.get("clean", {}))
+        out.update(self.set.get(method, {}))
+        return out
+
+    def job_resources(self, kind: str, method: str, clean: bool = False) -> dict:
+        out = dict(DEFAULT_RESOURCES)
+        for key in ("default", kind, "clean" if clean else None, method):
+            if key is not None:
+                out.update(self.resources.get(key, {}))
+        return out
+
+
+def _list(v, key: str) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return [v]
+
+
+def _mapping(v, key: str, nested: bool) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"study key '{key}' must be a mapping, got {v!r}")
+    if nested:
+        for k, sub in v.items():
+            if not isinstance(sub, dict):
+                raise ConfigError(f"study key '{key}.{k}' must be a mapping of key: value, got {sub!r}")
+    return dict(v)
+
+
+def _resolve_names(kind: str, given: list, notes: list, what: str) -> list:
+    """Registered names of ``kind`` from ``given`` ('all' expands); unregistered ones become notes."""
+    from bdsafety import registry
+
+    available = registry.names(kind)
+    out = []
+    for n in given:
+        n = str(n)
+        if n == "all":
+            out += [a for a in available if a not in out]
+            continue
+        try:
+            m = registry.get(kind, n)
+        except ConfigError:
+            close = difflib.get_close_matches(n, available, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else " (not registered yet: its jobs appear once it is merged)"
+            notes.append(f"{what} '{n}' is not a registered {kind}{hint}; registered: {', '.join(available)}")
+            continue
+        if m.name not in out:
+            out.append(m.name)
+    return out
+
+
+def load_study(path: str | Path, record_root: str | None = None, study_dir: str | None = None) -> Study:
+    """Read and validate a study yaml; paths become absolute (jobs may run on other machines of a cluster)."""
+    path = Path(path)
+    data = read_yaml(path)
+    unknown = [k for k in data if k not in _KEYS]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, list(_KEYS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{path}: unknown key '{k}'.{hint} Valid keys: {', '.join(_KEYS)}")
+    name = check_folder_name(str(data.get("name") or path.stem), "name")
+    root = Path(record_root or data.get("record_root") or "./record")
+    sdir = Path(study_dir or data.get("study_dir") or root / f"study_{name}").resolve()
+    notes: list[str] = []
+    for key in ("datasets", "models", "attacks", "pratios", "seeds"):
+        if not _list(data.get(key), key):
+            raise ConfigError(f"{path}: '{key}' is required: a non-empty list")
+    pratios = []
+    for p in _list(data.get("pratios"), "pratios"):
+        try:
+            p = float(p)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: pratios must be numbers in (0, 1), got {p!r}") from None
+        if not 0 < p < 1:
+            raise ConfigError(f"{path}: pratios must be in (0, 1) (the clean reference is clean_reference: true), got {p}")
+        pratios.append(p)
+    seeds = []
+    for s in _list(data.get("seeds"), "seeds"):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ConfigError(f"{path}: seeds must be integers >= 0, got {s!r}")
+        seeds.append(s)
+    resources = _mapping(data.get("resources"), "resources", nested=True)
+    for k, r in resources.items():
+        for rk, rv in r.items():
+            if rk not in RESOURCE_KEYS:
+                raise ConfigError(f"{path}: resources.{k}: unknown key '{rk}'; valid: {', '.join(RESOURCE_KEYS)}")
+            if isinstance(rv, bool) or not isinstance(rv, (int, float)) or rv < 0:
+                raise ConfigError(f"{path}: resources.{k}.{rk} must be a number >= 0, got {rv!r}")
+    retune = _resolve_names("retune", _list(data.get("retune"), "retune"), notes, "retuning attack")
+    qra = data.get("qra_defenses", "all")
+    st = Study(
+        name=name, path=path, study_dir=sdir, dataset_path=Path(data.get("dataset_path") or "./data").resolve(),
+        device=str(data.get("device") or "auto"),
+        datasets=[str(d) for d in _list(data["datasets"], "datasets")], models=[str(m) for m in _list(data["models"], "models")],
+        attacks=_resolve_names("attack", _list(data["attacks"], "attacks"), notes, "attack"), pratios=pratios, seeds=seeds,
+        clean_reference=bool(data.get("clean_reference", True)),
+        defenses=_resolve_names("defense", _list(data.get("defenses"), "defenses"), notes, "defense"),
+        external_defenses=[check_folder_name(str(d), "external_defenses") for d in _list(data.get("external_defenses"), "")],
+        retune=retune, qra_defenses=None if qra == "all" else [str(d) for d in _list(qra, "qra_defenses")],
+        analyses=_resolve_names("analysis", _list(data.get("analyses"), "analyses"), notes, "analysis"),
+        configs={str(k): v for k, v in _mapping(data.get("configs"), "configs", nested=False).items()},
+        set=_mapping(data.get("set"), "set", nested=True), resources=resources, notes=notes)
+    if "qra" in st.retune and "ra" not in st.retune:
+        raise ConfigError(f"{path}: retune lists qra without ra: QRA needs each defense's RA model; add ra")
+    return st

@@ -1,0 +1,164 @@
+"""The study runner on a tiny grid (synthetic 300/100 images, cnn_small, 1 epoch everywhere): resume, reruns after a
+deleted output or a changed config, failure isolation, local vs Ray executors, and the paper grid's dry run."""
+import io
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from bdsafety import registry
+from bdsafety.study.runner import main, run_study
+from bdsafety.study.results import timing_columns
+
+ROOT = Path(__file__).resolve().parent.parent
+REC = "badnet_synthetic_cnn_small_p0.1_s0"
+CLEAN = "clean-badnet_synthetic_cnn_small_s0"
+TINY = {
+    "name": "tiny", "datasets": ["synthetic"], "models": ["cnn_small"], "attacks": ["badnet"], "pratios": [0.1], "seeds": [0],
+    "clean_reference": True, "defenses": ["ft"], "retune": ["ra", "qra"], "analyses": ["lmc"],
+    "set": {"attack": {"synthetic_n_train": 300, "synthetic_n_test": 100, "epochs": 1, "eval_every": 1},
+            "defense": {"epochs": 1, "ratio": 0.2},
+            "ra": {"epochs": 1, "ratio": 0.1, "poison_num": 5},
+            "qra": {"epochs": 1, "clean_num": 20, "poison_num": 10, "hidden": [16], "eval_every": 1, "grid_n": 2},
+            "lmc": {"points": 3, "ratio": 0.2}},
+}
+ALL_KEYS = {REC, CLEAN, f"{REC}/ra", f"{CLEAN}/ra_{REC}", f"{REC}/defense/ft", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra",
+            f"{REC}/lmc_ft"}
+
+
+def _yaml(path: Path, **changes) -> Path:
+    spec = yaml.safe_load(yaml.safe_dump(TINY))
+    for k, v in changes.items():
+        spec["set"][k] = {**spec["set"].get(k, {}), **v}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _run(yaml_path, study_dir, **kw):
+    out = io.StringIO()
+    kw.setdefault("threads", 1)  # = num_cpus of the tiny study's jobs on Ray: the same arithmetic on both executors
+    oc = run_study(str(yaml_path), study_dir=str(study_dir), progress=False, out=out, **kw)
+    return oc, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny study run once with the local executor: (yaml, study folder, outcome)."""
+    base = tmp_path_factory.mktemp("study")
+    y = _yaml(base / "tiny.yaml")
+    oc, text = _run(y, base / "study_tiny")
+    return y, base / "study_tiny", oc, text
+
+
+def _copy(tiny, tmp_path) -> Path:
+    dst = tmp_path / "study_tiny"
+    shutil.copytree(tiny[1], dst)
+    return dst
+
+
+def test_first_run_runs_every_job_and_writes_results(tiny):
+    _, sd, oc, text = tiny
+    assert set(oc.keys("ran")) == ALL_KEYS and not oc.failed
+    df = pd.read_csv(sd / "results.csv")
+    assert sorted(df["defense"]) == ["clean", "ft", "none"]
+    assert (df["status"] == "ok").all()
+    for col in ("o_backdoor_asr", "o_robustness_asr", "p_robustness_asr", "attack_wall_s", "ra_wall_s"):
+        assert df[col].notna().all(), col
+    ft = df[df["defense"] == "ft"].iloc[0]
+    assert not math.isnan(ft["qra_asr"]) and not math.isnan(ft["lmc_asr_mid"]) and ft["defense_wall_s"] > 0
+    # the backdoored model's own row: O-Robustness is the attacked model
+    none = df[df["defense"] == "none"].iloc[0]
+    assert none["o_robustness_asr"] == none["o_backdoor_asr"]
+    assert "data:image/png;base64," in (sd / "report.html").read_text()
+    assert "| ft | 1 |" in (sd / "report.md").read_text()
+    assert text.strip().splitlines()[-1] == f"study folder: {sd}"
+    # ordinary record folders that every entry point reads
+    assert (sd / REC / "defense" / "ft" / "defense_result.pt").is_file() and (sd / REC / "attack_result.pt").is_file()
+
+
+def test_second_run_runs_nothing(tiny, tmp_path):
+    y, _, _, _ = tiny
+    oc, _ = _run(y, _copy(tiny, tmp_path))
+    assert oc.keys("ran") == [] and set(oc.keys("done")) == ALL_KEYS
+
+
+def test_deleted_defense_reruns_only_it_and_its_dependents(tiny, tmp_path):
+    y, _, first, _ = tiny
+    sd = _copy(tiny, tmp_path)
+    shutil.rmtree(sd / REC / "defense" / "ft")
+    oc, _ = _run(y, sd)
+    assert set(oc.keys("ran")) == {f"{REC}/defense/ft", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra", f"{REC}/lmc_ft"}
+    assert set(oc.keys("done")) == ALL_KEYS - set(oc.keys("ran"))
+    assert oc.results[f"{REC}/defense/ft"]["id"] == first.results[f"{REC}/defense/ft"]["id"]  # same config, same id
+
+
+def test_changed_config_reruns_it_and_downstream(tiny, tmp_path):
+    sd = _copy(tiny, tmp_path)
+    y = _yaml(tmp_path / "tiny.yaml", ra={"lr": 0.02})
+    dry = io.StringIO()
+    run_study(str(y), study_dir=str(sd), dry_run=True, out=dry)
+    lines = dry.getvalue().splitlines()
+    assert any(f" {REC}/defense/ft/ra " in ln and "RUN (config changed)" in ln for ln in lines)
+    assert any(f" {REC}/defense/ft/qra " in ln and "RUN (upstream config changed)" in ln for ln in lines)
+    oc, _ = _run(y, sd)
+    assert set(oc.keys("ran")) == {f"{REC}/ra", f"{CLEAN}/ra_{REC}", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra"}
+
+
+def test_failing_job_skips_its_dependents_and_is_listed(tiny, tmp_path, capsys):
+    sd = _copy(tiny, tmp_path)
+    y = _yaml(tmp_path / "tiny.yaml", ra={"poison_num": 500})  # more poisoned samples than exist: fails at run time
+    assert main(["--yaml_path", str(y), "--study_dir", str(sd), "--no_progress"]) == 1
+    out = capsys.readouterr().out
+    ras = {f"{REC}/ra", f"{CLEAN}/ra_{REC}", f"{REC}/defense/ft/ra"}
+    import json
+
+    summary = json.loads((sd / "study.json").read_text())
+    assert {r["key"] for r in summary["failed"]} == ras
+    assert {r["key"] for r in summary["skipped"]} == {f"{REC}/defense/ft/qra"}
+    for r in summary["failed"]:
+        assert f"FAILED {r['key']}" in out and r["log"] in out
+        assert "Traceback" in Path(r["log"]).read_text() and "poison_num" in Path(r["log"]).read_text()
+    df = pd.read_csv(sd / "results.csv")
+    assert df["p_robustness_asr"].isna().all() and df["o_robustness_asr"].notna().all()
+
+
+def test_local_and_ray_give_the_same_results(tiny, tmp_path):
+    pytest.importorskip("ray")
+    y, sd_local, _, _ = tiny
+    oc, _ = _run(y, tmp_path / "study_tiny", executor="ray", ray_num_cpus=2)
+    assert set(oc.keys("ran")) == ALL_KEYS and not oc.failed
+    a, b = pd.read_csv(sd_local / "results.csv"), pd.read_csv(tmp_path / "study_tiny" / "results.csv")
+    assert timing_columns(a) and list(a.columns) == list(b.columns)
+    pd.testing.assert_frame_equal(a.drop(columns=timing_columns(a)), b.drop(columns=timing_columns(b)))
+
+
+def test_paper_grid_dry_run_lists_its_jobs(capsys):
+    attacks = [a for a in ("badnet", "blended", "ssba", "lc") if a in registry.names("attack")]
+    defenses = [d for d in ("exact_purification", "anp", "i_bau", "ft_sam", "fst", "bti_dbf", "pam") if d in registry.names("defense")]
+    assert main(["--yaml_path", str(ROOT / "config" / "study" / "paper_cifar10.yaml"), "--dry_run",
+                 "--record_root", "/nonexistent/record"]) == 0
+    out = capsys.readouterr().out
+    # per attack and seed: clean reference; per pratio (2): attack, RA on it and on the clean model, and per defense
+    # the defense, its RA, QRA and LMC
+    n = len(attacks) * 3 * (1 + 2 * (3 + 4 * len(defenses)))
+    assert out.strip().splitlines()[-1] == f"{n} jobs, {n} to run"
+    for a in {"ssba", "lc"} - set(attacks):
+        assert f"attack '{a}' is not a registered attack" in out
+    assert not Path("/nonexistent/record").exists()
+
+
+def test_study_yaml_typos_are_errors_naming_the_valid_keys(tmp_path):
+    from bdsafety.errors import ConfigError
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "defences": ["ft"]}))
+    with pytest.raises(ConfigError, match="Did you mean 'defenses'"):
+        load_study(bad)
+    y = _yaml(tmp_path / "tiny.yaml", ft={"epoch": 2})
+    with pytest.raises(ConfigError, match="ft has no key.*epoch.*valid: .*epochs"):
+        build_plan(load_study(y))
