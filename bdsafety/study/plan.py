@@ -204,11 +204,3 @@ def _topological(jobs: dict) -> list:
         visit(k)
     return out
 
-
-def dependents(plan: Plan) -> dict:
-    """key -> keys of the jobs that read from it (directly)."""
-    out = {j.key: [] for j in plan.jobs}
-    for j in plan.jobs:
-        for d in j.deps:
-            out[d].append(j.key)
-    return out
