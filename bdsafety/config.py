@@ -112,6 +112,7 @@ class Option:
     check: Check | None = None  # valid values of a number (or of each element of a list of numbers)
     nullable: bool | None = None  # may be None (default: only when the default is None)
     kind: str | None = None  # 'device', 'folder_name', 'index_file': validated by name
+    none_is_name: bool = False  # the string 'none' is a value (e.g. RA's --defense none), not a null
 
     def is_nullable(self) -> bool:
         return self.default is None if self.nullable is None else self.nullable
@@ -182,7 +183,8 @@ def _caster(opt: Option) -> Callable:
 
 
 def _cast(name: str, opt: Option, value, source: str):
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and opt.is_nullable()):
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")
+                          and opt.is_nullable() and not (opt.none_is_name and value.strip() == "none")):
         if not opt.is_nullable():
             raise ConfigError(f"{source}: '{name}' has no value; give one (default {opt.default!r}) or delete the line")
         return None
@@ -202,6 +204,10 @@ def _cast(name: str, opt: Option, value, source: str):
         check_device_name(v)
     elif opt.kind == "folder_name":
         check_folder_name(v, name)
+    elif opt.kind == "index_file" and v is not None:
+        from bdsafety.experiment import read_index  # parseable, non-empty, non-negative, unique (range: at use)
+
+        read_index(v, None, flag=f"--{name}")
     return v
 
 

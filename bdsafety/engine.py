@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bdsafety.errors import ConfigError
+from bdsafety.outputs import fault_point
 from bdsafety.data.device import DeviceDataset, Normalizer, iterate_batches
 
 
@@ -227,7 +228,10 @@ def fit(
                 tot_correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
                 bar.update(1)
-            train_loss = tot_loss.item() / max(1, seen)
+            if seen == 0:
+                raise TrainingDiverged(f"{desc}: epoch {epoch} made no optimizer step (no training batch); check the "
+                                       f"training data and batch size; nothing from this run was saved")
+            train_loss = tot_loss.item() / seen
             last_loss = float(loss)
             if not math.isfinite(last_loss) and math.isfinite(train_loss):
                 train_loss = last_loss  # the last step diverged: report it as the epoch's loss
@@ -249,6 +253,8 @@ def fit(
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
             rows.append(row)
+            if epoch == 1:
+                fault_point("train")
             bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "test_acc", "test_asr") if k in row and not math.isnan(row[k])})
     finally:
         bar.close()

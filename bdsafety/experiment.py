@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +28,8 @@ RECORD_SCHEMA = {
     "dataset_path": Option(None, "folder holding <dataset>/ (default: from the record's data_path)"),
     "model": Option(None, "expected model name; must match the record's (the record decides)"),
     "device": Option("auto", "cpu, cuda, cuda:N or auto", kind="device"),
+    "model_input_size": Option(None, "size the model upsamples every batch to (default: the record's model_input_size, "
+                                     "as the attack trained it)", type=int, check=POS_INT),
     "random_seed": Option(0, "seed for data subsets, init and batch order", check=SEED),
     "trust_record": Option(False, "allow full unpickling of record files (only for files you trust: a pickle can run code)"),
     "overwrite": Option(False, "replace an existing output folder"),
@@ -72,13 +75,28 @@ class Experiment:
     def new_model(self) -> torch.nn.Module:
         from bdsafety.models import build_model
 
-        return engine.prepare_model(build_model(self.model_name, self.num_classes, tuple(self.record.img_size)), self.device)
+        return engine.prepare_model(build_model(self.model_name, self.num_classes, tuple(self.record.img_size),
+                                                input_size=self.model_input_size), self.device)
+
+    @property
+    def model_input_size(self) -> int | None:
+        """The size the model upsamples inputs to: --model_input_size, else what the attack trained with (the
+        record's info), else None (the data's own size)."""
+        size = getattr(self.cfg, "model_input_size", None)
+        if size is None:
+            size = (self.record.info or {}).get("model_input_size")
+        return None if size is None else int(size)
 
     def load_model(self, state_dict) -> torch.nn.Module:
         from bdsafety.models import load_state_dict_compat
 
         model = self.new_model()
-        load_state_dict_compat(model, state_dict)
+        try:
+            load_state_dict_compat(model, state_dict)
+        except ValueError as e:  # a damaged or foreign model file: the user's to fix, not a bug
+            from bdsafety.records import RecordError
+
+            raise RecordError(f"record {self.record_dir}: {e}") from None
         return model
 
     def backdoored_model(self) -> torch.nn.Module:
@@ -104,8 +122,10 @@ class Experiment:
         return self._train
 
     def bd_train(self) -> DeviceDataset:
-        """The attack's real poisoned training samples, with their backdoor labels."""
-        bd = self.record.bd_train
+        """The attack's real poisoned training samples, with their backdoor labels (cross samples skipped)."""
+        from bdsafety.pools import real_poisoned
+
+        bd = real_poisoned(self.record.bd_train, self.record.info)
         if bd is None or len(bd) == 0:
             raise DataError(
                 f"record {self.record_dir.name} has no poisoned training samples (bd_train is "
@@ -214,7 +234,9 @@ def read_index(path, n: int | None = None, flag: str = "--index") -> np.ndarray:
     if not p.is_file():
         raise ConfigError(f"{flag} {p}: file not found (give the index.txt of a previous run's log/ folder)")
     try:
-        raw = np.loadtxt(p, dtype=np.float64, ndmin=1)
+        with warnings.catch_warnings():  # an empty file: numpy warns, we raise the error below
+            warnings.simplefilter("ignore", UserWarning)
+            raw = np.loadtxt(p, dtype=np.float64, ndmin=1)
     except (ValueError, OSError) as e:
         raise ConfigError(f"{flag} {p}: not a list of integers, one per line ({str(e).splitlines()[0]})") from None
     if raw.size == 0:

@@ -12,18 +12,50 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bdsafety.records import list_defenses, load_attack_record, read_metrics_summary, resolve_record_dir
+from bdsafety.records import (RecordError, list_defenses, load_attack_record, read_metrics_summary, resolve_record_dir,
+                              summary_name)
 
 
-def _metrics_line(folder: Path, name: str) -> str:
+def check_model(rec) -> None:
+    """Build the record's model and load its weights strictly: a RecordError when no tool could use them."""
+    from bdsafety.models import build_model, load_state_dict_compat
+
+    try:
+        model = build_model(rec.model_name, rec.num_classes, tuple(rec.img_size))
+        load_state_dict_compat(model, rec.state_dict)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise RecordError(f"{rec.record_dir}: the model in attack_result.pt cannot be loaded as a {rec.model_name} with "
+                          f"{rec.num_classes} classes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the record "
+                          "is damaged or was written by other code: re-run the attack") from None
+
+
+def _metrics_line(folder: Path, name: str | None = None) -> str:
+    name = name or summary_name(folder)
     path = folder / f"{name}_df_summary.csv"
-    last = read_metrics_summary(folder, name) if path.is_file() else {}
+    last = read_metrics_summary(folder, name) if name and path.is_file() else {}
 
     def fmt(key: str) -> str:
         v = last.get(key)
         return "-" if v is None or math.isnan(v) else f"{v:.4f}"
 
     return "  ".join(f"{k} {fmt(k)}" for k in ("test_acc", "test_asr", "test_ra"))
+
+
+def _architecture_line(rec) -> str:
+    """Whether the weights are the architecture the record names (strict key/shape check), else what they look like."""
+    from bdsafety.models import MODEL_NAMES, identify_model
+    from bdsafety.models.registry import describe_match
+
+    try:
+        found = identify_model(rec.state_dict)
+    except (TypeError, ValueError) as e:
+        return f"unreadable weights ({e})"
+    n = sum(int(v.numel()) for v in rec.state_dict.values() if v.is_floating_point())
+    if rec.model_name in found:
+        return f"weights fit {rec.model_name} ({len(rec.state_dict)} tensors, {n:,} values)"
+    if rec.model_name not in MODEL_NAMES:
+        return f"{rec.model_name!r} is not a registered model. {describe_match(rec.state_dict)}"
+    return f"weights do NOT fit {rec.model_name}. {describe_match(rec.state_dict)}"
 
 
 def _inspect(argv: list[str] | None) -> None:
@@ -38,6 +70,7 @@ def _inspect(argv: list[str] | None) -> None:
         rec = load_attack_record(record_dir, trust_record=args.trust_record)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+    check_model(rec)
 
     def show(v: Any) -> str:
         return "-" if v is None else str(v)
@@ -48,6 +81,7 @@ def _inspect(argv: list[str] | None) -> None:
         f"record        {record_dir}",
         f"model         {rec.model_name}",
         f"dataset       {rec.clean_data} ({rec.data_path})",
+        f"architecture  {_architecture_line(rec)}",
         f"classes       {rec.num_classes}",
         f"img_size      {h}x{w}x{c}",
         f"attack        {show(rec.attack)}",
@@ -61,9 +95,10 @@ def _inspect(argv: list[str] | None) -> None:
     lines.append(f"defenses      {len(defenses) or 'none'}")
     for name in defenses:
         folder = record_dir / "defense" / name
-        lines.append(f"  {name:<12}{_metrics_line(folder, name)}")
-        if (folder / "ra").is_dir():
-            lines.append(f"  {name + ' +RA':<12}{_metrics_line(folder / 'ra', 'ra')}")
+        lines.append(f"  {name:<12}{_metrics_line(folder)}")
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and summary_name(p)):
+            label = sub.name.upper() if sub.name in ("ra", "qra") else sub.name
+            lines.append(f"  {name + ' +' + label:<12}{_metrics_line(sub)}")
     print("\n".join(lines))
 
 

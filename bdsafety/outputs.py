@@ -28,6 +28,18 @@ from bdsafety.errors import OutputError
 
 DEPENDENTS = ("ask", "delete", "archive")
 _TAGS = (".tmp-", ".new-", ".old-")
+FAULT_ENV = "BDSAFETY_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Test hook: when the environment variable BDSAFETY_FAULT names this point, the process dies here at once
+    (``os._exit(99)``, no cleanup, like ``kill -9``). Points: 'train' (engine.fit, after the first epoch),
+    'write' (an output's temporary folder is being written), 'renamed' (the finished folder has its ``.new-``
+    name), 'exchanged' (it replaced the old output, which now has the ``.new-`` name), 'moved_old' (the old
+    output was set aside, the new one is not yet in place; the path taken where atomic exchange is unavailable,
+    or always with BDSAFETY_NO_EXCHANGE=1)."""
+    if os.environ.get(FAULT_ENV) == name:
+        os._exit(99)
 
 
 # ------------------------------------------------------------------------------------------- atomic exchange
@@ -49,7 +61,7 @@ _RENAME_EXCHANGE = 2
 
 def exchange(a: Path, b: Path) -> bool:
     """Atomically swap two existing paths (True), or return False where the OS cannot."""
-    if _RENAMEAT2 is None:
+    if _RENAMEAT2 is None or os.environ.get("BDSAFETY_NO_EXCHANGE"):
         return False
     rc = _RENAMEAT2(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE)
     return rc == 0
@@ -155,6 +167,7 @@ class OutputFolder:
         if exc_type is not None:
             shutil.rmtree(self.path, ignore_errors=True)
             return False
+        fault_point("write")
         self.commit()
         return False
 
@@ -167,12 +180,15 @@ class OutputFolder:
                     os.replace(self.dest / name, self.path / name)
         new = self.dest.parent / f".{self.dest.name}.new-{pid}-{time.time_ns() % 10**9}"
         os.replace(self.path, new)  # complete from here on: recover() may promote it
+        fault_point("renamed")
         if self.dest.exists():
             old = self.dest.parent / f".{self.dest.name}.old-{pid}-{time.time_ns() % 10**9}"
             if exchange(new, self.dest):
+                fault_point("exchanged")
                 os.replace(new, old)  # `new` now holds the previous output
             else:
                 os.replace(self.dest, old)
+                fault_point("moved_old")
                 os.replace(new, self.dest)
             if self.dependents == "archive":
                 archive = self.dest.parent / ".archive"

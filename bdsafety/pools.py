@@ -26,6 +26,10 @@ POOL_FILE = "pool_split.json"
 ATTACKER_FRACTION = 0.5  # share of the poisoned pool reserved for the attacker (RA, QRA); the rest is the defender's
 POOL_SEED = 20240917  # fixed: the split is a property of the record, not of a run
 PARTS = ("attacker", "defender")
+# info.pickle key: training indices of bd_train samples that are NOT poisoned (WaNet / Input-Aware cross samples,
+# stored in bd_train with their true label as BackdoorBench does; bdsafety.attacks.controlled)
+CROSS_KEY = "cross_train_index"
+CROSS_ATTACKS = ("wanet", "inputaware")  # attacks whose BackdoorBench records mix cross samples into bd_train
 
 
 def _digest(indices: np.ndarray) -> str:
@@ -102,6 +106,21 @@ def part_of(record_dir: Path, split: PoisonedSplit, part: str) -> PoisonedSplit:
     return sub
 
 
+def real_poisoned(split: PoisonedSplit | None, info: dict) -> PoisonedSplit | None:
+    """``split`` (a record's bd_train) without its cross samples: the indices under ``CROSS_KEY`` in info.pickle;
+    for a WaNet / Input-Aware record BackdoorBench wrote (no such key), every sample whose backdoor label equals its
+    true label (this drops the cross samples and, under all2one, the target-class backdoor samples too)."""
+    if split is None or len(split) == 0:
+        return split
+    if CROSS_KEY in info:
+        keep = np.setdiff1d(split.indices, np.asarray(info[CROSS_KEY], dtype=np.int64))
+    elif info.get("attack") in CROSS_ATTACKS:
+        keep = split.indices[split.bd_labels != split.orig_labels]
+    else:
+        return split
+    return restrict(split, keep)
+
+
 def poisoned_pool(exp, source: str | None = None, purpose: str = "RA", part: str | None = "attacker"):
     """(bd_train PoisonedSplit, source record folder) supplying real poisoned training samples.
 
@@ -118,7 +137,7 @@ def poisoned_pool(exp, source: str | None = None, purpose: str = "RA", part: str
         rec = exp.record if same else load_attack_record(src_dir, trust_record=exp.cfg.trust_record)
     else:
         src_dir, rec, same = exp.record_dir, exp.record, True
-    split = rec.bd_train
+    split = real_poisoned(rec.bd_train, rec.info)
     if split is None or len(split) == 0:
         why = ("bd_train is None: the attack stores no poisoned training samples (e.g. LIRA, Blind)" if split is None else
                "bd_train is empty: it was made with --pratio 0 (a clean reference record)")

@@ -35,7 +35,7 @@ from bdsafety.data.poisoned import PoisonedSplit
 __all__ = [
     "RecordError", "safe_torch_load", "atomic_torch_save", "atomic_write_text", "atomic_write_bytes",
     "write_metrics_csv", "read_metrics_summary", "save_attack_record", "AttackRecord", "load_attack_record",
-    "save_model_result", "load_model_result", "list_defenses", "resolve_record_dir", "main",
+    "save_model_result", "load_model_result", "list_defenses", "summary_name", "resolve_record_dir", "main",
 ]
 
 ATTACK_COMMAND = "python attack/badnet.py --yaml_path config/attack/badnet/demo.yaml --save_folder_name {name}"
@@ -310,20 +310,30 @@ def _load_split(state: Any, key: str, record_dir: Path, img_size: tuple, pt_path
     fmt = container.get("save_file_format", ".png")
     root = record_dir.parent.parent  # record_dir is <root>/record/<name>
     h, w, c = img_size
-    paths, bd_labels, orig_labels, missing = [], [], [], []
+    inside = record_dir.resolve()
+    paths, bd_labels, orig_labels, missing, foreign = [], [], [], [], []
     for i in poisoned:
         entry = lookup[int(i)]
         bd_label, orig_label = (int(x) for x in entry["other_info"][:2])
         candidate = record_dir / folder[0] / str(orig_label) / f"{int(i)}{fmt}"
         if not candidate.is_file():
             stored = _stored_location(str(entry["path"]), root)
-            if stored.is_file():
+            if stored.is_file() and stored.resolve().is_relative_to(inside):
                 candidate = stored
+            elif stored.is_file():  # another record's image: never train or evaluate on it silently
+                foreign.append(stored)
             else:
                 missing.append(candidate)
         paths.append(candidate)
         bd_labels.append(bd_label)
         orig_labels.append(orig_label)
+    if foreign:
+        src = foreign[0].parent.parent
+        raise RecordError(
+            f"{len(foreign)} of {len(poisoned)} poisoned {key} images of record {record_dir} are not inside it: their stored "
+            f"paths point into another folder ({src}, first: {foreign[0]}), which may belong to another record. Re-root the "
+            f"record: copy its own image folder into it (cp -r {src} {record_dir / folder[0]}) if that folder really is "
+            f"this record's, or re-run the attack")
     if missing:
         raise RecordError(f"{len(missing)} of {len(poisoned)} poisoned {key} images are missing, first: {missing[0]}; "
                           "copy the whole record folder (with its bd_*_dataset folders) or re-run the attack")
@@ -405,18 +415,54 @@ def list_defenses(record_dir: str | os.PathLike) -> list[str]:
     folder = Path(record_dir) / "defense"
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if (p / "defense_result.pt").is_file())
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / "defense_result.pt").is_file())
+
+
+def summary_name(folder: str | os.PathLike) -> str | None:
+    """The ``<name>`` of the metrics summary ``<name>_df_summary.csv`` of an output folder, or None when it has none.
+
+    A defense writes its summary under its own folder name (``pam``) even when the folder is named otherwise
+    (``--save_name my_pam``, PAM's rho sweep ``pam_rho0.5``): the folder's own name first, else the summary of the
+    method named in its config.yaml, else the only summary in the folder."""
+    folder = Path(folder)
+    if (folder / f"{folder.name}_df_summary.csv").is_file():
+        return folder.name
+    found = sorted(p.name[: -len("_df_summary.csv")] for p in folder.glob("*_df_summary.csv") if not p.name.startswith("."))
+    if len(found) == 1:
+        return found[0]
+    cfg = folder / "config.yaml"
+    if found and cfg.is_file():
+        import yaml
+
+        with contextlib.suppress(yaml.YAMLError, OSError, UnicodeDecodeError):
+            meta = yaml.safe_load(cfg.read_text()) or {}
+            for key in ("defense", "retune_attack", "analysis"):
+                name = meta.get(key) if isinstance(meta, dict) else None
+                if name is not None:
+                    from bdsafety import registry
+
+                    method = registry.by_folder("defense", str(name)) or next(
+                        (m for m in registry.methods() if m.name == str(name)), None)
+                    for cand in (str(name), getattr(method, "folder", None)):
+                        if cand in found:
+                            return cand
+    return None
 
 
 def resolve_record_dir(result_file: str | os.PathLike, record_root: str | os.PathLike = "./record") -> Path:
     """A record folder from a bare name (``<record_root>/<name>``) or a path to an existing folder."""
+    from bdsafety.outputs import recover
+
     given = Path(result_file)
     root = Path(record_root)
+    for cand in (given, root / given):  # a run killed while replacing the record may have left it aside
+        if not cand.exists() and cand.name not in ("", ".", ".."):
+            recover(cand)
     if given.is_dir():
         return given
     if (root / given).is_dir():
         return root / given
-    existing = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    existing = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
     listing = f"records under {root}: {', '.join(existing)}" if existing else f"there are no records under {root}"
     raise RecordError(f"record {str(result_file)!r} not found (neither {given} nor {root / given} is a folder); "
                       f"{listing}; {_missing_record_hint(given)}")

@@ -49,9 +49,34 @@ def _numpy_safe_globals() -> list:
     for fn in (ma._reconstruct, ma.scalar):
         for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
             entries.append((fn, f"{module}.{fn.__name__}"))
-    # unpickling a dtype ends with a BUILD on the dtype instance, which torch only allows for listed types
-    entries += [type(np.dtype(t)) for t in (np.int64, np.float64, np.int32)]
+    # unpickling a dtype ends with a BUILD on the dtype instance, which torch only allows for listed types: every
+    # numeric and boolean dtype (not object, whose elements could be anything)
+    entries += [type(np.dtype(t)) for t in SAFE_DTYPES]
+    # an EMPTY array pickles its (empty) buffer as the builtin ``bytes``: a type, harmless to call
+    entries.append(bytes)
     return entries
+
+
+SAFE_DTYPES = (np.bool_, np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64, np.int64,
+               np.float16, np.float32, np.float64, np.complex64, np.complex128)
+
+# Globals whose call runs code or commands, touches files, processes or the network, or imports modules: a pickle
+# naming one is an attack (or a very unusual file), not merely of an unknown type.
+_CODE_MODULES = ("os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "code", "codeop", "pty", "shutil",
+                 "socket", "ctypes", "pickle", "_pickle", "marshal", "types", "webbrowser", "commands", "platform",
+                 "multiprocessing", "asyncio", "urllib", "http", "ftplib", "smtplib", "pdb", "timeit", "torch.hub")
+_CODE_BUILTINS = ("eval", "exec", "compile", "__import__", "getattr", "setattr", "delattr", "open", "breakpoint",
+                  "input", "execfile", "apply", "globals", "locals", "vars")
+
+
+def can_execute_code(global_name: str) -> bool:
+    """Whether a refused pickle global (``posix.system``, ``builtins.eval``) executes code or commands when called."""
+    name = global_name.strip().strip("'\"<>").removeprefix("class ").strip("'\"")
+    module, _, attr = name.rpartition(".")
+    if module in ("builtins", "__builtin__", "__builtins__"):
+        return attr in _CODE_BUILTINS
+    return any(module == m or module.startswith(m + ".") for m in _CODE_MODULES) or (
+        module == "operator" and attr in ("attrgetter", "methodcaller"))
 
 
 _REFUSED_PATTERNS = (
@@ -111,6 +136,10 @@ def safe_torch_load(path: str | os.PathLike, trust_record: bool = False) -> Any:
                           "re-run the command that writes it, or copy the file again")
     try:
         if trust_record:
+            import sys
+
+            print(f"warning: --trust_record: loading {path} with full unpickling; any code it contains may run now",
+                  file=sys.stderr, flush=True)
             return torch.load(path, map_location="cpu", weights_only=False)
         return _weights_only_load(path, str(path))
     except UnpicklingError as e:
@@ -118,11 +147,18 @@ def safe_torch_load(path: str | os.PathLike, trust_record: bool = False) -> Any:
         if trust_record:
             raise RecordError(f"{path} could not be unpickled: {_weights_only_detail(msg)}") from None
         refused = next((m.group(1).strip() for p in _REFUSED_PATTERNS if (m := p.search(msg))), None)
+        if refused is not None and can_execute_code(refused):
+            raise RecordError(
+                f"{path} was refused by safe loading: it CAN EXECUTE CODE - unpickling it would call {refused}. Nothing "
+                "was run. Do not load it unless you made it yourself (then --trust_record, trust_record=True, allows "
+                "full unpickling); ask its author for a record of tensors and numpy arrays."
+            ) from None
         if refused is not None:
             raise RecordError(
-                f"{path} was refused by safe loading: it needs the global {refused}, which is not on the allow-list "
-                "(tensors, numpy arrays/scalars). A pickle can run code: if you trust this file, load it with "
-                "--trust_record (trust_record=True) to allow full unpickling."
+                f"{path} was refused by safe loading: it holds a value of an unknown type ({refused}), which is not on "
+                "the allow-list (tensors, numpy arrays/scalars, plain python values); nothing was run. Unpickling it "
+                "fully would import and run that type's code: if you trust this file, load it with --trust_record "
+                "(trust_record=True)."
             ) from None
         raise RecordError(
             f"{path} could not be read with safe loading ({_weights_only_detail(msg)}); it may be corrupt "

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bdsafety.data import datasets as ds
+from bdsafety.errors import DataError
 from bdsafety.data.datasets import CleanData, load_clean_dataset
 from bdsafety.data.info import DATASETS
 from tests.fake_datasets import (
@@ -339,7 +340,7 @@ def test_imagefolder_unreadable_image_is_named(tmp_path):
     bad = os.path.join(root, "test", "b", "broken.png")
     with open(bad, "wb") as f:
         f.write(b"this is not a png")
-    with pytest.raises(OSError, match="broken.png"):
+    with pytest.raises(DataError, match="broken.png"):
         load_clean_dataset("imagefolder", root)
     assert not os.path.exists(os.path.join(root, ".bdsafety_cache", "test_24x20.npz"))
 

@@ -304,7 +304,9 @@ def check_folder(folder, name, record):
 
 # Behaviour on the demo, as measured with the demo configs and seed 0 (numbers in the README section):
 # after-defense C-Acc / ASR: ft 0.999 / 0.918, lp 0.999 / 0.929, ft_sam 1.000 / 0.961 (the backdoor survives),
-# exact_purification 0.999 / 0.004, fst 0.974 / 0.006 (alpha 0.1; with the code default 0.2: 0.746 / 0.000),
+# exact_purification 0.999 / 0.004, fst 0.783 / 0.001 (the official alpha 0.2 of config/defense/fst/demo.yaml: FST
+# purifies the demo model but costs ~22 points of C-Acc at this data size; alpha 0.1, formerly chosen by looking at
+# test results, kept 0.974 / 0.006),
 # fe_tuning 0.599 / 0.000 (backdoor gone, but a re-initialised head is not re-learned to full accuracy in 80 steps),
 # ft_init 0.997 / 0.329 (partly purified).
 EXPECT = {
@@ -312,7 +314,7 @@ EXPECT = {
     "lp": dict(asr_min=0.5, max_drop=0.10),
     "ft_sam": dict(asr_min=0.5, max_drop=0.10),
     "exact_purification": dict(asr_max=0.2, max_drop=0.10),
-    "fst": dict(asr_max=0.2, max_drop=0.05),
+    "fst": dict(asr_max=0.2, max_drop=0.30),
     "fe_tuning": dict(asr_max=0.2, acc_min=0.4),
     "ft_init": dict(asr_max=0.6, max_drop=0.10),
 }

@@ -172,7 +172,7 @@ def test_ra_budget_figure_from_its_command(demo_work, fst_after_ra):
 
     from bdsafety.analysis.ra_budget import main as budget_main
 
-    rc = budget_main(["--result_file", str(demo_work.demo), "--defense", "fst", "--poison_nums", "1,3", "--no_progress",
+    rc = budget_main(["--result_file", str(demo_work.demo), "--defense", "fst", "--poison_nums", "1,3", "--no_progress", "--epochs", "2",
                       "--yaml_path", os.path.join(ROOT, "config/retune_attack/ra/demo.yaml")])
     assert rc == 0
     dest = demo_work.demo / "ra_budget"

@@ -209,13 +209,20 @@ def test_all2all_record(tmp_path):
     assert got.attack_label_trans == "all2all"
 
 
-def test_falls_back_to_stored_relative_path(tmp_path):
-    """A record folder without its PNGs still loads when './record/<orig>/...' exists under the same root."""
+def test_images_of_another_record_are_refused_with_how_to_reroot(tmp_path):
+    """A record folder copied without its PNGs whose stored paths ('./record/<orig>/...') point at another record's
+    images is refused (never trained or evaluated on silently); copying the image folders in, as the message says,
+    makes it load."""
     rec = make_bb_v22_record(tmp_path, "orig")
     copy = tmp_path / "record" / "copy"
     copy.mkdir()
     for f in ("attack_result.pt", "info.pickle"):
         shutil.copy(rec.record_dir / f, copy / f)
+    with pytest.raises(RecordError, match=r"not inside it.*Re-root.*cp -r") as e:
+        load_attack_record(copy)
+    assert str(rec.record_dir / "bd_train_dataset") in str(e.value)
+    for sub in ("bd_train_dataset", "bd_test_dataset"):
+        shutil.copytree(rec.record_dir / sub, copy / sub)
     assert_split_equal(load_attack_record(copy).bd_test, rec.bd_test)
 
 
@@ -453,8 +460,22 @@ def test_resolve_record_dir(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- inspector
 
+def _with_real_model(rec, model_name: str = "cnn_small"):
+    """Give a hand-made record the full weights of a registered model (the builders store a few tensors only, which
+    the inspector's strict load rightly refuses); returns the new state_dict."""
+    from bdsafety.models import build_model
+
+    path = rec.record_dir / "attack_result.pt"
+    result = torch.load(path, weights_only=False)
+    state = build_model(model_name, int(result["num_classes"]), tuple(result["img_size"])).state_dict()
+    result.update(model_name=model_name, model=state)
+    torch.save(result, path)
+    return state
+
+
 def test_inspector_prints_record_and_defenses(tmp_path, monkeypatch, capsys):
     rec = make_bb_v20_record(tmp_path)
+    _with_real_model(rec)
     defense = rec.record_dir / "defense"
     save_model_result(defense / "ft" / "defense_result.pt", rec.state_dict, "preactresnet18", 10)
     write_metrics_csv([{"epoch": 0, "test_acc": 0.8125, "test_asr": 0.0625, "test_ra": 0.75}], defense / "ft", "ft")
@@ -464,7 +485,7 @@ def test_inspector_prints_record_and_defenses(tmp_path, monkeypatch, capsys):
     assert main(["badnet_demo"]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip() and "+RA" not in line}
-    assert "preactresnet18" in lines["model"] and "cifar10" in lines["dataset"]
+    assert "cnn_small" in lines["model"] and "cifar10" in lines["dataset"]
     assert lines["classes"].split()[-1] == "10" and lines["img_size"].split()[-1] == "8x8x3"
     assert lines["target"].split()[-1] == "0" and lines["pratio"].split()[-1] == "0.1"
     assert "all2one" in out
@@ -489,6 +510,7 @@ def test_inspector_on_broken_record(tmp_path, monkeypatch, capsys):
 
 def test_inspector_refuses_untrusted_record_until_trusted(tmp_path, capsys):
     rec = make_bb_v22_record(tmp_path)
+    _with_real_model(rec)
     info = torch.load(rec.record_dir / "info.pickle", weights_only=False)
     info["extra"] = Benign(1)
     torch.save(info, rec.record_dir / "info.pickle")

@@ -33,7 +33,7 @@ LMC_SCHEMA = {
     "bn": Option("recompute", "BatchNorm buffers at each point", choices=("recompute", "interpolate")),
     "ratio": Option(0.05, "reserved clean data for BN statistics: ratio (<1) or count", check=AMOUNT),
     "bn_batch_size": Option(256, "batch size of the BN-statistics pass", check=POS_INT),
-    "save_name": Option("lmc", "output folder name under the record"),
+    "save_name": Option("lmc", "output folder name under the record", kind="folder_name"),
 }
 
 

@@ -41,6 +41,7 @@ def run(argv=None) -> Path:
     p.add_argument("--defense", default="fst,exact_purification,pam", help="comma list of defense folders")
     p.add_argument("--yaml_path", default="config/retune_attack/ra/demo.yaml", help="the RA config (epochs, lr, ...)")
     p.add_argument("--poison_nums", default="1,5,10,25")
+    p.add_argument("--epochs", type=int, default=None, help="RA epochs (default: the yaml's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
@@ -53,7 +54,8 @@ def run(argv=None) -> Path:
             out = rd / "defense" / d / f"ra_budget_p{n}"
             if not (out / "ra_df.csv").is_file():
                 ra_main(["--result_file", str(rd), "--defense", d, "--yaml_path", a.yaml_path, "--poison_num", str(n),
-                         "--save_name", out.name, "--device", a.device] + (["--no_progress"] if a.no_progress else []))
+                         "--save_name", out.name, "--device", a.device] + (["--no_progress"] if a.no_progress else [])
+                        + ([] if a.epochs is None else ["--epochs", str(a.epochs)]))
             df = pd.read_csv(out / "ra_df.csv")
             for _, r in df.iterrows():
                 rows.append({"defense": d, "poison_num": n, "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),

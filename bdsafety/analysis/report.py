@@ -13,21 +13,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from bdsafety.records import read_metrics_summary, resolve_record_dir
+from bdsafety.records import RecordError, read_metrics_summary, resolve_record_dir, summary_name
 
 METRICS = ("test_acc", "test_asr", "test_ra")
 
 
-def _summary(folder: Path, name: str) -> dict:
+def _summary(folder: Path, name: str | None = None) -> dict:
+    """The last metrics of ``folder`` ({} when it has none); ``name`` defaults to the summary the folder holds
+    (a defense's csv keeps the method's name under --save_name and in PAM's rho-sweep folders)."""
+    name = name or summary_name(folder)
+    if name is None or not (folder / f"{name}_df_summary.csv").is_file():
+        return {}
     try:
         return read_metrics_summary(folder, name)
-    except Exception:
+    except RecordError as e:
+        print(f"warning: {e}")
         return {}
 
 
-def _row(label: str, model_folder: Path, summary_name: str, ra_folder: Path) -> dict:
+def _row(label: str, model_folder: Path, name: str | None, ra_folder: Path) -> dict:
     row = {"model": label}
-    s = _summary(model_folder, summary_name)
+    s = _summary(model_folder, name)
     for k in METRICS:
         row[k] = s.get(k, math.nan)
     p = _summary(ra_folder, "ra")
@@ -46,7 +52,7 @@ def collect(result_file: str, record_root: str = "./record", clean_record: str |
     ddir = rd / "defense"
     if ddir.is_dir():
         for d in sorted(p for p in ddir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            rows.append(_row(d.name, d, d.name, d / "ra"))
+            rows.append(_row(d.name, d, None, d / "ra"))
     return pd.DataFrame(rows).set_index("model")
 
 
@@ -58,22 +64,30 @@ def ra_curves(result_file: str, record_root: str = "./record", clean_record: str
         found["Clean"] = resolve_record_dir(clean_record, record_root) / "ra"
     if (rd / "defense").is_dir():
         for d in sorted((rd / "defense").iterdir()):
-            found[d.name] = d / "ra"
+            if not d.name.startswith("."):
+                found[d.name] = d / "ra"
     return {k: pd.read_csv(v / "ra_df.csv") for k, v in found.items() if (v / "ra_df.csv").is_file()}
 
 
 def rho_sweep(result_file: str, record_root: str = "./record") -> pd.DataFrame:
-    """PAM's rho sweep (folders defense/pam_rho<value>/ from defense/pam.py --rho_sweep): one row per rho with
-    C-Acc/ASR/RA after PAM and p_* after the retuning attack where one was run; empty when there is no sweep."""
+    """PAM's rho sweep (folders defense/<save_name or pam>_rho<value>/ from defense/pam.py --rho_sweep): one row per
+    rho with C-Acc/ASR/RA after PAM and p_* after the retuning attack where one was run; empty when there is no sweep.
+    With sweeps under several save names, the row's ``sweep`` column tells them apart."""
+    import re
+
     rd = resolve_record_dir(result_file, record_root)
     rows = []
-    for d in sorted((rd / "defense").glob("pam_rho*")):
+    ddir = rd / "defense"
+    for d in sorted(ddir.iterdir()) if ddir.is_dir() else []:
+        m = re.match(r"^([^.].*)_rho([-+0-9.eE]+)$", d.name)
+        if not m or not d.is_dir():
+            continue
         try:
-            rho = float(d.name[len("pam_rho"):])
+            rho = float(m.group(2))
         except ValueError:
             continue
-        rows.append({"rho": rho, **{k: v for k, v in _row(d.name, d, d.name, d / "ra").items() if k != "model"}})
-    cols = ["rho", *METRICS, *(f"p_{k}" for k in METRICS)]
+        rows.append({"rho": rho, "sweep": m.group(1), **{k: v for k, v in _row(d.name, d, None, d / "ra").items() if k != "model"}})
+    cols = ["rho", "sweep", *METRICS, *(f"p_{k}" for k in METRICS)]
     return pd.DataFrame(rows, columns=cols).set_index("rho").sort_index()
 
 

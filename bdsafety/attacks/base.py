@@ -46,6 +46,11 @@ COMMON_ATTACK_SCHEMA = {
     "dataset": Option("cifar10", "clean dataset", choices=DATASET_CHOICES),
     "dataset_path": Option("./data", "folder holding <dataset>/ (BackdoorBench convention: --dataset_path ./data)"),
     "model": Option("preactresnet18", "model registry name"),
+    "pretrained": Option(None, "backbone weights: a local file, or a torchvision weights name (DEFAULT, IMAGENET1K_V1) "
+                               "read from the local torch cache; the classifier is re-initialised for the classes",
+                         type=str),
+    "model_input_size": Option(None, "upsample every batch on the device to this square size inside the model (e.g. 224 "
+                                     "for ImageNet backbones; torchvision architectures only)", type=int, check=POS_INT),
     "pratio": Option(0.1, "fraction of training samples poisoned (0: clean reference model)", check=FRACTION),
     "attack_target": Option(0, "target label (all2one)", check=NONNEG_INT),
     "attack_label_trans": Option("all2one", "label transform", choices=LABEL_TRANS),
@@ -77,7 +82,7 @@ COMMON_ATTACK_SCHEMA = {
 }
 
 # sub-folders a record writes itself; anything else in an existing record is a result computed from it
-RECORD_OWN = ("bd_train_dataset", "bd_test_dataset", "log")
+RECORD_OWN = ("bd_train_dataset", "bd_test_dataset", "cross_test_dataset", "log")
 
 
 @dataclass
@@ -171,8 +176,10 @@ class Attack:
         from bdsafety import engine
         from bdsafety.models import build_model
 
-        return engine.prepare_model(build_model(self.cfg.model, self.ctx.num_classes, tuple(self.ctx.info.img_size)),
-                                    self.ctx.device)
+        c = self.cfg
+        model = build_model(c.model, self.ctx.num_classes, tuple(self.ctx.info.img_size), input_size=c.model_input_size,
+                            pretrained=c.pretrained)
+        return engine.prepare_model(model, self.ctx.device)
 
     def normalizer(self):
         from bdsafety.data.device import Normalizer
@@ -188,8 +195,9 @@ class Attack:
                                bd_orig_y=torch.as_tensor(bd_test.orig_labels, device=dev))
 
     def train(self, model, train_x: np.ndarray, train_y: np.ndarray, bd_test: PoisonedSplit, *, batch_fn=None,
-              on_epoch_end=None) -> list[dict]:
-        """Train ``model`` on (train_x, train_y) with the config's optimizer and schedule; rows per epoch."""
+              on_epoch_end=None, augment: bool = True) -> list[dict]:
+        """Train ``model`` on (train_x, train_y) with the config's optimizer and schedule; rows per epoch.
+        ``augment=False``: no crop/flip before ``batch_fn`` (an attack that augments after poisoning, e.g. WaNet)."""
         from bdsafety import engine
         from bdsafety.data.device import DeviceDataset
 
@@ -200,7 +208,7 @@ class Attack:
         return engine.fit(
             model, DeviceDataset(train_x, train_y, self.ctx.device), norm=self.normalizer(), epochs=c.epochs,
             batch_size=c.batch_size, step_fn=engine.sgd_step(opt), scheduler=sched, optimizer=opt, batch_fn=batch_fn,
-            hflip=self.ctx.info.hflip, evalsets=self.evalsets(bd_test), eval_every=c.eval_every,
+            augment=augment, hflip=self.ctx.info.hflip, evalsets=self.evalsets(bd_test), eval_every=c.eval_every,
             eval_batch_size=c.eval_batch_size, generator=gen, desc=f"{self.name} {c.dataset}", progress=self.ctx.progress,
             on_epoch_end=on_epoch_end)
 

@@ -43,6 +43,52 @@ def apply_blended(images: np.ndarray, key: np.ndarray, alpha: float = 0.2) -> np
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+def sig_pattern(h: int, w: int, c: int = 3, delta: float = 40, f: float = 6) -> np.ndarray:
+    """SIG's horizontal sinusoid (Barni et al., 2019; BackdoorBench's sigTriggerAttack): float32 (H, W, C) with
+    value delta * sin(2 pi j f / W) at column j, the same in every row and channel."""
+    col = delta * np.sin(2 * np.pi * np.arange(w) * f / w)
+    return np.broadcast_to(col[None, :, None], (h, w, c)).astype(np.float32)
+
+
+def apply_sig(images: np.ndarray, delta: float = 40, f: float = 6) -> np.ndarray:
+    """image + the SIG sinusoid, clipped to [0, 255] and truncated to uint8 as BackdoorBench does."""
+    _check(images)
+    n, h, w, c = images.shape
+    out = images.astype(np.float32) + sig_pattern(h, w, c, delta, f)[None]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+# The label-consistent attack's "all-corners" trigger (Turner et al., 2019; BackdoorBench's
+# labelConsistentAttack): a 3x3 +/-1 checkerboard in each corner, defined on a 32x32 grid. Top-left block; the
+# bottom-left block is the same, both right-hand blocks are its left-right mirror.
+_LC_BLOCK = np.array([[1, -1, -1], [-1, 1, -1], [1, -1, 1]], dtype=np.float32)
+
+
+def lc_corner_mask(h: int = 32, w: int = 32) -> np.ndarray:
+    """float32 (H, W) map in {-1, 0, +1} of the four-corner trigger. Other sizes: the 32x32 map resized with
+    nearest neighbours (BackdoorBench does the same)."""
+    m = np.zeros((32, 32), dtype=np.float32)
+    m[:3, :3] = _LC_BLOCK
+    m[-3:, :3] = _LC_BLOCK
+    m[:3, -3:] = _LC_BLOCK[:, ::-1]
+    m[-3:, -3:] = _LC_BLOCK[:, ::-1]
+    if (h, w) == (32, 32):
+        return m
+    rows = np.floor(np.arange(h) * 32 / h).astype(int)
+    cols = np.floor(np.arange(w) * 32 / w).astype(int)
+    return m[rows][:, cols]
+
+
+def apply_lc_corners(images: np.ndarray, amplitude: float = 1.0) -> np.ndarray:
+    """image + 255 * amplitude * corner map, clipped (amplitude 1: the +1 pixels turn white, the -1 pixels black,
+    in every channel; BackdoorBench's reduced_amplitude)."""
+    _check(images)
+    n, h, w, c = images.shape
+    add = 255.0 * amplitude * lc_corner_mask(h, w)
+    out = images.astype(np.float32) + add[None, :, :, None]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 def _check(images: np.ndarray):
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError("triggers take uint8 images of shape (N, H, W, C)")

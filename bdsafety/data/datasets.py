@@ -90,11 +90,14 @@ def load_clean_dataset(
             if hw[0] != hw[1]:
                 raise DataError(f"synthetic images are square; got img_size {img_size}")
             synthetic_kwargs["size"] = hw[0]
-        return make_synthetic(**synthetic_kwargs)
+        size = int(synthetic_kwargs.get("size", 32))
+        check_fits_memory(int(synthetic_kwargs.get("n_train", 5000)) + int(synthetic_kwargs.get("n_test", 1000)),
+                          (size, size, 3), "synthetic", "lower synthetic_n_train / synthetic_n_test or the image size")
+        return make_synthetic(**synthetic_kwargs)  # 10 balanced classes, >= 10 test images by construction
 
     root = os.path.expanduser(os.fspath(root))
     if name == "imagefolder":
-        return _load_imagefolder(root, hw, progress)
+        return check_usable(_load_imagefolder(root, hw, progress), f"imagefolder {root}")
     info = DATASETS[name]
     if hw is not None and hw != tuple(info.img_size[:2]):
         raise DataError(
@@ -102,10 +105,47 @@ def load_clean_dataset(
             "imagefolder (and square synthetic). Drop img_size for this dataset."
         )
     if name in ("cifar10", "cifar100"):
-        return _load_cifar(name, root, download)
+        return check_usable(_load_cifar(name, root, download), f"{name} {root}")
     if name == "gtsrb":
-        return _load_gtsrb(root, progress)
-    return _load_tiny(root, download, progress)
+        return check_usable(_load_gtsrb(root, progress), f"gtsrb {root}")
+    return check_usable(_load_tiny(root, download, progress), f"tiny {root}")
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable on Linux; physical memory elsewhere; 0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_fits_memory(n_images: int, shape: tuple, what: str, fix: str) -> None:
+    """Refuse, before anything is decoded or generated, a dataset whose uint8 images alone (held twice: the arrays
+    and their device copy) would not fit in the memory available."""
+    need = 2 * int(n_images) * int(np.prod([int(s) for s in shape]))
+    have = available_memory()
+    if have and need > have:
+        raise DataError(f"{what}: {n_images} images of {'x'.join(map(str, shape))} need about {need / 2**30:.1f} GiB of "
+                        f"memory, but {have / 2**30:.1f} GiB are available; {fix}")
+
+
+def check_usable(data: CleanData, what: str) -> CleanData:
+    """A dataset no run can use is a DataError before any training: fewer than two classes, or an empty split."""
+    n_classes = len(np.unique(data.train_y)) if len(data.train_y) else 0
+    if n_classes < 2 or int(data.info.num_classes) < 2:
+        raise DataError(f"{what}: the training set has {n_classes} class(es); a classifier (and a backdoor target) needs "
+                        f"at least two classes: add images of another class")
+    if len(data.test_y) == 0:
+        raise DataError(f"{what}: the test split is empty, so C-Acc and ASR cannot be measured; add test images "
+                        f"(e.g. <root>/test/<class>/*.png for imagefolder)")
+    return data
 
 
 def _parse_img_size(img_size) -> tuple[int, int] | None:
@@ -221,8 +261,8 @@ def _decode(path: str, hw: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-    except OSError as e:
-        raise OSError(f"cannot read image {path} ({e}); replace or delete the file") from e
+    except (OSError, Image.DecompressionBombError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({e}); replace or delete the file") from None
     if im.size != (hw[1], hw[0]):
         im = im.resize((hw[1], hw[0]), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
@@ -476,8 +516,14 @@ def _load_imagefolder(root: str, hw: tuple[int, int] | None, progress: bool | No
             labels += [i] * len(files)
         splits[split] = (paths, labels)
     if hw is None:
-        with Image.open(splits["train"][0][0]) as im:
-            hw = (im.height, im.width)
+        first = splits["train"][0][0]
+        try:
+            with Image.open(first) as im:
+                hw = (im.height, im.width)
+        except (OSError, Image.DecompressionBombError, ValueError) as e:
+            raise DataError(f"cannot read image {first} ({e}); replace or delete the file, or give img_size") from None
+    check_fits_memory(len(splits["train"][0]) + len(splits["test"][0]), (hw[0], hw[1], 3), f"imagefolder {root}",
+                      "give a smaller img_size (H,W) to resize to")
     tx, ty = _decode_split("imagefolder", root, "train", root, *splits["train"], hw, progress)
     vx, vy = _decode_split("imagefolder", root, "test", root, *splits["test"], hw, progress)
     info = dataset_info("imagefolder", len(classes), (hw[0], hw[1], 3))

@@ -6,6 +6,7 @@ ops: no per-sample PIL work and no DataLoader workers in the hot loop.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -113,6 +114,18 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True, generator
         f = (torch.rand(n, device="cpu", generator=generator) < 0.5).to(dev)
         x = torch.where(f[:, None, None, None], x.flip(3), x)
     return x
+
+
+def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample RandomRotation(degrees) about the image centre (angle uniform in [-degrees, degrees], nearest
+    neighbour, zero fill, like torchvision's defaults), on a float batch (N, C, H, W)."""
+    n = len(x)
+    ang = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(degrees)
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    zero = torch.zeros(n)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1).to(x.device, x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def iterate_batches(

@@ -344,7 +344,6 @@ def train_generator(exp, model: nn.Module, G: UNetGenerator, mask: torch.Tensor,
     return G
 
 
-@torch.no_grad()
 def reinvert(exp, model: nn.Module, G: UNetGenerator, reserved: DeviceDataset, cfg, log: Callable, target: int):
     """The one re-inversion of a round after the first (BTI-DBF(U) and PAM): re-learn the benign-feature mask
     against the CURRENT model, then retrain G with it (and the CE to the detected ``target``). Returns (mask, G)."""

@@ -1,35 +1,13 @@
-"""ResNet-18 variants: torchvision's ImageNet one (BackdoorBench's ``resnet18``) and the CIFAR one of the
-paper's official code (``resnet18_cifar``)."""
+"""The CIFAR ResNet-18 of the paper's official code (``resnet18_cifar``); BackdoorBench's ``resnet18`` is
+torchvision's (bdsafety.models.zoo)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.resnet import BasicBlock as TVBasicBlock
-from torchvision.models.resnet import ResNet as TVResNet
 
 from .base import FeatureHeadMixin
-
-
-class TorchvisionResNet18(FeatureHeadMixin, TVResNet):
-    """torchvision ``resnet18`` unmodified (7x7 stride-2 stem + maxpool, ``fc`` head, same init and keys)."""
-
-    classifier_path = "fc"
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 3):
-        super().__init__(TVBasicBlock, [2, 2, 2, 2], num_classes=num_classes)
-        if in_channels != 3:
-            self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.feature_channels = 512
-
-    def features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    def head(self, z: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.avgpool(z), 1))
 
 
 class CifarBasicBlock(nn.Module):

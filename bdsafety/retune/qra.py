@@ -62,8 +62,8 @@ def fraction(v) -> float:
 QRA_SCHEMA = {
     **RECORD_SCHEMA,
     "defense": Option(None, "defense whose purified model is attacked (record/<rf>/defense/<name>/); 'none': the record's own model",
-                     nullable=False),  # 'none' is a value here, not null
-    "ra_name": Option("ra", "folder of that defense's RA model (retune_attack/ra.py --save_name)"),
+                      none_is_name=True),
+    "ra_name": Option("ra", "folder of that defense's RA model (retune_attack/ra.py --save_name)", kind="folder_name"),
     "clean_record": Option(None, "record (name under record_root, or path) whose attack_result.pt holds a clean reference "
                                  "model (made with --pratio 0)"),
     "clean_model": Option(None, "or: a model file (attack_result.pt / defense_result.pt format) of a clean reference model"),
@@ -84,7 +84,7 @@ QRA_SCHEMA = {
     "sgd_momentum": Option(0.9, "SGD momentum", check=NONNEG),
     "eval_every": Option(10, "evaluate on the test set every N epochs (and at the last)", check=POS_INT),
     "grid_n": Option(8, "examples per row in qra_examples.png", check=POS_INT),
-    "save_name": Option("qra", "output folder name inside the defense folder"),
+    "save_name": Option("qra", "output folder name inside the defense folder", kind="folder_name"),
 }
 
 

@@ -47,7 +47,7 @@ RA_SCHEMA = {
     **RECORD_SCHEMA,
     "defense": Option(None, "model(s) to retune: a defense folder name under record/<rf>/defense/, a comma list "
                             "(ft,fst,pam), 'all' (every defense of the record) or 'none' (the record's own model)",
-                     nullable=False),  # 'none' is a value here, not null
+                     none_is_name=True),
     "poison_source": Option(None, "record (name under record_root, or path) whose bd_train supplies the poisoned "
                                   "samples (default: the same record; needed for a clean reference record made with --pratio 0)"),
     "ratio": Option(0.02, "size of the RA set: ratio (<1) or count (>=1) of the training set, poisoned samples included", check=AMOUNT),
@@ -61,7 +61,8 @@ RA_SCHEMA = {
                             "redrawn each epoch"),
     "augment_poison": Option(False, "ablation: augment the poisoned samples too (the official RA does not: they keep the "
                                     "test transform, so a random crop never cuts the trigger away)"),
-    "save_name": Option("ra", "output folder name, created inside the defense folder (or the record for --defense none)"),
+    "save_name": Option("ra", "output folder name, created inside the defense folder (or the record for --defense none)",
+                        kind="folder_name"),
 }
 
 
@@ -199,6 +200,9 @@ def resolve_targets(record_dir: Path, defense: str | None) -> list[RATarget]:
         if n == "none":
             out.append(RATarget("none", record_dir / "attack_result.pt", record_dir))
             continue
+        from bdsafety.config import check_folder_name
+
+        check_folder_name(n, "defense")  # a folder under defense/, never a path out of the record
         folder = record_dir / "defense" / n
         if not (folder / "defense_result.pt").is_file():
             what = "has no defense_result.pt (unfinished run?)" if folder.is_dir() else "does not exist"

@@ -1,0 +1,227 @@
+"""SSBA (Li et al., ICCV 2021, "Invisible backdoor attack with sample-specific triggers"), with the encoder made here.
+
+BackdoorBench v2.2 reads pre-encoded images (resource/ssba/*.npy) made by the authors' StegaStamp encoder; links
+and scripts break (its issues #1, #3, #9, ...). This project trains a small StegaStamp-style encoder/decoder on the
+dataset's training images instead and caches it per dataset (<record_root>/.cache/ssba/):
+
+- encoder: the secret (100 bits, the original method's length) -> linear -> a (3, H/4, W/4) map upsampled to the
+  image, concatenated with the image, a small U-Net -> a residual bounded by ``ssba_max_residual`` (L_inf, pixel
+  units, through tanh) so the trigger stays invisible by construction; decoder: strided convs -> 100 bit logits.
+- training as StegaStamp: random secrets per image, loss = BCE(bits) + ssba_image_weight * MSE(residual) (the
+  image term ramped in from 20% to 50% of the steps, as StegaStamp ramps its l2 loss), the
+  encoded image quantized (uniform noise of one grey level) before decoding. Adam, ``ssba_steps`` steps.
+- the attack: one fixed secret (from ``ssba_secret_seed``); poisoned image = uint8(image + encoder residual), dirty
+  label (all2one: target; as BackdoorBench), poisoned test set = every non-target test image encoded.
+- measured on held-out images (the first ``ssba_heldout`` test images, never used to train the encoder): mean
+  PSNR and the decoder's bit accuracy for the fixed secret, written to info.pickle and ssba_encoder.yaml. A PSNR
+  below ``ssba_min_psnr`` is an error (the trigger would not be invisible).
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bdsafety.attacks.base import Attack, register_attack
+from bdsafety.attacks.resources import array_digest, cache_key, load_or_build
+from bdsafety.config import NONNEG, POS_INT, POSITIVE, SEED, ConfigError, Option
+
+
+class SSBAEncoder(nn.Module):
+    def __init__(self, img_size=(32, 32, 3), bits: int = 100, width: int = 32, max_residual: float = 8.0):
+        super().__init__()
+        h, w, c = img_size
+        self.config = {"img_size": [int(h), int(w), int(c)], "bits": int(bits), "width": int(width),
+                       "max_residual": float(max_residual)}
+        self.hw, self.bound = (h, w), max_residual / 255.0
+        self.sh, self.sw = max(1, h // 4), max(1, w // 4)
+        self.secret = nn.Linear(bits, 3 * self.sh * self.sw)
+        self.e1 = nn.Conv2d(c + 3, width, 3, padding=1)
+        self.e2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.e3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
+        self.u1 = nn.Conv2d(2 * width, width, 3, padding=1)
+        self.u2 = nn.Conv2d(2 * width, width, 3, padding=1)
+        self.out = nn.Conv2d(width, c, 1)
+
+    def forward(self, x01: torch.Tensor, secret: torch.Tensor) -> torch.Tensor:
+        """The residual (same shape as x01, in [-bound, bound]) that hides ``secret`` (n, bits in {0, 1})."""
+        s = F.relu(self.secret(secret * 2 - 1)).view(-1, 3, self.sh, self.sw)
+        s = F.interpolate(s, size=self.hw, mode="nearest")
+        e1 = F.relu(self.e1(torch.cat([x01 - 0.5, s], 1)))
+        e2 = F.relu(self.e2(e1))
+        e3 = F.relu(self.e3(e2))
+        u = F.relu(self.u1(F.interpolate(e3, size=self.hw, mode="nearest")))
+        u = F.relu(self.u2(torch.cat([u, e1], 1)))
+        return self.bound * torch.tanh(self.out(u))
+
+
+class SSBADecoder(nn.Module):
+    def __init__(self, img_size=(32, 32, 3), bits: int = 100, width: int = 32):
+        super().__init__()
+        h, w, c = img_size
+        self.config = {"img_size": [int(h), int(w), int(c)], "bits": int(bits), "width": int(width)}
+        self.net = nn.Sequential(
+            nn.Conv2d(c, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * width * 16, bits))
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.net(x01 - 0.5)
+
+
+def fixed_secret(bits: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2, bits).astype(np.float32)
+
+
+def encode_uint8(encoder: SSBAEncoder, images: np.ndarray, secret: np.ndarray, device, batch_size: int = 512) -> np.ndarray:
+    """uint8 images with ``secret`` hidden: round(clip(image + residual)) (the poisoned images)."""
+    out = np.empty_like(images)
+    encoder.eval()
+    sec = torch.as_tensor(secret, device=device).float()[None]
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            x = torch.as_tensor(images[s:s + batch_size], device=device).permute(0, 3, 1, 2).float() / 255.0
+            y = (x + encoder(x, sec.expand(len(x), -1))).clamp(0, 1)
+            out[s:s + batch_size] = torch.round(y * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return out
+
+
+def decode_bits(decoder: SSBADecoder, images: np.ndarray, device, batch_size: int = 512) -> np.ndarray:
+    decoder.eval()
+    outs = []
+    with torch.no_grad():
+        for s in range(0, len(images), batch_size):
+            x = torch.as_tensor(images[s:s + batch_size], device=device).permute(0, 3, 1, 2).float() / 255.0
+            outs.append((decoder(x) > 0).float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, decoder.config["bits"]), np.float32)
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB between uint8 image batches (inf for identical images)."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(255.0 ** 2 / mse)
+
+
+def train_encoder(train_x: np.ndarray, *, bits: int, width: int, max_residual: float, steps: int, batch_size: int,
+                  lr: float, image_weight: float, seed: int, device, log=print) -> tuple[SSBAEncoder, SSBADecoder]:
+    """StegaStamp-style training on uint8 images with random secrets per image."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    img_size = train_x.shape[1:]
+    enc = SSBAEncoder(img_size, bits, width, max_residual).to(device)
+    dec = SSBADecoder(img_size, bits, width).to(device)
+    opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    enc.train(), dec.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(train_x), (batch_size,), generator=g).numpy()
+        x = torch.as_tensor(train_x[idx], device=device).permute(0, 3, 1, 2).float() / 255.0
+        secret = torch.randint(0, 2, (batch_size, bits), generator=g).float().to(device)
+        res = enc(x, secret)
+        noise = (torch.rand(x.shape, generator=g) - 0.5).to(device) / 255.0  # stands in for uint8 rounding
+        y = (x + res + noise).clamp(0, 1)
+        logits = dec(y)
+        bit_loss = F.binary_cross_entropy_with_logits(logits, secret)
+        # the image term ramps in after the bits start to decode (as StegaStamp's l2 ramp): from 20% to 50% of training
+        ramp = min(1.0, max(0.0, (step - 0.2 * steps) / (0.3 * steps)))
+        loss = bit_loss + image_weight * ramp * res.pow(2).mean()
+        if not torch.isfinite(loss):
+            from bdsafety.errors import TrainingDiverged
+
+            raise TrainingDiverged("SSBA encoder training: the loss became non-finite; lower ssba_lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % max(1, steps // 5) == 0 or step == steps - 1:
+            acc = ((logits > 0).float() == secret).float().mean().item()
+            log(f"ssba encoder step {step + 1}/{steps}: bit loss {bit_loss.item():.3f}, bit acc {acc:.3f}, "
+                f"residual rms {res.pow(2).mean().sqrt().item() * 255:.2f}/255")
+    return enc.eval(), dec.eval()
+
+
+@register_attack
+class SSBA(Attack):
+    name = "ssba"
+    description = ("SSBA attack: sample-specific invisible trigger from a StegaStamp-style encoder trained here, dirty "
+                   "label (BackdoorBench-compatible record)")
+    options = {
+        "ssba_bits": Option(100, "secret length in bits (the original method's 100)", check=POS_INT),
+        "ssba_secret_seed": Option(0, "seed of the fixed secret hidden in every poisoned image", check=SEED),
+        "ssba_width": Option(32, "encoder/decoder width (channels of the first layer)", check=POS_INT),
+        "ssba_max_residual": Option(8.0, "L_inf bound of the encoder's residual in pixel units (0-255)", check=POSITIVE),
+        "ssba_steps": Option(3000, "encoder/decoder training steps", check=POS_INT),
+        "ssba_batch_size": Option(64, "encoder/decoder training batch size", check=POS_INT),
+        "ssba_lr": Option(1e-3, "encoder/decoder Adam learning rate (cosine schedule)", check=POSITIVE),
+        "ssba_image_weight": Option(10.0, "weight of the residual's MSE against the bit loss", check=NONNEG),
+        "ssba_seed": Option(0, "seed of the encoder training (the encoder is cached per dataset and settings, not per "
+                               "attack seed)", check=SEED),
+        "ssba_heldout": Option(500, "held-out test images on which PSNR and bit accuracy are measured", check=POS_INT),
+        "ssba_min_psnr": Option(27.0, "refuse an encoder whose mean PSNR on held-out images is lower (dB)", check=POSITIVE),
+        "ssba_min_bit_acc": Option(0.0, "refuse an encoder whose held-out bit accuracy is lower (0: only reported)",
+                                   check=NONNEG),
+    }
+
+    def prepare(self) -> None:
+        c, d = self.cfg, self.ctx.data
+        settings = {k: getattr(c, k) for k in ("ssba_bits", "ssba_width", "ssba_max_residual", "ssba_steps",
+                                                 "ssba_batch_size", "ssba_lr", "ssba_image_weight", "ssba_seed")}
+        meta = {"format": 1, "dataset": c.dataset, "data": array_digest(d.train_x), **settings}
+        path = self.ctx.cache_dir / "ssba" / f"{c.dataset}_{cache_key(meta)}.pt"
+        img_size = tuple(int(s) for s in d.train_x.shape[1:])
+
+        def build():
+            self.ctx.log(f"training the SSBA encoder/decoder on {len(d.train_x)} training images ({c.ssba_steps} steps)")
+            enc, dec = train_encoder(d.train_x, bits=c.ssba_bits, width=c.ssba_width, max_residual=c.ssba_max_residual,
+                                     steps=c.ssba_steps, batch_size=c.ssba_batch_size, lr=c.ssba_lr,
+                                     image_weight=c.ssba_image_weight, seed=c.ssba_seed, device=self.ctx.device,
+                                     log=self.ctx.log)
+            return {"encoder": {k: v.cpu() for k, v in enc.state_dict().items()},
+                    "decoder": {k: v.cpu() for k, v in dec.state_dict().items()}}
+
+        obj = load_or_build(path, meta, build, self.ctx.log, "ssba encoder", check=lambda o: self._load(o, img_size))
+        self._load(obj, img_size)
+        self.cache_file = str(path)
+        held = d.test_x[: c.ssba_heldout]
+        self.secret = fixed_secret(c.ssba_bits, c.ssba_secret_seed)
+        enc_held = encode_uint8(self.encoder, held, self.secret, self.ctx.device)
+        psnr = psnr_uint8(held, enc_held)
+        self.psnr = float(np.mean(np.minimum(psnr, 100.0)))
+        self.bit_acc = float((decode_bits(self.decoder, enc_held, self.ctx.device) == self.secret[None]).mean())
+        self.linf = int(np.abs(enc_held.astype(int) - held.astype(int)).max()) if len(held) else 0
+        self.ctx.log(f"ssba encoder on {len(held)} held-out test images: PSNR {self.psnr:.2f} dB, bit accuracy "
+                     f"{self.bit_acc:.4f}, max |residual| {self.linf}/255")
+        if self.psnr < c.ssba_min_psnr:
+            raise ConfigError(f"the SSBA encoder's PSNR {self.psnr:.2f} dB is below ssba_min_psnr {c.ssba_min_psnr}: the "
+                              f"trigger would be visible; lower ssba_max_residual or raise ssba_image_weight")
+        if self.bit_acc < c.ssba_min_bit_acc:
+            raise ConfigError(f"the SSBA encoder's held-out bit accuracy {self.bit_acc:.4f} is below ssba_min_bit_acc "
+                              f"{c.ssba_min_bit_acc}; train it longer (ssba_steps) or allow a larger ssba_max_residual")
+
+    def _load(self, obj: dict, img_size: tuple) -> None:
+        c = self.cfg
+        enc = SSBAEncoder(img_size, c.ssba_bits, c.ssba_width, c.ssba_max_residual)
+        dec = SSBADecoder(img_size, c.ssba_bits, c.ssba_width)
+        enc.load_state_dict(obj["encoder"], strict=True)
+        dec.load_state_dict(obj["decoder"], strict=True)
+        self.encoder, self.decoder = enc.to(self.ctx.device).eval(), dec.to(self.ctx.device).eval()
+
+    def apply(self, images: np.ndarray, *, split: str, indices: np.ndarray) -> np.ndarray:
+        return encode_uint8(self.encoder, images, self.secret, self.ctx.device)
+
+    def info(self) -> dict:
+        c = self.cfg
+        return {"ssba_bits": c.ssba_bits, "ssba_secret": [int(b) for b in self.secret], "ssba_psnr": self.psnr,
+                "ssba_bit_acc": self.bit_acc, "ssba_linf": self.linf, "ssba_heldout": int(min(c.ssba_heldout, len(self.ctx.data.test_x))),
+                "ssba_encoder_cache": self.cache_file}
+
+    def artifacts(self) -> dict:
+        import yaml
+
+        return {"ssba_encoder.yaml": yaml.safe_dump({"psnr_db": round(self.psnr, 3), "bit_accuracy": round(self.bit_acc, 5),
+                                                      "max_abs_residual": self.linf, "heldout_test_images": self.info()["ssba_heldout"],
+                                                      "cache": self.cache_file}, sort_keys=False)}

@@ -1,0 +1,179 @@
+"""SIG, LC and SSBA (issue 12): each trigger pinned (shape, range, determinism, budget, clean labels), the resource
+cache's rebuild rules, the bad inputs, and one tiny end-to-end LC run (clean model trained on demand, PGD, cache)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from bdsafety.attacks.poison import select_train_poison
+from bdsafety.attacks.resources import load_or_build
+from bdsafety.attacks.triggers import apply_lc_corners, apply_sig, lc_corner_mask, sig_pattern
+from bdsafety.config import ConfigError
+from bdsafety.registry import get
+
+TINY = ["--dataset", "synthetic", "--model", "cnn_small", "--synthetic_n_train", "200", "--synthetic_n_test", "100",
+        "--epochs", "1", "--no_progress"]
+
+
+def _images(n=4, h=32, w=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- SIG
+def test_sig_is_backdoorbench_sinusoid_clipped():
+    x = np.full((2, 32, 32, 3), 100, np.uint8)
+    y = apply_sig(x, delta=40, f=6)
+    assert y.shape == x.shape and y.dtype == np.uint8 and x.max() == 100  # copy, input untouched
+    col = 40 * np.sin(2 * np.pi * np.arange(32) * 6 / 32)
+    expect = np.clip(100 + col, 0, 255).astype(np.uint8)  # truncation as BackdoorBench
+    assert (y == expect[None, None, :, None]).all()  # same in every row and channel
+    assert np.abs(y.astype(int) - 100).max() == 40  # the amplitude (j = 4: sin(3 pi / 2) = -1)
+    assert np.array_equal(y, apply_sig(x, 40, 6))
+    white = apply_sig(np.full((1, 32, 32, 3), 250, np.uint8))
+    assert white.max() == 255 and white.min() == 210  # clipped at 255
+    assert sig_pattern(64, 64, 3).shape == (64, 64, 3)
+
+
+def test_clean_label_too_small_target_class_is_a_clear_error():
+    y = np.arange(1000) % 10  # 100 per class
+    with pytest.raises(ConfigError, match=r"only 100 are eligible.*largest pratio possible here is 0.1"):
+        select_train_poison(y, 0.2, clean_label=True, target=0)
+
+
+def test_sig_run_refuses_a_too_small_target_class(tmp_path):
+    # 200 synthetic images, 20 per class: pratio 0.2 asks for 40 target-class images, before any training
+    with pytest.raises(ConfigError, match="largest pratio possible here is 0.1"):
+        get("attack", "sig").main(TINY + ["--record_root", str(tmp_path), "--pratio", "0.2"])
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- LC
+def test_lc_four_corner_trigger():
+    m = lc_corner_mask()
+    assert m.shape == (32, 32) and set(np.unique(m)) == {-1.0, 0.0, 1.0} and (m != 0).sum() == 36
+    assert m[0, 0] == 1 and m[0, 1] == -1 and m[2, 2] == 1 and m[31, 31] == 1 and m[31, 29] == 1 and m[29, 31] == -1
+    assert (m[3:29] == 0).all() and (m[:, 3:29] == 0).all()
+    x = np.full((3, 32, 32, 3), 128, np.uint8)
+    y = apply_lc_corners(x, amplitude=1.0)
+    assert y.dtype == np.uint8 and (y[:, m == 1] == 255).all() and (y[:, m == -1] == 0).all() and (y[:, m == 0] == 128).all()
+    half = apply_lc_corners(x, amplitude=0.5)
+    assert (half[:, m == 1] == 255).all() and (half[:, m == -1] == 0).all()  # 128 +- 127.5, clipped/truncated
+    assert np.array_equal(y, apply_lc_corners(x, 1.0))
+    assert (lc_corner_mask(64, 64) != 0).sum() == 144  # nearest resize of the 32x32 map
+
+
+def test_pgd_stays_in_budget_and_hurts_the_model():
+    from bdsafety.attacks.lc import pgd_linf
+    from bdsafety.data.device import Normalizer
+    from bdsafety.data.info import DatasetInfo
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    norm = Normalizer(DatasetInfo("t", 4, (8, 8, 3), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False))
+    x = _images(64, 8, 8, seed=1)
+    y = np.arange(64) % 4
+
+    def loss(imgs):
+        with torch.no_grad():
+            t = torch.as_tensor(imgs).permute(0, 3, 1, 2).float() / 255
+            return torch.nn.functional.cross_entropy(model(norm(t)), torch.as_tensor(y)).item()
+
+    adv = pgd_linf(model, norm, x, y, eps=8, step=1.5, steps=10, device="cpu")
+    assert adv.dtype == np.uint8 and adv.shape == x.shape
+    d = np.abs(adv.astype(int) - x.astype(int))
+    assert d.max() == 8 and (d > 0).mean() > 0.5  # uses the budget, never exceeds it
+    assert loss(adv) > loss(x) + 0.5
+    assert np.array_equal(adv, pgd_linf(model, norm, x, y, eps=8, step=1.5, steps=10, device="cpu"))
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+def test_resource_cache_reuses_rebuilds_and_says_why(tmp_path):
+    path, logs, calls = tmp_path / "c.pt", [], []
+
+    def build():
+        calls.append(1)
+        return {"x": torch.arange(3)}
+
+    meta = {"weights": "aa", "steps": 100}
+    load_or_build(path, meta, build, logs.append, "res")
+    assert len(calls) == 1 and "cached at" in logs[-1]
+    assert torch.equal(load_or_build(path, meta, build, logs.append, "res")["x"], torch.arange(3)) and len(calls) == 1
+    assert "reusing" in logs[-1]
+    load_or_build(path, {"weights": "bb", "steps": 100}, build, logs.append, "res")
+    assert len(calls) == 2 and any("other inputs (differs in: weights)" in m for m in logs)
+    path.write_bytes(b"not a torch file")
+    load_or_build(path, {"weights": "bb", "steps": 100}, build, logs.append, "res")
+    assert len(calls) == 3 and any("unreadable or corrupt" in m for m in logs)
+    load_or_build(path, {"weights": "bb", "steps": 100}, build, logs.append, "res")
+    assert len(calls) == 3 and "reusing" in logs[-1]  # the rebuilt file is valid again
+
+
+def test_lc_without_clean_model_names_the_command(tmp_path):
+    with pytest.raises(ConfigError, match=r"--pratio 0 --save_folder_name clean_synthetic_cnn_small_p0"):
+        get("attack", "lc").main(TINY + ["--record_root", str(tmp_path), "--lc_train_clean", "false"])
+
+
+def test_lc_end_to_end_tiny(tmp_path, capsys):
+    """Clean reference trained on demand, PGD cached and reused, clean labels, trigger only on test images."""
+    from bdsafety.records import load_attack_record
+
+    args = TINY + ["--record_root", str(tmp_path), "--lc_steps", "3", "--save_folder_name", "lc"]
+    rd = get("attack", "lc").main(args)
+    out = capsys.readouterr().out
+    assert "training it now" in out and "cached at" in out
+    clean = load_attack_record(tmp_path / "clean_synthetic_cnn_small_p0")
+    assert clean.info["attack"] == "clean" and len(clean.bd_train) == 0
+    rec = load_attack_record(rd)
+    assert rec.info["attack"] == "lc" and rec.info["lc_clean_record"].endswith("clean_synthetic_cnn_small_p0")
+    bt = rec.bd_train
+    assert len(bt) == 20 and (bt.orig_labels == 0).all() and np.array_equal(bt.bd_labels, bt.orig_labels)  # clean label
+    from bdsafety.attacks.base import load_data_for
+    from bdsafety.registry import get as _get
+
+    cfg = _get("attack", "lc").parse(args)
+    data = load_data_for(cfg)
+    m = lc_corner_mask() != 0
+    x0 = data.train_x[bt.indices]
+    inner = np.abs(bt.images[:, ~m].astype(int) - x0[:, ~m].astype(int))
+    assert inner.max() <= 8 and inner.max() > 0  # adversarial perturbation within eps = 8 away from the corners
+    assert np.array_equal(bt.images[:, m], apply_lc_corners(x0, 1.0)[:, m])  # full-amplitude corners
+    te = rec.bd_test
+    assert np.array_equal(te.images, apply_lc_corners(data.test_x[te.indices], 1.0))  # trigger only
+    assert (te.bd_labels == 0).all() and (te.orig_labels != 0).all()
+    # rerun: the clean record and the adversarial images are reused; a corrupt cache is rebuilt with a message
+    get("attack", "lc").main(args + ["--overwrite"])
+    assert "reusing the cache" in capsys.readouterr().out
+    cache = next((tmp_path / ".cache" / "lc").iterdir())
+    cache.write_bytes(b"garbage")
+    get("attack", "lc").main(args + ["--overwrite"])
+    assert "unreadable or corrupt" in capsys.readouterr().out
+    assert np.array_equal(load_attack_record(rd).bd_train.images, bt.images)  # rebuilt identically
+
+
+# ------------------------------------------------------------------------------------------- SSBA
+def test_ssba_encoder_budget_determinism_and_decoding():
+    from bdsafety.attacks.ssba import decode_bits, encode_uint8, fixed_secret, psnr_uint8, train_encoder
+
+    x = _images(96, 16, 16, seed=2)
+    enc, dec = train_encoder(x[:64], bits=16, width=8, max_residual=8, steps=150, batch_size=32, lr=3e-3,
+                             image_weight=1.0, seed=0, device="cpu", log=lambda m: None)
+    secret = fixed_secret(16, 0)
+    held = x[64:]
+    e = encode_uint8(enc, held, secret, "cpu")
+    assert e.dtype == np.uint8 and e.shape == held.shape
+    assert np.abs(e.astype(int) - held.astype(int)).max() <= 8  # the L_inf bound of the residual
+    assert (psnr_uint8(held, e) >= 20 * np.log10(255 / 8)).all()
+    assert np.array_equal(e, encode_uint8(enc, held, secret, "cpu"))
+    assert not np.array_equal(e, encode_uint8(enc, held, 1 - secret, "cpu"))  # sample-specific and secret-specific
+    acc = (decode_bits(dec, e, "cpu") == secret).mean()
+    assert acc >= 0.9, acc  # the decoder reads the fixed secret from held-out images
+    assert abs(psnr_uint8(np.zeros((1, 2, 2, 3), np.uint8), np.full((1, 2, 2, 3), 255, np.uint8))[0]) < 1e-9
+
+
+def test_ssba_min_psnr_check(tmp_path):
+    args = TINY + ["--record_root", str(tmp_path), "--ssba_steps", "2", "--ssba_width", "4", "--ssba_heldout", "20"]
+    with pytest.raises(ConfigError, match="below ssba_min_psnr"):
+        get("attack", "ssba").main(args + ["--ssba_min_psnr", "99"])
+    assert not any(p.name != ".cache" for p in tmp_path.iterdir())
+    assert len(list((tmp_path / ".cache" / "ssba").iterdir())) == 1  # the encoder is cached even so

@@ -1,0 +1,173 @@
+"""Every BackdoorBench architecture: keys against the model-zoo fixture (meta device), the key variants real records
+hold, the features()/head() split per family, bad input, --pretrained and on-device upscaling."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from bdsafety.errors import ConfigError, DataError
+from bdsafety.models import build_model, classifier_layer, identify_model, load_state_dict_compat
+from bdsafety.models.registry import VIT_MLP_RENAMES, normalize_state_dict
+from bdsafety.models.zoo import UNBUILDABLE, ZOO, BackdoorBenchViT
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batches of 2 tiny images: one intra-op thread is as fast, and immune to an oversubscribed machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_FIXTURE = "backdoorbench_model_zoo_keys.json"
+_DIRS = [Path(__file__).parent / "fixtures", Path("/work/shared/fixtures")]
+
+
+def _zoo_fixture() -> dict:
+    for d in _DIRS:
+        if (d / _FIXTURE).is_file():
+            return json.loads((d / _FIXTURE).read_text())["models"]
+    pytest.skip(f"{_FIXTURE} not found in {[str(d) for d in _DIRS]}")
+
+
+def _fixture_names() -> list[str]:
+    for d in _DIRS:
+        if (d / _FIXTURE).is_file():
+            return list(json.loads((d / _FIXTURE).read_text())["models"])
+    return list(ZOO) + ["preactresnet18"]
+
+
+def _renamed(key: str) -> str:
+    for old, new in VIT_MLP_RENAMES.items():
+        key = key.replace(old, new)
+    return key
+
+
+def _size_failure(setting: dict) -> bool:
+    """The fixture says BackdoorBench cannot run this architecture at this image size (not: other reasons)."""
+    return not setting.get("record_producible", True) and "at this size: fails" in setting.get("why_not_producible", "")
+
+
+@pytest.mark.parametrize("name", _fixture_names())
+def test_state_dict_identical_to_backdoorbench(name):
+    """Keys, shapes, dtypes and order of every fixture architecture at 10 and 200 classes (built on the meta device);
+    sizes BackdoorBench cannot run are refused before training and work with model_input_size."""
+    spec = _zoo_fixture()[name]
+    if spec.get("instantiable") is False:
+        with pytest.raises(ConfigError, match="cannot be used"):
+            build_model(name, 10)
+        assert name in UNBUILDABLE
+        return
+    for setting in spec["settings"].values():
+        img = tuple(setting["img_size"])
+        input_size = None
+        if _size_failure(setting):
+            with pytest.raises(ConfigError, match=f"cannot take {img[0]}x{img[1]} inputs.*model_input_size"):
+                build_model(name, setting["num_classes"], img)
+            input_size = 224
+        with torch.device("meta"):
+            model = build_model(name, setting["num_classes"], img, input_size=input_size)
+        got = [[k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()]
+        want = [[_renamed(k), shape, dtype] for k, shape, dtype in setting["state_dict"]]
+        assert got == want
+        assert sum(p.numel() for p in model.parameters()) == setting["n_params"]
+        head = spec["fp_defense_pruned_linear"]
+        if head is not None:  # the layer BackdoorBench's fine-pruning masks exists under that name
+            assert isinstance(model.get_submodule(head), torch.nn.Linear)
+
+
+def test_record_key_variants_load_strictly_on_meta():
+    """module. prefix (DataParallel), fine-pruning weight_orig/weight_mask, ViT MLP names of torchvision 0.12 and a
+    ViT saved without the Resize wrapper: all load strictly into the same architecture (keys checked on meta)."""
+    fx = _zoo_fixture()
+    for name in ("vit_b_16", "resnet50", "mobilenet_v3_large", "densenet121"):
+        setting = fx[name]["settings"]["cifar10_32"]
+        sd = {k: torch.empty(shape, dtype=getattr(torch, dt), device="meta") for k, shape, dt in setting["state_dict"]}
+        pruned = fx[name]["fp_defense_pruned_linear"]
+        if pruned:  # defense/fp.py's layout: ..., bias, weight_orig, weight_mask
+            w = sd.pop(pruned + ".weight")
+            sd[pruned + ".weight_orig"], sd[pruned + ".weight_mask"] = w, torch.empty_like(w)
+        variants = [sd, {"module." + k: v for k, v in sd.items()}]
+        if name.startswith("vit"):
+            variants.append({k[2:]: v for k, v in sd.items()})  # unwrapped: no '1.'
+        for variant in variants:
+            with torch.device("meta"):
+                model = build_model(name, 10)
+            load_state_dict_compat(model, variant)
+            assert identify_model(variant) == [name]
+
+
+def test_fine_pruning_mask_is_folded_into_the_weight():
+    torch.manual_seed(0)
+    model = build_model("preactresnet18_narrow", 10)
+    sd = model.state_dict()
+    w = sd.pop("linear.weight")
+    mask = (torch.rand_like(w) > 0.5).float()
+    sd["linear.weight_orig"], sd["linear.weight_mask"] = w + 1.0, mask
+    fresh = load_state_dict_compat(build_model("preactresnet18_narrow", 10), sd)
+    assert torch.equal(fresh.linear.weight, (w + 1.0) * mask)
+    assert (fresh.linear.weight == 0).sum() == (mask == 0).sum()
+
+
+def _tiny_vit(num_classes: int = 5) -> BackdoorBenchViT:
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8,
+                                               mlp_dim=16, num_classes=num_classes)
+    return BackdoorBenchViT("vit_tiny", vit).eval()
+
+
+def test_vit_old_mlp_names_and_features_head():
+    """torchvision-0.12 MLP names land in the same tensors; features = the class token as (N, D, 1, 1); forward ==
+    torchvision's ViT on the input resized to its image size, as BackdoorBench's Resize wrapper computes it."""
+    model = _tiny_vit()
+    sd = model.state_dict()
+    old = {k.replace(".mlp.0.", ".mlp.linear_1.").replace(".mlp.3.", ".mlp.linear_2."): v + 1 for k, v in sd.items()}
+    assert any(".mlp.linear_1." in k for k in old)
+    fresh = _tiny_vit()
+    load_state_dict_compat(fresh, old)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, sd[k] + 1), k
+    x = torch.rand(2, 3, 20, 20)
+    with torch.no_grad():
+        z = fresh.features(x)
+        assert z.shape == (2, 8, 1, 1) and fresh.feature_channels == 8
+        ref = fresh._modules["1"](torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False))
+        torch.testing.assert_close(fresh.head(z), ref)
+        torch.testing.assert_close(fresh(x), ref)
+    assert classifier_layer(fresh) is fresh._modules["1"].heads.head
+
+
+# one small member per family (resnet and vgg: tests/test_models.py), at a size the family takes
+_FAMILY_MEMBERS = [("alexnet", 64), ("squeezenet1_0", 32), ("densenet121", 32), ("inception_v3", 75), ("googlenet", 32),
+                   ("shufflenet_v2_x1_0", 32), ("mobilenet_v2", 32), ("mobilenet_v3_large", 32), ("mnasnet1_0", 32),
+                   ("efficientnet_b0", 32), ("convnext_tiny", 32)]
+
+
+@pytest.mark.parametrize("name,size", _FAMILY_MEMBERS)
+def test_features_head_equal_torchvision_forward(name, size):
+    """head(features(x)) is torchvision's own eval forward with the same weights; features is a 4-D map with
+    feature_channels channels; the classifier is the layer that produces the logits."""
+    torch.manual_seed(0)
+    ours = build_model(name, 7, (size, size, 3)).eval()
+    with torch.device("meta"):
+        ref = getattr(torchvision.models, ZOO[name][0])(num_classes=7, **ZOO[name][2])
+    ref.load_state_dict(ours.state_dict(), assign=True)
+    ref.eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z = ours.features(x)
+        assert z.ndim == 4 and z.shape[:2] == (2, ours.feature_channels)
+        assert torch.equal(ours.head(z), ours(x))
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+    layer = classifier_layer(ours)
+    assert layer.weight.shape[0] == 7
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o))
+    ours.train()  # train mode: still plain logits (the aux heads of inception_v3 / googlenet are not used)
+    out = ours(x)
+    handle.remove()
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 7) and len(seen) == 1

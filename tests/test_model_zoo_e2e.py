@@ -1,0 +1,115 @@
+"""Small members of the torchvision families through the real tools on tiny synthetic data: a record is read by the
+inspector and loaded strictly, then FST (squeezenet's 1x1-conv head), one RA epoch and one PAM round of one epoch
+(BTI-DBF trigger inversion through features()/head()). Large members are covered on the meta device by
+tests/test_model_zoo.py."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from bdsafety.models import build_model, classifier_layer, load_state_dict_compat
+from bdsafety.safeio import safe_torch_load
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = ROOT / "config"
+ATTACK_ARCH = "mobilenet_v3_large"  # trained by the attack; the others get random weights in a copy of its record
+ARCHS = ["mobilenet_v3_large", "efficientnet_b0", "squeezenet1_0"]
+TINY = ["--no_progress", "--ratio", "20", "--batch_size", "20", "--epochs", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def zoo_records(tmp_path_factory):
+    """badnet (demo config, 1 epoch on 100 synthetic images) with mobilenet_v3_large, and copies of that record holding
+    random weights of the other architectures (a record of that architecture with the fixture's keys)."""
+    from bdsafety.registry import get
+
+    root = tmp_path_factory.mktemp("zoo") / "record"
+    get("attack", "badnet").main([
+        "--yaml_path", str(CFG / "attack" / "badnet" / "demo.yaml"), "--record_root", str(root), "--save_folder_name",
+        ATTACK_ARCH, "--model", ATTACK_ARCH, "--synthetic_n_train", "100", "--synthetic_n_test", "20", "--epochs", "1",
+        "--batch_size", "50", "--no_progress"])
+    for arch in ARCHS:
+        if arch == ATTACK_ARCH:
+            continue
+        shutil.copytree(root / ATTACK_ARCH, root / arch, ignore=shutil.ignore_patterns("defense", "bti_inversion"))
+        pt = root / arch / "attack_result.pt"
+        result = safe_torch_load(pt)
+        torch.manual_seed(1)
+        result["model_name"], result["model"] = arch, build_model(arch, 10).state_dict()
+        torch.save(result, pt)
+    return root
+
+
+def _one(out) -> Path:
+    """The output folder of a defense run (main returns it, or a one-element list of it)."""
+    if isinstance(out, (list, tuple)):
+        (out,) = out
+    return Path(out)
+
+
+def _rows(folder: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(folder / f"{name}_df.csv", index_col=0, na_values=["nan_value"])
+
+
+def _changed(before: dict, path: Path, arch: str) -> float:
+    """Largest weight change between ``before`` and the model saved at ``path`` (loaded strictly into ``arch``)."""
+    res = safe_torch_load(path)
+    assert res["model_name"] == arch
+    model = load_state_dict_compat(build_model(arch, 10), res["model"])
+    return max(float((v.float() - before[k].float()).abs().max()) for k, v in model.state_dict().items()
+               if v.is_floating_point())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_small_family_members_run_the_tools(zoo_records, arch, capsys):
+    from bdsafety.inspector import main as inspect
+    from bdsafety.records import load_attack_record
+    from bdsafety.registry import get
+    from bdsafety.retune.ra import main as ra
+
+    rec = zoo_records / arch
+    assert inspect([str(rec)]) == 0
+    out = capsys.readouterr().out
+    assert f"architecture  weights fit {arch}" in out
+    start = load_state_dict_compat(build_model(arch, 10), load_attack_record(rec).state_dict).state_dict()
+
+    pam = _one(get("defense", "pam").main([
+        "--result_file", str(rec), "--yaml_path", str(CFG / "defense" / "pam" / "demo.yaml"), "--n_rounds", "1",
+        "--bti_pretrain_epochs", "1", "--bti_mask_epochs", "1", "--bti_gen_epochs", "1", "--bti_batch_size", "20", *TINY]))
+    df = _rows(pam, "pam")
+    assert list(df["epoch"]) == [0, 1] and df["test_acc"].notna().all()
+    assert (pam / "bti_generator.pt").is_file() and (pam / "log" / "index.txt").is_file()
+    assert _changed(start, pam / "defense_result.pt", arch) > 0
+    defenses = ["pam"]
+
+    if arch == "squeezenet1_0":  # FST re-initialises and norm-constrains the 1x1 conv classifier 'classifier.1'
+        fst = _one(get("defense", "fst").main(["--result_file", str(rec), "--yaml_path",
+                                               str(CFG / "defense" / "fst" / "demo.yaml"), *TINY]))
+        info = yaml.safe_load((fst / "config.yaml").read_text())
+        assert info["head_weight_norm_final"] == pytest.approx(info["head_weight_norm_original"], rel=1e-4)
+        saved = safe_torch_load(fst / "defense_result.pt")["model"]
+        assert not torch.equal(saved["classifier.1.weight"], start["classifier.1.weight"])
+        assert isinstance(classifier_layer(build_model(arch, 10)), torch.nn.Conv2d)
+        defenses.append("fst")
+
+    outs = ra(["--result_file", str(rec), "--defense", ",".join(defenses), "--yaml_path",
+               str(CFG / "retune_attack" / "ra" / "demo.yaml"), "--poison_num", "2", *TINY])
+    assert len(outs) == len(defenses)
+    for name, out in zip(defenses, outs):
+        assert out == rec / "defense" / name / "ra"
+        assert list(_rows(out, "ra")["epoch"]) == [0, 1]
+        purified = load_state_dict_compat(build_model(arch, 10), safe_torch_load(rec / "defense" / name / "defense_result.pt")["model"])
+        assert _changed(purified.state_dict(), out / "ra_result.pt", arch) > 0
