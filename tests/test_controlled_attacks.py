@@ -91,6 +91,10 @@ def test_wanet_batch_hook_layout_labels_and_images():
     cross_err = (x01[2:6] - field.warp(clean[2:6])).abs().amax(dim=(1, 2, 3))
     assert bool((cross_err > 1e-3).all())  # cross samples: a different (noisy) warp
     assert num_poison_in_batch(0.1, 128) == 12 and num_poison_in_batch(0.0, 128) == 0
+    # below 1 / bs (BackdoorBench's generalize_to_lower_pratio): one sample with probability pratio * bs
+    g = torch.Generator().manual_seed(0)
+    draws = [num_poison_in_batch(0.001, 128, g) for _ in range(2000)]
+    assert set(draws) == {0, 1} and abs(np.mean(draws) - 0.128) < 0.03
 
 
 def test_random_rotate_zero_and_range():

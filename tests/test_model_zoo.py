@@ -171,3 +171,95 @@ def test_features_head_equal_torchvision_forward(name, size):
     out = ours(x)
     handle.remove()
     assert isinstance(out, torch.Tensor) and out.shape == (2, 7) and len(seen) == 1
+
+
+# ------------------------------------------------------------------------------------------ bad input, pretrained, size
+def test_record_of_unknown_architecture_names_the_closest():
+    """A wide_resnet50_2 whose last stage was renamed matches nothing: the error names wide_resnet50_2 first (resnet50
+    and resnext50_32x4d have the same key names; shapes break the tie) and the keys that differ."""
+    with torch.device("meta"):
+        sd = build_model("wide_resnet50_2", 10).state_dict()
+        model = build_model("resnet50", 10)
+    sd = {k.replace("layer4.", "stage4."): v for k, v in sd.items()}
+    with pytest.raises(DataError) as err:
+        load_state_dict_compat(model, sd)
+    msg = str(err.value)
+    assert "matches no registered model; closest: 'wide_resnet50_2' (260 of 320 keys shared" in msg
+    assert "layer4.0.conv1.weight" in msg and "stage4.0.conv1.weight" in msg
+
+
+def test_too_small_inputs_rejected_before_training_with_the_fix():
+    with pytest.raises(ConfigError, match=r"alexnet cannot take 32x32 inputs.*63x63.*model_input_size to 63"):
+        build_model("alexnet", 10, (32, 32, 3))
+    with pytest.raises(ConfigError, match=r"inception_v3 cannot take 74x74 .*75x75"):
+        build_model("inception_v3", 10, (74, 74, 3))
+    with torch.device("meta"):
+        build_model("inception_v3", 10, (75, 75, 3))
+        build_model("alexnet", 10, (32, 32, 3), input_size=64)
+    with pytest.raises(ConfigError, match="model_input_size works with BackdoorBench's torchvision"):
+        build_model("preactresnet18", 10, input_size=64)
+    with pytest.raises(ConfigError, match="224x224"):
+        build_model("vit_b_16", 10, input_size=256)
+
+
+def test_model_input_size_upsamples_on_the_device():
+    """input_size=64 on 32x32 data == the same weights fed a bilinearly upsampled 64x64 batch."""
+    torch.manual_seed(0)
+    up = build_model("squeezenet1_0", 10, (32, 32, 3), input_size=64).eval()
+    plain = build_model("squeezenet1_0", 10, (64, 64, 3)).eval()
+    plain.load_state_dict(up.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    big = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        assert up.features(x).shape == plain.features(big).shape
+        torch.testing.assert_close(up(x), plain(big))
+
+
+def _imagenet_file(tmp_path, arch: str) -> tuple[Path, dict]:
+    """A torchvision-layout 1000-class state_dict of ``arch`` with random weights, saved like a downloaded file."""
+    torch.manual_seed(5)
+    sd = getattr(torchvision.models, ZOO[arch][0])(num_classes=1000, **ZOO[arch][2]).state_dict()
+    path = tmp_path / f"{arch}_imagenet.pth"
+    torch.save(sd, path)
+    return path, sd
+
+
+def test_pretrained_file_loads_backbone_and_keeps_a_fresh_head(tmp_path):
+    path, sd = _imagenet_file(tmp_path, "squeezenet1_0")
+    torch.manual_seed(0)
+    fresh = build_model("squeezenet1_0", 7)
+    torch.manual_seed(0)
+    model = build_model("squeezenet1_0", 7, pretrained=str(path))
+    got = model.state_dict()
+    for k, v in sd.items():
+        if k.startswith("classifier."):  # the 1000-class head is not taken; the fresh 7-class one stays
+            assert torch.equal(got[k], fresh.state_dict()[k]) and got[k].shape[0] == 7
+        else:
+            assert torch.equal(got[k], v), k
+
+
+def test_pretrained_of_another_architecture_is_refused(tmp_path):
+    path, _ = _imagenet_file(tmp_path, "squeezenet1_0")
+    with pytest.raises(DataError) as err:
+        build_model("mobilenet_v2", 10, pretrained=str(path))
+    msg = str(err.value)
+    assert f"--pretrained {path} does not fit mobilenet_v2" in msg
+    assert "looks like 'squeezenet1_0' with 1000 classes" in msg
+
+
+def test_pretrained_weights_name_from_the_local_torch_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints" / "squeezenet1_0-b66bff10.pth"
+    with pytest.raises(ConfigError) as err:
+        build_model("squeezenet1_0", 10, pretrained="SqueezeNet1_0_Weights.IMAGENET1K_V1")
+    msg = str(err.value)
+    assert str(cache) in msg and "https://download.pytorch.org/models/squeezenet1_0-b66bff10.pth" in msg
+    assert "nothing is downloaded" in msg
+    with pytest.raises(ConfigError, match=r"not a weights name.*DEFAULT, IMAGENET1K_V1"):
+        build_model("squeezenet1_0", 10, pretrained="IMAGENET22K")
+    path, sd = _imagenet_file(tmp_path, "squeezenet1_0")
+    cache.parent.mkdir(parents=True)
+    path.rename(cache)
+    for name in ("DEFAULT", "IMAGENET1K_V1"):
+        model = build_model("squeezenet1_0", 10, pretrained=name)
+        assert torch.equal(model.state_dict()["features.0.weight"], sd["features.0.weight"])

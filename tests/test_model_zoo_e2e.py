@@ -113,3 +113,44 @@ def test_small_family_members_run_the_tools(zoo_records, arch, capsys):
         assert list(_rows(out, "ra")["epoch"]) == [0, 1]
         purified = load_state_dict_compat(build_model(arch, 10), safe_torch_load(rec / "defense" / name / "defense_result.pt")["model"])
         assert _changed(purified.state_dict(), out / "ra_result.pt", arch) > 0
+
+
+def test_paper_protocol_cifar100_pretrained_resnet18(tmp_path):
+    """config/attack/badnet/cifar100_paper.yaml with a locally generated ImageNet-layout ResNet-18 file on tiny fake
+    CIFAR-100 (sizes overridden: 1 epoch, upsampling to 64 instead of 224); then a defense rebuilds the record's model
+    with the record's model_input_size and the loaded weights."""
+    import torchvision
+
+    from bdsafety.config import resolve
+    from bdsafety.experiment import RECORD_SCHEMA, open_experiment
+    from bdsafety.registry import get
+    from tests.fake_datasets import make_fake_cifar100
+
+    data = tmp_path / "data"
+    make_fake_cifar100(str(data / "cifar100"), n_train=40, n_test=10)
+    torch.manual_seed(3)
+    imagenet = torchvision.models.resnet18(num_classes=1000).state_dict()
+    weights = tmp_path / "resnet18-imagenet.pth"
+    torch.save(imagenet, weights)
+    root = tmp_path / "record"
+    rec = get("attack", "badnet").main([
+        "--yaml_path", str(CFG / "attack" / "badnet" / "cifar100_paper.yaml"), "--dataset_path", str(data),
+        "--record_root", str(root), "--save_folder_name", "paper", "--pretrained", str(weights), "--model_input_size", "64",
+        "--epochs", "1", "--batch_size", "20", "--eval_batch_size", "64", "--device", "cpu", "--no_progress"])
+    rec = Path(rec)
+    record = safe_torch_load(rec / "attack_result.pt")
+    info = safe_torch_load(rec / "info.pickle")
+    assert record["model_name"] == "resnet18" and record["num_classes"] == 100
+    assert info["model_input_size"] == 64 and info["pretrained"] == str(weights) and info["lr"] == 0.001
+    sd = record["model"]
+    assert sd["fc.weight"].shape == (100, 512)
+    # two SGD steps at lr 0.001 move the pretrained backbone by far less than its own scale (a fresh init would not match)
+    w0 = imagenet["layer4.1.conv2.weight"]
+    assert float((sd["layer4.1.conv2.weight"] - w0).norm()) < 0.01 * float(w0.norm())
+
+    cfg = resolve(RECORD_SCHEMA, None, {"result_file": str(rec), "device": "cpu", "no_progress": True})
+    exp = open_experiment(cfg)
+    model = exp.backdoored_model().eval()
+    assert exp.model_input_size == 64 and model.input_size == 64
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 100)

@@ -131,6 +131,7 @@ class Attack:
     options: dict[str, Option] = {}
     clean_label: bool = False
     configs: tuple = DATASET_CONFIGS + ("demo",)
+    needs: tuple = ()  # registry NEEDS besides the data, e.g. ("clean_reference",) for LC (the study runner orders jobs by it)
 
     def __init__(self, ctx: AttackContext):
         self.ctx = ctx
@@ -155,6 +156,8 @@ class Attack:
     # ---- building blocks
     def select_poison(self) -> np.ndarray:
         d, c = self.ctx.data, self.cfg
+        if self.clean_label and c.attack_label_trans != "all2one":
+            raise ConfigError(f"{self.name} is a clean-label attack: only attack_label_trans all2one is defined")
         return select_train_poison(d.train_y, c.pratio, label_trans=c.attack_label_trans, target=c.attack_target,
                                    clean_label=self.clean_label, seed=c.random_seed)
 
@@ -243,7 +246,8 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     run.__module__ = cls.__module__
     run.attack_class = cls
     register("attack", cls.name, schema=lambda: {**COMMON_ATTACK_SCHEMA, **cls.options},
-             description=cls.description or f"{cls.name} attack (BackdoorBench-compatible record)", configs=cls.configs)(run)
+             description=cls.description or f"{cls.name} attack (BackdoorBench-compatible record)", configs=cls.configs,
+             needs=cls.needs)(run)
     return cls
 
 

@@ -85,6 +85,7 @@ class LabelConsistent(Attack):
                                        "the command that makes it)"),
     }
     clean_label = True
+    needs = ("clean_reference",)
 
     # ---- the clean model
     def _clean_info_matches(self, info: dict) -> str | None:
@@ -163,7 +164,7 @@ class LabelConsistent(Attack):
 
         c, d = self.cfg, self.ctx.data
         if c.attack_label_trans != "all2one":
-            raise ConfigError("lc is a clean-label attack: only attack_label_trans all2one is defined")
+            raise ConfigError(f"{self.name} is a clean-label attack: only attack_label_trans all2one is defined")
         model = self._clean_model()
         idx = np.flatnonzero(d.train_y == c.attack_target).astype(np.int64)
         meta = {"format": 1, "weights": model_digest(model), "dataset": c.dataset,

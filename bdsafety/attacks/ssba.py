@@ -4,9 +4,10 @@ BackdoorBench v2.2 reads pre-encoded images (resource/ssba/*.npy) made by the au
 and scripts break (its issues #1, #3, #9, ...). This project trains a small StegaStamp-style encoder/decoder on the
 dataset's training images instead and caches it per dataset (<record_root>/.cache/ssba/):
 
-- encoder: the secret (100 bits, the original method's length) -> linear -> a (3, H/4, W/4) map upsampled to the
-  image, concatenated with the image, a small U-Net -> a residual bounded by ``ssba_max_residual`` (L_inf, pixel
-  units, through tanh) so the trigger stays invisible by construction; decoder: strided convs -> 100 bit logits.
+- encoder: the secret (100 bits, the original method's length) -> linear -> a full-resolution code, multiplied per
+  pixel by a gain a small conv net computes from the image (where to hide it; this makes the trigger sample-specific)
+  -> a residual bounded by ``ssba_max_residual`` (L_inf, pixel
+  units, through tanh) so the trigger stays invisible by construction; decoder: two convs -> linear -> 100 bit logits.
 - training as StegaStamp: random secrets per image, loss = BCE(bits) + ssba_image_weight * MSE(residual) (the
   image term ramped in from 20% to 50% of the steps, as StegaStamp ramps its l2 loss), the
   encoded image quantized (uniform noise of one grey level) before decoding. Adam, ``ssba_steps`` steps.
@@ -35,26 +36,18 @@ class SSBAEncoder(nn.Module):
         h, w, c = img_size
         self.config = {"img_size": [int(h), int(w), int(c)], "bits": int(bits), "width": int(width),
                        "max_residual": float(max_residual)}
-        self.hw, self.bound = (h, w), max_residual / 255.0
-        self.sh, self.sw = max(1, h // 4), max(1, w // 4)
-        self.secret = nn.Linear(bits, 3 * self.sh * self.sw)
-        self.e1 = nn.Conv2d(c + 3, width, 3, padding=1)
-        self.e2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.e3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
-        self.u1 = nn.Conv2d(2 * width, width, 3, padding=1)
-        self.u2 = nn.Conv2d(2 * width, width, 3, padding=1)
-        self.out = nn.Conv2d(width, c, 1)
+        self.shape, self.bound = (c, h, w), max_residual / 255.0
+        self.secret = nn.Linear(bits, c * h * w)  # the secret's full-resolution code
+        self.gain = nn.Sequential(  # image -> per-pixel gain of the code (where to hide it): sample-specific
+            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, c, 3, padding=1))
 
     def forward(self, x01: torch.Tensor, secret: torch.Tensor) -> torch.Tensor:
         """The residual (same shape as x01, in [-bound, bound]) that hides ``secret`` (n, bits in {0, 1})."""
-        s = F.relu(self.secret(secret * 2 - 1)).view(-1, 3, self.sh, self.sw)
-        s = F.interpolate(s, size=self.hw, mode="nearest")
-        e1 = F.relu(self.e1(torch.cat([x01 - 0.5, s], 1)))
-        e2 = F.relu(self.e2(e1))
-        e3 = F.relu(self.e3(e2))
-        u = F.relu(self.u1(F.interpolate(e3, size=self.hw, mode="nearest")))
-        u = F.relu(self.u2(torch.cat([u, e1], 1)))
-        return self.bound * torch.tanh(self.out(u))
+        code = self.secret(secret * 2 - 1).view(-1, *self.shape)
+        gain = 2 * torch.sigmoid(self.gain(x01 - 0.5))  # about 1 at initialisation
+        return self.bound * torch.tanh(gain * code)
 
 
 class SSBADecoder(nn.Module):
@@ -63,13 +56,15 @@ class SSBADecoder(nn.Module):
         h, w, c = img_size
         self.config = {"img_size": [int(h), int(w), int(c)], "bits": int(bits), "width": int(width)}
         self.net = nn.Sequential(
-            nn.Conv2d(c, width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * width * 16, bits))
+            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(width * ((h + 1) // 2) * ((w + 1) // 2), bits))
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
-        return self.net(x01 - 0.5)
+        # a fixed local high-pass, amplified: the code is a few grey levels on top of the image, whose smooth content
+        # would otherwise swamp it (without this the bit loss stays at log 2 for hundreds of steps)
+        hp = x01 - F.avg_pool2d(x01, 3, stride=1, padding=1, count_include_pad=False)
+        return self.net(hp * 32.0)
 
 
 def fixed_secret(bits: int, seed: int) -> np.ndarray:
@@ -156,7 +151,7 @@ class SSBA(Attack):
         "ssba_max_residual": Option(8.0, "L_inf bound of the encoder's residual in pixel units (0-255)", check=POSITIVE),
         "ssba_steps": Option(3000, "encoder/decoder training steps", check=POS_INT),
         "ssba_batch_size": Option(64, "encoder/decoder training batch size", check=POS_INT),
-        "ssba_lr": Option(1e-3, "encoder/decoder Adam learning rate (cosine schedule)", check=POSITIVE),
+        "ssba_lr": Option(3e-3, "encoder/decoder Adam learning rate (cosine schedule)", check=POSITIVE),
         "ssba_image_weight": Option(10.0, "weight of the residual's MSE against the bit loss", check=NONNEG),
         "ssba_seed": Option(0, "seed of the encoder training (the encoder is cached per dataset and settings, not per "
                                "attack seed)", check=SEED),

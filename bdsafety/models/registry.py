@@ -225,11 +225,12 @@ def closest_models(state_dict: Mapping, n: int = 2) -> list[tuple[str, int, list
     keys = set(sd)
     scored = []
     for name in MODEL_NAMES:
-        own = [k for k, _ in _signature(name, 10, 3)]
-        shared = keys.intersection(own)
-        score = len(shared) / len(keys.union(own))
-        scored.append((score, name, len(shared), [k for k in own if k not in keys], [k for k in sd if k not in own]))
-    scored.sort(key=lambda t: -t[0])
+        sig = dict(_signature(name, 10, 3))  # shapes of all but the classifier do not depend on the class count
+        shared = keys.intersection(sig)
+        same_shape = sum(tuple(sd[k].shape) == sig[k] for k in shared)
+        score = (len(shared) / len(keys.union(sig)), same_shape)  # ties (resnet50 / resnext50 keys) broken by shapes
+        scored.append((score, name, len(shared), [k for k in sig if k not in keys], [k for k in sd if k not in sig]))
+    scored.sort(key=lambda t: (-t[0][0], -t[0][1]))
     return [(name, shared, missing, extra) for _, name, shared, missing, extra in scored[:n]]
 
 

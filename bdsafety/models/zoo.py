@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
+from bdsafety.errors import ConfigError
+
 from .base import FeatureHeadMixin
 
 
@@ -220,7 +222,7 @@ def build_zoo_model(name: str, num_classes: int, in_channels: int = 3, input_siz
     builder = getattr(torchvision.models, tv_name)
     if family == "vit":
         if input_size not in (None, 224):
-            raise ValueError(f"{name} takes 224x224 inputs (BackdoorBench resizes every batch to 224 inside the model); "
+            raise ConfigError(f"{name} takes 224x224 inputs (BackdoorBench resizes every batch to 224 inside the model); "
                              f"model_input_size {input_size} is not possible")
         vit = builder(weights=None)  # BackdoorBench: the ImageNet model, then heads.head = Linear(hidden_dim, n)
         vit.heads.head = nn.Linear(vit.hidden_dim, num_classes)

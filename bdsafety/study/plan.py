@@ -7,6 +7,7 @@ Per grid point (dataset, attack, pratio, model, seed):
     clean reference            -> <study>/clean-<attack>_<dataset>_<model>_s<seed>/   (shared by the pratios)
     defense d                  -> <record>/defense/<folder>/                          (after attack)
     ra on none / clean / d     -> <record>/ra/, <clean>/ra_<record>/, <record>/defense/<folder>/ra/
+    ra budget (poison_num n)   -> the same with _budget_p<n> appended (ra_budget_p<n>, ...)
     qra on d                   -> <record>/defense/<folder>/qra/                      (after d, its RA, clean)
     analysis (lmc) on d        -> <record>/lmc_<folder>/                              (after attack, d)
 """
@@ -145,13 +146,22 @@ def build_plan(study) -> Plan:
                                    {"dataset": dataset, "model": model, "pratio": pratio, "save_folder_name": rname}, []):
                             continue
                         rec = {"result_file": rname}
+
+                        def add_ra(key, ppt, fixed, deps):
+                            """The RA job, and one per RA budget (poison_num) of the grid."""
+                            ok = add(key, "retune", "ra", {**ppt, "role": "ra"}, fixed, deps)
+                            for n in study.ra_poison_nums if ok else ():
+                                name = f"{fixed['save_name']}_budget_p{n}"
+                                add(f"{key.rsplit('/', 1)[0]}/{name}", "retune", "ra", {**ppt, "role": "ra_budget", "poison_num": n},
+                                    {**fixed, "save_name": name, "poison_num": n}, deps)
+                            return ok
+
                         if ra:
-                            add(f"{rname}/ra", "retune", "ra", {**pt, "role": "ra", "target": "none"},
-                                {**rec, "defense": "none", "save_name": "ra"}, [rname])
+                            add_ra(f"{rname}/ra", {**pt, "target": "none"}, {**rec, "defense": "none", "save_name": "ra"}, [rname])
                             if have_clean:
-                                add(f"{cname}/ra_{rname}", "retune", "ra", {**pt, "role": "ra", "target": "clean", "clean": cname},
-                                    {"result_file": cname, "defense": "none", "poison_source": rname, "save_name": f"ra_{rname}"},
-                                    [cname, rname])
+                                add_ra(f"{cname}/ra_{rname}", {**pt, "target": "clean", "clean": cname},
+                                       {"result_file": cname, "defense": "none", "poison_source": rname, "save_name": f"ra_{rname}"},
+                                       [cname, rname])
                         targets = [(d, registry.get("defense", d).folder, True) for d in study.defenses]
                         targets += [(d, d, False) for d in study.external_defenses]
                         for d, folder, ours in targets:
@@ -165,8 +175,7 @@ def build_plan(study) -> Plan:
                                 ddeps = [dkey]
                             else:
                                 ddeps = [rname]  # a folder made elsewhere: read as found
-                            if ra and add(f"{dkey}/ra", "retune", "ra", {**dpt, "role": "ra"},
-                                          {**rec, "defense": folder, "save_name": "ra"}, ddeps + [rname]):
+                            if ra and add_ra(f"{dkey}/ra", dpt, {**rec, "defense": folder, "save_name": "ra"}, ddeps + [rname]):
                                 if qra and have_clean and (study.qra_defenses is None or d in study.qra_defenses or folder in study.qra_defenses):
                                     add(f"{dkey}/qra", "retune", "qra", {**dpt, "role": "qra"},
                                         {**rec, "defense": folder, "clean_record": cname, "ra_name": "ra", "save_name": "qra"},
@@ -195,11 +204,3 @@ def _topological(jobs: dict) -> list:
         visit(k)
     return out
 
-
-def dependents(plan: Plan) -> dict:
-    """key -> keys of the jobs that read from it (directly)."""
-    out = {j.key: [] for j in plan.jobs}
-    for j in plan.jobs:
-        for d in j.deps:
-            out[d].append(j.key)
-    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bdsafety.safeio import atomic_write_text
-from bdsafety.study.results import lmc_curves, ra_curves
+from bdsafety.study.results import lmc_curves, ra_budget_curves, ra_curves
 
 COLUMNS = (("O-Backdoor C-Acc", "o_backdoor_acc"), ("O-Backdoor ASR", "o_backdoor_asr"),
            ("O-Robustness C-Acc", "o_robustness_acc"), ("O-Robustness ASR", "o_robustness_asr"),
@@ -98,6 +98,16 @@ def figures(plan, study_dir: Path, valid: set | None = None) -> list:
             p = _plot(g, x, y, xl, yl, fig_dir / f"{name}_{_slug(key)}.png", f"{what}\n{_slug(key)} (mean over seeds)")
             if p:
                 out.append((f"{what}: {_slug(key)}", p))
+    budget = ra_budget_curves(plan, study_dir, valid)
+    if not budget.empty:
+        from bdsafety.analysis.ra_budget import plot as plot_budget
+
+        atomic_write_text(Path(study_dir) / "ra_budget.csv", budget.to_csv(index=False))
+        for key, g in budget.groupby(list(GROUP), sort=False):
+            mean = g.groupby(["defense", "poison_num", "epoch"], sort=False)["test_asr"].mean().reset_index()
+            path = fig_dir / f"ra_budget_{_slug(key)}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out.append((f"P-ASR vs RA budget (poisoned samples): {_slug(key)}", Path(plot_budget(mean, path, _slug(key)))))
     for j in plan.jobs:
         if j.kind == "retune" and j.method == "qra" and j.point["seed"] == min(plan.study.seeds):
             src = Path(study_dir) / j.key / "qra_examples.png"

@@ -162,8 +162,27 @@ def collect_targets(plan, study_dir: Path) -> list:
     for j in plan.jobs:
         p = j.point
         base = {k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")}
-        if j.kind == "retune" and j.method == "ra":
+        if j.kind == "retune" and j.method == "ra" and p.get("role") == "ra":
             rdir = output_dir(study_dir, p["record"])
             out.append({**base, "defense": p["target"], "record_dir": rdir, "ra_dir": output_dir(study_dir, j.key), "ra_key": j.key,
                         "folder": output_dir(study_dir, j.key).parent})
     return out
+
+
+def ra_budget_curves(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
+    """P-ASR per RA epoch for every RA run of the grid (the main one and the ra_poison_nums budgets): POINT keys,
+    poison_num, epoch, test_asr, test_acc. Empty when the study has no ra_poison_nums."""
+    if not plan.study.ra_poison_nums:
+        return pd.DataFrame()
+    out = []
+    for j in plan.jobs:
+        p = j.point
+        if j.kind != "retune" or j.method != "ra" or p.get("role") not in ("ra", "ra_budget"):
+            continue
+        f = output_dir(study_dir, j.key) / "ra_df.csv"
+        if f.is_file() and (valid is None or j.key in valid):
+            for _, r in pd.read_csv(f).iterrows():
+                out.append({**{k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")}, "defense": p["target"],
+                            "poison_num": int(j.config["poison_num"]), "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),
+                            "test_acc": r.get("test_acc")})
+    return pd.DataFrame(out)

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bdsafety.study.execute import read_marker, up_to_date
@@ -27,7 +27,6 @@ class Outcome:
     wall_s: float = 0.0
     results_csv: Path | None = None
     report: Path | None = None
-    keys_by_status: dict = field(default_factory=dict)
 
     def keys(self, status: str) -> list:
         return [k for k, r in self.results.items() if r.get("status") == status]

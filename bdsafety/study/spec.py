@@ -10,6 +10,7 @@
     defenses: [fst, pam]            # registered defense names, or 'all'
     external_defenses: []           # defense folders made elsewhere (e.g. by BackdoorBench) to retune/analyse as found
     retune: [ra, qra]               # registered retuning attacks
+    ra_poison_nums: [1, 10]         # optional RA budget: one more RA per model and number of poisoned samples
     qra_defenses: all               # which defenses QRA attacks (default: all of them)
     analyses: [lmc]                 # registered analyses (one run per defense)
     configs: {synthetic: demo}      # yaml of each method: config/<kind>/<method>/<name>.yaml; keys: a method, a kind,
@@ -53,6 +54,7 @@ _KEYS = {
     "defenses": "list of registered defenses, or 'all'",
     "external_defenses": "defense folders already in the records (e.g. BackdoorBench's) to retune and analyse",
     "retune": "list of retuning attacks (ra, qra)",
+    "ra_poison_nums": "RA budget: extra RA runs per model with these numbers of poisoned samples (P-ASR vs budget)",
     "qra_defenses": "defenses QRA attacks: a list or 'all' (default all)",
     "analyses": "list of analyses (lmc)",
     "configs": "which yaml each method reads (mapping; see bdsafety/study/spec.py)",
@@ -77,6 +79,7 @@ class Study:
     defenses: list
     external_defenses: list
     retune: list
+    ra_poison_nums: list
     qra_defenses: list | None
     analyses: list
     configs: dict
@@ -191,6 +194,11 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
                 raise ConfigError(f"{path}: resources.{k}.{rk} must be a number >= 0, got {rv!r}")
     retune = _resolve_names("retune", _list(data.get("retune"), "retune"), notes, "retuning attack")
     qra = data.get("qra_defenses", "all")
+    nums = _list(data.get("ra_poison_nums"), "ra_poison_nums")
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in nums):
+        raise ConfigError(f"{path}: ra_poison_nums must be integers >= 0, got {nums}")
+    if nums and "ra" not in retune:
+        raise ConfigError(f"{path}: ra_poison_nums needs ra in retune")
     st = Study(
         name=name, path=path, study_dir=sdir, dataset_path=Path(data.get("dataset_path") or "./data").resolve(),
         device=str(data.get("device") or "auto"),
@@ -199,7 +207,7 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
         clean_reference=bool(data.get("clean_reference", True)),
         defenses=_resolve_names("defense", _list(data.get("defenses"), "defenses"), notes, "defense"),
         external_defenses=[check_folder_name(str(d), "external_defenses") for d in _list(data.get("external_defenses"), "")],
-        retune=retune, qra_defenses=None if qra == "all" else [str(d) for d in _list(qra, "qra_defenses")],
+        retune=retune, ra_poison_nums=nums, qra_defenses=None if qra == "all" else [str(d) for d in _list(qra, "qra_defenses")],
         analyses=_resolve_names("analysis", _list(data.get("analyses"), "analyses"), notes, "analysis"),
         configs={str(k): v for k, v in _mapping(data.get("configs"), "configs", nested=False).items()},
         set=_mapping(data.get("set"), "set", nested=True), resources=resources, notes=notes)
