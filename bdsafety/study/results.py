@@ -27,11 +27,13 @@ METRICS = (("acc", "test_acc"), ("asr", "test_asr"), ("ra", "test_ra"))
 POINT = ("dataset", "attack", "pratio", "model", "defense", "seed")
 
 
-def _summary(folder: Path, name: str) -> dict:
-    from bdsafety.records import read_metrics_summary
+def _summary(folder: Path, name: str | None) -> dict:
+    """Last metrics of ``folder``; ``name`` None: the summary the folder holds (a defense's csv keeps the method's
+    name under --save_name and in sweep folders, bdsafety.records.summary_name)."""
+    from bdsafety.records import read_metrics_summary, summary_name
 
     try:
-        return read_metrics_summary(folder, name)
+        return read_metrics_summary(folder, name or summary_name(folder))
     except Exception:
         return {}
 
@@ -102,7 +104,7 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
         folders += [f for f in plan.study.external_defenses if f not in folders]
         for f in folders:
             d = rdir / "defense" / f
-            targets.append((f, d, f, d / "ra"))
+            targets.append((f, d, None, d / "ra"))
         for name, folder, summary_name, ra_dir in targets:
             row = {"dataset": p["dataset"], "attack": p["attack"], "pratio": p["pratio"], "model": p["model"], "defense": name,
                    "seed": p["seed"], "record": rname}
