@@ -18,7 +18,7 @@ from bdsafety.safeio import safe_torch_load
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ROOT / "config"
 ATTACK_ARCH = "mobilenet_v3_large"  # trained by the attack; the others get random weights in a copy of its record
-ARCHS = ["mobilenet_v3_large", "efficientnet_b0", "squeezenet1_0"]
+ARCHS = ["mobilenet_v3_large", "efficientnet_b0", "squeezenet1_0", "densenet121", "convnext_tiny"]
 TINY = ["--no_progress", "--ratio", "20", "--batch_size", "20", "--epochs", "1"]
 
 
