@@ -11,7 +11,7 @@ import torchvision
 
 from bdsafety.errors import ConfigError, DataError
 from bdsafety.models import build_model, classifier_layer, identify_model, load_state_dict_compat
-from bdsafety.models.registry import VIT_MLP_RENAMES, normalize_state_dict
+from bdsafety.models.registry import VIT_MLP_RENAMES
 from bdsafety.models.zoo import UNBUILDABLE, ZOO, BackdoorBenchViT
 
 @pytest.fixture(autouse=True, scope="module")

@@ -18,7 +18,7 @@ from bdsafety.safeio import safe_torch_load
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ROOT / "config"
 ATTACK_ARCH = "mobilenet_v3_large"  # trained by the attack; the others get random weights in a copy of its record
-ARCHS = ["mobilenet_v3_large", "efficientnet_b0", "squeezenet1_0"]
+ARCHS = ["mobilenet_v3_large", "efficientnet_b0", "squeezenet1_0", "densenet121", "convnext_tiny"]
 TINY = ["--no_progress", "--ratio", "20", "--batch_size", "20", "--epochs", "1"]
 
 
@@ -154,3 +154,19 @@ def test_paper_protocol_cifar100_pretrained_resnet18(tmp_path):
     assert exp.model_input_size == 64 and model.input_size == 64
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_attack_refuses_bad_model_settings_before_training(tmp_path, capsys):
+    """alexnet on 32x32 data and a --pretrained that is neither a file nor a cached weights name stop the attack
+    before any poisoning or training, with one-line errors naming the fix."""
+    from bdsafety.errors import ConfigError
+    from bdsafety.registry import get
+
+    base = ["--yaml_path", str(CFG / "attack" / "badnet" / "demo.yaml"), "--record_root", str(tmp_path),
+            "--synthetic_n_train", "20", "--synthetic_n_test", "10", "--epochs", "1", "--no_progress"]
+    main = get("attack", "badnet").main
+    with pytest.raises(ConfigError, match="alexnet cannot take 32x32 inputs.*model_input_size"):
+        main([*base, "--model", "alexnet"])
+    with pytest.raises(ConfigError, match=r"--pretrained .*nope\.pth: no such file"):
+        main([*base, "--model", "resnet18", "--pretrained", str(tmp_path / "nope.pth")])
+    assert not any(tmp_path.iterdir())  # no record folder was started

@@ -273,6 +273,18 @@ def default_folder_name(attack: str, cfg) -> str:
     return f"{kind}_{cfg.dataset}_{cfg.model}_p{cfg.pratio:g}"
 
 
+def check_model_config(cfg: SimpleNamespace, num_classes: int, img_size: tuple) -> None:
+    """Fail before poisoning and training: unknown model, an image size it cannot take, a --pretrained that is not
+    there (the model is built on the meta device: no memory, no weights)."""
+    from bdsafety.models import build_model
+    from bdsafety.models.pretrained import resolve_pretrained
+
+    with torch.device("meta"):
+        build_model(cfg.model, num_classes, img_size, input_size=cfg.model_input_size)
+    if cfg.pretrained:
+        resolve_pretrained(cfg.model, cfg.pretrained)
+
+
 def run_attack(method, cfg: SimpleNamespace) -> Path:
     """Run the registered attack ``method`` with ``cfg``; write and return the record folder."""
     from bdsafety import engine
@@ -290,6 +302,7 @@ def run_attack(method, cfg: SimpleNamespace) -> Path:
     nc = data.info.num_classes
     if not 0 <= cfg.attack_target < nc:
         raise ConfigError(f"attack_target {cfg.attack_target} is not a class of {cfg.dataset} (0..{nc - 1})")
+    check_model_config(cfg, nc, tuple(data.info.img_size))
 
     def log(msg: str):
         print(f"[{method.name}] {msg}", flush=True)

@@ -14,9 +14,9 @@ What ``features`` is, per family (the input of the pooling that precedes the cla
     flattens it and applies ``1.heads``.
 The classifier (``classifier_path``) is the final ``nn.Linear``, except squeezenet's 1x1 ``nn.Conv2d``
 ``classifier.1``, which is what FST re-initialises there (the classifier's other layers hold no parameters).
-For alexnet, vgg and mobilenet_v3 only the final layer of the multi-layer classifier is re-initialised, like
-BackdoorBench's fine-pruning which prunes ``fp_defense_pruned_linear``, the classifier's first layer: what FST calls
-the head is the final linear layer only.
+For the multi-layer classifiers (alexnet, vgg, mobilenet_v3, convnext) FST's head is the final linear layer only;
+the hidden classifier layers count as backbone (BackdoorBench's fine-pruning, in contrast, prunes the classifier's
+FIRST linear layer there: the fixture's ``fp_defense_pruned_linear``).
 
 Input size: ``input_size`` (an int, or None for the data's own size) upsamples every batch on its device with
 bilinear interpolation (align_corners=False, no antialias: torchvision's tensor ``Resize`` as BackdoorBench's ViT
