@@ -19,7 +19,7 @@ CLEAN = "clean-badnet_synthetic_cnn_small_s0"
 TINY = {
     "name": "tiny", "datasets": ["synthetic"], "models": ["cnn_small"], "attacks": ["badnet"], "pratios": [0.1], "seeds": [0],
     "clean_reference": True, "defenses": ["ft"], "retune": ["ra", "qra"], "analyses": ["lmc"],
-    "ra_poison_nums": [1], "set": {"attack": {"synthetic_n_train": 300, "synthetic_n_test": 100, "epochs": 1, "eval_every": 1},
+    "set": {"attack": {"synthetic_n_train": 300, "synthetic_n_test": 100, "epochs": 1, "eval_every": 1},
             "defense": {"epochs": 1, "ratio": 0.2},
             "ra": {"epochs": 1, "ratio": 0.1, "poison_num": 5},
             "qra": {"epochs": 1, "clean_num": 20, "poison_num": 10, "hidden": [16], "eval_every": 1, "grid_n": 2},
@@ -27,11 +27,11 @@ TINY = {
 }
 BUDGET = {f"{REC}/ra_budget_p1", f"{CLEAN}/ra_{REC}_budget_p1", f"{REC}/defense/ft/ra_budget_p1"}
 ALL_KEYS = {REC, CLEAN, f"{REC}/ra", f"{CLEAN}/ra_{REC}", f"{REC}/defense/ft", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra",
-            f"{REC}/lmc_ft"} | BUDGET
+            f"{REC}/lmc_ft"}
 
 
-def _yaml(path: Path, **changes) -> Path:
-    spec = yaml.safe_load(yaml.safe_dump(TINY))
+def _yaml(path: Path, top: dict | None = None, **changes) -> Path:
+    spec = {**yaml.safe_load(yaml.safe_dump(TINY)), **(top or {})}
     for k, v in changes.items():
         spec["set"][k] = {**spec["set"].get(k, {}), **v}
     path.write_text(yaml.safe_dump(spec))
@@ -74,9 +74,6 @@ def test_first_run_runs_every_job_and_writes_results(tiny):
     none = df[df["defense"] == "none"].iloc[0]
     assert none["o_robustness_asr"] == none["o_backdoor_asr"]
     assert "data:image/png;base64," in (sd / "report.html").read_text()
-    budget = pd.read_csv(sd / "ra_budget.csv")  # P-ASR vs RA budget: the main RA (5 poisoned samples) and the extra one
-    assert set(budget["poison_num"]) == {1, 5} and set(budget["defense"]) == {"none", "clean", "ft"}
-    assert (sd / "figures" / "ra_budget_synthetic_badnet_0.1_cnn_small.png").is_file()
     assert "| ft | 1 |" in (sd / "report.md").read_text()
     assert text.strip().splitlines()[-1] == f"study folder: {sd}"
     # ordinary record folders that every entry point reads
@@ -94,8 +91,7 @@ def test_deleted_defense_reruns_only_it_and_its_dependents(tiny, tmp_path):
     sd = _copy(tiny, tmp_path)
     shutil.rmtree(sd / REC / "defense" / "ft")
     oc, _ = _run(y, sd)
-    assert set(oc.keys("ran")) == {f"{REC}/defense/ft", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra", f"{REC}/lmc_ft",
-                                   f"{REC}/defense/ft/ra_budget_p1"}
+    assert set(oc.keys("ran")) == {f"{REC}/defense/ft", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra", f"{REC}/lmc_ft"}
     assert set(oc.keys("done")) == ALL_KEYS - set(oc.keys("ran"))
     assert oc.results[f"{REC}/defense/ft"]["id"] == first.results[f"{REC}/defense/ft"]["id"]  # same config, same id
 
@@ -109,7 +105,17 @@ def test_changed_config_reruns_it_and_downstream(tiny, tmp_path):
     assert any(f" {REC}/defense/ft/ra " in ln and "RUN (config changed)" in ln for ln in lines)
     assert any(f" {REC}/defense/ft/qra " in ln and "RUN (upstream config changed)" in ln for ln in lines)
     oc, _ = _run(y, sd)
-    assert set(oc.keys("ran")) == {f"{REC}/ra", f"{CLEAN}/ra_{REC}", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra"} | BUDGET
+    assert set(oc.keys("ran")) == {f"{REC}/ra", f"{CLEAN}/ra_{REC}", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra"}
+
+
+def test_growing_the_grid_runs_only_the_new_jobs(tiny, tmp_path):
+    sd = _copy(tiny, tmp_path)
+    y = _yaml(tmp_path / "tiny.yaml", top={"ra_poison_nums": [1]})  # P-ASR vs RA budget: one more RA per model
+    oc, _ = _run(y, sd)
+    assert set(oc.keys("ran")) == BUDGET and set(oc.keys("done")) == ALL_KEYS
+    budget = pd.read_csv(sd / "ra_budget.csv")  # the main RA (5 poisoned samples) and the new one
+    assert set(budget["poison_num"]) == {1, 5} and set(budget["defense"]) == {"none", "clean", "ft"}
+    assert (sd / "figures" / "ra_budget_synthetic_badnet_0.1_cnn_small.png").is_file()
 
 
 def test_failing_job_skips_its_dependents_and_is_listed(tiny, tmp_path, capsys):
