@@ -1,6 +1,5 @@
 """SIG, LC and SSBA (issue 12): each trigger pinned (shape, range, determinism, budget, clean labels), the resource
 cache's rebuild rules, the bad inputs, and one tiny end-to-end LC run (clean model trained on demand, PGD, cache)."""
-import os
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 
 from bdsafety.attacks.controlled import final_pass_layout, num_poison_in_batch

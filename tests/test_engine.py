@@ -28,7 +28,7 @@ def test_fit_learns_with_a_sane_lr():
 def test_fit_stops_on_exploding_or_non_finite_loss(lr, what):
     data, model, norm = _setup()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    with pytest.raises(engine.TrainingDiverged, match=f"Lower the learning rate") as e:
+    with pytest.raises(engine.TrainingDiverged, match="Lower the learning rate") as e:
         engine.fit(model, data, norm=norm, epochs=5, batch_size=16, step_fn=engine.sgd_step(opt), augment=False)
     assert what in str(e.value)
 

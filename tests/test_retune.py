@@ -3,10 +3,6 @@
 Unit tests run in a second; the end-to-end tests (marked slow) train on copies of the demo records
 (fixtures ``demo_record`` / ``clean_record``): one RA run per kind of model and one QRA run.
 """
-import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -33,7 +33,7 @@ from bdsafety.attacks.base import Attack, register_attack
 from bdsafety.attacks.controlled import (cross_test_artifacts, final_pass_layout, merged_split, num_poison_in_batch,
                                          to_uint8)
 from bdsafety.attacks.poison import backdoor_labels
-from bdsafety.config import FRACTION, NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option
+from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option
 from bdsafety.data.device import random_crop_flip, random_rotate
 from bdsafety.pools import CROSS_KEY
 
