@@ -256,7 +256,7 @@ def test_ep_pool_is_the_defenders_part_with_original_labels(tmp_path):
 
     n = 10
     bd = PoisonedSplit(np.arange(0, 20, 2), np.zeros((n, 2, 2, 3), np.uint8), np.zeros(n), np.arange(n) % 5 + 1, 20)
-    exp = SimpleNamespace(record=SimpleNamespace(bd_train=bd), record_dir=tmp_path, device="cpu")
+    exp = SimpleNamespace(record=SimpleNamespace(bd_train=bd, info={}), record_dir=tmp_path, device="cpu")
     pool, split = true_label_pool(exp, "EP")
     ps = pool_split(tmp_path, bd)
     assert split.indices.tolist() == ps.defender.tolist() and len(ps.attacker) == 5
