@@ -328,7 +328,7 @@ def test_ra_and_qra_on_purified_model(work, fst_after_ra):
 
 @pytest.mark.slow
 def test_qra_missing_models_say_which_command(work):
-    with pytest.raises(FileNotFoundError, match=r"retune_attack/ra.py --result_file .* --defense none --save_name ra_x"):
+    with pytest.raises(ConfigError, match=r"retune_attack/ra.py --result_file .* --defense none --save_name ra_x"):
         Q.main(["--no_progress", "--result_file", str(work.clean), "--defense", "none", "--clean_record", str(work.clean),
                 "--ra_name", "ra_x"])
     with pytest.raises(Exception, match=r"attack/badnet.py --yaml_path config/attack/badnet/demo.yaml --pratio 0"):
