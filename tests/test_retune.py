@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bdsafety.errors import ConfigError
 from bdsafety.data.device import DeviceDataset
 from bdsafety.data.poisoned import PoisonedSplit
 from bdsafety.retune import qra as Q
