@@ -320,7 +320,7 @@ def test_rho_sweep_reuses_one_inversion_and_real_source(pam_work, capsys):
         assert cfg["config"]["rho"] == rho and cfg["pam"]["rho"] == rho
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(short + ["--rho_sweep", "0.3"])
-    out = main(short + ["--pam_source", "real", "--save_name", "pam_real"])
+    (out,) = main(short + ["--pam_source", "real", "--save_name", "pam_real"])
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["pam"]["source"] == "real" and "detected_target" not in cfg and not (out / "bti_generator.pt").exists()
 
