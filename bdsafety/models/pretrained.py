@@ -92,7 +92,7 @@ def load_pretrained(model: nn.Module, arch: str, source: str) -> nn.Module:
     """Load a backbone into ``model`` (a freshly built ``arch``) from ``source``; the classifier layers keep their
     fresh initialisation. Raises ConfigError/DataError naming the file and, when the weights belong to another
     architecture, the architecture they look like."""
-    from .registry import classifier_layer, describe_match, normalize_state_dict
+    from .registry import classifier_layer, describe_match, key_mismatch, normalize_state_dict
 
     path = resolve_pretrained(arch, source)
     sd = normalize_state_dict(_read_state_dict(path))
@@ -101,19 +101,10 @@ def load_pretrained(model: nn.Module, arch: str, source: str) -> nn.Module:
     classifier_layer(model)  # a registered model
     head_keys = {k for k in own if any(k.startswith(h + ".") for h in heads)}
     backbone = {k: v for k, v in sd.items() if k not in head_keys}
-    missing = [k for k in own if k not in head_keys and k not in backbone]
-    unexpected = [k for k in backbone if k not in own]
-    wrong = [f"{k} {tuple(backbone[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in backbone and backbone[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        what = []
-        if missing:
-            what.append(f"{len(missing)} of {arch}'s backbone tensors missing (e.g. {', '.join(missing[:2])})")
-        if unexpected:
-            what.append(f"{len(unexpected)} tensors {arch} does not have (e.g. {', '.join(unexpected[:2])})")
-        if wrong:
-            what.append(f"{len(wrong)} with other shapes (e.g. {', '.join(wrong[:2])})")
-        raise DataError(f"--pretrained {path} does not fit {arch}: {'; '.join(what)}. {describe_match(sd)}")
+    problems = key_mismatch(own, backbone, skip=head_keys)
+    if problems:
+        raise DataError(f"--pretrained {path} does not fit {arch}'s backbone (classifier head aside): {problems}. "
+                        f"{describe_match(sd)}")
     with torch.no_grad():
         for k, v in backbone.items():
             own[k].copy_(v)

@@ -259,27 +259,30 @@ def describe_match(state_dict: Mapping) -> str:
     return "It matches no registered model; closest: " + "; ".join(parts) + "."
 
 
+def key_mismatch(own: Mapping, sd: Mapping, skip: set | frozenset = frozenset()) -> str:
+    """How ``sd`` differs from the model's state_dict ``own`` (keys in ``skip`` ignored on both sides): missing keys,
+    unexpected keys and shape mismatches, a few of each named; "" when they fit."""
+    missing = [k for k in own if k not in skip and k not in sd]
+    unexpected = [k for k in sd if k not in skip and k not in own]
+    wrong = [f"{k}: model {tuple(own[k].shape)} vs state_dict {tuple(sd[k].shape)}"
+             for k in own if k not in skip and k in sd and own[k].shape != sd[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {_examples(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {_examples(unexpected)})")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatches (e.g. {_examples(wrong, 2)})")
+    return "; ".join(parts)
+
+
 def load_state_dict_compat(model: nn.Module, state_dict: Mapping) -> nn.Module:
     """Load strictly after :func:`normalize_state_dict`; on mismatch raise DataError naming the problem and the
     registered model the state_dict looks like (or the closest ones and what differs). Returns ``model``."""
     sd = normalize_state_dict(state_dict)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong_shape = [
-        f"{k}: model {tuple(own[k].shape)} vs state_dict {tuple(sd[k].shape)}"
-        for k in own
-        if k in sd and own[k].shape != sd[k].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {_examples(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {_examples(unexpected)})")
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} shape mismatches (e.g. {_examples(wrong_shape, 2)})")
-        msg = f"state_dict does not fit {getattr(model, 'arch', type(model).__name__)}: " + "; ".join(parts) + "."
+    problems = key_mismatch(model.state_dict(), sd)
+    if problems:
+        msg = f"state_dict does not fit {getattr(model, 'arch', type(model).__name__)}: {problems}."
         raise DataError(msg + " " + describe_match(sd))
     model.load_state_dict(sd, strict=True)
     return model

@@ -1,6 +1,6 @@
 """report.md and a self-contained report.html (PNG figures embedded) of a study, from results.csv and the records.
 
-Tables: per dataset / attack / pratio / model, one row per defense, mean ± std over seeds in percent of C-Acc and ASR
+Tables: per dataset / attack / pratio / model, one row per defense, mean ± std [min, max] over seeds in percent of C-Acc and ASR
 at the paper's three stages (O-Backdoor, O-Robustness, P-Robustness) and QRA. Figures: ASR vs RA epoch, LMC paths,
 QRA examples (first seed).
 """
@@ -29,7 +29,7 @@ def _cell(vals: pd.Series) -> str:
         return "-"
     if len(v) == 1:
         return f"{100 * v.iloc[0]:.1f}"
-    return f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1):.1f}"
+    return f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1):.1f} [{100 * v.min():.1f}, {100 * v.max():.1f}]"
 
 
 def tables(df: pd.DataFrame) -> list:
@@ -123,7 +123,7 @@ def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: 
     study_dir = Path(study_dir)
     figs = figures(plan, study_dir, valid)
     head = [f"# Study {plan.study.name}", "", f"From `{plan.study.path}`. Jobs: {summary.get('line', '')}. "
-            "Cells: percent, mean ± std over seeds (one value when one seed). P-ASR: ASR after the retuning attack.", ""]
+            "Cells: percent, mean ± std [min, max] over seeds (one value when one seed). P-ASR: ASR after the retuning attack.", ""]
     body = []
     for title, t in tables(df):
         body += [f"## {title}", "", _md_table(t), ""]
