@@ -137,12 +137,48 @@ def test_analysis_notebook_runs(tmp_path, monkeypatch):
     nb = json.loads((Path(__file__).resolve().parents[1] / "analysis" / "superficial_safety.ipynb").read_text())
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     assert len(cells) >= 5
+    study = tmp_path / "study_x"
+    study.mkdir()
+    pt = {"dataset": "synthetic", "attack": "badnet", "pratio": 0.1, "model": "cnn_small"}
+    pd.DataFrame([{**pt, "defense": d, "seed": s, "o_robustness_acc": 0.99, "o_robustness_asr": 0.01,
+                   "p_robustness_asr": p + 0.1 * s} for d, p in (("fst", 0.3), ("pam", 0.0)) for s in (0, 1)]
+                 ).to_csv(study / "results.csv", index=False)
+    pd.DataFrame([{**pt, "defense": "fst", "seed": 0, "epoch": e, "test_asr": e / 4, "test_acc": 0.9} for e in range(5)]
+                 ).to_csv(study / "ra_curves.csv", index=False)
+    pd.DataFrame([{**pt, "defense": "fst", "seed": 0, "alpha": a / 4, "asr": a / 4, "clean_acc": 0.9} for a in range(5)]
+                 ).to_csv(study / "lmc_curves.csv", index=False)
     ns: dict = {}
     exec(cells[0], ns)
-    ns["RECORD_ROOT"] = tmp_path
+    ns.update(STUDY_DIR=study, RECORD_ROOT=tmp_path, RESULT_FILE="badnet_demo", CLEAN_RECORD="clean_demo")
     for src in cells[1:]:
         exec(src, ns)
     assert ns["table"].loc["fst", "p_test_asr"] == pytest.approx(0.3) and "Clean" in ns["table"].index
     assert set(ns["curves"]) >= {"fst", "pam", "pam_rho0.3"}
     assert ns["lmc_table"].loc["pam", 0.0] == pytest.approx(100.0)
     assert list(ns["sweep"].index) == [0.3, 0.5, 0.7]
+    (title, t), = ns["study"]
+    assert title == "synthetic / badnet / pratio 0.1 / cnn_small"
+    assert t.set_index("defense").loc["fst", "P-ASR (after RA)"] == "35.0 ± 7.1 [30.0, 40.0]"
+
+
+def test_study_lmc_folders_feed_the_notebook_lmc_cell(tmp_path, monkeypatch):
+    """A study writes lmc_<defense>/lmc.csv per defense: the notebook's LMC cell reads them all."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "show", lambda *a, **k: plt.close("all"))
+    rd = _fake_record_tree(tmp_path)
+    lmc = pd.read_csv(rd / "lmc" / "lmc.csv")
+    for d, g in lmc.groupby("defense"):
+        (rd / f"lmc_{d}").mkdir()
+        g.to_csv(rd / f"lmc_{d}" / "lmc.csv", index=False)
+    (rd / "lmc" / "lmc.csv").unlink()
+    nb = json.loads((Path(__file__).resolve().parents[1] / "analysis" / "superficial_safety.ipynb").read_text())
+    cell = next("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code" and "lmc_csvs" in "".join(c["source"]))
+    ns = {"record": rd, "pd": pd, "plt": plt, "RESULT_FILE": "badnet_demo"}
+    exec(cell, ns)
+    assert list(ns["lmc_table"].index) == ["fst", "pam"] and ns["lmc_table"].loc["fst", 1.0] == pytest.approx(0.0)

@@ -1,70 +1,48 @@
-"""The README's main command chains entry points: every command it runs must parse against its entry point."""
+"""`python -m bdsafety.demo` is an alias of the demo studies; every shipped study yaml resolves to jobs whose
+configs parse against their methods' schemas (a dry run, so nothing is trained or written)."""
+from pathlib import Path
+
 import pytest
 
 import bdsafety.demo as demo
-from bdsafety.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = sorted((ROOT / "config" / "study").glob("*.yaml"))
 
 
-def _schema(script: str):
-    from bdsafety.cli import method_for_script
-
-    if script == "analysis/report.py":  # a plain script, not a registered method
-        return None
-    return method_for_script(script).schema()
-
-
-@pytest.mark.parametrize("defenses", [None, "all"])
-def test_every_demo_command_parses(monkeypatch, tmp_path, defenses):
-    calls = []
-    monkeypatch.setattr(demo, "_run", lambda args, log: calls.append(args))
-    assert demo.main(["--record_root", str(tmp_path), "--fresh", *(["--defenses", defenses] if defenses else [])]) == 0
-    scripts = [c[0] for c in calls]
-    assert scripts[0] == "attack/badnet.py" and "analysis/report.py" in scripts and "analysis/lmc.py" in scripts
-    run_defenses = [s.split("/")[1][:-3] for s in scripts if s.startswith("defense/")]
-    assert run_defenses == list(demo.ALL_DEFENSES if defenses == "all" else demo.DEFAULT_DEFENSES)
-    for args in calls:
-        if args[0] == "retune_attack/ra.py" or args[0] == "analysis/lmc.py":  # folder names, e.g. i_bau -> i-bau
-            names = args[args.index("--defense") + 1].split(",")
-            assert "i_bau" not in names
-    checked = 0
-    for args in calls:
-        schema = _schema(args[0])
-        if schema is not None:
-            parse_config(schema, args[1:])  # raises on any unknown flag, bad value or broken yaml
-            checked += 1
-    assert checked == len(calls) - 1  # everything but report.py
+def test_alias_stands_for_the_demo_studies():
+    assert demo.study_argv([]) == ["--yaml_path", str(demo.DEMO)]
+    assert demo.study_argv(["--seeds", "--executor", "ray"]) == ["--yaml_path", str(demo.DEMO_SEEDS), "--executor", "ray"]
+    assert demo.study_argv(["--yaml_path", "x.yaml", "--fresh"]) == ["--yaml_path", "x.yaml", "--fresh"]
+    with pytest.raises(SystemExit, match="drop --yaml_path or --seeds"):
+        demo.study_argv(["--seeds", "--yaml_path", "x.yaml"])
 
 
-def test_dry_run_prints_and_runs_nothing(capsys, tmp_path):
-    assert demo.main(["--record_root", str(tmp_path), "--dry_run"]) == 0
+def test_demo_dry_run_lists_the_chain_and_writes_nothing(capsys, tmp_path):
+    assert demo.main(["--dry_run", "--record_root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "$ python attack/badnet.py" in out and "retune_attack/ra.py" in out
+    for job in ("attack   badnet", "defense  fst", "defense  exact_purification", "defense  pam", "retune   ra",
+                "retune   qra", "analysis lmc"):
+        assert job in out, job
     assert not any(tmp_path.iterdir())
 
 
-def test_seeds_run_the_chain_per_seed_with_that_seed(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(demo, "_run", lambda args, log: calls.append(args))
-    monkeypatch.setattr(demo, "summarize_seeds", lambda roots, seeds, path: "")
-    assert demo.main(["--record_root", str(tmp_path), "--fresh", "--seeds", "0,2"]) == 0
-    roots = {a[a.index("--record_root") + 1] for a in calls}
-    assert roots == {str(tmp_path / "seed0"), str(tmp_path / "seed2")}
-    for args in calls:
-        if args[0] == "analysis/report.py":
-            continue
-        seeded = "--random_seed" in args and args[args.index("--random_seed") + 1] == "2"
-        assert seeded == args[args.index("--record_root") + 1].endswith("seed2"), args
-        parse_config(_schema(args[0]), args[1:])
+def test_seeds_study_runs_the_readme_chain_per_seed(capsys, tmp_path):
+    assert demo.main(["--seeds", "--dry_run", "--record_root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for s in (0, 1, 2):
+        for d in ("fst", "bti_dbf", "exact_purification", "pam"):
+            assert f"badnet_synthetic_cnn_small_p0.1_s{s}/defense/{d}/ra " in out, (s, d)
+    # per seed: attack, clean, RA on both, 4 x (defense, RA, LMC), QRA on FST
+    assert out.strip().splitlines()[-1] == "51 jobs, 51 to run"
 
 
-def test_summarize_seeds_gives_mean_and_range(tmp_path):
-    import pandas as pd
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_every_shipped_study_resolves(path):
+    """Every job of every shipped study gets a config that parses against its method's schema."""
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
 
-    roots = []
-    for s, asr in ((0, 0.1), (1, 0.3)):
-        r = tmp_path / f"seed{s}" / "badnet_demo" / "report"
-        r.mkdir(parents=True)
-        pd.DataFrame({"model": ["fst"], "test_asr": [asr]}).set_index("model").to_csv(r / "report.csv")
-        roots.append(tmp_path / f"seed{s}")
-    md = demo.summarize_seeds(roots, [0, 1], tmp_path / "demo_seeds.md")
-    assert "| fst | 20.0 [10.0, 30.0] |" in md and (tmp_path / "demo_seeds.csv").is_file()
+    plan = build_plan(load_study(path))
+    assert plan.jobs
+    assert not [n for n in plan.notes if "not a registered" in n], plan.notes

@@ -89,6 +89,9 @@ def figures(plan, study_dir: Path, valid: set | None = None) -> list:
     out = []
     ra = ra_curves(plan, study_dir, valid)
     lmc = lmc_curves(plan, study_dir, valid=valid) if "lmc" in plan.study.analyses else pd.DataFrame()
+    for name, curves in (("ra_curves.csv", ra), ("lmc_curves.csv", lmc)):  # tidy tables for notebooks / plotting
+        if not curves.empty:
+            atomic_write_text(Path(study_dir) / name, curves.to_csv(index=False))
     for name, curves, x, y, xl, yl in (("ra", ra, "epoch", "test_asr", "RA epoch (0 = before)", "ASR (%)"),
                                        ("lmc", lmc, "alpha", "asr", "alpha (0 = defended, 1 = backdoored)", "ASR (%)")):
         if curves.empty:
