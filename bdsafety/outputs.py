@@ -205,7 +205,7 @@ def write_artifact(path: str | os.PathLike, value: Any) -> Path:
     """Write one named output file, choosing the format from the value's type (atomically):
     bytes -> as is; str -> utf-8 text; pandas DataFrame -> csv; uint8 (H, W[, C]) numpy image -> png (RGB);
     a matplotlib Figure -> png; anything else -> torch.save, checked to be readable by safe loading."""
-    from bdsafety.safeio import atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_safe_loadable
+    from bdsafety.safeio import atomic_savefig, atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_safe_loadable
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,13 +231,6 @@ def write_artifact(path: str | os.PathLike, value: Any) -> Path:
             raise OutputError(f"could not encode {path.name} as png")
         return atomic_write_bytes(path, buf.tobytes())
     if type(value).__name__ == "Figure" and hasattr(value, "savefig"):
-        import io
-
-        buf = io.BytesIO()
-        value.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=130)
-        import matplotlib.pyplot as plt
-
-        plt.close(value)
-        return atomic_write_bytes(path, buf.getvalue())
+        return atomic_savefig(value, path, dpi=130)
     ensure_safe_loadable(value, path.name)
     return atomic_torch_save(value, path)

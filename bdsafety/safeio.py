@@ -220,6 +220,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure to ``path`` atomically (format from the suffix) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 
 
 _ensure_safe_loadable = ensure_safe_loadable  # old private name

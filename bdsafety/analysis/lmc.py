@@ -24,6 +24,7 @@ from bdsafety.config import AMOUNT, FRACTION, POS_INT, Option, float_list, str_l
 from bdsafety.registry import register
 from bdsafety.data.device import iterate_batches
 from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, reserved_indices, write_run_files
+from bdsafety.safeio import atomic_savefig
 
 LMC_SCHEMA = {
     **RECORD_SCHEMA,
@@ -105,8 +106,7 @@ def plot_lmc(curves: dict[str, pd.DataFrame], path: Path, title: str = "") -> Pa
     axes[0].legend(fontsize=8)
     fig.suptitle(title or "Linear mode connectivity along the backdoor-connected path")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=130)
     return Path(path)
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from bdsafety.cli import run_cli
 from bdsafety.errors import ConfigError
+from bdsafety.safeio import atomic_savefig
 
 
 def _ints(s: str) -> list[int]:
@@ -94,8 +95,7 @@ def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"P-ASR vs retuning budget {title}".strip())
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=120)
     return path
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bdsafety.records import RecordError, read_metrics_summary, resolve_record_dir, summary_name
+from bdsafety.safeio import atomic_savefig
 
 METRICS = ("test_acc", "test_asr", "test_ra")
 
@@ -118,8 +119,7 @@ def plot_ra_curves(curves: dict[str, pd.DataFrame], path: Path, title: str = "")
     ax.legend(fontsize=8, ncol=2)
     ax.set_title(title or "ASR under the retuning attack")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=130)
     return Path(path)
 
 

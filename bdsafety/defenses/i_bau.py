@@ -178,7 +178,10 @@ def i_bau(ctx) -> DefenseResult:
             with torch.no_grad():
                 tot += F.cross_entropy(model(norm(x01)), y).item() * len(y)
             seen += len(y)
-        train_loss = tot / max(1, seen)
+        if seen == 0:
+            raise engine.TrainingDiverged(f"I-BAU: round {r} made no optimizer step (no batch of reserved data); nothing "
+                                          f"from this run was saved")
+        train_loss = tot / seen
         if not math.isfinite(train_loss):
             raise engine.TrainingDiverged(f"I-BAU: the loss became {train_loss} in round {r}; lower --lr")
         m = exp.metrics(model)

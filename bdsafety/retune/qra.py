@@ -42,6 +42,7 @@ from bdsafety.registry import register
 from bdsafety.data.device import DeviceDataset
 from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, write_run_files
 from bdsafety.retune.ra import poison_source_split, resolve_targets
+from bdsafety.safeio import atomic_savefig
 
 __all__ = [
     "QRA_SCHEMA", "QRA_SEED_STREAM", "fraction", "PerturbationGenerator", "perturb", "qra_loss", "qra_data",
@@ -391,8 +392,7 @@ def save_example_grid(path, exp, gen, n: int, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=100)
 
 
 # ------------------------------------------------------------------------------------------------ run

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bdsafety.safeio import atomic_write_text
+from bdsafety.safeio import atomic_savefig, atomic_write_text
 from bdsafety.study.results import lmc_curves, ra_budget_curves, ra_curves
 
 COLUMNS = (("O-Backdoor C-Acc", "o_backdoor_acc"), ("O-Backdoor ASR", "o_backdoor_asr"),
@@ -78,8 +78,7 @@ def _plot(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, path: 
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=110)
     return path
 
 
