@@ -263,3 +263,49 @@ def test_pretrained_weights_name_from_the_local_torch_cache(tmp_path, monkeypatc
     for name in ("DEFAULT", "IMAGENET1K_V1"):
         model = build_model("squeezenet1_0", 10, pretrained=name)
         assert torch.equal(model.state_dict()["features.0.weight"], sd["features.0.weight"])
+
+
+def _fake_weights(setting: dict) -> dict:
+    """The fixture's state_dict as stride-0 views of one zero each: real tensors with every key, shape and dtype, a few
+    bytes on disk whatever the architecture's size."""
+    return {k: torch.zeros((), dtype=getattr(torch, dtype)).expand(shape) for k, shape, dtype in setting["state_dict"]}
+
+
+@pytest.mark.parametrize("name", _fixture_names())
+def test_inspector_reads_a_record_of_every_architecture(name, tmp_path, monkeypatch, capsys):
+    """A BackdoorBench-layout record of every buildable fixture architecture (each image size BackdoorBench can run,
+    else its data at 32 px with model_input_size 224, as this project's records store it): the inspector names the
+    architecture, loads the weights strictly and exits 0. The model is built on the meta device, so ViT-L costs no
+    memory; the keys and shapes are the fixture's."""
+    import bdsafety.models as models
+    from bdsafety.inspector import main as inspect
+    from tests.bb_records import make_bb_v22_record
+
+    spec = _zoo_fixture()[name]
+    if spec.get("instantiable") is False:
+        pytest.skip(f"BackdoorBench cannot build {name}: no record of it can exist")
+    real_build = models.build_model
+
+    def meta_build(*a, **k):
+        with torch.device("meta"):
+            return real_build(*a, **k)
+
+    monkeypatch.setattr(models, "build_model", meta_build)
+    for sname, setting in spec["settings"].items():
+        img = tuple(setting["img_size"])
+        input_size = None if setting.get("record_producible", True) else 224
+        if input_size is not None and not _size_failure(setting):
+            continue
+        rec = make_bb_v22_record(tmp_path / sname, name, n_train=12, n_test=6, num_classes=setting["num_classes"],
+                                 img_size=(img[0], img[1], img[2]), model_name=name).record_dir
+        result = torch.load(rec / "attack_result.pt", weights_only=False)
+        result["model"] = _fake_weights(setting)
+        torch.save(result, rec / "attack_result.pt")
+        if input_size is not None:
+            info = torch.load(rec / "info.pickle", weights_only=False)
+            torch.save({**info, "model_input_size": input_size}, rec / "info.pickle")
+        assert (rec / "attack_result.pt").stat().st_size < 2_000_000
+        with pytest.warns(UserWarning, match="meta"):  # copying into meta parameters: a no-op that checks shapes
+            assert inspect([str(rec)]) == 0, (name, sname)
+        out = capsys.readouterr().out
+        assert f"architecture  weights fit {name} ({len(setting['state_dict'])} tensors" in out, out
