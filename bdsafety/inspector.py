@@ -52,7 +52,8 @@ def _architecture_line(rec) -> str:
     from bdsafety.models.registry import describe_match
 
     try:
-        found = identify_model(rec.state_dict)
+        size = (rec.info or {}).get("model_input_size")
+        found = identify_model(rec.state_dict, None if size is None else int(size))
     except (TypeError, ValueError) as e:
         return f"unreadable weights ({e})"
     n = sum(int(v.numel()) for v in rec.state_dict.values() if v.is_floating_point())

@@ -309,3 +309,15 @@ def test_inspector_reads_a_record_of_every_architecture(name, tmp_path, monkeypa
             assert inspect([str(rec)]) == 0, (name, sname)
         out = capsys.readouterr().out
         assert f"architecture  weights fit {name} ({len(setting['state_dict'])} tensors" in out, out
+
+
+def test_vit_input_size_sets_the_positional_embedding_only():
+    with torch.device("meta"):
+        small, full = build_model("vit_b_16", 10, input_size=32), build_model("vit_b_16", 10)
+    s, f = small.state_dict(), full.state_dict()
+    assert list(s) == list(f)
+    assert [k for k in s if s[k].shape != f[k].shape] == ["1.encoder.pos_embedding"]
+    assert tuple(s["1.encoder.pos_embedding"].shape) == (1, 5, 768) and small.input_size == 32
+    assert identify_model(s, 32) == ["vit_b_16"] and identify_model(s) == []
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        build_model("vit_b_16", 10, input_size=40)

@@ -185,10 +185,10 @@ def infer_num_classes(state_dict: Mapping) -> int:
 
 
 @lru_cache(maxsize=None)
-def _signature(name: str, num_classes: int, in_channels: int) -> tuple:
+def _signature(name: str, num_classes: int, in_channels: int, input_size: int | None = None) -> tuple:
     """(key, shape) pairs of a registered model, built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        model = _BUILDERS[name](num_classes, in_channels, None)
+        model = _BUILDERS[name](num_classes, in_channels, input_size)
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 
@@ -197,8 +197,9 @@ def _in_channels(sd: dict) -> int:
     return int(first_conv.shape[1]) if first_conv is not None else 3
 
 
-def identify_model(state_dict: Mapping) -> list[str]:
-    """Registered names whose keys AND shapes equal this state_dict's (at its own class count).
+def identify_model(state_dict: Mapping, input_size: int | None = None) -> list[str]:
+    """Registered names whose keys AND shapes equal this state_dict's (at its own class count; ``input_size``: the
+    record's model_input_size, which sets the length of a ViT's positional embedding).
 
     A record's ``model_name`` can be ambiguous (the paper's fork calls its CIFAR ResNet-18 'resnet18');
     this tells which architecture the weights really are.
@@ -210,7 +211,14 @@ def identify_model(state_dict: Mapping) -> list[str]:
         return []
     in_channels = _in_channels(sd)
     sig = {(k, tuple(v.shape)) for k, v in sd.items()}
-    return [n for n in _same_keys(sd) if set(_signature(n, num_classes, in_channels)) == sig]
+    return [n for n in _same_keys(sd) if set(_signature(n, num_classes, in_channels, _size_for(n, input_size))) == sig]
+
+
+def _size_for(name: str, input_size: int | None) -> int | None:
+    """``input_size`` where it changes the weights' shapes (ViT), else None (the shapes do not depend on it)."""
+    from .zoo import ZOO
+
+    return input_size if name in ZOO and ZOO[name][1] == "vit" else None
 
 
 def _same_keys(state_dict: dict) -> list[str]:

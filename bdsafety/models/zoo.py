@@ -221,10 +221,13 @@ def build_zoo_model(name: str, num_classes: int, in_channels: int = 3, input_siz
     tv_name, family, kwargs = ZOO[name]
     builder = getattr(torchvision.models, tv_name)
     if family == "vit":
-        if input_size not in (None, 224):
-            raise ConfigError(f"{name} takes 224x224 inputs (BackdoorBench resizes every batch to 224 inside the model); "
-                             f"model_input_size {input_size} is not possible")
-        vit = builder(weights=None)  # BackdoorBench: the ImageNet model, then heads.head = Linear(hidden_dim, n)
+        size, patch = 224 if input_size is None else input_size, int(name.rsplit("_", 1)[1])
+        if size % patch:
+            raise ConfigError(f"{name} cuts its input into {patch}x{patch} patches: model_input_size must be a multiple "
+                              f"of {patch} (BackdoorBench: 224, the default), got {size}")
+        # BackdoorBench: the ImageNet model at 224, then heads.head = Linear(hidden_dim, n). Another size changes only
+        # the positional embedding's length ((size / patch)^2 + 1 tokens), e.g. 32 for fast tests of the family.
+        vit = builder(weights=None, image_size=size)
         vit.heads.head = nn.Linear(vit.hidden_dim, num_classes)
         if in_channels != 3:
             _replace_first_conv(vit, in_channels)
