@@ -492,3 +492,35 @@ def test_bti_dbf_end_to_end_on_the_demo_record(demo_record, tmp_path):
     lines = []
     inv = bti.load_or_invert(exp, exp.backdoored_model(), idx, reserved, cfg, lines.append)
     assert any("loaded from cache" in s for s in lines) and inv.target == 0
+
+
+def test_concurrent_runs_compute_one_inversion(tmp_path, monkeypatch):
+    """Two runs needing the same cache entry at once (PAM and BTI-DBF(U) as parallel study jobs): one inverts, the
+    other waits for it and loads the result."""
+    import threading
+    import time
+
+    exp, ds = fake_exp(tmp_path)
+    torch.manual_seed(0)
+    model = build_model("cnn_small", 4)
+    cfg = tiny_bti_cfg()
+    idx = np.arange(len(ds))
+    real, calls = bti.invert_trigger, []
+
+    def slow_invert(*a, **k):
+        calls.append(1)
+        time.sleep(1.0)  # long enough for the second run to arrive while the first holds the entry
+        return real(*a, **k)
+
+    monkeypatch.setattr(bti, "invert_trigger", slow_invert)
+    logs = [[], []]
+    threads = [threading.Thread(target=bti.load_or_invert, args=(exp, model, idx, ds, cfg, logs[i].append))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert any("waiting to reuse it" in s for s in logs[1]) and any("loaded from cache" in s for s in logs[1])
+    assert [p.name for p in (tmp_path / bti.CACHE_DIR).glob("*.pt")] == [f"{bti.cache_key(cfg, idx, model)}.pt"]

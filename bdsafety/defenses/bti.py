@@ -477,15 +477,44 @@ def load_inversion(path, device) -> InversionResult:
     return InversionResult(G, obj["mask"].to(device), int(obj["target"]), obj["votes"].numpy().astype(np.int64))
 
 
+@contextlib.contextmanager
+def _cache_lock(path: Path, log: Callable):
+    """Hold an exclusive lock on this cache entry (a hidden ``.<key>.lock`` beside it): runs on the same record that
+    need the same inversion at the same time (PAM and BTI-DBF(U) as concurrent study jobs, on Ray or not) compute it
+    once; the later one waits, then loads it. Without fcntl (Windows) there is no lock: both compute it."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.stem}.lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another run is computing this trigger inversion ({path.name}); waiting to reuse it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_or_invert(exp, model: nn.Module, reserved_idx, reserved: DeviceDataset, cfg, log: Callable,
                    refresh: bool = False) -> InversionResult:
     """The cached inversion for these settings / data / seed / model if present (and not ``refresh``), else
-    ``invert_trigger`` and store it atomically under record/<rf>/bti_inversion/<key>.pt."""
-    from bdsafety.records import RecordError
-
+    ``invert_trigger`` and store it atomically under record/<rf>/bti_inversion/<key>.pt. Concurrent runs needing the
+    same entry compute it once (a file lock)."""
     refresh = bool(refresh or getattr(cfg, "bti_refresh", False))
     key = cache_key(cfg, reserved_idx, model, reserved if reserved_idx is None else None)
     path = cache_path(exp, key)
+    with _cache_lock(path, log):
+        return _load_or_invert(exp, model, reserved, cfg, log, refresh, key, path)
+
+
+def _load_or_invert(exp, model, reserved, cfg, log, refresh, key, path) -> InversionResult:
+    from bdsafety.records import RecordError
+
     if path.is_file() and not refresh:
         try:
             inv = load_inversion(path, exp.device)
