@@ -2,6 +2,7 @@
 
     python benchmarks/study_executors.py                       # 2 Ray workers, synthetic data, cnn_small, CPU
     python benchmarks/study_executors.py --workers 4 --seeds 0,1 --defenses ft,fst,exact_purification
+    python benchmarks/study_executors.py --yaml_path config/study/demo.yaml   # the README's demo study, as shipped
 
 Both runs start from nothing (fresh temporary study folders); the script prints the speed-up and the largest
 difference between the two results.csv (timing columns aside). Local jobs use --threads torch threads each (default: all
@@ -50,12 +51,15 @@ def main(argv=None) -> int:
     p.add_argument("--defenses", default="ft,fst,exact_purification")
     p.add_argument("--n_train", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--yaml_path", default=None, help="time this study yaml as it is instead (--seeds, --defenses, "
+                                                     "--n_train, --epochs are then ignored)")
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     threads = a.threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        y = study_yaml(tmp / "bench.yaml", seeds, a.defenses.split(","), a.n_train, a.epochs)
+        y = Path(a.yaml_path) if a.yaml_path else study_yaml(tmp / "bench.yaml", seeds, a.defenses.split(","), a.n_train,
+                                                             a.epochs)
         times, csvs, jobs = {}, {}, 0
         for name, kw in (("local", {"executor": "local", "threads": threads}),
                          ("ray", {"executor": "ray", "ray_num_cpus": a.workers})):
@@ -69,8 +73,9 @@ def main(argv=None) -> int:
             csvs[name] = pd.read_csv(tmp / name / "results.csv")
         la, ra = (csvs[k].drop(columns=timing_columns(csvs[k])).select_dtypes("number") for k in ("local", "ray"))
         diff = float((la - ra).abs().max().max()) if la.shape == ra.shape else float("inf")
-    print(f"study: {jobs} jobs (synthetic {a.n_train} images, cnn_small, {a.epochs} epochs, defenses {a.defenses}, "
-          f"seeds {a.seeds}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    what = (a.yaml_path if a.yaml_path else f"synthetic {a.n_train} images, cnn_small, {a.epochs} epochs, defenses "
+            f"{a.defenses}, seeds {a.seeds}")
+    print(f"study: {jobs} jobs ({what}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"| executor | wall time (s) |\n|---|---|\n| local, sequential ({threads} torch threads per job) | "
           f"{times['local']:.1f} |\n| ray, {a.workers} workers (1 thread per job, Ray start included) | {times['ray']:.1f} |")
     print(f"speed-up: {times['local'] / times['ray']:.2f}x; largest difference between the two results.csv (timing "
