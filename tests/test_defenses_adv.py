@@ -468,7 +468,7 @@ def test_bti_dbf_end_to_end_on_the_demo_record(demo_record, tmp_path):
     from bdsafety.records import safe_torch_load
 
     rec = isolated_record(demo_record, tmp_path)
-    out = _run(bti_dbf_mod, "bti_dbf", rec)
+    out = _run(bti_dbf_mod, "bti_dbf", rec, extra=("--n_rounds", "2"))  # the demo's 5 rounds cost 2.5x; 2 purify here
     assert out == rec / "defense" / "bti_dbf"
     _check_folder(out, "bti_dbf", files=("bti_generator.pt",))
     meta = _summary(out)
@@ -485,7 +485,7 @@ def test_bti_dbf_end_to_end_on_the_demo_record(demo_record, tmp_path):
     caches = list((rec / bti.CACHE_DIR).glob("*.pt"))
     assert len(caches) == 1
     cfg = resolve(bti_dbf_mod.schema(), str(ROOT / "config" / "defense" / "bti_dbf" / "demo.yaml"),
-                  {"result_file": rec.name, "record_root": str(rec.parent), "device": "cpu"})
+                  {"result_file": rec.name, "record_root": str(rec.parent), "device": "cpu", "n_rounds": 2})
     exp = open_experiment(cfg)
     idx, _ = reserved_subset(exp, cfg)
     reserved = exp.train.subset(idx)
