@@ -22,15 +22,14 @@ DEMO_SEEDS = ROOT / "config" / "study" / "demo_seeds.yaml"
 def study_argv(argv: list[str]) -> list[str]:
     """The analysis/run_study.py arguments the alias stands for."""
     argv = list(argv)
+    has_yaml = any(a == "--yaml_path" or a.startswith("--yaml_path=") for a in argv)
     if "--seeds" in argv:
-        argv.remove("--seeds")
-        if any(a == "--yaml_path" or a.startswith("--yaml_path=") for a in argv):
+        if has_yaml:
             raise SystemExit("python -m bdsafety.demo: --seeds picks config/study/demo_seeds.yaml; drop --yaml_path "
                              "or --seeds")
+        argv.remove("--seeds")
         return ["--yaml_path", str(DEMO_SEEDS), *argv]
-    if any(a == "--yaml_path" or a.startswith("--yaml_path=") for a in argv):
-        return argv
-    return ["--yaml_path", str(DEMO), *argv]
+    return argv if has_yaml else ["--yaml_path", str(DEMO), *argv]
 
 
 def main(argv=None) -> int:
