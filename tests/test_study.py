@@ -173,3 +173,28 @@ def test_study_yaml_typos_are_errors_naming_the_valid_keys(tmp_path):
     y = _yaml(tmp_path / "tiny.yaml", ft={"epoch": 2})
     with pytest.raises(ConfigError, match="ft has no key.*epoch.*valid: .*epochs"):
         build_plan(load_study(y))
+
+
+def test_draws_and_control_add_only_their_jobs_and_the_verdicts(tiny, tmp_path):
+    sd = _copy(tiny, tmp_path)
+    y = _yaml(tmp_path / "tiny.yaml", top={"ra_draws": 2, "ra_control": True})
+    oc, _ = _run(y, sd)
+    new = {f"{REC}/ra_d1", f"{REC}/ra_control", f"{REC}/ra_control_d1", f"{CLEAN}/ra_{REC}_d1", f"{CLEAN}/ra_{REC}_control",
+           f"{CLEAN}/ra_{REC}_control_d1", f"{REC}/defense/ft/ra_d1", f"{REC}/defense/ft/ra_control",
+           f"{REC}/defense/ft/ra_control_d1"}
+    assert set(oc.keys("ran")) == new and set(oc.keys("done")) == ALL_KEYS and not oc.failed
+    runs = pd.read_csv(sd / "ra_runs.csv")
+    assert len(runs) == 12 and set(runs["role"]) == {"ra", "ra_control"}
+    assert set(runs[runs["draw"] == 1]["random_seed"]) == {1000} and set(runs[runs["role"] == "ra_control"]["poison_num"]) == {0}
+    # draw k of every model of a seed retunes on the same poisoned samples: the paired comparisons rely on it
+    idx = {m: (sd / k / "log" / "poison_index.txt").read_text() for m, k in
+           (("ft", f"{REC}/defense/ft/ra_d1"), ("clean", f"{CLEAN}/ra_{REC}_d1"), ("none", f"{REC}/ra_d1"))}
+    assert idx["ft"] == idx["clean"] == idx["none"] != (sd / REC / "ra" / "log" / "poison_index.txt").read_text()
+    df = pd.read_csv(sd / "results.csv")
+    assert (df["p_robustness_asr_draws_n"] == 2).all() and df["ra_control_asr"].notna().all()
+    ft = df[df["defense"] == "ft"].iloc[0]
+    mine = runs[(runs["defense"] == "ft") & (runs["role"] == "ra")]
+    assert ft["p_robustness_asr_draws"] == pytest.approx(mine["p_asr"].mean())
+    assert 0 <= ft["p_der"] <= 1 and 0 <= ft["der"] <= 1
+    report = (sd / "report.md").read_text()
+    assert "## Verdicts" in report and "P-ASR - clean" in report and "| ft | 1 | 2 |" in report

@@ -8,6 +8,8 @@ Per grid point (dataset, attack, pratio, model, seed):
     defense d                  -> <record>/defense/<folder>/                          (after attack)
     ra on none / clean / d     -> <record>/ra/, <clean>/ra_<record>/, <record>/defense/<folder>/ra/
     ra budget (poison_num n)   -> the same with _budget_p<n> appended (ra_budget_p<n>, ...)
+    ra control (0 poisoned)    -> the same with _control appended (ra_control, ...)
+    ra draw k >= 1             -> any of the RA names above with _d<k> appended; random_seed = seed + 1000 k
     qra on d                   -> <record>/defense/<folder>/qra/                      (after d, its RA, clean)
     analysis (lmc) on d        -> <record>/lmc_<folder>/                              (after attack, d)
 """
@@ -28,6 +30,9 @@ RUNTIME_KEYS = ("record_root", "dataset_path", "device", "no_progress", "overwri
 DONE_FILE = {"attack": "attack_result.pt", "defense": "defense_result.pt", "ra": "ra_result.pt", "qra": "qra_compare.csv",
              "lmc": "lmc.csv"}
 ROOT = Path(__file__).resolve().parent.parent.parent
+# RA draw k of a grid point retunes with random_seed = seed + RA_DRAW_STRIDE * k: the draws of one seed never meet the
+# seeds of the grid's other points as long as the grid's seeds stay below the stride
+RA_DRAW_STRIDE = 1000
 
 
 @dataclass
@@ -114,7 +119,7 @@ def build_plan(study) -> Plan:
         over = {**study.overrides(kind, method, clean), **fixed}
         over.update({k: v for k, v in runtime.items() if k in schema})
         if "random_seed" in schema:
-            over["random_seed"] = point["seed"]
+            over["random_seed"] = point["seed"] + RA_DRAW_STRIDE * point.get("draw", 0)
         bad = [k for k in over if k not in schema]
         if bad:
             raise ConfigError(f"{study.path}: set: {kind} {method} has no key(s) {bad}; valid: {', '.join(sorted(schema))}")
@@ -148,12 +153,25 @@ def build_plan(study) -> Plan:
                         rec = {"result_file": rname}
 
                         def add_ra(key, ppt, fixed, deps):
-                            """The RA job, and one per RA budget (poison_num) of the grid."""
-                            ok = add(key, "retune", "ra", {**ppt, "role": "ra"}, fixed, deps)
-                            for n in study.ra_poison_nums if ok else ():
-                                name = f"{fixed['save_name']}_budget_p{n}"
-                                add(f"{key.rsplit('/', 1)[0]}/{name}", "retune", "ra", {**ppt, "role": "ra_budget", "poison_num": n},
-                                    {**fixed, "save_name": name, "poison_num": n}, deps)
+                            """The RA job (its draws), the benign control and one per RA budget (poison_num) of the grid;
+                            True when the main RA job (draw 0) is in the plan."""
+                            folder, name = key.rsplit("/", 1)[0] if "/" in key else "", fixed["save_name"]
+                            runs = [("ra", None, name, study.ra_draws)]
+                            if study.ra_control:
+                                runs.append(("ra_control", 0, f"{name}_control", study.ra_draws))
+                            runs += [("ra_budget", n, f"{name}_budget_p{n}", study.ra_budget_draws) for n in study.ra_poison_nums]
+                            ok = False
+                            for role, n, rname_, draws in runs:
+                                for k in range(draws):
+                                    sname = rname_ + (f"_d{k}" if k else "")
+                                    jkey = f"{folder}/{sname}" if folder else sname
+                                    extra = {} if n is None else {"poison_num": n}
+                                    added = add(jkey, "retune", "ra", {**ppt, "role": role, "draw": k, **extra},
+                                                {**fixed, "save_name": sname, **extra}, deps)
+                                    if role == "ra" and k == 0:
+                                        ok = added
+                                        if not ok:
+                                            return False
                             return ok
 
                         if ra:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from bdsafety.safeio import atomic_savefig, atomic_write_text
-from bdsafety.study.results import lmc_curves, ra_budget_curves, ra_curves
+from bdsafety.study.results import lmc_curves, ra_budget_curves, ra_curves, ra_runs
+from bdsafety.study.stats import NAN, clustered, der, paired, verdict
 
 COLUMNS = (("O-Backdoor C-Acc", "o_backdoor_acc"), ("O-Backdoor ASR", "o_backdoor_asr"),
            ("O-Robustness C-Acc", "o_robustness_acc"), ("O-Robustness ASR", "o_robustness_asr"),
@@ -32,6 +33,17 @@ def _cell(vals: pd.Series) -> str:
     return f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1):.1f} [{100 * v.min():.1f}, {100 * v.max():.1f}]"
 
 
+VERDICT_TEXT = (
+    "Cells: percent, mean [95% interval]: RA draws are averaged within each seed, the interval is Student's t over the "
+    "seeds (one seed: over the RA draws, which then shows only the retuning draw's spread). P-ASR: ASR after the "
+    "retuning attack; benign-retune P-ASR: the same RA with 0 poisoned samples; P-ASR - clean: paired difference to the "
+    "clean reference model under the same RA draws. DER / P-DER: BackdoorBench's defense effectiveness rating from "
+    "the ASR after the defense / after RA (1 best, 0.5 no change). Thresholds, fixed before any result: purified when "
+    "ASR <= {purified_asr:g}%; the backdoor returns under RA when P-ASR - clean > {returns_margin:g} points with the "
+    "interval above 0 (dormant: the same under benign retuning); claim (c)'s C-Acc cost is close to FST's when the "
+    "interval of C-Acc(PAM) - C-Acc(FST) stays above -{acc_margin:g} points.")
+
+
 def tables(df: pd.DataFrame) -> list:
     """[(title, DataFrame of formatted cells)] per grid point."""
     out = []
@@ -45,6 +57,106 @@ def tables(df: pd.DataFrame) -> list:
             rows.append({"defense": d, "seeds": len(gd), **{lab: _cell(gd[c]) for lab, c in cols}})
         out.append((title, pd.DataFrame(rows)))
     return out
+
+
+# the paper's claims: (label, defenses it is about, kind)
+CLAIMS = (
+    ("(a) superficial defenses regain the backdoor under RA", ("fst", "bti_dbf"), "regain"),
+    ("(b) the clean model and EP do not regain it", ("clean", "exact_purification"), "no_regain"),
+    ("(c) PAM keeps P-ASR below FST's at a C-Acc cost close to FST's", ("pam", "pam_reinvert"), "pam"),
+)
+
+
+def _runs_with_der(runs: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """The main RA runs joined with their model's stage metrics; p_der per (seed, draw)."""
+    main = runs[runs["role"] == "ra"]
+    cols = ["record", "defense", "o_backdoor_acc", "o_backdoor_asr", "o_robustness_acc", "o_robustness_asr"]
+    m = main.merge(df[cols], on=["record", "defense"], how="left")
+    m["p_der"] = der(m["o_backdoor_acc"], m["o_backdoor_asr"], m["o_robustness_acc"], m["p_asr"])
+    return m
+
+
+def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict) -> list:
+    """[(title, verdict table, claims table)] per grid point: means with 95% intervals (bdsafety.study.stats)."""
+    out = []
+    if df.empty or runs.empty:
+        return out
+    main = _runs_with_der(runs, df)
+    control = runs[runs["role"] == "ra_control"]
+    for key, g in df.groupby(list(GROUP), sort=False):
+        sel = dict(zip(GROUP, key))
+        gm = main.loc[(main[list(GROUP)] == pd.Series(sel)).all(axis=1)]
+        gc = control.loc[(control[list(GROUP)] == pd.Series(sel)).all(axis=1)] if not control.empty else control
+        has_clean = "clean" in set(gm["defense"])
+        rows = []
+        for d, gd in g.groupby("defense", sort=False):
+            asr = clustered(gd, "o_robustness_asr")
+            returns = paired(gm, "p_asr", d, "clean") if has_clean and d != "clean" else None
+            dormant = paired(gc, "p_asr", d, "clean") if has_clean and d != "clean" and not gc.empty else None
+            p_asr = clustered(gm[gm["defense"] == d], "p_asr")
+            if d == "none":
+                v = "no defense"
+            elif d == "clean":
+                v = "reference (never backdoored)"
+            else:
+                v = verdict(asr, returns, dormant, th)
+                if returns is None and asr.mean <= th["purified_asr"] and p_asr.mean > th["purified_asr"]:
+                    v = "purified, backdoor returns under RA (no clean reference: judged on P-ASR alone)"
+            row = {"defense": d, "seeds": gd["seed"].nunique(), "draws": int(gm[gm["defense"] == d]["draw"].nunique()),
+                   "C-Acc": clustered(gd, "o_robustness_acc").fmt(), "ASR": asr.fmt(), "P-ASR": p_asr.fmt(),
+                   "benign-retune P-ASR": clustered(gc[gc["defense"] == d], "p_asr").fmt() if not gc.empty else "-",
+                   "P-ASR - clean": returns.fmt() if returns is not None else "-",
+                   "DER": clustered(gd, "der").fmt(scale=1, digits=3) if "der" in gd else "-",
+                   "P-DER": clustered(gm[gm["defense"] == d], "p_der").fmt(scale=1, digits=3)}
+            if "target_match" in gd.columns and gd["target_match"].notna().any():
+                tm = gd["target_match"].dropna().astype(str).str.lower().isin(("true", "1", "1.0"))
+                row["inverted target right"] = f"{int(tm.sum())}/{len(tm)}"
+            row["verdict"] = v
+            rows.append(row)
+        out.append((" / ".join(f"{k} {v:g}" if isinstance(v, float) else f"{v}" for k, v in zip(GROUP, key)),
+                    pd.DataFrame(rows), claims_table(g, gm, th)))
+    return out
+
+
+def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict) -> pd.DataFrame:
+    """The paper's three claims on one grid point, each as paired differences with 95% intervals."""
+    present = set(g["defense"])
+    rows = []
+    for label, names, kind in CLAIMS:
+        for d in [n for n in names if n in present]:
+            if kind == "regain":
+                e = paired(gm, "p_asr", d, "clean") if "clean" in present else NAN
+                holds = e.mean > th["returns_margin"] and e.above_zero
+                rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(clean)", "difference": e.fmt(),
+                             "holds": _yes(e, holds)})
+            elif kind == "no_regain":
+                if d == "clean":
+                    e = clustered(gm[gm["defense"] == "clean"], "p_asr")
+                    holds = e.mean <= th["purified_asr"]
+                    rows.append({"claim": label, "defense": d, "comparison": "P-ASR(clean)", "difference": e.fmt(),
+                                 "holds": _yes(e, holds)})
+                else:
+                    e = paired(gm, "p_asr", d, "clean") if "clean" in present else NAN
+                    holds = e.mean <= th["returns_margin"]
+                    rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(clean)", "difference": e.fmt(),
+                                 "holds": _yes(e, holds)})
+            elif "fst" in present:
+                e1 = paired(gm, "p_asr", d, "fst")
+                e2 = paired(g, "o_robustness_acc", d, "fst", match=("seed",))
+                ok1 = e1.below_zero
+                ok2 = (e2.low if e2.n > 1 else e2.mean) >= -th["acc_margin"]
+                rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(fst)", "difference": e1.fmt(),
+                             "holds": _yes(e1, ok1)})
+                rows.append({"claim": label, "defense": d, "comparison": f"C-Acc({d}) - C-Acc(fst)", "difference": e2.fmt(),
+                             "holds": _yes(e2, ok2)})
+    return pd.DataFrame(rows)
+
+
+def _yes(e, holds: bool) -> str:
+    if e.n == 0:
+        return "-"
+    note = "" if e.unit == "seed" and e.n > 1 else " (one seed: interval over RA draws only)"
+    return ("yes" if holds else "no") + note
 
 
 def _md_table(t: pd.DataFrame) -> str:
@@ -127,6 +239,17 @@ def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: 
     head = [f"# Study {plan.study.name}", "", f"From `{plan.study.path}`. Jobs: {summary.get('line', '')}. "
             "Cells: percent, mean ± std [min, max] over seeds (one value when one seed). P-ASR: ASR after the retuning attack.", ""]
     body = []
+    runs = ra_runs(plan, study_dir, valid)
+    if not runs.empty:
+        atomic_write_text(study_dir / "ra_runs.csv", runs.to_csv(index=False))
+    verdicts = verdict_tables(df, runs, plan.study.verdict)
+    if verdicts:
+        th = plan.study.verdict
+        body += ["## Verdicts", "", VERDICT_TEXT.format(**{k: 100 * v for k, v in th.items()}), ""]
+        for title, t, c in verdicts:
+            body += [f"### {title}", "", _md_table(t), ""]
+            if not c.empty:
+                body += ["Claims (paired differences, percent points, mean [95% interval]):", "", _md_table(c), ""]
     for title, t in tables(df):
         body += [f"## {title}", "", _md_table(t), ""]
     fails = summary.get("failed", [])
@@ -137,6 +260,13 @@ def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: 
     md = "\n".join(head + body + ["## Figures", ""] + [f"![{c}]({p.relative_to(study_dir)})" for c, p in figs]) + "\n"
     md_path = atomic_write_text(study_dir / "report.md", md)
     parts = [f"<h1>Study {html.escape(plan.study.name)}</h1>", f"<p>{html.escape(' '.join(head[2:]))}</p>"]
+    if verdicts:
+        parts += ["<h2>Verdicts</h2>", f"<p>{html.escape(VERDICT_TEXT.format(**{k: 100 * v for k, v in th.items()}))}</p>"]
+        for title, t, c in verdicts:
+            parts += [f"<h3>{html.escape(title)}</h3>", t.to_html(index=False, escape=True, border=0)]
+            if not c.empty:
+                parts += ["<p>Claims (paired differences, percent points, mean [95% interval]):</p>",
+                          c.to_html(index=False, escape=True, border=0)]
     for title, t in tables(df):
         parts += [f"<h2>{html.escape(title)}</h2>", t.to_html(index=False, escape=True, border=0)]
     if fails:

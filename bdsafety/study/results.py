@@ -9,6 +9,11 @@ defense folder. Columns (fractions in [0, 1]; NaN where a stage was not run or f
                               QRA: purified model's ASR without / with the learned perturbation (reactivation), its
                               C-Acc with it, and the clean model's ASR with it (transfer; low = backdoor-specific)
   lmc_asr_mid, lmc_acc_mid    ASR / C-Acc halfway (alpha 0.5) along the path defended -> backdoored model
+  p_robustness_asr_draws, p_robustness_asr_draws_n
+                              P-ASR averaged over the RA draws of this model and seed (study key ra_draws), and how many
+  ra_control_asr              P-ASR of the benign-retune control (0 poisoned samples), averaged over its draws
+  der, p_der                  BackdoorBench's defense effectiveness rating from the ASR after the defense, and the same
+                              from the P-ASR (draw average): bdsafety.study.stats
   <stage>_wall_s              wall time of each job (attack, defense, ra, qra, lmc), from the study's markers
   status                      ok, or the stages missing
 """
@@ -22,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from bdsafety.study.execute import MARKER, output_dir
+from bdsafety.study.stats import der
 
 METRICS = (("acc", "test_acc"), ("asr", "test_asr"), ("ra", "test_ra"))
 POINT = ("dataset", "attack", "pratio", "model", "defense", "seed")
@@ -86,6 +92,7 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
         return study_dir / ".missing"
     keys = plan.by_key()
     analyses = list(plan.study.analyses)
+    runs = ra_runs(plan, study_dir, valid)
     rows = []
     for j in plan.jobs:
         if j.point.get("role") != "attack":
@@ -114,6 +121,7 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
             _qra(row, ok(folder / "qra"))
             for an in analyses:
                 _lmc(row, ok(rdir / f"{an}_{name}"), an)
+            _draws(row, runs, name, p)
             row["attack_wall_s"] = _wall(ok(folder if name == "clean" else rdir))
             row["defense_wall_s"] = _wall(ok(folder)) if name not in ("none", "clean") else math.nan
             row["ra_wall_s"] = _wall(ok(ra_dir))
@@ -128,19 +136,64 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _draws(row: dict, runs: pd.DataFrame, defense: str, p: dict) -> None:
+    """The draw-averaged P-ASR, the control's P-ASR, DER and P-DER of one results row."""
+    row.update(p_robustness_asr_draws=math.nan, p_robustness_asr_draws_n=0, ra_control_asr=math.nan)
+    if not runs.empty:
+        mine = runs[(runs["record"] == p["record"]) & (runs["defense"] == defense)]
+        main, control = mine[mine["role"] == "ra"]["p_asr"].dropna(), mine[mine["role"] == "ra_control"]["p_asr"].dropna()
+        row.update(p_robustness_asr_draws=float(main.mean()) if len(main) else math.nan, p_robustness_asr_draws_n=len(main),
+                   ra_control_asr=float(control.mean()) if len(control) else math.nan)
+    bd = (row["o_backdoor_acc"], row["o_backdoor_asr"])
+    row["der"] = float(der(*bd, row["o_robustness_acc"], row["o_robustness_asr"]))
+    row["p_der"] = float(der(*bd, row["o_robustness_acc"], row["p_robustness_asr_draws"]))
+
+
+RA_ROLES = ("ra", "ra_control", "ra_budget")
+
+
+def ra_runs(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
+    """One row per RA run of the grid (the main RA and its draws, the benign control, the budgets): POINT keys, record,
+    role ('ra', 'ra_control', 'ra_budget'), poison_num, draw, random_seed, and the model's C-Acc / ASR before RA
+    (before_acc, before_asr) and after it (p_acc, p_asr). Runs whose output is missing or stale are left out."""
+    study_dir = Path(study_dir)
+    out = []
+    for j in plan.jobs:
+        p = j.point
+        if j.kind != "retune" or j.method != "ra" or p.get("role") not in RA_ROLES:
+            continue
+        if valid is not None and j.key not in valid:
+            continue
+        f = output_dir(study_dir, j.key) / "ra_df.csv"
+        if not f.is_file():
+            continue
+        c = pd.read_csv(f).sort_values("epoch")
+        out.append({**{k: p.get(k) for k in ("dataset", "attack", "pratio", "model")}, "defense": p["target"],
+                    "seed": p["seed"], "record": p["record"], "role": p["role"], "poison_num": int(j.config["poison_num"]),
+                    "draw": int(p.get("draw", 0)), "random_seed": int(j.config["random_seed"]),
+                    "before_acc": float(c["test_acc"].iloc[0]), "before_asr": float(c["test_asr"].iloc[0]),
+                    "p_acc": float(c["test_acc"].iloc[-1]), "p_asr": float(c["test_asr"].iloc[-1])})
+    return pd.DataFrame(out)
+
+
 def timing_columns(df: pd.DataFrame) -> list:
     return [c for c in df.columns if c.endswith("_wall_s")]
 
 
 def ra_curves(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
-    """Long table of ASR / C-Acc per RA epoch: dataset, attack, pratio, model, defense, seed, epoch, test_asr, test_acc."""
+    """Long table of ASR / C-Acc per RA epoch of the main RA runs (every draw): dataset, attack, pratio, model, defense,
+    seed, draw, epoch, test_asr, test_acc."""
     out = []
-    for t in collect_targets(plan, study_dir):
-        f = t["ra_dir"] / "ra_df.csv"
-        if f.is_file() and (valid is None or t["ra_key"] in valid):
+    for j in plan.jobs:
+        p = j.point
+        if j.kind != "retune" or j.method != "ra" or p.get("role") != "ra" or (valid is not None and j.key not in valid):
+            continue
+        f = output_dir(study_dir, j.key) / "ra_df.csv"
+        if f.is_file():
             c = pd.read_csv(f)
             for _, r in c.iterrows():
-                out.append({**{k: t[k] for k in POINT}, "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),
+                out.append({**{k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")}, "defense": p["target"],
+                            "draw": int(p.get("draw", 0)), "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),
                             "test_acc": r.get("test_acc")})
     return pd.DataFrame(out)
 
@@ -164,7 +217,7 @@ def collect_targets(plan, study_dir: Path) -> list:
     for j in plan.jobs:
         p = j.point
         base = {k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")}
-        if j.kind == "retune" and j.method == "ra" and p.get("role") == "ra":
+        if j.kind == "retune" and j.method == "ra" and p.get("role") == "ra" and not p.get("draw", 0):
             rdir = output_dir(study_dir, p["record"])
             out.append({**base, "defense": p["target"], "record_dir": rdir, "ra_dir": output_dir(study_dir, j.key), "ra_key": j.key,
                         "folder": output_dir(study_dir, j.key).parent})
@@ -172,19 +225,20 @@ def collect_targets(plan, study_dir: Path) -> list:
 
 
 def ra_budget_curves(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
-    """P-ASR per RA epoch for every RA run of the grid (the main one and the ra_poison_nums budgets): POINT keys,
-    poison_num, epoch, test_asr, test_acc. Empty when the study has no ra_poison_nums."""
+    """P-ASR per RA epoch for every RA run of the grid (the main one, the benign control and the ra_poison_nums budgets,
+    every draw): POINT keys, poison_num, draw, epoch, test_asr, test_acc. Empty when the study has no ra_poison_nums."""
     if not plan.study.ra_poison_nums:
         return pd.DataFrame()
     out = []
     for j in plan.jobs:
         p = j.point
-        if j.kind != "retune" or j.method != "ra" or p.get("role") not in ("ra", "ra_budget"):
+        if j.kind != "retune" or j.method != "ra" or p.get("role") not in RA_ROLES:
             continue
         f = output_dir(study_dir, j.key) / "ra_df.csv"
         if f.is_file() and (valid is None or j.key in valid):
             for _, r in pd.read_csv(f).iterrows():
                 out.append({**{k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")}, "defense": p["target"],
-                            "poison_num": int(j.config["poison_num"]), "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),
+                            "poison_num": int(j.config["poison_num"]), "draw": int(p.get("draw", 0)), "epoch": int(r["epoch"]),
+                            "test_asr": r.get("test_asr"),
                             "test_acc": r.get("test_acc")})
     return pd.DataFrame(out)

@@ -11,6 +11,10 @@
     external_defenses: []           # defense folders made elsewhere (e.g. by BackdoorBench) to retune/analyse as found
     retune: [ra, qra]               # registered retuning attacks
     ra_poison_nums: [1, 10]         # optional RA budget: one more RA per model and number of poisoned samples
+    ra_control: true                # optional benign-retune control: the same RA with 0 poisoned samples on every model
+    ra_draws: 5                     # RA draws per model (other poisoned samples, clean subset and batch order); default 1
+    ra_budget_draws: 1              # draws of each budget RA (default 1)
+    verdict: {purified_asr: 0.2}    # thresholds of the report's verdicts (bdsafety/study/stats.py VERDICT_DEFAULTS)
     qra_defenses: all               # which defenses QRA attacks (default: all of them)
     analyses: [lmc]                 # registered analyses (one run per defense)
     configs: {synthetic: demo}      # yaml of each method: config/<kind>/<method>/<name>.yaml; keys: a method, a kind,
@@ -33,6 +37,7 @@ from pathlib import Path
 
 from bdsafety.config import check_folder_name, read_yaml
 from bdsafety.errors import ConfigError
+from bdsafety.study.stats import verdict_thresholds
 
 KINDS = ("attack", "defense", "retune", "analysis")
 RESOURCE_KEYS = ("num_cpus", "num_gpus")
@@ -55,6 +60,10 @@ _KEYS = {
     "external_defenses": "defense folders already in the records (e.g. BackdoorBench's) to retune and analyse",
     "retune": "list of retuning attacks (ra, qra)",
     "ra_poison_nums": "RA budget: extra RA runs per model with these numbers of poisoned samples (P-ASR vs budget)",
+    "ra_control": "benign-retune control: the same RA with 0 poisoned samples on every model (true/false, default false)",
+    "ra_draws": "RA draws per model: draw k retunes with random_seed = seed + 1000 k (default 1: the seed itself)",
+    "ra_budget_draws": "draws of each RA budget run (default 1)",
+    "verdict": "thresholds of the report's verdicts and claims (mapping; bdsafety/study/stats.py VERDICT_DEFAULTS)",
     "qra_defenses": "defenses QRA attacks: a list or 'all' (default all)",
     "analyses": "list of analyses (lmc)",
     "configs": "which yaml each method reads (mapping; see bdsafety/study/spec.py)",
@@ -80,6 +89,10 @@ class Study:
     external_defenses: list
     retune: list
     ra_poison_nums: list
+    ra_control: bool
+    ra_draws: int
+    ra_budget_draws: int
+    verdict: dict
     qra_defenses: list | None
     analyses: list
     configs: dict
@@ -199,6 +212,18 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
         raise ConfigError(f"{path}: ra_poison_nums must be integers >= 0, got {nums}")
     if nums and "ra" not in retune:
         raise ConfigError(f"{path}: ra_poison_nums needs ra in retune")
+    draws = {}
+    for key in ("ra_draws", "ra_budget_draws"):
+        v = data.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{path}: {key} must be an integer >= 1, got {v!r}")
+        draws[key] = v
+    control = data.get("ra_control", False)
+    if not isinstance(control, bool):
+        raise ConfigError(f"{path}: ra_control must be true or false, got {control!r}")
+    if (control or draws["ra_draws"] > 1) and "ra" not in retune:
+        raise ConfigError(f"{path}: ra_control / ra_draws need ra in retune")
+    verdict = verdict_thresholds(_mapping(data.get("verdict"), "verdict", nested=False), path)
     st = Study(
         name=name, path=path, study_dir=sdir, dataset_path=Path(data.get("dataset_path") or "./data").resolve(),
         device=str(data.get("device") or "auto"),
@@ -207,7 +232,8 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
         clean_reference=bool(data.get("clean_reference", True)),
         defenses=_resolve_names("defense", _list(data.get("defenses"), "defenses"), notes, "defense"),
         external_defenses=[check_folder_name(str(d), "external_defenses") for d in _list(data.get("external_defenses"), "")],
-        retune=retune, ra_poison_nums=nums, qra_defenses=None if qra == "all" else [str(d) for d in _list(qra, "qra_defenses")],
+        retune=retune, ra_poison_nums=nums, ra_control=control, ra_draws=draws["ra_draws"],
+        ra_budget_draws=draws["ra_budget_draws"], verdict=verdict, qra_defenses=None if qra == "all" else [str(d) for d in _list(qra, "qra_defenses")],
         analyses=_resolve_names("analysis", _list(data.get("analyses"), "analyses"), notes, "analysis"),
         configs={str(k): v for k, v in _mapping(data.get("configs"), "configs", nested=False).items()},
         set=_mapping(data.get("set"), "set", nested=True), resources=resources, notes=notes)
