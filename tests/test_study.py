@@ -198,3 +198,82 @@ def test_draws_and_control_add_only_their_jobs_and_the_verdicts(tiny, tmp_path):
     assert 0 <= ft["p_der"] <= 1 and 0 <= ft["der"] <= 1
     report = (sd / "report.md").read_text()
     assert "## Verdicts" in report and "P-ASR - clean" in report and "| ft | 1 | 2 |" in report
+
+
+def test_a_study_never_replaces_a_hand_made_record_with_a_jobs_name(tmp_path):
+    sd = tmp_path / "study_tiny"
+    mine = sd / REC / "defense" / "mine"
+    mine.mkdir(parents=True)
+    (sd / REC / "attack_result.pt").write_bytes(b"a record made by hand")
+    (mine / "defense_result.pt").write_bytes(b"a defense made by hand")
+    y = _yaml(tmp_path / "tiny.yaml", top={"retune": [], "analyses": [], "defenses": []})
+    assert main(["--yaml_path", str(y), "--study_dir", str(sd), "--no_progress"]) == 1
+    import json
+
+    failed = json.loads((sd / "study.json").read_text())["failed"]
+    assert [r["key"] for r in failed] == [REC] and "this study did not make" in failed[0]["error"]
+    assert (sd / REC / "attack_result.pt").read_bytes() == b"a record made by hand"
+    assert (mine / "defense_result.pt").read_bytes() == b"a defense made by hand"
+
+
+def test_an_attack_rerun_refuses_to_delete_an_external_defense_folder(tiny, tmp_path):
+    sd = _copy(tiny, tmp_path)
+    ext = sd / REC / "defense" / "bb_ft"
+    ext.mkdir()
+    shutil.copyfile(sd / REC / "defense" / "ft" / "defense_result.pt", ext / "defense_result.pt")  # no study marker
+    y = _yaml(tmp_path / "tiny.yaml", top={"external_defenses": ["bb_ft"]}, attack={"lr": 0.02})  # the attack must rerun
+    oc, _ = _run(y, sd)
+    assert REC in {r["key"] for r in oc.failed} and "bb_ft" in oc.results[REC]["error"]
+    assert (ext / "defense_result.pt").is_file() and (sd / REC / "defense" / "ft" / "defense_result.pt").is_file()
+
+
+def test_an_output_killed_before_its_marker_is_rerun_only_when_the_study_started_it(tiny, tmp_path):
+    from bdsafety.study.execute import MARKER, started_path
+
+    sd = _copy(tiny, tmp_path)
+    key = f"{REC}/defense/ft/ra"
+    (sd / key / "log" / MARKER).unlink()  # complete output, no marker: a hand-made folder ...
+    oc, _ = _run(_yaml(tmp_path / "tiny.yaml"), sd)
+    assert key in {r["key"] for r in oc.failed}
+    started_path(sd, key).write_text("id")  # ... or this study's job killed between its output and its marker
+    oc, _ = _run(_yaml(tmp_path / "tiny.yaml"), sd)
+    assert key in oc.keys("ran") and not oc.failed and not started_path(sd, key).exists()
+
+
+def test_typos_and_study_owned_keys_stop_a_real_run(tmp_path, capsys):
+    from bdsafety.errors import ConfigError
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    y = _yaml(tmp_path / "a.yaml", top={"attacks": ["badnet", "badnett"]})
+    with pytest.raises(ConfigError, match="badnett.*did you mean 'badnet'.*expected_later"):
+        run_study(str(y), study_dir=str(tmp_path / "s"), out=io.StringIO())
+    dry = io.StringIO()
+    run_study(str(y), study_dir=str(tmp_path / "s"), dry_run=True, out=dry)
+    assert "error (a real run stops here)" in dry.getvalue()
+    ok = _yaml(tmp_path / "b.yaml", top={"defenses": ["ft", "sau"], "expected_later": ["sau"]})
+    assert not load_study(ok).unknown and any("sau" in n for n in load_study(ok).notes)
+    with pytest.raises(ConfigError, match="qra_defenses names 'fts'"):
+        run_study(str(_yaml(tmp_path / "c.yaml", top={"qra_defenses": ["fts"]})), study_dir=str(tmp_path / "s"), out=io.StringIO())
+    for scope, key in (("defense", "save_name"), ("ra", "result_file"), ("attack", "random_seed")):
+        with pytest.raises(ConfigError, match=f"set.{scope}.{key}: '{key}' is set by the study itself"):
+            load_study(_yaml(tmp_path / "d.yaml", **{scope: {key: "x"}}))
+    with pytest.raises(ConfigError, match="trust_record.*command-line decision --trust_record"):
+        load_study(_yaml(tmp_path / "e.yaml", defense={"trust_record": True}))
+    with pytest.raises(ConfigError, match="same output folder"):
+        build_plan(load_study(_yaml(tmp_path / "f.yaml", top={"pratios": [0.1, 0.1000000001]})))
+    with pytest.raises(ConfigError, match="lists badnet more than once"):
+        load_study(_yaml(tmp_path / "g.yaml", top={"attacks": ["badnet", "badnet"]}))
+
+
+def test_trust_record_is_a_command_line_flag_of_the_study(tmp_path):
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    st = load_study(_yaml(tmp_path / "t.yaml"))
+    st.trust_record = True
+    jobs = build_plan(st).jobs
+    assert all(j.overrides.get("trust_record") is True for j in jobs if j.kind in ("defense", "retune"))
+    out = io.StringIO()
+    run_study(str(tmp_path / "t.yaml"), study_dir=str(tmp_path / "s"), dry_run=True, out=out, trust_record=True)
+    assert main(["--yaml_path", str(tmp_path / "t.yaml"), "--dry_run", "--trust_record", "--study_dir", str(tmp_path / "s")]) == 0

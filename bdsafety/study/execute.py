@@ -10,6 +10,13 @@ upstream run ids it recorded are the current ones. So:
     run id and rerun too;
   * a kill leaves either no marker (the job reruns; the output path cleans the killed run's leftovers) or a complete
     output with its marker.
+
+A study replaces only what it made (``check_replaceable``): before a job runs, its output folder, if it exists, and
+every result folder inside it (what the job's ``--overwrite --dependents delete`` would delete: defenses inside a
+record, RA / QRA inside a defense, ...) must carry this study's marker for that very path, or be the output of a run
+of this job that was killed between writing its output and its marker (``logs/<job>.started``). Anything else (a
+hand-made record with a job's name, a BackdoorBench defense folder declared in ``external_defenses``, an RA run by
+hand inside a study's defense) fails the job with the list of what would be lost, and is left untouched.
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ import time
 import traceback
 import uuid
 from pathlib import Path
+
+from bdsafety.safeio import atomic_write_text
 
 MARKER = "study_job.json"
 
@@ -49,6 +58,56 @@ def up_to_date(marker: dict | None, job, upstream_runs: dict) -> bool:
         return False
     rec = marker.get("upstream") or {}
     return all(rec.get(k) == upstream_runs.get(k) for k in job.deps) and all(upstream_runs.get(k) for k in job.deps)
+
+
+def started_path(study_dir, key: str) -> Path:
+    """Written before a job runs, removed after its marker: a kill in between leaves it, so the rerun knows the output
+    without a marker is this study's own."""
+    return log_path(study_dir, key).with_suffix(".started")
+
+
+# files whose presence makes a folder a result of its own (an attack record, a defense, an RA, QRA or LMC output)
+RESULT_FILES = ("attack_result.pt", "defense_result.pt", "ra_result.pt", "qra_compare.csv", "lmc.csv")
+# sub-folders of outputs that hold data, never results: not searched
+_DATA_DIRS = {"log", "bd_train_dataset", "bd_test_dataset", "cross_test_dataset", "bti_inversion"}
+
+
+def _made_here(study_dir: Path, folder: Path) -> bool:
+    try:
+        marker = json.loads((folder / "log" / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("key") == folder.relative_to(study_dir).as_posix()
+
+
+def foreign_outputs(study_dir, key: str) -> list:
+    """Result folders at or inside the output of job ``key`` that this study did not make (see the module doc)."""
+    study_dir = Path(study_dir).resolve()
+    out = output_dir(study_dir, key).resolve()
+    if not out.exists():
+        return []
+    found = []
+    if not (_made_here(study_dir, out) or started_path(study_dir, key).is_file()):
+        found.append(out)
+    for root, dirs, files in os.walk(out):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _DATA_DIRS)
+        here = Path(root)
+        if here != out and any(f in RESULT_FILES for f in files) and not _made_here(study_dir, here):
+            found.append(here)
+    return found
+
+
+def check_replaceable(study_dir, job) -> None:
+    """Raise OutputError naming what a run of ``job`` would replace or delete that this study did not make."""
+    found = foreign_outputs(study_dir, job.key)
+    if found:
+        from bdsafety.errors import OutputError
+
+        listing = ", ".join(str(p) for p in found)
+        raise OutputError(f"{job.key} would replace or delete {len(found)} output(s) this study did not make: {listing}. "
+                          f"Nothing was changed. Move them out of {study_dir} (or run the study in another --study_dir) and "
+                          f"run it again; a defense folder made elsewhere belongs to the record it was made from and is "
+                          f"stale once that record is retrained")
 
 
 def _external_run(study_dir, key: str) -> str | None:
@@ -102,18 +161,20 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
             print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.kind} {job.method} -> {job.key} (id {job.id}, pid "
                   f"{os.getpid()}, host {os.uname().nodename}, torch threads {threads})", flush=True)
             try:
+                check_replaceable(study_dir, job)
+                started = started_path(study_dir, job.key)
+                atomic_write_text(started, job.id)
                 _run_method(job, study_dir)
                 out = output_dir(study_dir, job.key)
                 if job.done_file and not (out / job.done_file).is_file():
                     raise RuntimeError(f"the job finished but {out / job.done_file} is missing")
                 run = uuid.uuid4().hex
                 wall = time.time() - t0
-                from bdsafety.safeio import atomic_write_text
-
                 atomic_write_text(out / "log" / MARKER, json.dumps(
                     {"id": job.id, "run": run, "key": job.key, "kind": job.kind, "method": job.method, "upstream": runs,
                      "wall_s": round(wall, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": job.config},
                     indent=1, default=str))
+                started.unlink(missing_ok=True)
                 print(f"=== done in {wall:.1f}s", flush=True)
                 return {**res, "status": "ran", "run": run, "wall_s": wall}
             except KeyboardInterrupt:

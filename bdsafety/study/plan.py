@@ -86,8 +86,11 @@ def job_id(kind: str, method: str, config: dict, upstream_ids: list) -> str:
 
 
 def _runtime(study) -> dict:
+    """Keys of every job that say where and how it runs (RUNTIME_KEYS: not part of the job id). The jobs may replace
+    their outputs and delete what lies inside them; bdsafety.study.execute.check_replaceable refuses that unless this
+    study made every output concerned."""
     return {"record_root": str(study.study_dir), "dataset_path": str(study.dataset_path), "device": study.device,
-            "no_progress": True, "overwrite": True, "dependents": "delete"}
+            "no_progress": True, "overwrite": True, "dependents": "delete", "trust_record": bool(study.trust_record)}
 
 
 def build_plan(study) -> Plan:
@@ -101,6 +104,11 @@ def build_plan(study) -> Plan:
 
     def add(key, kind, method, point, fixed, deps, clean=False):
         deps = list(dict.fromkeys(deps))
+        if key in jobs and jobs[key].point != point:
+            a, b = jobs[key].point, point
+            diff = ", ".join(f"{k} {a.get(k)!r} / {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            raise ConfigError(f"{study.path}: two grid points give the same output folder {key} ({diff}); make the grid's "
+                              f"values distinct (e.g. pratios that differ in their first 6 significant digits)")
         if key in jobs or key in failed_keys:
             return key in jobs
         if any(d in failed_keys for d in deps):

@@ -25,9 +25,12 @@
       default: {num_cpus: 1, num_gpus: 0}
       defense: {num_cpus: 1, num_gpus: 0.25}
 
-Unknown keys are errors listing the valid ones; method names that are not registered (yet) are reported, with the
-jobs they would have made, instead of stopping the study (an attack being added by another branch resolves once
-it is merged).
+Unknown keys are errors listing the valid ones. A method name that is not registered is an error of a real run (a
+typo must not pass as a smaller study) unless the yaml lists it under ``expected_later: [name, ...]`` (a method being
+added by another branch): then it is a note, and its jobs appear once it is merged. A dry run lists every such name as
+a note either way. Keys the study sets itself (folder names, the record a job reads, the grid's dataset / model /
+pratio / seed, where and how jobs run) cannot be given in ``set:``; ``trust_record`` is never a yaml value (it lets
+a record's pickles run code): it is the command-line flag ``--trust_record`` of analysis/run_study.py.
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ _KEYS = {
     "ra_control": "benign-retune control: the same RA with 0 poisoned samples on every model (true/false, default false)",
     "ra_draws": "RA draws per model: draw k retunes with random_seed = seed + 1000 k (default 1: the seed itself)",
     "ra_budget_draws": "draws of each RA budget run (default 1)",
+    "expected_later": "method names that are not registered yet but will be (another branch): notes instead of errors",
     "verdict": "thresholds of the report's verdicts and claims (mapping; bdsafety/study/stats.py VERDICT_DEFAULTS)",
     "qra_defenses": "defenses QRA attacks: a list or 'all' (default all)",
     "analyses": "list of analyses (lmc)",
@@ -99,6 +103,8 @@ class Study:
     set: dict
     resources: dict
     notes: list = field(default_factory=list)  # unregistered names and what they would have made
+    unknown: list = field(default_factory=list)  # unregistered names NOT listed in expected_later: errors of a real run
+    trust_record: bool = False  # --trust_record of analysis/run_study.py (never from the yaml)
 
     def config_name(self, kind: str, method: str, dataset: str, clean: bool = False) -> str:
         """Name of the yaml under config/<kind dir>/<method>/ for this job."""
@@ -144,8 +150,10 @@ def _mapping(v, key: str, nested: bool) -> dict:
     return dict(v)
 
 
-def _resolve_names(kind: str, given: list, notes: list, what: str) -> list:
-    """Registered names of ``kind`` from ``given`` ('all' expands); unregistered ones become notes."""
+def _resolve_names(kind: str, given: list, notes: list, what: str, unknown: list | None = None,
+                   expected: tuple = ()) -> list:
+    """Registered names of ``kind`` from ``given`` ('all' expands); unregistered ones become notes, and those not in
+    ``expected`` are also appended to ``unknown`` (errors of a real run)."""
     from bdsafety import registry
 
     available = registry.names(kind)
@@ -161,6 +169,8 @@ def _resolve_names(kind: str, given: list, notes: list, what: str) -> list:
             close = difflib.get_close_matches(n, available, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else " (not registered yet: its jobs appear once it is merged)"
             notes.append(f"{what} '{n}' is not a registered {kind}{hint}; registered: {', '.join(available)}")
+            if unknown is not None and n not in expected:
+                unknown.append(notes[-1])
             continue
         if m.name not in out:
             out.append(m.name)
@@ -205,7 +215,18 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
                 raise ConfigError(f"{path}: resources.{k}: unknown key '{rk}'; valid: {', '.join(RESOURCE_KEYS)}")
             if isinstance(rv, bool) or not isinstance(rv, (int, float)) or rv < 0:
                 raise ConfigError(f"{path}: resources.{k}.{rk} must be a number >= 0, got {rv!r}")
-    retune = _resolve_names("retune", _list(data.get("retune"), "retune"), notes, "retuning attack")
+    unregistered: list[str] = []
+    expected = tuple(str(n) for n in _list(data.get("expected_later"), "expected_later"))
+    for key in ("datasets", "models", "attacks", "pratios", "seeds", "defenses", "external_defenses", "retune", "analyses"):
+        vals = [str(v) for v in _list(data.get(key), key)]
+        dup = sorted({v for v in vals if vals.count(v) > 1})
+        if dup:
+            raise ConfigError(f"{path}: {key} lists {', '.join(dup)} more than once; list each value once")
+
+    def names(kind, key, what):
+        return _resolve_names(kind, _list(data.get(key), key), notes, what, unregistered, expected)
+
+    retune = names("retune", "retune", "retuning attack")
     qra = data.get("qra_defenses", "all")
     nums = _list(data.get("ra_poison_nums"), "ra_poison_nums")
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in nums):
@@ -228,15 +249,50 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
         name=name, path=path, study_dir=sdir, dataset_path=Path(data.get("dataset_path") or "./data").resolve(),
         device=str(data.get("device") or "auto"),
         datasets=[str(d) for d in _list(data["datasets"], "datasets")], models=[str(m) for m in _list(data["models"], "models")],
-        attacks=_resolve_names("attack", _list(data["attacks"], "attacks"), notes, "attack"), pratios=pratios, seeds=seeds,
+        attacks=names("attack", "attacks", "attack"), pratios=pratios, seeds=seeds,
         clean_reference=bool(data.get("clean_reference", True)),
-        defenses=_resolve_names("defense", _list(data.get("defenses"), "defenses"), notes, "defense"),
+        defenses=names("defense", "defenses", "defense"),
         external_defenses=[check_folder_name(str(d), "external_defenses") for d in _list(data.get("external_defenses"), "")],
         retune=retune, ra_poison_nums=nums, ra_control=control, ra_draws=draws["ra_draws"],
         ra_budget_draws=draws["ra_budget_draws"], verdict=verdict, qra_defenses=None if qra == "all" else [str(d) for d in _list(qra, "qra_defenses")],
-        analyses=_resolve_names("analysis", _list(data.get("analyses"), "analyses"), notes, "analysis"),
+        analyses=names("analysis", "analyses", "analysis"),
         configs={str(k): v for k, v in _mapping(data.get("configs"), "configs", nested=False).items()},
-        set=_mapping(data.get("set"), "set", nested=True), resources=resources, notes=notes)
+        set=_mapping(data.get("set"), "set", nested=True), resources=resources, notes=notes, unknown=unregistered)
     if "qra" in st.retune and "ra" not in st.retune:
         raise ConfigError(f"{path}: retune lists qra without ra: QRA needs each defense's RA model; add ra")
+    if st.qra_defenses is not None:
+        from bdsafety import registry
+
+        known = set(st.defenses) | {registry.get("defense", d).folder for d in st.defenses} | set(st.external_defenses)
+        for d in st.qra_defenses:
+            if d not in known:
+                close = difflib.get_close_matches(d, sorted(known), n=1)
+                msg = (f"qra_defenses names '{d}', which is not a defense of this study"
+                       f"{f' (did you mean {close[0]!r}?)' if close else ''}; its defenses: {', '.join(sorted(known)) or 'none'}")
+                notes.append(msg)
+                if d not in expected:
+                    st.unknown.append(msg)
+    _check_set(st, path)
     return st
+
+
+# keys every job gets from the study itself: never from set:
+STUDY_SET_KEYS = {
+    "save_folder_name": "the study names every output folder", "save_name": "the study names every output folder",
+    "result_file": "the study chooses the record each job reads", "defense": "the study chooses the model each job reads",
+    "clean_record": "the study chooses the clean reference", "poison_source": "the study chooses the poison source",
+    "ra_name": "the study chooses the RA model QRA reads", "dataset": "use the study key datasets",
+    "model": "use the study key models", "pratio": "use the study key pratios", "random_seed": "use the study key seeds",
+    "record_root": "use the study key record_root (or --record_root)", "dataset_path": "use the study key dataset_path",
+    "device": "use the study key device", "overwrite": "the study decides what it may replace",
+    "dependents": "the study decides what it may replace", "no_progress": "the study prints its own progress",
+    "trust_record": "trusting a record's pickles is the command-line decision --trust_record of analysis/run_study.py",
+}
+
+
+def _check_set(st: Study, path) -> None:
+    for scope, over in st.set.items():
+        for k in over:
+            if k in STUDY_SET_KEYS:
+                raise ConfigError(f"{path}: set.{scope}.{k}: '{k}' is set by the study itself ({STUDY_SET_KEYS[k]}); remove "
+                                  f"it from set:")
