@@ -8,6 +8,14 @@ Guarantees (tested by killing runs at several points, tests/test_outputs.py):
   * leftovers of killed runs (hidden ``.<name>.tmp-*`` / ``.<name>.new-*`` / ``.<name>.old-*`` folders) are
     cleaned up by the next run on the same destination and are never listed as results (hidden names);
   * user-given names are plain folder names (``check_folder_name``);
+  * an output's name is checked against what lives beside it before any work: a file of the parent
+    (``attack_result.pt``), a folder the parent owns (a record's ``defense/``, ``log/``, ``bd_train_dataset/``...)
+    or a name too long for the file system once the temporary prefix is added is refused (``check_output_name``);
+  * one run at a time per destination: a run holds a lock on its destination (``.<name>.lock`` beside it) from its
+    start to its commit, so a second run on the same output fails at once with the first one's pid, and the
+    existence and dependents checks are made again at the commit; results that appeared inside the old output
+    while the run worked are never deleted: the run's finished folder is kept beside it as ``<name>.unsaved-<time>``
+    and the error says so;
   * ``overwrite`` replaces only the named output. Results computed from it and stored inside it (a defense's
     ra/ and qra/, a record's defense/ folder) are never deleted silently: ``dependents='ask'`` (the default)
     refuses and lists them; 'delete' deletes them with the old output; 'archive' moves the old output, with
@@ -27,6 +35,15 @@ from bdsafety.config import check_folder_name
 from bdsafety.errors import OutputError
 
 DEPENDENTS = ("ask", "delete", "archive")
+# names an output may never take: folders and files that records, defense folders and studies hold themselves
+RESERVED_NAMES = frozenset({
+    "log", "logs", "defense", "bd_train_dataset", "bd_test_dataset", "cross_test_dataset", "bti_inversion", "figures",
+    "attack_result.pt", "defense_result.pt", "ra_result.pt", "info.pickle", "config.yaml", "pool_split.json",
+    "results.csv", "study.json", "report.md", "report.html",
+})
+# bytes a file name may have (Linux NAME_MAX), and the longest temporary suffix OutputFolder adds: ".<name>.unsaved-..."
+NAME_MAX = 255
+_WORK_SUFFIX = len(".") + len(".unsaved-") + 40
 _TAGS = (".tmp-", ".new-", ".old-")
 FAULT_ENV = "BDSAFETY_FAULT"
 
@@ -123,6 +140,67 @@ def dependents_of(dest: Path, own: Iterable[str] = ("log",)) -> list[str]:
     return sorted(p.name for p in dest.iterdir() if p.is_dir() and p.name not in own and not p.name.startswith("."))
 
 
+def check_output_name(dest: Path) -> None:
+    """Refuse an output name that would replace something its parent holds, or that is too long (see module doc)."""
+    name = dest.name
+    check_folder_name(name, "save_name")
+    if name in RESERVED_NAMES or name.endswith((".pt", ".pickle", ".csv", ".yaml", ".json", ".txt", ".log")):
+        raise OutputError(f"output name {name!r} is reserved: records, defense folders and studies hold a file or folder of "
+                          f"that name (or kind). Choose another name, e.g. --save_name {name.split('.')[0]}_run")
+    if dest.exists() and not dest.is_dir():
+        raise OutputError(f"{dest} is a file, not an output folder; choose another --save_name")
+    if len(os.fsencode(name)) + _WORK_SUFFIX > NAME_MAX:
+        raise OutputError(f"output name {name[:40]}... has {len(os.fsencode(name))} bytes; with the temporary prefix the "
+                          f"file system's limit of {NAME_MAX} would be exceeded: use at most {NAME_MAX - _WORK_SUFFIX} bytes")
+
+
+class _DestLock:
+    """An exclusive, non-blocking flock on ``.<name>.lock`` beside ``dest``, removed on release (a killed run's lock
+    file is left behind, unlocked: the next run takes it)."""
+
+    def __init__(self, dest: Path, what: str):
+        self.path = dest.parent / f".{dest.name}.lock"
+        self.f = None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock (Windows): no lock
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise OutputError(f"another run (pid {holder}) is writing the {what} {dest} now; wait for it to finish, "
+                                  f"or choose another --save_name") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file another run unlinked while we opened it
+                break
+            f.close()
+        else:  # pragma: no cover - five lost races in a row
+            raise OutputError(f"could not lock {self.path}: other runs keep replacing it")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self.f = f
+
+    def release(self) -> None:
+        if self.f is not None:
+            import fcntl
+
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self.f, fcntl.LOCK_UN)
+            self.f.close()
+            self.f = None
+
+
 class OutputFolder:
     """Build an output folder under a temporary name and move it into place only when complete.
 
@@ -137,25 +215,35 @@ class OutputFolder:
     def __init__(self, dest: str | os.PathLike, *, overwrite: bool = False, dependents: str = "ask",
                  own: Iterable[str] = ("log",), carry: Iterable[str] = (), what: str = "output"):
         self.dest = Path(dest)
-        check_folder_name(self.dest.name, "output folder name")
+        check_output_name(self.dest)
         if dependents not in DEPENDENTS:
             raise OutputError(f"dependents must be one of {', '.join(DEPENDENTS)}, got {dependents!r}")
         self.overwrite, self.dependents, self.own, self.carry, self.what = overwrite, dependents, tuple(own), tuple(carry), what
-        recover(self.dest)
-        self.replaced: list[str] = []
+        self.lock = _DestLock(self.dest, what)
+        try:
+            recover(self.dest)
+            self.replaced = self._check()
+        except BaseException:
+            self.lock.release()
+            raise
+        self.path = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}-{time.time_ns() % 10**9}"
+
+    def _check(self) -> list:
+        """The dependents a replacement deletes (raises when the destination may not be replaced)."""
+        replaced: list[str] = []
         if self.dest.exists():
-            if not overwrite:
+            if not self.overwrite:
                 raise OutputError(f"{self.dest} already exists; pass --overwrite to replace it"
-                                  f"{', or --save_name to write beside it' if what != 'record' else ', or choose another --save_folder_name'}")
+                                  f"{', or --save_name to write beside it' if self.what != 'record' else ', or choose another --save_folder_name'}")
             deps = [d for d in dependents_of(self.dest, self.own) if d not in self.carry]
-            if deps and dependents == "ask":
+            if deps and self.dependents == "ask":
                 listing = ", ".join(f"{d}/" for d in deps)
                 raise OutputError(
                     f"{self.dest} holds results computed from it ({listing}); replacing it would delete them or leave them "
-                    f"stale. Pass --dependents delete to delete them with the old {what}, or --dependents archive to move the "
-                    f"old {what} with them to {self.dest.parent / '.archive'}/")
-            self.replaced = deps
-        self.path = self.dest.parent / f".{self.dest.name}.tmp-{os.getpid()}-{time.time_ns() % 10**9}"
+                    f"stale. Pass --dependents delete to delete them with the old {self.what}, or --dependents archive to move the "
+                    f"old {self.what} with them to {self.dest.parent / '.archive'}/")
+            replaced = deps
+        return replaced
 
     def __enter__(self) -> "OutputFolder":
         self.dest.parent.mkdir(parents=True, exist_ok=True)
@@ -164,16 +252,30 @@ class OutputFolder:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
+                return False
+            fault_point("write")
+            self.commit()
             return False
-        fault_point("write")
-        self.commit()
-        return False
+        finally:
+            self.lock.release()
 
     def commit(self) -> Path:
-        """Move the finished folder into place (atomically replacing an existing one)."""
+        """Move the finished folder into place (atomically replacing an existing one), after checking again that it
+        may: nothing new appeared at or inside the destination while this run worked."""
         pid = os.getpid()
+        try:
+            now = self._check()
+            late = sorted(set(now) - set(self.replaced))
+            if late:
+                raise OutputError(f"{', '.join(d + '/' for d in late)} appeared inside {self.dest} while this run worked "
+                                  f"(another run wrote it); replacing {self.dest} now would delete it")
+        except OutputError as e:
+            keep = self.dest.parent / f"{self.dest.name}.unsaved-{time.strftime('%Y%m%d-%H%M%S')}-{pid}"
+            os.replace(self.path, keep)
+            raise OutputError(f"{e}. Nothing was replaced; this run's finished output is kept at {keep}") from None
         if self.dest.exists():
             for name in self.carry:
                 if (self.dest / name).exists() and not (self.path / name).exists():

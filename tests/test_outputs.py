@@ -228,3 +228,54 @@ def test_output_folder_refuses_unsafe_names_itself(tmp_path):
         with pytest.raises(ConfigError, match="not a plain folder name"):
             OutputFolder(tmp_path / "a" / bad, overwrite=True)
     assert (tmp_path).is_dir() and list(tmp_path.iterdir()) == []
+
+
+def test_output_names_that_would_replace_what_their_parent_holds_are_refused(tmp_path):
+    from bdsafety.errors import OutputError
+    from bdsafety.outputs import OutputFolder
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (rec / "attack_result.pt").write_bytes(b"model")
+    for name in ("attack_result.pt", "defense", "log", "bd_train_dataset", "info.pickle", "notes.csv"):
+        with pytest.raises(OutputError, match="reserved"):
+            OutputFolder(rec / name, overwrite=True, dependents="delete")
+    (rec / "afile").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        OutputFolder(rec / "afile", overwrite=True)
+    with pytest.raises(OutputError, match="file system's limit"):
+        OutputFolder(rec / ("r" * 230), overwrite=True)
+    assert (rec / "attack_result.pt").read_bytes() == b"model" and sorted(p.name for p in rec.iterdir()) == ["afile", "attack_result.pt"]
+
+
+def test_two_runs_on_one_output_the_second_fails_at_once(tmp_path):
+    from bdsafety.errors import OutputError
+    from bdsafety.outputs import OutputFolder
+
+    first = OutputFolder(tmp_path / "run")
+    with pytest.raises(OutputError, match=f"another run \\(pid {os.getpid()}\\) is writing"):
+        OutputFolder(tmp_path / "run")
+    with first as out:
+        (out.path / "x").write_text("first")
+    second = OutputFolder(tmp_path / "run", overwrite=True)  # the lock is free again once the first committed
+    with second as out:
+        (out.path / "x").write_text("second")
+    assert (tmp_path / "run" / "x").read_text() == "second" and not list(tmp_path.glob(".*"))
+
+
+def test_a_dependent_written_while_the_output_is_replaced_is_never_deleted(tmp_path):
+    from bdsafety.errors import OutputError
+    from bdsafety.outputs import OutputFolder
+
+    dest = tmp_path / "defense_x"
+    dest.mkdir()
+    (dest / "defense_result.pt").write_text("old")
+    folder = OutputFolder(dest, overwrite=True, dependents="delete")  # nothing inside yet: nothing to delete
+    (dest / "ra").mkdir()  # another run writes an RA into the old output meanwhile
+    (dest / "ra" / "ra_result.pt").write_text("ra")
+    with pytest.raises(OutputError, match="ra/ appeared inside .* kept at .*unsaved"):
+        with folder as out:
+            (out.path / "defense_result.pt").write_text("new")
+    assert (dest / "defense_result.pt").read_text() == "old" and (dest / "ra" / "ra_result.pt").read_text() == "ra"
+    kept = list(tmp_path.glob("defense_x.unsaved-*"))
+    assert len(kept) == 1 and (kept[0] / "defense_result.pt").read_text() == "new"
