@@ -60,6 +60,21 @@ def make_split(indices: np.ndarray, fraction: float = ATTACKER_FRACTION, seed: i
     return PoolSplit(attacker=np.sort(idx[perm[:k]]), defender=np.sort(idx[perm[k:]]))
 
 
+def _check_split(ps: PoolSplit, indices: np.ndarray, path: Path) -> None:
+    """A saved split is used only if it still is one: disjoint parts that together are exactly ``indices``."""
+    a, d, idx = ps.attacker, ps.defender, np.unique(np.asarray(indices, dtype=np.int64))
+    problems = []
+    if np.intersect1d(a, d).size:
+        problems.append(f"{np.intersect1d(a, d).size} samples are in both parts (attacker and defender would share them)")
+    if len(np.unique(a)) != len(a) or len(np.unique(d)) != len(d):
+        problems.append("a part lists a sample twice")
+    if not np.array_equal(np.union1d(a, d), idx):
+        problems.append("its parts are not the record's poisoned training samples")
+    if problems:
+        raise DataError(f"{path} is not a valid attacker/defender split: {'; '.join(problems)} (edited by hand?). Delete it and "
+                        f"it is rebuilt from the record on the next run; results made with it are not trustworthy")
+
+
 def pool_split(record_dir: Path, split: PoisonedSplit) -> PoolSplit:
     """The record's saved split of ``split`` (its bd_train), created on first use."""
     from bdsafety.safeio import atomic_write_text
@@ -77,6 +92,7 @@ def pool_split(record_dir: Path, split: PoisonedSplit) -> PoolSplit:
             raise DataError(f"{path} was made for other poisoned training samples than the record's bd_train now holds "
                             f"(the record was replaced?): delete {path.name} and rerun; results made with the old split "
                             f"no longer match this record")
+        _check_split(saved, split.indices, path)
         return saved
     ps = make_split(split.indices)
     atomic_write_text(path, json.dumps({

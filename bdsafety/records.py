@@ -316,7 +316,9 @@ def _load_split(state: Any, key: str, record_dir: Path, img_size: tuple, pt_path
         entry = lookup[int(i)]
         bd_label, orig_label = (int(x) for x in entry["other_info"][:2])
         candidate = record_dir / folder[0] / str(orig_label) / f"{int(i)}{fmt}"
-        if not candidate.is_file():
+        if candidate.is_file() and not candidate.resolve().is_relative_to(inside):
+            foreign.append(candidate.resolve())  # a symlinked copy: the image lives in another folder
+        elif not candidate.is_file():
             stored = _stored_location(str(entry["path"]), root)
             if stored.is_file() and stored.resolve().is_relative_to(inside):
                 candidate = stored
@@ -361,14 +363,56 @@ def _read_attack_result(record_dir: Path, trust_record: bool) -> dict:
     return result
 
 
+MAX_IMG_SIDE = 4096  # larger stored image sizes are damage, not data (they would only end in a memory error)
+
+
+def _checked_int(v: Any, what: str, path: Path, low: int = 0, high: int | None = None) -> int:
+    """``v`` as an int (numpy / torch scalars included) within [low, high], or a one-line RecordError."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(v, float) and not float(v).is_integer():
+        raise RecordError(f"{path}: {what} is {v!r}, not an integer; the record is damaged or not a BackdoorBench record")
+    v = int(v)
+    if v < low or (high is not None and v > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise RecordError(f"{path}: {what} is {v}, expected an integer {rng}; the record is damaged")
+    return v
+
+
+def _checked_img_size(v: Any, path: Path) -> tuple:
+    try:
+        items = list(v)
+    except TypeError:
+        raise RecordError(f"{path}: img_size is {v!r}, expected (H, W, C)") from None
+    if len(items) != 3:
+        raise RecordError(f"{path}: img_size is {tuple(items)}, expected (H, W, C)")
+    h, w = (_checked_int(x, "img_size", path, low=1, high=MAX_IMG_SIDE) for x in items[:2])
+    c = _checked_int(items[2], "img_size channels", path, low=1, high=4)
+    return (h, w, c)
+
+
+def _check_info(info: dict, num_classes: int, path: Path) -> None:
+    """The info.pickle values tools rely on, checked when read: target class, poison ratio, label transform."""
+    if info.get("attack_target") is not None:
+        info["attack_target"] = _checked_int(info["attack_target"], "attack_target", path, 0, num_classes - 1)
+    p = info.get("pratio")
+    if p is not None:
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.number)) or not 0 <= float(p) <= 1:
+            raise RecordError(f"{path}: pratio is {p!r}, expected a fraction in [0, 1]; the record is damaged")
+    lt = info.get("attack_label_trans")
+    if lt is not None and lt not in ("all2one", "all2all"):
+        raise RecordError(f"{path}: attack_label_trans is {lt!r}, expected all2one or all2all")
+
+
 def load_attack_record(record_dir: str | os.PathLike, trust_record: bool = False) -> AttackRecord:
     """Load a BackdoorBench v2.0/v2.2 record, wherever its folder lives now (images decoded to RGB uint8)."""
     record_dir = Path(record_dir)
     result = _read_attack_result(record_dir, trust_record)
     pt_path = record_dir / "attack_result.pt"
-    img_size = tuple(int(s) for s in result["img_size"])
-    if len(img_size) != 3:
-        raise RecordError(f"{pt_path}: img_size is {img_size}, expected (H, W, C)")
+    img_size = _checked_img_size(result["img_size"], pt_path)
+    num_classes = _checked_int(result["num_classes"], "num_classes", pt_path, low=2)
     bd_train = None if result["bd_train"] is None else _load_split(result["bd_train"], "bd_train", record_dir, img_size, pt_path)
     if result["bd_test"] is None:
         raise RecordError(f"{pt_path}: bd_test is None; the record has no poisoned test set, re-run the attack")
@@ -379,12 +423,13 @@ def load_attack_record(record_dir: str | os.PathLike, trust_record: bool = False
         if not isinstance(info, Mapping):
             raise RecordError(f"{info_path} holds a {type(info).__name__}, expected the attack's args dict")
         info = dict(info)
+        _check_info(info, num_classes, info_path)
     else:
         warnings.warn(f"{info_path} is missing: the attack's target label, poison ratio and label transform are unknown",
                       stacklevel=2)
         info = {}
     return AttackRecord(
-        record_dir=record_dir, model_name=str(result["model_name"]), num_classes=int(result["num_classes"]),
+        record_dir=record_dir, model_name=str(result["model_name"]), num_classes=num_classes,
         state_dict=_strip_module_prefix(result["model"]), clean_data=str(result["clean_data"]),
         data_path=str(result["data_path"]), img_size=img_size, bd_train=bd_train, bd_test=bd_test, info=info,
     )

@@ -84,6 +84,20 @@ def test_pool_split_of_other_samples_is_refused(tmp_path):
         pool_split(tmp_path, _split(seed=0))
 
 
+def test_a_hand_edited_pool_split_is_refused_when_read(tmp_path):
+    split = _split()
+    pool_split(tmp_path, split)
+    saved = json.loads((tmp_path / POOL_FILE).read_text())
+    saved["defender"] = saved["defender"] + saved["attacker"][:1]  # one poisoned sample for both sides
+    (tmp_path / POOL_FILE).write_text(json.dumps(saved))
+    with pytest.raises(DataError, match="in both parts"):
+        pool_split(tmp_path, split)
+    saved["defender"] = saved["defender"][:-2]  # and one sample in neither
+    (tmp_path / POOL_FILE).write_text(json.dumps(saved))
+    with pytest.raises(DataError, match="not the record's poisoned training samples"):
+        pool_split(tmp_path, split)
+
+
 def test_single_poisoned_sample_cannot_be_shared(tmp_path):
     one = _split(n=1)
     with pytest.raises(DataError, match="disjoint"):

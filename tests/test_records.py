@@ -226,6 +226,20 @@ def test_images_of_another_record_are_refused_with_how_to_reroot(tmp_path):
     assert_split_equal(load_attack_record(copy).bd_test, rec.bd_test)
 
 
+def test_a_copy_whose_image_folders_are_symlinks_into_another_record_is_refused(tmp_path):
+    """However the copy was made: image folders symlinked (``cp -rs``, ``ln -s``) into the original record are that
+    record's images, not the copy's."""
+    rec = make_bb_v22_record(tmp_path, "orig")
+    copy = tmp_path / "record" / "copy"
+    copy.mkdir()
+    for f in ("attack_result.pt", "info.pickle"):
+        shutil.copy(rec.record_dir / f, copy / f)
+    for sub in ("bd_train_dataset", "bd_test_dataset"):
+        (copy / sub).symlink_to(rec.record_dir / sub, target_is_directory=True)
+    with pytest.raises(RecordError, match=r"not inside it.*Re-root"):
+        load_attack_record(copy)
+
+
 def test_module_prefix_is_stripped(tmp_path):
     rec = make_bb_v22_record(tmp_path, module_prefix=True)
     assert next(iter(rec.state_dict)).startswith("module.")
@@ -518,3 +532,33 @@ def test_inspector_refuses_untrusted_record_until_trusted(tmp_path, capsys):
     assert "--trust_record" in capsys.readouterr().err
     assert main([str(rec.record_dir), "--trust_record"]) == 0
     assert records.main(["--help"]) == 0
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_classes", "ten", "num_classes is 'ten', not an integer"),
+    ("num_classes", 1, "num_classes is 1, expected an integer >= 2"),
+    ("img_size", (100000, 100000, 3), r"img_size is 100000, expected an integer in \[1, 4096\]"),
+    ("img_size", (32, 32), "expected \\(H, W, C\\)"),
+])
+def test_damaged_stored_values_are_one_line_errors(tmp_path, field, value, match):
+    rec = make_bb_v22_record(tmp_path)
+    pt = rec.record_dir / "attack_result.pt"
+    d = torch.load(pt, weights_only=False)
+    d[field] = value
+    torch.save(d, pt)
+    with pytest.raises(RecordError, match=match):
+        load_attack_record(rec.record_dir)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("attack_target", 12, r"attack_target is 12, expected an integer in \[0, 9\]"),
+    ("pratio", 5, "pratio is 5, expected a fraction"),
+    ("attack_label_trans", "one2one", "attack_label_trans is 'one2one'"),
+])
+def test_info_values_are_validated_when_read(tmp_path, field, value, match):
+    rec = make_bb_v22_record(tmp_path)
+    info = torch.load(rec.record_dir / "info.pickle", weights_only=False)
+    info[field] = value
+    torch.save(info, rec.record_dir / "info.pickle")
+    with pytest.raises(RecordError, match=match):
+        load_attack_record(rec.record_dir)
