@@ -42,8 +42,8 @@ class Check:
     def ok(self, v) -> bool:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return False
-        if isinstance(v, float) and not math.isfinite(v):
-            return False
+        if isinstance(v, float) and (not math.isfinite(v) or abs(v) > FLOAT32_MAX):
+            return False  # tensors are float32: a larger value overflows in the optimizer, not here
         if self.integer and float(v) != int(v):
             return False
         if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
@@ -73,15 +73,17 @@ class AmountCheck(Check):
         return "a ratio in (0, 1) or a whole count >= 1"
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 POS_INT = Check(lo=1, integer=True, text="an integer >= 1")
 NONNEG_INT = Check(lo=0, integer=True, text="an integer >= 0")
 SEED = Check(lo=0, hi=2**32 - 1, integer=True, text="an integer in [0, 2**32 - 1]")
-POSITIVE = Check(lo=0, lo_open=True, text="a finite number > 0")
-NONNEG = Check(lo=0, text="a finite number >= 0")
+POSITIVE = Check(lo=0, lo_open=True, text="a finite number > 0 (float32: at most 3.4e38)")
+NONNEG = Check(lo=0, text="a finite number >= 0 (float32: at most 3.4e38)")
 FRACTION = Check(lo=0, hi=1, text="a number in [0, 1]")
 OPEN_FRACTION = Check(lo=0, hi=1, lo_open=True, hi_open=True, text="a number strictly between 0 and 1")
 PROB = Check(lo=0, hi=1, lo_open=True, text="a number in (0, 1]")
-FINITE = Check(text="a finite number")
+FINITE = Check(text="a finite number (float32: |x| <= 3.4e38)")
 AMOUNT = AmountCheck()
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")

@@ -19,6 +19,10 @@ class DataError(UserError, ValueError):
     """The clean data (or a file of it) is missing, corrupt or unusable."""
 
 
+class DatasetNotFound(UserError, FileNotFoundError):
+    """A dataset's files are not where the record or the flags say (the message shows the expected layout)."""
+
+
 class OutputError(UserError, FileExistsError):
     """An output cannot be written as asked (it exists, it would delete results, its name is unsafe)."""
 

@@ -70,3 +70,10 @@ def test_help_lists_flags_even_with_percent_in_help(capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(schema, ["--help"])
     assert e.value.code == 0 and "5% of the data" in capsys.readouterr().out
+
+
+def test_numbers_beyond_float32_are_refused_before_any_work():
+    from bdsafety.registry import get
+
+    with pytest.raises(ConfigError, match="float32: at most 3.4e38"):
+        get("defense", "ft").parse(["--result_file", "x", "--lr", "1e308"])

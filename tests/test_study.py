@@ -277,3 +277,19 @@ def test_trust_record_is_a_command_line_flag_of_the_study(tmp_path):
     out = io.StringIO()
     run_study(str(tmp_path / "t.yaml"), study_dir=str(tmp_path / "s"), dry_run=True, out=out, trust_record=True)
     assert main(["--yaml_path", str(tmp_path / "t.yaml"), "--dry_run", "--trust_record", "--study_dir", str(tmp_path / "s")]) == 0
+
+
+def test_study_mistakes_are_one_line_errors(tmp_path):
+    from bdsafety.errors import ConfigError
+    from bdsafety.study.executors import start_ray
+    from bdsafety.study.spec import load_study
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_study(_yaml(tmp_path / "a.yaml"), study_dir=str(tmp_path / "afile"))
+    with pytest.raises(ConfigError, match="configs.attack = '{datset}_paper' is not a config name pattern"):
+        load_study(_yaml(tmp_path / "b.yaml", top={"configs": {"attack": "{datset}_paper"}}))
+    with pytest.raises(SystemExit):
+        main(["--yaml_path", str(tmp_path / "a.yaml"), "--executor", "ray", "--ray_num_cpus", "-1"])
+    with pytest.raises(ConfigError, match="ray_num_cpus must be an integer >= 1"):
+        start_ray(None, num_cpus=0)

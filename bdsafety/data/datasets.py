@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from bdsafety.errors import DataError
+from bdsafety.errors import DataError, DatasetNotFound
 from bdsafety.data.info import DATASETS, DatasetInfo, dataset_info
 
 SUPPORTED = ("cifar10", "cifar100", "gtsrb", "tiny", "imagefolder", "synthetic")
@@ -157,9 +157,9 @@ def _parse_img_size(img_size) -> tuple[int, int] | None:
     return size[0], size[1]
 
 
-def _not_found(name: str, tried: str, layout: str, fix: str, detail: str = "") -> FileNotFoundError:
+def _not_found(name: str, tried: str, layout: str, fix: str, detail: str = "") -> DatasetNotFound:
     detail = f"{detail}\n" if detail else ""
-    return FileNotFoundError(
+    return DatasetNotFound(
         f"{name} dataset not found at {tried}\n{detail}Expected layout:\n{layout.rstrip()}\nFix: {fix}"
     )
 

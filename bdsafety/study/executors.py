@@ -50,10 +50,17 @@ def start_ray(address: str | None = None, num_cpus: int | None = None):
     path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     env = {"PYTHONPATH": path, "BDSAFETY_STUDY_WORKER": "1"}
     kw = dict(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    if address:
-        ray.init(address=address, **kw)
-    else:
-        ray.init(num_cpus=num_cpus, **kw)
+    if num_cpus is not None and num_cpus < 1:
+        raise ConfigError(f"--ray_num_cpus must be an integer >= 1, got {num_cpus}")
+    try:
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            ray.init(num_cpus=num_cpus, **kw)
+    except ConnectionError as e:
+        raise ConfigError(f"could not join the Ray cluster at {address}: {str(e).splitlines()[0]}. Start it first (ray start "
+                          f"--head prints the address), check the address, or leave out --ray_address to start a local "
+                          f"Ray instance") from None
     return ray, True
 
 

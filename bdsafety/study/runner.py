@@ -194,6 +194,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.ray_address and a.executor != "ray":
         p.error("--ray_address needs --executor ray")
+    if a.ray_num_cpus is not None and a.ray_num_cpus < 1:
+        p.error(f"--ray_num_cpus must be an integer >= 1, got {a.ray_num_cpus}")
     oc = run_study(a.yaml_path, a.executor, a.ray_address, a.ray_num_cpus, a.dry_run, a.fresh, not a.no_progress,
                    a.record_root, a.study_dir, threads=a.threads, trust_record=a.trust_record)
     return 1 if oc.failed else 0

@@ -190,6 +190,8 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
     name = check_folder_name(str(data.get("name") or path.stem), "name")
     root = Path(record_root or data.get("record_root") or "./record")
     sdir = Path(study_dir or data.get("study_dir") or root / f"study_{name}").resolve()
+    if sdir.exists() and not sdir.is_dir():
+        raise ConfigError(f"the study folder {sdir} is a file; pass --study_dir a folder (it is created if missing)")
     notes: list[str] = []
     for key in ("datasets", "models", "attacks", "pratios", "seeds"):
         if not _list(data.get(key), key):
@@ -242,6 +244,12 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
     control = data.get("ra_control", False)
     if not isinstance(control, bool):
         raise ConfigError(f"{path}: ra_control must be true or false, got {control!r}")
+    for k, v in _mapping(data.get("configs"), "configs", nested=False).items():
+        try:
+            str(v).format(dataset="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"{path}: configs.{k} = {v!r} is not a config name pattern ({type(e).__name__}: {e}); the only "
+                              f"placeholder is {{dataset}}, e.g. {{dataset}}_paper") from None
     if (control or draws["ra_draws"] > 1) and "ra" not in retune:
         raise ConfigError(f"{path}: ra_control / ra_draws need ra in retune")
     verdict = verdict_thresholds(_mapping(data.get("verdict"), "verdict", nested=False), path)
