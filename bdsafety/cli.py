@@ -7,6 +7,7 @@ every other exception is a bug and keeps its traceback. BDSAFETY_DEBUG=1 shows t
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,15 @@ def run_cli(fn: Callable[[list[str] | None], object], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Python's docs advise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device while writing {e.filename or 'an output'}; nothing half-written was "
+              f"kept. Free some space or write elsewhere (--record_root)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,6 +6,7 @@ RA), the defender's reserved clean subset, and an atomic writer for an output fo
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -75,8 +76,12 @@ class Experiment:
     def new_model(self) -> torch.nn.Module:
         from bdsafety.models import build_model
 
-        return engine.prepare_model(build_model(self.model_name, self.num_classes, tuple(self.record.img_size),
-                                                input_size=self.model_input_size), self.device)
+        try:
+            model = build_model(self.model_name, self.num_classes, tuple(self.record.img_size), input_size=self.model_input_size)
+        except ConfigError as e:
+            raise ConfigError(f"record {self.record_dir}: its attack_result.pt names model {self.model_name!r}, which cannot be "
+                              f"built here: {e}") from None
+        return engine.prepare_model(model, self.device)
 
     @property
     def model_input_size(self) -> int | None:
@@ -93,10 +98,10 @@ class Experiment:
         model = self.new_model()
         try:
             load_state_dict_compat(model, state_dict)
-        except ValueError as e:  # a damaged or foreign model file: the user's to fix, not a bug
+        except (ValueError, TypeError) as e:  # a damaged or foreign model file: the user's to fix, not a bug
             from bdsafety.records import RecordError
 
-            raise RecordError(f"record {self.record_dir}: {e}") from None
+            raise RecordError(f"record {self.record_dir}: {e}{_input_size_hint(state_dict, self.model_input_size)}") from None
         return model
 
     def backdoored_model(self) -> torch.nn.Module:
@@ -137,6 +142,19 @@ class Experiment:
         return engine.backdoor_metrics(model, self.evalsets, self.norm, self.cfg.eval_batch_size)
 
 
+def _input_size_hint(state_dict, input_size: int | None) -> str:
+    """For a ViT whose positional embedding was made for another input size: which size it was trained at."""
+    pos = state_dict.get("encoder.pos_embedding") if hasattr(state_dict, "get") else None
+    conv = state_dict.get("conv_proj.weight") if hasattr(state_dict, "get") else None
+    if not (torch.is_tensor(pos) and torch.is_tensor(conv) and pos.dim() == 3):
+        return ""
+    side = math.isqrt(int(pos.shape[1]) - 1) * int(conv.shape[-1])
+    if input_size == side:
+        return ""
+    return (f". This ViT was trained at {side} px input (its positional embedding has {int(pos.shape[1])} tokens) but is "
+            f"opened at {input_size or 224} px: pass --model_input_size {side}")
+
+
 def data_location(record, record_dir: Path, dataset_path: str | None) -> str:
     """Where the clean data of a record lives.
 
@@ -165,9 +183,14 @@ def load_record_data(record, record_dir: Path, dataset_path: str | None = None):
         kw = dict(img_size=tuple(record.img_size[:2]))
     data = load_clean_dataset(record.clean_data, data_location(record, record_dir, dataset_path), **kw)
     if len(data.train_y) != record.bd_test.length and record.bd_train is not None and len(data.train_y) != record.bd_train.length:
+        if record.clean_data == "synthetic" and not record.info:
+            fix = (f"its info.pickle, which holds the synthetic data's settings, is missing: copy it back into {record_dir} "
+                   f"(or re-run the attack)")
+        else:
+            fix = "point --dataset_path at the data the record was made from"
         raise DataError(
             f"the clean {record.clean_data} data found has {len(data.train_y)} training images but record {record_dir.name} was "
-            f"made on {record.bd_train.length}: point --dataset_path at the data the record was made from"
+            f"made on {record.bd_train.length}: {fix}"
         )
     return data
 

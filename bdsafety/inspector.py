@@ -79,6 +79,9 @@ def _inspect(argv: list[str] | None) -> None:
     try:
         check_model(rec)
         unusable = None
+        if len(rec.bd_test) == 0:
+            unusable = RecordError(f"{record_dir}: bd_test holds no poisoned test sample, so no tool can measure an ASR on "
+                                   f"this record; re-run the attack")
     except RecordError as e:  # print what the record holds (the architecture line says what the weights look like),
         unusable = e          # then exit non-zero
 

@@ -353,6 +353,10 @@ def _read_attack_result(record_dir: Path, trust_record: bool) -> dict:
     if not record_dir.is_dir():
         raise RecordError(f"record folder {record_dir} does not exist; {_missing_record_hint(record_dir)}")
     pt_path = record_dir / "attack_result.pt"
+    if not pt_path.is_file() and (record_dir / "defense_result.pt").is_file() and record_dir.parent.name == "defense":
+        rec = record_dir.parent.parent
+        raise RecordError(f"{record_dir} is a defense folder, not a record: pass the record and the defense separately, "
+                          f"--result_file {rec} --defense {record_dir.name}")
     if not pt_path.is_file():
         raise RecordError(f"{record_dir} has no attack_result.pt: the attack did not finish (the file is written last) "
                           f"or this is not a record folder; {_missing_record_hint(record_dir)}")

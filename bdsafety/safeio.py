@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
-from bdsafety.errors import UserError
+from bdsafety.errors import OutputError, UserError
 
 __all__ = ["RecordError", "safe_torch_load", "atomic_torch_save", "atomic_write_text", "atomic_write_bytes",
            "ensure_safe_loadable"]
@@ -180,21 +182,39 @@ def _current_umask() -> int:
     return mask
 
 
+class DiskFull(OutputError):
+    """The file system ran out of space (or quota) while writing an output: which path, and how much was needed."""
+
+    def __init__(self, path: Path, written: int = 0):
+        free = "?"
+        with contextlib.suppress(OSError):
+            free = f"{shutil.disk_usage(path.parent).free:,}"
+        need = f"at least {written:,} bytes were needed for it" if written else "it could not be started"
+        super().__init__(f"no space left on the device of {path.parent} while writing {path.name} ({need}; {free} bytes "
+                         f"free there). Nothing half-written was kept: free some space, or write elsewhere (--record_root)")
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` through a temp file in the same folder, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    written = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                written = f.tell()
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(path, written) from None
         raise
     with contextlib.suppress(OSError):  # persist the rename; not possible on every platform
         dfd = os.open(path.parent, os.O_RDONLY)

@@ -345,3 +345,81 @@ def test_unknown_model_name_is_refused_at_resolve_time(tmp_path):
     with pytest.raises(ConfigError, match="unknown model 'x/y'"):
         registry.get("defense", "ft").parse(["--model", "x/y", "--result_file", "tiny"])
     assert list(tmp_path.iterdir()) == []
+
+
+def _damaged_copy(tiny, tmp_path, name: str, change) -> Path:
+    root = tmp_path / "record"
+    shutil.copytree(tiny / "tiny", root / name, ignore=shutil.ignore_patterns("defense"))
+    change(root / name)
+    return root
+
+
+def test_user_mistakes_with_records_are_one_line_errors_that_say_what_to_do(tiny, tmp_path, capsys):
+    ra = ["--defense", "none", "--epochs", "1", "--ratio", "0.2", "--no_progress"]
+    # a defense folder given as the record
+    code, err = cli("retune", "ra", [*ra, "--result_file", str(tiny / "tiny" / "defense" / "my_ft")], capsys)
+    assert code == 2 and f"--result_file {tiny / 'tiny'} --defense my_ft" in err
+    # a model name the record holds and no tool builds: say it comes from the record
+
+    def rename(d):
+        r = torch.load(d / "attack_result.pt", weights_only=False)
+        r["model_name"] = "resnet_999"
+        torch.save(r, d / "attack_result.pt")
+    root = _damaged_copy(tiny, tmp_path, "renamed", rename)
+    code, err = cli("retune", "ra", [*ra, "--result_file", "renamed", "--record_root", str(root)], capsys)
+    assert code == 2 and "its attack_result.pt names model 'resnet_999'" in err and "Traceback" not in err
+    # a state_dict holding a non-tensor
+
+    def non_tensor(d):
+        r = torch.load(d / "attack_result.pt", weights_only=False)
+        r["model"][next(iter(r["model"]))] = "text"
+        torch.save(r, d / "attack_result.pt")
+    root = _damaged_copy(tiny, tmp_path, "nontensor", non_tensor)
+    code, err = cli("retune", "ra", [*ra, "--result_file", "nontensor", "--record_root", str(root)], capsys)
+    assert code == 2 and "not tensors" in err and "Traceback" not in err
+    # synthetic data without its info.pickle: the settings are lost, not the folder
+    root = _damaged_copy(tiny, tmp_path, "noinfo", lambda d: (d / "info.pickle").unlink())
+    code, err = cli("retune", "ra", [*ra, "--result_file", "noinfo", "--record_root", str(root)], capsys)
+    assert code == 2 and "info.pickle" in err and "--dataset_path" not in err
+
+
+def test_inspector_exits_non_zero_for_a_record_without_poisoned_test_samples(tiny, tmp_path, capsys):
+    from bdsafety.inspector import main
+
+    def empty_bd_test(d):
+        r = torch.load(d / "attack_result.pt", weights_only=False)
+        r["bd_test"]["original_index_array"] = np.zeros(0, dtype=np.int64)
+        torch.save(r, d / "attack_result.pt")
+    root = _damaged_copy(tiny, tmp_path, "nobd", empty_bd_test)
+    assert main([str(root / "nobd")]) != 0 and "no poisoned test sample" in capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_path_and_keeps_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    from bdsafety import safeio
+
+    def full(obj, f):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safeio.torch, "save", full)
+    with pytest.raises(safeio.DiskFull, match=r"while writing model.pt \(at least 1,000 bytes were needed"):
+        safeio.atomic_torch_save({"a": 1}, tmp_path / "model.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_vit_opened_at_another_input_size_says_which_it_was_trained_at():
+    from bdsafety.experiment import _input_size_hint
+
+    sd = {"encoder.pos_embedding": torch.zeros(1, 5, 8), "conv_proj.weight": torch.zeros(8, 3, 16, 16)}  # (32/16)^2 + 1
+    assert "trained at 32 px" in _input_size_hint(sd, None) and "--model_input_size 32" in _input_size_hint(sd, 224)
+    assert _input_size_hint(sd, 32) == "" and _input_size_hint({"w": torch.zeros(1)}, None) == ""
+
+
+def test_the_inspector_piped_into_head_stops_quietly(tiny):
+    import subprocess
+    import sys
+
+    p = subprocess.run(f"{sys.executable} -m bdsafety.records {tiny / 'tiny'} | head -1", shell=True, capture_output=True,
+                       text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert p.stdout.startswith("record") and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr
