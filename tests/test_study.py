@@ -293,3 +293,27 @@ def test_study_mistakes_are_one_line_errors(tmp_path):
         main(["--yaml_path", str(tmp_path / "a.yaml"), "--executor", "ray", "--ray_num_cpus", "-1"])
     with pytest.raises(ConfigError, match="ray_num_cpus must be an integer >= 1"):
         start_ray(None, num_cpus=0)
+
+
+@pytest.mark.parametrize("point", ["train", "write", "exchanged"])
+def test_a_study_killed_during_a_job_keeps_complete_outputs_and_resumes(tiny, tmp_path, point):
+    import os
+    import subprocess
+    import sys
+
+    y = tiny[0]
+    sd = _copy(tiny, tmp_path)
+    shutil.rmtree(sd / REC / "defense" / "ft")  # the ft job and its dependents rerun; the kill hits the ft job first
+    if point == "exchanged":  # a rerun that replaces an existing output: killed right after the atomic exchange
+        shutil.copytree(tiny[1] / REC / "defense" / "ft", sd / REC / "defense" / "ft")
+        y = _yaml(tmp_path / "tiny.yaml", ft={"lr": 0.02})
+    env = dict(os.environ, BDSAFETY_FAULT=point, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, str(ROOT / "analysis" / "run_study.py"), "--yaml_path", str(y), "--study_dir", str(sd),
+                        "--no_progress", "--threads", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 99, p.stderr[-2000:]  # died like kill -9 (os._exit at the fault point)
+    ft = sd / REC / "defense" / "ft"
+    assert not ft.exists() or (ft / "defense_result.pt").is_file()  # the old complete output or none: never a partial one
+    oc, _ = _run(y, sd)
+    assert not oc.failed and {f"{REC}/defense/ft", f"{REC}/defense/ft/ra"} <= set(oc.keys("ran"))
+    assert set(oc.keys("ran")) | set(oc.keys("done")) == ALL_KEYS
+    assert (ft / "defense_result.pt").is_file() and not [q for q in (sd / REC / "defense").iterdir() if q.name.startswith(".")]
