@@ -213,6 +213,161 @@ def test_mixing_batch_fn_keeps_true_labels():
         mixing_batch_fn(Norm(), 1.5, None)
 
 
+def test_pam_mixes_the_official_count_of_generated_images_unclamped():
+    """The official unlearning loop replaces int(0.2 * B + 1) images by G(x) and uses G's output as it is."""
+    from bdsafety.data.device import Normalizer
+    from bdsafety.data.info import DatasetInfo
+    from bdsafety.defenses.mixing import mix_count
+    from bdsafety.defenses.pam import _generator_batch_fn
+
+    assert [mix_count(0.2, n, "bti") for n in (128, 122, 13, 3)] == [26, 25, 3, 1]
+    assert [mix_count(0.2, n, "round") for n in (128, 122)] == [26, 24]
+    assert mix_count(0.0, 128, "bti") == 0  # a clean-only ablation mixes nothing
+    info = DatasetInfo("synthetic", 4, (8, 8, 3), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False)
+    exp = SimpleNamespace(norm=Normalizer(info))
+    class Bright(nn.Module):
+        def forward(self, xn):
+            return torch.full_like(xn, 7.0)  # far above white (3 in this normalisation): must pass unclamped
+
+    fn = _generator_batch_fn(exp, SimpleNamespace(p_rev=0.2), Bright())
+    x, y = fn(torch.zeros(122, 8, 8, 3, dtype=torch.uint8).permute(0, 3, 1, 2), torch.arange(122) % 4, None)
+    assert int((x == 7.0).flatten(1).all(1).sum()) == 25 and torch.equal(y, torch.arange(122) % 4)
+
+
+# ------------------------------------------------------------------------------------------------ pam vs pam_reinvert
+TINY_BTI = dict(bti_pretrain_epochs=1, bti_mask_epochs=1, bti_gen_epochs=2, bti_batch_size=8, bti_unet_base=4,
+                bti_unet_depth=2)
+
+
+def _fake_ctx(tmp_path, name: str, n=24, classes=4, **over):
+    """A DefenseContext on random images and a random cnn_small (no record): what pam() / bti_dbf() use."""
+    from bdsafety.config import resolve
+    from bdsafety.data.device import DeviceDataset, Normalizer
+    from bdsafety.data.info import DatasetInfo
+    from bdsafety.defenses.base import DefenseContext
+    from bdsafety.models import build_model
+    from bdsafety.registry import get
+
+    info = DatasetInfo("synthetic", classes, (32, 32, 3), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False)
+    rng = np.random.default_rng(0)
+    ds = DeviceDataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % classes)
+    exp = SimpleNamespace(device="cpu", norm=Normalizer(info), num_classes=classes, info=info, evalsets=None,
+                          progress=False, record=SimpleNamespace(img_size=(32, 32, 3)), record_dir=Path(tmp_path),
+                          target=0)
+    over = {"n_rounds": 3, "epochs": 1, "batch_size": 8, **TINY_BTI, **over}
+    cfg = resolve(get("defense", name).schema(), None, over)
+    torch.manual_seed(0)
+    model = build_model("cnn_small", classes)
+    lines: list[str] = []
+    ctx = DefenseContext(exp=exp, model=model, reserved=ds, reserved_idx=np.arange(n), val=None,
+                         val_idx=np.zeros(0, int), cfg=cfg, log=lines.append, name=name)
+    return ctx, lines
+
+
+def test_pam_defaults_official_and_pam_reinvert_is_registered_separately():
+    from bdsafety.registry import get
+
+    pam, re = get("defense", "pam"), get("defense", "pam_reinvert")
+    assert pam.run is re.run and pam.folder == "pam" and re.folder == "pam_reinvert"
+    assert pam.schema()["retrain_generator"].default is False and re.schema()["retrain_generator"].default is True
+    assert set(pam.schema()) == set(re.schema())  # one algorithm, one set of keys
+    for name in ("pam", "pam_reinvert"):
+        assert get("defense", name).parse(["--yaml_path", str(ROOT / "config" / "defense" / name / "demo.yaml")]
+                                          ).retrain_generator is (name == "pam_reinvert")
+
+
+def test_pam_freezes_generator_after_round_one_pam_reinvert_retrains_it(tmp_path):
+    """pam (the official code): the generator the tuning uses is the same in every round (G's weights identical);
+    pam_reinvert: a different G every round. Both write the target-detection fields."""
+    from bdsafety.defenses import bti
+    from bdsafety.defenses.pam import pam
+
+    out = {}
+    for name in ("pam", "pam_reinvert"):
+        ctx, lines = _fake_ctx(tmp_path / name, name)
+        calls = []
+        real = bti.reinvert
+
+        def spy(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        bti.reinvert, res = spy, None
+        try:
+            res = pam(ctx)
+        finally:
+            bti.reinvert = real
+        d = res.info["generator_digest_per_round"]
+        assert len(d) == 3
+        assert len(calls) == (0 if name == "pam" else 2)
+        g = res.artifacts["bti_generator.pt"]["generator"]
+        out[name] = (d, g)
+        info = res.info
+        assert {"detected_target", "true_target", "target_match", "target_votes"} <= set(info)
+        assert info["true_target"] == 0 and info["target_match"] == (info["detected_target"] == 0)
+        assert sum(info["target_votes"]) == 24 and info["pam"]["retrain_generator"] is (name == "pam_reinvert")
+    d_pam, g_pam = out["pam"]
+    d_re, g_re = out["pam_reinvert"]
+    assert d_pam[0] == d_pam[1] == d_pam[2]  # frozen after round 1
+    assert len(set(d_re)) == 3  # retrained every round
+    assert d_re[0] == d_pam[0]  # round 1: the one cached inversion, shared
+    assert any(not torch.equal(g_pam[k], g_re[k]) for k in g_pam)
+
+
+def test_pam_and_bti_dbf_share_one_inversion(tmp_path):
+    """Through the cache: PAM writes the round-1 inversion, BTI-DBF(U) on the same record / settings loads it."""
+    from bdsafety.defenses import bti
+    from bdsafety.defenses.bti_dbf import bti_dbf
+    from bdsafety.defenses.pam import pam
+
+    calls = []
+    real = bti.invert_trigger
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    bti.invert_trigger = spy
+    try:
+        ctx, lines = _fake_ctx(tmp_path, "pam", n_rounds=1)
+        pam(ctx)
+        ctx2, lines2 = _fake_ctx(tmp_path, "bti_dbf", n_rounds=1)
+        res = bti_dbf(ctx2)
+    finally:
+        bti.invert_trigger = real
+    assert len(calls) == 1
+    assert any("cached at" in s for s in lines) and any("loaded from cache" in s for s in lines2)
+    assert len(list((tmp_path / bti.CACHE_DIR).glob("*.pt"))) == 1
+    assert res.info["generator_digest_per_round"][0] == bti.generator_digest(
+        bti.load_inversion(next((tmp_path / bti.CACHE_DIR).glob("*.pt")), "cpu").generator)
+
+
+DATASET_CONFIGS = ("cifar10", "cifar100", "gtsrb", "tiny", "demo")
+
+
+@pytest.mark.parametrize("config", DATASET_CONFIGS)
+def test_pam_pam_reinvert_and_bti_dbf_yamls_give_one_inversion(config):
+    """The three defenses' yamls for one dataset resolve the same bti_ settings (so the same cache key)."""
+    from bdsafety.defenses import bti
+    from bdsafety.registry import get
+
+    settings = {}
+    for name in ("pam", "pam_reinvert", "bti_dbf"):
+        m = get("defense", name)
+        cfg = m.parse(["--yaml_path", str(m.config_path(config))])
+        settings[name] = {k: getattr(cfg, k) for k in bti.BTI_SCHEMA}
+    assert settings["pam"] == settings["pam_reinvert"] == settings["bti_dbf"], settings
+    if config != "demo":  # the official values (the demo yaml says what it scales and why)
+        assert settings["pam"]["bti_generator"] == "official" and settings["pam"]["bti_batch_size"] == 128
+        epochs = [settings["pam"][f"bti_{k}_epochs"] for k in ("pretrain", "mask", "gen")]
+        assert epochs == [50, 20, 30]
+    for extra in ("cifar100_paper", "tiny_paper"):
+        a, b = (get("defense", n).parse(["--yaml_path", str(get("defense", n).config_path(extra))])
+                for n in ("pam", "pam_reinvert"))
+        assert {k: getattr(a, k) for k in bti.BTI_SCHEMA} == {k: getattr(b, k) for k in bti.BTI_SCHEMA}
+        assert a.retrain_generator is False and b.retrain_generator is True
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 ROOT = Path(__file__).resolve().parent.parent
 PAM_DEMO = ROOT / "config" / "defense" / "pam" / "demo.yaml"
@@ -263,13 +418,14 @@ def test_pam_demo_purifies_and_writes_backdoorbench_folder(pam_work, demo_record
         assert df[df["round"] == r]["test_asr"].notna().iloc[-1]
     for f in ("defense_result.pt", "pam_df_summary.csv", "config.yaml", "log/index.txt", "bti_generator.pt"):
         assert (pam_work.out / f).is_file(), f
-    assert cfg["detected_target"] == cfg["true_target"] == 0
+    assert cfg["detected_target"] == cfg["true_target"] == 0 and cfg["target_match"] is True
+    assert len(set(cfg["generator_digest_per_round"])) == 1  # pam: G frozen after round 1
     assert cfg["pam"]["form"] == "normalized" and cfg["pam"]["bn_mode"] == cfg["config"]["pam_bn"]
     g = torch.load(pam_work.out / "bti_generator.pt", weights_only=True)
     assert set(g) == {"generator", "generator_config", "mask", "target"} and g["target"] == 0
-    from bdsafety.defenses.bti import UNetGenerator
+    from bdsafety.defenses.bti import build_generator
 
-    UNetGenerator(**g["generator_config"]).load_state_dict(g["generator"])  # the saved generator is loadable as is
+    build_generator(g["generator_config"]).load_state_dict(g["generator"])  # the saved generator is loadable as is
     assert len(np.loadtxt(pam_work.out / "log" / "index.txt", ndmin=1)) == 250
 
 

@@ -29,7 +29,10 @@ COUNTS = ("round", "bti")
 
 
 def mix_count(p_rev: float, n: int, count: str = "round") -> int:
-    """How many of a batch of ``n`` are replaced."""
+    """How many of a batch of ``n`` are replaced; none when ``p_rev`` is 0 (the official loops hard-code 0.2, so their
+    "+ 1" is not meant to mix one image into a clean-only ablation)."""
+    if p_rev == 0:
+        return 0
     if count == "round":
         return int(round(p_rev * n))
     if count == "bti":
