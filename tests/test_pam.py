@@ -342,6 +342,18 @@ def test_pam_and_bti_dbf_share_one_inversion(tmp_path):
         bti.load_inversion(next((tmp_path / bti.CACHE_DIR).glob("*.pt")), "cpu").generator)
 
 
+def test_all_lists_pam_and_pam_reinvert_as_separate_defenses(tmp_path):
+    """A study's `defenses: all` runs both; RA / LMC `--defense all` finds both folders of a record."""
+    from bdsafety.retune.ra import resolve_targets
+    from bdsafety.study.spec import _resolve_names
+
+    assert {"pam", "pam_reinvert", "bti_dbf"} <= set(_resolve_names("defense", ["all"], [], "defense"))
+    for name in ("pam", "pam_reinvert"):
+        (tmp_path / "defense" / name).mkdir(parents=True)
+        (tmp_path / "defense" / name / "defense_result.pt").write_bytes(b"")
+    assert [t.name for t in resolve_targets(tmp_path, "all")] == ["pam", "pam_reinvert"]
+
+
 DATASET_CONFIGS = ("cifar10", "cifar100", "gtsrb", "tiny", "demo")
 
 
@@ -371,6 +383,8 @@ def test_pam_pam_reinvert_and_bti_dbf_yamls_give_one_inversion(config):
 # ------------------------------------------------------------------------------------------------ end to end
 ROOT = Path(__file__).resolve().parent.parent
 PAM_DEMO = ROOT / "config" / "defense" / "pam" / "demo.yaml"
+PAM_REINVERT_DEMO = ROOT / "config" / "defense" / "pam_reinvert" / "demo.yaml"
+BTI_DBF_DEMO = ROOT / "config" / "defense" / "bti_dbf" / "demo.yaml"
 FST_DEMO = ROOT / "config" / "defense" / "fst" / "demo.yaml"
 RA_DEMO = ROOT / "config" / "retune_attack" / "ra" / "demo.yaml"
 
@@ -381,81 +395,107 @@ def _rows(folder: Path, name: str) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def pam_work(demo_work):
-    """PAM run once with the demo config on the session's shared copy of the demo record."""
+    """pam and pam_reinvert run once each with their demo configs on the session's shared copy of the demo record;
+    the second loads the inversion the first wrote."""
     from bdsafety.defenses.bti import CACHE_DIR
     from bdsafety.registry import get
 
-    main = get("defense", "pam").main
-
     rec = demo_work.demo
-    t0 = time.time()
-    outs = main(["--result_file", str(rec), "--yaml_path", str(PAM_DEMO), "--no_progress"])
-    assert isinstance(outs, list) and len(outs) == 1  # one run (no --rho_sweep)
-    out = outs[0]
-    print(f"PAM demo run: {time.time() - t0:.0f}s")
-    assert out == rec / "defense" / "pam"
-    assert any((rec / CACHE_DIR).glob("*.pt"))
-    return SimpleNamespace(rec=rec, out=out)
+    out = {}
+    for name, yml in (("pam", PAM_DEMO), ("pam_reinvert", PAM_REINVERT_DEMO)):
+        t0 = time.time()
+        outs = get("defense", name).main(["--result_file", str(rec), "--yaml_path", str(yml), "--no_progress"])
+        assert isinstance(outs, list) and len(outs) == 1  # one run (no --rho_sweep)
+        out[name] = outs[0]
+        print(f"{name} demo run: {time.time() - t0:.0f}s")
+        assert out[name] == rec / "defense" / name
+    assert len(list((rec / CACHE_DIR).glob("*.pt"))) == 1  # one inversion for both: pam_reinvert loaded pam's
+    log = next((out["pam_reinvert"] / "log").glob("*.log")).read_text()
+    assert "bti inversion loaded from cache" in log and "bti pretrain epoch" not in log
+    return SimpleNamespace(rec=rec, out=out["pam"], out_reinvert=out["pam_reinvert"])
 
 
 @pytest.mark.slow
-def test_pam_demo_purifies_and_writes_backdoorbench_folder(pam_work, demo_record):
+@pytest.mark.parametrize("name", ["pam", "pam_reinvert"])
+def test_pam_demo_purifies_and_writes_backdoorbench_folder(pam_work, demo_record, name):
     from bdsafety.records import read_metrics_summary
 
+    folder = pam_work.out if name == "pam" else pam_work.out_reinvert
     before = read_metrics_summary(demo_record, "attack")
-    df = _rows(pam_work.out, "pam")
-    cfg = yaml.safe_load((pam_work.out / "config.yaml").read_text())
+    df = _rows(folder, name)
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
     print(df[["epoch", "round", "test_acc", "test_asr", "test_ra"]].dropna().to_string())
     last = df.iloc[-1]
     assert last["test_asr"] < 0.2
-    # measured with the demo config (the paper's rho 0.5, an absolute weight-space length that is large for the
-    # 0.39M-parameter cnn_small): C-Acc 100.0 -> 90.6; the test allows 15 points
+    # measured with the demo configs (seed 0; the paper's rho 0.5, an absolute weight-space length that is large for
+    # the 0.39M-parameter cnn_small): C-Acc 99.9 -> pam 95.8, pam_reinvert 94.0; the test allows 15 points
     assert last["test_acc"] >= before["test_acc"] - 0.15
     # one row per epoch: 0 (before) .. rounds*epochs, with the round, and metrics at least at every round's end
     assert list(df["epoch"]) == list(range(cfg["config"]["n_rounds"] * cfg["config"]["epochs"] + 1))
     assert df["test_asr"].iloc[0] >= 0.8
     for r in range(1, cfg["config"]["n_rounds"] + 1):
         assert df[df["round"] == r]["test_asr"].notna().iloc[-1]
-    for f in ("defense_result.pt", "pam_df_summary.csv", "config.yaml", "log/index.txt", "bti_generator.pt"):
-        assert (pam_work.out / f).is_file(), f
+    for f in ("defense_result.pt", f"{name}_df_summary.csv", "config.yaml", "log/index.txt", "bti_generator.pt"):
+        assert (folder / f).is_file(), f
+    # measured: the inversion detects the true target 0 (250 of 250 votes)
     assert cfg["detected_target"] == cfg["true_target"] == 0 and cfg["target_match"] is True
-    assert len(set(cfg["generator_digest_per_round"])) == 1  # pam: G frozen after round 1
+    assert sum(cfg["target_votes"]) == 250
+    digests = cfg["generator_digest_per_round"]
+    assert len(set(digests)) == (1 if name == "pam" else 3)  # pam: G frozen after round 1; pam_reinvert: new G per round
     assert cfg["pam"]["form"] == "normalized" and cfg["pam"]["bn_mode"] == cfg["config"]["pam_bn"]
-    g = torch.load(pam_work.out / "bti_generator.pt", weights_only=True)
+    g = torch.load(folder / "bti_generator.pt", weights_only=True)
     assert set(g) == {"generator", "generator_config", "mask", "target"} and g["target"] == 0
     from bdsafety.defenses.bti import build_generator
 
     build_generator(g["generator_config"]).load_state_dict(g["generator"])  # the saved generator is loadable as is
-    assert len(np.loadtxt(pam_work.out / "log" / "index.txt", ndmin=1)) == 250
+    assert len(np.loadtxt(folder / "log" / "index.txt", ndmin=1)) == 250
+
+
+@pytest.mark.slow
+def test_bti_dbf_reuses_the_inversion_pam_wrote(pam_work, capsys):
+    """The same demo record: BTI-DBF(U) finds PAM's inversion in the cache (the yamls give the same bti_ values)."""
+    from bdsafety.defenses.bti import CACHE_DIR
+    from bdsafety.registry import get
+
+    capsys.readouterr()
+    get("defense", "bti_dbf").main(["--result_file", str(pam_work.rec), "--yaml_path", str(BTI_DBF_DEMO),
+                                    "--no_progress", "--n_rounds", "1", "--epochs", "1", "--save_name", "bti_dbf_reuse"])
+    out = capsys.readouterr().out
+    assert "bti inversion loaded from cache" in out and "bti pretrain epoch" not in out
+    assert len(list((pam_work.rec / CACHE_DIR).glob("*.pt"))) == 1
 
 
 @pytest.fixture(scope="module")
 def pam_and_fst_after_ra(pam_work, fst_after_ra):
-    """The demo retuning attack on PAM (FST's is the shared session fixture): {defense: ASR per RA epoch}."""
+    """The demo retuning attack on pam and pam_reinvert (FST's is the shared session fixture): {defense: ASR per RA
+    epoch}."""
     from bdsafety.retune.ra import main as ra_main
 
-    (out,) = ra_main(["--result_file", str(pam_work.rec), "--defense", "pam", "--yaml_path", str(RA_DEMO), "--no_progress"])
-    p_asr = {"pam": _rows(out, "ra")["test_asr"], "fst": _rows(fst_after_ra, "ra")["test_asr"]}
+    outs = ra_main(["--result_file", str(pam_work.rec), "--defense", "pam,pam_reinvert", "--yaml_path", str(RA_DEMO),
+                    "--no_progress"])
+    p_asr = {o.parent.name: _rows(o, "ra")["test_asr"] for o in outs}
+    p_asr["fst"] = _rows(fst_after_ra, "ra")["test_asr"]
     print({k: v.round(3).tolist() for k, v in p_asr.items()})
     return p_asr
 
 
 @pytest.mark.slow
-def test_pam_stays_purified_after_retuning(pam_and_fst_after_ra):
+def test_pam_reinvert_stays_purified_after_retuning(pam_and_fst_after_ra):
     p_asr = pam_and_fst_after_ra
-    assert p_asr["fst"].iloc[0] < 0.2 and p_asr["pam"].iloc[0] < 0.2  # both purified before RA
-    assert p_asr["pam"].max() < 0.2  # PAM: still purified during and after RA (measured, seed 0: 0.061 after 20 RA epochs)
+    assert all(p_asr[d].iloc[0] < 0.2 for d in ("fst", "pam", "pam_reinvert"))  # all purified before RA
+    # pam_reinvert: still purified during and after RA (measured, seed 0: 0.087 after 20 RA epochs)
+    assert p_asr["pam_reinvert"].max() < 0.2
 
 
 @pytest.mark.slow
-def test_paper_claim_fst_superficial_pam_not(pam_and_fst_after_ra):
-    """The paper's central claim on the demo: after the same RA, FST's ASR rises far above PAM's.
-
-    Measured with the demo configs and seed 0: FST 0.006 -> 0.293 (max 0.338), PAM 0.002 -> 0.023 (max 0.024; README, PAM section).
-    """
+def test_paper_claim_fst_superficial_pam_reinvert_not_and_official_pam_in_between(pam_and_fst_after_ra):
+    """The paper's central claim on the demo holds for pam_reinvert; the official pam (G frozen after round 1) is
+    reactivated by the same RA. Measured with the demo configs, seed 0, after 20 RA epochs: pam 0.013 -> 0.652,
+    pam_reinvert 0.000 -> 0.087 (both share round 1, so the difference comes from re-inverting G in rounds 2-3)."""
     p_asr = pam_and_fst_after_ra
     assert p_asr["fst"].iloc[-1] >= 0.15  # FST: superficial, the backdoor comes back
-    assert p_asr["pam"].iloc[-1] <= p_asr["fst"].iloc[-1] - 0.15  # PAM: far lower after the same RA
+    assert p_asr["pam_reinvert"].iloc[-1] <= p_asr["fst"].iloc[-1] - 0.15  # far lower after the same RA
+    assert p_asr["pam"].iloc[-1] >= p_asr["pam_reinvert"].iloc[-1] + 0.2  # the official PAM comes back on the demo
 
 
 @pytest.mark.slow
@@ -482,15 +522,19 @@ def test_rho_sweep_reuses_one_inversion_and_real_source(pam_work, capsys):
 
 
 @pytest.mark.slow
-def test_lmc_pam_stays_safe_further_along_the_path_to_the_backdoor(pam_work, fst_after_ra):
-    """The paper's explanation on the demo: along theta(a) = (1 - a) theta_def + a theta_bd, FST's backdoor error
-    collapses early while PAM's stays high much further (measured at a = 0.4: FST 16.6%, PAM 75.9%, README)."""
+def test_lmc_pam_reinvert_stays_safe_further_along_the_path_to_the_backdoor(pam_work, fst_after_ra):
+    """The paper's explanation on the demo: along theta(a) = (1 - a) theta_def + a theta_bd (BN statistics recomputed
+    at each point), FST's backdoor error collapses early while pam_reinvert's stays high much further; the official
+    pam does not. Measured (seed 0) backdoor error at a = 0 / 0.4: FST 1.000 / 0.313, pam_reinvert 1.000 / 0.812,
+    pam 0.782 / 0.252 (pam's own point loses 22 points once its BN statistics are recomputed on clean data)."""
     from bdsafety.analysis.lmc import main as lmc_main
 
-    out = lmc_main(["--result_file", str(pam_work.rec), "--defense", "fst,pam", "--alphas", "0,0.4,1", "--no_progress",
-                    "--save_name", "lmc_test"])
+    out = lmc_main(["--result_file", str(pam_work.rec), "--defense", "fst,pam,pam_reinvert", "--alphas", "0,0.4,1",
+                    "--no_progress", "--save_name", "lmc_test"])
     d = pd.read_csv(out / "lmc.csv")
     err = d.assign(alpha=d["alpha"].round(2)).pivot(index="alpha", columns="defense", values="backdoor_error")
     print(err.to_string())
-    assert err.loc[0.0].min() > 0.8 and err.loc[1.0].max() < 0.2  # both safe at their own point; the backdoor at theta_bd
-    assert err.loc[0.4, "pam"] >= err.loc[0.4, "fst"] + 0.3
+    assert err.loc[0.0, ["fst", "pam_reinvert"]].min() > 0.8  # safe at their own point
+    assert err.loc[1.0].max() < 0.2  # the backdoor at theta_bd
+    assert err.loc[0.4, "pam_reinvert"] >= err.loc[0.4, "fst"] + 0.3
+    assert err.loc[0.4, "pam"] <= err.loc[0.4, "pam_reinvert"] - 0.3
