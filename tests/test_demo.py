@@ -31,10 +31,10 @@ def test_seeds_study_runs_the_readme_chain_per_seed(capsys, tmp_path):
     assert demo.main(["--seeds", "--dry_run", "--record_root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for s in (0, 1, 2):
-        for d in ("fst", "bti_dbf", "exact_purification", "pam"):
+        for d in ("fst", "bti_dbf", "exact_purification", "pam", "pam_reinvert"):
             assert f"badnet_synthetic_cnn_small_p0.1_s{s}/defense/{d}/ra " in out, (s, d)
-    # per seed: attack, clean, RA on both, 4 x (defense, RA, LMC), QRA on FST
-    assert out.strip().splitlines()[-1] == "51 jobs, 51 to run"
+    # per seed: attack, clean, RA on both, 5 x (defense, RA, LMC), QRA on FST
+    assert out.strip().splitlines()[-1] == "60 jobs, 60 to run"
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])

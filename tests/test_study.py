@@ -68,6 +68,8 @@ def test_first_run_runs_every_job_and_writes_results(tiny):
     assert (df["status"] == "ok").all()
     for col in ("o_backdoor_asr", "o_robustness_asr", "p_robustness_asr", "attack_wall_s", "ra_wall_s"):
         assert df[col].notna().all(), col
+    for col in ("detected_target", "true_target", "target_match", "target_votes"):  # no trigger inversion in this grid
+        assert col in df.columns and df[col].isna().all(), col
     ft = df[df["defense"] == "ft"].iloc[0]
     assert not math.isnan(ft["qra_asr"]) and not math.isnan(ft["lmc_asr_mid"]) and ft["defense_wall_s"] > 0
     # the backdoored model's own row: O-Robustness is the attacked model
@@ -136,6 +138,23 @@ def test_failing_job_skips_its_dependents_and_is_listed(tiny, tmp_path, capsys):
     assert df["p_robustness_asr"].isna().all() and df["o_robustness_asr"].notna().all()
 
 
+def test_results_read_the_target_detection_of_inversion_defenses(tmp_path):
+    """detected_target, true_target, target_match and target_votes come from the defense's config.yaml."""
+    from bdsafety.study.results import _target_detection
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"detected_target": 3, "true_target": 0, "target_match": False,
+                                                          "target_votes": [1, 0, 0, 9]}))
+    row = {}
+    _target_detection(row, tmp_path)
+    assert row == {"detected_target": 3, "true_target": 0, "target_match": False, "target_votes": "[1, 0, 0, 9]"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"detected_target": 3, "true_target": None,
+                                                          "target_match": None, "target_votes": [1, 0, 0, 9]}))
+    _target_detection(row, tmp_path)
+    assert row["detected_target"] == 3 and row["true_target"] is None and row["target_match"] is None
+    _target_detection(row, tmp_path / "nothing")  # a defense without inversion (or not run): empty
+    assert set(row.values()) == {None}
+
+
 def test_local_and_ray_give_the_same_results(tiny, tmp_path):
     pytest.importorskip("ray")
     y, sd_local, _, _ = tiny
@@ -148,7 +167,8 @@ def test_local_and_ray_give_the_same_results(tiny, tmp_path):
 
 def test_paper_grid_dry_run_lists_its_jobs(capsys):
     attacks = [a for a in ("badnet", "blended", "ssba", "lc") if a in registry.names("attack")]
-    defenses = [d for d in ("exact_purification", "anp", "i_bau", "ft_sam", "fst", "bti_dbf", "pam") if d in registry.names("defense")]
+    defenses = [d for d in ("exact_purification", "anp", "i_bau", "ft_sam", "fst", "bti_dbf", "pam", "pam_reinvert")
+                if d in registry.names("defense")]
     assert main(["--yaml_path", str(ROOT / "config" / "study" / "paper_cifar10.yaml"), "--dry_run",
                  "--record_root", "/nonexistent/record"]) == 0
     out = capsys.readouterr().out

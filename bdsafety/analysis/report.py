@@ -71,7 +71,7 @@ def ra_curves(result_file: str, record_root: str = "./record", clean_record: str
 
 
 def rho_sweep(result_file: str, record_root: str = "./record") -> pd.DataFrame:
-    """PAM's rho sweep (folders defense/<save_name or pam>_rho<value>/ from defense/pam.py --rho_sweep): one row per
+    """PAM's rho sweep (folders defense/<save_name or pam / pam_reinvert>_rho<value>/ from --rho_sweep): one row per
     rho with C-Acc/ASR/RA after PAM and p_* after the retuning attack where one was run; empty when there is no sweep.
     With sweeps under several save names, the row's ``sweep`` column tells them apart."""
     import re

@@ -2,15 +2,19 @@
 
 EP, PAM and BTI-DBF(U) all train on batches in which a fraction ``p_rev`` of the (already shuffled) reserved
 clean images is replaced by triggered images carrying their TRUE labels. They differ only in where the
-triggered images come from, which is a *replacer* ``replace(x01, y) -> (x01', y')`` working in [0, 1] pixel space:
+triggered images come from, which is a *replacer* ``replace(x, y) -> (x', y')``:
 
-  * ``generator_replacer(G, apply)``: G(x), the BTI-DBF inverted-trigger generator (PAM, BTI-DBF(U));
+  * ``generator_replacer(G, apply)``: G(x), the BTI-DBF inverted-trigger generator (PAM, BTI-DBF(U)); it works on
+    NORMALISED images (``space='normalized'``) and its outputs are used as they are, neither clamped nor quantised
+    (the official unlearning loops feed G's output to the classifier directly);
   * ``pool_replacer(pool)``: random REAL poisoned training samples of the attack with their true labels (EP,
-    PAM ``pam_source: real``), drawn from the DEFENDER's part of the record's poisoned pool (bdsafety.pools).
-    Pool samples are not augmented (as the retuning attack's poisoned samples are not) unless ``augment``.
+    PAM ``pam_source: real``), drawn from the DEFENDER's part of the record's poisoned pool (bdsafety.pools), in
+    [0, 1] pixel space (``space='pixel'``, normalised afterwards). Pool samples are not augmented (as the retuning
+    attack's poisoned samples are not) unless ``augment``.
 
-and in how many they replace (``count``): 'round' = round(p_rev * B) (PAM's and EP's official code),
-'bti' = min(B, int(p_rev * B + 1)) (BTI-DBF's official unlearning loop).
+and in how many they replace (``count``): 'bti' = min(B, int(p_rev * B + 1)) (the official unlearning loops of
+BTI-DBF(U) and PAM, both in fine_tune/BTIDBF/btidbfu.py: ``int(0.2 * B + 1)``), 'round' = round(p_rev * B) (EP,
+whose code the paper's repository does not contain; at B = 128 both give 26).
 """
 from __future__ import annotations
 
@@ -25,7 +29,10 @@ COUNTS = ("round", "bti")
 
 
 def mix_count(p_rev: float, n: int, count: str = "round") -> int:
-    """How many of a batch of ``n`` are replaced."""
+    """How many of a batch of ``n`` are replaced; none when ``p_rev`` is 0 (the official loops hard-code 0.2, so their
+    "+ 1" is not meant to mix one image into a clean-only ablation)."""
+    if p_rev == 0:
+        return 0
     if count == "round":
         return int(round(p_rev * n))
     if count == "bti":
@@ -33,37 +40,50 @@ def mix_count(p_rev: float, n: int, count: str = "round") -> int:
     raise ValueError(f"unknown mix count rule {count!r}; valid: {', '.join(COUNTS)}")
 
 
-def mixing_batch_fn(norm, p_rev: float, replace: Callable, *, count: str = "round", keep_clean: bool = False) -> Callable:
+SPACES = ("pixel", "normalized")
+
+
+def mixing_batch_fn(norm, p_rev: float, replace: Callable, *, count: str = "round", keep_clean: bool = False,
+                    space: str = "pixel") -> Callable:
     """``engine.fit`` batch_fn: the first ``mix_count`` images of each (already shuffled) batch go through
-    ``replace``; everything is then normalised. ``keep_clean`` returns ``((norm(clean), norm(mixed)), y)`` (the
-    feature-alignment loss of BTI-DBF(U) needs both views)."""
+    ``replace``, which works in ``space``: 'pixel' ([0, 1] images in, [0, 1] images out, normalised afterwards) or
+    'normalized' (normalised images in and out, used as they are). ``keep_clean`` returns
+    ``((norm(clean), norm(mixed)), y)`` (the feature-alignment loss of BTI-DBF(U) needs both views)."""
     if not 0.0 <= p_rev <= 1.0:
         raise ConfigError(f"p_rev is the fraction of each batch replaced by backdoor-like samples and must be in [0, 1], got {p_rev}")
+    if space not in SPACES:
+        raise ValueError(f"unknown replacer space {space!r}; valid: {', '.join(SPACES)}")
 
     def fn(xb, y, idx):
         x01 = xb.float().div_(255.0)
         k = mix_count(p_rev, len(y), count)
-        x_mix = x01.clone() if keep_clean else x01
+        xn = norm(x01)
+        x_mix = xn.clone() if keep_clean else xn
         if k > 0:
             y = y.clone()
-            xr, yr = replace(x01[:k], y[:k])
-            x_mix[:k] = xr.to(x01.dtype)
+            if space == "pixel":
+                xr, yr = replace(x01[:k], y[:k])
+                xr = norm(xr.to(x01.dtype))
+            else:
+                xr, yr = replace(xn[:k], y[:k])
+            x_mix[:k] = xr.to(xn.dtype)
             y[:k] = yr
         if keep_clean:
-            return (norm(x01), norm(x_mix)), y
-        return norm(x_mix), y
+            return (xn, x_mix), y
+        return x_mix, y
 
     return fn
 
 
 def generator_replacer(G: torch.nn.Module, apply: Callable) -> Callable:
-    """x -> G(x) with the TRUE labels kept; ``apply(G, x01)`` runs G on a [0,1] batch and returns [0,1] images."""
+    """xn -> G(xn) with the TRUE labels kept, in NORMALISED space (use with ``space='normalized'``); ``apply(G, xn)``
+    runs G on a normalised batch. G's outputs are not clamped (the official code uses them as they are)."""
 
-    def replace(x01, y):
+    def replace(xn, y):
         was = G.training
         G.eval()
         with torch.no_grad():
-            out = apply(G, x01).clamp(0.0, 1.0)
+            out = apply(G, xn)
         G.train(was)
         return out, y
 

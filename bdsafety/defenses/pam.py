@@ -2,23 +2,36 @@
 
 Two stages, both on the defender's reserved clean data D_r (one seeded subset for every stage):
   1. trigger inversion with BTI-DBF (bdsafety.defenses.bti): a generator G whose outputs G(x) carry the
-     approximate backdoor feature, and the detected target class;
-  2. PAM tuning: every batch, a fraction ``p_rev`` of the images x_i is replaced by G(x_i) with its TRUE
-     label (unlearning), and each step takes its gradient at a point displaced from theta_t TOWARD the
-     backdoored weights theta_bd (``PathAwareStep``), then applies it at theta_t. ``n_rounds`` x ``epochs``;
-     in every round after the first, G is retrained against the current model (the official code's
-     generator silently froze after round 0).
+     approximate backdoor feature, and the detected target class (cached in the record; the same bti_ settings
+     as BTI-DBF(U), so one inversion serves both);
+  2. PAM tuning: every batch, int(p_rev * B + 1) of the images x_i are replaced by G(x_i) (normalised space, as
+     they come out of G) with their TRUE label (unlearning), and each step takes its gradient at a point displaced
+     from theta_t TOWARD the backdoored weights theta_bd (``PathAwareStep``), then applies it at theta_t.
+     ``n_rounds`` x ``epochs``.
+
+Two registered defenses share this module (one algorithm, two defaults of ``retrain_generator``):
+  * ``pam`` (retrain_generator false): the official code (btidbfu.py --use_pam). Its unlearning loop sets
+    requires_grad=False on G and never resets it, so G is frozen after round 1 and the later rounds' ``reverse``
+    calls change nothing (they re-learn a mask that no longer reaches G); ``pam`` skips them (same result) and
+    tunes every round with the round-1 generator.
+  * ``pam_reinvert`` (retrain_generator true, defense/pam_reinvert/): every round after the first re-learns the
+    mask and retrains G against the CURRENT model (with CE to the detected target and the one generator Adam kept
+    from round 1), as the loop's structure intends and BTI-DBF(U) does.
+Both write detected_target, true_target, target_match, target_votes and the generator digest of every round
+(``generator_digest_per_round``: all equal for pam) to config.yaml.
 
 BatchNorm: PAM's only forward pass is the displaced one, so ``pam_bn`` changes the kept running statistics, not
-the weights. The default 'clean' refreshes them with an extra no-grad pass at theta_t (the weights that are kept);
-on the demo it gave the best C-Acc of the three modes with no higher ASR after RA (README, PAM section).
+the weights. The default 'update' is the official code (the displaced pass updates them); 'clean' refreshes them
+with an extra no-grad pass at theta_t (the weights that are kept), 'freeze' never updates them.
 
-Entry point: ``python defense/pam.py --result_file <rf> --yaml_path config/defense/pam/<dataset>.yaml``;
-``--rho_sweep 0.3,0.5,0.7`` runs one defense per value into defense/pam_rho<value>/ reusing one inversion.
+Entry points: ``python defense/pam.py --result_file <rf> --yaml_path config/defense/pam/<dataset>.yaml`` (and
+defense/pam_reinvert.py with config/defense/pam_reinvert/); ``--rho_sweep 0.3,0.5,0.7`` runs one defense per
+value into defense/<pam or pam_reinvert>_rho<value>/ reusing one inversion.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from pathlib import Path
@@ -37,6 +50,8 @@ from bdsafety.defenses.mixing import generator_replacer, mixing_batch_fn, pool_r
 from bdsafety.registry import register
 
 NAME = "pam"
+# registered name -> retrain_generator default (the only difference between the two defenses)
+VARIANTS = {"pam": False, "pam_reinvert": True}
 FORMS = ("normalized", "interpolation")
 BN_MODES = ("update", "freeze", "clean")
 SOURCES = ("inverted", "real")
@@ -53,17 +68,16 @@ PAM_SCHEMA = {
     "p_rev": Option(0.2, "fraction of every batch replaced by backdoor-like samples with their TRUE labels", check=FRACTION),
     "pam_source": Option("inverted", "backdoor-like samples: 'inverted' = G(x) from BTI-DBF; 'real' = the attack's real poisoned "
                                      "training samples (oracle ablation: a defender does not have them)", choices=SOURCES),
-    "n_rounds": Option(3, "PAM rounds (each retrains G against the current model, then tunes for --epochs)", check=POS_INT),
+    "n_rounds": Option(3, "PAM rounds of --epochs each (pam_reinvert: every round after the first retrains G first)",
+                       check=POS_INT),
     "epochs": Option(30, "PAM tuning epochs per round", check=POS_INT),
     "lr": Option(0.01, "PAM base optimizer (SGD) learning rate", check=POSITIVE),
     "sgd_momentum": Option(0.1, "PAM base optimizer (SGD) momentum", check=NONNEG),
     "wd": Option(0.0, "PAM base optimizer (SGD) weight decay", check=NONNEG),
     "augment": Option(True, "random crop + horizontal flip of the reserved data during PAM tuning"),
     "augment_poison": Option(False, "pam_source real only, ablation: give the real poisoned samples the random crop / flip too"),
-    "retrain_generator": Option(True, "in rounds after the first, re-learn the benign mask and retrain G against the current "
-                                      "model (one re-inversion shared with BTI-DBF(U)); false = the official code, whose G "
-                                      "stays frozen after round 0"),
-    "rho_sweep": Option(None, "comma-separated rho values: one run per value into defense/<save_name or pam>_rho<value>/, "
+    "rho_sweep": Option(None, "comma-separated rho values: one run per value into "
+                              "defense/<save_name or the defense>_rho<value>/, "
                               "all reusing one trigger inversion", type=float_list, check=NONNEG),
     "rho_select": Option("none", "after a rho sweep: 'val' picks one rho on the validation split (needs val_ratio > 0; "
                                  "criterion: the largest rho whose validation C-Acc is within rho_select_tol of the best "
@@ -214,51 +228,67 @@ def _bti():
     return bti
 
 
-def _apply_generator(G, x01):
-    """Run the BTI-DBF generator on [0,1] images (the convention of bdsafety.defenses.bti)."""
-    return G(x01)
+def _apply_generator(G, xn):
+    """Run the BTI-DBF generator on normalised images (the convention of bdsafety.defenses.bti)."""
+    return G(xn)
+
+
+def _generator_batch_fn(exp, cfg, G):
+    return mixing_batch_fn(exp.norm, cfg.p_rev, generator_replacer(G, _apply_generator), count="bti",
+                           space="normalized")
 
 
 def pam(ctx) -> DefenseResult:
-    """The PAM defense: BTI-DBF inversion, then path-aware unlearning on the reserved data."""
+    """The PAM defense (``pam`` and ``pam_reinvert``): BTI-DBF inversion, then path-aware unlearning on the reserved
+    data; ``cfg.retrain_generator`` re-inverts in every round after the first."""
     exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     theta_bd = parameter_snapshot(model)
     g = engine.seed_everything(cfg.random_seed)
     indices: dict = {}
     extra: dict = {"pam": {"form": cfg.pam_form, "rho": cfg.rho, "bn_mode": cfg.pam_bn, "source": cfg.pam_source,
-                           "p_rev": cfg.p_rev, "rounds": cfg.n_rounds, "epochs_per_round": cfg.epochs}}
+                           "p_rev": cfg.p_rev, "rounds": cfg.n_rounds, "epochs_per_round": cfg.epochs,
+                           "retrain_generator": bool(cfg.retrain_generator)}}
     artifacts: dict = {}
     inv = None
     G = None
+    opt_g = None
+    digests: list[str] = []
     if cfg.pam_source == "inverted":
         bti = _bti()
         idx = ctx.reserved_idx  # the inversion cache is keyed on the reserved subset
-        # --overwrite (or --bti_refresh) recomputes the inversion; a rho sweep does so only for its first value
-        refresh = bool(getattr(cfg, "_bti_refresh", cfg.overwrite or cfg.bti_refresh))
+        # --bti_refresh recomputes the inversion (a rho sweep only for its first value); --overwrite does not: the cache
+        # key holds everything the inversion depends on, and PAM, pam_reinvert and BTI-DBF(U) share the entry
+        refresh = bool(getattr(cfg, "_bti_refresh", cfg.bti_refresh))
         inv = bti.load_or_invert(exp, model, idx, reserved, cfg, log, refresh=refresh)
         G, mask = inv.generator, inv.mask
-        votes = [int(v) for v in (inv.votes.tolist() if torch.is_tensor(inv.votes) else list(inv.votes))]
-        log(f"BTI-DBF detected target {inv.target} (true target {exp.target}); votes {votes}")
-        extra.update(detected_target=int(inv.target), true_target=exp.target, target_votes=votes)
-        replace = generator_replacer(G, _apply_generator)
+        extra.update(bti.target_info(inv.target, inv.votes, exp.target))
+        if cfg.retrain_generator:
+            opt_g = bti.round_optimizer(G, cfg, inv.optimizer_state)  # the official opt_bd, continued from round 1
+        batch_fn = _generator_batch_fn(exp, cfg, G)
     else:
         pool, bd = true_label_pool(exp, "PAM (pam_source real)")
         replace = pool_replacer(pool, g, augment=cfg.augment_poison, hflip=exp.info.hflip, what="PAM (pam_source real)")
         indices["defender_poison_index"] = bd.indices
         log(f"pam_source real: mixing in {len(pool)} real poisoned training samples (the defender's part of the pool) with "
             f"their true labels (oracle)")
-    batch_fn = mixing_batch_fn(exp.norm, cfg.p_rev, replace)
+        batch_fn = mixing_batch_fn(exp.norm, cfg.p_rev, replace, count="bti")
 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd)
     step = PathAwareStep(model, opt, theta_bd, cfg.rho, form=cfg.pam_form, bn_mode=cfg.pam_bn)
     rows: list[dict] = []
     for r in range(cfg.n_rounds):
-        if r > 0 and inv is not None and cfg.retrain_generator:
-            t0 = time.time()
-            mask, G = _bti().reinvert(exp, model, G, reserved, cfg, log, int(inv.target))
-            batch_fn = mixing_batch_fn(exp.norm, cfg.p_rev, generator_replacer(G, _apply_generator))
-            log(f"round {r + 1}: benign mask re-learned and generator retrained against the current model "
-                f"({time.time() - t0:.0f}s)")
+        if r > 0 and inv is not None:
+            if cfg.retrain_generator:
+                t0 = time.time()
+                mask, G = _bti().reinvert(exp, model, G, reserved, cfg, log, int(inv.target), optimizer=opt_g)
+                batch_fn = _generator_batch_fn(exp, cfg, G)
+                log(f"round {r + 1}: benign mask re-learned and generator retrained against the current model "
+                    f"({time.time() - t0:.0f}s)")
+            else:
+                log(f"round {r + 1}: generator kept as after round 1 (the official code froze G there; its mask "
+                    f"re-learning in this round could not reach G and is skipped)")
+        if G is not None:
+            digests.append(_bti().generator_digest(G))
         base = r * cfg.epochs
 
         def tag(epoch, row, base=base, r=r):
@@ -274,6 +304,7 @@ def pam(ctx) -> DefenseResult:
         log(f"round {r + 1}/{cfg.n_rounds} ({cfg.epochs} epochs): {engine.format_metrics(rr[-1])}  "
             f"||theta - theta_bd|| = {float(step.last_distance):.4f}")
     if G is not None:
+        extra["generator_digest_per_round"] = digests
         artifacts["bti_generator.pt"] = {"generator": {k: v.detach().cpu() for k, v in G.state_dict().items()},
                                          "generator_config": dict(getattr(G, "config", {})),
                                          "mask": mask.detach().cpu() if torch.is_tensor(mask) else mask,
@@ -281,19 +312,27 @@ def pam(ctx) -> DefenseResult:
     return DefenseResult(model, rows, artifacts=artifacts, info=extra, indices=indices)
 
 
-def schema() -> dict:
+def schema(variant: str = NAME) -> dict:
+    """Config keys of ``pam`` or ``pam_reinvert``: the same keys; the variant sets retrain_generator's default."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown PAM variant {variant!r}; valid: {', '.join(VARIANTS)}")
     bti_schema = dict(_bti().BTI_SCHEMA)
-    clash = sorted(set(bti_schema) & set(PAM_SCHEMA))
+    retrain = Option(VARIANTS[variant], "in rounds after the first, re-learn the benign mask and retrain G against the "
+                                        "current model (with CE to the detected target and the one generator Adam of "
+                                        "round 1): pam_reinvert's default; false = the official code (pam's default), "
+                                        "whose G stays frozen after round 1")
+    pam_schema = {**PAM_SCHEMA, "retrain_generator": retrain}
+    clash = sorted(set(bti_schema) & set(pam_schema))
     if clash:  # pragma: no cover - a programming error between the two modules
         raise RuntimeError(f"BTI_SCHEMA and PAM_SCHEMA both define {clash}")
-    return defense_schema(**bti_schema, **PAM_SCHEMA)
+    return defense_schema(**bti_schema, **pam_schema)
 
 
-def sweep_configs(cfg: SimpleNamespace) -> list[SimpleNamespace]:
-    """One config per value of cfg.rho_sweep (each into defense/<save_name or pam>_rho<value>/), or [cfg].
+def sweep_configs(cfg: SimpleNamespace, name: str = NAME) -> list[SimpleNamespace]:
+    """One config per value of cfg.rho_sweep (each into defense/<save_name or name>_rho<value>/), or [cfg].
 
-    Every value reuses one cached inversion; --overwrite / --bti_refresh recompute it for the first value only. All
-    destinations are checked before any training."""
+    Every value reuses one cached inversion; --bti_refresh recomputes it for the first value only. All destinations
+    are checked before any training."""
     if cfg.rho_select == "val":
         if not cfg.rho_sweep or len(cfg.rho_sweep) < 2:
             raise ConfigError("rho_select val picks one of several rho values: give them with --rho_sweep (at least two)")
@@ -304,7 +343,7 @@ def sweep_configs(cfg: SimpleNamespace) -> list[SimpleNamespace]:
     from bdsafety.outputs import OutputFolder
     from bdsafety.records import resolve_record_dir
 
-    base = cfg.save_name or NAME
+    base = cfg.save_name or name
     for rho in cfg.rho_sweep:  # fail before any training
         check_rho(rho, cfg.pam_form)
         if cfg.result_file:
@@ -316,13 +355,13 @@ def sweep_configs(cfg: SimpleNamespace) -> list[SimpleNamespace]:
         c._sources = dict(cfg._sources, rho="rho_sweep", save_name="rho_sweep")
         c.rho = float(rho)
         c.save_name = f"{base}_rho{rho:g}"
-        c._bti_refresh = bool(cfg.overwrite or cfg.bti_refresh) and i == 0
+        c._bti_refresh = bool(cfg.bti_refresh) and i == 0
         c.bti_refresh = bool(cfg.bti_refresh) and i == 0  # load_or_invert reads it too
         out.append(c)
     return out
 
 
-def select_rho(cfg: SimpleNamespace, outputs: list) -> Path | None:
+def select_rho(cfg: SimpleNamespace, outputs: list, name: str = NAME) -> Path | None:
     """After a rho sweep with rho_select val: choose one rho from the runs' VALIDATION C-Acc (bdsafety.selection)
     and write defense/<base>_rho_selection.yaml."""
     if cfg.rho_select != "val":
@@ -336,12 +375,25 @@ def select_rho(cfg: SimpleNamespace, outputs: list) -> Path | None:
         meta = yaml.safe_load((Path(out) / "config.yaml").read_text())
         cands.append({"rho": float(meta["config"]["rho"]), "val_acc": meta.get("val_acc"), "output": Path(out).name})
     chosen, criterion = select(cands, key="rho", criterion="largest_within_tol", tol=cfg.rho_select_tol)
-    path = Path(outputs[0]).parent / f"{cfg.save_name or NAME}_rho_selection.yaml"
+    path = Path(outputs[0]).parent / f"{cfg.save_name or name}_rho_selection.yaml"
     write_selection(path, what="PAM rho", key="rho", chosen=chosen, criterion=criterion, candidates=cands)
     print(f"[pam] rho selected on validation data: {chosen['rho']:g} ({criterion}) -> {path}", flush=True)
     return path
 
 
-register("defense", NAME, schema=schema, needs=("inversion_cache",), expand=sweep_configs, select=select_rho,
-         description="PAM (Path-Aware Minimization) defense: BTI-DBF trigger inversion, then path-aware unlearning toward "
-                     "safety along the backdoor-connected path")(pam)
+DESCRIPTIONS = {
+    "pam": "PAM (Path-Aware Minimization) defense, the official code: BTI-DBF trigger inversion (G frozen after "
+           "round 1), then path-aware unlearning toward safety along the backdoor-connected path",
+    "pam_reinvert": "PAM with re-inversion: as pam, but every round after the first re-learns the benign mask and "
+                    "retrains the generator G against the current model",
+}
+
+
+def _register_variants() -> None:
+    for variant in VARIANTS:
+        register("defense", variant, schema=functools.partial(schema, variant), needs=("inversion_cache",),
+                 expand=functools.partial(sweep_configs, name=variant),
+                 select=functools.partial(select_rho, name=variant), description=DESCRIPTIONS[variant])(pam)
+
+
+_register_variants()

@@ -14,6 +14,11 @@ defense folder. Columns (fractions in [0, 1]; NaN where a stage was not run or f
   ra_control_asr              P-ASR of the benign-retune control (0 poisoned samples), averaged over its draws
   der, p_der                  BackdoorBench's defense effectiveness rating from the ASR after the defense, and the same
                               from the P-ASR (draw average): bdsafety.study.stats
+  detected_target, true_target, target_match, target_votes
+                              defenses with a trigger inversion (PAM, pam_reinvert, BTI-DBF(U)): the target class the
+                              inversion detected, the attack's true target, whether they agree (empty when either is
+                              unknown) and the votes per class (a JSON list), from the defense's config.yaml; empty
+                              for other rows
   <stage>_wall_s              wall time of each job (attack, defense, ra, qra, lmc), from the study's markers
   status                      ok, or the stages missing
 """
@@ -72,6 +77,31 @@ def _qra(row: dict, folder: Path) -> None:
                qra_acc=pick("purified", True, "test_acc"), qra_clean_asr=pick("clean_model", True, "test_asr"))
 
 
+TARGET_COLUMNS = ("detected_target", "true_target", "target_match", "target_votes")
+
+
+def _target_detection(row: dict, folder: Path) -> None:
+    """The trigger-inversion target detection a defense wrote to its config.yaml (bdsafety.defenses.bti.target_info)."""
+    row.update(detected_target=None, true_target=None, target_match=None, target_votes=None)
+    f = folder / "config.yaml"
+    if not f.is_file():
+        return
+    import yaml
+
+    try:
+        meta = yaml.safe_load(f.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    if not isinstance(meta, dict) or meta.get("detected_target") is None:
+        return
+    row["detected_target"] = int(meta["detected_target"])
+    if meta.get("true_target") is not None:
+        row["true_target"] = int(meta["true_target"])
+        row["target_match"] = bool(meta.get("target_match", row["true_target"] == row["detected_target"]))
+    if meta.get("target_votes") is not None:
+        row["target_votes"] = json.dumps([int(v) for v in meta["target_votes"]])
+
+
 def _lmc(row: dict, folder: Path, an: str) -> None:
     row[f"{an}_asr_mid"] = row[f"{an}_acc_mid"] = math.nan
     f = folder / f"{an}.csv"
@@ -119,6 +149,7 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
             _stage(row, "o_robustness", _summary(ok(folder), summary_name))
             _stage(row, "p_robustness", _summary(ok(ra_dir), "ra"))
             _qra(row, ok(folder / "qra"))
+            _target_detection(row, ok(folder) if name not in ("none", "clean") else study_dir / ".missing")
             for an in analyses:
                 _lmc(row, ok(rdir / f"{an}_{name}"), an)
             _draws(row, runs, name, p)
@@ -133,7 +164,13 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
                 missing.append("ra")
             row["status"] = "ok" if not missing else "missing " + ",".join(missing)
             rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    for c in ("detected_target", "true_target"):  # integers with gaps: not floats like 0.0
+        if c in df.columns:
+            df[c] = df[c].astype("Int64")
+    if "target_match" in df.columns:
+        df["target_match"] = df["target_match"].astype("boolean")
+    return df
 
 
 def _draws(row: dict, runs: pd.DataFrame, defense: str, p: dict) -> None:
