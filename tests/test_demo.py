@@ -21,7 +21,8 @@ def test_alias_stands_for_the_demo_studies():
 def test_demo_dry_run_lists_the_chain_and_writes_nothing(capsys, tmp_path):
     assert demo.main(["--dry_run", "--record_root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for job in ("attack   badnet", "defense  fst", "defense  exact_purification", "defense  pam", "retune   ra",
+    for job in ("attack   badnet", "defense  fst", "defense  exact_purification", "defense  pam", "defense  pam_reinvert",
+                "retune   ra",
                 "retune   qra", "analysis lmc"):
         assert job in out, job
     assert not any(tmp_path.iterdir())
