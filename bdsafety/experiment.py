@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bdsafety import engine
-from bdsafety.config import POS_INT, SEED, Option, dump_yaml, resolve_device, run_metadata
+from bdsafety.config import POS_INT, RUN_SCHEMA, SEED, Option, dump_yaml, resolve_device, run_metadata
 from bdsafety.data.device import DeviceDataset, Normalizer
 from bdsafety.errors import ConfigError, DataError
 from bdsafety.outputs import DEPENDENTS, OutputFolder  # noqa: F401  (OutputFolder re-exported for old imports)
@@ -38,6 +38,7 @@ RECORD_SCHEMA = {
                                 "with them to .archive/", choices=DEPENDENTS),
     "no_progress": Option(False, "disable progress bars"),
     "eval_batch_size": Option(1024, "evaluation batch size", check=POS_INT),
+    **RUN_SCHEMA,
 }
 
 

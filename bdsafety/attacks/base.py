@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from bdsafety.attacks.poison import LABEL_TRANS, backdoor_labels, select_test_poison, select_train_poison
-from bdsafety.config import (FRACTION, NONNEG, NONNEG_INT, POS_INT, POSITIVE, SEED, ConfigError, Option, dump_yaml,
-                             int_list, resolve_device, run_metadata)
+from bdsafety.config import (FRACTION, NONNEG, NONNEG_INT, POS_INT, POSITIVE, RUN_SCHEMA, SEED, ConfigError, Option,
+                             dump_yaml, int_list, resolve_device, run_metadata)
 from bdsafety.data.poisoned import PoisonedSplit
 from bdsafety.outputs import DEPENDENTS
 from bdsafety.registry import DATASET_CONFIGS, register
@@ -79,6 +79,7 @@ COMMON_ATTACK_SCHEMA = {
     "synthetic_n_train": Option(5000, "synthetic only: training images", check=POS_INT),
     "synthetic_n_test": Option(1000, "synthetic only: test images", check=POS_INT),
     "synthetic_seed": Option(0, "synthetic only: generator seed", check=SEED),
+    **RUN_SCHEMA,
 }
 
 # sub-folders a record writes itself; anything else in an existing record is a result computed from it
