@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 import yaml
 
 from bdsafety import engine
@@ -58,20 +58,17 @@ def test_default_is_fp32_and_bf16_autocasts_training_and_evaluation():
 def test_fp32_region_inside_bf16_and_no_leak_after_an_error():
     x = torch.randn(4, 8)
     w = torch.randn(8, 3)
-    with engine.precision("bf16"):
-        with engine.autocast("cpu"):
-            assert (x @ w).dtype == torch.bfloat16
-            with engine.fp32("cpu"):
-                assert (x @ w).dtype == torch.float32
-    with pytest.raises(RuntimeError, match="boom"):
-        with engine.precision("bf16"):
-            raise RuntimeError("boom")
+    with engine.precision("bf16"), engine.autocast("cpu"):
+        assert (x @ w).dtype == torch.bfloat16
+        with engine.fp32("cpu"):
+            assert (x @ w).dtype == torch.float32
+    with pytest.raises(RuntimeError, match="boom"), engine.precision("bf16"):
+        raise RuntimeError("boom")
     assert engine.current_precision() == "fp32"
     with engine.autocast("cpu"):
         assert (x @ w).dtype == torch.float32
-    with pytest.raises(ConfigError, match="fp32, bf16"):
-        with engine.precision("fp16"):
-            pass
+    with pytest.raises(ConfigError, match="fp32, bf16"), engine.precision("fp16"):
+        pass
 
 
 def test_every_registered_method_has_the_precision_option():
