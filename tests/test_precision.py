@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 import yaml
+from torch import nn
 
 from bdsafety import engine
 from bdsafety.config import ConfigError
