@@ -6,6 +6,11 @@ differs between algorithms is plugged in:
     floats); defenses that mix in triggered or inverted samples replace it;
   * ``step_fn(model, x, y) -> (loss, logits)`` does forward, backward and the parameter update; SAM, PAM
     and FST replace it. ``sgd_step`` is the plain one.
+
+Precision: every forward pass runs inside ``autocast(device)``, which follows the run's ``precision`` option
+(``precision(name)``, entered once per run by bdsafety.scaffold.run): fp32 by default (the official code's
+numerics), bf16 autocast as the named speed option; ``fp32(device)`` switches autocast off inside it where bf16
+would swamp the signal (PAM's displaced pass, black-box QRA's finite differences).
 """
 from __future__ import annotations
 
