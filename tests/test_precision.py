@@ -110,3 +110,29 @@ def test_runs_set_their_precision_record_it_and_restore_it(tmp_path, monkeypatch
     out = get("defense", "ft").main(["--result_file", "rec", "--epochs", "1", "--ratio", "0.5", *common])
     assert seen == ["bf16", "fp32"] and engine.current_precision() == "fp32"
     assert yaml.safe_load((Path(out) / "config.yaml").read_text())["config"]["precision"] == "fp32"
+
+
+def test_precision_benchmark_runs_on_cpu_at_tiny_size(tmp_path):
+    """benchmarks/precision.py: defense + RA once per precision on one record; both RA curves and wall times."""
+    import csv
+    import importlib.util
+
+    common = ["--record_root", str(tmp_path), "--no_progress", "--device", "cpu"]
+    get("attack", "badnet").main(["--dataset", "synthetic", "--model", "cnn_small", "--synthetic_n_train", "96",
+                                  "--synthetic_n_test", "40", "--epochs", "1", "--batch_size", "32",
+                                  "--save_folder_name", "rec", *common])
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("precision_benchmark", root / "benchmarks" / "precision.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--result_file", "rec", "--record_root", str(tmp_path), "--defense", "ft",
+                       "--defense_args", "--epochs 1 --ratio 0.5", "--ra_args", "--epochs 2 --ratio 0.5 --poison_num 2",
+                       "--out", str(tmp_path / "bench.csv")])
+    assert [r["precision"] for r in rows].count("fp32") == [r["precision"] for r in rows].count("bf16") >= 2
+    assert all(0 <= r["test_ra"] <= 1 and r["defense_s"] > 0 and r["ra_s"] > 0 for r in rows)
+    assert (tmp_path / "rec" / "defense" / "ft_bf16" / "ra_bf16" / "ra_df.csv").is_file()
+    meta = yaml.safe_load((tmp_path / "rec" / "defense" / "ft_bf16" / "config.yaml").read_text())
+    assert meta["config"]["precision"] == "bf16"
+    with open(tmp_path / "bench.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert engine.current_precision() == "fp32"
