@@ -128,6 +128,20 @@ class Option:
         return isinstance(d, (int, float)) or self.type in (int, float, float_list, int_list)
 
 
+# ------------------------------------------------------------------------------------------- options of every run
+PRECISIONS = ("fp32", "bf16")
+
+# Options every registered method has (attacks, defenses, retuning attacks, analyses): merged into
+# bdsafety.attacks.base.COMMON_ATTACK_SCHEMA and bdsafety.experiment.RECORD_SCHEMA, the two schemas every method's
+# schema is built from (tests/test_registry.py checks each registered schema carries them).
+RUN_SCHEMA = {
+    "precision": Option("fp32", "numerics of every forward/backward pass: fp32 (the official code's, default) or bf16 "
+                                "(bf16 autocast, the named speed option; PAM's displaced pass and black-box QRA's finite "
+                                "differences stay fp32). On the CPU bf16 runs under torch's CPU autocast (correct, usually "
+                                "slower)", choices=PRECISIONS),
+}
+
+
 def _str2bool(v) -> bool:
     if isinstance(v, bool):
         return v

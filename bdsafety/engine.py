@@ -6,10 +6,16 @@ differs between algorithms is plugged in:
     floats); defenses that mix in triggered or inverted samples replace it;
   * ``step_fn(model, x, y) -> (loss, logits)`` does forward, backward and the parameter update; SAM, PAM
     and FST replace it. ``sgd_step`` is the plain one.
+
+Precision: every forward pass runs inside ``autocast(device)``, which follows the run's ``precision`` option
+(``precision(name)``, entered once per run by bdsafety.scaffold.run): fp32 by default (the official code's
+numerics), bf16 autocast as the named speed option; ``fp32(device)`` switches autocast off inside it where bf16
+would swamp the signal (PAM's displaced pass, black-box QRA's finite differences).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import random
 import sys
@@ -20,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bdsafety.config import PRECISIONS
 from bdsafety.errors import ConfigError
 from bdsafety.outputs import fault_point
 from bdsafety.data.device import DeviceDataset, Normalizer, iterate_batches
@@ -53,16 +60,42 @@ def seed_everything(seed: int) -> torch.Generator:
     return g
 
 
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("bdsafety_precision", default="fp32")
+
+
+@contextlib.contextmanager
+def precision(name: str):
+    """Run the enclosed code (one run of a method) at precision ``name``: 'fp32' (the official code's numerics, the
+    default) or 'bf16' (bf16 autocast: the named speed option). The run scaffold enters it once per run with the
+    run's ``precision`` option; it is restored on exit (also on errors), so nothing leaks into the next run of the
+    same process. Code outside any ``precision`` block runs in fp32."""
+    if name not in PRECISIONS:
+        raise ConfigError(f"precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    token = _PRECISION.set(name)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def current_precision() -> str:
+    """The precision of the enclosing ``precision`` block ('fp32' outside any)."""
+    return _PRECISION.get()
+
+
 def autocast(device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing (fp32) on the CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """The run's precision for the forward passes of training and evaluation: nothing (fp32) under 'fp32'; bf16
+    autocast on ``device``'s type under 'bf16' (on the CPU this is torch's CPU autocast: the same bf16 numerics,
+    usually slower than fp32 unless the CPU has native bf16 instructions)."""
+    if _PRECISION.get() == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def fp32(device) -> contextlib.AbstractContextManager:
     """Autocast OFF (full fp32) inside an autocast region: for finite differences (black-box QRA) and PAM's small
-    weight displacement, which bf16's 8-bit mantissa would swamp (METHODS.md, precision rules)."""
+    weight displacement, which bf16's 8-bit mantissa would swamp (METHODS.md, precision rules). Under 'fp32' it
+    changes nothing."""
     return torch.autocast(torch.device(device).type, enabled=False)
 
 

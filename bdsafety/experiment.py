@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from bdsafety import engine
-from bdsafety.config import POS_INT, SEED, Option, dump_yaml, resolve_device, run_metadata
-from bdsafety.data.device import DeviceDataset, Normalizer
+from bdsafety.config import POS_INT, RUN_SCHEMA, SEED, Option, dump_yaml, resolve_device, run_metadata
+from bdsafety.data.device import DeviceDataset, InputGeometry, Normalizer, input_geometry
+from bdsafety.data.info import NORMALIZATIONS
 from bdsafety.errors import ConfigError, DataError
 from bdsafety.outputs import DEPENDENTS, OutputFolder  # noqa: F401  (OutputFolder re-exported for old imports)
 
@@ -31,6 +32,15 @@ RECORD_SCHEMA = {
     "device": Option("auto", "cpu, cuda, cuda:N or auto", kind="device"),
     "model_input_size": Option(None, "size the model upsamples every batch to (default: the record's model_input_size, "
                                      "as the attack trained it)", type=int, check=POS_INT),
+    "input_resize": Option(None, "resize of the TRAINING images of this run before the crop (default: the record's "
+                                 "input_resize, i.e. the attack's pipeline; e.g. 256 with input_crop 224 for PAM/BTI-DBF as "
+                                 "the official BTIDBF loader). Evaluation always uses the record's own view", type=int,
+                           check=POS_INT),
+    "input_crop": Option(None, "with input_resize: random crop (training, after zero padding 4) and centre crop size "
+                               "(default: the record's, else input_resize)", type=int, check=POS_INT),
+    "normalization": Option(None, "input normalisation: default the record's (records without it: dataset); 'imagenet' "
+                                  "for records of the official fork's CIFAR-100/Tiny pipeline, which normalises with "
+                                  "ImageNet statistics", choices=NORMALIZATIONS),
     "random_seed": Option(0, "seed for data subsets, init and batch order", check=SEED),
     "trust_record": Option(False, "allow full unpickling of record files (only for files you trust: a pickle can run code)"),
     "overwrite": Option(False, "replace an existing output folder"),
@@ -39,6 +49,7 @@ RECORD_SCHEMA = {
                                 "with them to .archive/", choices=DEPENDENTS),
     "no_progress": Option(False, "disable progress bars"),
     "eval_batch_size": Option(1024, "evaluation batch size", check=POS_INT),
+    **RUN_SCHEMA,
 }
 
 
@@ -51,6 +62,8 @@ class Experiment:
     norm: Normalizer
     evalsets: engine.EvalSets
     cfg: SimpleNamespace
+    geometry: InputGeometry | None = None  # this run's training input pipeline
+    eval_geometry: InputGeometry | None = None  # the record's (the attack's evaluation view): evalsets use it
     _train: DeviceDataset | None = field(default=None, repr=False)
 
     @property
@@ -76,8 +89,11 @@ class Experiment:
     def new_model(self) -> torch.nn.Module:
         from bdsafety.models import build_model
 
+        h, w, c = (int(v) for v in self.record.img_size)
+        g = self.eval_geometry
+        img_size = (h, w, c) if g is None else (g.crop, g.crop, c)  # with a geometry the model sees crop-size batches
         try:
-            model = build_model(self.model_name, self.num_classes, tuple(self.record.img_size), input_size=self.model_input_size)
+            model = build_model(self.model_name, self.num_classes, img_size, input_size=self.model_input_size)
         except ConfigError as e:
             raise ConfigError(f"record {self.record_dir}: its attack_result.pt names model {self.model_name!r}, which cannot be "
                               f"built here: {e}") from None
@@ -87,10 +103,11 @@ class Experiment:
     def model_input_size(self) -> int | None:
         """The size the model upsamples inputs to: --model_input_size, else what the attack trained with (the
         record's info), else None (the data's own size)."""
-        size = getattr(self.cfg, "model_input_size", None)
-        if size is None:
-            size = (self.record.info or {}).get("model_input_size")
-        return None if size is None else int(size)
+        return _model_input_size(self.record, self.cfg)
+
+    def dataset(self, images, labels, frozen=None) -> DeviceDataset:
+        """A training dataset of this run (its input geometry) from uint8 (N, H, W, C) images."""
+        return DeviceDataset(images, labels, self.device, frozen=frozen, geometry=self.geometry)
 
     def load_model(self, state_dict) -> torch.nn.Module:
         from bdsafety.models import load_state_dict_compat
@@ -123,7 +140,7 @@ class Experiment:
     def train(self) -> DeviceDataset:
         """The clean training set on the device."""
         if self._train is None:
-            self._train = DeviceDataset(self.data.train_x, self.data.train_y, self.device)
+            self._train = self.dataset(self.data.train_x, self.data.train_y)
         return self._train
 
     def bd_train(self) -> DeviceDataset:
@@ -136,7 +153,7 @@ class Experiment:
                 f"record {self.record_dir.name} has no poisoned training samples (bd_train is "
                 f"{'None' if bd is None else 'empty'}: e.g. a clean reference model or a training-controlled attack such as LIRA)"
             )
-        return DeviceDataset(bd.images, bd.bd_labels, self.device)
+        return self.dataset(bd.images, bd.bd_labels)
 
     def metrics(self, model) -> dict:
         return engine.backdoor_metrics(model, self.evalsets, self.norm, self.cfg.eval_batch_size)
@@ -169,6 +186,46 @@ def data_location(record, record_dir: Path, dataset_path: str | None) -> str:
     root = record_dir.resolve().parent.parent
     cand = root / dp
     return str(cand) if cand.exists() or not Path(dp).exists() else dp
+
+
+def _model_input_size(record, cfg) -> int | None:
+    size = getattr(cfg, "model_input_size", None)
+    if size is None:
+        size = (record.info or {}).get("model_input_size")
+    return None if size is None else int(size)
+
+
+def record_geometry(record, data_info) -> InputGeometry | None:
+    """The input geometry the attack evaluated (and trained) with: the record's input_resize / input_crop; for a
+    record without them whose img_size differs from the clean data's (the official fork's CIFAR-100/Tiny records:
+    poisoned images stored at img_size 224, every image resized to img_size by the transform), Resize(img_size)
+    + crop img_size; otherwise None (the data's own size)."""
+    info = record.info or {}
+    resize = info.get("input_resize")
+    if resize is None:
+        rh, rw = (int(v) for v in record.img_size[:2])
+        if (rh, rw) == tuple(int(v) for v in data_info.img_size[:2]) or rh != rw:
+            return None
+        resize = rh
+    return input_geometry(int(resize), info.get("input_crop"))
+
+
+def run_geometry(record, data_info, cfg) -> tuple[InputGeometry | None, InputGeometry | None]:
+    """(record's geometry for evaluation, this run's training geometry: --input_resize/--input_crop over the record's)."""
+    rec = record_geometry(record, data_info)
+    resize, crop = getattr(cfg, "input_resize", None), getattr(cfg, "input_crop", None)
+    if resize is None and crop is None:
+        train = rec
+    else:  # what is not given comes from the record's geometry (crop: else the resize)
+        resize = resize if resize is not None else (rec.resize if rec is not None else None)
+        crop = crop if crop is not None else (rec.crop if rec is not None else None)
+        train = input_geometry(resize, crop)
+    size = _model_input_size(record, cfg)
+    for g in (rec, train):
+        if g is not None and size is not None and size != g.crop:
+            raise ConfigError(f"model_input_size {size} and the input crop {g.crop} ({g.describe()}) disagree: the batches "
+                              f"already reach the model at {g.crop} px; drop --model_input_size or --input_crop")
+    return rec, train
 
 
 def load_record_data(record, record_dir: Path, dataset_path: str | None = None):
@@ -211,12 +268,15 @@ def open_experiment(cfg: SimpleNamespace) -> Experiment:
     engine.seed_everything(cfg.random_seed)
     data = load_record_data(record, record_dir, cfg.dataset_path)
     bd = record.bd_test
+    rec_geometry, geometry = run_geometry(record, data.info, cfg)
     evalsets = engine.EvalSets(
-        clean=DeviceDataset(data.test_x, data.test_y, device),
-        bd=DeviceDataset(bd.images, bd.bd_labels, device),
+        clean=DeviceDataset(data.test_x, data.test_y, device, geometry=rec_geometry),
+        bd=DeviceDataset(bd.images, bd.bd_labels, device, geometry=rec_geometry),
         bd_orig_y=torch.as_tensor(bd.orig_labels, device=device),
     )
-    return Experiment(record, record_dir, data, device, Normalizer(data.info, device), evalsets, cfg)
+    normalization = getattr(cfg, "normalization", None) or (record.info or {}).get("normalization") or "dataset"
+    return Experiment(record, record_dir, data, device, Normalizer(data.info, device, normalization), evalsets, cfg,
+                      geometry=geometry, eval_geometry=rec_geometry)
 
 
 # ---------------------------------------------------------------- defender's reserved clean subset

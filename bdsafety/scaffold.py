@@ -19,7 +19,15 @@ import numpy as np
 
 
 def run(method, cfg: SimpleNamespace):
-    """Run a registered method with a resolved config."""
+    """Run a registered method with a resolved config, at the config's precision (set once here for the whole run,
+    restored afterwards: bdsafety.engine.precision)."""
+    from bdsafety.engine import precision
+
+    with precision(getattr(cfg, "precision", "fp32")):
+        return _run(method, cfg)
+
+
+def _run(method, cfg: SimpleNamespace):
     if method.kind == "attack":
         from bdsafety.attacks.base import run_attack
 

@@ -80,7 +80,7 @@ def dataloader_images_per_s(model, x, y, info, device, batch_size, steps, warmup
 def _autocast(device):
     from bdsafety.engine import autocast
 
-    return autocast(device)
+    return autocast(device)  # the precision of the enclosing engine.precision block (main: --precision)
 
 
 def _sync(device):
@@ -90,7 +90,7 @@ def _sync(device):
 
 def main():
     from bdsafety.data.synthetic import make_synthetic
-    from bdsafety.engine import prepare_model
+    from bdsafety.engine import precision, prepare_model
     from bdsafety.models import build_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -101,18 +101,20 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--n_train", type=int, default=5000)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: number of CPU cores)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="both sides' numerics (default fp32)")
     a = p.parse_args()
     workers = a.workers if a.workers is not None else (os.cpu_count() or 1)
     data = make_synthetic(n_train=a.n_train, n_test=10)
     x, y = data.train_x, data.train_y
-    print(f"model {a.model}, device {a.device}, batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up, "
+    print(f"model {a.model}, device {a.device}, {a.precision}, batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up, "
           f"torch threads {torch.get_num_threads()}, DataLoader workers {workers}")
     torch.manual_seed(0)
     m1 = prepare_model(build_model(a.model, 10), a.device)
     torch.manual_seed(0)
     m2 = prepare_model(build_model(a.model, 10), a.device)
-    ours = engine_images_per_s(m1, x, y, data.info, a.device, a.batch_size, a.steps, a.warmup)
-    base = dataloader_images_per_s(m2, x, y, data.info, a.device, a.batch_size, a.steps, a.warmup, workers)
+    with precision(a.precision):
+        ours = engine_images_per_s(m1, x, y, data.info, a.device, a.batch_size, a.steps, a.warmup)
+        base = dataloader_images_per_s(m2, x, y, data.info, a.device, a.batch_size, a.steps, a.warmup, workers)
     print(f"bdsafety engine (device-resident uint8, batched augmentation): {ours:9.1f} images/s")
     print(f"DataLoader + per-sample PIL transforms (BackdoorBench)        : {base:9.1f} images/s")
     print(f"speed-up: {ours / base:.2f}x")

@@ -129,11 +129,12 @@ def test_small_family_members_run_the_tools(zoo_records, arch, capsys):
 
 def test_paper_protocol_cifar100_pretrained_resnet18(tmp_path):
     """config/attack/badnet/cifar100_paper.yaml with a locally generated ImageNet-layout ResNet-18 file on tiny fake
-    CIFAR-100 (sizes overridden: 1 epoch, upsampling to 64 instead of 224); then a defense rebuilds the record's model
-    with the record's model_input_size and the loaded weights."""
+    CIFAR-100 (sizes overridden: 1 epoch, input_resize 64 / input_crop 56 instead of 224 / 224); then a defense rebuilds
+    the record's model with the record's input pipeline, normalisation and the loaded weights."""
     import torchvision
 
     from bdsafety.config import resolve
+    from bdsafety.data.device import InputGeometry
     from bdsafety.experiment import RECORD_SCHEMA, open_experiment
     from bdsafety.registry import get
     from tests.fake_datasets import make_fake_cifar100
@@ -147,13 +148,16 @@ def test_paper_protocol_cifar100_pretrained_resnet18(tmp_path):
     root = tmp_path / "record"
     rec = get("attack", "badnet").main([
         "--yaml_path", str(CFG / "attack" / "badnet" / "cifar100_paper.yaml"), "--dataset_path", str(data),
-        "--record_root", str(root), "--save_folder_name", "paper", "--pretrained", str(weights), "--model_input_size", "64",
+        "--record_root", str(root), "--save_folder_name", "paper", "--pretrained", str(weights), "--input_resize", "64",
+        "--input_crop", "56",
         "--epochs", "1", "--batch_size", "20", "--eval_batch_size", "64", "--device", "cpu", "--no_progress"])
     rec = Path(rec)
     record = safe_torch_load(rec / "attack_result.pt")
     info = safe_torch_load(rec / "info.pickle")
     assert record["model_name"] == "resnet18" and record["num_classes"] == 100
-    assert info["model_input_size"] == 64 and info["pretrained"] == str(weights) and info["lr"] == 0.001
+    assert info["input_resize"] == 64 and info["input_crop"] == 56 and info["normalization"] == "imagenet"
+    assert info["pretrained"] == str(weights) and info["lr"] == 0.001 and info["model_input_size"] is None
+    assert tuple(record["img_size"]) == (64, 64, 3)  # the poisoned images are stored at the resized size
     sd = record["model"]
     assert sd["fc.weight"].shape == (100, 512)
     # two SGD steps at lr 0.001 move the pretrained backbone by far less than its own scale (a fresh init would not match)
@@ -163,9 +167,10 @@ def test_paper_protocol_cifar100_pretrained_resnet18(tmp_path):
     cfg = resolve(RECORD_SCHEMA, None, {"result_file": str(rec), "device": "cpu", "no_progress": True})
     exp = open_experiment(cfg)
     model = exp.backdoored_model().eval()
-    assert exp.model_input_size == 64 and model.input_size == 64
+    assert exp.model_input_size is None and exp.geometry == InputGeometry(64, 56)
+    assert exp.norm.normalization == "imagenet" and exp.evalsets.bd.view_shape == (3, 56, 56)
     with torch.no_grad():
-        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 100)
+        assert model(torch.rand(2, 3, 56, 56)).shape == (2, 100)
 
 
 def test_attack_refuses_bad_model_settings_before_training(tmp_path, capsys):

@@ -344,17 +344,14 @@ def test_black_box_settings_are_checked_before_anything_loads(tmp_path):
                 "--zo_queries", "0", "--no_progress"])
 
 
-def test_black_box_qra_queries_and_pam_displaced_forward_run_in_fp32(monkeypatch):
-    """Under a bf16 autocast region (what engine.autocast gives on a GPU, emulated here on the CPU), the black-box
-    QRA queries and PAM's displaced forward still run with autocast disabled, in fp32."""
-    import contextlib
-
+def test_black_box_qra_queries_and_pam_displaced_forward_run_in_fp32():
+    """Under --precision bf16 (engine.precision: bf16 autocast, here the CPU's), the black-box QRA queries and PAM's
+    displaced forward still run with autocast disabled, in fp32, while PAM's undisplaced BN pass runs in bf16."""
     from bdsafety import engine
     from bdsafety.data.device import Normalizer
     from bdsafety.data.info import DatasetInfo
     from bdsafety.defenses.pam import PathAwareStep, parameter_snapshot
 
-    monkeypatch.setattr(engine, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     seen = []
 
     class Spy(torch.nn.Module):
@@ -363,26 +360,28 @@ def test_black_box_qra_queries_and_pam_displaced_forward_run_in_fp32(monkeypatch
             self.inner = inner
 
         def forward(self, x):
-            seen.append((torch.is_autocast_enabled("cpu"), x.dtype))
-            return self.inner(x)
+            out = self.inner(x)
+            seen.append((torch.is_autocast_enabled("cpu"), x.dtype, out.dtype))
+            return out
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 4)
     train = DeviceDataset(_toy_images(y, 0.1, rng), y)
     norm = Normalizer(DatasetInfo("toy", 3, (4, 4, 3), (0.5,) * 3, (0.25,) * 3, False))
     gen = Q.PerturbationGenerator((3, 4, 4), 16 / 255, (16,))
-    Q.train_generator(gen, train, Spy(_Toy(0.9)), _Toy(0.8), _Toy(), norm, epochs=1, batch_size=12, lr=0.1, momentum=0.0,
-                      alpha=0.2, access="black_box", zo_queries=2, zo_mu=0.005)
-    assert seen and all(not amp and dt == torch.float32 for amp, dt in seen)
+    with engine.precision("bf16"):
+        Q.train_generator(gen, train, Spy(_Toy(0.9)), _Toy(0.8), _Toy(), norm, epochs=1, batch_size=12, lr=0.1,
+                          momentum=0.0, alpha=0.2, access="black_box", zo_queries=2, zo_mu=0.005)
+    assert seen and all(not amp and dt == torch.float32 for amp, dt, _ in seen)
 
     seen.clear()
-    model = Spy(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)))
+    model = Spy(torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(48, 3)))
     bd = parameter_snapshot(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
-    step = PathAwareStep(model, torch.optim.SGD(model.parameters(), lr=0.1), bd, rho=0.1, bn_mode="update")
-    with contextlib.ExitStack() as st:
-        st.enter_context(engine.autocast("cpu"))
+    step = PathAwareStep(model, torch.optim.SGD(model.parameters(), lr=0.1), bd, rho=0.1, bn_mode="clean")
+    with engine.precision("bf16"):
         step(model, torch.randn(5, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1]))
-    assert seen == [(False, torch.float32)]
+    # the BN-statistics pass at theta_t under bf16 autocast, then the displaced pass in fp32
+    assert seen == [(True, torch.float32, torch.bfloat16), (False, torch.float32, torch.float32)]

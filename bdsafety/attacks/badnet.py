@@ -12,10 +12,12 @@ from bdsafety.config import POS_INT, Option
 class BadNets(Attack):
     name = "badnet"
     description = "BadNets attack: a white patch at the bottom-right corner, dirty label (BackdoorBench-compatible record)"
-    options = {"patch_size": Option(3, "side of the white square at the bottom-right corner", check=POS_INT)}
+    options = {"patch_size": Option(3, "side of the white square at the bottom-right corner (in pixels of the data's own "
+                                       "size; with input_resize the square is resized with the image)", check=POS_INT)}
+    resizable = True
 
     def apply(self, images: np.ndarray, *, split: str, indices: np.ndarray) -> np.ndarray:
-        return apply_badnet(images, patch=self.cfg.patch_size)
+        return apply_badnet(images, patch=self.cfg.patch_size, native=tuple(self.ctx.info.img_size[:2]))
 
     def info(self) -> dict:
         return {"patch_size": self.cfg.patch_size}

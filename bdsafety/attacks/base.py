@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from bdsafety.attacks.poison import LABEL_TRANS, backdoor_labels, select_test_poison, select_train_poison
-from bdsafety.config import (FRACTION, NONNEG, NONNEG_INT, POS_INT, POSITIVE, SEED, ConfigError, Option, dump_yaml,
-                             int_list, resolve_device, run_metadata)
+from bdsafety.config import (FRACTION, NONNEG, NONNEG_INT, POS_INT, POSITIVE, RUN_SCHEMA, SEED, ConfigError, Option,
+                             dump_yaml, int_list, resolve_device, run_metadata)
+from bdsafety.data.info import NORMALIZATIONS
 from bdsafety.data.poisoned import PoisonedSplit
 from bdsafety.outputs import DEPENDENTS
 from bdsafety.registry import DATASET_CONFIGS, register
@@ -51,6 +52,17 @@ COMMON_ATTACK_SCHEMA = {
                          type=str),
     "model_input_size": Option(None, "upsample every batch on the device to this square size inside the model (e.g. 224 "
                                      "for ImageNet backbones; torchvision architectures only)", type=int, check=POS_INT),
+    "input_resize": Option(None, "resize every image to this square size BEFORE the trigger and the augmentation (Pillow's "
+                                 "bilinear, bit-exact), as the official fork runs CIFAR-100/Tiny-ImageNet (224): poisoned "
+                                 "images are stamped at this size and stored so in the record; clean images stay at their "
+                                 "own size and are resized per batch on the device. None: the data's own size "
+                                 "(BackdoorBench's CIFAR-10 pipeline). badnet, blended and sig only", type=int, check=POS_INT),
+    "input_crop": Option(None, "with input_resize: training random crop (after zero padding 4) and evaluation centre crop "
+                               "(default: input_resize, i.e. Resize(224) -> RandomCrop(224, padding=4) as the fork's "
+                               "attacks)", type=int, check=POS_INT),
+    "normalization": Option("dataset", "mean/std of the input normalisation: 'dataset' (the dataset's own statistics, "
+                                        "BackdoorBench's) or 'imagenet' (the official fork's CIFAR-100/Tiny pipeline for "
+                                        "ImageNet-pretrained backbones)", choices=NORMALIZATIONS),
     "pratio": Option(0.1, "fraction of training samples poisoned (0: clean reference model)", check=FRACTION),
     "attack_target": Option(0, "target label (all2one)", check=NONNEG_INT),
     "attack_label_trans": Option("all2one", "label transform", choices=LABEL_TRANS),
@@ -79,6 +91,7 @@ COMMON_ATTACK_SCHEMA = {
     "synthetic_n_train": Option(5000, "synthetic only: training images", check=POS_INT),
     "synthetic_n_test": Option(1000, "synthetic only: test images", check=POS_INT),
     "synthetic_seed": Option(0, "synthetic only: generator seed", check=SEED),
+    **RUN_SCHEMA,
 }
 
 # sub-folders a record writes itself; anything else in an existing record is a result computed from it
@@ -132,10 +145,45 @@ class Attack:
     clean_label: bool = False
     configs: tuple = DATASET_CONFIGS + ("demo",)
     needs: tuple = ()  # registry NEEDS besides the data, e.g. ("clean_reference",) for LC (the study runner orders jobs by it)
+    resizable: bool = False  # supports input_resize: its trigger is defined at any image size (stamped after the resize)
 
     def __init__(self, ctx: AttackContext):
         self.ctx = ctx
         self.cfg = ctx.cfg
+
+    @property
+    def geometry(self):
+        """The input geometry of ``input_resize`` / ``input_crop`` (None: the data's own size)."""
+        return attack_geometry(self.cfg)
+
+    @property
+    def stamp_shape(self) -> tuple:
+        """(H, W, C) of the images triggers are stamped on: the data's, or input_resize's (BackdoorBench resizes every
+        image to img_size before its trigger transform)."""
+        h, w, c = self.ctx.info.img_size
+        g = self.geometry
+        return (h, w, c) if g is None else (g.resize, g.resize, c)
+
+    @property
+    def model_img_size(self) -> tuple:
+        """(H, W, C) of the batches the model is trained on (after the geometry's crop)."""
+        h, w, c = self.ctx.info.img_size
+        g = self.geometry
+        return (h, w, c) if g is None else (g.crop, g.crop, c)
+
+    def stamp_input(self, images: np.ndarray) -> np.ndarray:
+        """``images`` (n, H, W, C) at the size triggers are stamped at: unchanged, or resized to input_resize on the
+        device (Pillow's bilinear, bit-exact) in chunks."""
+        g = self.geometry
+        if g is None or images.shape[1:3] == (g.resize, g.resize):
+            return images
+        from bdsafety.data.device import pil_resize
+
+        out = np.empty((len(images), g.resize, g.resize, images.shape[3]), dtype=np.uint8)
+        for s in range(0, len(images), 512):
+            t = torch.from_numpy(np.ascontiguousarray(images[s:s + 512])).to(self.ctx.device).permute(0, 3, 1, 2)
+            out[s:s + 512] = pil_resize(t, g.resize).permute(0, 2, 3, 1).cpu().numpy()
+        return out
 
     # ---- what an attack defines
     def prepare(self) -> None:
@@ -169,7 +217,8 @@ class Attack:
         d, c = self.ctx.data, self.cfg
         x, y = (d.train_x, d.train_y) if split == "train" else (d.test_x, d.test_y)
         if images is None:
-            images = self.apply(x[idx], split=split, indices=idx) if len(idx) else np.zeros((0, *x.shape[1:]), np.uint8)
+            images = (self.apply(self.stamp_input(x[idx]), split=split, indices=idx) if len(idx)
+                      else np.zeros((0, *self.stamp_shape), np.uint8))
         labels = y[idx]
         bd = labels.copy() if (self.clean_label and split == "train") else backdoor_labels(labels, c.attack_label_trans,
                                                                                            c.attack_target, self.ctx.num_classes)
@@ -180,27 +229,29 @@ class Attack:
         from bdsafety.models import build_model
 
         c = self.cfg
-        model = build_model(c.model, self.ctx.num_classes, tuple(self.ctx.info.img_size), input_size=c.model_input_size,
+        model = build_model(c.model, self.ctx.num_classes, self.model_img_size, input_size=c.model_input_size,
                             pretrained=c.pretrained)
         return engine.prepare_model(model, self.ctx.device)
 
     def normalizer(self):
         from bdsafety.data.device import Normalizer
 
-        return Normalizer(self.ctx.info, self.ctx.device)
+        return Normalizer(self.ctx.info, self.ctx.device, self.cfg.normalization)
 
     def evalsets(self, bd_test: PoisonedSplit):
         from bdsafety import engine
         from bdsafety.data.device import DeviceDataset
 
-        d, dev = self.ctx.data, self.ctx.device
-        return engine.EvalSets(clean=DeviceDataset(d.test_x, d.test_y, dev), bd=DeviceDataset(bd_test.images, bd_test.bd_labels, dev),
+        d, dev, g = self.ctx.data, self.ctx.device, self.geometry
+        return engine.EvalSets(clean=DeviceDataset(d.test_x, d.test_y, dev, geometry=g),
+                               bd=DeviceDataset(bd_test.images, bd_test.bd_labels, dev, geometry=g),
                                bd_orig_y=torch.as_tensor(bd_test.orig_labels, device=dev))
 
     def train(self, model, train_x: np.ndarray, train_y: np.ndarray, bd_test: PoisonedSplit, *, batch_fn=None,
-              on_epoch_end=None, augment: bool = True) -> list[dict]:
+              on_epoch_end=None, augment: bool = True, alt=None) -> list[dict]:
         """Train ``model`` on (train_x, train_y) with the config's optimizer and schedule; rows per epoch.
-        ``augment=False``: no crop/flip before ``batch_fn`` (an attack that augments after poisoning, e.g. WaNet)."""
+        ``augment=False``: no crop/flip before ``batch_fn`` (an attack that augments after poisoning, e.g. WaNet).
+        ``alt`` = (images, rows): samples stored at the resized size (the poisoned ones under input_resize)."""
         from bdsafety import engine
         from bdsafety.data.device import DeviceDataset
 
@@ -209,7 +260,8 @@ class Attack:
         opt = engine.make_optimizer(model.parameters(), c.client_optimizer, c.lr, c.sgd_momentum, c.wd)
         sched = engine.make_scheduler(opt, c.lr_scheduler, c.epochs, c.steplr_milestones)
         return engine.fit(
-            model, DeviceDataset(train_x, train_y, self.ctx.device), norm=self.normalizer(), epochs=c.epochs,
+            model, DeviceDataset(train_x, train_y, self.ctx.device, geometry=self.geometry, alt=alt), norm=self.normalizer(),
+            epochs=c.epochs,
             batch_size=c.batch_size, step_fn=engine.sgd_step(opt), scheduler=sched, optimizer=opt, batch_fn=batch_fn,
             augment=augment, hflip=self.ctx.info.hflip, evalsets=self.evalsets(bd_test), eval_every=c.eval_every,
             eval_batch_size=c.eval_batch_size, generator=gen, desc=f"{self.name} {c.dataset}", progress=self.ctx.progress,
@@ -221,14 +273,18 @@ class Attack:
         d = self.ctx.data
         bd_train = self.make_split("train", self.select_poison())
         bd_test = self.make_split("test", self.test_poison_indices())
-        train_x, train_y = d.train_x.copy(), d.train_y.copy()
-        train_x[bd_train.indices] = bd_train.images
+        train_y = d.train_y.copy()
         train_y[bd_train.indices] = bd_train.bd_labels
+        if self.geometry is None:
+            train_x, alt = d.train_x.copy(), None
+            train_x[bd_train.indices] = bd_train.images
+        else:  # poisoned images at the resized size beside the clean ones at their own size
+            train_x, alt = d.train_x, (bd_train.images, bd_train.indices)
         from bdsafety import engine
 
         engine.seed_everything(self.cfg.random_seed)
         model = self.new_model()
-        rows = self.train(model, train_x, train_y, bd_test)
+        rows = self.train(model, train_x, train_y, bd_test, alt=alt)
         return AttackOutcome(model, rows, bd_train, bd_test, self.info(), self.artifacts())
 
 
@@ -252,6 +308,34 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 
 
 # ------------------------------------------------------------------------------------------- the scaffold
+def attack_geometry(cfg: SimpleNamespace):
+    from bdsafety.data.device import input_geometry
+
+    return input_geometry(getattr(cfg, "input_resize", None), getattr(cfg, "input_crop", None))
+
+
+def check_input_pipeline(method, cfg: SimpleNamespace) -> None:
+    """input_resize only for attacks whose trigger is defined at any size; model_input_size must agree with it."""
+    g = attack_geometry(cfg)
+    if g is None:
+        return
+    cls = getattr(method.run, "attack_class", None)
+    if cls is not None and not cls.resizable:
+        ok = sorted(m.name for m in _attack_methods() if getattr(m.run.attack_class, "resizable", False))
+        raise ConfigError(f"input_resize is not implemented for {method.name}: its trigger is built at the data's own size "
+                          f"(attacks with input_resize: {', '.join(ok)}); drop input_resize (and input_crop)")
+    if cfg.model_input_size is not None and cfg.model_input_size != g.crop:
+        raise ConfigError(f"model_input_size {cfg.model_input_size} and input_resize {g.resize} / input_crop {g.crop} "
+                          f"disagree: with input_resize the batches already reach the model at {g.crop} px; drop "
+                          f"model_input_size")
+
+
+def _attack_methods():
+    from bdsafety.registry import methods
+
+    return [m for m in methods("attack") if hasattr(m.run, "attack_class")]
+
+
 def dataset_root(dataset_path: str, dataset: str) -> str:
     return os.path.join(dataset_path, dataset)
 
@@ -302,7 +386,11 @@ def run_attack(method, cfg: SimpleNamespace) -> Path:
     nc = data.info.num_classes
     if not 0 <= cfg.attack_target < nc:
         raise ConfigError(f"attack_target {cfg.attack_target} is not a class of {cfg.dataset} (0..{nc - 1})")
-    check_model_config(cfg, nc, tuple(data.info.img_size))
+    check_input_pipeline(method, cfg)
+    geometry = attack_geometry(cfg)
+    h, w, ch = data.info.img_size
+    stamp = tuple(data.info.img_size) if geometry is None else (geometry.resize, geometry.resize, ch)
+    check_model_config(cfg, nc, (h, w, ch) if geometry is None else (geometry.crop, geometry.crop, ch))
 
     def log(msg: str):
         print(f"[{method.name}] {msg}", flush=True)
@@ -315,8 +403,8 @@ def run_attack(method, cfg: SimpleNamespace) -> Path:
     args = {k: v for k, v in vars(cfg).items() if not k.startswith("_")}
     args.update(
         attack="clean" if cfg.pratio == 0 else method.name, trigger=method.name, num_classes=nc,
-        img_size=tuple(data.info.img_size), input_height=data.info.img_size[0], input_width=data.info.img_size[1],
-        input_channel=data.info.img_size[2], dataset_path=cfg.dataset_path, save_path=str(record_dir), **outcome.info)
+        img_size=stamp, input_height=stamp[0], input_width=stamp[1], input_channel=stamp[2], dataset_path=cfg.dataset_path,
+        save_path=str(record_dir), **outcome.info)
     with out:
         for fname, value in outcome.artifacts.items():
             write_artifact(out.path / fname, value)
@@ -326,7 +414,7 @@ def run_attack(method, cfg: SimpleNamespace) -> Path:
         save_attack_record(
             out.path, name=name, model_state={k: v.detach().cpu() for k, v in outcome.model.state_dict().items()},
             model_name=cfg.model, num_classes=nc, clean_data=cfg.dataset, data_path=dataset_root(cfg.dataset_path, cfg.dataset),
-            img_size=tuple(data.info.img_size), bd_train=outcome.bd_train, bd_test=outcome.bd_test, info=args,
+            img_size=stamp, bd_train=outcome.bd_train, bd_test=outcome.bd_test, info=args,
         )
     log(f"record written to {record_dir}")
     log(f"{engine.format_metrics(outcome.rows[-1])}  ({time.time() - t0:.0f}s on {device})")

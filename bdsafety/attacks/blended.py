@@ -21,8 +21,10 @@ class Blended(Attack):
         "blend_seed": Option(0, "seed of the generated key image", check=SEED),
     }
 
+    resizable = True
+
     def prepare(self) -> None:
-        h, w, c = self.ctx.info.img_size
+        h, w, c = self.stamp_shape  # with input_resize the key is made at the resized size (BackdoorBench resizes its photo)
         self.key = make_blend_key(h, w, c, seed=self.cfg.blend_seed)
 
     def apply(self, images: np.ndarray, *, split: str, indices: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ class SIG(Attack):
         "sig_f": Option(6.0, "frequency: periods across the image width", check=POSITIVE),
     }
     clean_label = True
+    resizable = True  # the sinusoid is defined by the width of the image it is added to, as BackdoorBench's
 
     def apply(self, images: np.ndarray, *, split: str, indices: np.ndarray) -> np.ndarray:
         return apply_sig(images, delta=self.cfg.sig_delta, f=self.cfg.sig_f)

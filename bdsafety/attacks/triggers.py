@@ -11,12 +11,29 @@ def badnet_trigger_mask(h: int, w: int, patch: int = 3) -> np.ndarray:
     return m
 
 
-def apply_badnet(images: np.ndarray, patch: int = 3, value: int = 255) -> np.ndarray:
-    """Stamp the BadNets patch on every image (returns a copy)."""
+def apply_badnet(images: np.ndarray, patch: int = 3, value: int = 255, native: tuple | None = None) -> np.ndarray:
+    """Stamp the BadNets patch on every image (returns a copy).
+
+    ``native`` = (H, W) of the data when ``images`` were resized before stamping (the official fork's 224-px
+    protocol): BackdoorBench then resizes its trigger IMAGE (the patch drawn at the data's size) to the images' size
+    with PIL's bilinear filter and stamps it as ``img * (t == 0) + t * (t > 0)`` (AddMaskPatchTrigger), so the patch
+    keeps its relative size and gets a soft edge whose pixels replace the image with the interpolated values."""
     _check(images)
-    out = images.copy()
-    out[:, badnet_trigger_mask(images.shape[1], images.shape[2], patch)] = value
-    return out
+    _, h, w, c = images.shape
+    if native is None or tuple(native) == (h, w):
+        out = images.copy()
+        out[:, badnet_trigger_mask(h, w, patch)] = value
+        return out
+    if h != w:
+        raise ValueError(f"a resized BadNets trigger needs square images, got {h}x{w}")
+    import torch
+
+    from bdsafety.data.device import pil_resize
+
+    t = np.zeros((*native, c), dtype=np.uint8)
+    t[badnet_trigger_mask(native[0], native[1], patch)] = value
+    t = pil_resize(torch.from_numpy(t).permute(2, 0, 1)[None], h)[0].permute(1, 2, 0).numpy()
+    return np.where(t[None] > 0, t[None], images)
 
 
 def make_blend_key(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:

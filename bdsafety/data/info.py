@@ -24,6 +24,25 @@ DATASETS = {
 }
 
 
+# ImageNet statistics: what torchvision's ImageNet-pretrained backbones were trained with, and what the official fork
+# normalises CIFAR-100 and Tiny-ImageNet with (utils/aggregate_block/dataset_and_transform_generate.py, BTIDBF/loader.py)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("dataset", "imagenet")
+
+
+def normalization_stats(info: DatasetInfo, normalization: str = "dataset") -> tuple[tuple, tuple]:
+    """(mean, std) of ``normalization``: 'dataset' = the dataset's own statistics (BackdoorBench's), 'imagenet' =
+    ImageNet's (3-channel data only)."""
+    if normalization in (None, "dataset"):
+        return tuple(info.mean), tuple(info.std)
+    if normalization == "imagenet":
+        if len(info.mean) != 3:
+            raise DataError(f"normalization imagenet needs 3-channel images; {info.name} has {len(info.mean)}")
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise DataError(f"unknown normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
+
+
 def dataset_info(name: str, num_classes: int | None = None, img_size: tuple | None = None) -> DatasetInfo:
     """Info for a named dataset. ``imagefolder`` is user data: its class count and size come from the data."""
     if name in DATASETS:

@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from bdsafety.errors import ConfigError
 from bdsafety import engine
 from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Option
-from bdsafety.data.device import random_crop_flip
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.registry import register
 
@@ -299,9 +298,10 @@ def anp(ctx) -> DefenseResult:
     for it in range(1, cfg.nb_iter + 1):
         # sampling with replacement, like the official RandomSampler(replacement=True)
         pick = torch.randint(0, len(reserved), (min(cfg.batch_size, max(1, len(reserved))),), generator=g).to(reserved.device)
-        xb = reserved.x[pick]
         if cfg.anp_augment:
-            xb = random_crop_flip(xb, flip=hflip, generator=g)
+            xb = reserved.augmented(pick, hflip=hflip, generator=g)
+        else:
+            xb = reserved.view(pick)
         x, y = norm.from_uint8(xb), reserved.y[pick]
         loss, logits = trainer.step(x, y)
         if not math.isfinite(loss):

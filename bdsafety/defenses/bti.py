@@ -438,7 +438,7 @@ def learn_benign_mask(exp, clf: nn.Module, reserved: DeviceDataset, cfg, log: Ca
     _check_reserved(reserved, "BTI-DBF mask learning")
     gen = _generator(cfg, 3)
     with frozen(clf), torch.no_grad():
-        shape = clf.features(exp.norm(reserved.x[:1].float().div(255.0))).shape[1:]
+        shape = clf.features(exp.norm(reserved.view([0]).float().div(255.0))).shape[1:]
     a = nn.Parameter(torch.randn(tuple(shape), generator=_generator(cfg, 2)).to(exp.device))
     opt = torch.optim.Adam([a], lr=cfg.bti_mask_lr)
     flags = [p.requires_grad for p in clf.parameters()]
@@ -649,11 +649,15 @@ def cache_key(cfg, reserved_idx, model: nn.Module, reserved: DeviceDataset | Non
     elif reserved is not None:
         h = hashlib.sha256(reserved.x.cpu().numpy().tobytes())
         h.update(reserved.y.cpu().numpy().tobytes())
+        if reserved.geometry is not None:
+            h.update(repr(reserved.geometry).encode())
         data_id = "data:" + h.hexdigest()
     else:
         raise ValueError("cache_key needs the reserved indices or the reserved data")
     payload = {"format": CACHE_FORMAT, "settings": bti_settings(cfg), "reserved": data_id, "seed": int(cfg.random_seed),
                "model": model_digest(model)}
+    if getattr(cfg, "input_resize", None) is not None or getattr(cfg, "input_crop", None) is not None:
+        payload["input"] = [cfg.input_resize, cfg.input_crop]  # a run's own input geometry (the record's is in its weights)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

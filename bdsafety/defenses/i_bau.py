@@ -156,7 +156,7 @@ def i_bau(ctx) -> DefenseResult:
     hflip = bool(getattr(exp.info, "hflip", True))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = engine.make_optimizer(params, cfg.optim, lr=cfg.lr, momentum=0.0)
-    shape = (1,) + tuple(reserved.x.shape[1:])
+    shape = (1,) + tuple(reserved.view_shape)
 
     def batches():
         for xb, y, _ in iterate_batches(reserved, cfg.batch_size, shuffle=True, augment=cfg.augment, hflip=hflip, generator=g):

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from bdsafety.data.device import DeviceDataset, random_crop_flip
+from bdsafety.data.device import DeviceDataset
 from bdsafety.errors import ConfigError, DataError
 
 COUNTS = ("round", "bti")
@@ -102,9 +102,7 @@ def pool_replacer(pool: DeviceDataset, generator: torch.Generator | None = None,
         k = len(y)
         j = torch.randperm(n, generator=generator)[:k] if k <= n else torch.randint(n, (k,), generator=generator)
         j = j.to(pool.device)
-        xp = pool.x[j]
-        if augment:
-            xp = random_crop_flip(xp, flip=hflip, generator=generator)
+        xp = pool.augmented(j, hflip=hflip, generator=generator) if augment else pool.view(j)
         return xp.float().div_(255.0), pool.y[j]
 
     return replace
@@ -116,4 +114,4 @@ def true_label_pool(exp, purpose: str) -> tuple[DeviceDataset, "object"]:
     from bdsafety.pools import poisoned_pool
 
     split, _, _ = poisoned_pool(exp, None, purpose, "defender")
-    return DeviceDataset(split.images, split.orig_labels, exp.device), split
+    return exp.dataset(split.images, split.orig_labels), split

@@ -167,7 +167,7 @@ def qra_data(exp, cfg) -> tuple[DeviceDataset, dict]:
     clean_idx = np.sort(rng.choice(candidates, size=cfg.clean_num, replace=False))
     ds = DeviceDataset.concat([
         exp.train.subset(clean_idx),
-        DeviceDataset(split.images[sel], split.orig_labels[sel], exp.device),
+        exp.dataset(split.images[sel], split.orig_labels[sel]),
     ])
     return ds, {"clean_index": clean_idx, "poison_index": split.indices[sel], "poison_source": str(src_dir)}
 
@@ -366,8 +366,8 @@ def save_example_grid(path, exp, gen, n: int, title: str = "") -> None:
     n = max(1, min(n, len(ev.clean), len(ev.bd) if ev.bd is not None and len(ev.bd) else n))
     groups = []
     if ev.bd is not None and len(ev.bd):
-        groups.append(("poisoned", ev.bd.x[:n]))
-    groups.append(("clean", ev.clean.x[:n]))
+        groups.append(("poisoned", ev.bd.view(torch.arange(n))))
+    groups.append(("clean", ev.clean.view(torch.arange(n))))
     rows = []
     gen.eval()
     with torch.no_grad():
@@ -443,7 +443,7 @@ def run_qra(cfg: SimpleNamespace) -> Path:
         + " | RA model " + _fmt(base, "ra_model_test_"))
 
     engine.seed_everything(cfg.random_seed)
-    c, h, w = exp.train.x.shape[1:]
+    c, h, w = exp.train.view_shape
     gen = PerturbationGenerator((c, h, w), cfg.eps, tuple(cfg.hidden)).to(exp.device)
 
     def evaluate(epoch, row):

@@ -125,7 +125,7 @@ def assemble_ra_set(train: DeviceDataset, split, clean_idx: np.ndarray, poison_s
     parts = [train.subset(clean_idx)]
     if len(poison_sel):
         parts.append(DeviceDataset(split.images[poison_sel], split.bd_labels[poison_sel], train.device,
-                                   frozen=not augment_poison))
+                                   frozen=not augment_poison, geometry=train.geometry))
         pidx, plab, porig = split.indices[poison_sel], split.bd_labels[poison_sel], split.orig_labels[poison_sel]
     else:
         pidx = plab = porig = np.zeros(0, dtype=np.int64)
