@@ -247,6 +247,7 @@ def fit(
     if len(train) == 0:
         raise TrainingDiverged(f"{desc}: the training data is empty, so no optimizer step would be made")
     steps_per_epoch = math.ceil(len(train) / batch_size)
+    start_norm = weight_norm(model)
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not use_progress(progress), dynamic_ncols=True, leave=False)
     try:
         for epoch in range(1, epochs + 1):
@@ -292,7 +293,36 @@ def fit(
     finally:
         bar.close()
     check_finite_model(model, desc)
+    check_health(model, rows, desc, start_norm, max_loss)
     return rows
+
+
+# the weights' global L2 norm may grow this many times over one training run before it counts as a divergence
+MAX_WEIGHT_GROWTH = 100.0
+
+
+def weight_norm(model: torch.nn.Module) -> float:
+    """Global L2 norm of the floating-point parameters."""
+    with torch.no_grad():
+        norms = [p.detach().float().norm() for p in model.parameters() if p.is_floating_point()]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def check_health(model: torch.nn.Module, rows: list[dict], desc: str, start_norm: float, max_loss: float = MAX_LOSS) -> None:
+    """The state after the last step, not only the training losses: a non-finite or exploding loss on the final
+    evaluation, or weights whose norm grew by orders of magnitude (``MAX_WEIGHT_GROWTH``), are a divergence."""
+    last = next((r for r in reversed(rows) if not math.isnan(r.get("test_loss", math.nan))), None)
+    if last is not None:
+        for key in ("test_loss", "bd_test_loss"):
+            v = last.get(key)
+            if v is not None and (not math.isfinite(v) or (key == "test_loss" and v > max_loss)):
+                raise TrainingDiverged(f"{desc}: the final evaluation's {key} is {v:.4g}: the model diverged. Lower the "
+                                       f"learning rate (lr); nothing from this run was saved.")
+    end = weight_norm(model)
+    if start_norm > 0 and end > MAX_WEIGHT_GROWTH * start_norm:
+        raise TrainingDiverged(f"{desc}: the weights' norm grew from {start_norm:.4g} to {end:.4g} (over "
+                               f"{MAX_WEIGHT_GROWTH:g}x): the run diverged. Lower the learning rate (lr); nothing from this "
+                               f"run was saved.")
 
 
 def _test_metrics(model, evalsets, norm, batch_size):

@@ -245,6 +245,15 @@ class OutputFolder:
             replaced = deps
         return replaced
 
+    def release(self) -> None:
+        """Give up the destination without writing (a run that failed before its output was written)."""
+        self.lock.release()
+
+    def __del__(self):
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
+
     def __enter__(self) -> "OutputFolder":
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self.path.mkdir()

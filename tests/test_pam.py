@@ -64,6 +64,17 @@ def test_displacement_direction_and_length():
     assert float(step.last_distance) == pytest.approx(d.norm().item(), rel=1e-6)
 
 
+def test_path_distance_is_measured_after_the_step():
+    """The first step starts at theta_bd (distance 0 before it); the distance reported is the one the step left."""
+    model, _, x, y = _pair()
+    bd = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step = PathAwareStep(model, torch.optim.SGD(model.parameters(), lr=0.1), bd, rho=0.5)
+    step(model, x, y)
+    assert float(step.last_distance) == 0.0 and step.distance() > 0
+    moved = torch.linalg.vector_norm(_flat([bd[n] - p.detach() for n, p in model.named_parameters()]))
+    assert step.distance() == pytest.approx(moved.item(), rel=1e-5)
+
+
 def test_interpolation_form():
     model, bd, x, y = _pair()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -192,6 +192,35 @@ def test_divergence_in_the_last_step_is_caught_on_the_final_weights():
         engine.fit(model, data, norm=norm, epochs=2, batch_size=16, step_fn=step, augment=False)
 
 
+def test_weights_that_grew_by_orders_of_magnitude_are_a_divergence():
+    data, model, norm = _data_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    plain = engine.sgd_step(opt)
+
+    def step(m, x, y):  # every loss finite, then one update blows the weights up (an absurd learning rate's last step)
+        loss, logits = plain(m, x, y)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1e3)
+        return loss, logits
+
+    with pytest.raises(TrainingDiverged, match=r"weights' norm grew .*Lower the learning rate"):
+        engine.fit(model, data, norm=norm, epochs=1, batch_size=64, step_fn=step, augment=False)
+
+
+@pytest.mark.parametrize("kind,name,extra", [("defense", "ft", []), ("retune", "ra", ["--defense", "none", "--poison_num", "2"])])
+def test_a_single_step_at_an_absurd_learning_rate_saves_nothing(tiny, capsys, kind, name, extra):
+    argv = [*DEFENSE, "--record_root", str(tiny), "--lr", "1e6", "--batch_size", "512", *extra]
+    if kind == "retune":
+        argv = [a for a in argv if a not in ("--save_name",)] + ["--save_name", "ra_absurd"]
+    def listing():  # pool_split.json: the record's attacker/defender split, made on first use (not an output)
+        return sorted(p.name for p in (tiny / "tiny").rglob("*") if p.name != "pool_split.json")
+    before = listing()
+    code, err = cli(kind, name, argv, capsys)
+    assert code == 2 and "diverged" in err and "lower the learning rate" in err.lower()
+    assert listing() == before
+
+
 def test_a_diverged_defense_saves_nothing(tiny):
     from bdsafety.defenses.base import DefenseResult, run_defense
 

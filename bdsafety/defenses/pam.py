@@ -155,6 +155,12 @@ class PathAwareStep:
         self.last_shift = torch.zeros(())
 
     @torch.no_grad()
+    def distance(self) -> float:
+        """||theta_bd - theta|| now (global L2 over the trainable parameters)."""
+        d = [torch.linalg.vector_norm((bd - p).float()) for bd, p in zip(self.theta_bd, self.params)]
+        return float(torch.linalg.vector_norm(torch.stack(d))) if d else 0.0
+
+    @torch.no_grad()
     def displacement(self) -> list[torch.Tensor]:
         """e for the current parameters (one tensor per trainable parameter)."""
         d = [bd - p for bd, p in zip(self.theta_bd, self.params)]
@@ -294,7 +300,7 @@ def pam(ctx) -> DefenseResult:
         def tag(epoch, row, base=base, r=r):
             row["epoch"] = base + epoch
             row["round"] = r + 1
-            row["path_distance"] = float(step.last_distance)
+            row["path_distance"] = step.distance()  # after the epoch's last step
 
         rr = engine.fit(model, reserved, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=step, optimizer=opt,
                         batch_fn=batch_fn, augment=cfg.augment, hflip=exp.info.hflip, evalsets=exp.evalsets, eval_every=cfg.eval_every,
@@ -302,7 +308,7 @@ def pam(ctx) -> DefenseResult:
                         progress=exp.progress, on_epoch_end=tag)
         rows.extend(rr)
         log(f"round {r + 1}/{cfg.n_rounds} ({cfg.epochs} epochs): {engine.format_metrics(rr[-1])}  "
-            f"||theta - theta_bd|| = {float(step.last_distance):.4f}")
+            f"||theta - theta_bd|| = {step.distance():.4f}")
     if G is not None:
         extra["generator_digest_per_round"] = digests
         artifacts["bti_generator.pt"] = {"generator": {k: v.detach().cpu() for k, v in G.state_dict().items()},
