@@ -19,7 +19,9 @@ import numpy as np
 
 
 def run(method, cfg: SimpleNamespace):
-    """Run a registered method with a resolved config."""
+    """Run a registered method with a resolved config (its ``resolve`` hook, if any, fills dependent values first)."""
+    if method.resolve is not None:
+        cfg = method.resolve(cfg)
     if method.kind == "attack":
         from bdsafety.attacks.base import run_attack
 

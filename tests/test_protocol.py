@@ -120,6 +120,14 @@ def test_select_largest_within_tolerance_and_best():
     assert select(c, key="rho", criterion="best_val_acc")[0]["rho"] == 0.3
     with pytest.raises(Exception, match="val_ratio"):
         select([{"rho": 0.3, "val_acc": None}], key="rho")
+    # relative drop against a reference model (ANP's threshold): (0.95 - 0.90) / 0.95 = 0.053 < 0.1, 0.84: 0.116 >= 0.1
+    t = [{"t": 0.0, "val_acc": 0.96}, {"t": 0.1, "val_acc": 0.90}, {"t": 0.2, "val_acc": 0.84}]
+    assert select(t, key="t", criterion="largest_within_drop", tol=0.1, reference=0.95)[0]["t"] == 0.1
+    assert select(t, key="t", criterion="largest_within_drop", tol=0.2, reference=0.95)[0]["t"] == 0.2
+    exact = [{"t": 0.0, "val_acc": 1.0}, {"t": 0.1, "val_acc": 0.75}]  # a drop of exactly 0.25 (binary fractions)
+    assert select(exact, key="t", criterion="largest_within_drop", tol=0.25, reference=1.0)[0]["t"] == 0.0  # strict <
+    chosen, words = select(t[1:], key="t", criterion="largest_within_drop", tol=0.05, reference=1.0)
+    assert chosen is None and "none qualifies" in words
 
 
 def test_rho_select_needs_a_sweep_and_a_validation_split():
@@ -164,6 +172,63 @@ def test_pam_rho_selected_on_validation_only(demo_work):
         assert len(np.intersect1d(vidx, tidx)) == 0  # never trained on
         model = exp.load_model(load_model_result(out / "defense_result.pt")["model"])
         assert abs(val_accuracy(model, exp.train.subset(vidx), exp.norm) - meta["val_acc"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_anp_threshold_selected_on_validation_only(demo_work, monkeypatch, tmp_path):
+    """ANP's threshold selection never receives test data: run twice, the second time with the test sets replaced by
+    noise with random labels; masks, candidates and the chosen threshold are identical. The candidates' validation
+    accuracies are those of the held-out reserved images (val_index.txt, never used to learn masks)."""
+    import shutil
+
+    import yaml
+
+    import bdsafety.defenses.base as base
+    from bdsafety import engine
+    from bdsafety.experiment import open_experiment
+    from bdsafety.records import load_model_result
+    from bdsafety.registry import get
+    from bdsafety.selection import val_accuracy
+
+    rec = tmp_path / "rec" / "badnet_demo"
+    shutil.copytree(demo_work.demo, rec, ignore=shutil.ignore_patterns("defense", "ra", "lmc_*"))
+    argv = ["--result_file", str(rec), "--yaml_path", os.path.join(ROOT, "config/defense/anp/demo.yaml"), "--no_progress",
+            "--nb_iter", "20", "--print_every", "20", "--pruning_sweep", "false"]
+    m = get("defense", "anp")
+    honest = m.main([*argv, "--save_name", "anp_a"])
+    real_open = base.open_experiment
+
+    def scrambled(cfg):
+        exp = real_open(cfg)
+        g = torch.Generator().manual_seed(123)
+        ev = exp.evalsets
+
+        def noise(ds):
+            return DeviceDataset(torch.randint(0, 256, tuple(ds.x.shape), generator=g, dtype=torch.uint8),
+                                 torch.randint(0, exp.num_classes, (len(ds),), generator=g), ds.device)
+
+        exp.evalsets = engine.EvalSets(clean=noise(ev.clean), bd=noise(ev.bd), bd_orig_y=ev.bd_orig_y)
+        return exp
+
+    monkeypatch.setattr(base, "open_experiment", scrambled)
+    blind = m.main([*argv, "--save_name", "anp_b"])
+    a, b = (yaml.safe_load((o / "anp_threshold_selection.yaml").read_text()) for o in (honest, blind))
+    assert a == b  # the same candidates, validation scores and choice
+    assert (honest / "mask_values.txt").read_text() == (blind / "mask_values.txt").read_text()
+    ma, mb = (yaml.safe_load((o / "config.yaml").read_text()) for o in (honest, blind))
+    assert ma["after"]["test_acc"] != mb["after"]["test_acc"]  # the test data did differ
+    assert (ma["n_pruned"], ma["pruning_threshold"]) == (mb["n_pruned"], mb["pruning_threshold"])
+    # the validation accuracies: the held-out reserved images, disjoint from the mask-learning ones
+    vidx = np.loadtxt(honest / "log" / "val_index.txt", dtype=np.int64, ndmin=1)
+    tidx = np.loadtxt(honest / "log" / "index.txt", dtype=np.int64, ndmin=1)
+    assert len(vidx) == round(0.2 * (len(vidx) + len(tidx))) and len(np.intersect1d(vidx, tidx)) == 0
+    monkeypatch.setattr(base, "open_experiment", real_open)
+    exp = open_experiment(m.parse(["--result_file", str(rec), "--no_progress"]))
+    out_model = exp.load_model(load_model_result(honest / "defense_result.pt")["model"])
+    chosen = next(c for c in a["candidates"] if c["threshold"] == a["threshold"]) if a["threshold"] is not None else None
+    want = chosen["val_acc"] if chosen else a["val_acc_unpruned"]
+    assert abs(val_accuracy(out_model, exp.train.subset(vidx), exp.norm) - want) < 1e-9
+    assert abs(val_accuracy(exp.backdoored_model(), exp.train.subset(vidx), exp.norm) - a["val_acc_unpruned"]) < 1e-9
 
 
 def test_ra_budget_figure_from_its_command(demo_work, fst_after_ra):

@@ -70,6 +70,7 @@ def test_first_run_runs_every_job_and_writes_results(tiny):
         assert df[col].notna().all(), col
     ft = df[df["defense"] == "ft"].iloc[0]
     assert not math.isnan(ft["qra_asr"]) and not math.isnan(ft["lmc_asr_mid"]) and ft["defense_wall_s"] > 0
+    assert df["n_pruned"].isna().all() and df["pruning_threshold"].isna().all()  # no pruning defense in this grid
     # the backdoored model's own row: O-Robustness is the attacked model
     none = df[df["defense"] == "none"].iloc[0]
     assert none["o_robustness_asr"] == none["o_backdoor_asr"]

@@ -13,6 +13,7 @@ Per grid point (dataset, attack, pratio, model, seed):
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -119,6 +120,8 @@ def build_plan(study) -> Plan:
         if bad:
             raise ConfigError(f"{study.path}: set: {kind} {method} has no key(s) {bad}; valid: {', '.join(sorted(schema))}")
         cfg = resolve(schema, str(yaml_path), over)
+        if m.resolve is not None:  # values that depend on others (ANP's variant): a bad mix fails here, not mid-study
+            m.resolve(copy.copy(cfg))
         conf = {k: v for k, v in config_dict(cfg).items() if k not in RUNTIME_KEYS}
         j = Job(key=key, kind=kind, method=method, yaml_path=str(yaml_path), overrides=over, deps=list(deps),
                 resources=study.job_resources(kind, method, clean), point=dict(point), config=conf)
