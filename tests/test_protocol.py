@@ -23,33 +23,56 @@ def _split(n=40, length=200, seed=0):
     return PoisonedSplit(idx, imgs, np.zeros(n), rng.integers(0, 10, n), length)
 
 
-def _capture(ds, epochs=6):
-    """Every batch the training loop would see (augmentation on), mapped back to dataset positions."""
+def _capture(ds, epochs=6, augment=True):
+    """Every batch the training loop would see, mapped back to dataset positions: {position: [image per epoch]}."""
     g = torch.Generator().manual_seed(0)
     seen = {}
     for _ in range(epochs):
-        for xb, y, idx in iterate_batches(ds, 16, shuffle=True, augment=True, generator=g):
+        for xb, y, idx in iterate_batches(ds, 16, shuffle=True, augment=augment, generator=g):
             for x, i in zip(xb, idx.tolist()):
                 seen.setdefault(i, []).append(x.clone())
     return seen
 
 
 @pytest.mark.parametrize("augment_poison", [False, True])
-def test_ra_poisoned_samples_are_bit_identical_in_every_batch(augment_poison):
+@pytest.mark.parametrize("draw", ["once", "redraw"])
+def test_ra_clean_augmentation_drawn_once_or_redrawn_and_poison_bit_identical(draw, augment_poison):
+    """augment_draw once (the official RA, default): each clean image enters every epoch with the SAME crop / flip
+    (and the same one for every model retuned with the seed); redraw: a new one each epoch. The poisoned samples are
+    the record's images in every batch (unless the augment_poison ablation)."""
+    from types import SimpleNamespace
+
+    from bdsafety.retune.ra import training_data
+
     rng = np.random.default_rng(1)
     train = DeviceDataset(rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 60))
     split = _split()
     ra = assemble_ra_set(train, split, np.arange(30), np.arange(5), augment_poison=augment_poison)
-    seen = _capture(ra.data)
+    cfg = SimpleNamespace(augment=True, augment_draw=draw, random_seed=0)
+    data, loop_augments = training_data(ra, cfg, hflip=True)
+    assert loop_augments == (draw == "redraw")
+    seen = _capture(data, augment=loop_augments)
+    clean, poison = range(30), range(30, 35)
     stored = torch.from_numpy(split.images[:5]).permute(0, 3, 1, 2)
-    poison_pos = range(30, 35)
-    changed_poison = sum(not torch.equal(x, stored[p - 30]) for p in poison_pos for x in seen[p])
-    changed_clean = sum(not torch.equal(x, train.x[p]) for p in range(30) for x in seen[p])
-    assert changed_clean > 0  # the clean part is augmented
+    assert all(len(seen[p]) == 6 for p in range(35))
+    changed_clean = sum(not torch.equal(x, train.x[p]) for p in clean for x in seen[p])
+    assert changed_clean > 0  # the clean part is augmented in both modes
+    varies = sum(any(not torch.equal(seen[p][0], x) for x in seen[p][1:]) for p in clean)
+    if draw == "once":
+        assert varies == 0  # one augmented version per clean image, the same in every epoch
+        again, _ = training_data(ra, cfg, hflip=True)
+        assert torch.equal(again.x, data.x)  # seeded: the same draw for every model retuned with this seed
+        other, _ = training_data(ra, SimpleNamespace(augment=True, augment_draw=draw, random_seed=1), hflip=True)
+        assert not torch.equal(other.x[:30], data.x[:30])
+    else:
+        assert varies >= 25  # redrawn: almost every clean image is seen in more than one version
+    changed_poison = sum(not torch.equal(x, stored[p - 30]) for p in poison for x in seen[p])
     if augment_poison:
         assert changed_poison > 0  # the ablation augments them
     else:
         assert changed_poison == 0  # default: every draw of every poisoned sample is the record's image
+    plain, loop_plain = training_data(ra, SimpleNamespace(augment=False, augment_draw=draw, random_seed=0), hflip=True)
+    assert plain is ra.data and not loop_plain  # augment false: nothing is augmented
 
 
 def test_ra_default_config_does_not_augment_poison():
@@ -57,6 +80,10 @@ def test_ra_default_config_does_not_augment_poison():
 
     cfg = get("retune", "ra").parse(["--result_file", "x", "--yaml_path", os.path.join(ROOT, "config/retune_attack/ra/demo.yaml")])
     assert cfg.augment_poison is False
+    for ds in ("cifar10", "cifar100", "gtsrb", "tiny", "demo", "cifar100_paper", "tiny_paper"):
+        c = get("retune", "ra").parse(["--result_file", "x", "--yaml_path", os.path.join(ROOT, f"config/retune_attack/ra/{ds}.yaml")])
+        assert (c.augment, c.augment_draw, c.augment_poison) == (True, "once", False), ds  # the official RA
+    assert get("retune", "ra").parse(["--result_file", "x"]).augment_draw == "once"
     for name in ("exact_purification", "pam"):
         assert get("defense", name).parse(["--result_file", "x"]).augment_poison is False
 
