@@ -8,7 +8,8 @@ Per grid point (dataset, attack, pratio, model, seed):
     defense d                  -> <record>/defense/<folder>/                          (after attack)
     ra on none / clean / d     -> <record>/ra/, <clean>/ra_<record>/, <record>/defense/<folder>/ra/
     ra budget (poison_num n)   -> the same with _budget_p<n> appended (ra_budget_p<n>, ...)
-    qra on d                   -> <record>/defense/<folder>/qra/                      (after d, its RA, clean)
+    qra on d                   -> <record>/defense/<folder>/qra/                      (after d, its RA, clean; left out,
+                                  with a note, for a clean-label attack whose trigger its record cannot rebuild)
     analysis (lmc) on d        -> <record>/lmc_<folder>/                              (after attack, d)
 """
 from __future__ import annotations
@@ -89,6 +90,7 @@ def _runtime(study) -> dict:
 def build_plan(study) -> Plan:
     """Expand ``study`` (bdsafety.study.spec.Study) into jobs with resolved configs and ids (topological order)."""
     from bdsafety import registry
+    from bdsafety.retune.qra import triggered_source_note
 
     notes = list(study.notes)
     jobs: dict[str, Job] = {}
@@ -134,6 +136,9 @@ def build_plan(study) -> Plan:
     for dataset in study.datasets:
         for model in study.models:
             for attack in study.attacks:
+                qra_note = triggered_source_note(attack) if qra else None  # clean-label without a rebuildable trigger
+                if qra_note is not None:
+                    notes.append(f"qra on {attack} records: every job left out: {qra_note}")
                 for seed in study.seeds:
                     base = {"dataset": dataset, "attack": attack, "model": model, "seed": seed}
                     cname = clean_name(attack, dataset, model, seed)
@@ -179,7 +184,8 @@ def build_plan(study) -> Plan:
                             else:
                                 ddeps = [rname]  # a folder made elsewhere: read as found
                             if ra and add_ra(f"{dkey}/ra", dpt, {**rec, "defense": folder, "save_name": "ra"}, ddeps + [rname]):
-                                if qra and have_clean and (study.qra_defenses is None or d in study.qra_defenses or folder in study.qra_defenses):
+                                # qra_note: left out, with the attack's note
+                                if qra and qra_note is None and have_clean and (study.qra_defenses is None or d in study.qra_defenses or folder in study.qra_defenses):
                                     add(f"{dkey}/qra", "retune", "qra", {**dpt, "role": "qra"},
                                         {**rec, "defense": folder, "clean_record": cname, "ra_name": "ra", "save_name": "qra"},
                                         ddeps + [f"{dkey}/ra", cname])
