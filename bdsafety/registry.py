@@ -55,6 +55,7 @@ class Method:
     module: str = ""
     expand: Callable | None = None  # cfg -> list of cfgs: one run per element (e.g. PAM's --rho_sweep); None: one run
     select: Callable | None = None  # (cfg, outputs of the expanded runs) -> None: picks one on validation data
+    resolve: Callable | None = None  # cfg -> cfg before the run: fills values that depend on others (ANP's variant)
 
     @property
     def entry(self) -> str:
@@ -90,7 +91,7 @@ _discovered = False
 
 def register(kind: str, name: str, *, schema: Callable[[], dict], description: str, folder: str | None = None,
              needs: Iterable[str] = (), configs: Iterable[str] | None = None, expand: Callable | None = None,
-             select: Callable | None = None) -> Callable:
+             select: Callable | None = None, resolve: Callable | None = None) -> Callable:
     """Decorator registering ``run`` as method ``name`` of ``kind``; returns ``run`` unchanged."""
     if kind not in KIND_DIRS:
         raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KIND_DIRS)}")
@@ -102,7 +103,7 @@ def register(kind: str, name: str, *, schema: Callable[[], dict], description: s
         key = (kind, name)
         m = Method(kind=kind, name=name, run=run, schema=schema, description=description, folder=folder or name,
                    needs=frozenset(needs), configs=tuple(configs) if configs is not None else DATASET_CONFIGS + ("demo",),
-                   module=getattr(run, "__module__", ""), expand=expand, select=select)
+                   module=getattr(run, "__module__", ""), expand=expand, select=select, resolve=resolve)
         old = _REGISTRY.get(key)
         if old is not None and old.module != m.module:
             raise ValueError(f"{kind} {name!r} is registered twice: by {old.module} and by {m.module}")

@@ -19,10 +19,12 @@ import numpy as np
 
 
 def run(method, cfg: SimpleNamespace):
-    """Run a registered method with a resolved config, at the config's precision (set once here for the whole run,
-    restored afterwards: bdsafety.engine.precision)."""
+    """Run a registered method with a resolved config (its ``resolve`` hook, if any, fills dependent values first), at
+    the config's precision (set once here for the whole run, restored afterwards: bdsafety.engine.precision)."""
     from bdsafety.engine import precision
 
+    if method.resolve is not None:
+        cfg = method.resolve(cfg)
     with precision(getattr(cfg, "precision", "fp32")):
         return _run(method, cfg)
 

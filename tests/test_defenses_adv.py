@@ -425,10 +425,10 @@ def test_pruned_model_loads_strictly_and_equals_the_masked_network(prune_bias):
     fresh = build_model("cnn_small", 4)
     load_state_dict_compat(fresh, pruned.state_dict())
     fresh.eval()
-    # the masked network: hard 0/1 masks (1 for kept neurons) on the wrapped model
+    # the masked network: hard 0/1 masks (1 for kept neurons: mask rounded to 4 decimals > 0.2) on the wrapped model
     with torch.no_grad():
         for _, w in wrappers:
-            w.neuron_mask.copy_((w.neuron_mask >= 0.2).float())
+            w.neuron_mask.copy_((torch.round(w.neuron_mask * 1e4) / 1e4 > 0.2).float())
             w.bias_mask = prune_bias
     wrapped.eval()
     assert torch.allclose(fresh(x), wrapped(x), atol=1e-5)
@@ -467,6 +467,37 @@ def test_anp_mask_step_matches_a_hand_computed_update(variant, lr, batch):
     expect = (0.5 - lr * gm).clamp(0, 1)
     assert torch.allclose(got, expect, atol=1e-6)
     assert not torch.allclose(got, torch.full((2,), 0.5), atol=1e-4)  # the step moved the masks
+
+
+def test_anp_prunes_masks_at_or_below_the_threshold_at_4_decimals():
+    """Both references compare the masks read back from mask_values.txt (4 decimals) with <= threshold."""
+    mv = [("bn", 0, 0.0), ("bn", 1, 0.19996), ("bn", 2, 0.2), ("bn", 3, 0.20006), ("bn", 4, 0.5)]
+    assert anp_mod.select_pruned(mv, "threshold", 0.2) == [("bn", 0), ("bn", 1), ("bn", 2)]
+    assert anp_mod.select_pruned(mv, "threshold", 0.0) == [("bn", 0)]  # a mask clipped to 0 goes at threshold 0
+    assert anp_mod.thresholds(anp_cfg()) == [round(0.05 * i, 6) for i in range(19)]  # 0, 0.05, ..., 0.9
+
+
+def test_anp_variants_fill_the_pruning_rule_and_the_validation_split():
+    from bdsafety.errors import ConfigError
+    from bdsafety.registry import get
+
+    m = get("defense", "anp")
+    for ds in ("cifar10", "cifar100", "gtsrb", "tiny", "demo"):
+        cfg = m.resolve(m.parse(["--result_file", "x", "--yaml_path", str(ROOT / f"config/defense/anp/{ds}.yaml")]))
+        # the default: BackdoorBench's masks with the threshold selected on a validation split
+        assert (cfg.anp_variant, cfg.pruning_select, cfg.val_ratio, cfg.anp_mask_lr, cfg.batch_size, cfg.acc_ratio) == (
+            "backdoorbench", "val", 0.2, 0.01, 256, 0.1), ds
+        orig = m.resolve(m.parse(["--result_file", "x", "--yaml_path", str(ROOT / f"config/defense/anp/{ds}.yaml"),
+                                  "--anp_variant", "original"]))
+        # the original: its own fixed threshold 0.2, no validation split taken from the mask data
+        assert (orig.pruning_select, orig.val_ratio, orig.pruning_number, orig.anp_mask_lr, orig.batch_size) == (
+            "fixed", 0.0, 0.2, 0.2, 128), ds
+    with pytest.raises(ConfigError, match="val_ratio is 0.*--val_ratio.*--pruning_select fixed"):
+        m.resolve(m.parse(["--result_file", "x", "--val_ratio", "0"]))
+    with pytest.raises(ConfigError, match="sweeps thresholds"):
+        m.resolve(m.parse(["--result_file", "x", "--pruning_by", "number"]))
+    fixed = m.resolve(m.parse(["--result_file", "x", "--pruning_select", "fixed"]))  # an explicit option beats the variant
+    assert (fixed.pruning_select, fixed.val_ratio, fixed.anp_mask_lr) == ("fixed", 0.0, 0.01)
 
 
 def test_anp_needs_batchnorm():
@@ -583,23 +614,44 @@ def _check_folder(folder: Path, name: str, files=()):
 
 
 def test_anp_end_to_end_on_the_demo_record(demo_record, tmp_path):
+    """The default (backdoorbench masks, threshold selected on the validation split) on the demo record."""
+    import yaml
+
     rec = isolated_record(demo_record, tmp_path)
     out = _run(anp_mod, "anp", rec)
     assert out == rec / "defense" / "anp"
-    model = _check_folder(out, "anp", files=("mask_values.txt", "anp_threshold_sweep.csv"))
+    model = _check_folder(out, "anp", files=("mask_values.txt", "anp_threshold_sweep.csv", "anp_threshold_selection.yaml",
+                                             "log/val_index.txt"))
     meta = _summary(out)
     before, after = meta["before"], meta["after"]
-    n_pruned = meta["anp"]["n_pruned"]
-    assert 0 < n_pruned < meta["anp"]["n_neurons"]
+    n_pruned, thr = meta["n_pruned"], meta["pruning_threshold"]
+    assert meta["anp"]["n_pruned"] == n_pruned and meta["anp"]["pruning_select"] == "val"
+    assert meta["config"]["val_ratio"] == 0.2 and meta["config"]["pruning_select"] == "val"
     zero_w = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert zero_w >= n_pruned
-    # behaviour measured with the demo config (100 of ANP's 2000 iterations): pruning at threshold 0.2 lowers the
-    # ASR (0.97 -> 0.73) without hurting C-Acc, but does NOT purify this model; the test asserts that truth
-    assert before["test_acc"] - after["test_acc"] <= 0.10
-    assert after["test_asr"] < before["test_asr"] - 0.10
+    # the selection: every threshold of the sweep scored on validation data; the largest within the 10% relative drop
+    sel = yaml.safe_load((out / "anp_threshold_selection.yaml").read_text())
+    cands = sel["candidates"]
+    assert [c["threshold"] for c in cands] == anp_mod.thresholds(anp_cfg()) and "validation" in sel["data"]
+    ref = sel["val_acc_unpruned"]
+    ok = [c["threshold"] for c in cands if (ref - c["val_acc"]) / ref < 0.1]
+    assert thr == sel["threshold"] == (max(ok) if ok else None)
+    assert n_pruned == next(c["n_pruned"] for c in cands if c["threshold"] == thr)
+    assert abs(meta["val_acc"] - next(c["val_acc"] for c in cands if c["threshold"] == thr)) < 1e-9
+    # the output model is the csv's last row (what results.csv reads)
+    df = pd.read_csv(out / "anp_df.csv")
+    assert df["n_pruned"].iloc[-1] == n_pruned and abs(df["test_asr"].iloc[-1] - after["test_asr"]) < 1e-9
     sweep = pd.read_csv(out / "anp_threshold_sweep.csv")
-    assert sweep["n_pruned"].is_monotonic_increasing and sweep["n_pruned"].iloc[0] == 0
-    assert abs(sweep["test_asr"].iloc[0] - before["test_asr"]) < 1e-9  # threshold 0 = the backdoored model
+    assert sweep["n_pruned"].is_monotonic_increasing
+    assert abs(sweep.set_index("threshold").loc[thr, "test_asr"] - after["test_asr"]) < 1e-9
+    # behaviour measured with the demo config (100 of ANP's 2000 iterations, seed 0): the validation selection keeps
+    # threshold 0.75 (48 of 480 neurons; validation C-Acc 1.00 -> 0.96, 0.80 would give 0.78), test C-Acc 99.9 -> 98.4,
+    # ASR 96.9 -> 27.8; the fixed threshold 0.2 would prune 1 neuron (ASR 96.0), the README's point about mixing the
+    # BackdoorBench masks with the original's threshold
+    assert 0 < n_pruned < meta["anp"]["n_neurons"] and 0.5 <= thr <= 0.85
+    assert before["test_acc"] - after["test_acc"] <= 0.05
+    assert after["test_asr"] < before["test_asr"] - 0.3
+    assert sweep.set_index("threshold").loc[0.2, "n_pruned"] < n_pruned
 
 
 def test_i_bau_end_to_end_on_the_demo_record(demo_record, tmp_path):

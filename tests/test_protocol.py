@@ -23,33 +23,56 @@ def _split(n=40, length=200, seed=0):
     return PoisonedSplit(idx, imgs, np.zeros(n), rng.integers(0, 10, n), length)
 
 
-def _capture(ds, epochs=6):
-    """Every batch the training loop would see (augmentation on), mapped back to dataset positions."""
+def _capture(ds, epochs=6, augment=True):
+    """Every batch the training loop would see, mapped back to dataset positions: {position: [image per epoch]}."""
     g = torch.Generator().manual_seed(0)
     seen = {}
     for _ in range(epochs):
-        for xb, y, idx in iterate_batches(ds, 16, shuffle=True, augment=True, generator=g):
+        for xb, y, idx in iterate_batches(ds, 16, shuffle=True, augment=augment, generator=g):
             for x, i in zip(xb, idx.tolist()):
                 seen.setdefault(i, []).append(x.clone())
     return seen
 
 
 @pytest.mark.parametrize("augment_poison", [False, True])
-def test_ra_poisoned_samples_are_bit_identical_in_every_batch(augment_poison):
+@pytest.mark.parametrize("draw", ["once", "redraw"])
+def test_ra_clean_augmentation_drawn_once_or_redrawn_and_poison_bit_identical(draw, augment_poison):
+    """augment_draw once (the official RA, default): each clean image enters every epoch with the SAME crop / flip
+    (and the same one for every model retuned with the seed); redraw: a new one each epoch. The poisoned samples are
+    the record's images in every batch (unless the augment_poison ablation)."""
+    from types import SimpleNamespace
+
+    from bdsafety.retune.ra import training_data
+
     rng = np.random.default_rng(1)
     train = DeviceDataset(rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 60))
     split = _split()
     ra = assemble_ra_set(train, split, np.arange(30), np.arange(5), augment_poison=augment_poison)
-    seen = _capture(ra.data)
+    cfg = SimpleNamespace(augment=True, augment_draw=draw, random_seed=0)
+    data, loop_augments = training_data(ra, cfg, hflip=True)
+    assert loop_augments == (draw == "redraw")
+    seen = _capture(data, augment=loop_augments)
+    clean, poison = range(30), range(30, 35)
     stored = torch.from_numpy(split.images[:5]).permute(0, 3, 1, 2)
-    poison_pos = range(30, 35)
-    changed_poison = sum(not torch.equal(x, stored[p - 30]) for p in poison_pos for x in seen[p])
-    changed_clean = sum(not torch.equal(x, train.x[p]) for p in range(30) for x in seen[p])
-    assert changed_clean > 0  # the clean part is augmented
+    assert all(len(seen[p]) == 6 for p in range(35))
+    changed_clean = sum(not torch.equal(x, train.x[p]) for p in clean for x in seen[p])
+    assert changed_clean > 0  # the clean part is augmented in both modes
+    varies = sum(any(not torch.equal(seen[p][0], x) for x in seen[p][1:]) for p in clean)
+    if draw == "once":
+        assert varies == 0  # one augmented version per clean image, the same in every epoch
+        again, _ = training_data(ra, cfg, hflip=True)
+        assert torch.equal(again.x, data.x)  # seeded: the same draw for every model retuned with this seed
+        other, _ = training_data(ra, SimpleNamespace(augment=True, augment_draw=draw, random_seed=1), hflip=True)
+        assert not torch.equal(other.x[:30], data.x[:30])
+    else:
+        assert varies >= 25  # redrawn: almost every clean image is seen in more than one version
+    changed_poison = sum(not torch.equal(x, stored[p - 30]) for p in poison for x in seen[p])
     if augment_poison:
         assert changed_poison > 0  # the ablation augments them
     else:
         assert changed_poison == 0  # default: every draw of every poisoned sample is the record's image
+    plain, loop_plain = training_data(ra, SimpleNamespace(augment=False, augment_draw=draw, random_seed=0), hflip=True)
+    assert plain is ra.data and not loop_plain  # augment false: nothing is augmented
 
 
 def test_ra_default_config_does_not_augment_poison():
@@ -57,6 +80,10 @@ def test_ra_default_config_does_not_augment_poison():
 
     cfg = get("retune", "ra").parse(["--result_file", "x", "--yaml_path", os.path.join(ROOT, "config/retune_attack/ra/demo.yaml")])
     assert cfg.augment_poison is False
+    for ds in ("cifar10", "cifar100", "gtsrb", "tiny", "demo", "cifar100_paper", "tiny_paper"):
+        c = get("retune", "ra").parse(["--result_file", "x", "--yaml_path", os.path.join(ROOT, f"config/retune_attack/ra/{ds}.yaml")])
+        assert (c.augment, c.augment_draw, c.augment_poison) == (True, "once", False), ds  # the official RA
+    assert get("retune", "ra").parse(["--result_file", "x"]).augment_draw == "once"
     for name in ("exact_purification", "pam"):
         assert get("defense", name).parse(["--result_file", "x"]).augment_poison is False
 
@@ -134,6 +161,14 @@ def test_select_largest_within_tolerance_and_best():
     assert select(c, key="rho", criterion="best_val_acc")[0]["rho"] == 0.3
     with pytest.raises(Exception, match="val_ratio"):
         select([{"rho": 0.3, "val_acc": None}], key="rho")
+    # relative drop against a reference model (ANP's threshold): (0.95 - 0.90) / 0.95 = 0.053 < 0.1, 0.84: 0.116 >= 0.1
+    t = [{"t": 0.0, "val_acc": 0.96}, {"t": 0.1, "val_acc": 0.90}, {"t": 0.2, "val_acc": 0.84}]
+    assert select(t, key="t", criterion="largest_within_drop", tol=0.1, reference=0.95)[0]["t"] == 0.1
+    assert select(t, key="t", criterion="largest_within_drop", tol=0.2, reference=0.95)[0]["t"] == 0.2
+    exact = [{"t": 0.0, "val_acc": 1.0}, {"t": 0.1, "val_acc": 0.75}]  # a drop of exactly 0.25 (binary fractions)
+    assert select(exact, key="t", criterion="largest_within_drop", tol=0.25, reference=1.0)[0]["t"] == 0.0  # strict <
+    chosen, words = select(t[1:], key="t", criterion="largest_within_drop", tol=0.05, reference=1.0)
+    assert chosen is None and "none qualifies" in words
 
 
 def test_rho_select_needs_a_sweep_and_a_validation_split():
@@ -178,6 +213,63 @@ def test_pam_rho_selected_on_validation_only(demo_work):
         assert len(np.intersect1d(vidx, tidx)) == 0  # never trained on
         model = exp.load_model(load_model_result(out / "defense_result.pt")["model"])
         assert abs(val_accuracy(model, exp.train.subset(vidx), exp.norm) - meta["val_acc"]) < 1e-6
+
+
+@pytest.mark.slow
+def test_anp_threshold_selected_on_validation_only(demo_work, monkeypatch, tmp_path):
+    """ANP's threshold selection never receives test data: run twice, the second time with the test sets replaced by
+    noise with random labels; masks, candidates and the chosen threshold are identical. The candidates' validation
+    accuracies are those of the held-out reserved images (val_index.txt, never used to learn masks)."""
+    import shutil
+
+    import yaml
+
+    import bdsafety.defenses.base as base
+    from bdsafety import engine
+    from bdsafety.experiment import open_experiment
+    from bdsafety.records import load_model_result
+    from bdsafety.registry import get
+    from bdsafety.selection import val_accuracy
+
+    rec = tmp_path / "rec" / "badnet_demo"
+    shutil.copytree(demo_work.demo, rec, ignore=shutil.ignore_patterns("defense", "ra", "lmc_*"))
+    argv = ["--result_file", str(rec), "--yaml_path", os.path.join(ROOT, "config/defense/anp/demo.yaml"), "--no_progress",
+            "--nb_iter", "20", "--print_every", "20", "--pruning_sweep", "false"]
+    m = get("defense", "anp")
+    honest = m.main([*argv, "--save_name", "anp_a"])
+    real_open = base.open_experiment
+
+    def scrambled(cfg):
+        exp = real_open(cfg)
+        g = torch.Generator().manual_seed(123)
+        ev = exp.evalsets
+
+        def noise(ds):
+            return DeviceDataset(torch.randint(0, 256, tuple(ds.x.shape), generator=g, dtype=torch.uint8),
+                                 torch.randint(0, exp.num_classes, (len(ds),), generator=g), ds.device)
+
+        exp.evalsets = engine.EvalSets(clean=noise(ev.clean), bd=noise(ev.bd), bd_orig_y=ev.bd_orig_y)
+        return exp
+
+    monkeypatch.setattr(base, "open_experiment", scrambled)
+    blind = m.main([*argv, "--save_name", "anp_b"])
+    a, b = (yaml.safe_load((o / "anp_threshold_selection.yaml").read_text()) for o in (honest, blind))
+    assert a == b  # the same candidates, validation scores and choice
+    assert (honest / "mask_values.txt").read_text() == (blind / "mask_values.txt").read_text()
+    ma, mb = (yaml.safe_load((o / "config.yaml").read_text()) for o in (honest, blind))
+    assert ma["after"]["test_acc"] != mb["after"]["test_acc"]  # the test data did differ
+    assert (ma["n_pruned"], ma["pruning_threshold"]) == (mb["n_pruned"], mb["pruning_threshold"])
+    # the validation accuracies: the held-out reserved images, disjoint from the mask-learning ones
+    vidx = np.loadtxt(honest / "log" / "val_index.txt", dtype=np.int64, ndmin=1)
+    tidx = np.loadtxt(honest / "log" / "index.txt", dtype=np.int64, ndmin=1)
+    assert len(vidx) == round(0.2 * (len(vidx) + len(tidx))) and len(np.intersect1d(vidx, tidx)) == 0
+    monkeypatch.setattr(base, "open_experiment", real_open)
+    exp = open_experiment(m.parse(["--result_file", str(rec), "--no_progress"]))
+    out_model = exp.load_model(load_model_result(honest / "defense_result.pt")["model"])
+    chosen = next(c for c in a["candidates"] if c["threshold"] == a["threshold"]) if a["threshold"] is not None else None
+    want = chosen["val_acc"] if chosen else a["val_acc_unpruned"]
+    assert abs(val_accuracy(out_model, exp.train.subset(vidx), exp.norm) - want) < 1e-9
+    assert abs(val_accuracy(exp.backdoored_model(), exp.train.subset(vidx), exp.norm) - a["val_acc_unpruned"]) < 1e-9
 
 
 def test_ra_budget_figure_from_its_command(demo_work, fst_after_ra):

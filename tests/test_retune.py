@@ -234,6 +234,73 @@ def test_qra_reactivates_dormant_backdoor_toy(alpha, access):
         assert after["test_asr"] == 0
 
 
+# ------------------------------------------------------------------------------------------------ QRA on clean-label records
+
+def _clean_label_exp(tmp_path, info, n=300, target=0, pratio=0.06, seed=0):
+    """A stand-in Experiment for a clean-label record: 10 classes of random images; bd_train = the trigger on
+    round(pratio * n) TARGET-class training images, labels unchanged; a separate random test set."""
+    from bdsafety.attacks.base import record_trigger
+
+    rng = np.random.default_rng(seed)
+    train_x = rng.integers(0, 200, (n, 32, 32, 3), dtype=np.uint8)
+    train_y = np.arange(n) % 10
+    pool = np.sort(rng.choice(np.flatnonzero(train_y == target), int(round(pratio * n)), replace=False))
+    trig = record_trigger(info)
+    bd = PoisonedSplit(pool, trig(train_x[pool]), train_y[pool], train_y[pool], n)
+    rec_dir = tmp_path / "sig_rec"
+    rec_dir.mkdir()
+    rec = SimpleNamespace(bd_train=bd, clean_data="synthetic", img_size=(32, 32, 3), attack_target=target, info=info,
+                          attack=info.get("attack"))
+    test_x = rng.integers(0, 200, (100, 32, 32, 3), dtype=np.uint8)
+    return SimpleNamespace(record=rec, record_dir=rec_dir, cfg=SimpleNamespace(record_root=str(tmp_path), trust_record=False),
+                           data=SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=np.arange(100) % 10),
+                           train=DeviceDataset(train_x, train_y), device="cpu", target=target)
+
+
+@pytest.mark.parametrize("info", [
+    {"attack": "sig", "trigger": "sig", "attack_target": 0, "sig_delta": 40, "sig_f": 6},  # this project's SIG record
+    {"attack": "label_consistent", "attack_target": 0, "reduced_amplitude": 1.0},  # a BackdoorBench LC record's names
+])
+def test_qra_on_clean_label_record_retriggers_attacker_training_images(tmp_path, info):
+    """A clean-label record's poisoned training samples are all of the target class, so QRA (triggered_source auto)
+    applies the record's trigger to clean NON-target-class TRAINING images outside the whole poisoned pool (so never
+    the defender's part) instead of the official code's LC TEST images; the indices it used are returned (saved to
+    log/poison_index.txt by run_qra)."""
+    from bdsafety.attacks.triggers import apply_lc_corners, apply_sig
+    from bdsafety.pools import pool_split
+
+    exp = _clean_label_exp(tmp_path, info)
+    cfg = SimpleNamespace(poison_source=None, clean_num=40, poison_num=30, random_seed=0, triggered_source="auto")
+    ds, meta = Q.qra_data(exp, cfg)
+    idx = meta["poison_index"]
+    assert meta["triggered_source"] == "retrigger" and len(idx) == 30 and len(np.unique(idx)) == 30
+    assert (exp.data.train_y[idx] != 0).all()  # non-target classes
+    split = pool_split(exp.record_dir, exp.record.bd_train)
+    assert not set(idx.tolist()) & set(split.defender.tolist())  # never the defender's part of the pool
+    assert not set(idx.tolist()) & set(exp.record.bd_train.indices.tolist())  # nor any poisoned sample
+    assert not set(idx.tolist()) & set(meta["clean_index"].tolist())
+    want = (apply_sig(exp.data.train_x[idx], delta=40, f=6) if info["attack"] == "sig"
+            else apply_lc_corners(exp.data.train_x[idx], amplitude=1.0))
+    got = ds.x[40:].permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(got, want)  # the record's trigger on those TRAINING images, nothing else
+    np.testing.assert_array_equal(ds.y[40:].numpy(), exp.data.train_y[idx])  # their true labels
+    assert not any((got[i] == apply_sig(exp.data.test_x, 40, 6)).all((1, 2, 3)).any() for i in range(30))
+    again = Q.qra_data(exp, cfg)[1]
+    np.testing.assert_array_equal(again["poison_index"], idx)  # seeded
+    with pytest.raises(ValueError, match="all keep their label.*--triggered_source retrigger"):
+        Q.qra_data(exp, SimpleNamespace(**{**vars(cfg), "triggered_source": "bd_train"}))
+
+
+def test_qra_without_a_way_to_rebuild_the_trigger_says_so(tmp_path):
+    exp = _clean_label_exp(tmp_path, {"attack": "sig", "trigger": "sig", "attack_target": 0, "sig_delta": 40, "sig_f": 6})
+    exp.record.info = {"attack": "sig", "attack_target": 0}  # a record that does not say how its trigger was made
+    cfg = SimpleNamespace(poison_source=None, clean_num=10, poison_num=10, random_seed=0, triggered_source="auto")
+    with pytest.raises(ValueError, match="nor says how to apply its trigger.*--poison_num 0"):
+        Q.qra_data(exp, cfg)
+    assert Q.triggered_source_note("sig") is None and Q.triggered_source_note("lc") is None  # both rebuild their trigger
+    assert Q.triggered_source_note("badnet") is None  # dirty-label: bd_train holds non-target samples
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 def _ra_rows(folder: Path) -> pd.DataFrame:

@@ -72,6 +72,7 @@ def test_first_run_runs_every_job_and_writes_results(tiny):
         assert col in df.columns and df[col].isna().all(), col
     ft = df[df["defense"] == "ft"].iloc[0]
     assert not math.isnan(ft["qra_asr"]) and not math.isnan(ft["lmc_asr_mid"]) and ft["defense_wall_s"] > 0
+    assert df["n_pruned"].isna().all() and df["pruning_threshold"].isna().all()  # no pruning defense in this grid
     # the backdoored model's own row: O-Robustness is the attacked model
     none = df[df["defense"] == "none"].iloc[0]
     assert none["o_robustness_asr"] == none["o_backdoor_asr"]
@@ -179,6 +180,62 @@ def test_paper_grid_dry_run_lists_its_jobs(capsys):
     for a in {"ssba", "lc"} - set(attacks):
         assert f"attack '{a}' is not a registered attack" in out
     assert not Path("/nonexistent/record").exists()
+
+
+SIG_REC = "sig_synthetic_cnn_small_p0.05_s0"
+
+
+def test_clean_label_qra_jobs_planned_or_left_out_with_a_note(tmp_path, monkeypatch):
+    """QRA on a clean-label attack (SIG) is planned when its record can rebuild the trigger (QRA then retriggers
+    non-target-class training images); without that, every QRA job of the attack is left out and the dry run says why."""
+    from bdsafety.attacks.base import Attack
+    from bdsafety.attacks.sig import SIG
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    y = _yaml(tmp_path / "tiny_sig.yaml", top={"attacks": ["sig"], "pratios": [0.05]})
+    plan = build_plan(load_study(y))
+    assert f"{SIG_REC}/defense/ft/qra" in plan.by_key() and not any("qra" in n for n in plan.notes)
+    monkeypatch.setattr(SIG, "record_trigger", Attack.record_trigger)  # a clean-label attack that cannot rebuild it
+    plan = build_plan(load_study(y))
+    assert not [k for k in plan.by_key() if k.endswith("/qra")]
+    assert f"{SIG_REC}/defense/ft/ra" in plan.by_key()  # the rest of the grid stays
+    out = io.StringIO()
+    run_study(str(y), dry_run=True, study_dir=str(tmp_path / "sd"), out=out, progress=False)
+    assert "note: qra on sig records: every job left out: sig is a clean-label attack" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_sig_grid_with_anp_writes_pruning_and_retriggered_qra(tmp_path):
+    """A tiny SIG grid with ANP: results.csv carries ANP's n_pruned and selected threshold, and QRA on the clean-label
+    record runs from retriggered attacker-side training images (never test images, never the defender's pool part)."""
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from bdsafety.attacks.base import load_data_for
+
+    y = _yaml(tmp_path / "sig_anp.yaml", top={"attacks": ["sig"], "pratios": [0.05], "defenses": ["anp"]},
+              anp={"nb_iter": 4, "print_every": 4, "ratio": 0.5, "pruning_sweep": False})
+    oc, _ = _run(y, tmp_path / "sd")
+    assert not oc.failed, oc.failed
+    sd = tmp_path / "sd"
+    df = pd.read_csv(sd / "results.csv").set_index("defense")
+    meta = yaml.safe_load((sd / SIG_REC / "defense" / "anp" / "config.yaml").read_text())
+    assert df.loc["anp", "n_pruned"] == meta["n_pruned"] == meta["anp"]["n_pruned"]
+    thr = meta["pruning_threshold"]
+    assert (math.isnan(df.loc["anp", "pruning_threshold"]) if thr is None else df.loc["anp", "pruning_threshold"] == thr)
+    assert math.isnan(df.loc["none", "n_pruned"])
+    q = sd / SIG_REC / "defense" / "anp" / "qra"
+    qmeta = yaml.safe_load((q / "config.yaml").read_text())
+    assert qmeta["triggered_source_used"] == "retrigger" and not math.isnan(df.loc["anp", "qra_asr"])
+    idx = np.loadtxt(q / "log" / "poison_index.txt", dtype=np.int64, ndmin=1)
+    rec_cfg = yaml.safe_load((sd / SIG_REC / "config.yaml").read_text())["config"]
+    data = load_data_for(SimpleNamespace(**rec_cfg))  # the record's training labels
+    assert len(idx) == 10 and (data.train_y[idx] != rec_cfg["attack_target"]).all()  # non-target training images
+    pool = json.loads((sd / SIG_REC / "pool_split.json").read_text())
+    assert not set(idx.tolist()) & set(pool["defender"] + pool["attacker"])  # outside the poisoned pool
 
 
 def test_study_yaml_typos_are_errors_naming_the_valid_keys(tmp_path):

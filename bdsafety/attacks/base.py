@@ -201,6 +201,19 @@ class Attack:
         """Extra files for the record folder: name -> value (bdsafety.outputs.write_artifact)."""
         return {}
 
+    @classmethod
+    def record_trigger(cls, info: dict) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The trigger this attack puts on its poisoned TEST images, rebuilt from a record's info.pickle ``info``: a
+        function of uint8 (n, H, W, C) images; None (the default) when the record does not say how. QRA uses it to
+        make triggered non-target-class TRAINING images for clean-label records (their bd_train holds target-class
+        images only)."""
+        return None
+
+    @classmethod
+    def rebuilds_trigger(cls) -> bool:
+        """Whether this attack defines ``record_trigger``."""
+        return cls.record_trigger.__func__ is not Attack.record_trigger.__func__
+
     # ---- building blocks
     def select_poison(self) -> np.ndarray:
         d, c = self.ctx.data, self.cfg
@@ -286,6 +299,31 @@ class Attack:
         model = self.new_model()
         rows = self.train(model, train_x, train_y, bd_test, alt=alt)
         return AttackOutcome(model, rows, bd_train, bd_test, self.info(), self.artifacts())
+
+
+# attack names BackdoorBench writes into info.pickle that this project registers under another name
+ATTACK_ALIASES = {"label_consistent": "lc"}
+
+
+def attack_class(name: str | None) -> type[Attack] | None:
+    """The registered Attack subclass of ``name`` (an info.pickle 'attack' / 'trigger' value; BackdoorBench's names
+    too), or None when it is not a registered data-poisoning attack."""
+    from bdsafety.errors import ConfigError
+    from bdsafety.registry import get
+
+    if not name:
+        return None
+    try:
+        m = get("attack", ATTACK_ALIASES.get(str(name), str(name)))
+    except ConfigError:
+        return None
+    return getattr(m.run, "attack_class", None)
+
+
+def record_trigger(info: dict) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The test-time trigger of the record whose info.pickle is ``info`` (see ``Attack.record_trigger``), or None."""
+    cls = attack_class(info.get("trigger") or info.get("attack"))
+    return None if cls is None else cls.record_trigger(info)
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:

@@ -215,6 +215,16 @@ class LabelConsistent(Attack):
         return out
 
 
+    @classmethod
+    def record_trigger(cls, info: dict):
+        """The four-corner trigger at the record's reduced_amplitude: what the poisoned TEST images get (no adversarial
+        perturbation; BackdoorBench's label_consistent records carry reduced_amplitude too)."""
+        if info.get("reduced_amplitude") is None:
+            return None
+        amplitude = float(info["reduced_amplitude"])
+        return lambda images: apply_lc_corners(images, amplitude=amplitude)
+
+
 def SimpleCfg(cfg, **changes):
     """A copy of a resolved config namespace with ``changes``."""
     new = copy.copy(cfg)

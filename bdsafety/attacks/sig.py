@@ -30,3 +30,11 @@ class SIG(Attack):
 
     def info(self) -> dict:
         return {"sig_delta": self.cfg.sig_delta, "sig_f": self.cfg.sig_f}
+
+    @classmethod
+    def record_trigger(cls, info: dict):
+        """The sinusoid with the record's sig_delta / sig_f (BackdoorBench's records carry both keys too)."""
+        if info.get("sig_delta") is None or info.get("sig_f") is None:
+            return None
+        delta, f = float(info["sig_delta"]), float(info["sig_f"])
+        return lambda images: apply_sig(images, delta=delta, f=f)

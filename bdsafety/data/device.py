@@ -282,6 +282,21 @@ class DeviceDataset:
         g = self.geometry
         return random_crop_flip(self.gather(index, g.resize), pad=g.pad, flip=hflip, generator=generator, size=g.crop)
 
+    def augmented_once(self, *, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None,
+                       chunk: int = 8192) -> "DeviceDataset":
+        """A copy in which every non-frozen sample is replaced by ONE draw of the train augmentation
+        (``random_crop_flip``, batched on the device, ``chunk`` samples at a time, seeded by ``generator``); frozen
+        samples keep their stored image. Training on the copy with ``augment=False`` shows each sample's same
+        augmented image in every epoch, like a data set built once through a random train transform (the official
+        RA's); ``iterate_batches(augment=True)`` on the original redraws it every pass instead."""
+        if len(self) == 0:
+            return DeviceDataset(self.x.clone(), self.y, self.x.device, frozen=self.frozen)
+        xa = torch.cat([random_crop_flip(self.x[s : s + chunk], pad=pad, flip=flip, generator=generator)
+                        for s in range(0, len(self), chunk)])
+        if self.frozen is not None:
+            xa = torch.where(self.frozen[:, None, None, None], self.x, xa)
+        return DeviceDataset(xa, self.y, self.x.device, frozen=self.frozen)
+
     def numpy_images(self) -> np.ndarray:
         """Back to uint8 (N, H, W, C) on the CPU (the stored images; with a geometry, its evaluation view)."""
         x = self.x if self.geometry is None else self.view()

@@ -18,19 +18,29 @@ mask parameters remain, so defense_result.pt loads strictly into the registered 
 
 Two versions, named by ``anp_variant`` (the values each reference ships; an explicit option overrides them):
   * ``backdoorbench`` (default; what the paper ran, through BackdoorBench v2.2's defense/anp.py): mask SGD lr 0.01,
-    batch 256;
-  * ``original`` (Wu & Wang's released code, csdongxian/ANP_backdoor): mask SGD lr 0.2, batch 128.
+    batch 256, and the pruning threshold SELECTED (``pruning_select: val``, below);
+  * ``original`` (Wu & Wang's released code, csdongxian/ANP_backdoor): mask SGD lr 0.2, batch 128, and the
+    paper's fixed pruning threshold 0.2 (``pruning_select: fixed``).
 Both: eps 0.4, 1 ascent step, alpha 0.2, mask momentum 0.9, 2000 iterations, masks clipped to [0, 1]. Noise
 handling as both references do it: uniform random start in [-eps, eps] each iteration, then ``anp_steps`` SGD
 steps of size eps / steps on the SIGN of the gradient, with no projection (so a perturbation can reach 2 eps);
 ``anp_noise_projection: true`` projects onto [-eps, eps] after each step (the paper's constraint set; an option).
 
-Pruning: by a fixed threshold (``pruning_by: threshold``, 0.2) or count, or — ``pruning_select: val`` — by the
-largest threshold of the sweep 0, step, ..., pruning_max whose VALIDATION C-Acc (the held-out part of the
-reserved data, ``val_ratio``) is within ``pruning_select_tol`` of the best threshold's. BackdoorBench's anp.py
-picks the threshold with the lowest TEST-set ASR, which selects with test labels: not offered. The sweep's test
-metrics (anp_threshold_sweep.csv) are written for reporting only. BN running statistics changed while learning
-masks (train-mode passes, as in both references) are discarded, because pruning is applied to the original model.
+Pruning, as both references: a neuron is pruned at threshold t when its mask, rounded to 4 decimals (the references
+read the masks back from mask_values.txt, written with 4), is <= t. ``pruning_select``:
+  * ``fixed``: prune by ``pruning_by`` / ``pruning_number`` (threshold 0.2, or a neuron count);
+  * ``val``: the non-oracle analogue of BackdoorBench's sweep. BackdoorBench evaluates thresholds 0, 0.05, ...,
+    0.9 and keeps the pruned model with the lowest TEST ASR among those whose TEST C-Acc satisfies
+    |acc - acc_unpruned| / acc_unpruned < acc_ratio (0.1), the unpruned model when none lowers the ASR: an oracle
+    (test labels, poisoned test data) no defender has. Here the same thresholds are scored on the clean
+    VALIDATION split (``val_ratio`` of the reserved data, held out from mask learning), and the LARGEST threshold
+    whose relative validation C-Acc drop against the unpruned model, (acc_unpruned - acc) / acc_unpruned, is below
+    ``acc_ratio`` is kept (the most pruning the clean-accuracy budget allows: without poisoned data the ASR cannot
+    be measured; a rise in C-Acc is not penalised); none qualifies: nothing is pruned. Selected threshold, candidates
+    and reference go to config.yaml and anp_threshold_selection.yaml; bdsafety.selection makes the choice.
+The threshold sweep's TEST metrics (anp_threshold_sweep.csv) are written for reporting only. BN running statistics
+changed while learning masks (train-mode passes, as in both references) are discarded, because pruning is applied
+to the original model. n_pruned and pruning_threshold of the output model are written to config.yaml (top level).
 """
 from __future__ import annotations
 
@@ -45,18 +55,22 @@ import torch.nn.functional as F
 
 from bdsafety.errors import ConfigError
 from bdsafety import engine
-from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Option
+from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Check, Option, dump_yaml
+from bdsafety.data.device import random_crop_flip
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.registry import register
 
 NAME = "anp"
 
-VARIANTS = {"backdoorbench": {"anp_mask_lr": 0.01, "batch_size": 256}, "original": {"anp_mask_lr": 0.2, "batch_size": 128}}
+VARIANTS = {"backdoorbench": {"anp_mask_lr": 0.01, "batch_size": 256, "pruning_select": "val"},
+            "original": {"anp_mask_lr": 0.2, "batch_size": 128, "pruning_select": "fixed"}}
+VAL_RATIO = 0.2  # validation share of the reserved data when the threshold is selected and val_ratio is not given
 
 ANP_SCHEMA = {
-    "anp_variant": Option("backdoorbench", "whose values fill anp_mask_lr and batch_size when not given: 'backdoorbench' "
-                                           "(v2.2, what the paper ran: 0.01, 256) or 'original' (ANP's code: 0.2, 128)",
-                          choices=tuple(VARIANTS)),
+    "anp_variant": Option("backdoorbench", "whose values fill anp_mask_lr, batch_size and pruning_select when not "
+                                           "given: 'backdoorbench' (v2.2, what the paper ran: 0.01, 256, threshold "
+                                           "selected on validation data) or 'original' (ANP's code: 0.2, 128, fixed "
+                                           "threshold 0.2)", choices=tuple(VARIANTS)),
     "anp_eps": Option(0.4, "bound of the multiplicative neuron perturbations delta, xi in [-eps, eps]", check=POSITIVE),
     "anp_steps": Option(1, "signed-gradient ascent steps for the perturbations (step size eps / steps)", check=POS_INT),
     "anp_alpha": Option(0.2, "trade-off: alpha * natural loss + (1 - alpha) * perturbed loss", check=FRACTION),
@@ -67,30 +81,57 @@ ANP_SCHEMA = {
     "nb_iter": Option(2000, "mask optimisation iterations (batches)", check=POS_INT),
     "print_every": Option(500, "evaluate and log every N iterations (one csv row each)", check=POS_INT),
     "anp_augment": Option(True, "random crop (+ the dataset's flip) of the reserved data, like the official train loader"),
-    "pruning_by": Option("threshold", "prune neurons with mask < pruning_number ('threshold') or the pruning_number "
-                                      "smallest masks ('number')", choices=("threshold", "number")),
-    "pruning_number": Option(0.2, "the pruning threshold (pruning_by threshold) or neuron count (pruning_by number)", check=NONNEG),
+    "pruning_by": Option("threshold", "pruning_select fixed: prune neurons with mask <= pruning_number ('threshold') "
+                                      "or the pruning_number smallest masks ('number')",
+                         choices=("threshold", "number")),
+    "pruning_number": Option(0.2, "pruning_select fixed: the threshold (pruning_by threshold; 0.2, the ANP paper's) or "
+                                  "the neuron count (pruning_by number); also the threshold of the progress rows",
+                             check=NONNEG),
     "anp_prune_bias": Option(False, "also zero the BN bias of pruned channels (false: weight only, ANP's pruning, which "
                                     "equals the masked network the masks were optimised in)"),
-    "pruning_select": Option("fixed", "'fixed': prune by pruning_by / pruning_number; 'val': the largest threshold of the "
-                                      "sweep whose validation C-Acc is within pruning_select_tol of the best (needs val_ratio > 0)",
+    "pruning_select": Option(None, "'val': the largest threshold of the sweep 0, pruning_step, ..., pruning_max whose "
+                                   "validation C-Acc drop relative to the unpruned model is below acc_ratio (the "
+                                   "non-oracle analogue of BackdoorBench's test-ASR sweep; needs val_ratio > 0); "
+                                   "'fixed': pruning_by / pruning_number (default: the variant's)",
                              choices=("fixed", "val")),
-    "pruning_select_tol": Option(0.02, "pruning_select val: tolerated validation C-Acc loss against the best threshold",
-                                 check=FRACTION),
+    "acc_ratio": Option(0.1, "pruning_select val: tolerated RELATIVE validation C-Acc drop against the unpruned model "
+                             "(BackdoorBench's acc_ratio 0.1, which it applies to test C-Acc)", check=FRACTION),
+    "val_ratio": Option(None, f"fraction of the reserved data held out as the clean validation split (never used to "
+                              f"learn masks); default {VAL_RATIO} with pruning_select val, else 0", type=float,
+                        check=Check(lo=0, hi=0.5, hi_open=True, text="a fraction in [0, 0.5)")),
     "pruning_sweep": Option(True, "also evaluate thresholds 0, step, ..., pruning_max on the TEST sets and write "
                                   "anp_threshold_sweep.csv (for reporting only: nothing is selected with test data)"),
-    "pruning_max": Option(0.9, "largest threshold of the sweep", check=NONNEG),
-    "pruning_step": Option(0.05, "threshold step of the sweep", check=POSITIVE),
+    "pruning_max": Option(0.9, "largest threshold of the sweeps (validation selection and the reporting sweep)",
+                          check=NONNEG),
+    "pruning_step": Option(0.05, "threshold step of the sweeps", check=POSITIVE),
     "batch_size": Option(None, "batch size of the mask optimisation (default: the variant's)", type=int, check=POS_INT),
 }
 
 
 def resolve_variant(cfg) -> dict:
-    """Fill anp_mask_lr / batch_size left unset (None) with the variant's values; returns the effective values."""
+    """Fill anp_mask_lr / batch_size / pruning_select left unset (None) with the variant's values, and val_ratio
+    (VAL_RATIO when the threshold is selected, else 0); check they agree. Returns the effective values."""
     for k, v in VARIANTS[cfg.anp_variant].items():
         if getattr(cfg, k, None) is None:
             setattr(cfg, k, v)
+    if getattr(cfg, "val_ratio", None) is None:
+        cfg.val_ratio = VAL_RATIO if cfg.pruning_select == "val" else 0.0
+    if cfg.pruning_select == "val":
+        if not cfg.val_ratio > 0:
+            raise ConfigError(f"ANP's pruning_select val (anp_variant {cfg.anp_variant}) chooses the threshold on a "
+                              f"validation split of the reserved data, but val_ratio is 0: set --val_ratio (default "
+                              f"{VAL_RATIO}), or prune at a fixed threshold with --pruning_select fixed "
+                              f"--pruning_number 0.2")
+        if cfg.pruning_by != "threshold":
+            raise ConfigError("pruning_select val sweeps thresholds: use --pruning_by threshold, or --pruning_select "
+                              "fixed to prune a fixed neuron count")
     return {"variant": cfg.anp_variant, **{k: getattr(cfg, k) for k in VARIANTS[cfg.anp_variant]}}
+
+
+def resolve(cfg):
+    """The registry's resolve hook: the variant's values are filled in before the reserved data are drawn."""
+    resolve_variant(cfg)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------- the wrapper
@@ -237,10 +278,16 @@ class MaskTrainer:
 
 
 # ------------------------------------------------------------------------------------------- pruning
+def mask_key(v: float) -> float:
+    """A mask value as both references compare it: rounded to 4 decimals (they read mask_values.txt back)."""
+    return round(float(v), 4)
+
+
 def select_pruned(mask_values, by: str, number: float) -> list[tuple[str, int]]:
-    """The (layer, channel) pairs to prune: mask < number ('threshold') or the int(number) smallest ('number')."""
+    """The (layer, channel) pairs to prune: mask <= number ('threshold', masks rounded to 4 decimals as both
+    references compare them) or the int(number) smallest ('number')."""
     if by == "threshold":
-        return [(n, i) for n, i, v in mask_values if v < number]
+        return [(n, i) for n, i, v in mask_values if mask_key(v) <= number]
     if by == "number":
         k = int(number)
         if k < 0:
@@ -272,29 +319,57 @@ def _pruned_copy(model, mask_values, cfg, by=None, number=None):
     return prune_model(copy.deepcopy(model), pruned, cfg.anp_prune_bias), pruned
 
 
+def thresholds(cfg) -> list[float]:
+    """The sweep 0, pruning_step, ..., pruning_max (BackdoorBench's np.arange(0, max + step, step) for its values)."""
+    return [round(float(t), 6) for t in np.arange(0.0, cfg.pruning_max + cfg.pruning_step / 2, cfg.pruning_step)]
+
+
+def select_threshold(model, mask_values, val, norm, cfg) -> tuple[float | None, dict]:
+    """pruning_select val: score every threshold of the sweep on the VALIDATION DeviceDataset ``val`` (the only data
+    this function sees) and keep the largest whose relative C-Acc drop against the unpruned model is below
+    cfg.acc_ratio (bdsafety.selection, criterion largest_within_drop). Returns (the threshold, or None when none
+    qualifies and nothing is pruned; the selection record: criterion, reference, candidates)."""
+    from bdsafety.selection import select, selection_doc, val_accuracy
+
+    ref = val_accuracy(model, val, norm, cfg.eval_batch_size)
+    cands = []
+    for thr in thresholds(cfg):
+        pm, pr = _pruned_copy(model, mask_values, cfg, by="threshold", number=thr)
+        cands.append({"threshold": thr, "n_pruned": len(pr),
+                      "val_acc": val_accuracy(pm, val, norm, cfg.eval_batch_size)})
+    chosen, criterion = select(cands, key="threshold", criterion="largest_within_drop", tol=cfg.acc_ratio,
+                               reference=ref)
+    doc = selection_doc(what="ANP pruning threshold", key="threshold", chosen=chosen, criterion=criterion,
+                        candidates=cands, val_acc_unpruned=ref, acc_ratio=float(cfg.acc_ratio), val_size=int(len(val)))
+    return (None if chosen is None else chosen["threshold"]), doc
+
+
 # ------------------------------------------------------------------------------------------- the defense
 def anp(ctx) -> DefenseResult:
     """ANP: learn neuron masks on the reserved data, prune the backdoored model."""
     exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
+    variant = resolve_variant(cfg)  # normally done already (the resolve hook); idempotent
     if len(reserved) == 0:
         raise ConfigError("ANP needs the defender's reserved clean data, but it is empty; raise --ratio")
     if cfg.nb_iter < 1:
         raise ConfigError(f"nb_iter must be >= 1, got {cfg.nb_iter}")
     if cfg.pruning_select == "val" and ctx.val is None:
         raise ConfigError("pruning_select val chooses the threshold on a validation split of the reserved data: set "
-                          "--val_ratio (e.g. 0.2)")
-    variant = resolve_variant(cfg)
+                          f"--val_ratio (default {VAL_RATIO})")
     g = engine.seed_everything(cfg.random_seed)
     trainer = MaskTrainer(model, cfg, generator=g)
     n_neurons = sum(w.neuron_mask.numel() for _, w in trainer.wrappers)
-    log(f"ANP: {len(trainer.wrappers)} BatchNorm2d layers, {n_neurons} neurons; {cfg.nb_iter} iterations of batch "
-        f"{cfg.batch_size}, eps {cfg.anp_eps}, steps {cfg.anp_steps}, alpha {cfg.anp_alpha}, mask lr {cfg.anp_mask_lr}")
+    log(f"ANP ({cfg.anp_variant}): {len(trainer.wrappers)} BatchNorm2d layers, {n_neurons} neurons; {cfg.nb_iter} "
+        f"iterations of batch {cfg.batch_size}, eps {cfg.anp_eps}, steps {cfg.anp_steps}, alpha {cfg.anp_alpha}, "
+        f"mask lr {cfg.anp_mask_lr}; pruning {'selected on validation data' if cfg.pruning_select == 'val' else 'fixed'}")
     norm = exp.norm
     hflip = bool(getattr(exp.info, "hflip", True))
     rows = []
     t0 = time.time()
     tot_loss, tot_correct, seen = 0.0, 0, 0
     every = max(1, int(cfg.print_every))
+    # progress rows: the model pruned by pruning_by / pruning_number (with pruning_select val: a fixed monitoring
+    # threshold; the last row is replaced by the output model below)
     for it in range(1, cfg.nb_iter + 1):
         # sampling with replacement, like the official RandomSampler(replacement=True)
         pick = torch.randint(0, len(reserved), (min(cfg.batch_size, max(1, len(reserved))),), generator=g).to(reserved.device)
@@ -314,46 +389,58 @@ def anp(ctx) -> DefenseResult:
             pruned_model, pruned = _pruned_copy(model, mv, cfg)
             m = exp.metrics(pruned_model)
             row = {"epoch": it, "train_loss": tot_loss / seen, "train_acc": tot_correct / seen,
-                   "n_pruned": len(pruned), **{k: m[k] for k in ("test_loss", "test_acc", "test_asr", "test_ra") if k in m}}
+                   "n_pruned": len(pruned),
+                   "pruning_threshold": cfg.pruning_number if cfg.pruning_by == "threshold" else math.nan,
+                   **{k: m[k] for k in ("test_loss", "test_acc", "test_asr", "test_ra") if k in m}}
             rows.append(row)
             log(f"iter {it}/{cfg.nb_iter} ({time.time() - t0:.0f}s): mask loss {row['train_loss']:.4f}, "
-                f"{len(pruned)} neurons below the {cfg.pruning_by} {cfg.pruning_number} -> pruned model "
+                f"{len(pruned)} neurons at {cfg.pruning_by} {cfg.pruning_number} -> pruned model "
                 f"{engine.format_metrics(m)}")
             tot_loss, tot_correct, seen = 0.0, 0, 0
     mask_values = trainer.mask_values()
+    files = {"mask_values.txt": _mask_file_text(mask_values)}
     selection = None
     if cfg.pruning_select == "val":
-        from bdsafety.selection import select, val_accuracy
+        threshold, selection = select_threshold(model, mask_values, ctx.val, norm, cfg)
+        files["anp_threshold_selection.yaml"] = dump_yaml(selection)
+        log(f"threshold selected on validation data: {'none (nothing pruned)' if threshold is None else threshold} "
+            f"({selection['criterion']}); candidates " + ", ".join(
+                f"{c['threshold']:g}: {c['n_pruned']} pruned, val C-Acc {c['val_acc']:.4f}"
+                for c in selection["candidates"]))
+        if threshold is None:
+            pruned_model, pruned = copy.deepcopy(model), []
+        else:
+            pruned_model, pruned = _pruned_copy(model, mask_values, cfg, by="threshold", number=threshold)
+    else:
+        pruned_model, pruned = _pruned_copy(model, mask_values, cfg)
+        threshold = float(cfg.pruning_number) if cfg.pruning_by == "threshold" else None
+    how = (f"threshold {threshold:g}" if threshold is not None else
+           "no threshold qualified" if cfg.pruning_select == "val" else f"the {int(cfg.pruning_number)} smallest masks")
+    zeroed = "weight and bias" if cfg.anp_prune_bias else "BN weight"
+    log(f"pruned {len(pruned)}/{n_neurons} neurons ({how}, {zeroed} set to 0)")
+    if cfg.pruning_select == "val":  # the last row is the output model (the results read the last row)
+        m = exp.metrics(pruned_model)
+        rows[-1].update({"n_pruned": len(pruned), "pruning_threshold": math.nan if threshold is None else threshold,
+                         **{k: m[k] for k in ("test_loss", "test_acc", "test_asr", "test_ra") if k in m}})
 
-        cands = []
-        for thr in np.arange(0.0, cfg.pruning_max + cfg.pruning_step / 2, cfg.pruning_step):
-            pm, pr = _pruned_copy(model, mask_values, cfg, by="threshold", number=float(thr))
-            cands.append({"threshold": round(float(thr), 6), "n_pruned": len(pr),
-                          "val_acc": val_accuracy(pm, ctx.val, norm, cfg.eval_batch_size)})
-        chosen, criterion = select(cands, key="threshold", criterion="largest_within_tol", tol=cfg.pruning_select_tol)
-        cfg.pruning_by, cfg.pruning_number = "threshold", chosen["threshold"]
-        selection = {"threshold": chosen["threshold"], "criterion": criterion, "candidates": cands}
-        log(f"threshold selected on validation data: {chosen['threshold']:g} ({criterion})")
-    pruned_model, pruned = _pruned_copy(model, mask_values, cfg)
-    log(f"pruned {len(pruned)}/{n_neurons} neurons ({cfg.pruning_by} {cfg.pruning_number}, "
-        f"{'weight and bias' if cfg.anp_prune_bias else 'BN weight'} set to 0)")
-
-    files = {"mask_values.txt": _mask_file_text(mask_values)}
-    info = {"anp": {"n_neurons": n_neurons, "n_pruned": len(pruned), "pruning_by": cfg.pruning_by,
-                    "pruning_number": cfg.pruning_number, "prune_bias": bool(cfg.anp_prune_bias), **variant,
+    info = {"n_pruned": len(pruned), "pruning_threshold": threshold,
+            "anp": {"n_neurons": n_neurons, "n_pruned": len(pruned), "pruning_select": cfg.pruning_select,
+                    "pruning_threshold": threshold, "pruning_by": cfg.pruning_by, "pruning_number": cfg.pruning_number,
+                    "prune_bias": bool(cfg.anp_prune_bias), **variant,
                     "noise_projection": bool(cfg.anp_noise_projection), "pruning_selection": selection}}
     if cfg.pruning_sweep:
         sweep = []
-        for thr in np.arange(0.0, cfg.pruning_max + cfg.pruning_step / 2, cfg.pruning_step):
-            pm, pr = _pruned_copy(model, mask_values, cfg, by="threshold", number=float(thr))
+        for thr in thresholds(cfg):
+            pm, pr = _pruned_copy(model, mask_values, cfg, by="threshold", number=thr)
             m = exp.metrics(pm)
-            sweep.append({"threshold": round(float(thr), 6), "n_pruned": len(pr),
+            sweep.append({"threshold": thr, "n_pruned": len(pr),
                           **{k: m[k] for k in ("test_acc", "test_asr", "test_ra") if k in m}})
         import pandas as pd
 
         files["anp_threshold_sweep.csv"] = pd.DataFrame(sweep)
-        log("threshold sweep (reporting only): " + "; ".join(
-            f"{s['threshold']:.2f}: {s['n_pruned']} pruned, C-Acc {s['test_acc']:.3f} ASR {s.get('test_asr', float('nan')):.3f}"
+        log("threshold sweep (TEST data, reporting only): " + "; ".join(
+            f"{s['threshold']:.2f}: {s['n_pruned']} pruned, C-Acc {s['test_acc']:.3f} "
+            f"ASR {s.get('test_asr', float('nan')):.3f}"
             for s in sweep))
     return DefenseResult(pruned_model, rows, artifacts=files, info=info)
 
@@ -372,4 +459,4 @@ def schema() -> dict:
     return s
 
 
-register("defense", NAME, schema=schema, description="ANP (Adversarial Neuron Pruning) defense")(anp)
+register("defense", NAME, schema=schema, description="ANP (Adversarial Neuron Pruning) defense", resolve=resolve)(anp)

@@ -6,9 +6,19 @@ trained, with every classifier frozen, to minimise
 
     alpha * KL( softmax f_ra(x) || softmax f_pur(x + delta(x)) ) + CE( f_clean(x + delta(x)), y_true )
 
-on clean + poisoned (non-target-class) TRAINING samples: the purified model f_pur must behave on x + delta(x) like
+on clean + triggered (non-target-class) TRAINING samples: the purified model f_pur must behave on x + delta(x) like
 the RA-retuned model f_ra on x (backdoor reactivated on triggered inputs, normal on clean ones), while a clean
 reference model f_clean keeps predicting the true label (so delta is not a plain adversarial example).
+
+The triggered samples (``triggered_source``, written to config.yaml; their training indices to log/poison_index.txt):
+- bd_train: the record's real poisoned training samples of NON-target classes, from the attacker's part of the
+  poisoned pool (bdsafety.pools), as the official QRA does for dirty-label attacks (bd_train_dataset without the
+  target-class folder).
+- retrigger: the record's test-time trigger (rebuilt from info.pickle, ``Attack.record_trigger``) applied to clean
+  non-target-class TRAINING images outside the poisoned pool (so never the defender's part). For clean-label records
+  (SIG, LC), whose poisoned training samples are all of the target class. A departure: the official QRA takes the
+  LC record's poisoned TEST images (bd_test_dataset), which this tool never trains on, and has no SIG source.
+- auto (default): bd_train when the record has non-target poisoned training samples, else retrigger.
 
 Access (``--access``, written in every output: config.yaml, qra_compare.csv):
 - white_box (default, as the paper's official code): gradients are back-propagated through f_pur.
@@ -50,6 +60,7 @@ __all__ = [
 ]
 
 QRA_SEED_STREAM = 0x515241  # "QRA": its own random stream, independent of the RA and defense subsets
+TRIGGERED_SOURCES = ("auto", "bd_train", "retrigger")
 
 
 def fraction(v) -> float:
@@ -78,7 +89,15 @@ QRA_SCHEMA = {
     "alpha": Option(0.2, "weight of the KL(f_ra || f_pur) reactivation term (the CE on the clean model has weight 1)", check=NONNEG),
     "hidden": Option([1024, 1024, 1024], "hidden widths of the generator MLP", type=int_list, check=POS_INT),
     "clean_num": Option(500, "clean training samples to train the generator on", check=NONNEG_INT),
-    "poison_num": Option(500, "poisoned non-target-class training samples to train the generator on", check=NONNEG_INT),
+    "poison_num": Option(500, "triggered non-target-class training samples to train the generator on",
+                         check=NONNEG_INT),
+    "triggered_source": Option("auto", "where the triggered samples come from: 'bd_train' (the record's poisoned "
+                                       "training samples of non-target classes, attacker part; the official QRA's for "
+                                       "dirty-label attacks), 'retrigger' (the record's trigger applied to clean "
+                                       "non-target-class training images outside the poisoned pool; for clean-label "
+                                       "records, where the official QRA used the LC TEST set instead), 'auto' "
+                                       "(bd_train when it has non-target samples, else retrigger)",
+                               choices=TRIGGERED_SOURCES),
     "epochs": Option(50, "generator training epochs", check=POS_INT),
     "batch_size": Option(128, "batch size", check=POS_INT),
     "lr": Option(0.1, "SGD learning rate of the generator", check=POSITIVE),
@@ -145,31 +164,79 @@ def load_generator(path, device="cpu") -> PerturbationGenerator:
 
 # ------------------------------------------------------------------------------------------------ data / models
 
+def triggered_source_note(attack: str) -> str | None:
+    """Why QRA has no triggered training images for records of the registered attack ``attack`` (a clean-label
+    attack whose trigger cannot be rebuilt from its record), or None when it has them (the study plan's check)."""
+    from bdsafety.attacks.base import attack_class
+
+    cls = attack_class(attack)
+    if cls is None or not cls.clean_label or cls.rebuilds_trigger():
+        return None
+    return (f"{attack} is a clean-label attack (its poisoned training samples are all of the target class) whose "
+            f"trigger cannot be rebuilt from its record: QRA has no triggered non-target-class training images")
+
+
+def _retriggered(exp, split, rec, src_dir, n: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(training indices, triggered images, true labels) of ``n`` clean non-target-class TRAINING images outside the
+    whole poisoned pool of ``rec`` (attacker and defender parts), with the record's test-time trigger applied."""
+    from bdsafety.attacks.base import record_trigger
+
+    trigger = record_trigger(rec.info)
+    if trigger is None:
+        raise DataError(f"QRA needs triggered non-target-class training images, but record {src_dir.name} "
+                        f"({rec.info.get('trigger') or rec.attack}) neither holds any (a clean-label attack) nor says "
+                        f"how to apply its trigger; pass --poison_source with a record that holds them, or --poison_num 0")
+    target = rec.attack_target if rec.attack_target is not None else _record_target(exp)
+    labels = np.asarray(exp.data.train_y)
+    pool = np.asarray(rec.bd_train.indices if rec.bd_train is not None else [], dtype=np.int64)
+    eligible = np.setdiff1d(np.flatnonzero(labels != int(target)), pool)
+    if n > len(eligible):
+        raise ConfigError(f"poison_num {n} is larger than the {len(eligible)} non-target-class training images outside "
+                          f"the poisoned pool of {src_dir.name}; lower --poison_num to at most {len(eligible)}")
+    idx = np.sort(rng.choice(eligible, size=n, replace=False)).astype(np.int64)
+    images = trigger(np.asarray(exp.data.train_x[idx]))
+    return idx, images, labels[idx]
+
+
 def qra_data(exp, cfg) -> tuple[DeviceDataset, dict]:
-    """clean_num clean + poison_num poisoned non-target-class TRAINING samples, all labelled with their TRUE label."""
-    split, src_dir, _ = poison_source_split(exp, cfg.poison_source, "QRA")
+    """clean_num clean + poison_num triggered non-target-class TRAINING samples, all labelled with their TRUE label
+    (the triggered ones from ``cfg.triggered_source``, see the module docstring)."""
+    split, src_dir, rec = poison_source_split(exp, cfg.poison_source, "QRA")
     eligible = np.flatnonzero(split.orig_labels != split.bd_labels)  # non-target-class (the label was flipped)
     if cfg.poison_num < 0 or cfg.clean_num < 0 or cfg.poison_num + cfg.clean_num == 0:
         raise ConfigError(f"clean_num ({cfg.clean_num}) and poison_num ({cfg.poison_num}) must be >= 0 and not both 0")
-    if cfg.poison_num > 0 and len(eligible) == 0:
-        raise DataError(f"the {len(split)} poisoned training samples of {src_dir.name} all keep their label (a clean-label attack "
-                         f"such as SIG or LC): QRA needs triggered NON-target-class training images; pass --poison_source with a "
-                         f"record that applies the same trigger to other classes, or --poison_num 0")
-    if cfg.poison_num > len(eligible):
-        raise ConfigError(f"poison_num {cfg.poison_num} is larger than the {len(eligible)} poisoned non-target-class training "
-                         f"samples of {src_dir.name} (of {len(split)} poisoned in all); lower --poison_num to at most {len(eligible)}")
+    source = getattr(cfg, "triggered_source", "auto")
+    if source not in TRIGGERED_SOURCES:
+        raise ConfigError(f"triggered_source must be one of {', '.join(TRIGGERED_SOURCES)}, not {source!r}")
+    if source == "auto":
+        source = "bd_train" if len(eligible) else "retrigger"
+    if source == "bd_train" and cfg.poison_num > 0 and len(eligible) == 0:
+        raise DataError(f"the {len(split)} poisoned training samples of {src_dir.name} all keep their label (a "
+                        f"clean-label attack such as SIG or LC): QRA needs triggered NON-target-class training images; "
+                        f"use --triggered_source retrigger (the record's trigger on clean non-target-class training "
+                        f"images), pass --poison_source with a record that applies the same trigger to other classes, or "
+                        f"--poison_num 0")
     n_train = len(exp.data.train_y)
     rng = np.random.default_rng([int(cfg.random_seed), QRA_SEED_STREAM])
-    sel = np.sort(rng.choice(eligible, size=cfg.poison_num, replace=False))
-    candidates = np.setdiff1d(np.arange(n_train), split.indices[sel])
+    if source == "bd_train":
+        if cfg.poison_num > len(eligible):
+            raise ConfigError(f"poison_num {cfg.poison_num} is larger than the {len(eligible)} poisoned non-target-class "
+                              f"training samples of {src_dir.name} (of {len(split)} poisoned in all); lower --poison_num "
+                              f"to at most {len(eligible)}")
+        sel = np.sort(rng.choice(eligible, size=cfg.poison_num, replace=False))
+        p_idx, p_images, p_labels = split.indices[sel], split.images[sel], split.orig_labels[sel]
+    else:
+        p_idx, p_images, p_labels = _retriggered(exp, split, rec, src_dir, cfg.poison_num, rng)
+    candidates = np.setdiff1d(np.arange(n_train), p_idx)
     if cfg.clean_num > len(candidates):
         raise ConfigError(f"clean_num {cfg.clean_num} is larger than the {len(candidates)} training samples available; lower --clean_num")
     clean_idx = np.sort(rng.choice(candidates, size=cfg.clean_num, replace=False))
     ds = DeviceDataset.concat([
         exp.train.subset(clean_idx),
-        exp.dataset(split.images[sel], split.orig_labels[sel]),
+        exp.dataset(p_images, p_labels),
     ])
-    return ds, {"clean_index": clean_idx, "poison_index": split.indices[sel], "poison_source": str(src_dir)}
+    return ds, {"clean_index": clean_idx, "poison_index": np.asarray(p_idx, dtype=np.int64),
+                "poison_source": str(src_dir), "triggered_source": source}
 
 
 def _attack_yaml_hint(exp) -> str:
@@ -433,8 +500,11 @@ def run_qra(cfg: SimpleNamespace) -> Path:
            f"purified model only queried: {cfg.zo_queries} + 1 queries per image per step, mu {cfg.zo_mu}")
     log(f"record {exp.record_dir.name}: {exp.model_name}, target {target}; access {cfg.access} ({how})")
     log(f"purified {target_info.model_file}; RA model {ra_file}; clean reference {clean_src}")
-    log(f"generator data: {cfg.clean_num} clean + {cfg.poison_num} poisoned non-target-class training samples "
-        f"(from {meta['poison_source']}); eps {cfg.eps:.5f}, alpha {cfg.alpha}, SGD lr {cfg.lr} momentum {cfg.sgd_momentum}, "
+    how_trig = ("the record's poisoned training samples" if meta["triggered_source"] == "bd_train" else
+                "the record's trigger applied to clean training images outside the poisoned pool")
+    log(f"generator data: {cfg.clean_num} clean + {cfg.poison_num} triggered non-target-class training samples "
+        f"({how_trig}: triggered_source {meta['triggered_source']}; from {meta['poison_source']}); eps {cfg.eps:.5f}, "
+        f"alpha {cfg.alpha}, SGD lr {cfg.lr} momentum {cfg.sgd_momentum}, "
         f"{cfg.epochs} epochs, seed {cfg.random_seed}")
 
     models = {"pur": f_pur, "clean_model": f_clean, "ra_model": f_ra}
@@ -480,7 +550,8 @@ def run_qra(cfg: SimpleNamespace) -> Path:
         write_run_files(out.path, "qra", cfg, exp.device, t0, rows, index=meta["clean_index"], log_lines=lines,
                         retune_attack="qra", access=cfg.access, target_label=target, defense=target_info.name,
                         purified_model=str(target_info.model_file), ra_model=str(ra_file), clean_model=clean_src,
-                        poison_source=meta["poison_source"], generator=gen.spec(), without_delta=base, with_delta=after)
+                        poison_source=meta["poison_source"], triggered_source_used=meta["triggered_source"],
+                        generator=gen.spec(), without_delta=base, with_delta=after)
     log(f"written to {dest} ({time.time() - t0:.0f}s)")
     return dest
 

@@ -4,11 +4,15 @@ The attacker fine-tunes the model under test (a defense's output, the undefended
 reference model) on a small clean subset of the training set in which ``poison_num`` samples are replaced by
 real poisoned training samples of the attack (bd_train images with their backdoor labels); the set size is
 constant. All parameters are trained with plain SGD (lr 0.01, momentum 0.9, no weight decay, batch 128,
-5 epochs). The clean samples get the standard train augmentation, redrawn each epoch; the poisoned samples are
-NOT augmented (the official RA loads them with the test transform): they enter every batch bit-identical to the
-record's poisoned images (``augment_poison: true`` is the old, augmented ablation). The poisoned samples come from
-the attacker's part of the record's poisoned pool (bdsafety.pools), never from the defender's. C-Acc / ASR / RA are measured before RA (epoch 0)
-and after every epoch: the ASR-vs-epoch curve is the "post-purification robustness" of the paper.
+5 epochs). The clean samples get the standard train augmentation (random crop, flip where the dataset uses it)
+drawn ONCE (``augment_draw: once``, the official RA: fine_tune/ft_poison.py builds its data list by iterating the
+clean subset through the train transform a single time, so each clean image keeps the same crop / flip in every
+epoch); ``augment_draw: redraw`` draws a new crop / flip every epoch (a departure: a standard train loader). The
+poisoned samples are NOT augmented (the official RA loads them with the test transform): they enter every batch
+bit-identical to the record's poisoned images (``augment_poison: true`` is the augmented ablation). The poisoned
+samples come from the attacker's part of the record's poisoned pool (bdsafety.pools), never from the defender's.
+C-Acc / ASR / RA are measured before RA (epoch 0) and after every epoch: the ASR-vs-epoch curve is the
+"post-purification robustness" of the paper.
 
     python retune_attack/ra.py --result_file badnet_demo --defense fst --yaml_path config/retune_attack/ra/demo.yaml
 
@@ -36,12 +40,14 @@ from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, wr
 
 __all__ = [
     "RA_SCHEMA", "RA_SEED_STREAM", "RATarget", "RASet", "ra_set_size", "ra_subset_indices", "assemble_ra_set",
-    "poison_source_split", "resolve_targets", "build_ra_set", "retune", "run_ra", "main",
+    "poison_source_split", "resolve_targets", "build_ra_set", "training_data", "retune", "run_ra", "main",
 ]
 
 # The RA subset is drawn from its own random stream, so that with the same --random_seed it is NOT the
 # defender's reserved subset (bdsafety.experiment.reserved_indices draws from default_rng(seed)).
 RA_SEED_STREAM = 0x5241  # "RA"
+RA_AUGMENT_STREAM = 0x524141  # "RAA": the once-drawn augmentation of the RA set
+AUGMENT_DRAWS = ("once", "redraw")
 
 RA_SCHEMA = {
     **RECORD_SCHEMA,
@@ -57,8 +63,11 @@ RA_SCHEMA = {
     "lr": Option(0.01, "SGD learning rate (constant)", check=POSITIVE),
     "sgd_momentum": Option(0.9, "SGD momentum", check=NONNEG),
     "wd": Option(0.0, "weight decay", check=NONNEG),
-    "augment": Option(True, "standard train augmentation (random crop, flip where the dataset uses it) of the CLEAN samples, "
-                            "redrawn each epoch"),
+    "augment": Option(True, "standard train augmentation (random crop, flip where the dataset uses it) of the CLEAN "
+                            "samples"),
+    "augment_draw": Option("once", "'once': each clean sample's crop / flip is drawn once and kept for every epoch (the "
+                                   "official RA builds its set once through the train transform); 'redraw': drawn anew "
+                                   "every epoch (a departure: a standard train loader)", choices=AUGMENT_DRAWS),
     "augment_poison": Option(False, "ablation: augment the poisoned samples too (the official RA does not: they keep the "
                                     "test transform, so a random crop never cuts the trigger away)"),
     "save_name": Option("ra", "output folder name, created inside the defense folder (or the record for --defense none)",
@@ -218,14 +227,30 @@ def load_target_model(exp, target: RATarget) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------------ training
 
+def training_data(ra: RASet, cfg: SimpleNamespace, hflip: bool) -> tuple[DeviceDataset, bool]:
+    """(the data RA trains on, whether the training loop augments it). ``augment_draw: once``: the RA set with each
+    non-frozen sample's crop / flip drawn once (its own seeded stream, so the same for every model retuned with
+    the same seed), the loop then leaves it alone; ``redraw``: the RA set as it is, augmented every epoch."""
+    if not cfg.augment:
+        return ra.data, False
+    draw = getattr(cfg, "augment_draw", "once")
+    if draw == "redraw":
+        return ra.data, True
+    if draw != "once":
+        raise ConfigError(f"augment_draw must be one of {', '.join(AUGMENT_DRAWS)}, not {draw!r}")
+    seed = int(np.random.default_rng([int(cfg.random_seed), RA_AUGMENT_STREAM]).integers(2**62))
+    return ra.data.augmented_once(flip=hflip, generator=torch.Generator().manual_seed(seed)), False
+
+
 def retune(exp, model: torch.nn.Module, ra: RASet, cfg: SimpleNamespace, desc: str = "RA") -> list[dict]:
     """Fine-tune ``model`` in place on the RA set; rows for epoch 0 (before) and every epoch after."""
+    data, augment = training_data(ra, cfg, exp.info.hflip)
     engine.seed_everything(cfg.random_seed)
     gen = torch.Generator().manual_seed(int(cfg.random_seed))
     opt = engine.make_optimizer(model.parameters(), "sgd", cfg.lr, cfg.sgd_momentum, cfg.wd)
     return engine.fit(
-        model, ra.data, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=engine.sgd_step(opt),
-        optimizer=opt, augment=cfg.augment, hflip=exp.info.hflip, evalsets=exp.evalsets, eval_every=1,
+        model, data, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=engine.sgd_step(opt),
+        optimizer=opt, augment=augment, hflip=exp.info.hflip, evalsets=exp.evalsets, eval_every=1,
         eval_at_start=True, eval_batch_size=cfg.eval_batch_size, generator=gen, desc=desc, progress=exp.progress,
     )
 
@@ -254,7 +279,9 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
         f"poisoned training indices {ra.poison_idx.tolist()}, backdoor labels {ra.poison_labels.tolist()}, "
         f"original labels {ra.poison_orig_labels.tolist()}",
         f"SGD lr {cfg.lr} momentum {cfg.sgd_momentum} wd {cfg.wd}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
-        f"augment {cfg.augment} (poisoned samples: {'augmented' if cfg.augment_poison else 'never augmented'}), seed {cfg.random_seed}",
+        f"augment {cfg.augment}" + (f" (augment_draw {cfg.augment_draw})" if cfg.augment else "")
+        + f" (poisoned samples: {'augmented' if cfg.augment and cfg.augment_poison else 'never augmented'}), "
+          f"seed {cfg.random_seed}",
         *warnings_,
     ]
     for line in header:

@@ -10,11 +10,13 @@ Per grid point (dataset, attack, pratio, model, seed):
     ra budget (poison_num n)   -> the same with _budget_p<n> appended (ra_budget_p<n>, ...)
     ra control (0 poisoned)    -> the same with _control appended (ra_control, ...)
     ra draw k >= 1             -> any of the RA names above with _d<k> appended; random_seed = seed + 1000 k
-    qra on d                   -> <record>/defense/<folder>/qra/                      (after d, its RA, clean)
+    qra on d                   -> <record>/defense/<folder>/qra/                      (after d, its RA, clean; left out,
+                                  with a note, for a clean-label attack whose trigger its record cannot rebuild)
     analysis (lmc) on d        -> <record>/lmc_<folder>/                              (after attack, d)
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -96,6 +98,7 @@ def _runtime(study) -> dict:
 def build_plan(study) -> Plan:
     """Expand ``study`` (bdsafety.study.spec.Study) into jobs with resolved configs and ids (topological order)."""
     from bdsafety import registry
+    from bdsafety.retune.qra import triggered_source_note
 
     notes = list(study.notes)
     jobs: dict[str, Job] = {}
@@ -132,6 +135,8 @@ def build_plan(study) -> Plan:
         if bad:
             raise ConfigError(f"{study.path}: set: {kind} {method} has no key(s) {bad}; valid: {', '.join(sorted(schema))}")
         cfg = resolve(schema, str(yaml_path), over)
+        if m.resolve is not None:  # values that depend on others (ANP's variant): a bad mix fails here, not mid-study
+            m.resolve(copy.copy(cfg))
         conf = {k: v for k, v in config_dict(cfg).items() if k not in RUNTIME_KEYS}
         j = Job(key=key, kind=kind, method=method, yaml_path=str(yaml_path), overrides=over, deps=list(deps),
                 resources=study.job_resources(kind, method, clean), point=dict(point), config=conf)
@@ -144,6 +149,9 @@ def build_plan(study) -> Plan:
     for dataset in study.datasets:
         for model in study.models:
             for attack in study.attacks:
+                qra_note = triggered_source_note(attack) if qra else None  # clean-label without a rebuildable trigger
+                if qra_note is not None:
+                    notes.append(f"qra on {attack} records: every job left out: {qra_note}")
                 for seed in study.seeds:
                     base = {"dataset": dataset, "attack": attack, "model": model, "seed": seed}
                     cname = clean_name(attack, dataset, model, seed)
@@ -202,7 +210,8 @@ def build_plan(study) -> Plan:
                             else:
                                 ddeps = [rname]  # a folder made elsewhere: read as found
                             if ra and add_ra(f"{dkey}/ra", dpt, {**rec, "defense": folder, "save_name": "ra"}, ddeps + [rname]):
-                                if qra and have_clean and (study.qra_defenses is None or d in study.qra_defenses or folder in study.qra_defenses):
+                                # qra_note: left out, with the attack's note
+                                if qra and qra_note is None and have_clean and (study.qra_defenses is None or d in study.qra_defenses or folder in study.qra_defenses):
                                     add(f"{dkey}/qra", "retune", "qra", {**dpt, "role": "qra"},
                                         {**rec, "defense": folder, "clean_record": cname, "ra_name": "ra", "save_name": "qra"},
                                         ddeps + [f"{dkey}/ra", cname])

@@ -5,6 +5,8 @@ defense folder. Columns (fractions in [0, 1]; NaN where a stage was not run or f
   o_backdoor_{acc,asr,ra}     the backdoored model (after the attack)
   o_robustness_{acc,asr,ra}   after the defense (for 'none': the backdoored model; for 'clean': the clean model)
   p_robustness_{acc,asr,ra}   after the retuning attack RA on that model (P-ASR = p_robustness_asr)
+  n_pruned, pruning_threshold neurons a pruning defense (ANP) removed from the model and the mask threshold it
+                              pruned at (selected on validation data or fixed, as its config says); NaN otherwise
   qra_asr_before, qra_asr, qra_acc, qra_clean_asr
                               QRA: purified model's ASR without / with the learned perturbation (reactivation), its
                               C-Acc with it, and the clean model's ASR with it (transfer; low = backdoor-specific)
@@ -59,6 +61,21 @@ def _wall(folder: Path) -> float:
 def _stage(row: dict, prefix: str, summary: dict) -> None:
     for short, key in METRICS:
         row[f"{prefix}_{short}"] = summary.get(key, math.nan)
+
+
+def _pruning(row: dict, folder: Path) -> None:
+    """n_pruned / pruning_threshold from a defense's config.yaml (top-level keys a pruning defense writes)."""
+    import yaml
+
+    row["n_pruned"] = row["pruning_threshold"] = math.nan
+    try:
+        meta = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    for k in ("n_pruned", "pruning_threshold"):
+        v = meta.get(k) if isinstance(meta, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            row[k] = float(v)
 
 
 def _qra(row: dict, folder: Path) -> None:
@@ -148,6 +165,7 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
             _stage(row, "o_backdoor", bd)
             _stage(row, "o_robustness", _summary(ok(folder), summary_name))
             _stage(row, "p_robustness", _summary(ok(ra_dir), "ra"))
+            _pruning(row, ok(folder) if name not in ("none", "clean") else study_dir / ".missing")
             _qra(row, ok(folder / "qra"))
             _target_detection(row, ok(folder) if name not in ("none", "clean") else study_dir / ".missing")
             for an in analyses:
