@@ -254,7 +254,8 @@ def _clean_label_exp(tmp_path, info, n=300, target=0, pratio=0.06, seed=0):
     test_x = rng.integers(0, 200, (100, 32, 32, 3), dtype=np.uint8)
     return SimpleNamespace(record=rec, record_dir=rec_dir, cfg=SimpleNamespace(record_root=str(tmp_path), trust_record=False),
                            data=SimpleNamespace(train_x=train_x, train_y=train_y, test_x=test_x, test_y=np.arange(100) % 10),
-                           train=DeviceDataset(train_x, train_y), device="cpu", target=target)
+                           train=DeviceDataset(train_x, train_y), device="cpu", target=target,
+                           dataset=lambda images, labels, frozen=None: DeviceDataset(images, labels, "cpu", frozen=frozen))
 
 
 @pytest.mark.parametrize("info", [
