@@ -131,7 +131,7 @@ class Attack:
     options: dict[str, Option] = {}
     clean_label: bool = False
     configs: tuple = DATASET_CONFIGS + ("demo",)
-    needs: tuple = ()  # registry NEEDS besides the data, e.g. ("clean_reference",) for LC (the study runner orders jobs by it)
+    needs: tuple = ()  # registry NEEDS besides the data, e.g. ("clean_reference",) (the study runner orders jobs by it)
 
     def __init__(self, ctx: AttackContext):
         self.ctx = ctx
