@@ -108,16 +108,94 @@ def test_resource_cache_reuses_rebuilds_and_says_why(tmp_path):
     assert len(calls) == 3 and "reusing" in logs[-1]  # the rebuilt file is valid again
 
 
+def _robust_toy(n: int, seed: int):
+    """Two classes, 16x16: a robust feature (green brightness +-32 grey levels, per-image noise sd 64: about 70%
+    predictive) and a non-robust one (R - B of +-8 grey levels, below the PGD budget of 8 per channel, but averaged over
+    every pixel nearly 100% predictive), plus pixel noise. A standard model leans on the non-robust feature, which PGD
+    flips; an adversarially trained one must use the robust feature (Tsipras et al., 2019)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    s = (2 * y - 1).astype(np.float64)[:, None, None]
+    x = np.full((n, 16, 16, 3), 128.0)
+    x[..., 1] += 32 * s + rng.normal(0, 64, (n, 1, 1))
+    x[..., 0] += 4 * s
+    x[..., 2] -= 4 * s
+    x += rng.normal(0, 20, x.shape)
+    return np.clip(np.round(x), 0, 255).astype(np.uint8), y
+
+
+def test_adversarial_training_gives_pgd_accuracy_standard_training_lacks():
+    from bdsafety.attacks.lc import adversarial_train, clean_and_pgd_accuracy
+    from bdsafety.data.device import Normalizer
+    from bdsafety.data.info import DatasetInfo
+
+    norm = Normalizer(DatasetInfo("toy", 2, (16, 16, 3), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False))
+    xtr, ytr = _robust_toy(512, 0)
+    xte, yte = _robust_toy(256, 1)
+    kw = dict(epochs=3, batch_size=64, lr=0.05, optimizer="sgd", momentum=0.9, wd=0.0, scheduler="none", milestones=[],
+              hflip=False, seed=0, device="cpu")
+    acc = {}
+    for name, eps in (("standard", 1e-9), ("adversarial", 8.0)):  # the same loop; eps ~0: PGD leaves the batch as is
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
+        adversarial_train(model, xtr, ytr, norm, eps=eps, step=eps / 4, steps=5, **kw)
+        acc[name] = clean_and_pgd_accuracy(model, norm, xte, yte, eps=8, step=2, steps=10, device="cpu")
+    (std_clean, std_pgd), (adv_clean, adv_pgd) = acc["standard"], acc["adversarial"]
+    assert std_clean > 0.9 and std_pgd < 0.2, acc  # accurate, and PGD at 8/255 breaks it
+    assert adv_clean > 0.6 and adv_pgd > std_pgd + 0.3, acc  # robust: most of its accuracy survives the same PGD
+
+
 def test_lc_without_clean_model_names_the_command(tmp_path):
     with pytest.raises(ConfigError, match=r"--pratio 0 --save_folder_name clean_synthetic_cnn_small_p0"):
-        get("attack", "lc").main(TINY + ["--record_root", str(tmp_path), "--lc_train_clean", "false"])
+        get("attack", "lc").main(TINY + ["--record_root", str(tmp_path), "--lc_reference", "standard",
+                                        "--lc_train_clean", "false"])
+
+
+def test_lc_adversarial_reference_end_to_end_tiny(tmp_path, capsys):
+    """The default reference: adversarially trained here, cached and reused, its robustness in the record; no clean
+    record is needed or trained."""
+    import yaml
+
+    from bdsafety.records import load_attack_record
+
+    args = TINY + ["--record_root", str(tmp_path), "--lc_steps", "3", "--lc_adv_epochs", "1", "--lc_adv_steps", "2",
+                   "--lc_adv_heldout", "20", "--save_folder_name", "lc"]
+    rd = get("attack", "lc").main(args)
+    out = capsys.readouterr().out
+    assert "adversarial training of the reference" in out and "training it now" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "lc"]  # no clean record made
+    rec = load_attack_record(rd)
+    i = rec.info
+    assert i["lc_reference"] == "adversarial" and i["lc_clean_record"] is None
+    assert i["lc_adv_settings"]["epochs"] == 1 and i["lc_adv_settings"]["steps"] == 2 and i["lc_adv_settings"]["eps"] == 8
+    adv_cache = tmp_path / ".cache" / "lc" / i["lc_adv_cache"].rsplit("/", 1)[-1]
+    assert adv_cache.is_file() and adv_cache.name.startswith("adv_synthetic_cnn_small_")
+    assert 0 <= i["lc_reference_pgd_acc"] <= i["lc_reference_clean_acc"] + 0.2 and 0 <= i["lc_reference_clean_acc"] <= 1
+    doc = yaml.safe_load((rd / "lc_reference.yaml").read_text())
+    assert doc["reference"] == "adversarial" and doc["weights_sha256"] == i["lc_reference_digest"]
+    assert doc["pgd_acc"] == round(i["lc_reference_pgd_acc"], 5) and doc["heldout_test_images"] == 20
+    bt = rec.bd_train
+    assert len(bt) == 20 and np.array_equal(bt.bd_labels, bt.orig_labels) and (bt.orig_labels == 0).all()
+    # rerun: the reference and the adversarial images come from the caches, the same record
+    get("attack", "lc").main(args + ["--overwrite"])
+    out = capsys.readouterr().out
+    assert "lc adversarial reference: reusing the cache" in out and "lc adversarial images: reusing" in out
+    assert np.array_equal(load_attack_record(rd).bd_train.images, bt.images)
+    # a clean record of the same data, when there is one, is measured next to it (never trained in this mode)
+    get("attack", "lc").main(args[:-2] + ["--pratio", "0", "--save_folder_name", "clean_synthetic_cnn_small_p0"])
+    rd2 = get("attack", "lc").main(args[:-2] + ["--save_folder_name", "lc2"])
+    i2 = load_attack_record(rd2).info
+    assert i2["lc_clean_record"].endswith("clean_synthetic_cnn_small_p0") and 0 <= i2["lc_standard_pgd_acc"] <= 1
+    assert i2["lc_reference_digest"] == i["lc_reference_digest"]
 
 
 def test_lc_end_to_end_tiny(tmp_path, capsys):
-    """Clean reference trained on demand, PGD cached and reused, clean labels, trigger only on test images."""
+    """The standard-reference ablation: clean reference trained on demand, PGD cached and reused, clean labels,
+    trigger only on test images."""
     from bdsafety.records import load_attack_record
 
-    args = TINY + ["--record_root", str(tmp_path), "--lc_steps", "3", "--save_folder_name", "lc"]
+    args = TINY + ["--record_root", str(tmp_path), "--lc_steps", "3", "--lc_reference", "standard",
+                   "--save_folder_name", "lc"]
     rd = get("attack", "lc").main(args)
     out = capsys.readouterr().out
     assert "training it now" in out and "cached at" in out
@@ -150,31 +228,65 @@ def test_lc_end_to_end_tiny(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------- SSBA
-def test_ssba_encoder_budget_determinism_and_decoding():
-    from bdsafety.attacks.ssba import decode_bits, encode_uint8, fixed_secret, psnr_uint8, train_encoder
-
+def _smooth_images(n: int, size: int = 16, seed: int = 2) -> np.ndarray:
+    """Smooth, image-like pictures (bilinear upsampling of random 4x4 colour grids)."""
     import cv2
 
-    rng = np.random.default_rng(2)  # smooth, image-like pictures (bilinear upsampling of random 4x4 colour grids)
-    x = np.stack([cv2.resize(rng.uniform(0, 255, (4, 4, 3)).astype(np.float32), (16, 16)) for _ in range(96)])
-    x = np.clip(x, 0, 255).astype(np.uint8)
-    enc, dec = train_encoder(x[:64], bits=16, width=8, max_residual=8, steps=120, batch_size=32, lr=3e-3,
-                             image_weight=1.0, seed=0, device="cpu", log=lambda m: None)
+    rng = np.random.default_rng(seed)
+    x = np.stack([cv2.resize(rng.uniform(0, 255, (4, 4, 3)).astype(np.float32), (size, size)) for _ in range(n)])
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def test_residual_cosine_tells_one_pattern_from_image_specific_residuals():
+    from bdsafety.attacks.ssba import mean_pairwise_cosine
+
+    rng = np.random.default_rng(0)
+    pattern = rng.normal(0, 1, (1, 3, 16, 16))
+    assert mean_pairwise_cosine(pattern + 0.2 * rng.normal(0, 1, (20, 3, 16, 16))) > 0.9  # one additive pattern
+    assert abs(mean_pairwise_cosine(rng.normal(0, 1, (20, 3, 16, 16)))) < 0.05  # unrelated residuals
+    assert mean_pairwise_cosine(np.abs(rng.normal(0, 1, (20, 3, 16, 16)))) > 0.5  # same sign everywhere: collinear-ish
+
+
+def test_ssba_encoder_reads_the_image_untrained():
+    """The image enters the U-Net with the secret map: residuals differ from image to image even before training (an
+    additive code with an image-dependent gain gives cosine near 1 here), and the secret changes them too."""
+    from bdsafety.attacks.ssba import SSBAEncoder, encode_uint8, fixed_secret, mean_pairwise_cosine
+
+    torch.manual_seed(0)
+    enc = SSBAEncoder((16, 16, 3), bits=16, width=8)
+    x = _smooth_images(24)
+    secret = fixed_secret(16, 0)
+    res = encode_uint8(enc, x, secret, "cpu").astype(float) - x
+    assert mean_pairwise_cosine(res) < 0.5
+    assert not np.array_equal(encode_uint8(enc, x, 1 - secret, "cpu"), encode_uint8(enc, x, secret, "cpu"))
+    with pytest.raises(ConfigError, match="not a multiple of 16"):
+        SSBAEncoder((24, 24, 3), bits=16, width=8)
+
+
+def test_ssba_encoder_trained_is_sample_specific_and_decodes():
+    from bdsafety.attacks.ssba import decode_bits, encode_uint8, fixed_secret, mean_pairwise_cosine, psnr_uint8, train_encoder
+
+    x = _smooth_images(96)
+    enc, dec = train_encoder(x[:64], bits=16, width=8, steps=150, batch_size=32, lr=3e-3, image_weight=10.0, seed=0,
+                             device="cpu", log=lambda m: None)
     secret = fixed_secret(16, 0)
     held = x[64:]
     e = encode_uint8(enc, held, secret, "cpu")
     assert e.dtype == np.uint8 and e.shape == held.shape
-    assert np.abs(e.astype(int) - held.astype(int)).max() <= 8  # the L_inf bound of the residual
-    assert (psnr_uint8(held, e) >= 20 * np.log10(255 / 8)).all()
     assert np.array_equal(e, encode_uint8(enc, held, secret, "cpu"))
-    assert not np.array_equal(e, encode_uint8(enc, held, 1 - secret, "cpu"))  # sample-specific and secret-specific
+    assert not np.array_equal(e, encode_uint8(enc, held, 1 - secret, "cpu"))  # secret-specific
     acc = (decode_bits(dec, e, "cpu") == secret).mean()
     assert acc >= 0.9, acc  # the decoder reads the fixed secret from held-out images
+    cos = mean_pairwise_cosine(e.astype(float) - held)
+    assert cos < 0.5, cos  # sample-specific: the residuals of different images are not near-collinear
+    assert psnr_uint8(held, e).mean() > 14  # 150 steps: the image term has only begun to pull the residual down
     assert abs(psnr_uint8(np.zeros((1, 2, 2, 3), np.uint8), np.full((1, 2, 2, 3), 255, np.uint8))[0]) < 1e-9
 
 
 def test_ssba_min_psnr_check(tmp_path):
     args = TINY + ["--record_root", str(tmp_path), "--ssba_steps", "2", "--ssba_width", "4", "--ssba_heldout", "20"]
+    with pytest.raises(ConfigError, match="mean pairwise cosine .* > ssba_max_cosine 0"):
+        get("attack", "ssba").main(args + ["--ssba_max_cosine", "0", "--ssba_min_psnr", "1"])
     with pytest.raises(ConfigError, match="below ssba_min_psnr"):
         get("attack", "ssba").main(args + ["--ssba_min_psnr", "99"])
     assert not any(p.name != ".cache" for p in tmp_path.iterdir())

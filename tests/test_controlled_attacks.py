@@ -96,6 +96,26 @@ def test_wanet_batch_hook_layout_labels_and_images():
     assert set(draws) == {0, 1} and abs(np.mean(draws) - 0.128) < 0.03
 
 
+def test_wanet_post_transform_fills_with_the_dataset_mean():
+    """BackdoorBench crops and rotates normalised images with zero fill: the mean colour in pixel space, not black."""
+    info = dataset_info("cifar10")
+    norm = Normalizer(info)
+
+    def hook():
+        return WaNetBatch(WarpingField.make(32, 32, seed=0), norm, pratio=0.0, cross_ratio=2, label_trans="all2one",
+                          target=0, num_classes=10, random_crop=5, random_rotation=30, hflip=True, device="cpu", seed=0)
+
+    out = hook().post_transform(torch.ones(64, 3, 32, 32))  # white images: a pixel that is not white was filled in
+    mean = torch.tensor(info.mean).view(1, 3, 1, 1).expand_as(out)
+    filled = ((out - 1).abs().amax(1, keepdim=True) > 1e-6).expand_as(out)
+    assert 0.02 < float(filled.float().mean()) < 0.5  # crops (p 0.8) and rotations (p 0.5) moved pixels in
+    assert torch.allclose(out[filled], mean[filled], atol=1e-6)  # every filled pixel has the mean colour
+    assert float(out.min()) > 0.4  # no black pixel
+    # the hook's output (normalised): the same draws give exactly 0 where the mean was filled in
+    xn, _ = hook()(torch.full((64, 3, 32, 32), 255, dtype=torch.uint8), torch.zeros(64, dtype=torch.long))
+    assert torch.allclose(xn[filled], torch.zeros(()), atol=1e-5)
+
+
 def test_random_rotate_zero_and_range():
     x = torch.rand(4, 3, 16, 16)
     assert torch.equal(random_rotate(x, 0.0, torch.Generator().manual_seed(0)), x)

@@ -144,7 +144,7 @@ class Attack:
     options: dict[str, Option] = {}
     clean_label: bool = False
     configs: tuple = DATASET_CONFIGS + ("demo",)
-    needs: tuple = ()  # registry NEEDS besides the data, e.g. ("clean_reference",) for LC (the study runner orders jobs by it)
+    needs: tuple = ()  # registry NEEDS besides the data, e.g. ("clean_reference",) (the study runner orders jobs by it)
     resizable: bool = False  # supports input_resize: its trigger is defined at any image size (stamped after the resize)
 
     def __init__(self, ctx: AttackContext):

@@ -1,24 +1,30 @@
 """SSBA (Li et al., ICCV 2021, "Invisible backdoor attack with sample-specific triggers"), with the encoder made here.
 
 BackdoorBench v2.2 reads pre-encoded images (resource/ssba/*.npy) made by the authors' StegaStamp encoder; links
-and scripts break (its issues #1, #3, #9, ...). This project trains a small StegaStamp-style encoder/decoder on the
-dataset's training images instead and caches it per dataset (<record_root>/.cache/ssba/):
+and scripts break (its issues #1, #3, #9, ...). This project trains a StegaStamp encoder/decoder on the dataset's
+training images instead and caches it per dataset and settings (<record_root>/.cache/ssba/):
 
-- encoder: the secret (100 bits, the original method's length) -> linear -> a full-resolution code, multiplied per
-  pixel by a gain a small conv net computes from the image (where to hide it; this makes the trigger sample-specific)
-  -> a residual bounded by ``ssba_max_residual`` (L_inf, pixel
-  units, through tanh) so the trigger stays invisible by construction; decoder: two convs -> linear -> 100 bit logits.
-- training as StegaStamp: random secrets per image, loss = BCE(bits) + ssba_image_weight * MSE(residual) (the
-  image term ramped in from 20% to 50% of the steps, as StegaStamp ramps its l2 loss), the
-  encoded image quantized (uniform noise of one grey level) before decoding. Adam, ``ssba_steps`` steps.
-- the attack: one fixed secret (from ``ssba_secret_seed``); poisoned image = uint8(image + encoder residual), dirty
+- encoder: StegaStamp's (BackdoorBench resource/ssba/models.py; ``SSBAEncoder``): the secret (100 bits, the original
+  method's length) -> dense -> a 16x16 map, upsampled and concatenated with the IMAGE, then a U-Net on [secret map,
+  image] whose sigmoid output is the encoded image (BackdoorBench's run: use_residual 0). The image enters before the
+  secret is mixed in, so the residual (encoded - image) differs from image to image: a sample-specific trigger, not
+  one additive pattern. Width ``ssba_width`` (StegaStamp: 32). Image sides must be multiples of 16.
+- decoder (a departure: StegaStamp's is five stride-2 convs + two dense layers): a fixed 3x3 high-pass, amplified,
+  then two convs -> linear -> bit logits; it trains in far fewer steps on a CPU.
+- training as StegaStamp: random secrets per image, loss = BCE(bits) + ssba_image_weight * MSE(encoded - image)
+  (StegaStamp's l2 weight 10), the encoded image quantized (uniform noise of one grey level) before decoding. Adam.
+  Departures, for CPU budgets: lr ``ssba_lr`` with a cosine schedule over ``ssba_steps`` steps (StegaStamp: 1e-4,
+  constant, 20 epochs), and the image term ramped in from 20% to 50% of the steps (StegaStamp: once bit accuracy
+  passes 0.9, after 1,000 more steps, over 3,000 steps).
+- the attack: one fixed secret (from ``ssba_secret_seed``); poisoned image = uint8(encoder(image, secret)), dirty
   label (all2one: target; as BackdoorBench), poisoned test set = every non-target test image encoded.
 - measured on held-out images (the first ``ssba_heldout`` test images, never used to train the encoder): mean
-  PSNR and the decoder's bit accuracy for the fixed secret, written to info.pickle and ssba_encoder.yaml. A PSNR
-  below ``ssba_min_psnr`` is an error (the trigger would not be invisible).
+  PSNR, the decoder's bit accuracy for the fixed secret, the largest |residual| and the mean pairwise cosine between
+  the residuals of different images (1: one additive pattern; near 0: image-specific), written to info.pickle and
+  ssba_encoder.yaml. A PSNR below ``ssba_min_psnr`` is an error (the trigger would not be invisible), and so is a
+  cosine above ``ssba_max_cosine`` (default 1: only reported).
 """
 from __future__ import annotations
-
 
 import numpy as np
 import torch
@@ -27,27 +33,63 @@ import torch.nn.functional as F
 
 from bdsafety.attacks.base import Attack, register_attack
 from bdsafety.attacks.resources import array_digest, cache_key, load_or_build
-from bdsafety.config import NONNEG, POS_INT, POSITIVE, SEED, ConfigError, Option
+from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, SEED, ConfigError, Option
+
+
+def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2), nn.ReLU())
+
+
+class _Up(nn.Module):
+    """StegaStamp's up step: nearest x2, zero pad right/bottom by 1, 2x2 conv, ReLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (0, 1, 0, 1))))
 
 
 class SSBAEncoder(nn.Module):
-    def __init__(self, img_size=(32, 32, 3), bits: int = 100, width: int = 32, max_residual: float = 8.0):
+    """StegaStamp's encoder (BackdoorBench resource/ssba/models.py, StegaStampEncoder): the secret -> dense (ReLU) ->
+    a (C, 16, 16) map, nearest-upsampled to (H, W), concatenated with the IMAGE; a U-Net (channels w, w, 2w, 4w, 8w
+    down with stride 2, back up with skips, the input concatenated again before the last convs) maps [secret map,
+    image] to the encoded image (sigmoid; BackdoorBench's use_residual 0), so the residual depends on the image and the
+    secret jointly. w = ``width`` (StegaStamp: 32)."""
+
+    def __init__(self, img_size=(32, 32, 3), bits: int = 100, width: int = 32):
         super().__init__()
         h, w, c = img_size
-        self.config = {"img_size": [int(h), int(w), int(c)], "bits": int(bits), "width": int(width),
-                       "max_residual": float(max_residual)}
-        self.shape, self.bound = (c, h, w), max_residual / 255.0
-        self.secret = nn.Linear(bits, c * h * w)  # the secret's full-resolution code
-        self.gain = nn.Sequential(  # image -> per-pixel gain of the code (where to hide it): sample-specific
-            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, c, 3, padding=1))
+        if h % 16 or w % 16:
+            raise ConfigError(f"the SSBA (StegaStamp) encoder halves the image 4 times: {h}x{w} is not a multiple of "
+                              f"16 (--img_size)")
+        self.config = {"img_size": [int(h), int(w), int(c)], "bits": int(bits), "width": int(width)}
+        self.shape, self.size = (c, 16, 16), (h, w)
+        self.secret = nn.Linear(bits, c * 16 * 16)
+        w1, w2, w4, w8 = width, 2 * width, 4 * width, 8 * width
+        self.conv1, self.conv2 = _conv(2 * c, w1), _conv(w1, w1, stride=2)
+        self.conv3, self.conv4, self.conv5 = _conv(w1, w2, stride=2), _conv(w2, w4, stride=2), _conv(w4, w8, stride=2)
+        self.up6, self.conv6 = _Up(w8, w4), _conv(w4 + w4, w4)
+        self.up7, self.conv7 = _Up(w4, w2), _conv(w2 + w2, w2)
+        self.up8, self.conv8 = _Up(w2, w1), _conv(w1 + w1, w1)
+        self.up9, self.conv9 = _Up(w1, w1), _conv(w1 + w1 + 2 * c, w1)
+        self.conv10, self.out = _conv(w1, w1), nn.Conv2d(w1, c, 1)
 
     def forward(self, x01: torch.Tensor, secret: torch.Tensor) -> torch.Tensor:
-        """The residual (same shape as x01, in [-bound, bound]) that hides ``secret`` (n, bits in {0, 1})."""
-        code = self.secret(secret * 2 - 1).view(-1, *self.shape)
-        gain = 2 * torch.sigmoid(self.gain(x01 - 0.5))  # about 1 at initialisation
-        return self.bound * torch.tanh(gain * code)
+        """The residual encoded - x01 (encoded in (0, 1)) that hides ``secret`` (n, bits in {0, 1}) in x01 in [0, 1]."""
+        code = F.relu(self.secret(secret)).view(-1, *self.shape)
+        inputs = torch.cat([F.interpolate(code, size=self.size, mode="nearest"), x01], 1)
+        c1 = self.conv1(inputs)
+        c2 = self.conv2(c1)
+        c3 = self.conv3(c2)
+        c4 = self.conv4(c3)
+        c5 = self.conv5(c4)
+        c6 = self.conv6(torch.cat([c4, self.up6(c5)], 1))
+        c7 = self.conv7(torch.cat([c3, self.up7(c6)], 1))
+        c8 = self.conv8(torch.cat([c2, self.up8(c7)], 1))
+        c9 = self.conv9(torch.cat([c1, self.up9(c8), inputs], 1))
+        return torch.sigmoid(self.out(self.conv10(c9))) - x01
 
 
 class SSBADecoder(nn.Module):
@@ -84,6 +126,18 @@ def encode_uint8(encoder: SSBAEncoder, images: np.ndarray, secret: np.ndarray, d
     return out
 
 
+def mean_pairwise_cosine(res: np.ndarray) -> float:
+    """Mean cosine similarity between the flattened residuals of different images (1: one additive pattern for all;
+    about 0: unrelated, image-specific residuals)."""
+    v = res.reshape(len(res), -1).astype(np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    n = len(v)
+    if n < 2:
+        return float("nan")
+    g = v @ v.T
+    return float((g.sum() - np.trace(g)) / (n * (n - 1)))
+
+
 def decode_bits(decoder: SSBADecoder, images: np.ndarray, device, batch_size: int = 512) -> np.ndarray:
     decoder.eval()
     outs = []
@@ -101,13 +155,13 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return 10 * np.log10(255.0 ** 2 / mse)
 
 
-def train_encoder(train_x: np.ndarray, *, bits: int, width: int, max_residual: float, steps: int, batch_size: int,
+def train_encoder(train_x: np.ndarray, *, bits: int, width: int, steps: int, batch_size: int,
                   lr: float, image_weight: float, seed: int, device, log=print) -> tuple[SSBAEncoder, SSBADecoder]:
     """StegaStamp-style training on uint8 images with random secrets per image."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     img_size = train_x.shape[1:]
-    enc = SSBAEncoder(img_size, bits, width, max_residual).to(device)
+    enc = SSBAEncoder(img_size, bits, width).to(device)
     dec = SSBADecoder(img_size, bits, width).to(device)
     opt = torch.optim.Adam(list(enc.parameters()) + list(dec.parameters()), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -147,59 +201,72 @@ class SSBA(Attack):
     options = {
         "ssba_bits": Option(100, "secret length in bits (the original method's 100)", check=POS_INT),
         "ssba_secret_seed": Option(0, "seed of the fixed secret hidden in every poisoned image", check=SEED),
-        "ssba_width": Option(32, "encoder/decoder width (channels of the first layer)", check=POS_INT),
-        "ssba_max_residual": Option(8.0, "L_inf bound of the encoder's residual in pixel units (0-255)", check=POSITIVE),
+        "ssba_width": Option(32, "encoder/decoder width (channels of the first layer; StegaStamp: 32)", check=POS_INT),
         "ssba_steps": Option(3000, "encoder/decoder training steps", check=POS_INT),
         "ssba_batch_size": Option(64, "encoder/decoder training batch size", check=POS_INT),
         "ssba_lr": Option(3e-3, "encoder/decoder Adam learning rate (cosine schedule)", check=POSITIVE),
-        "ssba_image_weight": Option(10.0, "weight of the residual's MSE against the bit loss", check=NONNEG),
+        "ssba_image_weight": Option(10.0, "weight of the residual's MSE against the bit loss (StegaStamp's l2 weight)",
+                                    check=NONNEG),
         "ssba_seed": Option(0, "seed of the encoder training (the encoder is cached per dataset and settings, not per "
                                "attack seed)", check=SEED),
         "ssba_heldout": Option(500, "held-out test images on which PSNR and bit accuracy are measured", check=POS_INT),
         "ssba_min_psnr": Option(27.0, "refuse an encoder whose mean PSNR on held-out images is lower (dB)", check=POSITIVE),
         "ssba_min_bit_acc": Option(0.0, "refuse an encoder whose held-out bit accuracy is lower (0: only reported)",
                                    check=NONNEG),
+        "ssba_max_cosine": Option(1.0, "refuse an encoder whose held-out residuals have a higher mean pairwise cosine "
+                                       "(near 1: one additive pattern, not sample-specific; 1: only reported)",
+                                  check=FRACTION),
     }
 
     def prepare(self) -> None:
         c, d = self.cfg, self.ctx.data
-        settings = {k: getattr(c, k) for k in ("ssba_bits", "ssba_width", "ssba_max_residual", "ssba_steps",
-                                                 "ssba_batch_size", "ssba_lr", "ssba_image_weight", "ssba_seed")}
-        meta = {"format": 1, "dataset": c.dataset, "data": array_digest(d.train_x), **settings}
+        settings = {k: getattr(c, k) for k in ("ssba_bits", "ssba_width", "ssba_steps", "ssba_batch_size", "ssba_lr",
+                                                 "ssba_image_weight", "ssba_seed")}
+        meta = {"format": 2, "encoder": "stegastamp_unet", "dataset": c.dataset, "data": array_digest(d.train_x),
+                **settings}
         path = self.ctx.cache_dir / "ssba" / f"{c.dataset}_{cache_key(meta)}.pt"
         img_size = tuple(int(s) for s in d.train_x.shape[1:])
 
         def build():
             self.ctx.log(f"training the SSBA encoder/decoder on {len(d.train_x)} training images ({c.ssba_steps} steps)")
-            enc, dec = train_encoder(d.train_x, bits=c.ssba_bits, width=c.ssba_width, max_residual=c.ssba_max_residual,
-                                     steps=c.ssba_steps, batch_size=c.ssba_batch_size, lr=c.ssba_lr,
-                                     image_weight=c.ssba_image_weight, seed=c.ssba_seed, device=self.ctx.device,
-                                     log=self.ctx.log)
+            enc, dec = train_encoder(d.train_x, bits=c.ssba_bits, width=c.ssba_width, steps=c.ssba_steps,
+                                     batch_size=c.ssba_batch_size, lr=c.ssba_lr, image_weight=c.ssba_image_weight,
+                                     seed=c.ssba_seed, device=self.ctx.device, log=self.ctx.log)
             return {"encoder": {k: v.cpu() for k, v in enc.state_dict().items()},
                     "decoder": {k: v.cpu() for k, v in dec.state_dict().items()}}
 
         obj = load_or_build(path, meta, build, self.ctx.log, "ssba encoder", check=lambda o: self._load(o, img_size))
         self._load(obj, img_size)
         self.cache_file = str(path)
+        from bdsafety.defenses.bti import model_digest
+
+        self.digest = model_digest(self.encoder)
         held = d.test_x[: c.ssba_heldout]
         self.secret = fixed_secret(c.ssba_bits, c.ssba_secret_seed)
         enc_held = encode_uint8(self.encoder, held, self.secret, self.ctx.device)
         psnr = psnr_uint8(held, enc_held)
         self.psnr = float(np.mean(np.minimum(psnr, 100.0)))
         self.bit_acc = float((decode_bits(self.decoder, enc_held, self.ctx.device) == self.secret[None]).mean())
-        self.linf = int(np.abs(enc_held.astype(int) - held.astype(int)).max()) if len(held) else 0
+        res = enc_held.astype(np.float64) - held.astype(np.float64)
+        self.linf = int(np.abs(res).max()) if len(held) else 0
+        self.cosine = mean_pairwise_cosine(res)
         self.ctx.log(f"ssba encoder on {len(held)} held-out test images: PSNR {self.psnr:.2f} dB, bit accuracy "
-                     f"{self.bit_acc:.4f}, max |residual| {self.linf}/255")
+                     f"{self.bit_acc:.4f}, max |residual| {self.linf}/255, mean pairwise cosine of the residuals "
+                     f"{self.cosine:.3f}")
         if self.psnr < c.ssba_min_psnr:
             raise ConfigError(f"the SSBA encoder's PSNR {self.psnr:.2f} dB is below ssba_min_psnr {c.ssba_min_psnr}: the "
-                              f"trigger would be visible; lower ssba_max_residual or raise ssba_image_weight")
+                              f"trigger would be visible; raise ssba_image_weight or train longer (ssba_steps)")
         if self.bit_acc < c.ssba_min_bit_acc:
             raise ConfigError(f"the SSBA encoder's held-out bit accuracy {self.bit_acc:.4f} is below ssba_min_bit_acc "
-                              f"{c.ssba_min_bit_acc}; train it longer (ssba_steps) or allow a larger ssba_max_residual")
+                              f"{c.ssba_min_bit_acc}; train it longer (ssba_steps) or lower ssba_image_weight")
+        if self.cosine > c.ssba_max_cosine:
+            raise ConfigError(f"the SSBA encoder's residuals have mean pairwise cosine {self.cosine:.3f} > "
+                              f"ssba_max_cosine {c.ssba_max_cosine}: a near-universal pattern, not a sample-specific "
+                              f"trigger")
 
     def _load(self, obj: dict, img_size: tuple) -> None:
         c = self.cfg
-        enc = SSBAEncoder(img_size, c.ssba_bits, c.ssba_width, c.ssba_max_residual)
+        enc = SSBAEncoder(img_size, c.ssba_bits, c.ssba_width)
         dec = SSBADecoder(img_size, c.ssba_bits, c.ssba_width)
         enc.load_state_dict(obj["encoder"], strict=True)
         dec.load_state_dict(obj["decoder"], strict=True)
@@ -211,12 +278,16 @@ class SSBA(Attack):
     def info(self) -> dict:
         c = self.cfg
         return {"ssba_bits": c.ssba_bits, "ssba_secret": [int(b) for b in self.secret], "ssba_psnr": self.psnr,
-                "ssba_bit_acc": self.bit_acc, "ssba_linf": self.linf, "ssba_heldout": int(min(c.ssba_heldout, len(self.ctx.data.test_x))),
-                "ssba_encoder_cache": self.cache_file}
+                "ssba_bit_acc": self.bit_acc, "ssba_linf": self.linf, "ssba_residual_cosine": self.cosine,
+                "ssba_heldout": int(min(c.ssba_heldout, len(self.ctx.data.test_x))), "ssba_encoder": "stegastamp_unet",
+                "ssba_encoder_cache": self.cache_file, "ssba_encoder_digest": self.digest}
 
     def artifacts(self) -> dict:
         import yaml
 
-        return {"ssba_encoder.yaml": yaml.safe_dump({"psnr_db": round(self.psnr, 3), "bit_accuracy": round(self.bit_acc, 5),
-                                                      "max_abs_residual": self.linf, "heldout_test_images": self.info()["ssba_heldout"],
-                                                      "cache": self.cache_file}, sort_keys=False)}
+        doc = {"encoder": "StegaStamp U-Net on [secret map, image]", "width": self.cfg.ssba_width,
+               "psnr_db": round(self.psnr, 3), "bit_accuracy": round(self.bit_acc, 5), "max_abs_residual": self.linf,
+               "residual_mean_pairwise_cosine": round(self.cosine, 4),
+               "heldout_test_images": self.info()["ssba_heldout"],
+               "weights_sha256": self.digest, "cache": self.cache_file}
+        return {"ssba_encoder.yaml": yaml.safe_dump(doc, sort_keys=False)}

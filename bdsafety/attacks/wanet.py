@@ -10,7 +10,8 @@ Training is attack-controlled: the clean training set is loaded WITHOUT the usua
 first int(pratio * bs) samples are warped (backdoor label), the next int(that * cross_ratio) noise-warped (true label)
 — ``bdsafety.attacks.controlled`` — then BackdoorBench's post-transform runs on the whole batch: random crop with
 padding ``random_crop`` (probability 0.8), random rotation up to ``random_rotation`` degrees (probability 0.5) and,
-where the dataset flips (cifar10), a horizontal flip. Difference: these are drawn per sample here (BackdoorBench's
+where the dataset flips (cifar10), a horizontal flip; padding and rotated-in corners take the dataset's mean colour
+(BackdoorBench transforms normalised images and fills with 0). Difference: these are drawn per sample here (BackdoorBench's
 tensor transforms draw one crop/angle for the whole batch). Everything runs batched on the device (``WaNetBatch``).
 
 Record: bd_test = every non-target test image warped; ``cross_test_dataset/`` = every test image noise-warped (true
@@ -144,8 +145,14 @@ class WaNetBatch:
         return self.norm(x), y
 
     def post_transform(self, x: torch.Tensor) -> torch.Tensor:
-        """BackdoorBench's PostTensorTransform, per sample: crop (p 0.8), rotation (p 0.5), flip (cifar10)."""
+        """BackdoorBench's PostTensorTransform, per sample: crop (p 0.8), rotation (p 0.5), flip (cifar10).
+
+        BackdoorBench runs it on NORMALISED images, so the crop's padding and the rotation's corners are filled with
+        0 there, i.e. with the dataset's mean colour in pixel space. Here the batch is in pixel space [0, 1]: it is
+        shifted by the mean, transformed with zero fill, and shifted back (the same images)."""
         n = len(x)
+        mean = self.norm.mean.to(x.device, x.dtype)
+        x = x - mean
         if self.random_crop > 0:
             cropped = random_crop_flip(x, pad=self.random_crop, flip=False, generator=self.gen)
             keep = (torch.rand(n, generator=self.gen) < 0.8).to(x.device)[:, None, None, None]
@@ -156,7 +163,7 @@ class WaNetBatch:
             x = torch.where(keep, rotated, x)
         if self.hflip:
             x = random_crop_flip(x, pad=0, flip=True, generator=self.gen)
-        return x
+        return x + mean
 
 
 @register_attack
