@@ -1,4 +1,7 @@
-"""Run a study (grid of attacks, defenses, retuning attacks, analyses, seeds): python analysis/run_study.py --yaml_path config/study/demo.yaml"""
+"""Run a study (grid of attacks, defenses, retuning attacks, analyses, seeds):
+
+    python analysis/run_study.py --yaml_path config/study/demo.yaml
+"""
 import os
 import sys
 

@@ -11,8 +11,8 @@ import difflib
 import json
 import math
 import os
-import re
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +21,6 @@ from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import yaml
-
 
 from bdsafety.errors import ConfigError  # noqa: E402  (re-exported: bdsafety.config.ConfigError)
 
@@ -260,7 +259,8 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _n
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"yaml config not found: {p}. Configs live under config/<attack|defense|retune_attack|study>/<name>/<dataset>.yaml")
+        raise ConfigError(f"yaml config not found: {p}. Configs live under "
+                          f"config/<attack|defense|retune_attack|study>/<name>/<dataset>.yaml")
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -294,7 +294,8 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def parse_config(schema: dict[str, Option], argv: Sequence[str] | None = None, description: str = "", prog: str | None = None) -> SimpleNamespace:
+def parse_config(schema: dict[str, Option], argv: Sequence[str] | None = None, description: str = "",
+                 prog: str | None = None) -> SimpleNamespace:
     """Parse ``argv`` against ``schema``: defaults < yaml file (--yaml_path) < flags. Returns a namespace.
 
     ``cfg._sources`` maps each key to where its value came from ('default', the yaml path, or 'cli').

@@ -27,13 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from bdsafety.config import PRECISIONS
-from bdsafety.errors import ConfigError
-from bdsafety.outputs import fault_point
 from bdsafety.data.device import DeviceDataset, Normalizer, iterate_batches
-
-
-from bdsafety.errors import TrainingDiverged  # noqa: E402,F401  (re-exported)
-
+from bdsafety.errors import (
+    ConfigError,
+    TrainingDiverged,  # noqa: E402,F401  (re-exported)
+)
+from bdsafety.outputs import fault_point
 
 # A mean training loss above this is divergence, not learning: cross-entropy at chance is ln(classes) (5.3 for 200
 # classes), and no bundled objective adds terms of this size. fit(max_loss=...) overrides it.

@@ -280,7 +280,8 @@ def open_experiment(cfg: SimpleNamespace) -> Experiment:
 
 
 # ---------------------------------------------------------------- defender's reserved clean subset
-def reserved_indices(labels: np.ndarray, amount: float, *, balanced: bool = False, seed: int = 0, num_classes: int | None = None) -> np.ndarray:
+def reserved_indices(labels: np.ndarray, amount: float, *, balanced: bool = False, seed: int = 0,
+                     num_classes: int | None = None) -> np.ndarray:
     """Indices of the defender's clean subset: ``amount`` < 1 is a ratio of the split, >= 1 a count.
 
     balanced=True takes the same number from every class (like BackdoorBench's class-balanced sampling);

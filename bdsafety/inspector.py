@@ -12,8 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bdsafety.records import (RecordError, list_defenses, load_attack_record, read_metrics_summary, resolve_record_dir,
-                              summary_name)
+from bdsafety.records import RecordError, list_defenses, load_attack_record, read_metrics_summary, resolve_record_dir, summary_name
 
 
 def check_model(rec) -> None:

@@ -165,6 +165,8 @@ class _DestLock:
             import fcntl
         except ImportError:  # pragma: no cover - no flock (Windows): no lock
             return
+        # the folders made only to hold the lock: removed again (when still empty) if the run writes nothing
+        self.made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
         dest.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             f = open(self.path, "a+")
@@ -199,6 +201,11 @@ class _DestLock:
             fcntl.flock(self.f, fcntl.LOCK_UN)
             self.f.close()
             self.f = None
+            for d in self.made:  # deepest first; a folder the run (or another) wrote into stays
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 class OutputFolder:
@@ -233,8 +240,8 @@ class OutputFolder:
         replaced: list[str] = []
         if self.dest.exists():
             if not self.overwrite:
-                raise OutputError(f"{self.dest} already exists; pass --overwrite to replace it"
-                                  f"{', or --save_name to write beside it' if self.what != 'record' else ', or choose another --save_folder_name'}")
+                beside = ", or --save_name to write beside it" if self.what != "record" else ", or choose another --save_folder_name"
+                raise OutputError(f"{self.dest} already exists; pass --overwrite to replace it{beside}")
             deps = [d for d in dependents_of(self.dest, self.own) if d not in self.carry]
             if deps and self.dependents == "ask":
                 listing = ", ".join(f"{d}/" for d in deps)

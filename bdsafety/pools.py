@@ -165,7 +165,8 @@ def poisoned_pool(exp, source: str | None = None, purpose: str = "RA", part: str
             hint = "run it on the attack's record, or use a defense that needs no real poisoned samples"
         raise DataError(f"{purpose} needs real poisoned training samples, but record {src_dir.name} has none ({why}); {hint}")
     if not same:
-        if rec.clean_data != exp.record.clean_data or split.length != len(exp.data.train_y) or tuple(rec.img_size) != tuple(exp.record.img_size):
+        if (rec.clean_data != exp.record.clean_data or split.length != len(exp.data.train_y)
+                or tuple(rec.img_size) != tuple(exp.record.img_size)):
             raise DataError(f"poison_source {src_dir.name} was made on {rec.clean_data} ({split.length} training images, "
                              f"{tuple(rec.img_size)}), but record {exp.record_dir.name} on {exp.record.clean_data} "
                              f"({len(exp.data.train_y)} training images, {tuple(exp.record.img_size)}): pick a record on the same data")

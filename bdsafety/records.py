@@ -31,6 +31,15 @@ import pandas as pd
 import torch
 
 from bdsafety.data.poisoned import PoisonedSplit
+from bdsafety.safeio import (  # noqa: F401  (re-exported: the record API predates safeio)
+    RecordError,
+    _current_umask,
+    _ensure_safe_loadable,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    safe_torch_load,
+)
 
 __all__ = [
     "RecordError", "safe_torch_load", "atomic_torch_save", "atomic_write_text", "atomic_write_bytes",
@@ -43,13 +52,6 @@ ATTACK_RESULT_KEYS = ("model_name", "num_classes", "model", "data_path", "img_si
 MODEL_RESULT_KEYS = ("model_name", "num_classes", "model")
 NAN_VALUE = "nan_value"  # how BackdoorBench's Metric_Aggregator stores NaN in csv files
 SUMMARY_INDEX = ("last", "valid_max", "exist_nan_value")
-
-
-from bdsafety.safeio import (  # noqa: F401  (re-exported: the record API predates safeio)
-    RecordError, _ensure_safe_loadable, _current_umask, atomic_torch_save, atomic_write_bytes, atomic_write_text,
-    safe_torch_load,
-)
-
 
 # ----------------------------------------------------------------------------------------------- metrics csv
 

@@ -1,4 +1,7 @@
-"""ANP (Adversarial Neuron Pruning) defense: python defense/anp.py --result_file RECORD [--yaml_path config/defense/anp/<dataset>.yaml] [flags]"""
+"""ANP (Adversarial Neuron Pruning) defense:
+
+    python defense/anp.py --result_file RECORD [--yaml_path config/defense/anp/<dataset>.yaml] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""BTI-DBF(U) (trigger inversion + unlearning) defense: python defense/bti_dbf.py --result_file RECORD [--yaml_path config/defense/bti_dbf/<dataset>.yaml] [flags]"""
+"""BTI-DBF(U) (trigger inversion + unlearning) defense:
+
+    python defense/bti_dbf.py --result_file RECORD [--yaml_path config/defense/bti_dbf/<dataset>.yaml] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""I-BAU (implicit backdoor adversarial unlearning) defense: python defense/i_bau.py --result_file RECORD [--yaml_path config/defense/i_bau/<dataset>.yaml] [flags]"""
+"""I-BAU (implicit backdoor adversarial unlearning) defense:
+
+    python defense/i_bau.py --result_file RECORD [--yaml_path config/defense/i_bau/<dataset>.yaml] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""PAM with re-inversion: python defense/pam_reinvert.py --result_file <rf> --yaml_path config/defense/pam_reinvert/<dataset>.yaml [flags]"""
+"""PAM with re-inversion:
+
+    python defense/pam_reinvert.py --result_file <rf> --yaml_path config/defense/pam_reinvert/<dataset>.yaml [flags]
+"""
 import os
 import sys
 

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from bdsafety.analysis.lmc import interpolate_state, main as lmc_main, recompute_bn_stats
+from bdsafety.analysis.lmc import interpolate_state, recompute_bn_stats
+from bdsafety.analysis.lmc import main as lmc_main
 from bdsafety.analysis.report import collect, to_markdown
 from bdsafety.data.device import DeviceDataset, Normalizer
 from bdsafety.data.info import DATASETS

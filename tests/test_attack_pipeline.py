@@ -4,12 +4,12 @@ import os
 import numpy as np
 import pytest
 
+from bdsafety.records import load_attack_record, read_metrics_summary
 from bdsafety.registry import get
 
 
 def main(attack, argv):
     return get("attack", attack).main(argv)
-from bdsafety.records import load_attack_record, read_metrics_summary
 
 TINY = ["--dataset", "synthetic", "--model", "cnn_small", "--synthetic_n_train", "200", "--synthetic_n_test", "100",
         "--epochs", "1", "--no_progress"]

@@ -51,7 +51,8 @@ def test_sig_run_refuses_a_too_small_target_class(tmp_path):
 def test_lc_four_corner_trigger():
     m = lc_corner_mask()
     assert m.shape == (32, 32) and set(np.unique(m)) == {-1.0, 0.0, 1.0} and (m != 0).sum() == 36
-    assert m[0, 0] == 1 and m[0, 1] == -1 and m[2, 2] == 1 and m[31, 31] == 1 and m[31, 29] == 1 and m[29, 31] == 1 and m[29, 29] == -1 and m[31, 0] == 1 and m[29, 2] == -1
+    assert m[0, 0] == 1 and m[0, 1] == -1 and m[2, 2] == 1 and m[31, 31] == 1 and m[31, 29] == 1 and m[29, 31] == 1
+    assert m[29, 29] == -1 and m[31, 0] == 1 and m[29, 2] == -1
     assert (m[3:29] == 0).all() and (m[:, 3:29] == 0).all()
     x = np.full((3, 32, 32, 3), 128, np.uint8)
     y = apply_lc_corners(x, amplitude=1.0)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from bdsafety.data import datasets as ds
-from bdsafety.errors import DataError
 from bdsafety.data.datasets import CleanData, load_clean_dataset
 from bdsafety.data.info import DATASETS
+from bdsafety.errors import DataError
 from tests.fake_datasets import (
     make_fake_cifar10,
     make_fake_cifar100,

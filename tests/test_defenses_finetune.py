@@ -11,17 +11,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from bdsafety.registry import get
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety.config import ConfigError, resolve
 from bdsafety.data.device import DeviceDataset, Normalizer
-from bdsafety.defenses.mixing import mixing_batch_fn, pool_replacer, true_label_pool
 from bdsafety.defenses import finetune as ftm
 from bdsafety.defenses import ft_sam as sam
+from bdsafety.defenses.mixing import mixing_batch_fn, pool_replacer, true_label_pool
+from bdsafety.registry import get
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,7 +255,8 @@ def test_ep_pool_is_the_defenders_part_with_original_labels(tmp_path):
 
     n = 10
     bd = PoisonedSplit(np.arange(0, 20, 2), np.zeros((n, 2, 2, 3), np.uint8), np.zeros(n), np.arange(n) % 5 + 1, 20)
-    exp = SimpleNamespace(record=SimpleNamespace(bd_train=bd, info={}), record_dir=tmp_path, device="cpu")
+    exp = SimpleNamespace(record=SimpleNamespace(bd_train=bd, info={}), record_dir=tmp_path, device="cpu",
+                          dataset=lambda images, labels: DeviceDataset(images, labels, "cpu"))
     pool, split = true_label_pool(exp, "EP")
     ps = pool_split(tmp_path, bd)
     assert split.indices.tolist() == ps.defender.tolist() and len(ps.attacker) == 5

@@ -34,8 +34,9 @@ def test_seeds_study_runs_the_readme_chain_per_seed(capsys, tmp_path):
     for s in (0, 1, 2):
         for d in ("fst", "bti_dbf", "exact_purification", "pam", "pam_reinvert"):
             assert f"badnet_synthetic_cnn_small_p0.1_s{s}/defense/{d}/ra " in out, (s, d)
-    # per seed: attack, clean, RA on both, 5 x (defense, RA, LMC), QRA on FST
-    assert out.strip().splitlines()[-1] == "60 jobs, 60 to run"
+    # per seed: attack, clean, RA on both, 5 x (defense, RA, LMC), QRA on FST, and the benign-retune control on the
+    # 7 models (27 jobs)
+    assert out.strip().splitlines()[-1] == "81 jobs, 81 to run"
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])

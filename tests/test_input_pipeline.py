@@ -77,7 +77,7 @@ def test_mixed_sizes_frozen_samples_and_subsets():
     want = torch.cat([center_crop(pil_resize(_nchw(clean), 64), 56), center_crop(_nchw(big), 56)])
     assert torch.equal(ds.view(), want)
     gen = torch.Generator().manual_seed(0)
-    for xb, y, idx in iterate_batches(ds, 8, shuffle=True, augment=True, hflip=True, generator=gen):
+    for xb, _y, idx in iterate_batches(ds, 8, shuffle=True, augment=True, hflip=True, generator=gen):
         for im, i in zip(xb, idx.tolist()):
             if i >= 6:
                 assert torch.equal(im, want[i])  # frozen: the evaluation view, never cropped or flipped
@@ -86,6 +86,25 @@ def test_mixed_sizes_frozen_samples_and_subsets():
     assert torch.equal(sub.with_labels(torch.tensor([0, 1])).view(), want[[7, 2]])
     with pytest.raises(ValueError, match="input geometry"):
         DeviceDataset.concat([DeviceDataset(clean, np.arange(6)), DeviceDataset(big, [1, 2])])
+
+
+def test_augmentation_drawn_once_follows_the_geometry():
+    """RA's ``augment_draw: once`` copy of a resized dataset: every sample at the crop size, the frozen (poisoned) ones
+    as the evaluation view, the others one window of their padded resized image; the copy hands them out as they are."""
+    rng = np.random.default_rng(4)
+    clean = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    big = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    g = InputGeometry(64, 56)
+    ds = DeviceDataset.concat([DeviceDataset(clean, np.arange(5), geometry=g),
+                               DeviceDataset(big, [7, 8], geometry=g, frozen=True)])
+    once = ds.augmented_once(flip=False, generator=torch.Generator().manual_seed(0))
+    assert once.geometry is None and tuple(once.x.shape[1:]) == (3, 56, 56)
+    assert torch.equal(once.x[5:], ds.view()[5:])
+    padded = torch.nn.functional.pad(pil_resize(_nchw(clean), 64), (4, 4, 4, 4))
+    for k in range(5):
+        assert any(torch.equal(once.x[k], padded[k, :, i:i + 56, j:j + 56]) for i in range(17) for j in range(17))
+    (xb, _, _), = list(iterate_batches(once, 8))
+    assert torch.equal(xb, once.x)
 
 
 def test_geometry_options_are_validated():

@@ -14,6 +14,7 @@ from bdsafety.models import build_model, classifier_layer, identify_model, load_
 from bdsafety.models.registry import VIT_MLP_RENAMES
 from bdsafety.models.zoo import UNBUILDABLE, ZOO, BackdoorBenchViT
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Batches of 2 tiny images: one intra-op thread is as fast, and immune to an oversubscribed machine."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from bdsafety.defenses.mixing import mixing_batch_fn
-from bdsafety.defenses.pam import PathAwareStep, parameter_snapshot, pam_step_fn
+from bdsafety.defenses.pam import PathAwareStep, pam_step_fn, parameter_snapshot
 
 
 class TinyBN(nn.Module):
@@ -299,7 +299,7 @@ def test_pam_freezes_generator_after_round_one_pam_reinvert_retrains_it(tmp_path
         calls = []
         real = bti.reinvert
 
-        def spy(*a, **k):
+        def spy(*a, calls=calls, real=real, **k):
             calls.append(1)
             return real(*a, **k)
 

@@ -28,7 +28,7 @@ def _capture(ds, epochs=6, augment=True):
     g = torch.Generator().manual_seed(0)
     seen = {}
     for _ in range(epochs):
-        for xb, y, idx in iterate_batches(ds, 16, shuffle=True, augment=augment, generator=g):
+        for xb, _y, idx in iterate_batches(ds, 16, shuffle=True, augment=augment, generator=g):
             for x, i in zip(xb, idx.tolist()):
                 seen.setdefault(i, []).append(x.clone())
     return seen

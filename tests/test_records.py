@@ -11,15 +11,31 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from bb_records import (
-    ATTACK_SUMMARY_CSV, assert_matches_schema, load_schema, make_bb_v20_record, make_bb_v22_record, tiny_state_dict,
+    ATTACK_SUMMARY_CSV,
+    assert_matches_schema,
+    load_schema,
+    make_bb_v20_record,
+    make_bb_v22_record,
+    tiny_state_dict,
 )
+
 from bdsafety import records
 from bdsafety.data.poisoned import PoisonedSplit
 from bdsafety.records import (
-    RecordError, atomic_torch_save, atomic_write_text, list_defenses, load_attack_record, load_model_result, main,
-    read_metrics_summary, resolve_record_dir, safe_torch_load, save_attack_record, save_model_result, write_metrics_csv,
+    RecordError,
+    atomic_torch_save,
+    atomic_write_text,
+    list_defenses,
+    load_attack_record,
+    load_model_result,
+    main,
+    read_metrics_summary,
+    resolve_record_dir,
+    safe_torch_load,
+    save_attack_record,
+    save_model_result,
+    write_metrics_csv,
 )
 
 torch.set_num_threads(1)

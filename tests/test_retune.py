@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bdsafety.errors import ConfigError
 from bdsafety.data.device import DeviceDataset
 from bdsafety.data.poisoned import PoisonedSplit
+from bdsafety.errors import ConfigError
 from bdsafety.retune import qra as Q
 from bdsafety.retune import ra as R
 

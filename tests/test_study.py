@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from bdsafety import registry
-from bdsafety.study.runner import main, run_study
 from bdsafety.study.results import timing_columns
+from bdsafety.study.runner import main, run_study
 
 ROOT = Path(__file__).resolve().parent.parent
 REC = "badnet_synthetic_cnn_small_p0.1_s0"
@@ -236,6 +236,22 @@ def test_sig_grid_with_anp_writes_pruning_and_retriggered_qra(tmp_path):
     assert len(idx) == 10 and (data.train_y[idx] != rec_cfg["attack_target"]).all()  # non-target training images
     pool = json.loads((sd / SIG_REC / "pool_split.json").read_text())
     assert not set(idx.tolist()) & set(pool["defender"] + pool["attacker"])  # outside the poisoned pool
+
+
+def test_kind_wide_set_keys_apply_where_they_exist_and_typos_fail(tmp_path):
+    """set.defense.epochs reaches FT but not ANP (which has no epochs; a note says so); set.defense.epoch is no
+    defense's key: an error before any job runs."""
+    from bdsafety.errors import ConfigError
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    plan = build_plan(load_study(_yaml(tmp_path / "ok.yaml", top={"defenses": ["ft", "anp"]})))
+    by_key = {j.key: j for j in plan.jobs}
+    assert by_key[f"{REC}/defense/ft"].config["epochs"] == 1 and "epochs" not in by_key[f"{REC}/defense/anp"].config
+    plan = build_plan(load_study(_yaml(tmp_path / "anp.yaml", top={"defenses": ["anp"]})))
+    assert any("set.defense: epochs not used" in n for n in plan.notes)
+    with pytest.raises(ConfigError, match=r"set.defense has key\(s\) \['epoch'\]"):
+        build_plan(load_study(_yaml(tmp_path / "typo.yaml", defense={"epoch": 1})))
 
 
 def test_study_yaml_typos_are_errors_naming_the_valid_keys(tmp_path):

@@ -22,7 +22,7 @@ import torch
 
 from bdsafety import engine, registry
 from bdsafety.cli import run_cli
-from bdsafety.config import ConfigError, Option, POS_INT, parse_config, resolve
+from bdsafety.config import POS_INT, ConfigError, Option, parse_config, resolve
 from bdsafety.errors import DataError, TrainingDiverged
 from bdsafety.records import RecordError
 

@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bdsafety.errors import ConfigError
 from bdsafety import engine
 from bdsafety.config import AMOUNT, FRACTION, POS_INT, Option, float_list, str_list
-from bdsafety.registry import register
 from bdsafety.data.device import iterate_batches
+from bdsafety.errors import ConfigError
 from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, reserved_indices, write_run_files
+from bdsafety.registry import register
 from bdsafety.safeio import atomic_savefig
 
 LMC_SCHEMA = {
@@ -69,7 +69,8 @@ def recompute_bn_stats(model: torch.nn.Module, ds, norm, batch_size: int = 256) 
         m.momentum = mom
 
 
-def lmc_path(exp, theta_def: dict, theta_bd: dict, alphas, bn: str, reserved, bn_batch_size: int = 256, progress: bool = True) -> pd.DataFrame:
+def lmc_path(exp, theta_def: dict, theta_bd: dict, alphas, bn: str, reserved, bn_batch_size: int = 256,
+             progress: bool = True) -> pd.DataFrame:
     """Metrics at each alpha of the path from theta_def (alpha 0) to theta_bd (alpha 1)."""
     from tqdm.auto import tqdm
 

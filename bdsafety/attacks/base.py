@@ -34,8 +34,21 @@ import numpy as np
 import torch
 
 from bdsafety.attacks.poison import LABEL_TRANS, backdoor_labels, select_test_poison, select_train_poison
-from bdsafety.config import (FRACTION, NONNEG, NONNEG_INT, POS_INT, POSITIVE, RUN_SCHEMA, SEED, ConfigError, Option,
-                             dump_yaml, int_list, resolve_device, run_metadata)
+from bdsafety.config import (
+    FRACTION,
+    NONNEG,
+    NONNEG_INT,
+    POS_INT,
+    POSITIVE,
+    RUN_SCHEMA,
+    SEED,
+    ConfigError,
+    Option,
+    dump_yaml,
+    int_list,
+    resolve_device,
+    run_metadata,
+)
 from bdsafety.data.info import NORMALIZATIONS
 from bdsafety.data.poisoned import PoisonedSplit
 from bdsafety.outputs import DEPENDENTS

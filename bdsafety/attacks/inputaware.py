@@ -36,8 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety.attacks.base import Attack, register_attack
-from bdsafety.attacks.controlled import (cross_test_artifacts, final_pass_layout, merged_split, num_poison_in_batch,
-                                         to_uint8)
+from bdsafety.attacks.controlled import cross_test_artifacts, final_pass_layout, merged_split, num_poison_in_batch, to_uint8
 from bdsafety.attacks.poison import backdoor_labels
 from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option, int_list
 from bdsafety.pools import CROSS_KEY

@@ -1,8 +1,9 @@
 """Which samples get poisoned, and which label they get (BackdoorBench's conventions)."""
 from __future__ import annotations
 
-from bdsafety.errors import ConfigError
 import numpy as np
+
+from bdsafety.errors import ConfigError
 
 LABEL_TRANS = ("all2one", "all2all")
 

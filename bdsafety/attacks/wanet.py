@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bdsafety.attacks.base import Attack, register_attack
-from bdsafety.attacks.controlled import (cross_test_artifacts, final_pass_layout, merged_split, num_poison_in_batch,
-                                         to_uint8)
+from bdsafety.attacks.controlled import cross_test_artifacts, final_pass_layout, merged_split, num_poison_in_batch, to_uint8
 from bdsafety.attacks.poison import backdoor_labels
 from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option
 from bdsafety.data.device import random_crop_flip, random_rotate
@@ -169,7 +168,8 @@ class WaNetBatch:
 @register_attack
 class WaNet(Attack):
     name = "wanet"
-    description = "WaNet attack: warping-based trigger, noise (cross) samples, poisoned in the training loop (BackdoorBench-compatible record)"
+    description = ("WaNet attack: warping-based trigger, noise (cross) samples, poisoned in the training loop "
+                   "(BackdoorBench-compatible record)")
     options = {
         "cross_ratio": Option(2.0, "noise (cross) samples per backdoor sample in a batch (rho_n = pratio * cross_ratio)", check=NONNEG),
         "k": Option(4, "side of the random control grid of the warping field", check=POS_INT),

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from bdsafety.errors import DataError, DatasetNotFound
 from bdsafety.data.info import DATASETS, DatasetInfo, dataset_info
+from bdsafety.errors import DataError, DatasetNotFound
 
 SUPPORTED = ("cifar10", "cifar100", "gtsrb", "tiny", "imagefolder", "synthetic")
 UNSUPPORTED = ("mnist", "celeba", "imagenet")  # BackdoorBench datasets this project does not load
@@ -329,7 +329,8 @@ def _write_cache(path: str, **arrays) -> None:
             os.unlink(tmp)
             raise
     except OSError as e:
-        warnings.warn(f"could not write the decode cache {path} ({e}); images will be decoded again next run")
+        warnings.warn(f"could not write the decode cache {path} ({e}); images will be decoded again next run",
+                      stacklevel=2)
 
 
 def _image_files(folder: str) -> list[str]:

@@ -290,7 +290,15 @@ class DeviceDataset:
         augmented image in every epoch, like a data set built once through a random train transform (the official
         RA's); ``iterate_batches(augment=True)`` on the original redraws it every pass instead."""
         if len(self) == 0:
-            return DeviceDataset(self.x.clone(), self.y, self.x.device, frozen=self.frozen)
+            return DeviceDataset(self.x.clone(), self.y, self.x.device, frozen=self.frozen, geometry=self.geometry)
+        if self.geometry is not None:  # drawn from the resized images; frozen ones get the evaluation view. The copy
+            # holds images at the model's input size already: no geometry
+            idx = torch.arange(len(self), device=self.x.device)
+            xa = torch.cat([self.augmented(idx[s : s + chunk], hflip=flip, generator=generator)
+                            for s in range(0, len(self), chunk)])
+            if self.frozen is not None:
+                xa = torch.where(self.frozen[:, None, None, None], self.view(), xa)
+            return DeviceDataset(xa, self.y, self.x.device, frozen=self.frozen)
         xa = torch.cat([random_crop_flip(self.x[s : s + chunk], pad=pad, flip=flip, generator=generator)
                         for s in range(0, len(self), chunk)])
         if self.frozen is not None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bdsafety.errors import DataError
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -53,4 +55,5 @@ def dataset_info(name: str, num_classes: int | None = None, img_size: tuple | No
         return DatasetInfo("imagefolder", int(num_classes), tuple(img_size), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), True)
     valid = ", ".join(sorted(list(DATASETS) + ["imagefolder"]))
     raise DataError(f"unknown dataset {name!r}; valid datasets: {valid}")
-from bdsafety.errors import DataError
+
+

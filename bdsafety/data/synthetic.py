@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bdsafety.errors import DataError
 from bdsafety.data.info import DATASETS
+from bdsafety.errors import DataError
 
 CLASSES = ["circle", "square", "triangle", "plus", "ring", "hstripes", "vstripes", "frame", "dots", "cross"]
 _MAX_VALUE = 235

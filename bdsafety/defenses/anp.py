@@ -53,11 +53,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdsafety.errors import ConfigError
 from bdsafety import engine
-from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Check, Option, dump_yaml
-from bdsafety.data.device import random_crop_flip
+from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Check, Option, dump_yaml
 from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.errors import ConfigError
 from bdsafety.registry import register
 
 NAME = "anp"

@@ -57,10 +57,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdsafety.errors import ConfigError
-from bdsafety.config import NONNEG, POSITIVE, POS_INT, Option
+from bdsafety.config import NONNEG, POS_INT, POSITIVE, Option
 from bdsafety.data.device import DeviceDataset, iterate_batches
 from bdsafety.engine import autocast
+from bdsafety.errors import ConfigError
 
 CACHE_DIR = "bti_inversion"
 CACHE_FORMAT = 2

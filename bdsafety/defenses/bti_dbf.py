@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Option
+from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Option
 from bdsafety.defenses import bti
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.mixing import generator_replacer, mixing_batch_fn

@@ -13,7 +13,8 @@ never attacked with an image it was taught). The triggered part of each batch is
 replacement within a batch, fresh every batch) from that part; for a dirty-label all2one attack the poisoned
 samples whose true class IS the target keep that label (the paper's oracle applies the trigger to every class
 as well). Triggered images are not augmented (``augment_poison: true`` gives them the clean images' random
-crop / flip, an ablation); the training indices used are written to log/defender_poison_index.txt. For clean-label attacks (SIG, LC) every bd_train sample's true label is the target, so EP built from
+crop / flip, an ablation); the training indices used are written to log/defender_poison_index.txt. For clean-label
+attacks (SIG, LC) every bd_train sample's true label is the target, so EP built from
 bd_train cannot unlearn anything: this is logged as a warning.
 
 Defaults: fine-tuning as FT (SGD lr 0.01, momentum 0.9, no weight decay, cosine, 10 epochs, batch 128) on a
@@ -27,11 +28,11 @@ import math
 import numpy as np
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, OPEN_FRACTION, POSITIVE, POS_INT, ConfigError, Option
-from bdsafety.defenses.mixing import mixing_batch_fn, pool_replacer, true_label_pool
+from bdsafety.config import AMOUNT, OPEN_FRACTION, POS_INT, POSITIVE, ConfigError, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
-from bdsafety.registry import register
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
+from bdsafety.defenses.mixing import mixing_batch_fn, pool_replacer, true_label_pool
+from bdsafety.registry import register
 
 
 def ep_schema() -> dict:

@@ -40,10 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, POSITIVE, POS_INT, ConfigError, Option
+from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, ConfigError, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
-from bdsafety.registry import register
 from bdsafety.models import classifier_layer
+from bdsafety.registry import register
 
 # ------------------------------------------------------------------------------------------- configuration
 OPTIM_SCHEMA = {
@@ -79,7 +79,8 @@ def finetune_schema(variant: str) -> dict:
         raise ValueError(f"unknown fine-tuning variant {variant!r}; valid: {', '.join(VARIANTS)}")
     v = VARIANTS[variant]
     return defense_schema(
-        ratio=Option(0.02, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set (official FST code: 0.02)", check=AMOUNT),
+        ratio=Option(0.02, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set (official FST "
+                           "code: 0.02)", check=AMOUNT),
         epochs=Option(10, "training epochs", check=POS_INT),
         batch_size=Option(128, "batch size", check=POS_INT),
         lr=Option(0.01, "SGD learning rate", check=POSITIVE),

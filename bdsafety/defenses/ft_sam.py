@@ -24,10 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, Check, NONNEG, POSITIVE, POS_INT, ConfigError, Option
+from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, ConfigError, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
-from bdsafety.registry import register
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
+from bdsafety.registry import register
 
 EPS = 1e-12
 
@@ -145,7 +145,8 @@ def sam_step(optimizer, params, rho: float, adaptive: bool = True, loss_fn: Call
 # ------------------------------------------------------------------------------------------- the defense
 def ft_sam_schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set (BackdoorBench: 0.05)", check=AMOUNT),
+        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set "
+                           "(BackdoorBench: 0.05)", check=AMOUNT),
         balanced=Option(True, "draw the reserved data class-balanced (BackdoorBench's choose_by_class)"),
         epochs=Option(100, "training epochs (BackdoorBench ft-sam: 100 on cifar10/cifar100/tiny, 50 on gtsrb)", check=POS_INT),
         batch_size=Option(256, "batch size", check=POS_INT),
@@ -153,7 +154,8 @@ def ft_sam_schema() -> dict:
         **{**OPTIM_SCHEMA, "wd": Option(5e-4, "weight decay", check=NONNEG)},
         rho=Option(2.0, "SAM neighbourhood radius (BackdoorBench: 2.0; 8.0 for gtsrb and tiny)", check=NONNEG),
         adaptive=Option(True, "adaptive SAM: e = rho * w^2 g / || |w| g ||, else e = rho * g / ||g||"),
-        label_smoothing=Option(0.1, "label smoothing of the training loss (BackdoorBench: 0.1; 0.0 for gtsrb and tiny)", check=Check(lo=0, hi=1, hi_open=True, text="a number in [0, 1)")),
+        label_smoothing=Option(0.1, "label smoothing of the training loss (BackdoorBench: 0.1; 0.0 for gtsrb and tiny)",
+                               check=Check(lo=0, hi=1, hi_open=True, text="a number in [0, 1)")),
         freeze_bn=Option(True, "keep BatchNorm running statistics unchanged by the perturbed forward pass"),
     )
 

@@ -33,11 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdsafety.errors import ConfigError
 from bdsafety import engine
-from bdsafety.config import NONNEG, POSITIVE, POS_INT, PROB, Option
+from bdsafety.config import NONNEG, POS_INT, POSITIVE, PROB, Option
 from bdsafety.data.device import iterate_batches
 from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.errors import ConfigError
 from bdsafety.registry import register
 
 NAME = "i-bau"

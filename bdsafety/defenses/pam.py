@@ -42,11 +42,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdsafety.errors import ConfigError
 from bdsafety import engine
-from bdsafety.config import FRACTION, NONNEG, POSITIVE, POS_INT, Option, float_list
+from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Option, float_list
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.mixing import generator_replacer, mixing_batch_fn, pool_replacer, true_label_pool
+from bdsafety.errors import ConfigError
 from bdsafety.registry import register
 
 NAME = "pam"

@@ -45,12 +45,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdsafety.errors import DataError
 from bdsafety import engine
-from bdsafety.config import NONNEG, NONNEG_INT, POSITIVE, POS_INT, ConfigError, Option, int_list
-from bdsafety.registry import register
+from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, ConfigError, Option, int_list
 from bdsafety.data.device import DeviceDataset
+from bdsafety.errors import DataError
 from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, write_run_files
+from bdsafety.registry import register
 from bdsafety.retune.ra import poison_source_split, resolve_targets
 from bdsafety.safeio import atomic_savefig
 
@@ -546,7 +546,8 @@ def run_qra(cfg: SimpleNamespace) -> Path:
         atomic_write_text(out.path / "log" / "poison_index.txt", "".join(f"{int(i)}\n" for i in meta["poison_index"]))
         save_example_grid(out.path / "qra_examples.png", exp, gen, cfg.grid_n,
                           title=f"QRA ({cfg.access}) on {target_info.name}: ASR {100 * base['test_asr']:.1f}% -> "
-                                f"{100 * after['test_asr']:.1f}% (clean model {100 * after['clean_model_test_asr']:.1f}%), eps {cfg.eps:.4f}")
+                                f"{100 * after['test_asr']:.1f}% (clean model {100 * after['clean_model_test_asr']:.1f}%)"
+                                f", eps {cfg.eps:.4f}")
         write_run_files(out.path, "qra", cfg, exp.device, t0, rows, index=meta["clean_index"], log_lines=lines,
                         retune_attack="qra", access=cfg.access, target_label=target, defense=target_info.name,
                         purified_model=str(target_info.model_file), ra_model=str(ra_file), clean_model=clean_src,

@@ -31,12 +31,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from bdsafety.errors import ConfigError
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, NONNEG_INT, POSITIVE, POS_INT, Option
-from bdsafety.registry import register
+from bdsafety.config import AMOUNT, NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option
 from bdsafety.data.device import DeviceDataset
+from bdsafety.errors import ConfigError
 from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, write_run_files
+from bdsafety.registry import register
 
 __all__ = [
     "RA_SCHEMA", "RA_SEED_STREAM", "RATarget", "RASet", "ra_set_size", "ra_subset_indices", "assemble_ra_set",
@@ -291,9 +291,9 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
         t0 = time.time()
         lines = list(header)
 
-        def log(msg: str):
+        def log(msg: str, lines=lines, name=t.name):
             lines.append(msg)
-            print(f"[ra:{t.name}] {msg}", flush=True)
+            print(f"[ra:{name}] {msg}", flush=True)
 
         model = load_target_model(exp, t)
         log(f"model {t.model_file}")

@@ -103,6 +103,7 @@ def build_plan(study) -> Plan:
     notes = list(study.notes)
     jobs: dict[str, Job] = {}
     failed_keys: set = set()
+    used_scope_keys: dict[str, set] = {}  # kind -> the keys some planned method of that kind accepts
     runtime = _runtime(study)
 
     def add(key, kind, method, point, fixed, deps, clean=False):
@@ -127,7 +128,10 @@ def build_plan(study) -> Plan:
             failed_keys.add(key)
             return False
         schema = m.schema()
-        over = {**study.overrides(kind, method, clean), **fixed}
+        used_scope_keys.setdefault(kind, set()).update(schema)
+        if clean:
+            used_scope_keys.setdefault("clean", set()).update(schema)
+        over = {**study.overrides(kind, method, clean, schema), **fixed}
         over.update({k: v for k, v in runtime.items() if k in schema})
         if "random_seed" in schema:
             over["random_seed"] = point["seed"] + RA_DRAW_STRIDE * point.get("draw", 0)
@@ -211,7 +215,8 @@ def build_plan(study) -> Plan:
                                 ddeps = [rname]  # a folder made elsewhere: read as found
                             if ra and add_ra(f"{dkey}/ra", dpt, {**rec, "defense": folder, "save_name": "ra"}, ddeps + [rname]):
                                 # qra_note: left out, with the attack's note
-                                if qra and qra_note is None and have_clean and (study.qra_defenses is None or d in study.qra_defenses or folder in study.qra_defenses):
+                                chosen = study.qra_defenses is None or d in study.qra_defenses or folder in study.qra_defenses
+                                if qra and qra_note is None and have_clean and chosen:
                                     add(f"{dkey}/qra", "retune", "qra", {**dpt, "role": "qra"},
                                         {**rec, "defense": folder, "clean_record": cname, "ra_name": "ra", "save_name": "qra"},
                                         ddeps + [f"{dkey}/ra", cname])
@@ -220,6 +225,17 @@ def build_plan(study) -> Plan:
                                     {**rec, "defense": [folder], "save_name": f"{an}_{folder}"}, ddeps + [rname])
     if qra and not study.clean_reference:
         notes.append("qra needs the clean reference: set clean_reference: true to run it")
+    for scope, keys in used_scope_keys.items():  # keys given for a whole kind that none of its planned jobs accepts
+        unused = sorted(k for k in study.set.get(scope, {}) if k not in keys)
+        if not unused:
+            continue
+        kind = "attack" if scope == "clean" else scope
+        known = set().union(*(m.schema() for m in registry.methods(kind)))
+        typos = [k for k in unused if k not in known]
+        if typos:  # no method of that kind has them: a typo
+            raise ConfigError(f"{study.path}: set.{scope} has key(s) {typos} that no {kind} method accepts; valid for this "
+                              f"study's {scope} jobs: {', '.join(sorted(keys))}")
+        notes.append(f"set.{scope}: {', '.join(unused)} not used (no {scope} method of this study has them)")
     order = _topological(jobs)
     return Plan(order, notes, study)
 

@@ -113,10 +113,14 @@ class Study:
                 return str(self.configs[key]).format(dataset=dataset)
         return "demo" if dataset == "synthetic" else dataset
 
-    def overrides(self, kind: str, method: str, clean: bool = False) -> dict:
+    def overrides(self, kind: str, method: str, clean: bool = False, schema=None) -> dict:
+        """The set: values of one job. Keys given for a whole kind (``set.defense``) or for ``set.clean`` apply to the
+        methods whose schema has them (ANP has no ``epochs``); keys given for the method itself must all exist."""
         out = dict(self.set.get(kind, {}))
         if clean:
             out.update(self.set.get("clean", {}))
+        if schema is not None:
+            out = {k: v for k, v in out.items() if k in schema}
         out.update(self.set.get(method, {}))
         return out
 
@@ -262,7 +266,8 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
         defenses=names("defense", "defenses", "defense"),
         external_defenses=[check_folder_name(str(d), "external_defenses") for d in _list(data.get("external_defenses"), "")],
         retune=retune, ra_poison_nums=nums, ra_control=control, ra_draws=draws["ra_draws"],
-        ra_budget_draws=draws["ra_budget_draws"], verdict=verdict, qra_defenses=None if qra == "all" else [str(d) for d in _list(qra, "qra_defenses")],
+        ra_budget_draws=draws["ra_budget_draws"], verdict=verdict,
+        qra_defenses=None if qra == "all" else [str(d) for d in _list(qra, "qra_defenses")],
         analyses=names("analysis", "analyses", "analysis"),
         configs={str(k): v for k, v in _mapping(data.get("configs"), "configs", nested=False).items()},
         set=_mapping(data.get("set"), "set", nested=True), resources=resources, notes=notes, unknown=unregistered)
