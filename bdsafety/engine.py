@@ -158,28 +158,37 @@ def predict(model, ds: DeviceDataset, norm: Normalizer, batch_size: int = 1024, 
 @torch.no_grad()
 def evaluate_loss_acc(model, ds: DeviceDataset, norm: Normalizer, batch_size: int = 1024, labels: torch.Tensor | None = None):
     """(mean cross-entropy, accuracy) of ``model`` on ``ds`` (against ``labels`` if given)."""
+    return evaluate_label_sets(model, ds, norm, batch_size, [labels])[0]
+
+
+def evaluate_label_sets(model, ds: DeviceDataset, norm: Normalizer, batch_size: int, label_sets: list) -> list:
+    """[(mean cross-entropy, accuracy)] of ``model`` on ``ds`` against each of ``label_sets`` (None: the dataset's own
+    labels), from ONE forward pass over the data (inference mode, eval mode, the training mode restored after)."""
     was_training = model.training
     model.eval()
-    y_all = ds.y if labels is None else labels.to(ds.device)
-    tot_loss, correct = 0.0, 0
-    for xb, _, idx in iterate_batches(ds, batch_size):
-        y = y_all[idx]
-        with autocast(ds.device):
-            logits = model(norm.from_uint8(xb))
-        tot_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+    ys = [ds.y if labels is None else labels.to(ds.device) for labels in label_sets]
+    tot_loss, correct = [0.0] * len(ys), [0] * len(ys)
+    with torch.inference_mode():
+        for xb, _, idx in iterate_batches(ds, batch_size):
+            with autocast(ds.device):
+                logits = model(norm.from_uint8(xb))
+            logits, pred = logits.float(), logits.argmax(1)
+            for k, y_all in enumerate(ys):
+                y = y_all[idx]
+                tot_loss[k] += F.cross_entropy(logits, y, reduction="sum").item()
+                correct[k] += (pred == y).sum().item()
     model.train(was_training)
     n = max(1, len(ds))
-    return tot_loss / n, correct / n
+    return [(t / n, c / n) for t, c in zip(tot_loss, correct)]
 
 
 def backdoor_metrics(model, sets: EvalSets, norm: Normalizer, batch_size: int = 1024) -> dict:
-    """test_acc (C-Acc), test_asr (ASR), test_ra (RA), as fractions in [0, 1]."""
+    """test_acc (C-Acc), test_asr (ASR), test_ra (RA), as fractions in [0, 1]; one forward pass per test set (ASR and
+    RA are the poisoned test set's predictions against its backdoor and its original labels)."""
     loss, acc = evaluate_loss_acc(model, sets.clean, norm, batch_size)
     m = {"test_loss": loss, "test_acc": acc}
     if sets.bd is not None and len(sets.bd):
-        bd_loss, asr = evaluate_loss_acc(model, sets.bd, norm, batch_size)
-        _, ra = evaluate_loss_acc(model, sets.bd, norm, batch_size, labels=sets.bd_orig_y)
+        (bd_loss, asr), (_, ra) = evaluate_label_sets(model, sets.bd, norm, batch_size, [None, sets.bd_orig_y])
         m.update(bd_test_loss=bd_loss, test_asr=asr, test_ra=ra)
     return m
 
