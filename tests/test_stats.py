@@ -65,3 +65,28 @@ def test_verdicts_follow_the_stated_thresholds():
     with pytest.raises(ConfigError, match="fraction"):
         verdict_thresholds({"purified_asr": 20})
     assert verdict_thresholds({"purified_asr": 0.1})["purified_asr"] == 0.1
+
+
+def test_study_progress_estimates_time_left_from_finished_jobs(tmp_path):
+    """ETA = the unfinished jobs' method means (overall mean for a method not yet seen) over the measured concurrency;
+    running jobs are the start markers present; study.json says 'running' with done / total."""
+    import json
+    from types import SimpleNamespace as NS
+
+    from bdsafety.study.progress import StudyProgress, format_eta
+
+    todo = [NS(key="a", method="badnet"), NS(key="a/defense/fst", method="fst"), NS(key="a/defense/fst/ra", method="ra"),
+            NS(key="b/ra", method="ra")]
+    p = StudyProgress(todo, tmp_path, t0=0.0)
+    assert p.eta_s(now=10.0) is None and format_eta(None) == "eta ?"
+    p.record({"key": "a", "status": "ran", "wall_s": 100.0})
+    p.record({"key": "a/defense/fst/ra", "status": "ran", "wall_s": 20.0})
+    # left: fst (no fst finished: overall mean 60) + ra (mean 20) = 80 s of work; 120 s of work done in 60 s: 2 at a time
+    assert p.eta_s(now=60.0) == 40.0
+    assert p.eta_s(now=240.0) == 80.0  # slower than one at a time: concurrency floored at 1
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "a__defense__fst.started").write_text("id")
+    p.write()
+    st = json.loads((tmp_path / "study.json").read_text())
+    assert st["state"] == "running" and (st["done"], st["total"]) == (2, 4) and st["running"] == ["a/defense/fst"]
+    assert format_eta(40) == "eta 40s" and format_eta(600) == "eta 10m" and format_eta(7200) == "eta 2.0h"

@@ -130,6 +130,7 @@ def test_failing_job_skips_its_dependents_and_is_listed(tiny, tmp_path, capsys):
     import json
 
     summary = json.loads((sd / "study.json").read_text())
+    assert summary["state"] == "finished"
     assert {r["key"] for r in summary["failed"]} == ras
     assert {r["key"] for r in summary["skipped"]} == {f"{REC}/defense/ft/qra"}
     for r in summary["failed"]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from bdsafety.study.execute import read_marker, up_to_date
 from bdsafety.study.executors import EXECUTORS, run_local, run_ray
 from bdsafety.study.plan import Plan, build_plan
+from bdsafety.study.progress import StudyProgress, format_eta
 from bdsafety.study.spec import load_study
 
 
@@ -118,12 +119,16 @@ def run_study(yaml_path: str, executor: str = "local", ray_address: str | None =
 
         bar = tqdm(total=len(todo), desc=f"study {study.name}", unit="job", disable=not engine.use_progress(True))
     count = [0]
+    prog = StudyProgress(todo, sd, t0=time.time())
 
     def on_result(r):
         count[0] += 1
+        prog.record(r)
+        prog.write()
         what = {"ran": f"done in {r.get('wall_s', 0):.0f}s", "failed": f"FAILED: {r.get('error', '')} (log {r.get('log')})",
                 "skipped": f"skipped: {r.get('error', '')}"}.get(r["status"], r["status"])
-        line = f"[study {count[0]}/{len(todo)} {time.time() - t0:5.0f}s] {r['key']}: {what}"
+        eta = "" if count[0] == len(todo) else f", {format_eta(prog.eta_s())}"
+        line = f"[study {count[0]}/{len(todo)} {time.time() - t0:5.0f}s{eta}] {r['key']}: {what}"
         if bar is not None and not bar.disable:
             bar.update(1)
             bar.write(line, file=out)
@@ -155,7 +160,7 @@ def finish(oc: Outcome, executor: str, out=None) -> None:
     valid = {k for k, r in oc.results.items() if r.get("status") in ("done", "ran")}
     df = collect(plan, sd, valid=valid)
     oc.results_csv = atomic_write_text(sd / "results.csv", df.to_csv(index=False))
-    summary = {"line": line, "executor": executor, "wall_s": round(oc.wall_s, 1), "failed": oc.failed,
+    summary = {"state": "finished", "line": line, "executor": executor, "wall_s": round(oc.wall_s, 1), "failed": oc.failed,
                "skipped": [r for r in oc.results.values() if r.get("status") == "skipped"],
                "jobs": {k: {kk: r.get(kk) for kk in ("status", "wall_s", "id", "log", "error")} for k, r in oc.results.items()},
                "notes": plan.notes}
