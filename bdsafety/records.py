@@ -1,7 +1,7 @@
 """Read and write BackdoorBench records (v2.0 and v2.2) and their csv summaries (safe loading and atomic writes
 live in bdsafety.safeio, the inspector in bdsafety.inspector).
 
-The format is specified in docs RECORD_FORMAT.md. In short, ``record/<name>/`` holds ``attack_result.pt``
+The format is described in docs/records.md. In short, ``record/<name>/`` holds ``attack_result.pt``
 (written last, so its presence means the record is complete), ``info.pickle`` (the attack's args),
 ``bd_train_dataset/<orig_label>/<idx>.png`` and ``bd_test_dataset/...`` (poisoned images), csv metrics and one
 ``defense/<defense_name>/`` folder per defense run.

@@ -646,7 +646,7 @@ def test_anp_end_to_end_on_the_demo_record(demo_record, tmp_path):
     assert abs(sweep.set_index("threshold").loc[thr, "test_asr"] - after["test_asr"]) < 1e-9
     # behaviour measured with the demo config (100 of ANP's 2000 iterations, seed 0): the validation selection keeps
     # threshold 0.75 (48 of 480 neurons; validation C-Acc 1.00 -> 0.96, 0.80 would give 0.78), test C-Acc 99.9 -> 98.4,
-    # ASR 96.9 -> 27.8; the fixed threshold 0.2 would prune 1 neuron (ASR 96.0), the README's point about mixing the
+    # ASR 96.9 -> 27.8; the fixed threshold 0.2 would prune 1 neuron (ASR 96.0), docs/protocol.md's ANP row on mixing the
     # BackdoorBench masks with the original's threshold
     assert 0 < n_pruned < meta["anp"]["n_neurons"] and 0.5 <= thr <= 0.85
     assert before["test_acc"] - after["test_acc"] <= 0.05

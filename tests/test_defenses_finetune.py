@@ -302,7 +302,7 @@ def check_folder(folder, name, record):
     return before, read_metrics_summary(folder, name)
 
 
-# Behaviour on the demo, as measured with the demo configs and seed 0 (numbers in the README section):
+# Behaviour on the demo, as measured with the demo configs and seed 0 (docs/measurements.md: what was re-measured with the final protocol):
 # after-defense C-Acc / ASR: ft 0.999 / 0.918, lp 0.999 / 0.929, ft_sam 1.000 / 0.961 (the backdoor survives),
 # exact_purification 0.999 / 0.004, fst 0.783 / 0.001 (the official alpha 0.2 of config/defense/fst/demo.yaml: FST
 # purifies the demo model but costs ~22 points of C-Acc at this data size; alpha 0.1, formerly chosen by looking at

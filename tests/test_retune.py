@@ -361,7 +361,7 @@ def test_ra_and_qra_on_purified_model(work, fst_after_ra):
     assert df["test_asr"].iloc[0] < 0.2  # purified
     assert df[["test_acc", "test_asr", "test_ra"]].notna().all().all() and list(df["epoch"]) == list(range(RA_EPOCHS + 1))
     assert df["test_acc"].iloc[-1] >= df["test_acc"].iloc[0] - 0.02  # retuning on mostly clean data keeps the clean task
-    # the backdoor comes back: measured 0.006 -> 0.293 (the paper's CIFAR-10 figures are higher, README)
+    # the backdoor comes back: measured 0.006 -> 0.293 (the paper's CIFAR-10 figures are higher; docs/measurements.md)
     assert df["test_asr"].iloc[-1] >= 0.15
 
     # QRA against the same purified model, shortened (3 epochs on 128 + 128 samples) to keep the test cheap
