@@ -60,12 +60,12 @@ def main(argv=None) -> None:
         G, M = TriggerNet(3, 3, w), TriggerNet(3, 1, w)
         opt_g = torch.optim.Adam(list(G.parameters()) + list(M.parameters()), lr=0.01, betas=(0.5, 0.9))
 
-        def mask_step():
+        def mask_step(M=M, opt_g=opt_g):
             opt_g.zero_grad(set_to_none=True)
             M(x).mean().backward()
             opt_g.step()
 
-        def joint_step():
+        def joint_step(G=G, M=M, opt_g=opt_g):
             opt_c.zero_grad(set_to_none=True)
             opt_g.zero_grad(set_to_none=True)
             src = x[: 2 * nb]

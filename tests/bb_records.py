@@ -9,25 +9,19 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from bdsafety.data.poisoned import PoisonedSplit
 
 SCHEMA_NAME = "backdoorbench_attack_result_schema.json"
-_SCHEMA_DIRS = [
-    os.environ.get("BDSAFETY_FIXTURES", ""),
-    str(Path(__file__).parent / "fixtures"),
-    "/work/shared/fixtures",
-]
+_SCHEMA_DIRS = [str(Path(__file__).parent / "fixtures")]  # copied from BackdoorBench v2.2 (the repository's own copy)
 
 # a BackdoorBench-style attack_df_summary.csv (values as fractions)
 ATTACK_SUMMARY_CSV = (
@@ -39,11 +33,11 @@ ATTACK_SUMMARY_CSV = (
 
 
 def load_schema() -> dict:
-    """The fixture describing a real v2.2 attack_result.pt (skips the test when the fixture is not available)."""
+    """The fixture describing a real v2.2 attack_result.pt (tests/fixtures/)."""
     for d in _SCHEMA_DIRS:
         if d and (Path(d) / SCHEMA_NAME).is_file():
             return json.loads((Path(d) / SCHEMA_NAME).read_text())["attack_result.pt"]
-    pytest.skip(f"{SCHEMA_NAME} not found in {[d for d in _SCHEMA_DIRS if d]} (set BDSAFETY_FIXTURES)")
+    raise FileNotFoundError(f"{SCHEMA_NAME} not found in {_SCHEMA_DIRS}: the repository's tests/fixtures/ is incomplete")
 
 
 def assert_matches_schema(obj, schema: dict, where: str = "attack_result") -> None:

@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 CORE = ("preactresnet18", "resnet18", "resnet18_cifar", "vgg19_bn", "preactresnet18_narrow", "cnn_small")
 
 _FIXTURE = "backdoorbench_state_dict_keys.json"
-_FIXTURE_DIRS = [Path(__file__).parent / "fixtures", Path("/work/shared/fixtures")]
+_FIXTURE_DIRS = [Path(__file__).parent / "fixtures"]
 
 
 def _fixture() -> dict:
