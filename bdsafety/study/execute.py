@@ -37,8 +37,9 @@ def output_dir(study_dir, key: str) -> Path:
     return Path(study_dir) / key
 
 
-def log_path(study_dir, key: str) -> Path:
-    return Path(study_dir) / "logs" / (key.replace("/", "__") + ".log")
+def log_path(report_dir, key: str) -> Path:
+    """The log of job ``key``: under the study's own files (``report_dir``, by default the study folder)."""
+    return Path(report_dir) / "logs" / (key.replace("/", "__") + ".log")
 
 
 def read_marker(study_dir, job) -> dict | None:
@@ -60,10 +61,10 @@ def up_to_date(marker: dict | None, job, upstream_runs: dict) -> bool:
     return all(rec.get(k) == upstream_runs.get(k) for k in job.deps) and all(upstream_runs.get(k) for k in job.deps)
 
 
-def started_path(study_dir, key: str) -> Path:
+def started_path(report_dir, key: str) -> Path:
     """Written before a job runs, removed after its marker: a kill in between leaves it, so the rerun knows the output
     without a marker is this study's own."""
-    return log_path(study_dir, key).with_suffix(".started")
+    return log_path(report_dir, key).with_suffix(".started")
 
 
 # files whose presence makes a folder a result of its own (an attack record, a defense, an RA, QRA or LMC output)
@@ -80,14 +81,15 @@ def _made_here(study_dir: Path, folder: Path) -> bool:
     return isinstance(marker, dict) and marker.get("key") == folder.relative_to(study_dir).as_posix()
 
 
-def foreign_outputs(study_dir, key: str) -> list:
+def foreign_outputs(study_dir, key: str, report_dir=None) -> list:
     """Result folders at or inside the output of job ``key`` that this study did not make (see the module doc)."""
     study_dir = Path(study_dir).resolve()
+    report_dir = study_dir if report_dir is None else Path(report_dir)
     out = output_dir(study_dir, key).resolve()
     if not out.exists():
         return []
     found = []
-    if not (_made_here(study_dir, out) or started_path(study_dir, key).is_file()):
+    if not (_made_here(study_dir, out) or started_path(report_dir, key).is_file()):
         found.append(out)
     for root, dirs, files in os.walk(out):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _DATA_DIRS)
@@ -97,9 +99,9 @@ def foreign_outputs(study_dir, key: str) -> list:
     return found
 
 
-def check_replaceable(study_dir, job) -> None:
+def check_replaceable(study_dir, job, report_dir=None) -> None:
     """Raise OutputError naming what a run of ``job`` would replace or delete that this study did not make."""
-    found = foreign_outputs(study_dir, job.key)
+    found = foreign_outputs(study_dir, job.key, report_dir)
     if found:
         from bdsafety.errors import OutputError
 
@@ -134,15 +136,16 @@ class _Tee:
         return False
 
 
-def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None = None) -> dict:
+def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None = None, report_dir: str | None = None) -> dict:
     """Run one job (in this process) unless an upstream failed. ``upstream``: key -> result dict of each upstream
     job ({'status': 'done'|'ran'|..., 'run': run id}). ``threads``: torch threads of the job (default: the job's
-    num_cpus). Returns this job's result dict; never raises for a job's own error (the traceback goes to its log),
-    only for Ctrl-C."""
+    num_cpus). ``report_dir``: the folder holding the study's logs/ (default the study folder). Returns this job's
+    result dict; never raises for a job's own error (the traceback goes to its log), only for Ctrl-C."""
     from bdsafety.study.plan import Job
 
     job = Job.from_dict(job_dict)
-    log = log_path(study_dir, job.key)
+    report_dir = study_dir if report_dir is None else report_dir
+    log = log_path(report_dir, job.key)
     res = {"key": job.key, "id": job.id, "log": str(log), "wall_s": 0.0}
     bad = [k for k in job.deps if (upstream.get(k) or {}).get("status") not in ("done", "ran")]
     if bad:
@@ -161,8 +164,8 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
             print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.kind} {job.method} -> {job.key} (id {job.id}, pid "
                   f"{os.getpid()}, host {os.uname().nodename}, torch threads {threads})", flush=True)
             try:
-                check_replaceable(study_dir, job)
-                started = started_path(study_dir, job.key)
+                check_replaceable(study_dir, job, report_dir)
+                started = started_path(report_dir, job.key)
                 atomic_write_text(started, job.id)
                 _run_method(job, study_dir)
                 out = output_dir(study_dir, job.key)
