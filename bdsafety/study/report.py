@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import shutil
 from pathlib import Path
 
@@ -76,8 +77,10 @@ def _runs_with_der(runs: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
     return m
 
 
-def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict) -> list:
-    """[(title, verdict table, claims table)] per grid point: means with 95% intervals (bdsafety.study.stats)."""
+def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = False) -> list:
+    """[(title, verdict table, claims table)] per grid point: means with 95% intervals (bdsafety.study.stats).
+    ``rank``: the defenses ordered by P-ASR (most robust first; no P-ASR last), then the references (none, clean), with a
+    rank column."""
     out = []
     if df.empty or runs.empty:
         return out
@@ -88,7 +91,7 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict) -> list:
         gm = main.loc[(main[list(GROUP)] == pd.Series(sel)).all(axis=1)]
         gc = control.loc[(control[list(GROUP)] == pd.Series(sel)).all(axis=1)] if not control.empty else control
         has_clean = "clean" in set(gm["defense"])
-        rows = []
+        rows, order = [], []
         for d, gd in g.groupby("defense", sort=False):
             asr = clustered(gd, "o_robustness_asr")
             returns = paired(gm, "p_asr", d, "clean") if has_clean and d != "clean" else None
@@ -102,6 +105,9 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict) -> list:
                 v = verdict(asr, returns, dormant, th)
                 if returns is None and asr.mean <= th["purified_asr"] and p_asr.mean > th["purified_asr"]:
                     v = "purified, backdoor returns under RA (no clean reference: judged on P-ASR alone)"
+                control = clustered(gc[gc["defense"] == d], "p_asr") if not gc.empty else None
+                if dormant is None and control is not None and asr.mean <= th["purified_asr"] < control.mean:
+                    v += "; dormant: returns under benign retuning (no clean reference: judged on its P-ASR alone)"
             row = {"defense": d, "seeds": gd["seed"].nunique(), "draws": int(gm[gm["defense"] == d]["draw"].nunique()),
                    "C-Acc": clustered(gd, "o_robustness_acc").fmt(), "ASR": asr.fmt(), "P-ASR": p_asr.fmt(),
                    "benign-retune P-ASR": clustered(gc[gc["defense"] == d], "p_asr").fmt() if not gc.empty else "-",
@@ -113,6 +119,11 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict) -> list:
                 row["inverted target right"] = f"{int(tm.sum())}/{len(tm)}"
             row["verdict"] = v
             rows.append(row)
+            order.append((d in ("none", "clean"), math.isnan(p_asr.mean), 0.0 if math.isnan(p_asr.mean) else p_asr.mean))
+        if rank:
+            rows = [r for _, r in sorted(zip(order, rows), key=lambda t: t[0])]
+            n = sum(not o[0] for o in order)
+            rows = [{"rank": i + 1 if i < n else "-", **r} for i, r in enumerate(rows)]
         out.append((" / ".join(f"{k} {v:g}" if isinstance(v, float) else f"{v}" for k, v in zip(GROUP, key)),
                     pd.DataFrame(rows), claims_table(g, gm, th)))
     return out
