@@ -88,7 +88,7 @@ def test_records_key_needs_no_grid_but_a_partial_grid_or_many_seeds_is_an_error(
                                                     "clean-badnet_cifar10_preactresnet18_s0/ra_badnet_demo"]
     st = study_from_dict({**base, "clean_reference": False}, tmp_path / "s.yaml", study_dir=str(tmp_path / "record"))
     assert [j.key for j in build_plan(st).jobs] == ["badnet_demo/ra"]
-    with pytest.raises(ConfigError, match="'attacks' is required.*grid keys go together"):
+    with pytest.raises(ConfigError, match="'models' is required.*grid keys go together"):
         study_from_dict({**base, "datasets": ["cifar10"]}, tmp_path / "s.yaml", study_dir=str(tmp_path / "record"))
     with pytest.raises(ConfigError, match="at most one seed"):
         study_from_dict({**base, "seeds": [0, 1]}, tmp_path / "s.yaml", study_dir=str(tmp_path / "record"))
