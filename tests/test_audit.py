@@ -155,3 +155,24 @@ def test_audit_rerun_resumes_with_nothing_to_run(audited, tmp_path):
     oc, md, text = _audit(argv)
     assert oc.keys("ran") == [] and set(oc.keys("done")) == set(first.keys("ran")) and md.is_file()
     assert "0 to run" in text
+
+
+@pytest.mark.slow
+def test_another_study_of_the_same_record_refuses_to_replace_the_audits_outputs(audited, tmp_path):
+    from bdsafety.study.runner import run_study
+
+    root, _, first, _, _ = audited
+    copy = tmp_path / "record"
+    shutil.copytree(root, copy)
+    spec = {**yaml.safe_load((copy / "rec" / "audit" / "study.yaml").read_text()), "report_dir": "other"}
+    spec.pop("study_dir")
+    st = study_from_dict(spec, tmp_path / "other.yaml", study_dir=str(copy))
+    out = io.StringIO()
+    run_study(None, study=st, dry_run=True, out=out)
+    assert "output of another study (report folder rec/audit)" in out.getvalue()
+    oc = run_study(None, study=st, progress=False, out=io.StringIO(), threads=1)
+    assert {r["key"] for r in oc.failed} == set(first.keys("ran")) and oc.keys("ran") == []
+    assert all("this study did not make" in r["error"] for r in oc.failed)
+    oc = run_study(None, study=study_from_dict({**spec, "report_dir": "rec/audit"}, tmp_path / "a.yaml",
+                                               study_dir=str(copy)), progress=False, out=io.StringIO(), threads=1)
+    assert oc.keys("ran") == [] and not oc.failed  # the audit's own study: up to date

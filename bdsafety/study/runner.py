@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bdsafety.study.execute import read_marker, up_to_date
+from bdsafety.study.execute import other_owner, read_marker, up_to_date
 from bdsafety.study.executors import EXECUTORS, run_local, run_ray
 from bdsafety.study.plan import Plan, build_plan
 from bdsafety.study.progress import StudyProgress, format_eta
@@ -46,7 +46,7 @@ def assess(plan: Plan, force: bool = False) -> tuple[dict, list, dict]:
     sd = plan.study.study_dir
     current, todo, why = {}, [], {}
     for j in plan.jobs:
-        marker = None if force else read_marker(sd, j)
+        marker = None if force else read_marker(sd, j, plan.study.report_dir)
         runs = {d: current[d]["run"] for d in j.deps if d in current}
         if not force and all(d in current for d in j.deps) and up_to_date(marker, j, runs):
             current[j.key] = {"key": j.key, "id": j.id, "status": "done", "run": marker["run"],
@@ -56,7 +56,9 @@ def assess(plan: Plan, force: bool = False) -> tuple[dict, list, dict]:
         if force:
             why[j.key] = "forced (--fresh)"
         elif marker is None:
-            why[j.key] = "new" if not (sd / j.key).exists() else "output without a finished marker"
+            other = other_owner(sd, j.key, plan.study.report_dir)
+            why[j.key] = ("new" if not (sd / j.key).exists() else "output without a finished marker" if other is None
+                          else f"output of another study (report folder {other}): it will be refused, not replaced")
         elif marker.get("id") != j.id:
             same = json.dumps(marker.get("config"), sort_keys=True, default=str) == json.dumps(j.config, sort_keys=True, default=str)
             why[j.key] = "upstream config changed" if same else "config changed"
