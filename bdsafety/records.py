@@ -441,6 +441,17 @@ def load_attack_record(record_dir: str | os.PathLike, trust_record: bool = False
     )
 
 
+def record_identity(record_dir: str | os.PathLike, trust_record: bool = False) -> dict:
+    """What a study plans a record made elsewhere from, without decoding its images: dataset (clean_data), model
+    (model_name), and the attack, pratio and attack_target of its info.pickle (None when it has none)."""
+    record_dir = Path(record_dir)
+    result = _read_attack_result(record_dir, trust_record)
+    info = safe_torch_load(record_dir / "info.pickle", trust_record) if (record_dir / "info.pickle").is_file() else {}
+    info = info if isinstance(info, Mapping) else {}
+    return {"dataset": str(result["clean_data"]), "model": str(result["model_name"]), "attack": info.get("attack"),
+            "pratio": info.get("pratio"), "attack_target": info.get("attack_target")}
+
+
 # ----------------------------------------------------------------------------------------------- defense outputs
 
 def save_model_result(path: str | os.PathLike, model_state: Mapping[str, torch.Tensor], model_name: str,

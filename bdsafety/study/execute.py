@@ -16,7 +16,9 @@ every result folder inside it (what the job's ``--overwrite --dependents delete`
 record, RA / QRA inside a defense, ...) must carry this study's marker for that very path, or be the output of a run
 of this job that was killed between writing its output and its marker (``logs/<job>.started``). Anything else (a
 hand-made record with a job's name, a BackdoorBench defense folder declared in ``external_defenses``, an RA run by
-hand inside a study's defense) fails the job with the list of what would be lost, and is left untouched.
+hand inside a study's defense) fails the job with the list of what would be lost, and is left untouched. Two studies
+sharing a study folder (an audit of a record of another study) tell their outputs apart by the marker's ``owner``:
+the study's report_dir relative to its study folder ('.' for the default, and for markers written before it existed).
 """
 from __future__ import annotations
 
@@ -37,19 +39,43 @@ def output_dir(study_dir, key: str) -> Path:
     return Path(study_dir) / key
 
 
-def log_path(study_dir, key: str) -> Path:
-    return Path(study_dir) / "logs" / (key.replace("/", "__") + ".log")
+def log_path(report_dir, key: str) -> Path:
+    """The log of job ``key``: under the study's own files (``report_dir``, by default the study folder)."""
+    return Path(report_dir) / "logs" / (key.replace("/", "__") + ".log")
 
 
-def read_marker(study_dir, job) -> dict | None:
+def owner(study_dir, report_dir=None) -> str:
+    """Who made an output, as its marker says: ``report_dir`` relative to ``study_dir`` ('.' when they are one), so a
+    moved study folder keeps its outputs; a report_dir outside the study folder: its absolute path."""
+    if report_dir is None:
+        return "."
+    try:
+        return Path(report_dir).resolve().relative_to(Path(study_dir).resolve()).as_posix()
+    except ValueError:
+        return str(Path(report_dir).resolve())
+
+
+def other_owner(study_dir, key: str, report_dir=None) -> str | None:
+    """The owner named by the marker of output ``key`` when another study made it, else None."""
+    try:
+        marker = json.loads((output_dir(study_dir, key) / "log" / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    who = marker.get("owner", ".") if isinstance(marker, dict) else None
+    return who if who is not None and who != owner(study_dir, report_dir) else None
+
+
+def read_marker(study_dir, job, report_dir=None) -> dict | None:
+    """The marker of ``job``'s output when that output is complete and was made by this study, else None."""
     out = output_dir(study_dir, job.key)
     p = out / "log" / MARKER
     if not p.is_file() or (job.done_file and not (out / job.done_file).is_file()):
         return None
     try:
-        return json.loads(p.read_text())
+        marker = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) and marker.get("owner", ".") == owner(study_dir, report_dir) else None
 
 
 def up_to_date(marker: dict | None, job, upstream_runs: dict) -> bool:
@@ -60,10 +86,10 @@ def up_to_date(marker: dict | None, job, upstream_runs: dict) -> bool:
     return all(rec.get(k) == upstream_runs.get(k) for k in job.deps) and all(upstream_runs.get(k) for k in job.deps)
 
 
-def started_path(study_dir, key: str) -> Path:
+def started_path(report_dir, key: str) -> Path:
     """Written before a job runs, removed after its marker: a kill in between leaves it, so the rerun knows the output
     without a marker is this study's own."""
-    return log_path(study_dir, key).with_suffix(".started")
+    return log_path(report_dir, key).with_suffix(".started")
 
 
 # files whose presence makes a folder a result of its own (an attack record, a defense, an RA, QRA or LMC output)
@@ -72,34 +98,37 @@ RESULT_FILES = ("attack_result.pt", "defense_result.pt", "ra_result.pt", "qra_co
 _DATA_DIRS = {"log", "bd_train_dataset", "bd_test_dataset", "cross_test_dataset", "bti_inversion"}
 
 
-def _made_here(study_dir: Path, folder: Path) -> bool:
+def _made_here(study_dir: Path, folder: Path, who: str = ".") -> bool:
     try:
         marker = json.loads((folder / "log" / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(marker, dict) and marker.get("key") == folder.relative_to(study_dir).as_posix()
+    return (isinstance(marker, dict) and marker.get("key") == folder.relative_to(study_dir).as_posix()
+            and marker.get("owner", ".") == who)
 
 
-def foreign_outputs(study_dir, key: str) -> list:
+def foreign_outputs(study_dir, key: str, report_dir=None) -> list:
     """Result folders at or inside the output of job ``key`` that this study did not make (see the module doc)."""
     study_dir = Path(study_dir).resolve()
+    report_dir = study_dir if report_dir is None else Path(report_dir)
+    who = owner(study_dir, report_dir)
     out = output_dir(study_dir, key).resolve()
     if not out.exists():
         return []
     found = []
-    if not (_made_here(study_dir, out) or started_path(study_dir, key).is_file()):
+    if not (_made_here(study_dir, out, who) or started_path(report_dir, key).is_file()):
         found.append(out)
     for root, dirs, files in os.walk(out):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _DATA_DIRS)
         here = Path(root)
-        if here != out and any(f in RESULT_FILES for f in files) and not _made_here(study_dir, here):
+        if here != out and any(f in RESULT_FILES for f in files) and not _made_here(study_dir, here, who):
             found.append(here)
     return found
 
 
-def check_replaceable(study_dir, job) -> None:
+def check_replaceable(study_dir, job, report_dir=None) -> None:
     """Raise OutputError naming what a run of ``job`` would replace or delete that this study did not make."""
-    found = foreign_outputs(study_dir, job.key)
+    found = foreign_outputs(study_dir, job.key, report_dir)
     if found:
         from bdsafety.errors import OutputError
 
@@ -134,15 +163,16 @@ class _Tee:
         return False
 
 
-def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None = None) -> dict:
+def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None = None, report_dir: str | None = None) -> dict:
     """Run one job (in this process) unless an upstream failed. ``upstream``: key -> result dict of each upstream
     job ({'status': 'done'|'ran'|..., 'run': run id}). ``threads``: torch threads of the job (default: the job's
-    num_cpus). Returns this job's result dict; never raises for a job's own error (the traceback goes to its log),
-    only for Ctrl-C."""
+    num_cpus). ``report_dir``: the folder holding the study's logs/ (default the study folder). Returns this job's
+    result dict; never raises for a job's own error (the traceback goes to its log), only for Ctrl-C."""
     from bdsafety.study.plan import Job
 
     job = Job.from_dict(job_dict)
-    log = log_path(study_dir, job.key)
+    report_dir = study_dir if report_dir is None else report_dir
+    log = log_path(report_dir, job.key)
     res = {"key": job.key, "id": job.id, "log": str(log), "wall_s": 0.0}
     bad = [k for k in job.deps if (upstream.get(k) or {}).get("status") not in ("done", "ran")]
     if bad:
@@ -161,8 +191,8 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
             print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.kind} {job.method} -> {job.key} (id {job.id}, pid "
                   f"{os.getpid()}, host {os.uname().nodename}, torch threads {threads})", flush=True)
             try:
-                check_replaceable(study_dir, job)
-                started = started_path(study_dir, job.key)
+                check_replaceable(study_dir, job, report_dir)
+                started = started_path(report_dir, job.key)
                 atomic_write_text(started, job.id)
                 _run_method(job, study_dir)
                 out = output_dir(study_dir, job.key)
@@ -171,7 +201,8 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
                 run = uuid.uuid4().hex
                 wall = time.time() - t0
                 atomic_write_text(out / "log" / MARKER, json.dumps(
-                    {"id": job.id, "run": run, "key": job.key, "kind": job.kind, "method": job.method, "upstream": runs,
+                    {"id": job.id, "run": run, "key": job.key, "owner": owner(study_dir, report_dir), "kind": job.kind,
+                     "method": job.method, "upstream": runs,
                      "wall_s": round(wall, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": job.config},
                     indent=1, default=str))
                 started.unlink(missing_ok=True)

@@ -18,7 +18,8 @@ EXECUTORS = ("local", "ray")
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None], threads: int | None = None) -> dict:
+def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None], threads: int | None = None,
+              report_dir: Path | None = None) -> dict:
     import torch
 
     from bdsafety.study.execute import run_job
@@ -26,16 +27,17 @@ def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[d
     threads = threads or torch.get_num_threads()
     results = dict(current)
     for j in todo:
-        r = run_job(j.to_dict(), str(study_dir), {d: results[d] for d in j.deps if d in results}, threads=threads)
+        r = run_job(j.to_dict(), str(study_dir), {d: results[d] for d in j.deps if d in results}, threads=threads,
+                    report_dir=str(report_dir or study_dir))
         results[j.key] = r
         on_result(r)
     return results
 
 
-def _ray_task(job: dict, study_dir: str, static_up: dict, dyn_keys: list, *dyn_results):
+def _ray_task(job: dict, study_dir: str, report_dir: str, static_up: dict, dyn_keys: list, *dyn_results):
     from bdsafety.study.execute import run_job
 
-    return run_job(job, study_dir, {**static_up, **dict(zip(dyn_keys, dyn_results))})
+    return run_job(job, study_dir, {**static_up, **dict(zip(dyn_keys, dyn_results))}, report_dir=report_dir)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None):
@@ -77,7 +79,8 @@ def check_resources(ray, todo: list) -> None:
 
 
 def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None], address: str | None = None,
-            num_cpus: int | None = None) -> dict:
+            num_cpus: int | None = None, report_dir: Path | None = None) -> dict:
+    report_dir = report_dir or study_dir
     ray, started = start_ray(address, num_cpus)
     try:
         check_resources(ray, todo)
@@ -87,7 +90,8 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
             static_up = {d: current[d] for d in j.deps if d in current}
             dyn = [d for d in j.deps if d in refs]
             ref = task.options(num_cpus=float(j.resources.get("num_cpus", 1)), num_gpus=float(j.resources.get("num_gpus", 0)),
-                               name=j.key, max_retries=1).remote(j.to_dict(), str(study_dir), static_up, dyn, *[refs[d] for d in dyn])
+                               name=j.key, max_retries=1).remote(j.to_dict(), str(study_dir), str(report_dir), static_up, dyn,
+                                                              *[refs[d] for d in dyn])
             refs[j.key] = ref
             key_of[ref] = j
         results = dict(current)
@@ -102,9 +106,10 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
 
                 bad = [d for d in j.deps if results.get(d, {}).get("status") not in ("done", "ran")]
                 r = ({"key": j.key, "id": j.id, "status": "skipped", "error": f"upstream {bad[0]} failed", "wall_s": 0.0,
-                      "log": str(log_path(study_dir, j.key))} if bad else
+                      "log": str(log_path(report_dir, j.key))} if bad else
                      {"key": j.key, "id": j.id, "status": "failed", "error": f"Ray task failed: {type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", "wall_s": 0.0, "log": str(log_path(study_dir, j.key))})
+                      f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", "wall_s": 0.0,
+                      "log": str(log_path(report_dir, j.key))})
             results[j.key] = r
             on_result(r)
         return results

@@ -14,9 +14,10 @@ from pathlib import Path
 
 
 class StudyProgress:
-    def __init__(self, todo: list, study_dir: Path, t0: float | None = None):
+    def __init__(self, todo: list, report_dir: Path, t0: float | None = None):
+        """``report_dir``: the folder of the study's own files (logs/, study.json)."""
         self.todo = {j.key: j.method for j in todo}
-        self.study_dir = Path(study_dir)
+        self.report_dir = Path(report_dir)
         self.t0 = time.time() if t0 is None else t0
         self.walls: dict[str, list] = {}  # method -> wall times of its finished jobs
         self.finished: set = set()
@@ -29,7 +30,7 @@ class StudyProgress:
 
     def running(self) -> list:
         """Keys of the jobs whose start marker is there now (bdsafety.study.execute writes logs/<job>.started)."""
-        logs = self.study_dir / "logs"
+        logs = self.report_dir / "logs"
         if not logs.is_dir():
             return []
         return sorted(p.with_suffix("").name.replace("__", "/") for p in logs.glob("*.started"))
@@ -55,7 +56,7 @@ class StudyProgress:
     def write(self) -> None:
         from bdsafety.safeio import atomic_write_text
 
-        atomic_write_text(self.study_dir / "study.json", json.dumps(self.state(), indent=1))
+        atomic_write_text(self.report_dir / "study.json", json.dumps(self.state(), indent=1))
 
 
 def format_eta(seconds: float | None) -> str:

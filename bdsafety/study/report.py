@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import shutil
 from pathlib import Path
 
@@ -76,8 +77,10 @@ def _runs_with_der(runs: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
     return m
 
 
-def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict) -> list:
-    """[(title, verdict table, claims table)] per grid point: means with 95% intervals (bdsafety.study.stats)."""
+def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = False) -> list:
+    """[(title, verdict table, claims table)] per grid point: means with 95% intervals (bdsafety.study.stats).
+    ``rank``: the defenses ordered by P-ASR (most robust first; no P-ASR last), then the references (none, clean), with a
+    rank column."""
     out = []
     if df.empty or runs.empty:
         return out
@@ -88,7 +91,7 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict) -> list:
         gm = main.loc[(main[list(GROUP)] == pd.Series(sel)).all(axis=1)]
         gc = control.loc[(control[list(GROUP)] == pd.Series(sel)).all(axis=1)] if not control.empty else control
         has_clean = "clean" in set(gm["defense"])
-        rows = []
+        rows, order = [], []
         for d, gd in g.groupby("defense", sort=False):
             asr = clustered(gd, "o_robustness_asr")
             returns = paired(gm, "p_asr", d, "clean") if has_clean and d != "clean" else None
@@ -102,6 +105,9 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict) -> list:
                 v = verdict(asr, returns, dormant, th)
                 if returns is None and asr.mean <= th["purified_asr"] and p_asr.mean > th["purified_asr"]:
                     v = "purified, backdoor returns under RA (no clean reference: judged on P-ASR alone)"
+                control = clustered(gc[gc["defense"] == d], "p_asr") if not gc.empty else None
+                if dormant is None and control is not None and asr.mean <= th["purified_asr"] < control.mean:
+                    v += "; dormant: returns under benign retuning (no clean reference: judged on its P-ASR alone)"
             row = {"defense": d, "seeds": gd["seed"].nunique(), "draws": int(gm[gm["defense"] == d]["draw"].nunique()),
                    "C-Acc": clustered(gd, "o_robustness_acc").fmt(), "ASR": asr.fmt(), "P-ASR": p_asr.fmt(),
                    "benign-retune P-ASR": clustered(gc[gc["defense"] == d], "p_asr").fmt() if not gc.empty else "-",
@@ -113,6 +119,11 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict) -> list:
                 row["inverted target right"] = f"{int(tm.sum())}/{len(tm)}"
             row["verdict"] = v
             rows.append(row)
+            order.append((d in ("none", "clean"), math.isnan(p_asr.mean), 0.0 if math.isnan(p_asr.mean) else p_asr.mean))
+        if rank:
+            rows = [r for _, r in sorted(zip(order, rows), key=lambda t: t[0])]
+            n = sum(not o[0] for o in order)
+            rows = [{"rank": i + 1 if i < n else "-", **r} for i, r in enumerate(rows)]
         out.append((" / ".join(f"{k} {v:g}" if isinstance(v, float) else f"{v}" for k, v in zip(GROUP, key)),
                     pd.DataFrame(rows), claims_table(g, gm, th)))
     return out
@@ -194,15 +205,16 @@ def _plot(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, path: 
     return path
 
 
-def figures(plan, study_dir: Path, valid: set | None = None) -> list:
-    """[(caption, png path)]"""
-    fig_dir = Path(study_dir) / "figures"
+def figures(plan, study_dir: Path, valid: set | None = None, report_dir: Path | None = None) -> list:
+    """[(caption, png path)] under ``report_dir`` (default the study folder)/figures, from the outputs in ``study_dir``."""
+    report_dir = Path(report_dir or study_dir)
+    fig_dir = report_dir / "figures"
     out = []
     ra = ra_curves(plan, study_dir, valid)
     lmc = lmc_curves(plan, study_dir, valid=valid) if "lmc" in plan.study.analyses else pd.DataFrame()
     for name, curves in (("ra_curves.csv", ra), ("lmc_curves.csv", lmc)):  # tidy tables for notebooks / plotting
         if not curves.empty:
-            atomic_write_text(Path(study_dir) / name, curves.to_csv(index=False))
+            atomic_write_text(report_dir / name, curves.to_csv(index=False))
     for name, curves, x, y, xl, yl in (("ra", ra, "epoch", "test_asr", "RA epoch (0 = before)", "ASR (%)"),
                                        ("lmc", lmc, "alpha", "asr", "alpha (0 = defended, 1 = backdoored)", "ASR (%)")):
         if curves.empty:
@@ -216,7 +228,7 @@ def figures(plan, study_dir: Path, valid: set | None = None) -> list:
     if not budget.empty:
         from bdsafety.analysis.ra_budget import plot as plot_budget
 
-        atomic_write_text(Path(study_dir) / "ra_budget.csv", budget.to_csv(index=False))
+        atomic_write_text(report_dir / "ra_budget.csv", budget.to_csv(index=False))
         for key, g in budget.groupby(list(GROUP), sort=False):
             mean = g.groupby(["defense", "poison_num", "epoch"], sort=False)["test_asr"].mean().reset_index()
             path = fig_dir / f"ra_budget_{_slug(key)}.png"
@@ -233,15 +245,18 @@ def figures(plan, study_dir: Path, valid: set | None = None) -> list:
     return out
 
 
-def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: set | None = None) -> tuple[Path, Path]:
+def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: set | None = None,
+                 report_dir: Path | None = None) -> tuple[Path, Path]:
+    """report.md and report.html in ``report_dir`` (default the study folder) from the outputs in ``study_dir``."""
     study_dir = Path(study_dir)
-    figs = figures(plan, study_dir, valid)
+    report_dir = Path(report_dir or study_dir)
+    figs = figures(plan, study_dir, valid, report_dir)
     head = [f"# Study {plan.study.name}", "", f"From `{plan.study.path}`. Jobs: {summary.get('line', '')}. "
             "Cells: percent, mean ± std [min, max] over seeds (one value when one seed). P-ASR: ASR after the retuning attack.", ""]
     body = []
     runs = ra_runs(plan, study_dir, valid)
     if not runs.empty:
-        atomic_write_text(study_dir / "ra_runs.csv", runs.to_csv(index=False))
+        atomic_write_text(report_dir / "ra_runs.csv", runs.to_csv(index=False))
     verdicts = verdict_tables(df, runs, plan.study.verdict)
     if verdicts:
         th = plan.study.verdict
@@ -257,8 +272,8 @@ def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: 
         body += ["## Failed jobs", ""] + [f"- `{r['key']}`: {r.get('error', '')} (log: `{r.get('log', '')}`)" for r in fails] + [""]
     if plan.notes:
         body += ["## Notes", ""] + [f"- {n}" for n in plan.notes] + [""]
-    md = "\n".join(head + body + ["## Figures", ""] + [f"![{c}]({p.relative_to(study_dir)})" for c, p in figs]) + "\n"
-    md_path = atomic_write_text(study_dir / "report.md", md)
+    md = "\n".join(head + body + ["## Figures", ""] + [f"![{c}]({p.relative_to(report_dir)})" for c, p in figs]) + "\n"
+    md_path = atomic_write_text(report_dir / "report.md", md)
     parts = [f"<h1>Study {html.escape(plan.study.name)}</h1>", f"<p>{html.escape(' '.join(head[2:]))}</p>"]
     if verdicts:
         parts += ["<h2>Verdicts</h2>", f"<p>{html.escape(VERDICT_TEXT.format(**{k: 100 * v for k, v in th.items()}))}</p>"]
@@ -283,5 +298,5 @@ def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: 
            "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
            "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}figure{display:inline-block}</style></head><body>"
            + "\n".join(parts) + "</body></html>\n")
-    html_path = atomic_write_text(study_dir / "report.html", doc)
+    html_path = atomic_write_text(report_dir / "report.html", doc)
     return md_path, html_path

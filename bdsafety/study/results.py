@@ -132,31 +132,26 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
     """The results table of a plan's grid from what is on disk now. ``valid``: keys of the jobs whose outputs are
     current (finished or up to date); outputs of other jobs (e.g. left from before a rerun that failed) read as NaN."""
     study_dir = Path(study_dir)
+    if valid is not None:  # what the study reads as found (records and defense folders made elsewhere) is current
+        valid = set(valid) | {r["key"] for r in plan.records if r["found"]}
+        valid |= {f"{r['key']}/defense/{f}" for r in plan.records for f in r["defenses"] if f in plan.study.external_defenses}
 
     def ok(folder: Path) -> Path:
         if valid is None or folder.relative_to(study_dir).as_posix() in valid:
             return folder
         return study_dir / ".missing"
-    keys = plan.by_key()
     analyses = list(plan.study.analyses)
     runs = ra_runs(plan, study_dir, valid)
     rows = []
-    for j in plan.jobs:
-        if j.point.get("role") != "attack":
-            continue
-        p = j.point
-        rname, rdir = j.key, output_dir(study_dir, j.key)
-        clean = next((k for k in keys if keys[k].point.get("role") == "clean" and keys[k].point["attack"] == p["attack"]
-                      and keys[k].point["dataset"] == p["dataset"] and keys[k].point["model"] == p["model"]
-                      and keys[k].point["seed"] == p["seed"]), None)
+    for r in plan.records:
+        p, rname, clean = r["point"], r["key"], r["clean"]
+        rdir = output_dir(study_dir, rname)
         bd = _summary(ok(rdir), "attack")
         targets = [("none", rdir, "attack", rdir / "ra")]
         if clean:
             cdir = output_dir(study_dir, clean)
             targets.append(("clean", cdir, "attack", cdir / f"ra_{rname}"))
-        folders = [keys[k].point["target"] for k in keys if k.startswith(rname + "/defense/") and keys[k].kind == "defense"]
-        folders += [f for f in plan.study.external_defenses if f not in folders]
-        for f in folders:
+        for f in r["defenses"]:
             d = rdir / "defense" / f
             targets.append((f, d, None, d / "ra"))
         for name, folder, summary_name, ra_dir in targets:

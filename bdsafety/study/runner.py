@@ -2,7 +2,7 @@
 
 Expands the study's grid into jobs, runs those that are not up to date (new, config changed, output deleted, or
 downstream of one of those), skips the dependents of a failed job, then writes results.csv, report.md and
-report.html to the study folder, whose path it prints last. Exit status 1 when a job failed.
+report.html to the study's report_dir (default: the study folder), whose path it prints last. Exit status 1 when a job failed.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bdsafety.study.execute import read_marker, up_to_date
+from bdsafety.study.execute import other_owner, read_marker, up_to_date
 from bdsafety.study.executors import EXECUTORS, run_local, run_ray
 from bdsafety.study.plan import Plan, build_plan
 from bdsafety.study.progress import StudyProgress, format_eta
-from bdsafety.study.spec import load_study
+from bdsafety.study.spec import Study, load_study
 
 
 @dataclass
@@ -28,6 +28,10 @@ class Outcome:
     wall_s: float = 0.0
     results_csv: Path | None = None
     report: Path | None = None
+
+    @property
+    def report_dir(self) -> Path:
+        return self.plan.study.report_dir
 
     def keys(self, status: str) -> list:
         return [k for k, r in self.results.items() if r.get("status") == status]
@@ -42,7 +46,7 @@ def assess(plan: Plan, force: bool = False) -> tuple[dict, list, dict]:
     sd = plan.study.study_dir
     current, todo, why = {}, [], {}
     for j in plan.jobs:
-        marker = None if force else read_marker(sd, j)
+        marker = None if force else read_marker(sd, j, plan.study.report_dir)
         runs = {d: current[d]["run"] for d in j.deps if d in current}
         if not force and all(d in current for d in j.deps) and up_to_date(marker, j, runs):
             current[j.key] = {"key": j.key, "id": j.id, "status": "done", "run": marker["run"],
@@ -52,7 +56,9 @@ def assess(plan: Plan, force: bool = False) -> tuple[dict, list, dict]:
         if force:
             why[j.key] = "forced (--fresh)"
         elif marker is None:
-            why[j.key] = "new" if not (sd / j.key).exists() else "output without a finished marker"
+            other = other_owner(sd, j.key, plan.study.report_dir)
+            why[j.key] = ("new" if not (sd / j.key).exists() else "output without a finished marker" if other is None
+                          else f"output of another study (report folder {other}): it will be refused, not replaced")
         elif marker.get("id") != j.id:
             same = json.dumps(marker.get("config"), sort_keys=True, default=str) == json.dumps(j.config, sort_keys=True, default=str)
             why[j.key] = "upstream config changed" if same else "config changed"
@@ -65,8 +71,10 @@ def print_plan(plan: Plan, todo: list, why: dict, out=None) -> None:
     out = out or sys.stdout
     todo_keys = {j.key for j in todo}
     kinds: dict = {}
-    print(f"study {plan.study.name}: {len(plan.jobs)} jobs ({len(plan.jobs) - len(todo)} up to date, {len(todo)} to run) "
-          f"in {plan.study.study_dir}", file=out)
+    st = plan.study
+    where = f"in {st.study_dir}" + ("" if st.report_dir == st.study_dir else f", its report in {st.report_dir}")
+    print(f"study {st.name}: {len(plan.jobs)} jobs ({len(plan.jobs) - len(todo)} up to date, {len(todo)} to run) {where}",
+          file=out)
     for j in plan.jobs:
         kinds[f"{j.kind} {j.method}"] = kinds.get(f"{j.kind} {j.method}", 0) + 1
         state = f"RUN ({why[j.key]})" if j.key in todo_keys else "up to date"
@@ -79,16 +87,20 @@ def print_plan(plan: Plan, todo: list, why: dict, out=None) -> None:
     print(f"{len(plan.jobs)} jobs, {len(todo)} to run", file=out)
 
 
-def run_study(yaml_path: str, executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
+def run_study(yaml_path: str | None, executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
               dry_run: bool = False, fresh: bool = False, progress: bool = True, record_root: str | None = None,
-              study_dir: str | None = None, out=None, threads: int | None = None, trust_record: bool = False) -> Outcome:
+              study_dir: str | None = None, out=None, threads: int | None = None, trust_record: bool = False,
+              study: Study | None = None) -> Outcome:
+    """Run the study of ``yaml_path`` (or the ``study`` given, e.g. built in memory by bdsafety.study.audit)."""
     out = out or sys.stdout
     if executor not in EXECUTORS:
         from bdsafety.errors import ConfigError
 
         raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     t0 = time.time()
-    study = load_study(yaml_path, record_root=record_root, study_dir=study_dir)
+    if study is None:
+        study = load_study(yaml_path, record_root=record_root, study_dir=study_dir)
+    yaml_path = study.path
     study.trust_record = bool(trust_record)
     if study.unknown and not dry_run:
         from bdsafety.errors import ConfigError
@@ -100,17 +112,18 @@ def run_study(yaml_path: str, executor: str = "local", ray_address: str | None =
               "allow-list; code inside a record file may run. Use it only for records you made or trust.", file=out, flush=True)
     plan = build_plan(study)
     current, todo, why = assess(plan, force=fresh)
-    sd = study.study_dir
+    sd, rd = study.study_dir, study.report_dir
     if dry_run:
         print_plan(plan, todo, why, out)
         for u in study.unknown:
             print(f"error (a real run stops here): {u}; fix it or list the name under expected_later:", file=out)
         return Outcome(sd, plan, current, 0.0)
     sd.mkdir(parents=True, exist_ok=True)
+    rd.mkdir(parents=True, exist_ok=True)
     for n in plan.notes:
         print(f"note: {n}", file=out)
     print(f"study {study.name}: {len(plan.jobs)} jobs, {len(plan.jobs) - len(todo)} up to date, {len(todo)} to run "
-          f"({executor} executor) in {sd}", file=out, flush=True)
+          f"({executor} executor) in {sd}" + ("" if rd == sd else f", its report in {rd}"), file=out, flush=True)
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -119,7 +132,7 @@ def run_study(yaml_path: str, executor: str = "local", ray_address: str | None =
 
         bar = tqdm(total=len(todo), desc=f"study {study.name}", unit="job", disable=not engine.use_progress(True))
     count = [0]
-    prog = StudyProgress(todo, sd, t0=time.time())
+    prog = StudyProgress(todo, rd, t0=time.time())
 
     def on_result(r):
         count[0] += 1
@@ -137,9 +150,9 @@ def run_study(yaml_path: str, executor: str = "local", ray_address: str | None =
 
     try:
         if executor == "ray" and todo:
-            results = run_ray(todo, current, sd, on_result, address=ray_address, num_cpus=ray_num_cpus)
+            results = run_ray(todo, current, sd, on_result, address=ray_address, num_cpus=ray_num_cpus, report_dir=rd)
         else:
-            results = run_local(todo, current, sd, on_result, threads=threads)
+            results = run_local(todo, current, sd, on_result, threads=threads, report_dir=rd)
     finally:
         if bar is not None:
             bar.close()
@@ -154,19 +167,19 @@ def finish(oc: Outcome, executor: str, out=None) -> None:
     from bdsafety.study.report import write_report
     from bdsafety.study.results import collect
 
-    sd, plan = oc.study_dir, oc.plan
+    sd, plan, rd = oc.study_dir, oc.plan, oc.report_dir
     n = {s: len(oc.keys(s)) for s in ("ran", "done", "failed", "skipped")}
     line = f"{n['ran']} ran, {n['done']} up to date, {n['failed']} failed, {n['skipped']} skipped"
     valid = {k for k, r in oc.results.items() if r.get("status") in ("done", "ran")}
     df = collect(plan, sd, valid=valid)
-    oc.results_csv = atomic_write_text(sd / "results.csv", df.to_csv(index=False))
+    oc.results_csv = atomic_write_text(rd / "results.csv", df.to_csv(index=False))
     summary = {"state": "finished", "line": line, "executor": executor, "wall_s": round(oc.wall_s, 1), "failed": oc.failed,
                "skipped": [r for r in oc.results.values() if r.get("status") == "skipped"],
                "jobs": {k: {kk: r.get(kk) for kk in ("status", "wall_s", "id", "log", "error")} for k, r in oc.results.items()},
                "notes": plan.notes}
-    md, html = write_report(plan, sd, df, summary, valid)
+    md, html = write_report(plan, sd, df, summary, valid, report_dir=rd)
     oc.report = md
-    atomic_write_text(sd / "study.json", json.dumps(summary, indent=1, default=str))
+    atomic_write_text(rd / "study.json", json.dumps(summary, indent=1, default=str))
     print(f"study {plan.study.name}: {line} in {oc.wall_s:.0f}s", file=out)
     for r in oc.failed:
         print(f"  FAILED {r['key']}: {r.get('error', '')}\n    log: {r.get('log')}", file=out)
@@ -176,6 +189,8 @@ def finish(oc: Outcome, executor: str, out=None) -> None:
     for note in plan.notes:
         print(f"  note: {note}", file=out)
     print(f"results: {oc.results_csv}\nreport: {md} ({html.name})", file=out)
+    if rd != sd:
+        print(f"report folder: {rd}", file=out)
     print(f"study folder: {sd}", file=out, flush=True)
 
 

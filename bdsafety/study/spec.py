@@ -9,6 +9,11 @@
     clean_reference: true           # a clean record (the attack's own settings, pratio 0) per attack/dataset/model/seed
     defenses: [fst, pam]            # registered defense names, or 'all'
     external_defenses: []           # defense folders made elsewhere (e.g. by BackdoorBench) to retune/analyse as found
+    records: []                     # records made elsewhere (folder names under the study folder), read as found: no
+                                    # attack job, dataset / model / attack / pratio read from each record; the grid keys
+                                    # (datasets, models, attacks, pratios) may then be left out; at most one seed
+    report_dir: audit               # the study's own files (results.csv, report.*, study.json, logs/, figures/);
+                                    # relative to the study folder; default: the study folder itself
     retune: [ra, qra]               # registered retuning attacks
     ra_poison_nums: [1, 10]         # optional RA budget: one more RA per model and number of poisoned samples
     ra_control: true                # optional benign-retune control: the same RA with 0 poisoned samples on every model
@@ -61,6 +66,8 @@ _KEYS = {
     "clean_reference": "train a clean reference record per attack/dataset/model/seed (true/false)",
     "defenses": "list of registered defenses, or 'all'",
     "external_defenses": "defense folders already in the records (e.g. BackdoorBench's) to retune and analyse",
+    "records": "records made elsewhere (folder names under the study folder) to defend, retune and analyse as found",
+    "report_dir": "folder of the study's own files (results.csv, report, study.json, logs/, figures/); default the study folder",
     "retune": "list of retuning attacks (ra, qra)",
     "ra_poison_nums": "RA budget: extra RA runs per model with these numbers of poisoned samples (P-ASR vs budget)",
     "ra_control": "benign-retune control: the same RA with 0 poisoned samples on every model (true/false, default false)",
@@ -91,6 +98,8 @@ class Study:
     clean_reference: bool
     defenses: list
     external_defenses: list
+    records: list  # found records: folder names under study_dir (no attack job)
+    report_dir: Path  # results.csv, report.md/html, study.json, logs/, figures/
     retune: list
     ra_poison_nums: list
     ra_control: bool
@@ -123,6 +132,15 @@ class Study:
             out = {k: v for k, v in out.items() if k in schema}
         out.update(self.set.get(method, {}))
         return out
+
+    def own_key(self, name: str) -> str:
+        """Output key of a folder the study makes for its found records (their clean reference): under report_dir when
+        that lies inside the study folder, so a study of records made elsewhere adds nothing beside them."""
+        try:
+            rel = self.report_dir.relative_to(self.study_dir).as_posix()
+        except ValueError:
+            rel = "."
+        return name if rel == "." else f"{rel}/{name}"
 
     def job_resources(self, kind: str, method: str, clean: bool = False) -> dict:
         out = dict(DEFAULT_RESOURCES)
@@ -183,8 +201,14 @@ def _resolve_names(kind: str, given: list, notes: list, what: str, unknown: list
 
 def load_study(path: str | Path, record_root: str | None = None, study_dir: str | None = None) -> Study:
     """Read and validate a study yaml; paths become absolute (jobs may run on other machines of a cluster)."""
-    path = Path(path)
-    data = read_yaml(path)
+    return study_from_dict(read_yaml(Path(path)), Path(path), record_root, study_dir)
+
+
+GRID_KEYS = ("datasets", "models", "attacks", "pratios")
+
+
+def study_from_dict(data: dict, path: Path, record_root: str | None = None, study_dir: str | None = None) -> Study:
+    """Validate a study given as a mapping (``path``: where it comes from, for messages and the report)."""
     unknown = [k for k in data if k not in _KEYS]
     if unknown:
         k = unknown[0]
@@ -197,9 +221,17 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
     if sdir.exists() and not sdir.is_dir():
         raise ConfigError(f"the study folder {sdir} is a file; pass --study_dir a folder (it is created if missing)")
     notes: list[str] = []
-    for key in ("datasets", "models", "attacks", "pratios", "seeds"):
-        if not _list(data.get(key), key):
-            raise ConfigError(f"{path}: '{key}' is required: a non-empty list")
+    found = [check_folder_name(str(r), "records") for r in _list(data.get("records"), "records")]
+    grid = [k for k in GRID_KEYS if _list(data.get(k), k)]
+    for key in GRID_KEYS + ("seeds",):
+        if not _list(data.get(key), key) and (grid or not found):
+            raise ConfigError(f"{path}: '{key}' is required: a non-empty list"
+                              + (" (the grid keys go together)" if found else " (or list records: made elsewhere)"))
+    if found and not grid and len(_list(data.get("seeds"), "seeds")) > 1:
+        raise ConfigError(f"{path}: records: a found record is one trained model: give at most one seed (its RA draws use "
+                          f"random_seed = seed + 1000 k; for more draws set ra_draws)")
+    rdir = Path(data.get("report_dir") or ".")
+    report_dir = (rdir if rdir.is_absolute() else sdir / rdir).resolve()
     pratios = []
     for p in _list(data.get("pratios"), "pratios"):
         try:
@@ -210,7 +242,7 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
             raise ConfigError(f"{path}: pratios must be in (0, 1) (the clean reference is clean_reference: true), got {p}")
         pratios.append(p)
     seeds = []
-    for s in _list(data.get("seeds"), "seeds"):
+    for s in _list(data.get("seeds"), "seeds") or [0]:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise ConfigError(f"{path}: seeds must be integers >= 0, got {s!r}")
         seeds.append(s)
@@ -223,7 +255,8 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
                 raise ConfigError(f"{path}: resources.{k}.{rk} must be a number >= 0, got {rv!r}")
     unregistered: list[str] = []
     expected = tuple(str(n) for n in _list(data.get("expected_later"), "expected_later"))
-    for key in ("datasets", "models", "attacks", "pratios", "seeds", "defenses", "external_defenses", "retune", "analyses"):
+    for key in ("datasets", "models", "attacks", "pratios", "seeds", "defenses", "external_defenses", "records", "retune",
+                "analyses"):
         vals = [str(v) for v in _list(data.get(key), key)]
         dup = sorted({v for v in vals if vals.count(v) > 1})
         if dup:
@@ -260,17 +293,29 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
     st = Study(
         name=name, path=path, study_dir=sdir, dataset_path=Path(data.get("dataset_path") or "./data").resolve(),
         device=str(data.get("device") or "auto"),
-        datasets=[str(d) for d in _list(data["datasets"], "datasets")], models=[str(m) for m in _list(data["models"], "models")],
+        datasets=[str(d) for d in _list(data.get("datasets"), "datasets")],
+        models=[str(m) for m in _list(data.get("models"), "models")],
         attacks=names("attack", "attacks", "attack"), pratios=pratios, seeds=seeds,
         clean_reference=bool(data.get("clean_reference", True)),
         defenses=names("defense", "defenses", "defense"),
         external_defenses=[check_folder_name(str(d), "external_defenses") for d in _list(data.get("external_defenses"), "")],
+        records=found, report_dir=report_dir,
         retune=retune, ra_poison_nums=nums, ra_control=control, ra_draws=draws["ra_draws"],
         ra_budget_draws=draws["ra_budget_draws"], verdict=verdict,
         qra_defenses=None if qra == "all" else [str(d) for d in _list(qra, "qra_defenses")],
         analyses=names("analysis", "analyses", "analysis"),
         configs={str(k): v for k, v in _mapping(data.get("configs"), "configs", nested=False).items()},
         set=_mapping(data.get("set"), "set", nested=True), resources=resources, notes=notes, unknown=unregistered)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise ConfigError(f"{path}: report_dir {report_dir} is a file; give a folder (it is created if missing)")
+    if st.external_defenses:
+        from bdsafety import registry
+
+        ours = {registry.get("defense", d).folder: d for d in st.defenses}
+        both = [f for f in st.external_defenses if f in ours]
+        if both:
+            raise ConfigError(f"{path}: external_defenses {both} are also the folders of defenses this study runs "
+                              f"({', '.join(ours[f] for f in both)}); a folder is either made elsewhere or made here")
     if "qra" in st.retune and "ra" not in st.retune:
         raise ConfigError(f"{path}: retune lists qra without ra: QRA needs each defense's RA model; add ra")
     if st.qra_defenses is not None:

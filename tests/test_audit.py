@@ -1,0 +1,178 @@
+"""The audit command (bdsafety/study/audit.py) and the study mechanism under it: records found in place (``records:``,
+no attack job) and the study's own files in another folder (``report_dir``)."""
+import io
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from bb_records import make_bb_v22_record
+
+from bdsafety.errors import ConfigError
+from bdsafety.study.audit import main, parser, run_audit
+from bdsafety.study.plan import build_plan
+from bdsafety.study.spec import study_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+VERDICTS = ("not purified", "purified, backdoor returns under RA", "purified, stays purified under RA")
+
+
+def _bb_record_with_defenses(root: Path, folders=("ft", "i-bau")):
+    """A BackdoorBench v2.2 record with BackdoorBench's own defense folders (defense/<name>/defense_result.pt)."""
+    r = make_bb_v22_record(root)
+    for f in folders:
+        d = r.record_dir / "defense" / f
+        d.mkdir(parents=True)
+        torch.save({"model_name": "preactresnet18", "num_classes": 10, "model": r.state_dict}, d / "defense_result.pt")
+    return r
+
+
+def _audit(argv, out=None):
+    out = out or io.StringIO()
+    oc, md = run_audit(parser().parse_args(argv), out=out)
+    return oc, md, out.getvalue()
+
+
+def test_dry_run_of_a_backdoorbench_record_plans_ra_control_budget_lmc_per_defense_folder(tmp_path):
+    r = _bb_record_with_defenses(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    oc, md, text = _audit(["--result_file", "badnet_demo", "--record_root", str(tmp_path / "record"), "--dry_run",
+                           "--ra_draws", "2", "--poison_nums", "1,10"])
+    assert md is None and sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    jobs = oc.plan.by_key()
+    assert not [j for j in jobs.values() if j.kind == "attack"]  # the record is read as found
+    for target in ("badnet_demo", "badnet_demo/defense/ft", "badnet_demo/defense/i-bau"):
+        for name in ("ra", "ra_d1", "ra_control", "ra_control_d1", "ra_budget_p1", "ra_budget_p10"):
+            j = jobs[f"{target}/{name}"]
+            assert j.method == "ra" and "badnet_demo" not in j.deps  # found outputs are no deps
+            assert j.overrides["result_file"] == "badnet_demo"
+    for f in ("ft", "i-bau"):
+        assert jobs[f"badnet_demo/lmc_{f}"].method == "lmc" and jobs[f"badnet_demo/defense/{f}/ra"].overrides["defense"] == f
+    assert len(jobs) == 3 * 6 + 2  # no QRA without a clean reference: a note says so
+    assert any("qra needs the clean reference" in n for n in oc.plan.notes)
+    st = oc.plan.study
+    assert st.study_dir == r.record_dir.parent.resolve() and st.report_dir == r.record_dir.resolve() / "audit"
+    assert oc.plan.records[0]["point"]["dataset"] == "cifar10" and oc.plan.records[0]["point"]["model"] == "preactresnet18"
+    assert "its report in" in text and text.strip().endswith("20 jobs, 20 to run")
+
+
+def test_audit_selects_and_runs_defenses_and_trains_the_clean_reference_under_its_own_folder(tmp_path):
+    _bb_record_with_defenses(tmp_path)
+    rr = str(tmp_path / "record")
+    oc, _, _ = _audit(["--result_file", "badnet_demo", "--record_root", rr, "--dry_run", "--defense", "ft", "--run", "fst",
+                       "--clean_reference", "--ra_draws", "1", "--poison_nums", ""])
+    jobs = oc.plan.by_key()
+    clean = "badnet_demo/audit/clean-badnet_cifar10_preactresnet18_s0"
+    assert jobs[clean].kind == "attack" and jobs[clean].overrides["record_root"].endswith("badnet_demo/audit")
+    assert jobs["badnet_demo/defense/fst"].kind == "defense" and "badnet_demo/defense/i-bau/ra" not in jobs
+    assert set(jobs["badnet_demo/defense/ft/qra"].deps) == {"badnet_demo/defense/ft/ra", clean}
+    assert [r["defenses"] for r in oc.plan.records] == [["fst", "ft"]]
+    with pytest.raises(ConfigError, match="no defense folder bdr"):
+        _audit(["--result_file", "badnet_demo", "--record_root", rr, "--dry_run", "--defense", "bdr"])
+    with pytest.raises(ConfigError, match="either made elsewhere or made here"):
+        _audit(["--result_file", "badnet_demo", "--record_root", rr, "--dry_run", "--defense", "ft", "--run", "ft"])
+    bare = tmp_path / "bare"
+    make_bb_v22_record(bare)
+    with pytest.raises(ConfigError, match="no defense folder to audit.*--run"):
+        _audit(["--result_file", "badnet_demo", "--record_root", str(bare / "record"), "--dry_run"])
+
+
+def test_records_key_needs_no_grid_but_a_partial_grid_or_many_seeds_is_an_error(tmp_path):
+    make_bb_v22_record(tmp_path)
+    base = {"name": "s", "records": ["badnet_demo"], "retune": ["ra"], "configs": {"cifar10": "cifar10"}}
+    st = study_from_dict(base, tmp_path / "s.yaml", study_dir=str(tmp_path / "record"))
+    assert st.seeds == [0] and st.report_dir == st.study_dir  # the clean reference beside the record
+    assert [j.key for j in build_plan(st).jobs] == ["clean-badnet_cifar10_preactresnet18_s0", "badnet_demo/ra",
+                                                    "clean-badnet_cifar10_preactresnet18_s0/ra_badnet_demo"]
+    st = study_from_dict({**base, "clean_reference": False}, tmp_path / "s.yaml", study_dir=str(tmp_path / "record"))
+    assert [j.key for j in build_plan(st).jobs] == ["badnet_demo/ra"]
+    with pytest.raises(ConfigError, match="'models' is required.*grid keys go together"):
+        study_from_dict({**base, "datasets": ["cifar10"]}, tmp_path / "s.yaml", study_dir=str(tmp_path / "record"))
+    with pytest.raises(ConfigError, match="at most one seed"):
+        study_from_dict({**base, "seeds": [0, 1]}, tmp_path / "s.yaml", study_dir=str(tmp_path / "record"))
+    with pytest.raises(ConfigError, match="'datasets' is required.*records"):
+        study_from_dict({"name": "s"}, tmp_path / "s.yaml")
+
+
+# ------------------------------------------------------------------------------------------------ a real audit
+
+TINY_SET = {"ra": {"epochs": 1, "ratio": 0.1, "poison_num": 5}, "lmc": {"points": 3, "ratio": 0.2}}
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """A tiny synthetic record (300 / 100 images, one attack epoch) with one defense folder made by hand (ft, one
+    epoch), audited once: (record root, yaml, outcome, audit.md, printed text)."""
+    from bdsafety.registry import get
+
+    root = tmp_path_factory.mktemp("audit") / "record"
+    cfg = ROOT / "config"
+    get("attack", "badnet").main(["--yaml_path", str(cfg / "attack" / "badnet" / "demo.yaml"), "--record_root", str(root),
+                                  "--save_folder_name", "rec", "--synthetic_n_train", "300", "--synthetic_n_test", "100",
+                                  "--epochs", "1", "--no_progress"])
+    get("defense", "ft").main(["--yaml_path", str(cfg / "defense" / "ft" / "demo.yaml"), "--record_root", str(root),
+                               "--result_file", "rec", "--epochs", "1", "--ratio", "0.2", "--no_progress"])
+    y = root.parent / "audit.yaml"
+    spec = yaml.safe_load((cfg / "study" / "audit.yaml").read_text())
+    y.write_text(yaml.safe_dump({**spec, "set": TINY_SET}))
+    argv = ["--result_file", "rec", "--record_root", str(root), "--yaml_path", str(y), "--ra_draws", "2",
+            "--poison_nums", "1", "--threads", "1", "--no_progress"]
+    oc, md, text = _audit(argv)
+    return root, argv, oc, md, text
+
+
+@pytest.mark.slow
+def test_audit_of_a_record_with_one_defense_folder_ranks_it_with_a_verdict(audited):
+    root, _, oc, md, text = audited
+    assert not oc.failed and len(oc.keys("ran")) == 2 * (2 + 2 + 1) + 1  # none, ft: 2 RA, 2 controls, 1 budget; LMC
+    assert sorted(p.name for p in root.iterdir()) == ["rec"]  # nothing beside the record
+    rd = root / "rec" / "audit"
+    assert md == rd / "audit.md" and {"audit.html", "report.md", "results.csv", "study.yaml", "study.json"} <= {
+        p.name for p in rd.iterdir()}
+    assert (rd / "logs").is_dir() and not (root / "logs").exists()
+    report = md.read_text()
+    assert "| rank | defense |" in report and "purified when ASR <= 20%" in report
+    rows = [ln for ln in report.splitlines() if ln.startswith("| 1 | ft |")]
+    assert len(rows) == 1 and any(v in rows[0] for v in VERDICTS)
+    assert "| - | none |" in report  # the backdoored model: a reference, not ranked
+    df = pd.read_csv(rd / "results.csv")
+    ft = df[df["defense"] == "ft"].iloc[0]
+    assert ft["status"] == "ok" and ft["p_robustness_asr_draws_n"] == 2 and 0 <= ft["ra_control_asr"] <= 1
+    assert "ranking (" in text and text.strip().endswith("audit.md")
+    again = yaml.safe_load((rd / "study.yaml").read_text())
+    assert again["records"] == ["rec"] and again["external_defenses"] == ["ft"]
+
+
+@pytest.mark.slow
+def test_audit_rerun_resumes_with_nothing_to_run(audited, tmp_path):
+    root, argv, first, _, _ = audited
+    copy = tmp_path / "record"
+    shutil.copytree(root, copy)
+    argv = [copy.as_posix() if a == str(root) else a for a in argv]
+    assert main(argv + ["--dry_run"]) == 0
+    oc, md, text = _audit(argv)
+    assert oc.keys("ran") == [] and set(oc.keys("done")) == set(first.keys("ran")) and md.is_file()
+    assert "0 to run" in text
+
+
+@pytest.mark.slow
+def test_another_study_of_the_same_record_refuses_to_replace_the_audits_outputs(audited, tmp_path):
+    from bdsafety.study.runner import run_study
+
+    root, _, first, _, _ = audited
+    copy = tmp_path / "record"
+    shutil.copytree(root, copy)
+    spec = {**yaml.safe_load((copy / "rec" / "audit" / "study.yaml").read_text()), "report_dir": "other"}
+    spec.pop("study_dir")
+    st = study_from_dict(spec, tmp_path / "other.yaml", study_dir=str(copy))
+    out = io.StringIO()
+    run_study(None, study=st, dry_run=True, out=out)
+    assert "output of another study (report folder rec/audit)" in out.getvalue()
+    oc = run_study(None, study=st, progress=False, out=io.StringIO(), threads=1)
+    assert {r["key"] for r in oc.failed} == set(first.keys("ran")) and oc.keys("ran") == []
+    assert all("this study did not make" in r["error"] for r in oc.failed)
+    oc = run_study(None, study=study_from_dict({**spec, "report_dir": "rec/audit"}, tmp_path / "a.yaml",
+                                               study_dir=str(copy)), progress=False, out=io.StringIO(), threads=1)
+    assert oc.keys("ran") == [] and not oc.failed  # the audit's own study: up to date
