@@ -138,6 +138,11 @@ RUN_SCHEMA = {
                                 "(bf16 autocast, the named speed option; PAM's displaced pass and black-box QRA's finite "
                                 "differences stay fp32). On the CPU bf16 runs under torch's CPU autocast (correct, usually "
                                 "slower)", choices=PRECISIONS),
+    "eval_subset": Option(0, "speed option: the per-epoch test curve of a training loop is evaluated on a fixed, seeded "
+                             "subset of this many samples of each test set (clean and poisoned); the evaluation before "
+                             "training and the final one always use the full sets, so every reported final figure is "
+                             "unchanged. 0 (default): every evaluation on the full sets", check=Check(lo=0, integer=True,
+                                                                                                   text="an integer >= 0")),
 }
 
 

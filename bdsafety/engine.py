@@ -77,6 +77,21 @@ def precision(name: str):
         _PRECISION.reset(token)
 
 
+_EVAL_SUBSET: contextvars.ContextVar[int] = contextvars.ContextVar("bdsafety_eval_subset", default=0)
+
+
+@contextlib.contextmanager
+def eval_subset(n: int):
+    """Within the block, ``fit`` evaluates its intermediate epochs on a fixed, seeded subset of ``n`` samples of each
+    test set (the run option ``eval_subset``, a speed option; 0: the full sets). The evaluation before training and
+    the final one always use the full sets. Entered once per run by the run scaffold, restored on exit."""
+    token = _EVAL_SUBSET.set(int(n or 0))
+    try:
+        yield
+    finally:
+        _EVAL_SUBSET.reset(token)
+
+
 def current_precision() -> str:
     """The precision of the enclosing ``precision`` block ('fp32' outside any)."""
     return _PRECISION.get()
@@ -137,6 +152,20 @@ class EvalSets:
     clean: DeviceDataset
     bd: DeviceDataset | None = None
     bd_orig_y: torch.Tensor | None = None
+
+    def subset(self, n: int, seed: int = 0) -> "EvalSets":
+        """At most ``n`` samples of each set, the same ones every call (a seeded permutation per set)."""
+        def pick(ds):
+            if ds is None or len(ds) <= n:
+                return None
+            return torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+        ci, bi = pick(self.clean), pick(self.bd)
+        clean = self.clean if ci is None else self.clean.subset(ci)
+        if bi is None:
+            return EvalSets(clean, self.bd, self.bd_orig_y)
+        orig = None if self.bd_orig_y is None else self.bd_orig_y[bi.to(self.bd_orig_y.device)]
+        return EvalSets(clean, self.bd.subset(bi), orig)
 
 
 @torch.no_grad()
@@ -256,6 +285,8 @@ def fit(
         raise TrainingDiverged(f"{desc}: the training data is empty, so no optimizer step would be made")
     steps_per_epoch = math.ceil(len(train) / batch_size)
     start_norm = weight_norm(model)
+    n_sub = _EVAL_SUBSET.get()
+    curve_sets = evalsets.subset(n_sub) if evalsets is not None and n_sub > 0 else evalsets
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not use_progress(progress), dynamic_ncols=True, leave=False)
     try:
         for epoch in range(1, epochs + 1):
@@ -288,8 +319,10 @@ def fit(
                 scheduler.step()
             row = {"epoch": epoch, "train_loss": train_loss, "train_acc": tot_correct.item() / max(1, seen), "lr": lr}
             if evalsets is not None:
-                if epoch % max(1, eval_every) == 0 or epoch == epochs:
+                if epoch == epochs:
                     row.update(_test_metrics(model, evalsets, norm, eval_batch_size))
+                elif epoch % max(1, eval_every) == 0:  # the curve: the full sets, or the eval_subset option's
+                    row.update(_test_metrics(model, curve_sets, norm, eval_batch_size))
                 else:
                     row.update({k: math.nan for k in ("test_loss", "test_acc", "test_asr", "test_ra")})
             if on_epoch_end is not None:

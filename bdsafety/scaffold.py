@@ -20,12 +20,13 @@ import numpy as np
 
 def run(method, cfg: SimpleNamespace):
     """Run a registered method with a resolved config (its ``resolve`` hook, if any, fills dependent values first), at
-    the config's precision (set once here for the whole run, restored afterwards: bdsafety.engine.precision)."""
-    from bdsafety.engine import precision
+    the config's precision and eval_subset (set once here for the whole run, restored afterwards:
+    bdsafety.engine.precision, bdsafety.engine.eval_subset)."""
+    from bdsafety.engine import eval_subset, precision
 
     if method.resolve is not None:
         cfg = method.resolve(cfg)
-    with precision(getattr(cfg, "precision", "fp32")):
+    with precision(getattr(cfg, "precision", "fp32")), eval_subset(getattr(cfg, "eval_subset", 0)):
         return _run(method, cfg)
 
 

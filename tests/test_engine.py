@@ -39,3 +39,30 @@ def test_max_loss_is_configurable():
     with pytest.raises(engine.TrainingDiverged, match="above 0.1"):
         engine.fit(model, data, norm=norm, epochs=2, batch_size=16, step_fn=engine.sgd_step(opt), augment=False, max_loss=0.1)
     assert engine.MAX_LOSS >= 1e3 > math.log(200)  # far above chance-level cross-entropy of any bundled dataset
+
+
+def test_eval_subset_evaluates_the_curve_on_a_fixed_subset_and_the_ends_on_the_full_sets(monkeypatch):
+    """Under eval_subset(n): epoch 0 and the last epoch on the full test sets, the epochs between on the same n
+    samples of each set (ASR and RA on the same poisoned subset); outside the block, every evaluation is full."""
+    data, model, norm = _setup()
+    bd = DeviceDataset(torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8), torch.zeros(30, dtype=torch.long))
+    sets = engine.EvalSets(data, bd, torch.arange(30) % 10)
+    seen = []
+    real = engine._test_metrics
+
+    def spy(model, s, norm, batch_size):
+        seen.append((len(s.clean), len(s.bd), len(s.bd_orig_y), s.bd_orig_y.tolist()))
+        return real(model, s, norm, batch_size)
+
+    monkeypatch.setattr(engine, "_test_metrics", spy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    kw = dict(norm=norm, batch_size=16, step_fn=engine.sgd_step(opt), augment=False, evalsets=sets, eval_at_start=True)
+    with engine.eval_subset(8):
+        engine.fit(model, data, epochs=3, **kw)
+    assert [v[:3] for v in seen] == [(64, 30, 30), (8, 8, 8), (8, 8, 8), (64, 30, 30)]
+    assert seen[1][3] == seen[2][3]  # the same samples every epoch
+    sub = sets.subset(8)
+    assert torch.equal(sub.bd.y, bd.y[:0].new_zeros(8)) and sub.bd_orig_y.tolist() == seen[1][3]
+    seen.clear()
+    engine.fit(model, data, epochs=2, **kw)
+    assert [v[:3] for v in seen] == [(64, 30, 30)] * 3
