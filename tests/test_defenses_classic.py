@@ -234,18 +234,23 @@ def test_fp_end_to_end_on_the_demo_record(demo_record, tmp_path):
     kept = next(c for c in sel["candidates"] if c["n_pruned"] == n)
     assert (ref - kept["val_acc"]) / ref < 0.1
     assert (out / "log" / "val_index.txt").is_file()
-    assert meta["before"]["test_asr"] > 0.9
+    # measured (demo record, seed 0, 5 epochs): 96 of 256 channels pruned, ASR 0.97 -> 0.22 after pruning, 0.23 after
+    # fine-tuning, C-Acc 0.999 -> 0.964
+    assert meta["before"]["test_asr"] > 0.9 and meta["after"]["test_asr"] < meta["before"]["test_asr"] - 0.3
+    assert meta["before"]["test_acc"] - meta["after"]["test_acc"] <= 0.1
 
 
 @pytest.mark.slow
 def test_nad_end_to_end_on_the_demo_record(demo_record, tmp_path):
-    out, meta, _ = _run("nad", _record(demo_record, tmp_path))
+    out, meta, _ = _run("nad", _record(demo_record, tmp_path), "--eval_every", "10")
     assert meta["nad"]["layers"] == {"beta1": "features.9", "beta2": "features.13", "beta3": "avgpool"}
     assert meta["nad"]["betas"] == [500.0, 1000.0, 1000.0]
     teacher = pd.read_csv(out / "nad_teacher_df.csv")
     assert len(teacher) == 10 and np.isfinite(teacher["train_loss"]).all()
     df = pd.read_csv(out / "nad_df.csv")
     assert df["epoch"].tolist()[0] == 0 and df["epoch"].tolist()[-1] == 10
+    # measured with the demo config (seed 0): C-Acc 0.999 -> 0.999, ASR 0.969 -> 0.958: 20 SGD steps of BackdoorBench's
+    # NAD do not purify the demo model (reported, not tuned away)
     assert meta["before"]["test_acc"] - meta["after"]["test_acc"] <= 0.2
 
 
@@ -260,6 +265,8 @@ def test_nc_end_to_end_on_the_demo_record(demo_record, tmp_path):
     idx, med, mad = nc_mod.anomaly_indices(det["l1_norms"])
     assert np.allclose(idx.numpy(), det["anomaly_indices"]) and det["median_norm"] == pytest.approx(med)
     assert meta["true_target"] == 0
+    # measured (6 of the demo's 20 reverse-engineering epochs, 5 unlearning epochs, seed 0): class 0, the true target,
+    # has the smallest norm (736 vs a median 812) and is flagged at anomaly index 2.12; ASR 0.97 -> 0.71
     if det["flagged_classes"]:
         assert meta["detected_target"] == det["flagged_classes"][0] and det["unlearned"]
         assert (out / "log" / "unlearning_index.txt").is_file()
