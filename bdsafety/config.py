@@ -16,7 +16,6 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
@@ -262,7 +261,9 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _n
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
-    p = Path(path)
+    from bdsafety.paths import shipped_config
+
+    p = shipped_config(path)
     if not p.is_file():
         raise ConfigError(f"yaml config not found: {p}. Configs live under "
                           f"config/<attack|defense|retune_attack|study>/<name>/<dataset>.yaml")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from bdsafety.paths import CONFIG_ROOT
 from bdsafety.study.runner import main as run_study
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "config" / "study" / "demo.yaml"
-DEMO_SEEDS = ROOT / "config" / "study" / "demo_seeds.yaml"
+DEMO = CONFIG_ROOT / "study" / "demo.yaml"
+DEMO_SEEDS = CONFIG_ROOT / "study" / "demo_seeds.yaml"
 
 
 def study_argv(argv: list[str]) -> list[str]:

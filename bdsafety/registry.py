@@ -64,7 +64,9 @@ class Method:
 
     @property
     def config_dir(self) -> Path:
-        return ROOT / "config" / KIND_DIRS[self.kind] / self.name
+        from bdsafety.paths import CONFIG_ROOT
+
+        return CONFIG_ROOT / KIND_DIRS[self.kind] / self.name
 
     def config_path(self, dataset: str) -> Path:
         return self.config_dir / f"{dataset}.yaml"

@@ -43,12 +43,12 @@ import yaml
 
 from bdsafety.config import read_yaml
 from bdsafety.errors import ConfigError
+from bdsafety.paths import CONFIG_ROOT
 from bdsafety.safeio import atomic_write_text
 from bdsafety.study.executors import EXECUTORS
-from bdsafety.study.plan import ROOT
 from bdsafety.study.spec import Study, study_from_dict
 
-DEFAULT_YAML = ROOT / "config" / "study" / "audit.yaml"
+DEFAULT_YAML = CONFIG_ROOT / "study" / "audit.yaml"
 REPORT_FOLDER = "audit"  # <record>/audit/: the audit's own files
 
 
