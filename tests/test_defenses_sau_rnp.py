@@ -1,14 +1,19 @@
 """SAU and RNP: their core steps against hand-computed cases, one end-to-end run each on the demo record."""
+import copy
 import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
 
+from bdsafety.data.device import DeviceDataset, Normalizer
+from bdsafety.data.info import DatasetInfo
+from bdsafety.defenses import rnp as rnp_mod
 from bdsafety.defenses import sau as sau_mod
 from bdsafety.models import build_model, load_state_dict_compat
 
@@ -149,6 +154,105 @@ def test_sau_unlearning_loss_on_a_linear_model_by_hand():
     assert float(loss) == pytest.approx(l_cl + 0.5 * l_at + 2.0 * l_sar, rel=1e-5)
     loss.backward()  # the loss reaches h's weights only
     assert model.w.grad is not None and ref.w.grad is None
+
+
+# ------------------------------------------------------------------------------------------- RNP
+def rnp_cfg(**over):
+    cfg = SimpleNamespace(**{k: o.default for k, o in rnp_mod.RNP_SCHEMA.items()})
+    cfg.eval_batch_size = 64
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def tiny_data(n=12, size=8, classes=3, seed=0):
+    info = DatasetInfo("synthetic", classes, (size, size, 3), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False)
+    rng = np.random.default_rng(seed)
+    ds = DeviceDataset(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), np.arange(n) % classes)
+    return ds, Normalizer(info)
+
+
+def test_rnp_pruning_by_threshold_and_number_folds_into_bn_weights():
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        model.bn.bias.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    # masks as mask_values.txt has them; 0.70004 reads back as 0.7000 (pruned at 0.7), 0.70006 as 0.7001 (kept)
+    mv = [("bn", 0, 0.70004), ("bn", 1, 0.70006), ("bn", 2, 0.05), ("bn", 3, 0.9)]
+    out, pruned = rnp_mod.pruned_copy(model, mv, "threshold", 0.7)
+    assert sorted(pruned) == [("bn", 0), ("bn", 2)]
+    assert out.bn.weight.tolist() == [0.0, 2.0, 0.0, 4.0] and out.bn.bias.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert model.bn.weight.tolist() == [1.0, 2.0, 3.0, 4.0]  # the original is untouched
+    # a pruned channel outputs exactly its BN bias
+    x = torch.randn(2, 3, 8, 8)
+    feats = out.bn(out.conv(x))
+    assert torch.allclose(feats[:, 0], torch.full_like(feats[:, 0], 0.1)) and torch.allclose(feats[:, 2], torch.full_like(feats[:, 2], 0.3))
+    # the folded model is the plain architecture: its state dict loads strictly
+    ConvBN().load_state_dict(out.state_dict(), strict=True)
+    # by number: the k smallest masks
+    _, pruned_n = rnp_mod.pruned_copy(model, mv, "number", 3)
+    assert sorted(pruned_n) == [("bn", 0), ("bn", 1), ("bn", 2)]
+
+
+def test_rnp_unlearning_step_is_an_ascent_with_weight_decay():
+    """One epoch of one full batch: SGD's first momentum step is the plain step, so w1 = w0 + lr * (dCE/dw - wd * w0)."""
+    ds, norm = tiny_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    w0 = model[1].weight.detach().clone()
+    x = norm.from_uint8(ds.x)
+    loss = nn.functional.cross_entropy(model(x), ds.y)
+    (grad,) = torch.autograd.grad(loss, model[1].weight)
+    cfg = rnp_cfg(batch_size=len(ds), augment=False, unlearning_epochs=1, unlearning_lr=0.5, unlearning_wd=0.01)
+    rows = rnp_mod.unlearn(model, ds, norm, cfg, False, torch.Generator().manual_seed(0), lambda m: None)
+    expected = w0 + 0.5 * (grad - 0.01 * w0)
+    assert torch.allclose(model[1].weight.detach(), expected, atol=1e-6)
+    assert len(rows) == 1 and rows[0]["train_loss"] == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_rnp_unlearning_stops_at_the_clean_threshold():
+    ds, norm = tiny_data()
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+    stop_now = rnp_mod.unlearn(model, ds, norm, rnp_cfg(clean_threshold=1.0, unlearning_epochs=5), False, g, lambda m: None)
+    assert len(stop_now) == 1  # accuracy <= 1 always: one epoch, as the reference checks after each epoch
+    never = rnp_mod.unlearn(model, ds, norm, rnp_cfg(clean_threshold=0.0, unlearning_epochs=4, batch_size=4,
+                                                   unlearning_lr=1e-4), False, g, lambda m: None)
+    assert len(never) == 4 or never[-1]["train_acc"] == 0.0
+    assert [r["lr"] for r in rnp_mod.unlearn(model, ds, norm, rnp_cfg(clean_threshold=0.0, unlearning_epochs=3,
+                                                                       schedule=[1, 2]), False, g, lambda m: None)] == \
+        pytest.approx([0.01, 0.001, 0.0001])
+
+
+def test_rnp_masks_scale_bn_weights_only_and_stay_in_unit_interval():
+    ds, norm = tiny_data()
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = rnp_cfg(recovering_epochs=3, batch_size=4, recovering_lr=5.0, augment=False)
+    values, rows = rnp_mod.recover_masks(model, ds, norm, cfg, False, torch.Generator().manual_seed(0), progress=False)
+    assert len(rows) == 3 and [(n, i) for n, i, _ in values] == [("bn", i) for i in range(4)]
+    assert all(0.0 <= v <= 1.0 for _, _, v in values)
+    assert any(v < 1.0 for _, _, v in values)  # a large mask lr moves some mask
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the unlearned model is untouched
+    # the masked network with every mask 1 is the model itself
+    net = copy.deepcopy(model)
+    rnp_mod.wrap_batchnorms(net)
+    x = norm.from_uint8(ds.x)
+    assert torch.allclose(net.eval()(x), model(x), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- end to end

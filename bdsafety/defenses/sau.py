@@ -181,7 +181,7 @@ def unlearning_loss(model, model_ref, x01, pert, y, norm, cfg) -> tuple[torch.Te
     loss = cfg.lmd_1 * loss_cl + cfg.lmd_2 * loss_at + cfg.lmd_3 * loss_sar
     pert_pred, pert_pred_ref = per_logits.argmax(1), per_logits_ref.argmax(1)
     shared = (pert_pred != y) & fooled & (pert_pred == pert_pred_ref)
-    return loss, {"loss_clean": float(loss_cl), "loss_adv": float(loss_at), "loss_shared": float(loss_sar),
+    return loss, {"loss_clean": loss_cl.item(), "loss_adv": loss_at.item(), "loss_shared": loss_sar.item(),
                   "fooled_ref": int(fooled.sum()), "shared": int(shared.sum()), "correct": int((logits.argmax(1) == y).sum())}
 
 
@@ -217,7 +217,7 @@ def sau(ctx) -> DefenseResult:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            tot["train_loss"] += float(loss) * len(y)
+            tot["train_loss"] += loss.item() * len(y)
             for k in ("loss_clean", "loss_adv", "loss_shared"):
                 tot[k] += parts[k] * len(y)
             for k in ("fooled_ref", "shared", "correct"):
