@@ -63,7 +63,8 @@ RNP_SCHEMA = {
     "unlearning_lr": Option(0.01, "SGD learning rate of the clean-loss ascent", check=POSITIVE),
     "unlearning_wd": Option(5e-4, "SGD weight decay of the ascent", check=NONNEG),
     "unlearning_epochs": Option(20, "most epochs of the ascent", check=POS_INT),
-    "schedule": Option([10, 20], "epochs at which the ascent's learning rate is multiplied by 0.1", type=int_list),
+    "schedule": Option([10, 20], "epochs at which the ascent's learning rate is multiplied by 0.1", type=int_list,
+                       check=POS_INT),
     "clean_threshold": Option(0.2, "stop the ascent after the first epoch whose training accuracy is <= this",
                               check=FRACTION),
     "unlearning_clip": Option(0.0, "clip the ascent's gradient to this L2 norm after backward (0: none; the reference's "
