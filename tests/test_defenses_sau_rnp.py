@@ -300,3 +300,31 @@ def test_sau_end_to_end_on_the_demo_record(demo_record, tmp_path):
     # behaviour (demo config, seed 0): measured values in the README; here only what SAU must do
     assert before["test_acc"] - after["test_acc"] <= 0.10
     assert after["test_asr"] <= before["test_asr"] + 1e-9
+
+
+@pytest.mark.slow
+def test_rnp_end_to_end_on_the_demo_record(demo_record, tmp_path):
+    rec = isolated_record(demo_record, tmp_path)
+    out = run_demo("rnp", rec)
+    assert out == rec / "defense" / "rnp"  # BackdoorBench's folder name
+    model, meta = check_folder(out, "rnp", files=("mask_values.txt", "rnp_threshold_sweep.csv"))
+    before, after = meta["before"], meta["after"]
+    n_pruned, info = meta["n_pruned"], meta["rnp"]
+    assert meta["pruning_threshold"] == 0.7 and info["pruning_select"] == "fixed"
+    masks = pd.read_csv(out / "mask_values.txt", sep=r"\s+", skiprows=1, header=None)
+    assert len(masks) == info["n_neurons"] and masks[3].between(0, 1).all()
+    assert n_pruned == int((masks[3] <= 0.7).sum())  # the file's 4-decimal values, as the reference reads them back
+    zero_w = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert zero_w >= n_pruned
+    df = pd.read_csv(out / "rnp_df.csv")
+    stages = list(df["stage"].dropna())
+    assert stages[0] == "unlearn" and stages[-1] == "prune" and stages.count("recover") == 20
+    unlearned = df[df["stage"] == "unlearn"]
+    assert 1 <= len(unlearned) <= 20 and (unlearned["train_acc"].iloc[-1] <= 0.2 or len(unlearned) == 20)
+    assert abs(df["test_asr"].iloc[-1] - after["test_asr"]) < 1e-9 and df["n_pruned"].iloc[-1] == n_pruned
+    sweep = pd.read_csv(out / "rnp_threshold_sweep.csv")
+    assert sweep["n_pruned"].is_monotonic_increasing
+    assert sweep.set_index("threshold").loc[0.7, "n_pruned"] == n_pruned
+    # behaviour (demo config, seed 0): measured values in the README; here only what RNP must do
+    assert 0 < n_pruned < info["n_neurons"]
+    assert after["test_asr"] <= before["test_asr"] + 1e-9
