@@ -151,7 +151,7 @@ def test_sau_unlearning_loss_on_a_linear_model_by_hand():
     q = math.exp(0.5) / (math.exp(0.2) + math.exp(0.5))
     l_sar = -(math.log(1e-6 + (1 - q)) + math.log(1 + 1e-6 - q)) / 2 / 2
     assert parts["fooled_ref"] == 1 and parts["shared"] == 1
-    assert float(loss) == pytest.approx(l_cl + 0.5 * l_at + 2.0 * l_sar, rel=1e-5)
+    assert loss.item() == pytest.approx(l_cl + 0.5 * l_at + 2.0 * l_sar, rel=1e-5)
     loss.backward()  # the loss reaches h's weights only
     assert model.w.grad is not None and ref.w.grad is None
 
@@ -287,19 +287,22 @@ def check_folder(folder: Path, name: str, files=()) -> tuple[nn.Module, dict]:
 
 @pytest.mark.slow
 def test_sau_end_to_end_on_the_demo_record(demo_record, tmp_path):
+    """The demo config for 5 of its 20 rounds (the test's CPU budget; the study runs all 20)."""
     rec = isolated_record(demo_record, tmp_path)
-    out = run_demo("sau", rec)
+    out = run_demo("sau", rec, extra=("--n_rounds", "5"))
     assert out == rec / "defense" / "sau"  # BackdoorBench's folder name
     _, meta = check_folder(out, "sau")
     before, after = meta["before"], meta["after"]
-    df = pd.read_csv(out / "sau_df.csv")
+    df = pd.read_csv(out / "sau_df.csv").apply(pd.to_numeric, errors="coerce")  # 'nan_value' -> NaN
     rounds = df[df["epoch"] > 0]
-    assert list(rounds["epoch"]) == list(range(1, 21))
+    assert list(rounds["epoch"]) == [1, 2, 3, 4, 5]
     assert rounds["pgd_steps"].between(1, 5).all() and rounds["fooled_ref_share"].between(0, 1).all()
+    assert rounds["test_asr"].iloc[:-1].isna().all()  # eval_every 5: only the last round is evaluated
     assert abs(rounds["test_asr"].iloc[-1] - after["test_asr"]) < 1e-9
-    # behaviour (demo config, seed 0): measured values in the README; here only what SAU must do
-    assert before["test_acc"] - after["test_acc"] <= 0.10
-    assert after["test_asr"] <= before["test_asr"] + 1e-9
+    # measured (seed 0, 2 CPU threads): C-Acc 100.0 -> 100.0, ASR 97.1 -> 77.6 after 5 rounds (58.4 after the demo's
+    # 20); asserted with margins: the clean accuracy is kept and the ASR falls
+    assert before["test_acc"] - after["test_acc"] <= 0.05
+    assert after["test_asr"] < before["test_asr"] - 0.05
 
 
 @pytest.mark.slow
@@ -316,7 +319,7 @@ def test_rnp_end_to_end_on_the_demo_record(demo_record, tmp_path):
     assert n_pruned == int((masks[3] <= 0.7).sum())  # the file's 4-decimal values, as the reference reads them back
     zero_w = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert zero_w >= n_pruned
-    df = pd.read_csv(out / "rnp_df.csv")
+    df = pd.read_csv(out / "rnp_df.csv").replace("nan_value", np.nan)
     stages = list(df["stage"].dropna())
     assert stages[0] == "unlearn" and stages[-1] == "prune" and stages.count("recover") == 20
     unlearned = df[df["stage"] == "unlearn"]
@@ -325,6 +328,8 @@ def test_rnp_end_to_end_on_the_demo_record(demo_record, tmp_path):
     sweep = pd.read_csv(out / "rnp_threshold_sweep.csv")
     assert sweep["n_pruned"].is_monotonic_increasing
     assert sweep.set_index("threshold").loc[0.7, "n_pruned"] == n_pruned
-    # behaviour (demo config, seed 0): measured values in the README; here only what RNP must do
+    # measured (demo config, seed 0): the ascent stops at its 20-epoch limit with training accuracy 0.74 (the 0.2
+    # floor is not reached: 50 images, one step per epoch, lr 0.001 after epoch 10); 7 of 480 neurons pruned at 0.7;
+    # C-Acc 100.0 -> 88.9, ASR 97.1 -> 92.6: RNP at BackdoorBench's values does not purify the demo
     assert 0 < n_pruned < info["n_neurons"]
     assert after["test_asr"] <= before["test_asr"] + 1e-9
