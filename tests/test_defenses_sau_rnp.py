@@ -219,7 +219,7 @@ def test_rnp_unlearning_step_is_an_ascent_with_weight_decay():
     rows = rnp_mod.unlearn(model, ds, norm, cfg, False, torch.Generator().manual_seed(0), lambda m: None)
     expected = w0 + 0.5 * (grad - 0.01 * w0)
     assert torch.allclose(model[1].weight.detach(), expected, atol=1e-6)
-    assert len(rows) == 1 and rows[0]["train_loss"] == pytest.approx(float(loss), rel=1e-6)
+    assert len(rows) == 1 and rows[0]["train_loss"] == pytest.approx(loss.item(), rel=1e-6)
 
 
 def test_rnp_unlearning_stops_at_the_clean_threshold():
@@ -253,6 +253,27 @@ def test_rnp_masks_scale_bn_weights_only_and_stay_in_unit_interval():
     rnp_mod.wrap_batchnorms(net)
     x = norm.from_uint8(ds.x)
     assert torch.allclose(net.eval()(x), model(x), atol=1e-6)
+
+
+def test_rnp_validation_selection_keeps_the_largest_threshold_within_the_budget():
+    """pruning_select val: each threshold of the sweep prunes a copy, scored on validation data only; the largest
+    whose relative C-Acc drop is below acc_ratio wins (None, nothing pruned, when none qualifies)."""
+    from bdsafety.selection import val_accuracy
+
+    ds, norm = tiny_data(n=30)
+    torch.manual_seed(1)
+    model = ConvBN().eval()
+    mv = [("bn", 0, 0.1), ("bn", 1, 0.3), ("bn", 2, 0.5), ("bn", 3, 0.95)]
+    cfg = rnp_cfg(pruning_max=0.6, pruning_step=0.2, acc_ratio=0.1)
+    thr, doc = rnp_mod.select_threshold(model, mv, ds, norm, cfg)
+    ref = val_accuracy(model, ds, norm)
+    cands = doc["candidates"]
+    assert [c["threshold"] for c in cands] == pytest.approx([0.0, 0.2, 0.4, 0.6]) and [c["n_pruned"] for c in cands] == [0, 1, 2, 3]
+    for c in cands:
+        pm, _ = rnp_mod.pruned_copy(model, mv, "threshold", c["threshold"])
+        assert c["val_acc"] == val_accuracy(pm, ds, norm)
+    ok = [c["threshold"] for c in cands if (ref - c["val_acc"]) / ref < 0.1]
+    assert thr == max(ok)  # threshold 0 prunes nothing, so it always qualifies when ref > 0
 
 
 # ------------------------------------------------------------------------------------------- end to end
