@@ -8,6 +8,17 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+# Fixtures that train (a demo record, a study, a model zoo): every test that uses one, directly or through another
+# fixture, is an end-to-end test and runs in CI's slow stage (pytest -m slow), after the fast stage (-m "not slow").
+HEAVY_FIXTURES = {"demo_record", "clean_record", "demo_work", "fst_after_ra", "zoo_records", "tiny_study", "audited"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     import torch

@@ -46,7 +46,7 @@ def _run(yaml_path, study_dir, **kw):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_study(tmp_path_factory):
     """The tiny study run once with the local executor: (yaml, study folder, outcome)."""
     base = tmp_path_factory.mktemp("study")
     y = _yaml(base / "tiny.yaml")
@@ -54,14 +54,14 @@ def tiny(tmp_path_factory):
     return y, base / "study_tiny", oc, text
 
 
-def _copy(tiny, tmp_path) -> Path:
+def _copy(tiny_study, tmp_path) -> Path:
     dst = tmp_path / "study_tiny"
-    shutil.copytree(tiny[1], dst)
+    shutil.copytree(tiny_study[1], dst)
     return dst
 
 
-def test_first_run_runs_every_job_and_writes_results(tiny):
-    _, sd, oc, text = tiny
+def test_first_run_runs_every_job_and_writes_results(tiny_study):
+    _, sd, oc, text = tiny_study
     assert set(oc.keys("ran")) == ALL_KEYS and not oc.failed
     df = pd.read_csv(sd / "results.csv")
     assert sorted(df["defense"]) == ["clean", "ft", "none"]
@@ -83,15 +83,15 @@ def test_first_run_runs_every_job_and_writes_results(tiny):
     assert (sd / REC / "defense" / "ft" / "defense_result.pt").is_file() and (sd / REC / "attack_result.pt").is_file()
 
 
-def test_second_run_runs_nothing(tiny, tmp_path):
-    y, _, _, _ = tiny
-    oc, _ = _run(y, _copy(tiny, tmp_path))
+def test_second_run_runs_nothing(tiny_study, tmp_path):
+    y, _, _, _ = tiny_study
+    oc, _ = _run(y, _copy(tiny_study, tmp_path))
     assert oc.keys("ran") == [] and set(oc.keys("done")) == ALL_KEYS
 
 
-def test_deleted_defense_reruns_only_it_and_its_dependents(tiny, tmp_path):
-    y, _, first, _ = tiny
-    sd = _copy(tiny, tmp_path)
+def test_deleted_defense_reruns_only_it_and_its_dependents(tiny_study, tmp_path):
+    y, _, first, _ = tiny_study
+    sd = _copy(tiny_study, tmp_path)
     shutil.rmtree(sd / REC / "defense" / "ft")
     oc, _ = _run(y, sd)
     assert set(oc.keys("ran")) == {f"{REC}/defense/ft", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra", f"{REC}/lmc_ft"}
@@ -99,8 +99,8 @@ def test_deleted_defense_reruns_only_it_and_its_dependents(tiny, tmp_path):
     assert oc.results[f"{REC}/defense/ft"]["id"] == first.results[f"{REC}/defense/ft"]["id"]  # same config, same id
 
 
-def test_changed_config_reruns_it_and_downstream(tiny, tmp_path):
-    sd = _copy(tiny, tmp_path)
+def test_changed_config_reruns_it_and_downstream(tiny_study, tmp_path):
+    sd = _copy(tiny_study, tmp_path)
     y = _yaml(tmp_path / "tiny.yaml", ra={"lr": 0.02})
     dry = io.StringIO()
     run_study(str(y), study_dir=str(sd), dry_run=True, out=dry)
@@ -111,8 +111,8 @@ def test_changed_config_reruns_it_and_downstream(tiny, tmp_path):
     assert set(oc.keys("ran")) == {f"{REC}/ra", f"{CLEAN}/ra_{REC}", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra"}
 
 
-def test_growing_the_grid_runs_only_the_new_jobs(tiny, tmp_path):
-    sd = _copy(tiny, tmp_path)
+def test_growing_the_grid_runs_only_the_new_jobs(tiny_study, tmp_path):
+    sd = _copy(tiny_study, tmp_path)
     y = _yaml(tmp_path / "tiny.yaml", top={"ra_poison_nums": [1]})  # P-ASR vs RA budget: one more RA per model
     oc, _ = _run(y, sd)
     assert set(oc.keys("ran")) == BUDGET and set(oc.keys("done")) == ALL_KEYS
@@ -121,8 +121,8 @@ def test_growing_the_grid_runs_only_the_new_jobs(tiny, tmp_path):
     assert (sd / "figures" / "ra_budget_synthetic_badnet_0.1_cnn_small.png").is_file()
 
 
-def test_failing_job_skips_its_dependents_and_is_listed(tiny, tmp_path, capsys):
-    sd = _copy(tiny, tmp_path)
+def test_failing_job_skips_its_dependents_and_is_listed(tiny_study, tmp_path, capsys):
+    sd = _copy(tiny_study, tmp_path)
     y = _yaml(tmp_path / "tiny.yaml", ra={"poison_num": 500})  # more poisoned samples than exist: fails at run time
     assert main(["--yaml_path", str(y), "--study_dir", str(sd), "--no_progress"]) == 1
     out = capsys.readouterr().out
@@ -157,9 +157,9 @@ def test_results_read_the_target_detection_of_inversion_defenses(tmp_path):
     assert set(row.values()) == {None}
 
 
-def test_local_and_ray_give_the_same_results(tiny, tmp_path):
+def test_local_and_ray_give_the_same_results(tiny_study, tmp_path):
     pytest.importorskip("ray")
-    y, sd_local, _, _ = tiny
+    y, sd_local, _, _ = tiny_study
     oc, _ = _run(y, tmp_path / "study_tiny", executor="ray", ray_num_cpus=2)
     assert set(oc.keys("ran")) == ALL_KEYS and not oc.failed
     a, b = pd.read_csv(sd_local / "results.csv"), pd.read_csv(tmp_path / "study_tiny" / "results.csv")
@@ -269,8 +269,8 @@ def test_study_yaml_typos_are_errors_naming_the_valid_keys(tmp_path):
         build_plan(load_study(y))
 
 
-def test_draws_and_control_add_only_their_jobs_and_the_verdicts(tiny, tmp_path):
-    sd = _copy(tiny, tmp_path)
+def test_draws_and_control_add_only_their_jobs_and_the_verdicts(tiny_study, tmp_path):
+    sd = _copy(tiny_study, tmp_path)
     y = _yaml(tmp_path / "tiny.yaml", top={"ra_draws": 2, "ra_control": True})
     oc, _ = _run(y, sd)
     new = {f"{REC}/ra_d1", f"{REC}/ra_control", f"{REC}/ra_control_d1", f"{CLEAN}/ra_{REC}_d1", f"{CLEAN}/ra_{REC}_control",
@@ -310,8 +310,8 @@ def test_a_study_never_replaces_a_hand_made_record_with_a_jobs_name(tmp_path):
     assert (mine / "defense_result.pt").read_bytes() == b"a defense made by hand"
 
 
-def test_an_attack_rerun_refuses_to_delete_an_external_defense_folder(tiny, tmp_path):
-    sd = _copy(tiny, tmp_path)
+def test_an_attack_rerun_refuses_to_delete_an_external_defense_folder(tiny_study, tmp_path):
+    sd = _copy(tiny_study, tmp_path)
     ext = sd / REC / "defense" / "bb_ft"
     ext.mkdir()
     shutil.copyfile(sd / REC / "defense" / "ft" / "defense_result.pt", ext / "defense_result.pt")  # no study marker
@@ -321,10 +321,10 @@ def test_an_attack_rerun_refuses_to_delete_an_external_defense_folder(tiny, tmp_
     assert (ext / "defense_result.pt").is_file() and (sd / REC / "defense" / "ft" / "defense_result.pt").is_file()
 
 
-def test_an_output_killed_before_its_marker_is_rerun_only_when_the_study_started_it(tiny, tmp_path):
+def test_an_output_killed_before_its_marker_is_rerun_only_when_the_study_started_it(tiny_study, tmp_path):
     from bdsafety.study.execute import MARKER, started_path
 
-    sd = _copy(tiny, tmp_path)
+    sd = _copy(tiny_study, tmp_path)
     key = f"{REC}/defense/ft/ra"
     (sd / key / "log" / MARKER).unlink()  # complete output, no marker: a hand-made folder ...
     oc, _ = _run(_yaml(tmp_path / "tiny.yaml"), sd)
@@ -390,16 +390,16 @@ def test_study_mistakes_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.parametrize("point", ["train", "write", "exchanged"])
-def test_a_study_killed_during_a_job_keeps_complete_outputs_and_resumes(tiny, tmp_path, point):
+def test_a_study_killed_during_a_job_keeps_complete_outputs_and_resumes(tiny_study, tmp_path, point):
     import os
     import subprocess
     import sys
 
-    y = tiny[0]
-    sd = _copy(tiny, tmp_path)
+    y = tiny_study[0]
+    sd = _copy(tiny_study, tmp_path)
     shutil.rmtree(sd / REC / "defense" / "ft")  # the ft job and its dependents rerun; the kill hits the ft job first
     if point == "exchanged":  # a rerun that replaces an existing output: killed right after the atomic exchange
-        shutil.copytree(tiny[1] / REC / "defense" / "ft", sd / REC / "defense" / "ft")
+        shutil.copytree(tiny_study[1] / REC / "defense" / "ft", sd / REC / "defense" / "ft")
         y = _yaml(tmp_path / "tiny.yaml", ft={"lr": 0.02})
     env = dict(os.environ, BDSAFETY_FAULT=point, PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, str(ROOT / "analysis" / "run_study.py"), "--yaml_path", str(y), "--study_dir", str(sd),
