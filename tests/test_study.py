@@ -519,3 +519,29 @@ def test_report_html_in_a_headless_browser(tiny, tmp_path):
     assert "produced over 1 run" in v["head"] and oc.run["id"] in v["head"]
     img = matplotlib.image.imread(shot)
     assert img.shape[1] >= 1200 and img.shape[0] > 600  # the page at 1600 px, less a scrollbar
+
+
+def test_report_header_facts_from_the_markers_history():
+    """summarize + header_facts on hand-made results: outputs of two recorded runs and one marker from before study runs
+    were recorded, a failed and a skipped job, two commits."""
+    from bdsafety.study.history import header_facts, summarize
+
+    code_a, code_b = {"commit": "a" * 40, "dirty": False, "source": "git checkout x"}, {"commit": "b" * 40, "dirty": True,
+                                                                                        "source": "git checkout x"}
+    r1 = {"id": "20250101-000000-aaaaaa", "started": "2025-01-01 00:00:00", "command": "python analysis/run_study.py -a",
+          "cwd": "/w", "executor": "local", "code": code_a}
+    r2 = {**r1, "id": "20250102-000000-bbbbbb", "started": "2025-01-02 00:00:00", "command": "python analysis/run_study.py -b",
+          "code": code_b}
+    results = {"j1": {"status": "done", "wall_s": 60.0, "finished": "2025-01-01 00:01:00", "study_run": r1},
+               "j2": {"status": "done", "wall_s": 30.0, "finished": "2024-12-31 00:00:00", "study_run": None},
+               "j3": {"status": "ran", "wall_s": 90.0, "finished": "2025-01-02 00:02:00", "study_run": r2},
+               "j4": {"status": "failed", "wall_s": 5.0}, "j5": {"status": "skipped"}}
+    hist = summarize(results, r2, wall_s=100.0)
+    assert hist["produced"] == 3 and hist["compute_s"] == 180.0 and [r["id"] for r in hist["runs"]] == [None, r1["id"], r2["id"]]
+    f = header_facts(hist)
+    assert f["jobs"].startswith("5 jobs: 3 produced over 3 runs, finished between 2024-12-31 00:00:00 and 2025-01-02 00:02:00;")
+    assert "2 not produced" in f["jobs"] and "compute 3m 00s" in f["jobs"]
+    assert f["last_run"] == f"{r2['id']} (started 2025-01-02 00:00:00, local executor, 1m 40s): 1 ran, 2 up to date, 1 failed, 1 skipped"
+    assert f["command"] == "`python analysis/run_study.py -b` in /w"
+    assert "git aaaaaaaaaaaa, git checkout x (1 jobs)" in f["code"] and "git bbbbbbbbbbbb (dirty" in f["code"]
+    assert f["runs"][0].startswith("earlier run(s) that did not record their run: 1 jobs")

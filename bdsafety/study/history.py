@@ -84,8 +84,8 @@ def fmt_duration(s: float) -> str:
     if s < 90:
         return f"{s:.0f}s"
     if s < 5400:
-        return f"{s / 60:.0f}m {s % 60:02.0f}s"
-    return f"{s / 3600:.0f}h {s % 3600 / 60:02.0f}m"
+        return f"{int(s // 60)}m {int(s % 60):02d}s"
+    return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
 
 
 def fmt_code(code: dict | None) -> str:
@@ -107,7 +107,7 @@ def header_facts(hist: dict) -> dict:
     missing = f"; {n - p} not produced (failed, or skipped after a failure)" if n > p else ""
     jobs = (f"{n} jobs: {p} produced over {len(runs)} run{'s' if len(runs) != 1 else ''}{when}{missing}; compute "
             f"{fmt_duration(hist['compute_s'])} (the produced jobs' wall times summed)")
-    last_line = (f"Last run {last['id']} (started {last['started']}, {last['executor']} executor, {fmt_duration(last['wall_s'])}): "
+    last_line = (f"{last['id']} (started {last['started']}, {last['executor']} executor, {fmt_duration(last['wall_s'])}): "
                  f"{last['ran']} ran, {last['done']} up to date, {last['failed']} failed, {last['skipped']} skipped")
     lines = []
     for e in runs:

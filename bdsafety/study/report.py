@@ -333,7 +333,7 @@ def figures(plan, study_dir: Path, valid: set | None = None, report_dir: Path | 
     return out
 
 
-def header(plan, summary: dict) -> list:
+def header(summary: dict) -> list:
     """[(label, text)] of the report's header: the study's jobs and runs, the last run, its command, the code."""
     hist = summary.get("history")
     if not hist:  # a summary without a history (written by hand or by an older runner): what it says
@@ -376,7 +376,7 @@ def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: 
         atomic_write_text(report_dir / "ra_runs.csv", runs.to_csv(index=False))
     verdicts = verdict_tables(df, runs, th)
     sections = _sections(df, verdicts, figs)
-    facts = header(plan, summary)
+    facts = header(summary)
     intro = (f"From `{plan.study.path}`. P-ASR: ASR after the retuning attack (RA). Each grid point: the verdict table "
              f"(mean [95% interval]), the paper's claims, the per-stage table and the figures of that grid point.")
     verdict_text = VERDICT_TEXT.format(**{k: 100 * v for k, v in th.items()})
