@@ -2,9 +2,12 @@
 deleted output or a changed config, failure isolation, local vs Ray executors, and the paper grid's dry run."""
 import io
 import math
+import os
 import shutil
+import time
 from pathlib import Path
 
+import browser
 import pandas as pd
 import pytest
 import yaml
@@ -89,6 +92,35 @@ def test_second_run_runs_nothing(tiny_study, tmp_path):
     assert oc.keys("ran") == [] and set(oc.keys("done")) == ALL_KEYS
 
 
+def _header(sd: Path) -> dict:
+    """report.md's header facts: label -> text (the '- **label**: text' lines)."""
+    lines = [ln for ln in (sd / "report.md").read_text().splitlines() if ln.startswith("- **")]
+    return dict(ln[4:].split("**: ", 1) for ln in lines)
+
+
+def test_report_header_after_a_rerun_describes_the_outputs_not_the_rerun(tiny_study, tmp_path):
+    """A rerun that runs nothing re-renders the report with the history of the outputs (the job markers): every job
+    produced by the first run, its command and code; the rerun is the last run (0 ran)."""
+    import json
+
+    y, _, first, _ = tiny_study
+    sd = _copy(tiny_study, tmp_path)
+    oc, _ = _run(y, sd)
+    n = len(ALL_KEYS)
+    h = _header(sd)
+    assert h["Jobs"].startswith(f"{n} jobs: {n} produced over 1 run, ") and "compute " in h["Jobs"]
+    assert f"0 ran, {n} up to date, 0 failed, 0 skipped" in h["Last run"] and oc.run["id"] in h["Last run"]
+    assert h["Command"].startswith("`python analysis/run_study.py --yaml_path ")
+    assert h["Code"].startswith(("git ", "unknown")) and "Runs that produced the outputs" not in h  # one run
+    hist = json.loads((sd / "study.json").read_text())["history"]
+    assert [r["id"] for r in hist["runs"]] == [first.run["id"]] and hist["produced"] == n
+    assert hist["compute_s"] == pytest.approx(sum(r["wall_s"] for r in first.results.values()), abs=0.1 * n)
+    marker = json.loads((sd / REC / "log" / "study_job.json").read_text())
+    assert marker["study_run"]["id"] == first.run["id"] and marker["study_run"]["code"]["commit"]
+    html = (sd / "report.html").read_text()
+    assert "produced over 1 run" in html and "class='legend'" in html and "<td class='ok'>" in html
+
+
 def test_deleted_defense_reruns_only_it_and_its_dependents(tiny_study, tmp_path):
     y, _, first, _ = tiny_study
     sd = _copy(tiny_study, tmp_path)
@@ -97,6 +129,11 @@ def test_deleted_defense_reruns_only_it_and_its_dependents(tiny_study, tmp_path)
     assert set(oc.keys("ran")) == {f"{REC}/defense/ft", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra", f"{REC}/lmc_ft"}
     assert set(oc.keys("done")) == ALL_KEYS - set(oc.keys("ran"))
     assert oc.results[f"{REC}/defense/ft"]["id"] == first.results[f"{REC}/defense/ft"]["id"]  # same config, same id
+    h = _header(sd)  # the outputs now come from two runs
+    assert h["Jobs"].startswith(f"{len(ALL_KEYS)} jobs: {len(ALL_KEYS)} produced over 2 runs")
+    assert f"4 ran, {len(ALL_KEYS) - 4} up to date" in h["Last run"]
+    runs = h["Runs that produced the outputs"]
+    assert f"{first.run['id']} " in runs and f"{oc.run['id']} " in runs and "4 jobs" in runs
 
 
 def test_changed_config_reruns_it_and_downstream(tiny_study, tmp_path):
@@ -411,3 +448,100 @@ def test_a_study_killed_during_a_job_keeps_complete_outputs_and_resumes(tiny_stu
     assert not oc.failed and {f"{REC}/defense/ft", f"{REC}/defense/ft/ra"} <= set(oc.keys("ran"))
     assert set(oc.keys("ran")) | set(oc.keys("done")) == ALL_KEYS
     assert (ft / "defense_result.pt").is_file() and not [q for q in (sd / REC / "defense").iterdir() if q.name.startswith(".")]
+
+
+def test_report_colours_follow_the_verdict_thresholds():
+    from bdsafety.study.report import tone
+    from bdsafety.study.stats import VERDICT_DEFAULTS as th
+
+    assert tone("P-ASR", "12.0 [8.0, 16.0]", th)[0] == "ok" and tone("P-ASR", "85.3", th)[0] == "bad"
+    assert tone("O-Robustness ASR", "20.0 ± 1.0 [19.0, 21.0]", th)[0] == "ok"  # at the threshold: purified
+    assert tone("P-ASR - clean", "30.0 [12.0, 48.0]", th)[0] == "bad"  # returns: above the margin, interval above 0
+    assert tone("P-ASR - clean", "30.0 [-2.0, 62.0]", th)[0] == "warn" and tone("P-ASR - clean", "3.0", th)[0] == "ok"
+    assert tone("verdict", "purified, backdoor returns under RA", th)[0] == "bad"
+    assert tone("verdict", "purified, stays purified under RA; dormant: returns under benign retuning", th)[0] == "warn"
+    assert tone("verdict", "reference (never backdoored)", th) == ("", "") and tone("C-Acc", "91.0", th) == ("", "")
+    assert tone("P-DER", "1.000", th)[1] == "background:hsl(120,70%,85%)" and "hsl(0," in tone("DER", "0.450", th)[1]
+    assert tone("P-ASR", "-", th) == ("", "")
+
+
+# what report.html's check reads from the page: every image's decoded size, the rows of each table (first cell,
+# class of each cell), each grid point's tables and figures boxes (for "beside"), the header
+PAGE_CHECK = """(() => {
+  const box = e => { const r = e.getBoundingClientRect(); return {left: r.left, right: r.right, top: r.top, bottom: r.bottom}; };
+  return {
+    images: [...document.images].map(i => ({alt: i.alt, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight})),
+    tables: [...document.querySelectorAll('table')].map(t => ({cls: t.className,
+      head: [...t.tHead.rows[0].cells].map(c => c.textContent),
+      rows: [...t.tBodies[0].rows].map(r => [...r.cells].map(c => [c.textContent, c.className]))})),
+    points: [...document.querySelectorAll('.point')].map(p => ({tables: box(p.querySelector('.tables')),
+      figs: [...p.querySelectorAll('.figs img')].map(box)})),
+    head: document.querySelector('dl.head').innerText,
+  };
+})()"""
+
+
+@pytest.mark.slow
+def test_report_html_in_a_headless_browser(tiny_study, tmp_path):
+    """report.html of the tiny study in a real headless Chromium: no console error, every image decodes, the tables
+    hold the expected rows with coloured cells, the figures sit beside their tables; the screenshot is kept."""
+    import matplotlib.image  # heavy: only for this test
+
+    if browser.find_chromium() is None:
+        pytest.skip("no chromium binary on PATH (apt-get install chromium, or set BDSAFETY_CHROMIUM); .ci/run installs it")
+    _, sd, oc, _ = tiny_study
+    t0 = time.time()
+    page = browser.load(sd / "report.html", PAGE_CHECK)
+    took = time.time() - t0
+    shot = tmp_path / "report_tiny.png"
+    shot.write_bytes(page.screenshot)
+    if os.environ.get("BDSAFETY_TEST_ARTIFACTS"):
+        dst = Path(os.environ["BDSAFETY_TEST_ARTIFACTS"])
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, dst / shot.name)
+    print(f"report screenshot: {shot} (browser {took:.1f}s)")
+    assert page.errors == [], page.console
+    v = page.value
+    # RA curves, LMC path and QRA examples of the one grid point
+    assert len(v["images"]) == 3 and all(i["complete"] and i["w"] > 0 and i["h"] > 0 for i in v["images"]), v["images"]
+    tables = {t["cls"]: t for t in v["tables"]}
+    assert set(tables) == {"verdicts", "claims", "stages"}
+    verdicts = tables["verdicts"]
+    assert [r[0][0] for r in verdicts["rows"]] == ["none", "clean", "ft"]
+    assert {"P-DER", "verdict"} <= set(verdicts["head"])
+    col = {c: i for i, c in enumerate(verdicts["head"])}
+    classes = {r[0][0]: r[col["ASR"]][1] for r in verdicts["rows"]}
+    assert classes["none"] == "bad" and classes["clean"] == "ok"  # the backdoored model's ASR, the clean model's
+    assert [r[0][0] for r in tables["stages"]["rows"]] == ["none", "clean", "ft"] and "P-DER" in tables["stages"]["head"]
+    (point,) = v["points"]
+    assert point["figs"] and all(f["left"] >= point["tables"]["right"] and f["top"] < point["tables"]["bottom"]
+                                 for f in point["figs"][:1]), point  # the first figure beside the tables
+    assert "produced over 1 run" in v["head"] and oc.run["id"] in v["head"]
+    img = matplotlib.image.imread(shot)
+    assert img.shape[1] >= 1200 and img.shape[0] > 600  # the page at 1600 px, less a scrollbar
+
+
+def test_report_header_facts_from_the_markers_history():
+    """summarize + header_facts on hand-made results: outputs of two recorded runs and one marker from before study runs
+    were recorded, a failed and a skipped job, two commits."""
+    from bdsafety.study.history import header_facts, summarize
+
+    code_a, code_b = {"commit": "a" * 40, "dirty": False, "source": "git checkout x"}, {"commit": "b" * 40, "dirty": True,
+                                                                                        "source": "git checkout x"}
+    r1 = {"id": "20250101-000000-aaaaaa", "started": "2025-01-01 00:00:00", "command": "python analysis/run_study.py -a",
+          "cwd": "/w", "executor": "local", "code": code_a}
+    r2 = {**r1, "id": "20250102-000000-bbbbbb", "started": "2025-01-02 00:00:00", "command": "python analysis/run_study.py -b",
+          "code": code_b}
+    results = {"j1": {"status": "done", "wall_s": 60.0, "finished": "2025-01-01 00:01:00", "study_run": r1},
+               "j2": {"status": "done", "wall_s": 30.0, "finished": "2024-12-31 00:00:00", "study_run": None},
+               "j3": {"status": "ran", "wall_s": 90.0, "finished": "2025-01-02 00:02:00", "study_run": r2},
+               "j4": {"status": "failed", "wall_s": 5.0}, "j5": {"status": "skipped"}}
+    hist = summarize(results, r2, wall_s=100.0)
+    assert hist["produced"] == 3 and hist["compute_s"] == 180.0 and [r["id"] for r in hist["runs"]] == [None, r1["id"], r2["id"]]
+    f = header_facts(hist)
+    assert f["jobs"].startswith("5 jobs: 3 produced over 3 runs, finished between 2024-12-31 00:00:00 and 2025-01-02 00:02:00;")
+    assert "2 not produced" in f["jobs"] and "compute 3m 00s" in f["jobs"]
+    assert f["last_run"] == f"{r2['id']} (started 2025-01-02 00:00:00, local executor, 1m 40s): 1 ran, 2 up to date, 1 failed, 1 skipped"
+    assert f["command"] == "`python analysis/run_study.py -b` in /w"
+    assert "git aaaaaaaaaaaa, git checkout x (1 jobs)" in f["code"] and "git bbbbbbbbbbbb (dirty" in f["code"]
+    assert f["runs"][0].startswith("earlier run(s) that did not record their run: 1 jobs")

@@ -46,6 +46,7 @@ from bdsafety.errors import ConfigError
 from bdsafety.paths import CONFIG_ROOT
 from bdsafety.safeio import atomic_write_text
 from bdsafety.study.executors import EXECUTORS
+from bdsafety.study.history import cli_command
 from bdsafety.study.spec import Study, study_from_dict
 
 DEFAULT_YAML = CONFIG_ROOT / "study" / "audit.yaml"
@@ -117,7 +118,7 @@ def _md_table(t: pd.DataFrame) -> str:
 
 def write_audit_report(oc, ranked: list) -> tuple[Path, Path]:
     """audit.md and audit.html in the study's report_dir: the ranking, the verdicts' thresholds, what ran."""
-    from bdsafety.study.report import VERDICT_TEXT
+    from bdsafety.study.report import STYLE, VERDICT_TEXT, html_table, legend_html
 
     st = oc.plan.study
     rec = st.study_dir / st.records[0]
@@ -141,18 +142,18 @@ def write_audit_report(oc, ranked: list) -> tuple[Path, Path]:
     md += [p + "\n" for p in tail]
     md_path = atomic_write_text(st.report_dir / "audit.md", "\n".join(md))
     parts = ["<h1>Audit: which defenses are only superficially safe?</h1>"] + [f"<p>{html.escape(p)}</p>" for p in intro]
+    parts.append(legend_html(st.verdict))
     for title, t in ranked:
-        parts += [f"<h2>{html.escape(title)}</h2>", t.to_html(index=False, escape=True, border=0)]
+        parts += [f"<h2>{html.escape(title)}</h2>", html_table(t, st.verdict, "verdicts")]
     parts += [f"<p>{html.escape(p)}</p>" for p in tail]
     doc = ("<!doctype html><html><head><meta charset='utf-8'><title>Audit " + html.escape(rec.name) + "</title><style>"
-           "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-           "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}</style></head><body>"
-           + "\n".join(parts) + "</body></html>\n")
+           + STYLE + "</style></head><body>" + "\n".join(parts) + "</body></html>\n")
     return md_path, atomic_write_text(st.report_dir / "audit.html", doc)
 
 
-def run_audit(a: argparse.Namespace, out=None) -> tuple:
-    """Plan and run the audit of ``a`` (main's arguments): (the study's Outcome, audit.md or None for a dry run)."""
+def run_audit(a: argparse.Namespace, out=None, command: str | None = None) -> tuple:
+    """Plan and run the audit of ``a`` (main's arguments): (the study's Outcome, audit.md or None for a dry run).
+    ``command``: the command line that started it (for the report's header)."""
     from bdsafety.study.runner import run_study
 
     out = out or sys.stdout
@@ -164,7 +165,7 @@ def run_audit(a: argparse.Namespace, out=None) -> tuple:
                                       "analysis/run_study.py --yaml_path <this file>\n"
                           + yaml.safe_dump({**data, "study_dir": str(study.study_dir)}, sort_keys=False))
     oc = run_study(None, a.executor, a.ray_address, a.ray_num_cpus, a.dry_run, a.fresh, not a.no_progress, out=out,
-                   threads=a.threads, trust_record=a.trust_record, study=study)
+                   threads=a.threads, trust_record=a.trust_record, study=study, command=command)
     if a.dry_run:
         return oc, None
     ranked = ranking(oc)
@@ -213,5 +214,5 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.ray_address and a.executor != "ray":
         p.error("--ray_address needs --executor ray")
-    oc, _ = run_audit(a)
+    oc, _ = run_audit(a, command=cli_command("analysis/audit.py", argv))
     return 1 if oc.failed else 0

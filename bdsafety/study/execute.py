@@ -1,8 +1,9 @@
 """Running one job, and knowing whether it has to run.
 
 A finished job leaves a marker ``<output>/log/study_job.json`` (written atomically, after the output folder was
-moved into place by the method's own safe output path) holding the job id, a fresh run id, and the run ids of
-the upstream outputs it read. A job is up to date when its marker has its id, its output file is there, and the
+moved into place by the method's own safe output path) holding the job id, a fresh run id, the run ids of
+the upstream outputs it read, its wall time, when it finished and the study run that ran it (bdsafety.study.history:
+its id, start, command and code version). A job is up to date when its marker has its id, its output file is there, and the
 upstream run ids it recorded are the current ones. So:
   * a rerun skips finished jobs;
   * a changed config changes the job id (and, through the upstream ids, the ids of everything downstream);
@@ -163,10 +164,12 @@ class _Tee:
         return False
 
 
-def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None = None, report_dir: str | None = None) -> dict:
+def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None = None, report_dir: str | None = None,
+            study_run: dict | None = None) -> dict:
     """Run one job (in this process) unless an upstream failed. ``upstream``: key -> result dict of each upstream
     job ({'status': 'done'|'ran'|..., 'run': run id}). ``threads``: torch threads of the job (default: the job's
-    num_cpus). ``report_dir``: the folder holding the study's logs/ (default the study folder). Returns this job's
+    num_cpus). ``report_dir``: the folder holding the study's logs/ (default the study folder). ``study_run``: the study
+    run that runs it (bdsafety.study.history.new_run), recorded in the marker. Returns this job's
     result dict; never raises for a job's own error (the traceback goes to its log), only for Ctrl-C."""
     from bdsafety.study.plan import Job
 
@@ -200,14 +203,14 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
                     raise RuntimeError(f"the job finished but {out / job.done_file} is missing")
                 run = uuid.uuid4().hex
                 wall = time.time() - t0
+                finished = time.strftime("%Y-%m-%d %H:%M:%S")
                 atomic_write_text(out / "log" / MARKER, json.dumps(
                     {"id": job.id, "run": run, "key": job.key, "owner": owner(study_dir, report_dir), "kind": job.kind,
-                     "method": job.method, "upstream": runs,
-                     "wall_s": round(wall, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "config": job.config},
-                    indent=1, default=str))
+                     "method": job.method, "upstream": runs, "wall_s": round(wall, 2), "finished": finished,
+                     "study_run": study_run, "config": job.config}, indent=1, default=str))
                 started.unlink(missing_ok=True)
                 print(f"=== done in {wall:.1f}s", flush=True)
-                return {**res, "status": "ran", "run": run, "wall_s": wall}
+                return {**res, "status": "ran", "run": run, "wall_s": wall, "finished": finished, "study_run": study_run}
             except KeyboardInterrupt:
                 raise
             except BaseException as e:  # noqa: BLE001  (a job's failure must not stop the study)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None], threads: int | None = None,
-              report_dir: Path | None = None) -> dict:
+              report_dir: Path | None = None, study_run: dict | None = None) -> dict:
     import torch
 
     from bdsafety.study.execute import run_job
@@ -28,16 +28,18 @@ def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[d
     results = dict(current)
     for j in todo:
         r = run_job(j.to_dict(), str(study_dir), {d: results[d] for d in j.deps if d in results}, threads=threads,
-                    report_dir=str(report_dir or study_dir))
+                    report_dir=str(report_dir or study_dir), study_run=study_run)
         results[j.key] = r
         on_result(r)
     return results
 
 
-def _ray_task(job: dict, study_dir: str, report_dir: str, static_up: dict, dyn_keys: list, *dyn_results):
+def _ray_task(job: dict, study_dir: str, report_dir: str, study_run: dict | None, static_up: dict, dyn_keys: list,
+              *dyn_results):
     from bdsafety.study.execute import run_job
 
-    return run_job(job, study_dir, {**static_up, **dict(zip(dyn_keys, dyn_results))}, report_dir=report_dir)
+    return run_job(job, study_dir, {**static_up, **dict(zip(dyn_keys, dyn_results))}, report_dir=report_dir,
+                   study_run=study_run)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None):
@@ -79,7 +81,7 @@ def check_resources(ray, todo: list) -> None:
 
 
 def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None], address: str | None = None,
-            num_cpus: int | None = None, report_dir: Path | None = None) -> dict:
+            num_cpus: int | None = None, report_dir: Path | None = None, study_run: dict | None = None) -> dict:
     report_dir = report_dir or study_dir
     ray, started = start_ray(address, num_cpus)
     try:
@@ -90,7 +92,7 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
             static_up = {d: current[d] for d in j.deps if d in current}
             dyn = [d for d in j.deps if d in refs]
             ref = task.options(num_cpus=float(j.resources.get("num_cpus", 1)), num_gpus=float(j.resources.get("num_gpus", 0)),
-                               name=j.key, max_retries=1).remote(j.to_dict(), str(study_dir), str(report_dir), static_up, dyn,
+                               name=j.key, max_retries=1).remote(j.to_dict(), str(study_dir), str(report_dir), study_run, static_up, dyn,
                                                               *[refs[d] for d in dyn])
             refs[j.key] = ref
             key_of[ref] = j

@@ -1,37 +1,44 @@
 """report.md and a self-contained report.html (PNG figures embedded) of a study, from results.csv and the records.
 
-Tables: per dataset / attack / pratio / model, one row per defense, mean ± std [min, max] over seeds in percent of C-Acc and ASR
-at the paper's three stages (O-Backdoor, O-Robustness, P-Robustness) and QRA. Figures: ASR vs RA epoch, LMC paths,
-QRA examples (first seed).
+Header: the study's jobs and the study runs that produced their outputs (bdsafety.study.history, from the job markers:
+so a rerun that ran nothing still describes the outputs' history), the last run, its command and the code (git commit,
+dirty flag). Then, per dataset / attack / pratio / model: the verdict table (mean [95% interval] of C-Acc, ASR, P-ASR,
+DER, P-DER and a plain verdict per defense), the paper's claims, the per-stage table (mean ± std [min, max] over seeds in
+percent of C-Acc and ASR at the paper's three stages and QRA, DER / P-DER), and beside them that grid point's figures
+(ASR vs RA epoch, LMC path, P-ASR vs RA budget, QRA examples). In report.html the cells are coloured by robustness with
+the study's verdict thresholds (``tone``, stated in the legend).
 """
 from __future__ import annotations
 
 import base64
 import html
 import math
+import re
 import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from bdsafety.safeio import atomic_savefig, atomic_write_text
+from bdsafety.study.history import header_facts
 from bdsafety.study.results import lmc_curves, ra_budget_curves, ra_curves, ra_runs
 from bdsafety.study.stats import NAN, clustered, der, paired, verdict
 
 COLUMNS = (("O-Backdoor C-Acc", "o_backdoor_acc"), ("O-Backdoor ASR", "o_backdoor_asr"),
            ("O-Robustness C-Acc", "o_robustness_acc"), ("O-Robustness ASR", "o_robustness_asr"),
            ("P-Robustness C-Acc", "p_robustness_acc"), ("P-ASR (after RA)", "p_robustness_asr"),
-           ("QRA ASR", "qra_asr"), ("QRA ASR on clean model", "qra_clean_asr"))
+           ("QRA ASR", "qra_asr"), ("QRA ASR on clean model", "qra_clean_asr"), ("DER", "der"), ("P-DER", "p_der"))
+UNIT_COLUMNS = {"der", "p_der"}  # fractions shown as they are (DER: 1 best, 0.5 no change), not in percent
 GROUP = ("dataset", "attack", "pratio", "model")
 
 
-def _cell(vals: pd.Series) -> str:
-    v = vals.dropna().astype(float)
+def _cell(vals: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
+    v = scale * vals.dropna().astype(float)
     if not len(v):
         return "-"
     if len(v) == 1:
-        return f"{100 * v.iloc[0]:.1f}"
-    return f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1):.1f} [{100 * v.min():.1f}, {100 * v.max():.1f}]"
+        return f"{v.iloc[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f} [{v.min():.{digits}f}, {v.max():.{digits}f}]"
 
 
 VERDICT_TEXT = (
@@ -52,11 +59,11 @@ def tables(df: pd.DataFrame) -> list:
         return out
     cols = [(lab, c) for lab, c in COLUMNS if c in df.columns and df[c].notna().any()]
     for key, g in df.groupby(list(GROUP), sort=False):
-        title = " / ".join(f"{k} {v:g}" if isinstance(v, float) else f"{v}" for k, v in zip(GROUP, key))
         rows = []
         for d, gd in g.groupby("defense", sort=False):
-            rows.append({"defense": d, "seeds": len(gd), **{lab: _cell(gd[c]) for lab, c in cols}})
-        out.append((title, pd.DataFrame(rows)))
+            rows.append({"defense": d, "seeds": len(gd), **{lab: _cell(gd[c], *((1, 3) if c in UNIT_COLUMNS else ()))
+                                                            for lab, c in cols}})
+        out.append((_title(key), pd.DataFrame(rows)))
     return out
 
 
@@ -124,8 +131,7 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
             rows = [r for _, r in sorted(zip(order, rows), key=lambda t: t[0])]
             n = sum(not o[0] for o in order)
             rows = [{"rank": i + 1 if i < n else "-", **r} for i, r in enumerate(rows)]
-        out.append((" / ".join(f"{k} {v:g}" if isinstance(v, float) else f"{v}" for k, v in zip(GROUP, key)),
-                    pd.DataFrame(rows), claims_table(g, gm, th)))
+        out.append((_title(key), pd.DataFrame(rows), claims_table(g, gm, th)))
     return out
 
 
@@ -181,6 +187,86 @@ def _slug(key) -> str:
     return "_".join(f"{v:g}" if isinstance(v, float) else str(v) for v in key)
 
 
+def _title(key) -> str:
+    """The heading of one grid point (dataset / attack / pratio / model)."""
+    return " / ".join(f"{k} {v:g}" if isinstance(v, float) else f"{v}" for k, v in zip(GROUP, key))
+
+
+# Cell colours of report.html. Columns of an ASR (percent): low is robust. DER / P-DER: a shade from red at 0.5 (no
+# change) to green at 1 (the whole backdoor removed at no C-Acc cost).
+ASR_COLUMNS = {"ASR", "P-ASR", "benign-retune P-ASR", "O-Backdoor ASR", "O-Robustness ASR", "P-ASR (after RA)", "QRA ASR",
+               "QRA ASR on clean model"}
+DER_COLUMNS = {"DER", "P-DER"}
+_NUM = re.compile(r"^(-?\d+(?:\.\d+)?)(?: ± \d+(?:\.\d+)?)?(?: \[(-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\])?$")
+
+
+def _numbers(text) -> tuple:
+    """(mean, low, high) of a formatted cell ('12.3', '12.3 [10.1, 14.5]', '12.3 ± 1.0 [min, max]'); NaN where absent."""
+    m = _NUM.match(str(text).strip())
+    if not m:
+        return math.nan, math.nan, math.nan
+    return tuple(float(g) if g is not None else math.nan for g in m.groups())
+
+
+def tone(column: str, text, th: dict) -> tuple[str, str]:
+    """(css class, inline style) of one cell: 'ok' (robust), 'warn', 'bad' (the backdoor is there or returns), ''."""
+    mean, low, _ = _numbers(text)
+    if column == "verdict":
+        v = str(text)
+        if "returns under RA" in v or v.startswith("not purified"):
+            return "bad", ""
+        if "dormant" in v:
+            return "warn", ""
+        return ("ok", "") if v.startswith("purified") else ("", "")
+    if math.isnan(mean):
+        return "", ""
+    if column in ASR_COLUMNS:
+        return ("ok" if mean <= 100 * th["purified_asr"] else "bad"), ""
+    if column == "P-ASR - clean":
+        if mean <= 100 * th["returns_margin"]:
+            return "ok", ""
+        return ("bad" if low > 0 else "warn"), ""
+    if column in DER_COLUMNS:
+        hue = 120 * min(1.0, max(0.0, (mean - 0.5) / 0.5))
+        return "der", f"background:hsl({hue:.0f},70%,85%)"
+    return "", ""
+
+
+def html_table(t: pd.DataFrame, th: dict, cls: str = "results") -> str:
+    """A table of formatted cells with each cell coloured by ``tone``."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in t.columns)
+    rows = []
+    for _, r in t.iterrows():
+        cells = []
+        for c in t.columns:
+            k, style = tone(c, r[c], th)
+            attrs = (f" class='{k}'" if k else "") + (f" style='{style}'" if style else "")
+            cells.append(f"<td{attrs}>{html.escape(str(r[c]))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+
+
+def legend(th: dict) -> str:
+    """The colours of report.html and their thresholds (the study's ``verdict``), as one sentence."""
+    return (f"Colours (report.html): ASR, P-ASR and QRA ASR cells green when <= {100 * th['purified_asr']:g}% (purified_asr), "
+            f"red above; P-ASR - clean green when <= {100 * th['returns_margin']:g} points (returns_margin), red above with "
+            f"its interval above 0, amber above with an interval reaching 0; DER / P-DER shaded from red at 0.5 (no change) "
+            f"to green at 1 (all of the backdoor removed at no C-Acc cost); verdicts green (stays purified), amber (dormant), "
+            f"red (not purified, or returns under RA).")
+
+
+def legend_html(th: dict) -> str:
+    items = [("ok", f"ASR / P-ASR <= {100 * th['purified_asr']:g}%; P-ASR - clean <= {100 * th['returns_margin']:g} "
+                    f"points; stays purified"),
+             ("warn", f"P-ASR - clean > {100 * th['returns_margin']:g} points, interval reaching 0; dormant"),
+             ("bad", f"ASR / P-ASR > {100 * th['purified_asr']:g}%; P-ASR - clean > {100 * th['returns_margin']:g} points, "
+                     f"interval above 0; not purified, or returns under RA")]
+    spans = "".join(f"<span class='key {k}'>{html.escape(text)}</span>" for k, text in items)
+    der = ("<span class='key' style='background:linear-gradient(90deg,hsl(0,70%,85%),hsl(120,70%,85%))'>DER / P-DER: 0.5 "
+           "(no change) to 1 (all of the backdoor removed at no C-Acc cost)</span>")
+    return f"<p class='legend'>Colours: {spans}{der}</p>"
+
+
 def _plot(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, path: Path, title: str) -> Path | None:
     if curves.empty:
         return None
@@ -206,7 +292,8 @@ def _plot(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, path: 
 
 
 def figures(plan, study_dir: Path, valid: set | None = None, report_dir: Path | None = None) -> list:
-    """[(caption, png path)] under ``report_dir`` (default the study folder)/figures, from the outputs in ``study_dir``."""
+    """[(grid point title, caption, png path)] under ``report_dir`` (default the study folder)/figures, from the outputs in
+    ``study_dir``; the title is the heading of the grid point's tables (``_title``)."""
     report_dir = Path(report_dir or study_dir)
     fig_dir = report_dir / "figures"
     out = []
@@ -223,7 +310,7 @@ def figures(plan, study_dir: Path, valid: set | None = None, report_dir: Path | 
             what = "ASR under the retuning attack" if name == "ra" else "LMC: ASR along the defended -> backdoored path"
             p = _plot(g, x, y, xl, yl, fig_dir / f"{name}_{_slug(key)}.png", f"{what}\n{_slug(key)} (mean over seeds)")
             if p:
-                out.append((f"{what}: {_slug(key)}", p))
+                out.append((_title(key), f"{what}: {_slug(key)}", p))
     budget = ra_budget_curves(plan, study_dir, valid)
     if not budget.empty:
         from bdsafety.analysis.ra_budget import plot as plot_budget
@@ -233,7 +320,8 @@ def figures(plan, study_dir: Path, valid: set | None = None, report_dir: Path | 
             mean = g.groupby(["defense", "poison_num", "epoch"], sort=False)["test_asr"].mean().reset_index()
             path = fig_dir / f"ra_budget_{_slug(key)}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            out.append((f"P-ASR vs RA budget (poisoned samples): {_slug(key)}", Path(plot_budget(mean, path, _slug(key)))))
+            out.append((_title(key), f"P-ASR vs RA budget (poisoned samples): {_slug(key)}",
+                        Path(plot_budget(mean, path, _slug(key)))))
     for j in plan.jobs:
         if j.kind == "retune" and j.method == "qra" and j.point["seed"] == min(plan.study.seeds):
             src = Path(study_dir) / j.key / "qra_examples.png"
@@ -241,62 +329,121 @@ def figures(plan, study_dir: Path, valid: set | None = None, report_dir: Path | 
                 dst = fig_dir / f"qra_{j.key.replace('/', '__')}.png"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)
-                out.append((f"QRA examples: {j.key}", dst))
+                out.append((_title(tuple(j.point.get(g) for g in GROUP)), f"QRA examples: {j.key}", dst))
     return out
+
+
+def header(summary: dict) -> list:
+    """[(label, text)] of the report's header: the study's jobs and runs, the last run, its command, the code."""
+    hist = summary.get("history")
+    if not hist:  # a summary without a history (written by hand or by an older runner): what it says
+        return [("Jobs", summary.get("line", "-"))]
+    f = header_facts(hist)
+    out = [("Jobs", f["jobs"]), ("Last run", f["last_run"]), ("Command", f["command"]), ("Code", f["code"])]
+    if len(f["runs"]) > 1:  # one run: the lines above say it all
+        out.append(("Runs that produced the outputs", "; ".join(f["runs"])))
+    return out
+
+
+def _sections(df: pd.DataFrame, verdicts: list, figs: list) -> list:
+    """[(title, verdict table or None, claims table or None, detail table or None, [(caption, path)])] per grid point, in
+    the order of the tables; figures of no table's grid point come last under 'Other figures'."""
+    by_title: dict = {}
+    for title, t, c in verdicts:
+        by_title.setdefault(title, [title, None, None, None, []])[1:3] = [t, c]
+    for title, t in tables(df):
+        by_title.setdefault(title, [title, None, None, None, []])[3] = t
+    for title, cap, path in figs:
+        by_title.setdefault(title if title in by_title else "Other figures", ["Other figures", None, None, None, []])[4].append(
+            (cap, path))
+    return [tuple(v) for v in by_title.values()]
+
+
+CLAIMS_LINE = "Claims (paired differences, percent points, mean [95% interval]):"
+DETAIL_LINE = "Per stage: percent, mean ± std [min, max] over seeds (one value when one seed); DER / P-DER as fractions."
 
 
 def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: set | None = None,
                  report_dir: Path | None = None) -> tuple[Path, Path]:
-    """report.md and report.html in ``report_dir`` (default the study folder) from the outputs in ``study_dir``."""
+    """report.md and report.html in ``report_dir`` (default the study folder) from the outputs in ``study_dir``.
+    ``summary``: what the runner writes to study.json (its ``history`` gives the header)."""
     study_dir = Path(study_dir)
     report_dir = Path(report_dir or study_dir)
+    th = plan.study.verdict
     figs = figures(plan, study_dir, valid, report_dir)
-    head = [f"# Study {plan.study.name}", "", f"From `{plan.study.path}`. Jobs: {summary.get('line', '')}. "
-            "Cells: percent, mean ± std [min, max] over seeds (one value when one seed). P-ASR: ASR after the retuning attack.", ""]
-    body = []
     runs = ra_runs(plan, study_dir, valid)
     if not runs.empty:
         atomic_write_text(report_dir / "ra_runs.csv", runs.to_csv(index=False))
-    verdicts = verdict_tables(df, runs, plan.study.verdict)
-    if verdicts:
-        th = plan.study.verdict
-        body += ["## Verdicts", "", VERDICT_TEXT.format(**{k: 100 * v for k, v in th.items()}), ""]
-        for title, t, c in verdicts:
-            body += [f"### {title}", "", _md_table(t), ""]
-            if not c.empty:
-                body += ["Claims (paired differences, percent points, mean [95% interval]):", "", _md_table(c), ""]
-    for title, t in tables(df):
-        body += [f"## {title}", "", _md_table(t), ""]
+    verdicts = verdict_tables(df, runs, th)
+    sections = _sections(df, verdicts, figs)
+    facts = header(summary)
+    intro = (f"From `{plan.study.path}`. P-ASR: ASR after the retuning attack (RA). Each grid point: the verdict table "
+             f"(mean [95% interval]), the paper's claims, the per-stage table and the figures of that grid point.")
+    verdict_text = VERDICT_TEXT.format(**{k: 100 * v for k, v in th.items()})
     fails = summary.get("failed", [])
-    if fails:
-        body += ["## Failed jobs", ""] + [f"- `{r['key']}`: {r.get('error', '')} (log: `{r.get('log', '')}`)" for r in fails] + [""]
-    if plan.notes:
-        body += ["## Notes", ""] + [f"- {n}" for n in plan.notes] + [""]
-    md = "\n".join(head + body + ["## Figures", ""] + [f"![{c}]({p.relative_to(report_dir)})" for c, p in figs]) + "\n"
-    md_path = atomic_write_text(report_dir / "report.md", md)
-    parts = [f"<h1>Study {html.escape(plan.study.name)}</h1>", f"<p>{html.escape(' '.join(head[2:]))}</p>"]
+    md = [f"# Study {plan.study.name}", ""] + [f"- **{k}**: {v}" for k, v in facts] + ["", intro, ""]
     if verdicts:
-        parts += ["<h2>Verdicts</h2>", f"<p>{html.escape(VERDICT_TEXT.format(**{k: 100 * v for k, v in th.items()}))}</p>"]
-        for title, t, c in verdicts:
-            parts += [f"<h3>{html.escape(title)}</h3>", t.to_html(index=False, escape=True, border=0)]
-            if not c.empty:
-                parts += ["<p>Claims (paired differences, percent points, mean [95% interval]):</p>",
-                          c.to_html(index=False, escape=True, border=0)]
-    for title, t in tables(df):
-        parts += [f"<h2>{html.escape(title)}</h2>", t.to_html(index=False, escape=True, border=0)]
+        md += ["## Verdicts", "", verdict_text, ""]
+    md += [legend(th), ""]
+    for title, vt, ct, dt, fg in sections:
+        md += [f"## {title}", ""]
+        if vt is not None:
+            md += [_md_table(vt), ""]
+        if ct is not None and not ct.empty:
+            md += [CLAIMS_LINE, "", _md_table(ct), ""]
+        if dt is not None:
+            md += [DETAIL_LINE, "", _md_table(dt), ""]
+        md += [f"![{c}]({p.relative_to(report_dir)})" for c, p in fg] + ([""] if fg else [])
+    if fails:
+        md += ["## Failed jobs", ""] + [f"- `{r['key']}`: {r.get('error', '')} (log: `{r.get('log', '')}`)" for r in fails] + [""]
+    if plan.notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in plan.notes] + [""]
+    md_path = atomic_write_text(report_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")
+    html_path = atomic_write_text(report_dir / "report.html", _html(plan, facts, intro, verdict_text if verdicts else None,
+                                                                    sections, fails, th))
+    return md_path, html_path
+
+
+def _code(text: str) -> str:
+    """Escaped text with `backquoted` parts as <code>."""
+    parts = str(text).split("`")
+    return "".join(f"<code>{html.escape(p)}</code>" if i % 2 else html.escape(p) for i, p in enumerate(parts))
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1700px;margin:auto;padding:0 12px}table{border-collapse:collapse;"
+         "margin:6px 0}td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child"
+         "{text-align:left}dl.head{display:grid;grid-template-columns:max-content auto;gap:2px 12px}dl.head dt{font-weight:bold}"
+         "dl.head dd{margin:0}.ok{background:#c8efc8}.warn{background:#ffe3a6}.bad{background:#f7c1c1}"
+         ".key{padding:1px 6px;margin:0 4px;border-radius:3px;display:inline-block}"
+         ".point{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.tables{flex:1 1 760px;overflow-x:auto}"
+         ".figs{flex:0 1 480px}.figs figure{margin:0 0 10px 0}.figs img{max-width:100%;max-height:520px}"
+         "figcaption{font-size:small;color:#444}")
+
+
+def _html(plan, facts: list, intro: str, verdict_text: str | None, sections: list, fails: list, th: dict) -> str:
+    parts = [f"<h1>Study {html.escape(plan.study.name)}</h1>", "<dl class='head'>"]
+    parts += [f"<dt>{html.escape(k)}</dt><dd>{_code(v)}</dd>" for k, v in facts] + ["</dl>", f"<p>{_code(intro)}</p>"]
+    if verdict_text:
+        parts += ["<h2>Verdicts</h2>", f"<p>{html.escape(verdict_text)}</p>"]
+    parts.append(legend_html(th))
+    for title, vt, ct, dt, fg in sections:
+        parts += [f"<h2>{html.escape(title)}</h2>", "<div class='point'><div class='tables'>"]
+        if vt is not None:
+            parts.append(html_table(vt, th, "verdicts"))
+        if ct is not None and not ct.empty:
+            parts += [f"<p>{html.escape(CLAIMS_LINE)}</p>", html_table(ct, th, "claims")]
+        if dt is not None:
+            parts += [f"<p>{html.escape(DETAIL_LINE)}</p>", html_table(dt, th, "stages")]
+        parts.append("</div><div class='figs'>")
+        for c, p in fg:
+            b64 = base64.b64encode(p.read_bytes()).decode()
+            parts.append(f"<figure><img alt='{html.escape(c)}' src='data:image/png;base64,{b64}'><figcaption>"
+                         f"{html.escape(c)}</figcaption></figure>")
+        parts.append("</div></div>")
     if fails:
         parts += ["<h2>Failed jobs</h2><ul>"] + [f"<li><code>{html.escape(r['key'])}</code>: {html.escape(str(r.get('error', '')))} "
                                                  f"(log <code>{html.escape(str(r.get('log', '')))}</code>)</li>" for r in fails] + ["</ul>"]
     if plan.notes:
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in plan.notes] + ["</ul>"]
-    parts.append("<h2>Figures</h2>")
-    for c, p in figs:
-        b64 = base64.b64encode(p.read_bytes()).decode()
-        parts.append(f"<figure><img alt='{html.escape(c)}' src='data:image/png;base64,{b64}'><figcaption>{html.escape(c)}"
-                     f"</figcaption></figure>")
-    doc = ("<!doctype html><html><head><meta charset='utf-8'><title>Study " + html.escape(plan.study.name) + "</title><style>"
-           "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-           "td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}figure{display:inline-block}</style></head><body>"
-           + "\n".join(parts) + "</body></html>\n")
-    html_path = atomic_write_text(report_dir / "report.html", doc)
-    return md_path, html_path
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>Study " + html.escape(plan.study.name) + "</title><style>"
+            + STYLE + "</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

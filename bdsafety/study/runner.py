@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bdsafety.study.execute import other_owner, read_marker, up_to_date
 from bdsafety.study.executors import EXECUTORS, run_local, run_ray
+from bdsafety.study.history import cli_command, new_run, summarize
 from bdsafety.study.plan import Plan, build_plan
 from bdsafety.study.progress import StudyProgress, format_eta
 from bdsafety.study.spec import Study, load_study
@@ -26,6 +27,7 @@ class Outcome:
     plan: Plan
     results: dict  # key -> result dict (status done | ran | failed | skipped)
     wall_s: float = 0.0
+    run: dict | None = None  # this study run (bdsafety.study.history.new_run)
     results_csv: Path | None = None
     report: Path | None = None
 
@@ -50,7 +52,8 @@ def assess(plan: Plan, force: bool = False) -> tuple[dict, list, dict]:
         runs = {d: current[d]["run"] for d in j.deps if d in current}
         if not force and all(d in current for d in j.deps) and up_to_date(marker, j, runs):
             current[j.key] = {"key": j.key, "id": j.id, "status": "done", "run": marker["run"],
-                              "wall_s": marker.get("wall_s", 0.0)}
+                              "wall_s": marker.get("wall_s", 0.0), "finished": marker.get("finished"),
+                              "study_run": marker.get("study_run")}
             continue
         todo.append(j)
         if force:
@@ -90,8 +93,10 @@ def print_plan(plan: Plan, todo: list, why: dict, out=None) -> None:
 def run_study(yaml_path: str | None, executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
               dry_run: bool = False, fresh: bool = False, progress: bool = True, record_root: str | None = None,
               study_dir: str | None = None, out=None, threads: int | None = None, trust_record: bool = False,
-              study: Study | None = None) -> Outcome:
-    """Run the study of ``yaml_path`` (or the ``study`` given, e.g. built in memory by bdsafety.study.audit)."""
+              study: Study | None = None, command: str | None = None) -> Outcome:
+    """Run the study of ``yaml_path`` (or the ``study`` given, e.g. built in memory by bdsafety.study.audit).
+    ``command``: the command line that started it, for the report's header (default: the equivalent
+    analysis/run_study.py command)."""
     out = out or sys.stdout
     if executor not in EXECUTORS:
         from bdsafety.errors import ConfigError
@@ -120,6 +125,8 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
         return Outcome(sd, plan, current, 0.0)
     sd.mkdir(parents=True, exist_ok=True)
     rd.mkdir(parents=True, exist_ok=True)
+    run = new_run(command or cli_command("analysis/run_study.py", ["--yaml_path", str(yaml_path), "--study_dir", str(sd)]
+                                         + (["--executor", executor] if executor != "local" else [])), executor)
     for n in plan.notes:
         print(f"note: {n}", file=out)
     print(f"study {study.name}: {len(plan.jobs)} jobs, {len(plan.jobs) - len(todo)} up to date, {len(todo)} to run "
@@ -150,13 +157,14 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
 
     try:
         if executor == "ray" and todo:
-            results = run_ray(todo, current, sd, on_result, address=ray_address, num_cpus=ray_num_cpus, report_dir=rd)
+            results = run_ray(todo, current, sd, on_result, address=ray_address, num_cpus=ray_num_cpus, report_dir=rd,
+                              study_run=run)
         else:
-            results = run_local(todo, current, sd, on_result, threads=threads, report_dir=rd)
+            results = run_local(todo, current, sd, on_result, threads=threads, report_dir=rd, study_run=run)
     finally:
         if bar is not None:
             bar.close()
-    oc = Outcome(sd, plan, results, time.time() - t0)
+    oc = Outcome(sd, plan, results, time.time() - t0, run=run)
     finish(oc, executor, out)
     return oc
 
@@ -175,8 +183,9 @@ def finish(oc: Outcome, executor: str, out=None) -> None:
     oc.results_csv = atomic_write_text(rd / "results.csv", df.to_csv(index=False))
     summary = {"state": "finished", "line": line, "executor": executor, "wall_s": round(oc.wall_s, 1), "failed": oc.failed,
                "skipped": [r for r in oc.results.values() if r.get("status") == "skipped"],
-               "jobs": {k: {kk: r.get(kk) for kk in ("status", "wall_s", "id", "log", "error")} for k, r in oc.results.items()},
-               "notes": plan.notes}
+               "jobs": {k: {kk: r.get(kk) for kk in ("status", "wall_s", "id", "log", "error", "finished")}
+                        | {"study_run": (r.get("study_run") or {}).get("id")} for k, r in oc.results.items()},
+               "notes": plan.notes, "history": summarize(oc.results, oc.run or new_run("-", executor), oc.wall_s)}
     md, html = write_report(plan, sd, df, summary, valid, report_dir=rd)
     oc.report = md
     atomic_write_text(rd / "study.json", json.dumps(summary, indent=1, default=str))
@@ -217,5 +226,6 @@ def main(argv=None) -> int:
     if a.ray_num_cpus is not None and a.ray_num_cpus < 1:
         p.error(f"--ray_num_cpus must be an integer >= 1, got {a.ray_num_cpus}")
     oc = run_study(a.yaml_path, a.executor, a.ray_address, a.ray_num_cpus, a.dry_run, a.fresh, not a.no_progress,
-                   a.record_root, a.study_dir, threads=a.threads, trust_record=a.trust_record)
+                   a.record_root, a.study_dir, threads=a.threads, trust_record=a.trust_record,
+                   command=cli_command("analysis/run_study.py", argv))
     return 1 if oc.failed else 0
