@@ -65,6 +65,7 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     assert not any(p.name != "nodata" for p in tmp_path.iterdir() if p.is_dir() and (p / "attack_result.pt").exists())
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_errors(tmp_path):
     import subprocess
     import sys

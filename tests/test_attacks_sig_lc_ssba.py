@@ -152,6 +152,7 @@ def test_lc_without_clean_model_names_the_command(tmp_path):
                                         "--lc_train_clean", "false"])
 
 
+@pytest.mark.slow
 def test_lc_adversarial_reference_end_to_end_tiny(tmp_path, capsys):
     """The default reference: adversarially trained here, cached and reused, its robustness in the record; no clean
     record is needed or trained."""
@@ -190,6 +191,7 @@ def test_lc_adversarial_reference_end_to_end_tiny(tmp_path, capsys):
     assert i2["lc_reference_digest"] == i["lc_reference_digest"]
 
 
+@pytest.mark.slow
 def test_lc_end_to_end_tiny(tmp_path, capsys):
     """The standard-reference ablation: clean reference trained on demand, PGD cached and reused, clean labels,
     trigger only on test images."""
@@ -264,6 +266,7 @@ def test_ssba_encoder_reads_the_image_untrained():
         SSBAEncoder((24, 24, 3), bits=16, width=8)
 
 
+@pytest.mark.slow
 def test_ssba_encoder_trained_is_sample_specific_and_decodes():
     from bdsafety.attacks.ssba import decode_bits, encode_uint8, fixed_secret, mean_pairwise_cosine, psnr_uint8, train_encoder
 

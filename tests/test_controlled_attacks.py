@@ -5,6 +5,7 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from bdsafety.attacks.controlled import final_pass_layout, num_poison_in_batch
@@ -179,6 +180,7 @@ def test_real_poisoned_skips_cross_samples():
 
 
 # ------------------------------------------------------------------------------------------- records end to end
+@pytest.mark.slow
 def test_tiny_records_rebuild_poisoned_samples_and_feed_ra(tmp_path):
     """Both attacks on a tiny synthetic set: BackdoorBench layout, cross samples out of RA's pool, and the saved
     warping field / generators reproduce the stored poisoned images."""

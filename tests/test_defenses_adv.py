@@ -83,6 +83,7 @@ def test_official_unet_architecture_and_shapes(size):
         bti.OfficialUNet(3, base=4, depth=6)(torch.rand(1, 3, 32, 32))
 
 
+@pytest.mark.slow
 def test_official_unet_can_become_the_identity():
     """Identity-ability: Adam on MSE(G(x), x) drives the official UNet (random init) close to the identity."""
     torch.manual_seed(0)
@@ -179,6 +180,7 @@ def test_train_generator_really_trains_every_call_with_frozen_classifier(tmp_pat
     assert model.training and all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_optimizer_shared_continues_round_one_adam_fresh_starts_new(tmp_path):
     """bti_optimizer shared (official): the rounds after the first step G with round 1's Adam (its moments and step
     count continue); fresh: a new Adam per round. Same start, different generators."""
@@ -226,6 +228,7 @@ def test_pretrain_keeps_residual_generator_close_to_identity_and_finite(tmp_path
     assert any("pretrain epoch 2/2" in s for s in lines) and any("pretraining done: MSE" in s for s in lines)
 
 
+@pytest.mark.slow
 def test_pretrain_brings_official_generator_toward_identity(tmp_path):
     """The official UNet starts far from the identity; pretraining (weight 100 on MSE(x, G(x)) > 0.1) pulls it in."""
     exp, ds = fake_exp(tmp_path, n=32, size=16)
@@ -295,6 +298,7 @@ def test_target_info():
     assert info["true_target"] is None and info["target_match"] is None
 
 
+@pytest.mark.slow
 def test_load_or_invert_cache_hit_miss_refresh_and_safe_file(tmp_path):
     from bdsafety.records import safe_torch_load
 

@@ -81,6 +81,7 @@ def test_state_dict_identical_to_backdoorbench(name):
             assert isinstance(model.get_submodule(head), torch.nn.Linear)
 
 
+@pytest.mark.slow
 def test_record_key_variants_load_strictly_on_meta():
     """module. prefix (DataParallel), fine-pruning weight_orig/weight_mask, ViT MLP names of torchvision 0.12 and a
     ViT saved without the Resize wrapper: all load strictly into the same architecture (keys checked on meta)."""

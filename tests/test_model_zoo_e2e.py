@@ -137,6 +137,7 @@ def test_small_family_members_run_the_tools(zoo_records, arch, capsys):
         assert _changed(purified.state_dict(), out / "ra_result.pt", arch) > 0
 
 
+@pytest.mark.slow
 def test_paper_protocol_cifar100_pretrained_resnet18(tmp_path):
     """config/attack/badnet/cifar100_paper.yaml with a locally generated ImageNet-layout ResNet-18 file on tiny fake
     CIFAR-100 (sizes overridden: 1 epoch, input_resize 64 / input_crop 56 instead of 224 / 224); then a defense rebuilds

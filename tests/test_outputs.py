@@ -131,6 +131,7 @@ def test_output_folder_killed_at_each_point(tmp_path, point, had_old, expect):
     ("defense", "ft", "train", "old"),
     ("retune", "ra", "write", "old"),
 ])
+@pytest.mark.slow
 def test_killed_run_keeps_old_or_new_output_and_rerun_works(root, kind, name, point, survivor):
     dest = {"attack": root / "tiny", "defense": root / "tiny" / "defense" / "ft",
             "retune": root / "tiny" / "defense" / "ft" / "ra"}[kind]

@@ -287,6 +287,7 @@ def test_pam_defaults_official_and_pam_reinvert_is_registered_separately():
                                           ).retrain_generator is (name == "pam_reinvert")
 
 
+@pytest.mark.slow
 def test_pam_freezes_generator_after_round_one_pam_reinvert_retrains_it(tmp_path):
     """pam (the official code): the generator the tuning uses is the same in every round (G's weights identical);
     pam_reinvert: a different G every round. Both write the target-detection fields."""

@@ -112,6 +112,7 @@ def test_runs_set_their_precision_record_it_and_restore_it(tmp_path, monkeypatch
     assert yaml.safe_load((Path(out) / "config.yaml").read_text())["config"]["precision"] == "fp32"
 
 
+@pytest.mark.slow
 def test_precision_benchmark_runs_on_cpu_at_tiny_size(tmp_path):
     """benchmarks/precision.py: defense + RA once per precision on one record; both RA curves and wall times."""
     import csv

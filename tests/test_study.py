@@ -382,8 +382,8 @@ def test_typos_and_study_owned_keys_stop_a_real_run(tmp_path, capsys):
     dry = io.StringIO()
     run_study(str(y), study_dir=str(tmp_path / "s"), dry_run=True, out=dry)
     assert "error (a real run stops here)" in dry.getvalue()
-    ok = _yaml(tmp_path / "b.yaml", top={"defenses": ["ft", "sau"], "expected_later": ["sau"]})
-    assert not load_study(ok).unknown and any("sau" in n for n in load_study(ok).notes)
+    ok = _yaml(tmp_path / "b.yaml", top={"defenses": ["ft", "not_merged_yet"], "expected_later": ["not_merged_yet"]})
+    assert not load_study(ok).unknown and any("not_merged_yet" in n for n in load_study(ok).notes)
     with pytest.raises(ConfigError, match="qra_defenses names 'fts'"):
         run_study(str(_yaml(tmp_path / "c.yaml", top={"qra_defenses": ["fts"]})), study_dir=str(tmp_path / "s"), out=io.StringIO())
     for scope, key in (("defense", "save_name"), ("ra", "result_file"), ("attack", "random_seed")):

@@ -445,6 +445,7 @@ def test_a_vit_opened_at_another_input_size_says_which_it_was_trained_at():
     assert _input_size_hint(sd, 32) == "" and _input_size_hint({"w": torch.zeros(1)}, None) == ""
 
 
+@pytest.mark.slow
 def test_the_inspector_piped_into_head_stops_quietly(tiny):
     import subprocess
     import sys
