@@ -150,7 +150,7 @@ def d3(ctx) -> DefenseResult:
     norms = [torch.linalg.vector_norm(w0.flatten(), ord=p) for w0 in initial]
     warm_up_(weights, norms, cfg.warm_up_method, p, generator=gen)
     log(f"D3 on {', '.join(n for n, _ in layers)} (L{p:g}, lmd {cfg.lmd:g}, eps {cfg.eps:g}, warm-up "
-        f"{cfg.warm_up_method}): distance after warm-up {float(weight_distance(weights, initial, p)):.4f}")
+        f"{cfg.warm_up_method}): distance after warm-up {float(weight_distance(weights, initial, p).detach()):.4f}")
     opt = make_sgd(list(model.parameters()), cfg)
     step = d3_step(opt, weights, initial, norms, cfg)
     if not cfg.train_mode:
@@ -158,7 +158,7 @@ def d3(ctx) -> DefenseResult:
     rows = fit_reserved(exp, model, ctx.reserved, cfg, step_fn=step, optimizer=opt, generator=gen, desc="d3")
     model.eval()
     # the distance is constant within the epoch's last step; record the final value on the last row
-    final = float(weight_distance(weights, initial, p))
+    final = float(weight_distance(weights, initial, p).detach())
     rows[-1]["weight_distance"] = final
     for r in rows:
         log(f"epoch {r['epoch']}: train_loss {r['train_loss']:.4f} {engine.format_metrics(r)}")
