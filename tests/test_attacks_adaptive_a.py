@@ -169,13 +169,20 @@ def _argv(**kw):
     return out
 
 
-def _check_record(rd, n_poison):
+def _check_record(rd, n_poison, patch=3):
+    """The record loads through the inspector and its bd_train holds real poisoned (BadNets-stamped, relabelled)
+    training samples that match the clean images at their indices outside the patch."""
     from bdsafety.inspector import main as inspect
 
     assert inspect([str(rd)]) == 0
     rec = load_attack_record(rd)
-    assert len(rec.bd_train) == n_poison and (rec.bd_train.bd_labels == 0).all()
-    assert (rec.bd_train.images[:, 29:, 29:] == 255).all()  # real poisoned (BadNets-stamped) training samples
+    bd = rec.bd_train
+    assert len(bd) == n_poison and (bd.bd_labels == 0).all()
+    assert (bd.images[:, -patch:, -patch:] == 255).all()
+    clean = load_data_for(resolve(get("attack", rec.info["attack"]).schema(), None,
+                                  {k: rec.info[k] for k in ("dataset", "synthetic_n_train", "synthetic_n_test", "synthetic_seed")}))
+    assert np.array_equal(bd.images[:, :-patch], clean.train_x[bd.indices][:, :-patch])
+    assert np.array_equal(bd.orig_labels, clean.train_y[bd.indices])
     return rec
 
 
@@ -194,18 +201,19 @@ def test_sbl_end_to_end_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_deferred_end_to_end_tiny_backdoor_returns_under_clean_fine_tuning(tmp_path):
-    """The record's ASR is low; the FT defense's demo config (clean fine-tuning) brings it back up."""
-    kw = {**TINY, "synthetic_n_train": DEF_N, "epochs": DEF_EPOCHS, "lr": 0.1, "record_root": tmp_path,
-          "save_folder_name": "d"}
+    """The record's ASR is low; the FT defense's demo config (plain clean fine-tuning) brings it back up.
+
+    Tiny setting: 1,000 images, 8 injection epochs at lr 0.1; pratio 0.2 and a 5-px patch so that the backdoor is
+    learned in so few steps (at pratio 0.1 / 3 px it reached only 22% ASR before concealment, nothing to conceal).
+    Measured (seed 0): injected ASR 0.89, concealed in 7 epochs to 0.07, after FT 0.53."""
+    kw = {**TINY, "synthetic_n_train": 1000, "epochs": 8, "lr": 0.1, "pratio": 0.2, "patch_size": 5,
+          "record_root": tmp_path, "save_folder_name": "d"}
     rd = get("attack", "deferred").main(_argv(**kw))
-    rec = _check_record(rd, round(0.1 * DEF_N))
+    rec = _check_record(rd, 200, patch=5)
     assert rec.info["deferred_conceal_epochs_run"] >= 1 and rec.info["deferred_check_asr"] <= 0.1
     before = read_metrics_summary(rd, "attack")["test_asr"]
     folder = get("defense", "ft").main(["--result_file", str(rd), "--yaml_path", str(ROOT / "config/defense/ft/demo.yaml"),
                                         "--no_progress"])
     after = read_metrics_summary(folder, "ft")["test_asr"]
-    assert before <= 0.2, before
-    assert after >= before + DEF_MARGIN, (before, after)
-
-
-DEF_N, DEF_EPOCHS, DEF_MARGIN = 1000, 8, 0.2
+    assert before <= 0.15, before
+    assert after >= before + 0.25, (before, after)
