@@ -17,6 +17,7 @@ from bdsafety.attacks.sbl import ewc_fisher, ewc_loss
 from bdsafety.config import resolve
 from bdsafety.data.device import Normalizer
 from bdsafety.data.info import dataset_info
+from bdsafety.pools import real_poisoned
 from bdsafety.records import load_attack_record, read_metrics_summary
 from bdsafety.registry import get
 
@@ -183,6 +184,8 @@ def _check_record(rd, n_poison, patch=3):
                                   {k: rec.info[k] for k in ("dataset", "synthetic_n_train", "synthetic_n_test", "synthetic_seed")}))
     assert np.array_equal(bd.images[:, :-patch], clean.train_x[bd.indices][:, :-patch])
     assert np.array_equal(bd.orig_labels, clean.train_y[bd.indices])
+    # RA / QRA / EP take their real poisoned samples from this bd_train, all of it (no cross samples to drop)
+    assert np.array_equal(real_poisoned(bd, rec.info).indices, bd.indices)
     return rec
 
 
