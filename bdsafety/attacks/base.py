@@ -279,19 +279,31 @@ class Attack:
         ``augment=False``: no crop/flip before ``batch_fn`` (an attack that augments after poisoning, e.g. WaNet).
         ``alt`` = (images, rows): samples stored at the resized size (the poisoned ones under input_resize)."""
         from bdsafety import engine
-        from bdsafety.data.device import DeviceDataset
 
         c = self.cfg
         gen = engine.seed_everything(c.random_seed)
         opt = engine.make_optimizer(model.parameters(), c.client_optimizer, c.lr, c.sgd_momentum, c.wd)
         sched = engine.make_scheduler(opt, c.lr_scheduler, c.epochs, c.steplr_milestones)
+        return self.fit(model, train_x, train_y, bd_test, epochs=c.epochs, batch_size=c.batch_size,
+                        step_fn=engine.sgd_step(opt), optimizer=opt, scheduler=sched, generator=gen, batch_fn=batch_fn,
+                        augment=augment, alt=alt, on_epoch_end=on_epoch_end)
+
+    def fit(self, model, train_x: np.ndarray, train_y: np.ndarray, bd_test: PoisonedSplit, *, epochs: int,
+            batch_size: int, step_fn, optimizer=None, scheduler=None, generator=None, batch_fn=None, augment: bool = True,
+            alt=None, on_epoch_end=None, desc: str | None = None) -> list[dict]:
+        """engine.fit on (train_x, train_y) with this attack's device, normalisation, geometry and test sets: one
+        training stage with a given step (``train`` is the config's one-stage SGD run; multi-stage attacks call this
+        once per stage with their own optimizer and step, e.g. SAM)."""
+        from bdsafety import engine
+        from bdsafety.data.device import DeviceDataset
+
+        c = self.cfg
         return engine.fit(
             model, DeviceDataset(train_x, train_y, self.ctx.device, geometry=self.geometry, alt=alt), norm=self.normalizer(),
-            epochs=c.epochs,
-            batch_size=c.batch_size, step_fn=engine.sgd_step(opt), scheduler=sched, optimizer=opt, batch_fn=batch_fn,
-            augment=augment, hflip=self.ctx.info.hflip, evalsets=self.evalsets(bd_test), eval_every=c.eval_every,
-            eval_batch_size=c.eval_batch_size, generator=gen, desc=f"{self.name} {c.dataset}", progress=self.ctx.progress,
-            on_epoch_end=on_epoch_end)
+            epochs=epochs, batch_size=batch_size, step_fn=step_fn, scheduler=scheduler, optimizer=optimizer,
+            batch_fn=batch_fn, augment=augment, hflip=self.ctx.info.hflip, evalsets=self.evalsets(bd_test),
+            eval_every=c.eval_every, eval_batch_size=c.eval_batch_size, generator=generator,
+            desc=desc or f"{self.name} {c.dataset}", progress=self.ctx.progress, on_epoch_end=on_epoch_end)
 
     # ---- the data-poisoning pipeline
     def run(self) -> AttackOutcome:
