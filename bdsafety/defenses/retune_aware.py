@@ -22,9 +22,9 @@ Then the purifier's optimizer steps theta_t with g. BatchNorm running statistics
 forward pass (train mode), as in plain fine-tuning.
 
 Each epoch's row carries ``meta_loss`` (mean L(theta') over the epoch's meta steps) and ``meta_target_rate`` (the
-fraction of the batch's inverted samples that the attacked copy classifies as t^: the simulated attack's success on
-the defender's own data, not a test metric). config.yaml carries detected_target, true_target, target_match and
-target_votes (as PAM's).
+fraction of the purifier batch's inverted samples of classes other than t^ that the attacked copy classifies as t^:
+the simulated attack's success on the defender's own data, not a test metric). config.yaml carries detected_target,
+true_target, target_match and target_votes (as PAM's).
 
 Defaults: PAM's values for everything PAM has; the inner attack takes RA's optimizer and batch (config/retune_attack/ra/
 <dataset>.yaml: SGD lr 0.01, momentum 0.9, no weight decay, batch 128) for 5 steps (RA on CIFAR-10 makes 40: 1,000
@@ -204,7 +204,8 @@ def attack_batches(reserved, norm, G: nn.Module, target: int, p_poison: float, b
 
 # ---------------------------------------------------------------------------------------------- the defense
 class _EpochMeter:
-    """Per-epoch means of the meta steps' loss at the attacked weights and of their target rate on inverted samples."""
+    """Per-epoch means of the meta steps' loss at the attacked weights and of the rate at which the attacked copy
+    sends the purifier batch's inverted samples of other classes to the detected target."""
 
     def __init__(self, step: RetuneAwareStep, n_inverted: Callable[[int], int], target: int):
         self.step, self.n_inverted, self.target = step, n_inverted, int(target)
@@ -215,10 +216,11 @@ class _EpochMeter:
         if self.step.calls % self.step.meta_every == 0:  # this call was a meta step
             s_loss, s_logits = self.step.last_meta
             k = self.n_inverted(len(y))
+            other = y[:k] != self.target  # inverted samples of the target class itself would count as clean hits
             self.loss += float(s_loss)
             self.steps += 1
-            self.hits += int((s_logits[:k].argmax(1) == self.target).sum())
-            self.seen += k
+            self.hits += int(((s_logits[:k].argmax(1) == self.target) & other).sum())
+            self.seen += int(other.sum())
         return out
 
     def flush(self) -> dict:
