@@ -1,0 +1,12 @@
+"""Retune-aware purifier (this project's own method, not a published defense):
+
+    python defense/retune_aware.py --result_file RECORD --yaml_path config/defense/retune_aware/<dataset>.yaml [flags]
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bdsafety.cli import entry_point  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(entry_point(__file__))
