@@ -57,7 +57,8 @@ def apply_blended(images: np.ndarray, key: np.ndarray, alpha: float | np.ndarray
     _check(images)
     if key.shape != images.shape[1:]:
         raise ValueError(f"blend key shape {key.shape} does not match image shape {images.shape[1:]}")
-    alpha = np.asarray(alpha, dtype=np.float32)
+    if isinstance(alpha, np.ndarray):  # a number stays a Python float: the scalar path is bit-identical to before
+        alpha = alpha.astype(np.float32)
     out = (1.0 - alpha) * images.astype(np.float32) + alpha * key.astype(np.float32)[None]
     return np.clip(out, 0, 255).astype(np.uint8)
 
