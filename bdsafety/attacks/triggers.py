@@ -51,13 +51,45 @@ def make_blend_key(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:
     return np.clip(key, 0, 255).astype(np.uint8)
 
 
-def apply_blended(images: np.ndarray, key: np.ndarray, alpha: float = 0.2) -> np.ndarray:
-    """(1 - alpha) * image + alpha * key, truncated to uint8 as BackdoorBench does."""
+def apply_blended(images: np.ndarray, key: np.ndarray, alpha: float | np.ndarray = 0.2) -> np.ndarray:
+    """(1 - alpha) * image + alpha * key, truncated to uint8 as BackdoorBench does. ``alpha``: a number, or a float
+    array broadcastable to (N, H, W, 1) (a per-pixel blend, e.g. Adap-Blend's pieces: alpha * mask)."""
     _check(images)
     if key.shape != images.shape[1:]:
         raise ValueError(f"blend key shape {key.shape} does not match image shape {images.shape[1:]}")
+    if isinstance(alpha, np.ndarray):  # a number stays a Python float: the scalar path is bit-identical to before
+        alpha = alpha.astype(np.float32)
     out = (1.0 - alpha) * images.astype(np.float32) + alpha * key.astype(np.float32)[None]
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def piece_masks(n_masks: int, h: int, w: int, pieces: int = 16, drop: int = 8,
+                rng: np.random.Generator | None = None) -> np.ndarray:
+    """Adap-Blend's trigger pieces (Qi et al., ICLR 2023): float32 (n_masks, H, W) maps, each 1 on the image except on
+    ``drop`` of the ``pieces`` cells of a sqrt(pieces) x sqrt(pieces) grid, chosen at random (without replacement)
+    for each map. Cell edges are round(i * H / k); for H divisible by k they are the official i * H // k."""
+    k = int(round(np.sqrt(pieces)))
+    if k * k != pieces or not 0 <= drop <= pieces:
+        raise ValueError(f"pieces must be a square number and 0 <= drop <= pieces, got pieces {pieces}, drop {drop}")
+    rng = np.random.default_rng() if rng is None else rng
+    ys = np.round(np.arange(k + 1) * h / k).astype(int)
+    xs = np.round(np.arange(k + 1) * w / k).astype(int)
+    out = np.ones((n_masks, h, w), dtype=np.float32)
+    for m in range(n_masks):
+        for cell in rng.choice(pieces, size=drop, replace=False):
+            r, c = divmod(int(cell), k)
+            out[m, ys[r]:ys[r + 1], xs[c]:xs[c + 1]] = 0.0
+    return out
+
+
+def apply_additive(images: np.ndarray, pattern: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """image + scale * pattern (float, pixel units 0-255, shape (H, W, C)), clipped to [0, 255] and ROUNDED to uint8
+    (rounding keeps |out - image| <= scale * max|pattern| for integer images)."""
+    _check(images)
+    if pattern.shape != images.shape[1:]:
+        raise ValueError(f"pattern shape {pattern.shape} does not match image shape {images.shape[1:]}")
+    out = images.astype(np.float32) + np.float32(scale) * pattern.astype(np.float32)[None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def sig_pattern(h: int, w: int, c: int = 3, delta: float = 40, f: float = 6) -> np.ndarray:

@@ -1,0 +1,9 @@
+"""adaptive_blend attack: python attack/adaptive_blend.py --yaml_path config/attack/adaptive_blend/<dataset>.yaml [flags]"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bdsafety.cli import entry_point  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(entry_point(__file__))
