@@ -130,24 +130,28 @@ def test_attack_option_and_record_info_carry_the_difficulty(monkeypatch):
         assert seen[-1]["difficulty"] == want and seen[-1]["n_train"] == 300
 
 
-def _clean_val_acc(difficulty: float) -> float:
+def _clean_val_acc(difficulty: float, n_fit: int = 2000, n_val: int = 300, epochs: int = 10) -> float:
+    """Validation accuracy of cnn_tiny trained on a small slice of the synthetic training split (test split unused)."""
     from bdsafety import engine
     from bdsafety.data.device import DeviceDataset, Normalizer
     from bdsafety.models import build_model
 
     torch.set_num_threads(1)
-    data = make_synthetic(1200, 10, seed=0, difficulty=difficulty)
+    data = make_synthetic(n_fit + n_val, 10, seed=0, difficulty=difficulty)
     gen = engine.seed_everything(0)
     model = build_model("cnn_tiny", 10)
     opt = engine.make_optimizer(model.parameters(), "sgd", 0.05, 0.9, 5e-4)
     norm = Normalizer(data.info)
-    engine.fit(model, DeviceDataset(data.train_x[:1000], data.train_y[:1000]), norm=norm, epochs=8, batch_size=64,
+    engine.fit(model, DeviceDataset(data.train_x[:n_fit], data.train_y[:n_fit]), norm=norm, epochs=epochs, batch_size=64,
                step_fn=engine.sgd_step(opt), optimizer=opt, hflip=False, generator=gen, progress=False)
-    return engine.evaluate_loss_acc(model, DeviceDataset(data.train_x[1000:], data.train_y[1000:]), norm)[1]
+    return engine.evaluate_loss_acc(model, DeviceDataset(data.train_x[n_fit:], data.train_y[n_fit:]), norm)[1]
 
 
 @pytest.mark.slow
-def test_a_clean_model_learns_the_hard_data_above_chance_but_less_than_the_easy_data():
-    easy, hard = _clean_val_acc(0.0), _clean_val_acc(0.6)
+def test_a_clean_model_learns_hard_data_above_chance_but_less_than_the_easy_data():
+    """At difficulty 0.3 a small slice (2,000 images, 10 epochs) is learned above chance (0.1) but clearly worse than
+    the easy data on the same budget (measured: 0.99 easy; the hard data needs the full 45,000 images to reach the
+    benchmark's accuracy, see benchmarks/calibrate_synthetic.py)."""
+    easy, hard = _clean_val_acc(0.0), _clean_val_acc(0.3)
     assert hard > 0.3, hard
     assert hard < min(1.0, easy - 0.1), (easy, hard)

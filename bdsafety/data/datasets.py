@@ -72,7 +72,8 @@ def load_clean_dataset(
     img_size: (H, W), (H, W, 3) or an int for square; the output size for imagefolder (default: the first train image's
     size) and the square size of synthetic. Fixed-size datasets accept only their own size.
     progress: tqdm bar while decoding image files; None shows it when stderr is a terminal.
-    synthetic_kwargs: passed to ``make_synthetic`` (n_train, n_test, seed); synthetic only.
+    synthetic_kwargs: passed to ``make_synthetic`` (n_train, n_test, seed, difficulty); synthetic only; from
+        SYNTHETIC_CACHE_MIN images on, cached in <root>/.bdsafety_cache/.
     """
     if name in UNSUPPORTED:
         raise DataError(
