@@ -197,8 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2, help="parallel jobs of the study (Ray workers)")
     p.add_argument("--ssba_width", type=int, default=32)
     p.add_argument("--bti_unet_base", type=int, default=32, help="width of the BTI-DBF generator (official: 32)")
+    p.add_argument("--figures", default=None, metavar="K=V,...",
+                   help="skip the measurements: price the study with these figures of every --models entry, e.g. "
+                        "train=0.38,eval=0.21,bti=16.5,ssba=5.8,job=3.4 (the table's units)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.figures:
+        given = {k: float(v) for k, v in (kv.split("=") for kv in a.figures.split(","))}
+        estimate(a.yaml_path, {name: given for name in a.models}, a.workers)
+        return
     print(f"torch threads {a.threads}, load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     start = job_start_seconds()
     ssba = ssba_figure(a.ssba_width)
