@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -155,3 +156,21 @@ def test_a_clean_model_learns_hard_data_above_chance_but_less_than_the_easy_data
     easy, hard = _clean_val_acc(0.0), _clean_val_acc(0.3)
     assert hard > 0.3, hard
     assert hard < min(1.0, easy - 0.1), (easy, hard)
+
+
+@pytest.mark.slow
+def test_a_record_made_on_hard_data_is_reloaded_with_its_difficulty(tmp_path):
+    """The attack stores synthetic_difficulty in info.pickle; every tool that regenerates the data reads it back."""
+    from bdsafety.experiment import load_record_data
+    from bdsafety.records import load_attack_record
+    from bdsafety.registry import get
+
+    rd = get("attack", "badnet").main(["--dataset", "synthetic", "--model", "cnn_tiny", "--synthetic_n_train", "200",
+                                       "--synthetic_n_test", "100", "--synthetic_difficulty", "0.5", "--epochs", "1",
+                                       "--no_progress", "--record_root", str(tmp_path), "--save_folder_name", "hard"])
+    rec = load_attack_record(rd)
+    assert rec.info["synthetic_difficulty"] == 0.5
+    data = load_record_data(rec, Path(rd), str(tmp_path / "data"))
+    want = make_synthetic(200, 100, seed=0, difficulty=0.5)
+    assert np.array_equal(data.train_x, want.train_x) and np.array_equal(data.test_x, want.test_x)
+    assert not np.array_equal(data.train_x, make_synthetic(200, 100, seed=0).train_x)
