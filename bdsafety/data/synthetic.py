@@ -9,9 +9,10 @@ trigger patch (BadNets) never occurs naturally, as in real photos it rarely does
 ``difficulty`` (0 to 1) makes the task harder without changing any label: 0 is the original generator, image for
 image (the per-image loop below, kept as it was); above 0 a vectorised renderer draws, scaled by the difficulty,
 smaller objects anywhere nearer the border, a lower shape/background contrast, stronger noise, smaller
-half-transparent distractor shapes of other classes, thin clutter lines and an occluding bar across the image. The
-class is always the largest opaque shape; every added element is drawn from a flip-symmetric distribution, so a
-horizontally flipped image is still a valid image of its class.
+half-transparent distractor shapes of other classes, thin half-transparent clutter lines and an opaque bar across
+the image that may hide part of the object. The class is always the one opaque shape, larger than every distractor
+(at most 0.6 of its radius); every added element is drawn from a flip-symmetric distribution, so a horizontally
+flipped image is still a valid image of its class.
 """
 from __future__ import annotations
 
