@@ -235,7 +235,7 @@ def load_record_data(record, record_dir: Path, dataset_path: str | None = None):
     info = record.info or {}
     if record.clean_data == "synthetic":
         kw = dict(n_train=int(info.get("synthetic_n_train", 5000)), n_test=int(info.get("synthetic_n_test", 1000)),
-                  seed=int(info.get("synthetic_seed", 0)))
+                  seed=int(info.get("synthetic_seed", 0)), difficulty=float(info.get("synthetic_difficulty", 0.0)))
     elif record.clean_data == "imagefolder":
         kw = dict(img_size=tuple(record.img_size[:2]))
     data = load_clean_dataset(record.clean_data, data_location(record, record_dir, dataset_path), **kw)

@@ -22,7 +22,7 @@ from bdsafety.models import (
 torch.set_num_threads(1)
 
 # the models built with real weights here (every registered name is checked on the meta device in test_model_zoo.py)
-CORE = ("preactresnet18", "resnet18", "resnet18_cifar", "vgg19_bn", "preactresnet18_narrow", "cnn_small")
+CORE = ("preactresnet18", "resnet18", "resnet18_cifar", "vgg19_bn", "preactresnet18_narrow", "cnn_small", "cnn_tiny")
 
 _FIXTURE = "backdoorbench_state_dict_keys.json"
 _FIXTURE_DIRS = [Path(__file__).parent / "fixtures"]
@@ -192,7 +192,7 @@ def test_bad_arguments_rejected(kwargs):
         build_model("cnn_small", **kwargs)
 
 
-@pytest.mark.parametrize("name", ["preactresnet18_narrow", "resnet18_cifar", "cnn_small"])
+@pytest.mark.parametrize("name", ["preactresnet18_narrow", "resnet18_cifar", "cnn_small", "cnn_tiny"])
 def test_num_classes_and_channels_respected(name):
     model = build_model(name, 43, img_size=(32, 32, 1)).eval()
     assert classifier_layer(model).out_features == 43

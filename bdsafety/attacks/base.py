@@ -104,6 +104,8 @@ COMMON_ATTACK_SCHEMA = {
     "synthetic_n_train": Option(5000, "synthetic only: training images", check=POS_INT),
     "synthetic_n_test": Option(1000, "synthetic only: test images", check=POS_INT),
     "synthetic_seed": Option(0, "synthetic only: generator seed", check=SEED),
+    "synthetic_difficulty": Option(0.0, "synthetic only: 0 (the easy demo task) to 1: clutter, distractor shapes, "
+                                        "occlusion, lower contrast, noise (bdsafety/data/synthetic.py)", check=FRACTION),
     **RUN_SCHEMA,
 }
 
@@ -410,6 +412,7 @@ def load_data_for(cfg: SimpleNamespace):
     kw = {}
     if cfg.dataset == "synthetic":
         kw = dict(n_train=cfg.synthetic_n_train, n_test=cfg.synthetic_n_test, seed=cfg.synthetic_seed)
+        kw["difficulty"] = getattr(cfg, "synthetic_difficulty", 0.0)  # absent: a config made before the key
     if cfg.dataset == "imagefolder" and cfg.img_size:
         kw["img_size"] = tuple(cfg.img_size)
     return load_clean_dataset(cfg.dataset, dataset_root(cfg.dataset_path, cfg.dataset), **kw)

@@ -41,7 +41,9 @@ from bdsafety.attacks.triggers import apply_lc_corners
 from bdsafety.config import FRACTION, NONNEG_INT, POS_INT, POSITIVE, SEED, ConfigError, Option
 
 # what must agree for a clean record to stand for "the same data" (besides dataset and model)
-_DATA_KEYS = {"synthetic": ("synthetic_n_train", "synthetic_n_test", "synthetic_seed"), "imagefolder": ("img_size",)}
+_DATA_KEYS = {"synthetic": ("synthetic_n_train", "synthetic_n_test", "synthetic_seed", "synthetic_difficulty"),
+              "imagefolder": ("img_size",)}
+_DATA_KEY_DEFAULTS = {"synthetic_difficulty": 0.0}  # what a record written before the key was made with
 
 
 def pgd_perturb(model, norm, x01: torch.Tensor, y: torch.Tensor, *, eps: float, step: float, steps: int,
@@ -208,7 +210,7 @@ class LabelConsistent(Attack):
             return f"its attack is {info.get('attack')!r}, not a clean reference (pratio 0)"
         for k in ("dataset", "model") + _DATA_KEYS.get(c.dataset, ()):
             mine = getattr(c, k)
-            theirs = info.get(k)
+            theirs = info.get(k, _DATA_KEY_DEFAULTS.get(k))
             if k == "img_size" and mine is not None and theirs is not None:
                 theirs = list(theirs)[:2]
             if theirs != mine:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
+import json
 import os
 import pickle
 import sys
@@ -39,6 +41,9 @@ SUPPORTED = ("cifar10", "cifar100", "gtsrb", "tiny", "imagefolder", "synthetic")
 UNSUPPORTED = ("mnist", "celeba", "imagenet")  # BackdoorBench datasets this project does not load
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
 CACHE_DIR = ".bdsafety_cache"
+# from this many images (train + test) the synthetic data is cached in <root>/.bdsafety_cache/ (generating 60,000 hard
+# images takes ~10 s on 2 busy cores, loading them < 1 s; every job of a study regenerates its record's data)
+SYNTHETIC_CACHE_MIN = 20_000
 _CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
 
 
@@ -67,7 +72,8 @@ def load_clean_dataset(
     img_size: (H, W), (H, W, 3) or an int for square; the output size for imagefolder (default: the first train image's
     size) and the square size of synthetic. Fixed-size datasets accept only their own size.
     progress: tqdm bar while decoding image files; None shows it when stderr is a terminal.
-    synthetic_kwargs: passed to ``make_synthetic`` (n_train, n_test, seed); synthetic only.
+    synthetic_kwargs: passed to ``make_synthetic`` (n_train, n_test, seed, difficulty); synthetic only; from
+        SYNTHETIC_CACHE_MIN images on, cached in <root>/.bdsafety_cache/.
     """
     if name in UNSUPPORTED:
         raise DataError(
@@ -93,6 +99,8 @@ def load_clean_dataset(
         size = int(synthetic_kwargs.get("size", 32))
         check_fits_memory(int(synthetic_kwargs.get("n_train", 5000)) + int(synthetic_kwargs.get("n_test", 1000)),
                           (size, size, 3), "synthetic", "lower synthetic_n_train / synthetic_n_test or the image size")
+        if int(synthetic_kwargs.get("n_train", 5000)) + int(synthetic_kwargs.get("n_test", 1000)) >= SYNTHETIC_CACHE_MIN:
+            return _cached_synthetic(root, synthetic_kwargs)
         return make_synthetic(**synthetic_kwargs)  # 10 balanced classes, >= 10 test images by construction
 
     root = os.path.expanduser(os.fspath(root))
@@ -312,6 +320,29 @@ def _decode_split(
         pool.shutdown(cancel_futures=True)  # after a bad file, do not wait for the rest to decode
     _write_cache(cache, x=x, y=y, fingerprint=np.array(fp), version=np.array(_CACHE_VERSION))
     return x, y
+
+
+def _cached_synthetic(root: str, kwargs: dict) -> CleanData:
+    """make_synthetic(**kwargs), cached under <root>/.bdsafety_cache/ keyed by every generator parameter."""
+    from bdsafety.data.synthetic import GENERATOR_VERSION, make_synthetic, synthetic_data
+
+    bound = inspect.signature(make_synthetic).bind(**kwargs)
+    bound.apply_defaults()
+    params = {k: (float(v) if k == "difficulty" else int(v)) for k, v in bound.arguments.items()}
+    fp = json.dumps({**params, "generator_version": GENERATOR_VERSION}, sort_keys=True)
+    cache = os.path.join(os.path.expanduser(os.fspath(root)), CACHE_DIR,
+                         f"synthetic_{hashlib.sha256(fp.encode()).hexdigest()[:16]}.npz")
+    if os.path.isfile(cache):
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["fingerprint"]) == fp:
+                    return synthetic_data(z["train_x"], z["train_y"], z["test_x"], z["test_y"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # unreadable cache: rebuild it
+    data = make_synthetic(**params)
+    _write_cache(cache, train_x=data.train_x, train_y=data.train_y, test_x=data.test_x, test_y=data.test_y,
+                 fingerprint=np.array(fp))
+    return data
 
 
 def _write_cache(path: str, **arrays) -> None:

@@ -42,6 +42,7 @@ _BUILDERS: dict[str, Callable[[int, int, int | None], nn.Module]] = {
     "resnet18_cifar": _native(CifarResNet18),
     "preactresnet18_narrow": _native(PreActResNet18, width=16),
     "cnn_small": _native(CNNSmall),
+    "cnn_tiny": _native(CNNSmall, widths=(16, 32, 64, 128)),  # cnn_small at half width: the 2-core benchmark's model
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
