@@ -642,6 +642,25 @@ def bti_settings(cfg) -> dict:
     return {k: getattr(cfg, k) for k in BTI_SCHEMA if k not in _NOT_IN_KEY}
 
 
+def generator_artifact(G: nn.Module, mask, target: int) -> dict:
+    """``bti_generator.pt`` of a defense that used the inversion (PAM, pam_reinvert, BTI-DBF(U), retune_aware): the
+    generator's weights and config, the benign mask and the detected target."""
+    return {"generator": {k: v.detach().cpu() for k, v in G.state_dict().items()},
+            "generator_config": dict(getattr(G, "config", {})),
+            "mask": mask.detach().cpu() if torch.is_tensor(mask) else mask, "target": int(target)}
+
+
+def with_bti_schema(own: dict, name: str) -> dict:
+    """The schema of a defense that runs the inversion: BTI_SCHEMA plus its own keys (a key in both is a programming
+    error between the two modules)."""
+    from bdsafety.defenses.base import defense_schema
+
+    clash = sorted(set(BTI_SCHEMA) & set(own))
+    if clash:  # pragma: no cover - a programming error between the two modules
+        raise RuntimeError(f"BTI_SCHEMA and {name} both define {clash}")
+    return defense_schema(**BTI_SCHEMA, **own)
+
+
 def cache_key(cfg, reserved_idx, model: nn.Module, reserved: DeviceDataset | None = None) -> str:
     """Hash of (bti_ settings, reserved indices, seed, model weights). Without indices, the reserved data's bytes."""
     if reserved_idx is not None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from bdsafety import engine
 from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Option
 from bdsafety.defenses import bti
-from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.defenses.base import DefenseResult
 from bdsafety.defenses.mixing import generator_replacer, mixing_batch_fn
 from bdsafety.registry import register
 
@@ -123,16 +123,11 @@ def bti_dbf(ctx) -> DefenseResult:
         log(f"round {r + 1}/{cfg.n_rounds} ({cfg.epochs} epochs of unlearning): {engine.format_metrics(rr[-1])}")
 
     extra["generator_digest_per_round"] = digests
-    generator = {"generator": {k: v.detach().cpu() for k, v in G.state_dict().items()}, "generator_config": dict(G.config),
-                 "mask": mask.detach().cpu(), "target": target}
-    return DefenseResult(model, rows, artifacts={"bti_generator.pt": generator}, info=extra)
+    return DefenseResult(model, rows, artifacts={"bti_generator.pt": bti.generator_artifact(G, mask, target)}, info=extra)
 
 
 def schema() -> dict:
-    clash = sorted(set(bti.BTI_SCHEMA) & set(BTIDBF_SCHEMA))
-    if clash:  # pragma: no cover - a programming error between the two modules
-        raise RuntimeError(f"BTI_SCHEMA and BTIDBF_SCHEMA both define {clash}")
-    return defense_schema(**bti.BTI_SCHEMA, **BTIDBF_SCHEMA)
+    return bti.with_bti_schema(BTIDBF_SCHEMA, "BTIDBF_SCHEMA")
 
 
 register("defense", NAME, schema=schema, needs=("inversion_cache",),

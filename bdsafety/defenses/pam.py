@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from bdsafety import engine
 from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Option, float_list
-from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.defenses.base import DefenseResult
 from bdsafety.defenses.mixing import generator_replacer, mixing_batch_fn, pool_replacer, true_label_pool
 from bdsafety.errors import ConfigError
 from bdsafety.registry import register
@@ -311,10 +311,7 @@ def pam(ctx) -> DefenseResult:
             f"||theta - theta_bd|| = {step.distance():.4f}")
     if G is not None:
         extra["generator_digest_per_round"] = digests
-        artifacts["bti_generator.pt"] = {"generator": {k: v.detach().cpu() for k, v in G.state_dict().items()},
-                                         "generator_config": dict(getattr(G, "config", {})),
-                                         "mask": mask.detach().cpu() if torch.is_tensor(mask) else mask,
-                                         "target": int(inv.target)}
+        artifacts["bti_generator.pt"] = _bti().generator_artifact(G, mask, inv.target)
     return DefenseResult(model, rows, artifacts=artifacts, info=extra, indices=indices)
 
 
@@ -322,16 +319,11 @@ def schema(variant: str = NAME) -> dict:
     """Config keys of ``pam`` or ``pam_reinvert``: the same keys; the variant sets retrain_generator's default."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown PAM variant {variant!r}; valid: {', '.join(VARIANTS)}")
-    bti_schema = dict(_bti().BTI_SCHEMA)
     retrain = Option(VARIANTS[variant], "in rounds after the first, re-learn the benign mask and retrain G against the "
                                         "current model (with CE to the detected target and the one generator Adam of "
                                         "round 1): pam_reinvert's default; false = the official code (pam's default), "
                                         "whose G stays frozen after round 1")
-    pam_schema = {**PAM_SCHEMA, "retrain_generator": retrain}
-    clash = sorted(set(bti_schema) & set(pam_schema))
-    if clash:  # pragma: no cover - a programming error between the two modules
-        raise RuntimeError(f"BTI_SCHEMA and PAM_SCHEMA both define {clash}")
-    return defense_schema(**bti_schema, **pam_schema)
+    return _bti().with_bti_schema({**PAM_SCHEMA, "retrain_generator": retrain}, "PAM_SCHEMA")
 
 
 def sweep_configs(cfg: SimpleNamespace, name: str = NAME) -> list[SimpleNamespace]:

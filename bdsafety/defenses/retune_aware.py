@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from bdsafety import engine
 from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Option
 from bdsafety.defenses import bti
-from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.defenses.base import DefenseResult
 from bdsafety.defenses.mixing import generator_replacer, mix_count, mixing_batch_fn
 from bdsafety.registry import register
 
@@ -270,16 +270,12 @@ def retune_aware(ctx) -> DefenseResult:
         rows.extend(rr)
         log(f"round {r + 1}/{cfg.n_rounds} ({cfg.epochs} epochs): {engine.format_metrics(rr[-1])}  simulated attack: "
             f"loss {rr[-1]['meta_loss']:.3f}, inverted samples -> {target}: {rr[-1]['meta_target_rate']:.1%}")
-    generator = {"generator": {k: v.detach().cpu() for k, v in G.state_dict().items()}, "generator_config": dict(G.config),
-                 "mask": inv.mask.detach().cpu(), "target": target}
-    return DefenseResult(model, rows, artifacts={"bti_generator.pt": generator}, info=info)
+    return DefenseResult(model, rows, artifacts={"bti_generator.pt": bti.generator_artifact(G, inv.mask, target)},
+                         info=info)
 
 
 def schema() -> dict:
-    clash = sorted(set(bti.BTI_SCHEMA) & set(RETUNE_AWARE_SCHEMA))
-    if clash:  # pragma: no cover - a programming error between the two modules
-        raise RuntimeError(f"BTI_SCHEMA and RETUNE_AWARE_SCHEMA both define {clash}")
-    return defense_schema(**bti.BTI_SCHEMA, **RETUNE_AWARE_SCHEMA)
+    return bti.with_bti_schema(RETUNE_AWARE_SCHEMA, "RETUNE_AWARE_SCHEMA")
 
 
 register("defense", NAME, schema=schema, needs=("inversion_cache",),
