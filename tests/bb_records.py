@@ -158,13 +158,18 @@ def _to_numpy1_spelling(path: Path) -> None:
 
 def _make_bb_record(root, name, *, stored_root: str, numpy1: bool, n_train: int, n_test: int, num_classes: int,
                     img_size: tuple, pratio: float, target: int, label_trans: str, model_name: str,
-                    with_bd_train: bool, with_info: bool, module_prefix: bool, seed: int) -> BBRecord:
+                    with_bd_train: bool, with_info: bool, module_prefix: bool, seed: int,
+                    state_dict: OrderedDict | None = None, labels: tuple | None = None) -> BBRecord:
     rng = np.random.default_rng(seed)
     root = Path(root)
     record_dir = root / "record" / name
     record_dir.mkdir(parents=True)
-    train_y = rng.integers(0, num_classes, n_train)
-    test_y = rng.integers(0, num_classes, n_test)
+    if labels is None:
+        train_y = rng.integers(0, num_classes, n_train)
+        test_y = rng.integers(0, num_classes, n_test)
+    else:  # the labels of a dataset written beside the record (tests/fake_datasets.py), so the two agree
+        train_y, test_y = (np.asarray(v, dtype=np.int64) for v in labels)
+        assert (len(train_y), len(test_y)) == (n_train, n_test)
     if label_trans == "all2one":
         bd_labels = lambda y: np.full(len(y), target, dtype=np.int64)  # noqa: E731
         test_idx = np.where(test_y != target)[0]
@@ -176,7 +181,7 @@ def _make_bb_record(root, name, *, stored_root: str, numpy1: bool, n_train: int,
         train_idx = rng.choice(n_train, max(1, round(pratio * n_train)), replace=False)
         bd_train = _split(rng, train_y, train_idx, img_size, bd_labels)
     bd_test = _split(rng, test_y, test_idx, img_size, bd_labels)
-    state = tiny_state_dict(num_classes, seed, "module." if module_prefix else "")
+    state = tiny_state_dict(num_classes, seed, "module." if module_prefix else "") if state_dict is None else state_dict
     stored = f"{stored_root}/record/{name}"
     result = {
         "model_name": model_name,
@@ -204,12 +209,16 @@ def _make_bb_record(root, name, *, stored_root: str, numpy1: bool, n_train: int,
 def make_bb_v22_record(root, name: str = "badnet_demo", *, n_train: int = 40, n_test: int = 20, num_classes: int = 10,
                        img_size: tuple = (8, 8, 3), pratio: float = 0.1, target: int = 0, label_trans: str = "all2one",
                        model_name: str = "preactresnet18", with_bd_train: bool = True, with_info: bool = True,
-                       module_prefix: bool = False, seed: int = 0) -> BBRecord:
-    """A v2.2 record at ``root/record/<name>``: paths relative to the BackdoorBench root ('./record/<name>/...')."""
+                       module_prefix: bool = False, seed: int = 0, state_dict: OrderedDict | None = None,
+                       labels: tuple | None = None) -> BBRecord:
+    """A v2.2 record at ``root/record/<name>``: paths relative to the BackdoorBench root ('./record/<name>/...').
+    ``state_dict``: the model's weights (default: a few preactresnet18-named tensors, enough for loaders but not to
+    run); ``labels``: (train labels, test labels) of the clean dataset the record is made from."""
     return _make_bb_record(root, name, stored_root=".", numpy1=False, n_train=n_train, n_test=n_test,
                            num_classes=num_classes, img_size=img_size, pratio=pratio, target=target,
                            label_trans=label_trans, model_name=model_name, with_bd_train=with_bd_train,
-                           with_info=with_info, module_prefix=module_prefix, seed=seed)
+                           with_info=with_info, module_prefix=module_prefix, seed=seed, state_dict=state_dict,
+                           labels=labels)
 
 
 def make_bb_v20_record(root, name: str = "badnet_demo", *, foreign_root: str = "/home/alice/BackdoorBench",

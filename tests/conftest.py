@@ -10,7 +10,7 @@ if ROOT not in sys.path:
 
 # Fixtures that train (a demo record, a study, a model zoo): every test that uses one, directly or through another
 # fixture, is an end-to-end test and runs in CI's slow stage (pytest -m slow), after the fast stage (-m "not slow").
-HEAVY_FIXTURES = {"demo_record", "clean_record", "demo_work", "fst_after_ra", "zoo_records", "tiny_study", "audited"}
+HEAVY_FIXTURES = {"demo_record", "clean_record", "demo_work", "fst_after_ra", "zoo_records", "tiny_study", "audited", "audited_bb"}
 
 
 def pytest_collection_modifyitems(config, items):

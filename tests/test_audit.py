@@ -176,3 +176,114 @@ def test_another_study_of_the_same_record_refuses_to_replace_the_audits_outputs(
     oc = run_study(None, study=study_from_dict({**spec, "report_dir": "rec/audit"}, tmp_path / "a.yaml",
                                                study_dir=str(copy)), progress=False, out=io.StringIO(), threads=1)
     assert oc.keys("ran") == [] and not oc.failed  # the audit's own study: up to date
+
+
+# ------------------------------------------------------------------ a real audit of BackdoorBench's own folders
+
+def _calibrated_preactresnet18(images: torch.Tensor) -> dict:
+    """Random preactresnet18 weights (BackdoorBench's keys) whose BatchNorm statistics are those of ``images``, so the
+    eval-mode losses are a random model's (about ln 10), not the 1e4+ of initial statistics."""
+    from bdsafety.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("preactresnet18", 10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for batch in images.split(50):
+            model(batch)
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def audited_bb(tmp_path_factory):
+    """A BackdoorBench v2.2 record as BackdoorBench writes it (tests/bb_records.py: PNG folders, its attack_result.pt
+    and info.pickle; a preactresnet18, the clean CIFAR-10 beside it at ./data/cifar10 in the dataset's own format),
+    with two defense folders named and written as BackdoorBench's defenses write them (defense/ft,
+    defense/i-bau: defense_result.pt), audited for real: (BackdoorBench root, outcome, audit.md)."""
+    from fake_datasets import make_fake_cifar10
+
+    bb = tmp_path_factory.mktemp("bb")
+    fake = make_fake_cifar10(str(bb / "data" / "cifar10"), n_train=200, n_test=60, seed=1)
+    x = torch.from_numpy(fake.train_x).permute(0, 3, 1, 2).float() / 255
+    state = _calibrated_preactresnet18(x)
+    r = make_bb_v22_record(bb, n_train=200, n_test=60, img_size=(32, 32, 3), state_dict=state,
+                           labels=(fake.train_y, fake.test_y))
+    for k, f in enumerate(("ft", "i-bau")):  # two different "defended" models: the weights moved a little
+        g = torch.Generator().manual_seed(k)
+        moved = {n: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for n, v in state.items()}
+        d = r.record_dir / "defense" / f
+        d.mkdir(parents=True)
+        torch.save({"model_name": "preactresnet18", "num_classes": 10, "model": moved}, d / "defense_result.pt")
+    y = bb / "audit.yaml"
+    spec = yaml.safe_load((ROOT / "config" / "study" / "audit.yaml").read_text())
+    y.write_text(yaml.safe_dump({**spec, "set": TINY_SET}))
+    oc, md, text = _audit(["--result_file", "badnet_demo", "--record_root", str(bb / "record"), "--yaml_path", str(y),
+                           "--ra_draws", "2", "--poison_nums", "1", "--threads", "1", "--no_progress"])
+    return bb, oc, md, text
+
+
+@pytest.mark.slow
+def test_audit_of_a_backdoorbench_record_ranks_backdoorbenchs_own_defense_folders(audited_bb):
+    bb, oc, md, text = audited_bb
+    assert not oc.failed and len(oc.keys("ran")) == 3 * (2 + 2 + 1) + 2  # none, ft, i-bau: 2 RA, 2 controls, 1 budget; 2 LMC
+    rec = bb / "record" / "badnet_demo"
+    assert sorted(p.name for p in (bb / "record").iterdir()) == ["badnet_demo"]  # nothing beside the record
+    assert sorted(p.name for p in (rec / "defense").iterdir()) == ["ft", "i-bau"]  # BackdoorBench's folders, untouched
+    assert md == rec / "audit" / "audit.md" and (rec / "audit" / "audit.html").is_file()
+    report = md.read_text()
+    ranked = [ln for ln in report.splitlines() if ln.startswith(("| 1 |", "| 2 |"))]
+    assert sorted(ln.split("|")[2].strip() for ln in ranked) == ["ft", "i-bau"]
+    assert all(any(v in ln for v in VERDICTS) for ln in ranked)
+    assert "| - | none |" in report
+    df = pd.read_csv(rec / "audit" / "results.csv")
+    rows = df[df["defense"].isin(["ft", "i-bau"])]
+    assert len(rows) == 2 and (rows["status"] == "ok").all() and (rows["p_robustness_asr_draws_n"] == 2).all()
+    assert (rows["o_robustness_source"] == "ra_epoch0").all()  # no summary csv in the folders: RA's own measurement
+    assert rows["o_robustness_acc"].between(0, 1).all() and rows["lmc_asr_mid"].notna().all()
+    assert "C-Acc and ASR of ft, i-bau: measured by RA before its first step" in report
+    assert text.strip().endswith("audit.md")
+
+
+AUDIT_PAGE = """(() => ({
+  tables: [...document.querySelectorAll('table')].map(t => ({cls: t.className,
+    head: [...t.tHead.rows[0].cells].map(c => c.textContent),
+    rows: [...t.tBodies[0].rows].map(r => [...r.cells].map(c => [c.textContent, c.className]))})),
+  legend: document.querySelector('p.legend') ? document.querySelector('p.legend').innerText : null,
+  title: document.title,
+}))()"""
+
+
+@pytest.mark.slow
+def test_audit_html_in_a_headless_browser(audited_bb, tmp_path):
+    """audit.html of the BackdoorBench-record audit in a real headless Chromium: no console error, one ranked table
+    whose rows are the two defense folders (ranks 1, 2) and the backdoored model, each with a verdict cell coloured
+    by its class; the screenshot is kept (BDSAFETY_TEST_ARTIFACTS)."""
+    import os
+
+    import browser
+
+    if browser.find_chromium() is None:
+        pytest.skip("no chromium binary on PATH (apt-get install chromium, or set BDSAFETY_CHROMIUM); .ci/run installs it")
+    bb, _, md, _ = audited_bb
+    page = browser.load(md.with_suffix(".html"), AUDIT_PAGE)
+    shot = tmp_path / "audit_bb.png"
+    shot.write_bytes(page.screenshot)
+    if os.environ.get("BDSAFETY_TEST_ARTIFACTS"):
+        dst = Path(os.environ["BDSAFETY_TEST_ARTIFACTS"])
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, dst / shot.name)
+    assert page.errors == [], page.console
+    v = page.value
+    assert v["title"] == "Audit badnet_demo" and v["legend"] and "Colours" in v["legend"]
+    (t,) = v["tables"]
+    col = {c: i for i, c in enumerate(t["head"])}
+    assert t["cls"] == "verdicts" and {"rank", "defense", "P-ASR", "P-DER", "verdict"} <= set(col)
+    assert sorted(r[col["rank"]][0] for r in t["rows"]) == ["-", "1", "2"]
+    assert sorted(r[col["defense"]][0] for r in t["rows"]) == ["ft", "i-bau", "none"]
+    ranked = [r for r in t["rows"] if r[col["rank"]][0] != "-"]
+    assert all(any(v in r[col["verdict"]][0] for v in VERDICTS) and r[col["verdict"]][1] in ("ok", "bad", "warn")
+               for r in ranked), ranked
+    assert len(shot.read_bytes()) > 1000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -116,6 +116,17 @@ def _md_table(t: pd.DataFrame) -> str:
                      + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in t.iterrows()])
 
 
+def _measured_by_ra(oc) -> list:
+    """Defense folders whose C-Acc / ASR come from RA's epoch-0 evaluation (results.csv's o_robustness_source)."""
+    f = oc.results_csv
+    if not f or not Path(f).is_file():
+        return []
+    df = pd.read_csv(f)
+    if "o_robustness_source" not in df:
+        return []
+    return sorted(set(df.loc[df["o_robustness_source"] == "ra_epoch0", "defense"].astype(str)))
+
+
 def write_audit_report(oc, ranked: list) -> tuple[Path, Path]:
     """audit.md and audit.html in the study's report_dir: the ranking, the verdicts' thresholds, what ran."""
     from bdsafety.study.report import STYLE, VERDICT_TEXT, html_table, legend_html
@@ -131,6 +142,10 @@ def write_audit_report(oc, ranked: list) -> tuple[Path, Path]:
              "Ranked by post-retuning robustness: P-ASR (ASR after RA), lowest first; none (the backdoored model) and "
              "clean (the clean reference) are references, not ranked.",
              VERDICT_TEXT.format(**{k: 100 * v for k, v in st.verdict.items()})]
+    measured = _measured_by_ra(oc)
+    if measured:
+        intro.append(f"C-Acc and ASR of {', '.join(measured)}: measured by RA before its first step (the defense folder "
+                     f"holds no <name>_df_summary.csv of its own), on the record's test sets.")
     n_failed = len(oc.failed)
     tail = [f"{n_failed} job(s) failed: see report.md and logs/." if n_failed else "Every job finished.",
             "Every table, figure and note: report.md / report.html; one row per model: results.csv."]

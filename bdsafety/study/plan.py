@@ -95,8 +95,11 @@ def _runtime(study) -> dict:
     """Keys of every job that say where and how it runs (RUNTIME_KEYS: not part of the job id). The jobs may replace
     their outputs and delete what lies inside them; bdsafety.study.execute.check_replaceable refuses that unless this
     study made every output concerned."""
-    return {"record_root": str(study.study_dir), "dataset_path": str(study.dataset_path), "device": study.device,
-            "no_progress": True, "overwrite": True, "dependents": "delete", "trust_record": bool(study.trust_record)}
+    run = {"record_root": str(study.study_dir), "device": study.device, "no_progress": True, "overwrite": True,
+           "dependents": "delete", "trust_record": bool(study.trust_record)}
+    if study.dataset_path is not None:  # else: the attacks' ./data (made absolute in add), a found record's data_path
+        run["dataset_path"] = str(study.dataset_path)
+    return run
 
 
 def build_plan(study) -> Plan:
@@ -184,6 +187,8 @@ class _Planner:
             self.used_scope_keys.setdefault("clean", set()).update(schema)
         over = {**study.overrides(kind, method, clean, schema), **fixed}
         over.update({k: v for k, v in self.runtime.items() if k in schema})
+        if kind == "attack" and "dataset_path" in schema and "dataset_path" not in over:
+            over["dataset_path"] = str(Path("./data").resolve())  # the same folder from any worker's working directory
         if record_root is not None:
             over["record_root"] = str(record_root)
         if "random_seed" in schema:

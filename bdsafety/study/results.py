@@ -4,6 +4,9 @@ Rows: ``defense`` is 'none' (the backdoored model itself), 'clean' (the clean re
 defense folder. Columns (fractions in [0, 1]; NaN where a stage was not run or failed):
   o_backdoor_{acc,asr,ra}     the backdoored model (after the attack)
   o_robustness_{acc,asr,ra}   after the defense (for 'none': the backdoored model; for 'clean': the clean model)
+  o_robustness_source         where those come from: 'summary' (the folder's <name>_df_summary.csv) or 'ra_epoch0'
+                              (a defense folder without one, e.g. a BackdoorBench run that wrote only
+                              defense_result.pt: the retuning attack's evaluation of the model before its first step)
   p_robustness_{acc,asr,ra}   after the retuning attack RA on that model (P-ASR = p_robustness_asr)
   n_pruned, pruning_threshold neurons a pruning defense (ANP) removed from the model and the mask threshold it
                               pruned at (selected on validation data or fixed, as its config says); NaN otherwise
@@ -61,6 +64,16 @@ def _wall(folder: Path) -> float:
 def _stage(row: dict, prefix: str, summary: dict) -> None:
     for short, key in METRICS:
         row[f"{prefix}_{short}"] = summary.get(key, math.nan)
+
+
+def _ra_epoch0(ra_dir: Path) -> dict:
+    """The RA run's evaluation of its input model before retuning (ra_df.csv, epoch 0), or {}."""
+    try:
+        df = pd.read_csv(ra_dir / "ra_df.csv")
+        first = df[df["epoch"] == 0].iloc[0]
+        return {key: float(first[key]) for _, key in METRICS if key in first}
+    except (OSError, KeyError, IndexError, ValueError, pd.errors.ParserError):
+        return {}
 
 
 def _pruning(row: dict, folder: Path) -> None:
@@ -158,7 +171,12 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
             row = {"dataset": p["dataset"], "attack": p["attack"], "pratio": p["pratio"], "model": p["model"], "defense": name,
                    "seed": p["seed"], "record": rname}
             _stage(row, "o_backdoor", bd)
-            _stage(row, "o_robustness", _summary(ok(folder), summary_name))
+            after = _summary(ok(folder), summary_name)
+            row["o_robustness_source"] = "summary" if after else None
+            if not after and name not in ("none", "clean"):  # a found folder without metrics: RA's measurement
+                after = _ra_epoch0(ok(ra_dir))
+                row["o_robustness_source"] = "ra_epoch0" if after else None
+            _stage(row, "o_robustness", after)
             _stage(row, "p_robustness", _summary(ok(ra_dir), "ra"))
             _pruning(row, ok(folder) if name not in ("none", "clean") else study_dir / ".missing")
             _qra(row, ok(folder / "qra"))

@@ -56,7 +56,8 @@ _KEYS = {
     "description": "free text",
     "record_root": "folder holding the study folder (default ./record)",
     "study_dir": "the study folder itself (default <record_root>/study_<name>)",
-    "dataset_path": "folder holding <dataset>/ (default ./data)",
+    "dataset_path": "folder holding <dataset>/ (default: ./data for the study's attacks; a record found in place "
+                    "reads its own data_path, BackdoorBench's rule)",
     "device": "device of every job: auto, cpu, cuda, cuda:N (default auto; on Ray each job sees the GPUs it was given)",
     "datasets": "list of datasets",
     "models": "list of model names",
@@ -88,7 +89,7 @@ class Study:
     name: str
     path: Path  # the yaml
     study_dir: Path
-    dataset_path: Path
+    dataset_path: Path | None  # None: not given (attacks: ./data; records found in place: their own data_path)
     device: str
     datasets: list
     models: list
@@ -291,7 +292,7 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
         raise ConfigError(f"{path}: ra_control / ra_draws need ra in retune")
     verdict = verdict_thresholds(_mapping(data.get("verdict"), "verdict", nested=False), path)
     st = Study(
-        name=name, path=path, study_dir=sdir, dataset_path=Path(data.get("dataset_path") or "./data").resolve(),
+        name=name, path=path, study_dir=sdir, dataset_path=Path(data["dataset_path"]).resolve() if data.get("dataset_path") else None,
         device=str(data.get("device") or "auto"),
         datasets=[str(d) for d in _list(data.get("datasets"), "datasets")],
         models=[str(m) for m in _list(data.get("models"), "models")],
