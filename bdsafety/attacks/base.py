@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from bdsafety.attacks.param_limit import PARAM_LIMIT_SCHEMA
 from bdsafety.attacks.poison import LABEL_TRANS, backdoor_labels, select_test_poison, select_train_poison
 from bdsafety.config import (
     FRACTION,
@@ -106,6 +107,7 @@ COMMON_ATTACK_SCHEMA = {
     "synthetic_seed": Option(0, "synthetic only: generator seed", check=SEED),
     "synthetic_difficulty": Option(0.0, "synthetic only: 0 (the easy demo task) to 1: clutter, distractor shapes, "
                                         "occlusion, lower contrast, noise (bdsafety/data/synthetic.py)", check=FRACTION),
+    **PARAM_LIMIT_SCHEMA,
     **RUN_SCHEMA,
 }
 
@@ -324,8 +326,22 @@ class Attack:
 
         engine.seed_everything(self.cfg.random_seed)
         model = self.new_model()
-        rows = self.train(model, train_x, train_y, bd_test, alt=alt)
-        return AttackOutcome(model, rows, bd_train, bd_test, self.info(), self.artifacts())
+        hook = self.param_limit_hook(model, bd_train)
+        rows = self.train(model, train_x, train_y, bd_test, alt=alt, on_epoch_end=hook)
+        info = self.info()
+        if hook is not None:
+            info = {**info, "abi_history": hook.history}
+        return AttackOutcome(model, rows, bd_train, bd_test, info, self.artifacts())
+
+    def param_limit_hook(self, model, bd_train: PoisonedSplit):
+        """The epoch hook of ``--param_limit`` (bdsafety/attacks/param_limit.py), or None ('none', or nothing poisoned)."""
+        c = self.cfg
+        if getattr(c, "param_limit", "none") == "none" or not len(bd_train.indices):
+            return None
+        from bdsafety.attacks.param_limit import ABI, abi_pairs
+
+        clean, poisoned = abi_pairs(self, bd_train, c.abi_samples, c.random_seed)
+        return ABI(model, clean, poisoned, self.normalizer(), c.abi_u, self.ctx.log)
 
 
 # attack names BackdoorBench writes into info.pickle that this project registers under another name
@@ -377,6 +393,17 @@ def attack_geometry(cfg: SimpleNamespace):
     from bdsafety.data.device import input_geometry
 
     return input_geometry(getattr(cfg, "input_resize", None), getattr(cfg, "input_crop", None))
+
+
+def check_param_limit(method, cfg: SimpleNamespace) -> None:
+    """--param_limit reshapes the scaffold's one training run: an attack that trains its own way cannot take it."""
+    if getattr(cfg, "param_limit", "none") == "none":
+        return
+    cls = attack_class(method.name)
+    if cls is None or cls.run is not Attack.run:
+        own = ", ".join(sorted(m.name for m in _attack_methods() if m.run.attack_class.run is Attack.run))
+        raise ConfigError(f"--param_limit {cfg.param_limit}: {method.name} trains its own way (it overrides the scaffold's "
+                          f"training run), so the option cannot shape it; it applies to the data-poisoning attacks: {own}")
 
 
 def check_input_pipeline(method, cfg: SimpleNamespace) -> None:
@@ -453,6 +480,7 @@ def run_attack(method, cfg: SimpleNamespace) -> Path:
     if not 0 <= cfg.attack_target < nc:
         raise ConfigError(f"attack_target {cfg.attack_target} is not a class of {cfg.dataset} (0..{nc - 1})")
     check_input_pipeline(method, cfg)
+    check_param_limit(method, cfg)
     geometry = attack_geometry(cfg)
     h, w, ch = data.info.img_size
     stamp = tuple(data.info.img_size) if geometry is None else (geometry.resize, geometry.resize, ch)
