@@ -113,6 +113,9 @@ class Option:
     nullable: bool | None = None  # may be None (default: only when the default is None)
     kind: str | None = None  # 'device', 'folder_name', 'index_file', 'model': validated by name
     none_is_name: bool = False  # the string 'none' is a value (e.g. RA's --defense none), not a null
+    # the default is the behaviour from before the option existed: at that value the key is left out of study job ids
+    # (bdsafety.study.plan.id_config), so adding the option does not make finished study outputs stale
+    neutral: bool = False
 
     def is_nullable(self) -> bool:
         return self.default is None if self.nullable is None else self.nullable

@@ -158,7 +158,9 @@ def test_audit_rerun_resumes_with_nothing_to_run(audited, tmp_path):
 
 
 @pytest.mark.slow
-def test_another_study_of_the_same_record_refuses_to_replace_the_audits_outputs(audited, tmp_path):
+def test_another_study_reads_the_audits_outputs_but_refuses_to_replace_them(audited, tmp_path):
+    """A second study in the same folder (its own report_dir): the audit's finished jobs with the same ids are read
+    as up to date (nothing reruns); with another config they would have to be replaced: refused, nothing changed."""
     from bdsafety.study.runner import run_study
 
     root, _, first, _, _ = audited
@@ -166,13 +168,22 @@ def test_another_study_of_the_same_record_refuses_to_replace_the_audits_outputs(
     shutil.copytree(root, copy)
     spec = {**yaml.safe_load((copy / "rec" / "audit" / "study.yaml").read_text()), "report_dir": "other"}
     spec.pop("study_dir")
-    st = study_from_dict(spec, tmp_path / "other.yaml", study_dir=str(copy))
+    same = study_from_dict(spec, tmp_path / "other.yaml", study_dir=str(copy))
+    oc = run_study(None, study=same, progress=False, out=io.StringIO(), threads=1)
+    assert oc.keys("ran") == [] and not oc.failed and set(oc.keys("done")) == set(first.keys("ran"))
+    assert all(oc.results[k].get("shared_from") == "rec/audit" for k in first.keys("ran"))
+    assert (copy / "other" / "results.csv").is_file()
+    other_ra = {**spec, "set": {**spec["set"], "ra": {**spec["set"]["ra"], "epochs": 2}}, "report_dir": "third"}
+    changed = study_from_dict(other_ra, tmp_path / "third.yaml", study_dir=str(copy))
     out = io.StringIO()
-    run_study(None, study=st, dry_run=True, out=out)
+    run_study(None, study=changed, dry_run=True, out=out)
     assert "output of another study (report folder rec/audit)" in out.getvalue()
-    oc = run_study(None, study=st, progress=False, out=io.StringIO(), threads=1)
-    assert {r["key"] for r in oc.failed} == set(first.keys("ran")) and oc.keys("ran") == []
+    before = {p: p.stat().st_mtime_ns for p in (copy / "rec").rglob("ra_result.pt")}
+    oc = run_study(None, study=changed, progress=False, out=io.StringIO(), threads=1)
+    ra_keys = {k for k in first.keys("ran") if "/ra" in k or k.startswith("rec/ra")}
+    assert ra_keys and {r["key"] for r in oc.failed} == ra_keys and oc.keys("ran") == []
     assert all("this study did not make" in r["error"] for r in oc.failed)
+    assert {p: p.stat().st_mtime_ns for p in (copy / "rec").rglob("ra_result.pt")} == before
     oc = run_study(None, study=study_from_dict({**spec, "report_dir": "rec/audit"}, tmp_path / "a.yaml",
                                                study_dir=str(copy)), progress=False, out=io.StringIO(), threads=1)
     assert oc.keys("ran") == [] and not oc.failed  # the audit's own study: up to date

@@ -292,6 +292,21 @@ def test_kind_wide_set_keys_apply_where_they_exist_and_typos_fail(tmp_path):
         build_plan(load_study(_yaml(tmp_path / "typo.yaml", defense={"epoch": 1})))
 
 
+def test_neutral_options_at_their_default_stay_out_of_job_ids(tmp_path):
+    """An option added later with the earlier behaviour as default (Option.neutral: --param_limit) does not change
+    the ids of finished jobs at that default; set to another value it is part of the id."""
+    from bdsafety.study.plan import build_plan, job_id
+    from bdsafety.study.spec import load_study
+
+    plain = {j.key: j for j in build_plan(load_study(_yaml(tmp_path / "a.yaml"))).jobs}
+    attack = plain[REC]
+    assert "param_limit" not in attack.config and "abi_u" not in attack.config and "epochs" in attack.config
+    assert attack.id == job_id("attack", "badnet", attack.config, [])
+    abi = {j.key: j for j in build_plan(load_study(_yaml(tmp_path / "b.yaml", attack={"param_limit": "abi"}))).jobs}
+    assert abi[REC].config["param_limit"] == "abi" and abi[REC].id != attack.id
+    assert abi[f"{REC}/defense/ft"].id != plain[f"{REC}/defense/ft"].id  # downstream of another record
+
+
 def test_study_yaml_typos_are_errors_naming_the_valid_keys(tmp_path):
     from bdsafety.errors import ConfigError
     from bdsafety.study.plan import build_plan

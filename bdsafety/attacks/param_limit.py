@@ -29,11 +29,11 @@ PARAM_LIMIT_SCHEMA = {
     "param_limit": Option("none", "parameter-space-limited injection: 'none' (train as the attack does) or 'abi' (after "
                                   "Grond's adversarial backdoor injection: after every epoch, reset the conv channels whose "
                                   "trigger-activated change is an outlier of their layer; bdsafety/attacks/param_limit.py)",
-                          choices=PARAM_LIMITS),
+                          choices=PARAM_LIMITS, neutral=True),
     "abi_u": Option(3.0, "param_limit abi: a channel is reset when its TAC exceeds its layer's mean + abi_u std",
-                    check=POSITIVE),
+                    check=POSITIVE, neutral=True),
     "abi_samples": Option(256, "param_limit abi: poisoned training samples (with their clean originals) the TAC is "
-                               "measured on", check=POS_INT),
+                               "measured on", check=POS_INT, neutral=True),
 }
 
 

@@ -66,8 +66,9 @@ def other_owner(study_dir, key: str, report_dir=None) -> str | None:
     return who if who is not None and who != owner(study_dir, report_dir) else None
 
 
-def read_marker(study_dir, job, report_dir=None) -> dict | None:
-    """The marker of ``job``'s output when that output is complete and was made by this study, else None."""
+def read_marker(study_dir, job, report_dir=None, any_owner: bool = False) -> dict | None:
+    """The marker of ``job``'s output when that output is complete and was made by this study (``any_owner``: by any
+    study), else None."""
     out = output_dir(study_dir, job.key)
     p = out / "log" / MARKER
     if not p.is_file() or (job.done_file and not (out / job.done_file).is_file()):
@@ -76,7 +77,9 @@ def read_marker(study_dir, job, report_dir=None) -> dict | None:
         marker = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-    return marker if isinstance(marker, dict) and marker.get("owner", ".") == owner(study_dir, report_dir) else None
+    if not isinstance(marker, dict):
+        return None
+    return marker if any_owner or marker.get("owner", ".") == owner(study_dir, report_dir) else None
 
 
 def up_to_date(marker: dict | None, job, upstream_runs: dict) -> bool:
@@ -223,13 +226,14 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
 
 def _run_method(job, study_dir) -> None:
     from bdsafety import registry
-    from bdsafety.config import config_dict, resolve
+    from bdsafety.config import resolve
     from bdsafety.errors import ConfigError
-    from bdsafety.study.plan import RUNTIME_KEYS
+    from bdsafety.study.plan import id_config
 
     m = registry.get(job.kind, job.method)
-    cfg = resolve(m.schema(), job.yaml_path, job.overrides)
-    conf = {k: v for k, v in config_dict(cfg).items() if k not in RUNTIME_KEYS}
+    schema = m.schema()
+    cfg = resolve(schema, job.yaml_path, job.overrides)
+    conf = id_config(cfg, schema)
     if json.dumps(conf, sort_keys=True, default=str) != json.dumps(job.config, sort_keys=True, default=str):
         raise ConfigError(f"{job.yaml_path} changed after the study was planned; run the study again")
     m.run_config(cfg)

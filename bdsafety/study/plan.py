@@ -85,6 +85,14 @@ def clean_name(attack: str, dataset: str, model: str, seed: int) -> str:
     return f"clean-{attack}_{dataset}_{model}_s{seed}"
 
 
+def id_config(cfg, schema: dict) -> dict:
+    """The part of a job's resolved config that identifies it: every key but RUNTIME_KEYS and the neutral options at
+    their default (``Option.neutral``: added later, with the earlier behaviour as default)."""
+
+    return {k: v for k, v in config_dict(cfg).items()
+            if k not in RUNTIME_KEYS and not (k in schema and schema[k].neutral and v == schema[k].default)}
+
+
 def job_id(kind: str, method: str, config: dict, upstream_ids: list) -> str:
     blob = json.dumps({"kind": kind, "method": method, "config": config, "upstream": sorted(upstream_ids)},
                       sort_keys=True, default=str)
@@ -199,7 +207,7 @@ class _Planner:
         cfg = resolve(schema, str(yaml_path), over)
         if m.resolve is not None:  # values that depend on others (ANP's variant): a bad mix fails here, not mid-study
             m.resolve(copy.copy(cfg))
-        conf = {k: v for k, v in config_dict(cfg).items() if k not in RUNTIME_KEYS}
+        conf = id_config(cfg, schema)
         j = Job(key=key, kind=kind, method=method, yaml_path=str(yaml_path), overrides=over, deps=list(deps),
                 resources=study.job_resources(kind, method, clean), point=dict(point), config=conf)
         j.id = job_id(kind, method, conf, [jobs[d].id for d in deps])

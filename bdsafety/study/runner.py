@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bdsafety.study.execute import other_owner, read_marker, up_to_date
+from bdsafety.study.execute import other_owner, owner, read_marker, up_to_date
 from bdsafety.study.executors import EXECUTORS, run_local, run_ray
 from bdsafety.study.history import cli_command, new_run, summarize
 from bdsafety.study.plan import Plan, build_plan
@@ -50,10 +50,15 @@ def assess(plan: Plan, force: bool = False) -> tuple[dict, list, dict]:
     for j in plan.jobs:
         marker = None if force else read_marker(sd, j, plan.study.report_dir)
         runs = {d: current[d]["run"] for d in j.deps if d in current}
+        if marker is None and not force:  # the same job, finished by another study in this folder: read, never replaced
+            theirs = read_marker(sd, j, any_owner=True)
+            marker = theirs if up_to_date(theirs, j, runs) and all(d in current for d in j.deps) else None
         if not force and all(d in current for d in j.deps) and up_to_date(marker, j, runs):
             current[j.key] = {"key": j.key, "id": j.id, "status": "done", "run": marker["run"],
                               "wall_s": marker.get("wall_s", 0.0), "finished": marker.get("finished"),
                               "study_run": marker.get("study_run")}
+            if marker.get("owner", ".") != owner(sd, plan.study.report_dir):
+                current[j.key]["shared_from"] = marker.get("owner", ".")
             continue
         todo.append(j)
         if force:
