@@ -560,3 +560,36 @@ def test_report_header_facts_from_the_markers_history():
     assert f["command"] == "`python analysis/run_study.py -b` in /w"
     assert "git aaaaaaaaaaaa, git checkout x (1 jobs)" in f["code"] and "git bbbbbbbbbbbb (dirty" in f["code"]
     assert f["runs"][0].startswith("earlier run(s) that did not record their run: 1 jobs")
+
+
+def test_chunks_of_a_grid_merge_into_one_report(tiny_study, tmp_path):
+    """Two chunks' report folders (the tiny study as seed 0, and its tables relabelled as seed 1) merge into one report
+    whose verdict table counts both seeds; giving a chunk twice is an error naming it."""
+    from bdsafety.errors import ConfigError
+    from bdsafety.study.merge import main as merge_main
+
+    _, sd, _, _ = tiny_study
+    a = tmp_path / "badnet_s0"
+    assert merge_main(["--inputs", str(sd), "--out", str(a), "--chunk", "badnet_s0"]) == 0  # exported for committing
+    assert {"results.csv", "ra_runs.csv", "chunks.json", "report.md"} <= {p.name for p in a.iterdir()}
+    b = tmp_path / "badnet_s1"
+    b.mkdir()
+    for t in ("results.csv", "ra_runs.csv", "ra_curves.csv"):
+        if (a / t).is_file():
+            f = pd.read_csv(a / t).drop(columns="chunk")
+            f["seed"] = 1
+            if "record" in f:
+                f["record"] = f["record"].str.replace("_s0", "_s1")
+            f["chunk"] = "badnet_s1"
+            f.to_csv(b / t, index=False)
+    (b / "chunks.json").write_text((a / "chunks.json").read_text().replace("badnet_s0", "badnet_s1"))
+    out = tmp_path / "merged"
+    assert merge_main(["--inputs", str(a), str(b), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Chunks" in md and "- `badnet_s0`" in md and "- `badnet_s1`" in md and "analysis/run_study.py" in md
+    df = pd.read_csv(out / "results.csv")
+    assert sorted(df["seed"].unique()) == [0, 1] and set(df["chunk"]) == {"badnet_s0", "badnet_s1"}
+    row = [ln for ln in md.splitlines() if ln.startswith("| ft |")][0]
+    assert row.split("|")[2].strip() == "2"  # seeds
+    with pytest.raises(ConfigError, match="the inputs overlap.*badnet_s0"):
+        merge_main(["--inputs", str(a), str(a), "--out", str(tmp_path / "twice")])

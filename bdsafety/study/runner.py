@@ -18,7 +18,7 @@ from bdsafety.study.executors import EXECUTORS, run_local, run_ray
 from bdsafety.study.history import cli_command, new_run, summarize
 from bdsafety.study.plan import Plan, build_plan
 from bdsafety.study.progress import StudyProgress, format_eta
-from bdsafety.study.spec import Study, load_study
+from bdsafety.study.spec import Study, load_study, narrow
 
 
 @dataclass
@@ -98,7 +98,8 @@ def print_plan(plan: Plan, todo: list, why: dict, out=None) -> None:
 def run_study(yaml_path: str | None, executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
               dry_run: bool = False, fresh: bool = False, progress: bool = True, record_root: str | None = None,
               study_dir: str | None = None, out=None, threads: int | None = None, trust_record: bool = False,
-              study: Study | None = None, command: str | None = None) -> Outcome:
+              study: Study | None = None, command: str | None = None, attacks: list | None = None,
+              seeds: list | None = None) -> Outcome:
     """Run the study of ``yaml_path`` (or the ``study`` given, e.g. built in memory by bdsafety.study.audit).
     ``command``: the command line that started it, for the report's header (default: the equivalent
     analysis/run_study.py command)."""
@@ -110,6 +111,7 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
     t0 = time.time()
     if study is None:
         study = load_study(yaml_path, record_root=record_root, study_dir=study_dir)
+    study = narrow(study, attacks, seeds)
     yaml_path = study.path
     study.trust_record = bool(trust_record)
     if study.unknown and not dry_run:
@@ -222,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="rerun every job")
     p.add_argument("--threads", type=int, default=None, help="local executor: torch threads per job (default: all of this "
                                                              "machine's); on Ray each job gets its num_cpus")
+    p.add_argument("--attacks", default=None, help="run only these of the yaml's attacks (comma-separated): a chunk of the "
+                                                   "grid, e.g. one attack and seed per sitting (merge: analysis/merge_studies.py)")
+    p.add_argument("--seeds", default=None, help="run only these of the yaml's seeds (comma-separated)")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--trust_record", action="store_true", help="let every job load its records' pickles without the "
                                                                "safe-loading allow-list (code in them may run); never a yaml value")
@@ -230,7 +235,12 @@ def main(argv=None) -> int:
         p.error("--ray_address needs --executor ray")
     if a.ray_num_cpus is not None and a.ray_num_cpus < 1:
         p.error(f"--ray_num_cpus must be an integer >= 1, got {a.ray_num_cpus}")
+    try:
+        seeds = [int(v) for v in a.seeds.split(",")] if a.seeds else None
+    except ValueError:
+        p.error(f"--seeds takes comma-separated integers, got {a.seeds!r}")
     oc = run_study(a.yaml_path, a.executor, a.ray_address, a.ray_num_cpus, a.dry_run, a.fresh, not a.no_progress,
                    a.record_root, a.study_dir, threads=a.threads, trust_record=a.trust_record,
-                   command=cli_command("analysis/run_study.py", argv))
+                   command=cli_command("analysis/run_study.py", argv),
+                   attacks=[v.strip() for v in a.attacks.split(",")] if a.attacks else None, seeds=seeds)
     return 1 if oc.failed else 0

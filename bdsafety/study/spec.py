@@ -355,3 +355,22 @@ def _check_set(st: Study, path) -> None:
             if k in STUDY_SET_KEYS:
                 raise ConfigError(f"{path}: set.{scope}.{k}: '{k}' is set by the study itself ({STUDY_SET_KEYS[k]}); remove "
                                   f"it from set:")
+
+
+def narrow(study: Study, attacks: list | None = None, seeds: list | None = None) -> Study:
+    """The same study on part of its grid (a chunk): only ``attacks`` / ``seeds``, each a subset of the yaml's lists.
+    The jobs keep their ids, so chunks run one after the other in one study folder make up the whole grid; the
+    results of chunks run on different machines are merged by bdsafety.study.merge."""
+    import dataclasses
+
+    change = {}
+    for key, given, have in (("attacks", attacks, study.attacks), ("seeds", seeds, study.seeds)):
+        if not given:
+            continue
+        bad = [v for v in given if v not in have]
+        if bad:
+            raise ConfigError(f"--{key} {','.join(map(str, bad))}: not in {study.path}'s {key} ({', '.join(map(str, have))}); "
+                              f"a chunk is part of the yaml's grid")
+        change[key] = [v for v in have if v in given]
+    return dataclasses.replace(study, **change) if change else study
+
