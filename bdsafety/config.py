@@ -15,10 +15,13 @@ import platform
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import yaml
 
 from bdsafety.errors import ConfigError  # noqa: E402  (re-exported: bdsafety.config.ConfigError)
@@ -234,9 +237,7 @@ def _cast(name: str, opt: Option, value, source: str):
         except ConfigError as e:
             raise ConfigError(f"{source}: '{name}': {e}") from None
     elif opt.kind == "index_file" and v is not None:
-        from bdsafety.experiment import read_index  # parseable, non-empty, non-negative, unique (range: at use)
-
-        read_index(v, None, flag=f"--{name}")
+        read_index(v, None, flag=f"--{name}")  # parseable, non-empty, non-negative, unique (range: at use)
     return v
 
 
@@ -395,3 +396,31 @@ def resolve_device(name: str) -> str:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("device 'mps' requested but it is not available here; use --device cpu (or auto)")
     return name
+
+
+def read_index(path, n: int | None = None, flag: str = "--index") -> np.ndarray:
+    """Indices (in file order) from an index file (one integer per line, like log/index.txt), validated: parseable,
+    non-empty, non-negative, unique and, with ``n``, below ``n``. Errors name the flag and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{flag} {p}: file not found (give the index.txt of a previous run's log/ folder)")
+    try:
+        with warnings.catch_warnings():  # an empty file: numpy warns, we raise the error below
+            warnings.simplefilter("ignore", UserWarning)
+            raw = np.loadtxt(p, dtype=np.float64, ndmin=1)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{flag} {p}: not a list of integers, one per line ({str(e).splitlines()[0]})") from None
+    if raw.size == 0:
+        raise ConfigError(f"{flag} {p} is empty: it must list at least one sample index")
+    if raw.ndim != 1:
+        raise ConfigError(f"{flag} {p}: expected one integer per line, found {raw.shape[1]} columns")
+    if not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw)):
+        raise ConfigError(f"{flag} {p}: holds values that are not integers")
+    idx = raw.astype(np.int64)
+    if idx.min() < 0:
+        raise ConfigError(f"{flag} {p}: holds a negative index ({idx.min()})")
+    if len(np.unique(idx)) != len(idx):
+        raise ConfigError(f"{flag} {p}: holds {len(idx) - len(np.unique(idx))} repeated indices; each sample may appear once")
+    if n is not None and idx.max() >= n:
+        raise ConfigError(f"{flag} {p}: index {idx.max()} is beyond the {n} training samples; the file belongs to other data")
+    return idx  # file order kept (BackdoorBench writes index.txt in draw order)

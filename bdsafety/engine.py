@@ -8,7 +8,7 @@ differs between algorithms is plugged in:
     and FST replace it. ``sgd_step`` is the plain one.
 
 Precision: every forward pass runs inside ``autocast(device)``, which follows the run's ``precision`` option
-(``precision(name)``, entered once per run by bdsafety.scaffold.run): fp32 by default (the official code's
+(``precision(name)``, entered once per run by bdsafety.registry.Method.run_config): fp32 by default (the official code's
 numerics), bf16 autocast as the named speed option; ``fp32(device)`` switches autocast off inside it where bf16
 would swamp the signal (PAM's displaced pass, black-box QRA's finite differences).
 """

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,15 @@ from bdsafety.config import POS_INT, RUN_SCHEMA, SEED, Option, dump_yaml, resolv
 from bdsafety.data.device import DeviceDataset, InputGeometry, Normalizer, input_geometry
 from bdsafety.data.info import NORMALIZATIONS
 from bdsafety.errors import ConfigError, DataError
-from bdsafety.outputs import DEPENDENTS, OutputFolder  # noqa: F401  (OutputFolder re-exported for old imports)
+from bdsafety.outputs import DEPENDENTS, write_artifact
+from bdsafety.records import (
+    RecordError,
+    load_attack_record,
+    load_model_result,
+    resolve_record_dir,
+    save_model_result,
+    write_metrics_csv,
+)
 
 RECORD_SCHEMA = {
     "result_file": Option(None, "record folder: a name under record_root, or a path"),
@@ -116,7 +124,6 @@ class Experiment:
         try:
             load_state_dict_compat(model, state_dict)
         except (ValueError, TypeError) as e:  # a damaged or foreign model file: the user's to fix, not a bug
-            from bdsafety.records import RecordError
 
             raise RecordError(f"record {self.record_dir}: {e}{_input_size_hint(state_dict, self.model_input_size)}") from None
         return model
@@ -126,7 +133,6 @@ class Experiment:
 
     def model_from_file(self, path) -> torch.nn.Module:
         """A model from defense_result.pt / ra_result.pt, checked against the record's architecture."""
-        from bdsafety.records import load_model_result
 
         res = load_model_result(path, trust_record=self.cfg.trust_record)
         if res["model_name"] != self.model_name or int(res["num_classes"]) != self.num_classes:
@@ -253,7 +259,6 @@ def load_record_data(record, record_dir: Path, dataset_path: str | None = None):
 
 
 def open_experiment(cfg: SimpleNamespace) -> Experiment:
-    from bdsafety.records import load_attack_record, resolve_record_dir
 
     if not cfg.result_file:
         raise ConfigError("--result_file is required: the record folder to work on (a name under --record_root, or a path)")
@@ -311,39 +316,10 @@ def reserved_indices(labels: np.ndarray, amount: float, *, balanced: bool = Fals
     return np.sort(np.concatenate(out)).astype(np.int64)
 
 
-def read_index(path, n: int | None = None, flag: str = "--index") -> np.ndarray:
-    """Indices (in file order) from an index file (one integer per line, like log/index.txt), validated: parseable,
-    non-empty, non-negative, unique and, with ``n``, below ``n``. Errors name the flag and the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{flag} {p}: file not found (give the index.txt of a previous run's log/ folder)")
-    try:
-        with warnings.catch_warnings():  # an empty file: numpy warns, we raise the error below
-            warnings.simplefilter("ignore", UserWarning)
-            raw = np.loadtxt(p, dtype=np.float64, ndmin=1)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{flag} {p}: not a list of integers, one per line ({str(e).splitlines()[0]})") from None
-    if raw.size == 0:
-        raise ConfigError(f"{flag} {p} is empty: it must list at least one sample index")
-    if raw.ndim != 1:
-        raise ConfigError(f"{flag} {p}: expected one integer per line, found {raw.shape[1]} columns")
-    if not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw)):
-        raise ConfigError(f"{flag} {p}: holds values that are not integers")
-    idx = raw.astype(np.int64)
-    if idx.min() < 0:
-        raise ConfigError(f"{flag} {p}: holds a negative index ({idx.min()})")
-    if len(np.unique(idx)) != len(idx):
-        raise ConfigError(f"{flag} {p}: holds {len(idx) - len(np.unique(idx))} repeated indices; each sample may appear once")
-    if n is not None and idx.max() >= n:
-        raise ConfigError(f"{flag} {p}: index {idx.max()} is beyond the {n} training samples; the file belongs to other data")
-    return idx  # file order kept (BackdoorBench writes index.txt in draw order)
-
-
 def write_run_files(folder: Path, name: str, cfg: SimpleNamespace, device: str, t0: float, rows: list[dict] | None,
                     index: np.ndarray | None = None, log_lines: list[str] = (), **meta) -> None:
     """The standard files of a run: <name>_df.csv, <name>_df_summary.csv (when rows is not None), config.yaml,
     log/<time>.log, log/index.txt."""
-    from bdsafety.records import write_metrics_csv
     from bdsafety.safeio import atomic_write_text
 
     folder = Path(folder)
@@ -355,3 +331,31 @@ def write_run_files(folder: Path, name: str, cfg: SimpleNamespace, device: str, 
         atomic_write_text(folder / "log" / "index.txt", "\n".join(str(int(i)) for i in index) + "\n")
     stamp = time.strftime("%Y_%m_%d_%H_%M_%S")
     atomic_write_text(folder / "log" / f"{stamp}.log", "\n".join(log_lines) + ("\n" if log_lines else ""))
+
+
+@dataclass
+class Output:
+    """One output folder's content: written by ``write_output`` into an OutputFolder."""
+
+    name: str  # run name: <name>_df.csv, <name>_df_summary.csv
+    rows: list[dict] | None = None  # metrics per epoch (None: no csv)
+    model_state: dict | None = None  # state_dict saved as ``model_file`` with model_name / num_classes
+    model_file: str | None = None  # 'defense_result.pt', 'ra_result.pt'
+    artifacts: dict[str, Any] = field(default_factory=dict)  # file name -> value (bdsafety.outputs.write_artifact)
+    indices: dict[str, np.ndarray] = field(default_factory=dict)  # log/<key>.txt ('index' is BackdoorBench's index.txt)
+    info: dict[str, Any] = field(default_factory=dict)  # extra values for config.yaml
+    log_lines: list[str] = field(default_factory=list)
+
+
+def write_output(folder: Path, out: Output, exp, cfg: SimpleNamespace, t0: float) -> None:
+    """Write ``out`` into the (temporary) folder ``folder`` of an OutputFolder."""
+    folder = Path(folder)
+    if out.model_state is not None:
+        save_model_result(folder / (out.model_file or "model_result.pt"), out.model_state, exp.model_name, exp.num_classes)
+    for fname, value in out.artifacts.items():
+        write_artifact(folder / fname, value)
+    for key, arr in out.indices.items():
+        if key != "index":
+            write_artifact(folder / "log" / f"{key}.txt", "".join(f"{int(i)}\n" for i in np.asarray(arr).ravel()))
+    write_run_files(folder, out.name, cfg, exp.device, t0, out.rows, index=out.indices.get("index"),
+                    log_lines=out.log_lines, **out.info)

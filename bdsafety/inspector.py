@@ -127,8 +127,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run the copy imported as bdsafety.records, so RecordError is the class bdsafety.cli catches
-    from bdsafety.records import main as _main
-
-    raise SystemExit(_main())
+    raise SystemExit(main())
 

@@ -530,15 +530,7 @@ def resolve_record_dir(result_file: str | os.PathLike, record_root: str | os.Pat
                       f"{listing}; {_missing_record_hint(given)}")
 
 
+if __name__ == "__main__":  # python -m bdsafety.records RECORD: the record inspector (bdsafety.inspector)
+    from bdsafety.inspector import main
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bdsafety.records RECORD``: the record inspector (bdsafety.inspector)."""
-    from bdsafety.inspector import main as inspector_main
-
-    return inspector_main(argv)
-
-
-if __name__ == "__main__":
-    from bdsafety.records import main as _main
-
-    raise SystemExit(_main())
+    raise SystemExit(main())

@@ -12,10 +12,13 @@ its entry script, a yaml per supported dataset plus ``demo.yaml``, and every shi
 its schema). Adding a method is therefore one registered module plus its yamls (and the copied shim).
 
 Kinds and their run contracts:
-  attack    ``run(ctx: AttackContext) -> AttackOutcome``   (bdsafety.attacks.base; the scaffold writes the record)
-  defense   ``run(ctx: DefenseContext) -> DefenseResult``  (bdsafety.defenses.base; the scaffold writes defense/<folder>/)
-  retune    ``run(cfg) -> list[Path]``                     (RA, QRA: own scaffold on bdsafety.experiment)
+  attack    ``run(ctx: AttackContext) -> AttackOutcome``   (bdsafety.attacks.base's runner writes the record)
+  defense   ``run(ctx: DefenseContext) -> DefenseResult``  (bdsafety.defenses.base's runner writes defense/<folder>/)
+  retune    ``run(cfg) -> list[Path]``                     (RA, QRA: on bdsafety.experiment)
   analysis  ``run(cfg) -> Path``                           (LMC)
+
+``registry.get(kind, name).main(argv)`` parses the flags and yaml against the method's schema and runs it through its
+kind's runner (``kind_runner``) at the config's precision.
 
 ``needs`` says what a method requires besides its record, so the study runner can order jobs:
 ``clean_reference`` (a clean record of the same data), ``ra_model`` (the RA output of the same defense),
@@ -81,13 +84,35 @@ class Method:
         return self.run_config(self.parse(argv))
 
     def run_config(self, cfg):
-        """Run with an already-resolved config (the study runner's path)."""
-        from bdsafety import scaffold
+        """Run with an already-resolved config (the study runner's path): the ``resolve`` hook fills dependent values,
+        then the kind's runner (``kind_runner``; none: ``run(cfg)``) runs at the config's precision and eval_subset,
+        set once here for the whole run and restored afterwards (bdsafety.engine.precision / eval_subset)."""
+        from bdsafety.engine import eval_subset, precision  # torch: imported when a method runs, not for --help
 
-        return scaffold.run(self, cfg)
+        if self.resolve is not None:
+            cfg = self.resolve(cfg)
+        runner = _RUNNERS.get(self.kind)
+        with precision(getattr(cfg, "precision", "fp32")), eval_subset(getattr(cfg, "eval_subset", 0)):
+            return runner(self, cfg) if runner is not None else self.run(cfg)
 
 
 _REGISTRY: dict[tuple[str, str], Method] = {}
+# kind -> its runner (method, cfg) -> outputs, registered by the kind's base module (bdsafety.attacks.base writes a
+# record, bdsafety.defenses.base a defense folder): a method's module imports its base, so its kind's runner is
+# registered whenever the method is
+_RUNNERS: dict[str, Callable] = {}
+
+
+def kind_runner(kind: str) -> Callable:
+    """Decorator registering the runner of every method of ``kind``; returns it unchanged."""
+    if kind not in KIND_DIRS:
+        raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KIND_DIRS)}")
+
+    def deco(fn: Callable) -> Callable:
+        _RUNNERS[kind] = fn
+        return fn
+
+    return deco
 _discovered = False
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from bdsafety.data import datasets as ds
-from bdsafety.data.datasets import CleanData, load_clean_dataset
-from bdsafety.data.info import DATASETS
+from bdsafety.data.datasets import load_clean_dataset
+from bdsafety.data.info import DATASETS, CleanData
 from bdsafety.errors import DataError
 from tests.fake_datasets import (
     make_fake_cifar10,

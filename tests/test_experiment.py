@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from bdsafety.experiment import OutputFolder, read_index, reserved_indices
+from bdsafety.config import read_index
+from bdsafety.experiment import reserved_indices
+from bdsafety.outputs import OutputFolder
 
 
 def test_reserved_ratio_count_seeded():

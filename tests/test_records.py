@@ -20,8 +20,8 @@ from bb_records import (
     tiny_state_dict,
 )
 
-from bdsafety import records
 from bdsafety.data.poisoned import PoisonedSplit
+from bdsafety.inspector import main
 from bdsafety.records import (
     RecordError,
     atomic_torch_save,
@@ -29,7 +29,6 @@ from bdsafety.records import (
     list_defenses,
     load_attack_record,
     load_model_result,
-    main,
     read_metrics_summary,
     resolve_record_dir,
     safe_torch_load,
@@ -547,7 +546,21 @@ def test_inspector_refuses_untrusted_record_until_trusted(tmp_path, capsys):
     assert main([str(rec.record_dir)]) != 0
     assert "--trust_record" in capsys.readouterr().err
     assert main([str(rec.record_dir), "--trust_record"]) == 0
-    assert records.main(["--help"]) == 0
+
+
+def test_python_m_bdsafety_records_is_the_inspector(tmp_path):
+    """The README's `python -m bdsafety.records RECORD` runs the inspector (records.py's __main__ guard)."""
+    import subprocess
+    import sys
+
+    rec = make_bb_v22_record(tmp_path)
+    _with_real_model(rec)
+    done = subprocess.run([sys.executable, "-m", "bdsafety.records", str(rec.record_dir)], capture_output=True, text=True,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0 and "architecture" in done.stdout, done.stderr
+    bad = subprocess.run([sys.executable, "-m", "bdsafety.records", str(tmp_path / "nope")], capture_output=True,
+                         text=True, cwd=str(tmp_path))
+    assert bad.returncode != 0 and "not found" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.parametrize("field,value,match", [

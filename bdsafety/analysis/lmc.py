@@ -22,7 +22,8 @@ from bdsafety import engine
 from bdsafety.config import AMOUNT, FRACTION, POS_INT, Option, float_list, str_list
 from bdsafety.data.device import iterate_batches
 from bdsafety.errors import ConfigError
-from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, reserved_indices, write_run_files
+from bdsafety.experiment import RECORD_SCHEMA, open_experiment, reserved_indices, write_run_files
+from bdsafety.outputs import OutputFolder
 from bdsafety.registry import register
 from bdsafety.safeio import atomic_savefig
 

@@ -53,7 +53,7 @@ from bdsafety.config import (
 from bdsafety.data.info import NORMALIZATIONS
 from bdsafety.data.poisoned import PoisonedSplit
 from bdsafety.outputs import DEPENDENTS
-from bdsafety.registry import DATASET_CONFIGS, register
+from bdsafety.registry import DATASET_CONFIGS, kind_runner, register
 
 DATASET_CHOICES = ("cifar10", "cifar100", "gtsrb", "tiny", "imagefolder", "synthetic")
 
@@ -462,6 +462,7 @@ def check_model_config(cfg: SimpleNamespace, num_classes: int, img_size: tuple) 
         resolve_pretrained(cfg.model, cfg.pretrained)
 
 
+@kind_runner("attack")
 def run_attack(method, cfg: SimpleNamespace) -> Path:
     """Run the registered attack ``method`` with ``cfg``; write and return the record folder."""
     from bdsafety import engine

@@ -29,12 +29,11 @@ import tempfile
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from bdsafety.data.info import DATASETS, DatasetInfo, dataset_info
+from bdsafety.data.info import DATASETS, CleanData, dataset_info
 from bdsafety.errors import DataError, DatasetNotFound
 
 SUPPORTED = ("cifar10", "cifar100", "gtsrb", "tiny", "imagefolder", "synthetic")
@@ -45,18 +44,6 @@ CACHE_DIR = ".bdsafety_cache"
 # images takes ~10 s on 2 busy cores, loading them < 1 s; every job of a study regenerates its record's data)
 SYNTHETIC_CACHE_MIN = 20_000
 _CACHE_VERSION = 1  # bump when decoding changes, so old caches are rebuilt
-
-
-@dataclass
-class CleanData:
-    """A clean dataset: uint8 RGB images (N, H, W, 3) before normalization and int64 labels."""
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    info: DatasetInfo
-    classes: list[str] | None = None
 
 
 def load_clean_dataset(

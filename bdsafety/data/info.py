@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from bdsafety.errors import DataError
 
 
@@ -57,3 +59,13 @@ def dataset_info(name: str, num_classes: int | None = None, img_size: tuple | No
     raise DataError(f"unknown dataset {name!r}; valid datasets: {valid}")
 
 
+@dataclass
+class CleanData:
+    """A clean dataset: uint8 RGB images (N, H, W, 3) before normalization and int64 labels."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    info: DatasetInfo
+    classes: list[str] | None = None

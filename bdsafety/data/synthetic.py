@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bdsafety.data.info import DATASETS
+from bdsafety.data.info import DATASETS, CleanData
 from bdsafety.errors import DataError
 
 CLASSES = ["circle", "square", "triangle", "plus", "ring", "hstripes", "vstripes", "frame", "dots", "cross"]
@@ -177,7 +177,6 @@ def make_synthetic(n_train: int = 5000, n_test: int = 1000, seed: int = 0, size:
 
 def synthetic_data(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray):
     """The CleanData of generated (or cached) synthetic arrays."""
-    from bdsafety.data.datasets import CleanData  # local import: datasets imports this module lazily too
 
     size = train_x.shape[1]
     info = DATASETS["synthetic"]

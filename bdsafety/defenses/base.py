@@ -26,11 +26,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bdsafety.config import AMOUNT, FRACTION, POS_INT, Check, Option
+from bdsafety.config import AMOUNT, FRACTION, POS_INT, Check, Option, read_index
 from bdsafety.data.device import DeviceDataset
 from bdsafety.engine import check_finite_model, format_metrics
 from bdsafety.errors import ConfigError
-from bdsafety.experiment import RECORD_SCHEMA, open_experiment, read_index, reserved_indices
+from bdsafety.experiment import RECORD_SCHEMA, Output, open_experiment, reserved_indices, write_output
+from bdsafety.outputs import OutputFolder
+from bdsafety.registry import kind_runner
 from bdsafety.selection import val_accuracy
 
 DEFENSE_SCHEMA = {
@@ -113,11 +115,21 @@ def reserved_subset(exp, cfg) -> tuple[np.ndarray, np.ndarray]:
     return np.setdiff1d(idx, val).astype(np.int64), val
 
 
+@kind_runner("defense")
+def run_defense_method(method, cfg: SimpleNamespace):
+    """The runner of every defense: one run (``run_defense``), or one per config of its ``expand`` hook (PAM's
+    --rho_sweep) followed by its ``select`` hook, which picks one on validation data."""
+    if method.expand is None:
+        return run_defense(method, cfg)
+    cfgs = method.expand(cfg)
+    outs = [run_defense(method, c) for c in cfgs]
+    if method.select is not None and len(cfgs) > 1:
+        method.select(cfg, outs)
+    return outs
+
+
 def run_defense(method, cfg: SimpleNamespace) -> Path:
     """Open the record, run the registered defense ``method``, write record/<rf>/defense/<save_name or folder>/."""
-    from bdsafety.outputs import OutputFolder
-    from bdsafety.scaffold import Output, write_output
-
     t0 = time.time()
     exp = open_experiment(cfg)
     dest = exp.record_dir / "defense" / (cfg.save_name or method.folder)

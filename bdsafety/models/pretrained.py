@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from bdsafety.errors import ConfigError, DataError
 
@@ -42,7 +41,7 @@ def weights_cache_path(weights) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
-def _read_state_dict(path: Path) -> dict:
+def read_state_dict(path: Path) -> dict:
     """A state_dict from a weights file: a plain state_dict, a checkpoint's ['state_dict'], or a BackdoorBench
     result's ['model'] (safe loading: tensors and numpy values only)."""
     from bdsafety.safeio import RecordError, safe_torch_load
@@ -86,26 +85,3 @@ def resolve_pretrained(arch: str, source: str) -> Path:
             f"at {cached} (the torch hub dir is set by $TORCH_HOME), or pass the file's path: --pretrained /path/to/file.pth"
         )
     return cached
-
-
-def load_pretrained(model: nn.Module, arch: str, source: str) -> nn.Module:
-    """Load a backbone into ``model`` (a freshly built ``arch``) from ``source``; the classifier layers keep their
-    fresh initialisation. Raises ConfigError/DataError naming the file and, when the weights belong to another
-    architecture, the architecture they look like."""
-    from .registry import classifier_layer, describe_match, key_mismatch, normalize_state_dict
-
-    path = resolve_pretrained(arch, source)
-    sd = normalize_state_dict(_read_state_dict(path))
-    own = model.state_dict()
-    heads = (model.classifier_path, *getattr(model, "extra_head_paths", ()))
-    classifier_layer(model)  # a registered model
-    head_keys = {k for k in own if any(k.startswith(h + ".") for h in heads)}
-    backbone = {k: v for k, v in sd.items() if k not in head_keys}
-    problems = key_mismatch(own, backbone, skip=head_keys)
-    if problems:
-        raise DataError(f"--pretrained {path} does not fit {arch}'s backbone (classifier head aside): {problems}. "
-                        f"{describe_match(sd)}")
-    with torch.no_grad():
-        for k, v in backbone.items():
-            own[k].copy_(v)
-    return model

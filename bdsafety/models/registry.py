@@ -12,6 +12,7 @@ import torch.nn as nn
 from bdsafety.errors import ConfigError, DataError
 
 from .preact import PreActResNet18
+from .pretrained import read_state_dict, resolve_pretrained
 from .resnet import CifarResNet18
 from .small import CNNSmall
 from .zoo import UNBUILDABLE, ZOO, build_zoo_model, min_input_size
@@ -64,7 +65,7 @@ def build_model(name: str, num_classes: int, img_size: Sequence[int] = (32, 32, 
     ``input_size`` (torchvision architectures only) upsamples every batch on its device to input_size x input_size
     inside ``features``; an image size the architecture cannot take (BackdoorBench's alexnet at 32 px, inception_v3
     below 75 px) is rejected here, before any training, with the smallest size that works. ``pretrained`` loads a
-    backbone (local file or torchvision weights name, see :func:`bdsafety.models.pretrained.load_pretrained`) and
+    backbone (local file or torchvision weights name, see :func:`load_pretrained`) and
     keeps the freshly initialised head for ``num_classes``.
 
     Every model has ``features(x)`` (feature map before pooling), ``head(z)`` and
@@ -84,8 +85,6 @@ def build_model(name: str, num_classes: int, img_size: Sequence[int] = (32, 32, 
         check_input_size(name, tuple(img_size[:2]) if input_size is None else (input_size, input_size))
     model = _BUILDERS[name](num_classes, img_size[2], input_size)
     if pretrained:
-        from .pretrained import load_pretrained
-
         load_pretrained(model, name, pretrained)
     return model
 
@@ -294,4 +293,25 @@ def load_state_dict_compat(model: nn.Module, state_dict: Mapping) -> nn.Module:
         msg = f"state_dict does not fit {getattr(model, 'arch', type(model).__name__)}: {problems}."
         raise DataError(msg + " " + describe_match(sd))
     model.load_state_dict(sd, strict=True)
+    return model
+
+
+def load_pretrained(model: nn.Module, arch: str, source: str) -> nn.Module:
+    """Load a backbone into ``model`` (a freshly built ``arch``) from ``source``; the classifier layers keep their
+    fresh initialisation. Raises ConfigError/DataError naming the file and, when the weights belong to another
+    architecture, the architecture they look like."""
+    path = resolve_pretrained(arch, source)
+    sd = normalize_state_dict(read_state_dict(path))
+    own = model.state_dict()
+    heads = (model.classifier_path, *getattr(model, "extra_head_paths", ()))
+    classifier_layer(model)  # a registered model
+    head_keys = {k for k in own if any(k.startswith(h + ".") for h in heads)}
+    backbone = {k: v for k, v in sd.items() if k not in head_keys}
+    problems = key_mismatch(own, backbone, skip=head_keys)
+    if problems:
+        raise DataError(f"--pretrained {path} does not fit {arch}'s backbone (classifier head aside): {problems}. "
+                        f"{describe_match(sd)}")
+    with torch.no_grad():
+        for k, v in backbone.items():
+            own[k].copy_(v)
     return model

@@ -49,7 +49,8 @@ from bdsafety import engine
 from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, ConfigError, Option, int_list
 from bdsafety.data.device import DeviceDataset
 from bdsafety.errors import DataError
-from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, write_run_files
+from bdsafety.experiment import RECORD_SCHEMA, open_experiment, write_run_files
+from bdsafety.outputs import OutputFolder
 from bdsafety.registry import register
 from bdsafety.retune.ra import poison_source_split, resolve_targets
 from bdsafety.safeio import atomic_savefig

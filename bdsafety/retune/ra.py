@@ -35,7 +35,8 @@ from bdsafety import engine
 from bdsafety.config import AMOUNT, NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option
 from bdsafety.data.device import DeviceDataset
 from bdsafety.errors import ConfigError
-from bdsafety.experiment import RECORD_SCHEMA, OutputFolder, open_experiment, write_run_files
+from bdsafety.experiment import RECORD_SCHEMA, open_experiment, write_run_files
+from bdsafety.outputs import OutputFolder
 from bdsafety.registry import register
 
 __all__ = [
