@@ -677,41 +677,6 @@ def test_i_bau_end_to_end_on_the_demo_record(demo_record, tmp_path):
     assert after["test_asr"] < before["test_asr"] - 0.05
 
 
-def test_bti_dbf_end_to_end_on_the_demo_record(demo_record, tmp_path):
-    from bdsafety.defenses import bti_dbf as bti_dbf_mod
-    from bdsafety.defenses.base import reserved_subset
-    from bdsafety.experiment import open_experiment
-    from bdsafety.records import safe_torch_load
-
-    rec = isolated_record(demo_record, tmp_path)
-    out = _run(bti_dbf_mod, "bti_dbf", rec, extra=("--n_rounds", "2"))  # the demo's 5 rounds cost 2.5x; 2 purify here
-    assert out == rec / "defense" / "bti_dbf"
-    _check_folder(out, "bti_dbf", files=("bti_generator.pt",))
-    meta = _summary(out)
-    before, after = meta["before"], meta["after"]
-    assert meta["detected_target"] == meta["true_target"] == 0 and meta["target_match"] is True
-    assert sum(meta["target_votes"]) == 250 and len(meta["generator_digest_per_round"]) == 2
-    assert meta["generator_digest_per_round"][0] != meta["generator_digest_per_round"][1]  # G retrained in round 2
-    assert before["test_asr"] > 0.9
-    assert after["test_asr"] < 0.2
-    assert before["test_acc"] - after["test_acc"] <= 0.10
-    df = pd.read_csv(out / "bti_dbf_df.csv")
-    assert set(df["round"].dropna()) == {1, 2} and df["epoch"].max() == 20
-    gen = safe_torch_load(out / "bti_generator.pt")
-    assert bti.build_generator(gen["generator_config"]).load_state_dict(gen["generator"], strict=True) is not None
-    # the inversion is cached in the record and found again for the same settings / data / seed / model
-    caches = list((rec / bti.CACHE_DIR).glob("*.pt"))
-    assert len(caches) == 1
-    cfg = resolve(bti_dbf_mod.schema(), str(ROOT / "config" / "defense" / "bti_dbf" / "demo.yaml"),
-                  {"result_file": rec.name, "record_root": str(rec.parent), "device": "cpu", "n_rounds": 2})
-    exp = open_experiment(cfg)
-    idx, _ = reserved_subset(exp, cfg)
-    reserved = exp.train.subset(idx)
-    lines = []
-    inv = bti.load_or_invert(exp, exp.backdoored_model(), idx, reserved, cfg, lines.append)
-    assert any("loaded from cache" in s for s in lines) and inv.target == 0
-
-
 def test_concurrent_runs_compute_one_inversion(tmp_path, monkeypatch):
     """Two runs needing the same cache entry at once (PAM and BTI-DBF(U) as parallel study jobs): one inverts, the
     other waits for it and loads the result."""

@@ -464,17 +464,50 @@ def test_pam_demo_purifies_and_writes_backdoorbench_folder(pam_work, demo_record
 
 
 @pytest.mark.slow
-def test_bti_dbf_reuses_the_inversion_pam_wrote(pam_work, capsys):
-    """The same demo record: BTI-DBF(U) finds PAM's inversion in the cache (the yamls give the same bti_ values)."""
-    from bdsafety.defenses.bti import CACHE_DIR
+def test_bti_dbf_reuses_the_inversion_pam_wrote_and_purifies(pam_work, capsys):
+    """BTI-DBF(U) end to end on the same demo record (2 of the demo's 5 rounds: they purify here at 2/5 of the cost):
+    it finds PAM's inversion in the cache (the yamls give the same bti_ values), detects the true target, retrains G
+    in round 2, purifies, and writes BackdoorBench's folder with a loadable generator."""
+    from bdsafety.config import resolve
+    from bdsafety.defenses import bti
+    from bdsafety.defenses.base import reserved_subset
+    from bdsafety.experiment import open_experiment
+    from bdsafety.models import build_model, load_state_dict_compat
+    from bdsafety.records import load_model_result, safe_torch_load
     from bdsafety.registry import get
 
     capsys.readouterr()
-    get("defense", "bti_dbf").main(["--result_file", str(pam_work.rec), "--yaml_path", str(BTI_DBF_DEMO),
-                                    "--no_progress", "--n_rounds", "1", "--epochs", "1", "--save_name", "bti_dbf_reuse"])
-    out = capsys.readouterr().out
-    assert "bti inversion loaded from cache" in out and "bti pretrain epoch" not in out
-    assert len(list((pam_work.rec / CACHE_DIR).glob("*.pt"))) == 1
+    rec = pam_work.rec
+    out = Path(get("defense", "bti_dbf").main(["--result_file", str(rec), "--yaml_path", str(BTI_DBF_DEMO),
+                                               "--no_progress", "--n_rounds", "2"]))
+    printed = capsys.readouterr().out
+    assert "bti inversion loaded from cache" in printed and "bti pretrain epoch" not in printed
+    assert len(list((rec / bti.CACHE_DIR).glob("*.pt"))) == 1
+    assert out == rec / "defense" / "bti_dbf"
+    for f in ("defense_result.pt", "bti_dbf_df.csv", "bti_dbf_df_summary.csv", "config.yaml", "log/index.txt",
+              "bti_generator.pt"):
+        assert (out / f).is_file(), f
+    res = load_model_result(out / "defense_result.pt")
+    load_state_dict_compat(build_model(res["model_name"], res["num_classes"]), res["model"])  # strict
+    meta = yaml.safe_load((out / "config.yaml").read_text())
+    before, after = meta["before"], meta["after"]
+    assert meta["detected_target"] == meta["true_target"] == 0 and meta["target_match"] is True
+    assert sum(meta["target_votes"]) == 250 and len(meta["generator_digest_per_round"]) == 2
+    assert meta["generator_digest_per_round"][0] != meta["generator_digest_per_round"][1]  # G retrained in round 2
+    assert before["test_asr"] > 0.9 and after["test_asr"] < 0.2
+    assert before["test_acc"] - after["test_acc"] <= 0.10
+    df = pd.read_csv(out / "bti_dbf_df.csv")
+    assert set(df["round"].dropna()) == {1, 2} and df["epoch"].max() == 20
+    gen = safe_torch_load(out / "bti_generator.pt")
+    assert bti.build_generator(gen["generator_config"]).load_state_dict(gen["generator"], strict=True) is not None
+    # the cached inversion is found again for the same settings / data / seed / model
+    cfg = resolve(get("defense", "bti_dbf").schema(), str(BTI_DBF_DEMO),
+                  {"result_file": rec.name, "record_root": str(rec.parent), "device": "cpu", "n_rounds": 2})
+    exp = open_experiment(cfg)
+    idx, _ = reserved_subset(exp, cfg)
+    lines = []
+    inv = bti.load_or_invert(exp, exp.backdoored_model(), idx, exp.train.subset(idx), cfg, lines.append)
+    assert any("loaded from cache" in s for s in lines) and inv.target == 0
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def test_attacks_that_train_their_own_way_refuse_param_limit(attack, tmp_path):
 
 @pytest.mark.slow
 def test_abi_keeps_the_backdoor_but_flattens_its_neurons(tmp_path):
-    """BadNets on the demo data (2,500 images, 15 epochs) with and without --param_limit abi, same seed: both reach a
+    """BadNets on the demo data (2,500 images, 15 epochs, cnn_tiny) with and without --param_limit abi, same seed: both reach a
     high ASR, and under ABI the largest TAC z-score of the final model (measured on the record's own poisoned training
     samples) is lower: the backdoor is spread, not concentrated in a few prunable neurons."""
     from bdsafety.config import resolve
@@ -80,7 +80,7 @@ def test_abi_keeps_the_backdoor_but_flattens_its_neurons(tmp_path):
     from bdsafety.safeio import safe_torch_load
 
     base = ["--yaml_path", str(ROOT / "config" / "attack" / "badnet" / "demo.yaml"), "--record_root", str(tmp_path),
-            "--synthetic_n_train", "2500", "--synthetic_n_test", "300", "--epochs", "15", "--no_progress"]
+            "--synthetic_n_train", "2500", "--synthetic_n_test", "300", "--epochs", "15", "--model", "cnn_tiny", "--no_progress"]
     out = {}
     for mode in ("none", "abi"):
         rec = Path(get("attack", "badnet").main([*base, "--save_folder_name", mode, "--param_limit", mode]))
@@ -99,4 +99,4 @@ def test_abi_keeps_the_backdoor_but_flattens_its_neurons(tmp_path):
     print({m: (round(v[0], 2), v[1]["test_asr"]) for m, v in out.items()})
     assert out["none"][1]["test_asr"] > 0.8 and out["abi"][1]["test_asr"] > out["none"][1]["test_asr"] - 0.1
     assert out["abi"][1]["test_acc"] > out["none"][1]["test_acc"] - 0.05
-    assert out["abi"][0] < out["none"][0] - 0.5  # seed 0 here: 2.81 against 4.06
+    assert out["abi"][0] < out["none"][0] - 0.5  # seed 0 here: 2.94 against 4.04
