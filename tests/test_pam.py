@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from bdsafety.defenses.mixing import mixing_batch_fn
-from bdsafety.defenses.pam import PathAwareStep, pam_step_fn, parameter_snapshot
+from bdsafety.defenses.pam import PathAwareStep, parameter_snapshot
 
 
 class TinyBN(nn.Module):
@@ -112,7 +112,7 @@ def test_rho_zero_equals_torch_sgd():
     ref = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.1)
-    step = pam_step_fn(model, opt, bd, rho=0.0)
+    step = PathAwareStep(model, opt, bd, rho=0.0)
     for _ in range(3):
         step(model, x, y)
         ref_opt.zero_grad()

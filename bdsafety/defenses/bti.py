@@ -642,6 +642,13 @@ def bti_settings(cfg) -> dict:
     return {k: getattr(cfg, k) for k in BTI_SCHEMA if k not in _NOT_IN_KEY}
 
 
+def apply_generator(G: nn.Module, xn: torch.Tensor) -> torch.Tensor:
+    """The inverted-trigger generator on a normalised batch (mixed precision where the run's precision asks for it),
+    back in fp32: the one way PAM, pam_reinvert, BTI-DBF(U) and retune_aware apply G."""
+    with autocast(xn.device):
+        return G(xn).float()
+
+
 def generator_artifact(G: nn.Module, mask, target: int) -> dict:
     """``bti_generator.pt`` of a defense that used the inversion (PAM, pam_reinvert, BTI-DBF(U), retune_aware): the
     generator's weights and config, the benign mask and the detected target."""

@@ -52,16 +52,10 @@ BTIDBF_SCHEMA = {
 }
 
 
-def apply_generator(G: nn.Module, xn: torch.Tensor) -> torch.Tensor:
-    """G on a normalised batch (mixed precision where the device supports it), back in fp32."""
-    with engine.autocast(xn.device):
-        return G(xn).float()
-
-
 def unlearning_batch_fn(G: nn.Module, norm, p_rev: float) -> Callable:
     """batch_fn for engine.fit: ((normalised clean x, normalised mixed x), y), the official loop's count of
     min(B, int(p_rev * B + 1)) images replaced by G(x) (bdsafety.defenses.mixing)."""
-    return mixing_batch_fn(norm, p_rev, generator_replacer(G, apply_generator), count="bti", keep_clean=True,
+    return mixing_batch_fn(norm, p_rev, generator_replacer(G, bti.apply_generator), count="bti", keep_clean=True,
                            space="normalized")
 
 

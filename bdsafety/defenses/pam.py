@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from bdsafety import engine
 from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Option, float_list
+from bdsafety.defenses import bti
 from bdsafety.defenses.base import DefenseResult
 from bdsafety.defenses.mixing import generator_replacer, mixing_batch_fn, pool_replacer, true_label_pool
 from bdsafety.errors import ConfigError
@@ -220,27 +221,10 @@ class PathAwareStep:
         return loss.detach(), logits.detach()
 
 
-def pam_step_fn(model: nn.Module, base_optimizer: torch.optim.Optimizer, theta_bd: Mapping[str, torch.Tensor], rho: float,
-                form: str = "normalized", bn_mode: str = "clean", loss_fn: Callable = F.cross_entropy) -> PathAwareStep:
-    """``engine.fit``-compatible PAM step; see :class:`PathAwareStep`."""
-    return PathAwareStep(model, base_optimizer, theta_bd, rho, form=form, bn_mode=bn_mode, loss_fn=loss_fn)
-
-
 # ---------------------------------------------------------------------------------------------- the batches
 # ---------------------------------------------------------------------------------------------- the defense
-def _bti():
-    from bdsafety.defenses import bti
-
-    return bti
-
-
-def _apply_generator(G, xn):
-    """Run the BTI-DBF generator on normalised images (the convention of bdsafety.defenses.bti)."""
-    return G(xn)
-
-
 def _generator_batch_fn(exp, cfg, G):
-    return mixing_batch_fn(exp.norm, cfg.p_rev, generator_replacer(G, _apply_generator), count="bti",
+    return mixing_batch_fn(exp.norm, cfg.p_rev, generator_replacer(G, bti.apply_generator), count="bti",
                            space="normalized")
 
 
@@ -260,7 +244,6 @@ def pam(ctx) -> DefenseResult:
     opt_g = None
     digests: list[str] = []
     if cfg.pam_source == "inverted":
-        bti = _bti()
         idx = ctx.reserved_idx  # the inversion cache is keyed on the reserved subset
         # --bti_refresh recomputes the inversion (a rho sweep only for its first value); --overwrite does not: the cache
         # key holds everything the inversion depends on, and PAM, pam_reinvert and BTI-DBF(U) share the entry
@@ -286,7 +269,7 @@ def pam(ctx) -> DefenseResult:
         if r > 0 and inv is not None:
             if cfg.retrain_generator:
                 t0 = time.time()
-                mask, G = _bti().reinvert(exp, model, G, reserved, cfg, log, int(inv.target), optimizer=opt_g)
+                mask, G = bti.reinvert(exp, model, G, reserved, cfg, log, int(inv.target), optimizer=opt_g)
                 batch_fn = _generator_batch_fn(exp, cfg, G)
                 log(f"round {r + 1}: benign mask re-learned and generator retrained against the current model "
                     f"({time.time() - t0:.0f}s)")
@@ -294,7 +277,7 @@ def pam(ctx) -> DefenseResult:
                 log(f"round {r + 1}: generator kept as after round 1 (the official code froze G there; its mask "
                     f"re-learning in this round could not reach G and is skipped)")
         if G is not None:
-            digests.append(_bti().generator_digest(G))
+            digests.append(bti.generator_digest(G))
         base = r * cfg.epochs
 
         def tag(epoch, row, base=base, r=r):
@@ -311,7 +294,7 @@ def pam(ctx) -> DefenseResult:
             f"||theta - theta_bd|| = {step.distance():.4f}")
     if G is not None:
         extra["generator_digest_per_round"] = digests
-        artifacts["bti_generator.pt"] = _bti().generator_artifact(G, mask, inv.target)
+        artifacts["bti_generator.pt"] = bti.generator_artifact(G, mask, inv.target)
     return DefenseResult(model, rows, artifacts=artifacts, info=extra, indices=indices)
 
 
@@ -323,7 +306,7 @@ def schema(variant: str = NAME) -> dict:
                                         "current model (with CE to the detected target and the one generator Adam of "
                                         "round 1): pam_reinvert's default; false = the official code (pam's default), "
                                         "whose G stays frozen after round 1")
-    return _bti().with_bti_schema({**PAM_SCHEMA, "retrain_generator": retrain}, "PAM_SCHEMA")
+    return bti.with_bti_schema({**PAM_SCHEMA, "retrain_generator": retrain}, "PAM_SCHEMA")
 
 
 def sweep_configs(cfg: SimpleNamespace, name: str = NAME) -> list[SimpleNamespace]:

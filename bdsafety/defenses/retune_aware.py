@@ -168,7 +168,7 @@ class RetuneAwareStep:
 # ---------------------------------------------------------------------------------------------- the batches
 def target_replacer(G: nn.Module, target: int) -> Callable:
     """xn -> G(xn) labelled with ``target`` (normalised space): the simulated attacker's poisoned samples."""
-    inverted = generator_replacer(G, bti_apply)
+    inverted = generator_replacer(G, bti.apply_generator)
 
     def replace(xn, y):
         out, _ = inverted(xn, y)
@@ -177,13 +177,9 @@ def target_replacer(G: nn.Module, target: int) -> Callable:
     return replace
 
 
-def bti_apply(G: nn.Module, xn: torch.Tensor) -> torch.Tensor:
-    return G(xn)
-
-
 def purifier_batch_fn(norm, G: nn.Module, p_rev: float) -> Callable:
     """engine.fit batch_fn: PAM's batches, int(p_rev * B + 1) images replaced by G(x) under their TRUE labels."""
-    return mixing_batch_fn(norm, p_rev, generator_replacer(G, bti_apply), count="bti", space="normalized")
+    return mixing_batch_fn(norm, p_rev, generator_replacer(G, bti.apply_generator), count="bti", space="normalized")
 
 
 def attack_batches(reserved, norm, G: nn.Module, target: int, p_poison: float, batch_size: int, *, augment: bool,
