@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from bdsafety import registry
+from bdsafety.errors import UserError
+
 
 def run_cli(fn: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
     """Run ``fn(argv)``; print user errors as one line (exit 2), Ctrl-C as one line (exit 130)."""
-    from bdsafety.errors import UserError
 
     try:
         fn(argv)
@@ -42,7 +44,6 @@ def run_cli(fn: Callable[[list[str] | None], object], argv: list[str] | None = N
 
 def method_for_script(path: str | os.PathLike):
     """The registered method of an entry script: defense/pam.py -> registry.get('defense', 'pam')."""
-    from bdsafety import registry
 
     p = Path(path)
     kinds = {d: k for k, d in registry.KIND_DIRS.items()}

@@ -21,10 +21,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
+import numpy
 import numpy as np
 import yaml
 
 from bdsafety.errors import ConfigError  # noqa: E402  (re-exported: bdsafety.config.ConfigError)
+from bdsafety.models.registry import _check_name
+from bdsafety.paths import shipped_config
 
 
 # ------------------------------------------------------------------------------------------- value checks
@@ -230,7 +233,6 @@ def _cast(name: str, opt: Option, value, source: str):
     elif opt.kind == "folder_name":
         check_folder_name(v, name)
     elif opt.kind == "model" and v is not None:
-        from bdsafety.models.registry import _check_name  # the model registry's own check (unknown, unbuildable)
 
         try:
             _check_name(v)
@@ -265,7 +267,6 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _n
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
-    from bdsafety.paths import shipped_config
 
     p = shipped_config(path)
     if not p.is_file():
@@ -352,8 +353,7 @@ def config_dict(cfg: SimpleNamespace) -> dict:
 
 def run_metadata(cfg: SimpleNamespace, device: str, wall_time_s: float | None = None, **extra) -> dict:
     """Resolved config plus what is needed to reproduce the run: seed, versions, device, command, time."""
-    import numpy
-    import torch
+    import torch  # lazy: keeps this module importable without loading torch (CLI --help, study planning)
 
     meta = {
         "config": config_dict(cfg),
@@ -382,7 +382,7 @@ def dump_yaml(obj) -> str:
 
 def resolve_device(name: str) -> str:
     """'auto' -> cuda when available, else cpu; checks that a named device exists."""
-    import torch
+    import torch  # lazy: keeps this module importable without loading torch (CLI --help, study planning)
 
     if name in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from bdsafety.config import PRECISIONS
 from bdsafety.data.device import DeviceDataset, Normalizer, iterate_batches
@@ -272,7 +273,6 @@ def fit(
     when ``eval_at_start``). Test metrics are computed every ``eval_every`` epochs and at the last epoch
     (NaN elsewhere). Raises TrainingDiverged when an epoch's mean loss is not finite or exceeds ``max_loss``.
     """
-    from tqdm.auto import tqdm
 
     if batch_fn is None:
         batch_fn = lambda xb, y, idx: (norm.from_uint8(xb), y)  # noqa: E731

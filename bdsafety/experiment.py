@@ -17,12 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from bdsafety import engine
+from bdsafety import engine, models
 from bdsafety.config import POS_INT, RUN_SCHEMA, SEED, Option, dump_yaml, resolve_device, run_metadata
+from bdsafety.data import datasets
 from bdsafety.data.device import DeviceDataset, InputGeometry, Normalizer, input_geometry
 from bdsafety.data.info import NORMALIZATIONS
 from bdsafety.errors import ConfigError, DataError
+from bdsafety.models import load_state_dict_compat
 from bdsafety.outputs import DEPENDENTS, write_artifact
+from bdsafety.pools import real_poisoned
 from bdsafety.records import (
     RecordError,
     load_attack_record,
@@ -31,6 +34,7 @@ from bdsafety.records import (
     save_model_result,
     write_metrics_csv,
 )
+from bdsafety.safeio import atomic_write_text
 
 RECORD_SCHEMA = {
     "result_file": Option(None, "record folder: a name under record_root, or a path"),
@@ -95,13 +99,12 @@ class Experiment:
         return not getattr(self.cfg, "no_progress", False)
 
     def new_model(self) -> torch.nn.Module:
-        from bdsafety.models import build_model
 
         h, w, c = (int(v) for v in self.record.img_size)
         g = self.eval_geometry
         img_size = (h, w, c) if g is None else (g.crop, g.crop, c)  # with a geometry the model sees crop-size batches
         try:
-            model = build_model(self.model_name, self.num_classes, img_size, input_size=self.model_input_size)
+            model = models.build_model(self.model_name, self.num_classes, img_size, input_size=self.model_input_size)
         except ConfigError as e:
             raise ConfigError(f"record {self.record_dir}: its attack_result.pt names model {self.model_name!r}, which cannot be "
                               f"built here: {e}") from None
@@ -118,7 +121,6 @@ class Experiment:
         return DeviceDataset(images, labels, self.device, frozen=frozen, geometry=self.geometry)
 
     def load_model(self, state_dict) -> torch.nn.Module:
-        from bdsafety.models import load_state_dict_compat
 
         model = self.new_model()
         try:
@@ -151,7 +153,6 @@ class Experiment:
 
     def bd_train(self) -> DeviceDataset:
         """The attack's real poisoned training samples, with their backdoor labels (cross samples skipped)."""
-        from bdsafety.pools import real_poisoned
 
         bd = real_poisoned(self.record.bd_train, self.record.info)
         if bd is None or len(bd) == 0:
@@ -235,7 +236,6 @@ def run_geometry(record, data_info, cfg) -> tuple[InputGeometry | None, InputGeo
 
 
 def load_record_data(record, record_dir: Path, dataset_path: str | None = None):
-    from bdsafety.data.datasets import load_clean_dataset
 
     kw = {}
     info = record.info or {}
@@ -244,7 +244,7 @@ def load_record_data(record, record_dir: Path, dataset_path: str | None = None):
                   seed=int(info.get("synthetic_seed", 0)), difficulty=float(info.get("synthetic_difficulty", 0.0)))
     elif record.clean_data == "imagefolder":
         kw = dict(img_size=tuple(record.img_size[:2]))
-    data = load_clean_dataset(record.clean_data, data_location(record, record_dir, dataset_path), **kw)
+    data = datasets.load_clean_dataset(record.clean_data, data_location(record, record_dir, dataset_path), **kw)
     if len(data.train_y) != record.bd_test.length and record.bd_train is not None and len(data.train_y) != record.bd_train.length:
         if record.clean_data == "synthetic" and not record.info:
             fix = (f"its info.pickle, which holds the synthetic data's settings, is missing: copy it back into {record_dir} "
@@ -320,7 +320,6 @@ def write_run_files(folder: Path, name: str, cfg: SimpleNamespace, device: str, 
                     index: np.ndarray | None = None, log_lines: list[str] = (), **meta) -> None:
     """The standard files of a run: <name>_df.csv, <name>_df_summary.csv (when rows is not None), config.yaml,
     log/<time>.log, log/index.txt."""
-    from bdsafety.safeio import atomic_write_text
 
     folder = Path(folder)
     (folder / "log").mkdir(exist_ok=True)

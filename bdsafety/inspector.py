@@ -12,16 +12,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from bdsafety import models
+from bdsafety.cli import run_cli
+from bdsafety.models import MODEL_NAMES, identify_model, load_state_dict_compat
+from bdsafety.models.registry import describe_match
 from bdsafety.records import RecordError, list_defenses, load_attack_record, read_metrics_summary, resolve_record_dir, summary_name
 
 
 def check_model(rec) -> None:
     """Build the record's model and load its weights strictly: a RecordError when no tool could use them."""
-    from bdsafety.models import build_model, load_state_dict_compat
 
     size = (rec.info or {}).get("model_input_size")
     try:
-        model = build_model(rec.model_name, rec.num_classes, tuple(rec.img_size),
+        model = models.build_model(rec.model_name, rec.num_classes, tuple(rec.img_size),
                             input_size=None if size is None else int(size))
         load_state_dict_compat(model, rec.state_dict)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -47,8 +50,6 @@ def _metrics_line(folder: Path, name: str | None = None) -> str:
 
 def _architecture_line(rec) -> str:
     """Whether the weights are the architecture the record names (strict key/shape check), else what they look like."""
-    from bdsafety.models import MODEL_NAMES, identify_model
-    from bdsafety.models.registry import describe_match
 
     try:
         size = (rec.info or {}).get("model_input_size")
@@ -118,7 +119,6 @@ def _inspect(argv: list[str] | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: print a record's summary; expected errors become one line on stderr and a non-zero exit code."""
-    from bdsafety.cli import run_cli
 
     try:
         return run_cli(_inspect, argv)

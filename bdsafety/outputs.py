@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from bdsafety.config import check_folder_name
 from bdsafety.errors import OutputError
+from bdsafety.safeio import atomic_savefig, atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_safe_loadable
 
 DEPENDENTS = ("ask", "delete", "archive")
 # names an output may never take: folders and files that records, defense folders and studies hold themselves
@@ -162,7 +166,7 @@ class _DestLock:
         self.path = dest.parent / f".{dest.name}.lock"
         self.f = None
         try:
-            import fcntl
+            import fcntl  # lazy and guarded: POSIX only
         except ImportError:  # pragma: no cover - no flock (Windows): no lock
             return
         # the folders made only to hold the lock: removed again (when still empty) if the run writes nothing
@@ -195,7 +199,6 @@ class _DestLock:
 
     def release(self) -> None:
         if self.f is not None:
-            import fcntl
 
             self.path.unlink(missing_ok=True)
             fcntl.flock(self.f, fcntl.LOCK_UN)
@@ -323,7 +326,6 @@ def write_artifact(path: str | os.PathLike, value: Any) -> Path:
     """Write one named output file, choosing the format from the value's type (atomically):
     bytes -> as is; str -> utf-8 text; pandas DataFrame -> csv; uint8 (H, W[, C]) numpy image -> png (RGB);
     a matplotlib Figure -> png; anything else -> torch.save, checked to be readable by safe loading."""
-    from bdsafety.safeio import atomic_savefig, atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_safe_loadable
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,16 +334,15 @@ def write_artifact(path: str | os.PathLike, value: Any) -> Path:
     if isinstance(value, str):
         return atomic_write_text(path, value)
     try:
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for csv outputs; this low-level module stays light
 
         if isinstance(value, pd.DataFrame):
             return atomic_write_text(path, value.to_csv(index=value.index.name is not None))
     except ImportError:  # pragma: no cover
         pass
-    import numpy as np
 
     if isinstance(value, np.ndarray) and path.suffix == ".png":
-        import cv2
+        import cv2  # lazy: opencv only to write/read image files here
 
         img = value[..., ::-1] if value.ndim == 3 and value.shape[2] == 3 else value
         ok, buf = cv2.imencode(".png", np.ascontiguousarray(img))

@@ -21,6 +21,8 @@ import numpy as np
 
 from bdsafety.data.poisoned import PoisonedSplit
 from bdsafety.errors import DataError
+from bdsafety.records import load_attack_record, resolve_record_dir
+from bdsafety.safeio import atomic_write_text
 
 POOL_FILE = "pool_split.json"
 ATTACKER_FRACTION = 0.5  # share of the poisoned pool reserved for the attacker (RA, QRA); the rest is the defender's
@@ -77,7 +79,6 @@ def _check_split(ps: PoolSplit, indices: np.ndarray, path: Path) -> None:
 
 def pool_split(record_dir: Path, split: PoisonedSplit) -> PoolSplit:
     """The record's saved split of ``split`` (its bd_train), created on first use."""
-    from bdsafety.safeio import atomic_write_text
 
     path = Path(record_dir) / POOL_FILE
     digest = _digest(split.indices)
@@ -145,7 +146,6 @@ def poisoned_pool(exp, source: str | None = None, purpose: str = "RA", part: str
     (EP, PAM real) restricts the pool to that part of the source record's saved split; None: the whole pool.
     Errors name the problem and the fix.
     """
-    from bdsafety.records import load_attack_record, resolve_record_dir
 
     if source:
         src_dir = resolve_record_dir(source, exp.cfg.record_root)

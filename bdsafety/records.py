@@ -29,8 +29,11 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
+from bdsafety import registry
 from bdsafety.data.poisoned import PoisonedSplit
+from bdsafety.outputs import recover
 from bdsafety.safeio import (  # noqa: F401  (re-exported: the record API predates safeio)
     RecordError,
     _current_umask,
@@ -494,14 +497,12 @@ def summary_name(folder: str | os.PathLike) -> str | None:
         return found[0]
     cfg = folder / "config.yaml"
     if found and cfg.is_file():
-        import yaml
 
         with contextlib.suppress(yaml.YAMLError, OSError, UnicodeDecodeError):
             meta = yaml.safe_load(cfg.read_text()) or {}
             for key in ("defense", "retune_attack", "analysis"):
                 name = meta.get(key) if isinstance(meta, dict) else None
                 if name is not None:
-                    from bdsafety import registry
 
                     method = registry.by_folder("defense", str(name)) or next(
                         (m for m in registry.methods() if m.name == str(name)), None)
@@ -513,7 +514,6 @@ def summary_name(folder: str | os.PathLike) -> str | None:
 
 def resolve_record_dir(result_file: str | os.PathLike, record_root: str | os.PathLike = "./record") -> Path:
     """A record folder from a bare name (``<record_root>/<name>``) or a path to an existing folder."""
-    from bdsafety.outputs import recover
 
     given = Path(result_file)
     root = Path(record_root)

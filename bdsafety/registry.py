@@ -33,7 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from bdsafety.config import parse_config
+from bdsafety.engine import eval_subset, precision
 from bdsafety.errors import ConfigError
+from bdsafety.paths import CONFIG_ROOT
 
 # kind -> folder of its entry scripts and of its configs (BackdoorBench's layout)
 KIND_DIRS = {"attack": "attack", "defense": "defense", "retune": "retune_attack", "analysis": "analysis"}
@@ -67,7 +70,6 @@ class Method:
 
     @property
     def config_dir(self) -> Path:
-        from bdsafety.paths import CONFIG_ROOT
 
         return CONFIG_ROOT / KIND_DIRS[self.kind] / self.name
 
@@ -76,7 +78,6 @@ class Method:
 
     def parse(self, argv=None):
         """Resolve defaults < --yaml_path < flags against this method's schema (validated)."""
-        from bdsafety.config import parse_config
 
         return parse_config(self.schema(), argv, description=self.description, prog=self.entry)
 
@@ -87,7 +88,6 @@ class Method:
         """Run with an already-resolved config (the study runner's path): the ``resolve`` hook fills dependent values,
         then the kind's runner (``kind_runner``; none: ``run(cfg)``) runs at the config's precision and eval_subset,
         set once here for the whole run and restored afterwards (bdsafety.engine.precision / eval_subset)."""
-        from bdsafety.engine import eval_subset, precision  # torch: imported when a method runs, not for --help
 
         if self.resolve is not None:
             cfg = self.resolve(cfg)

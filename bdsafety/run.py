@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import sys
 
+from bdsafety import registry
 from bdsafety.cli import run_cli
+from bdsafety.inspector import main as inspect_main
+from bdsafety.study.audit import main as audit_main
+from bdsafety.study.runner import main as study_main
 
 KIND_ALIASES = {"attack": "attack", "defense": "defense", "retune": "retune", "retune_attack": "retune",
                 "analysis": "analysis"}
@@ -26,7 +30,6 @@ TOOLS = ("study", "audit", "inspect")
 
 
 def _usage() -> str:
-    from bdsafety import registry
 
     registry.discover()
     lines = ["usage: bdsafety <kind> <method> [flags]  |  bdsafety study|audit|inspect [flags]", "", "methods:"]
@@ -44,15 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     head, rest = argv[0], argv[1:]
     if head == "study":
-        from bdsafety.study.runner import main as study_main
 
         return run_cli(lambda a: _rc(study_main(a)), rest)
     if head == "audit":
-        from bdsafety.study.audit import main as audit_main
 
         return run_cli(lambda a: _rc(audit_main(a)), rest)
     if head == "inspect":
-        from bdsafety.inspector import main as inspect_main
 
         return inspect_main(rest)
     kind = KIND_ALIASES.get(head)
@@ -63,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     if not rest or rest[0].startswith("-"):
         print(f"bdsafety {head}: name the method first, e.g. bdsafety {head} <method> --help\n\n" + _usage(), file=sys.stderr)
         return 2
-    from bdsafety import registry
 
     name, flags = rest[0], rest[1:]
     return run_cli(lambda a: _rc(registry.get(kind, name).main(a)), flags)

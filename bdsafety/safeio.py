@@ -45,9 +45,9 @@ def _numpy_safe_globals() -> list:
     ``np.arange`` gives int32 indices on Windows with numpy 1.x.
     """
     try:
-        from numpy._core import multiarray as ma
+        from numpy._core import multiarray as ma  # numpy 2 / numpy 1 spellings (try/except)
     except ImportError:  # numpy < 1.26 has no numpy._core
-        from numpy.core import multiarray as ma
+        from numpy.core import multiarray as ma  # numpy 1 spelling
     entries: list = [np.ndarray, np.dtype]
     for fn in (ma._reconstruct, ma.scalar):
         for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
@@ -141,7 +141,7 @@ def safe_torch_load(path: str | os.PathLike, trust_record: bool = False) -> Any:
                           "re-run the command that writes it, or copy the file again")
     try:
         if trust_record:
-            import sys
+            import sys  # lazy: only on this error path
 
             print(f"warning: --trust_record: loading {path} with full unpickling; any code it contains may run now",
                   file=sys.stderr, flush=True)
@@ -242,9 +242,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Save a matplotlib figure to ``path`` atomically (format from the suffix) and close it."""
-    import io
 
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only needed for figures
 
     buf = io.BytesIO()
     fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi)

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
+from bdsafety.config import dump_yaml
+from bdsafety.data.device import iterate_batches
 from bdsafety.errors import ConfigError
+from bdsafety.safeio import atomic_write_text
 
 CRITERIA = ("largest_within_tol", "best_val_acc", "largest_within_drop")
 
@@ -21,7 +24,6 @@ CRITERIA = ("largest_within_tol", "best_val_acc", "largest_within_drop")
 @torch.no_grad()
 def val_accuracy(model, val, norm, batch_size: int = 1024) -> float:
     """Clean accuracy of ``model`` on the validation DeviceDataset ``val``."""
-    from bdsafety.data.device import iterate_batches
 
     was = model.training
     model.eval()
@@ -81,8 +83,6 @@ def selection_doc(*, what: str, key: str, chosen: dict | None, criterion: str, c
 
 def write_selection(path: Path, *, what: str, key: str, chosen: dict, criterion: str, candidates: list[dict]) -> Path:
     """Write the choice, its criterion and every candidate's validation score as yaml (atomically)."""
-    from bdsafety.config import dump_yaml
-    from bdsafety.safeio import atomic_write_text
 
     doc = selection_doc(what=what, key=key, chosen=chosen, criterion=criterion, candidates=candidates)
     doc.setdefault("chosen_output", chosen.get("output"))

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import sys
-import types
 import urllib.error
 import warnings
 
@@ -374,9 +372,7 @@ def test_fixed_size_datasets_reject_other_sizes_and_extra_arguments(tmp_path):
 
 def test_synthetic_is_delegated(monkeypatch):
     seen = {}
-    fake_module = types.ModuleType("bdsafety.data.synthetic")
-    fake_module.make_synthetic = lambda **kw: seen.update(kw) or "made"
-    monkeypatch.setitem(sys.modules, "bdsafety.data.synthetic", fake_module)
+    monkeypatch.setattr("bdsafety.data.synthetic.make_synthetic", lambda **kw: seen.update(kw) or "made")
     assert load_clean_dataset("synthetic", "unused", n_train=20, seed=3, img_size=(16, 16)) == "made"
     assert seen == {"n_train": 20, "seed": 3, "size": 16}
 

@@ -47,7 +47,8 @@ def _guarded(node: ast.If) -> bool:
 
 
 def _imports(tree: ast.AST, module: str, is_pkg: bool):
-    """(imported dotted names, line) of every import outside the guarded blocks."""
+    """(candidate dotted names, line) of every import outside the guarded blocks: ``import a.b`` gives ('a.b',);
+    ``from a import b`` gives ('a.b', 'a'): the submodule a.b when there is one, else the module a."""
     stack = [tree]
     while stack:
         node = stack.pop()
@@ -55,15 +56,14 @@ def _imports(tree: ast.AST, module: str, is_pkg: bool):
             stack.extend(node.orelse)
             continue
         if isinstance(node, ast.Import):
-            yield from ((a.name, node.lineno) for a in node.names)
+            yield from (((a.name,), node.lineno) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 parts = module.split(".")
                 keep = len(parts) - node.level + (1 if is_pkg else 0)
                 base = ".".join(parts[:keep] + ([base] if base else []))
-            yield base, node.lineno
-            yield from ((f"{base}.{a.name}", node.lineno) for a in node.names)
+            yield from (((f"{base}.{a.name}", base), node.lineno) for a in node.names)
         stack.extend(ast.iter_child_nodes(node))
 
 
@@ -79,7 +79,8 @@ def import_graph() -> dict[str, dict[str, int]]:
     graph = {}
     for m, p in mods.items():
         edges: dict[str, int] = {}
-        for name, line in _imports(ast.parse(p.read_text()), m, p.name == "__init__.py"):
+        for names, line in _imports(ast.parse(p.read_text()), m, p.name == "__init__.py"):
+            name = next((n for n in names if n in mods), names[-1])  # the submodule imported by name, if one
             if name == "bdsafety" or name.startswith("bdsafety."):
                 r = resolve(name)
                 if r and r != m and r != "bdsafety":
@@ -155,6 +156,28 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
 def test_the_walker_sees_function_level_imports_and_skips_main_guards():
     src = ("import os\nfrom bdsafety import engine\n\ndef f():\n    from bdsafety.records import x\n\n"
            "if __name__ == '__main__':\n    from bdsafety.inspector import main\n")
-    names = {n for n, _ in _imports(ast.parse(src), "bdsafety.demo", False)}
+    names = {n for ns, _ in _imports(ast.parse(src), "bdsafety.demo", False) for n in ns}
     assert {"bdsafety.engine", "bdsafety.records.x"} <= names and not any("inspector" in n for n in names)
+    graph = import_graph()
+    assert "bdsafety.data.synthetic" in graph["bdsafety.data.datasets"]  # from bdsafety.data import synthetic
+    assert "bdsafety.data" not in graph["bdsafety.data.datasets"]  # ... is no edge to the package
     assert _cycles({"a": {"b": 1}, "b": {"a": 1}, "c": {"a": 1}}) == [["a", "b"]]
+
+
+def test_imports_inside_functions_are_few_and_say_why():
+    """Function-level imports only for heavy or optional modules (matplotlib, torchvision, ray, opencv, ...) and
+    platform / version alternatives, each with a comment on its line saying why; never a bdsafety module."""
+    found = []
+    for p in sorted(PKG.rglob("*.py")):
+        src = p.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(src))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    found.append((p.relative_to(PKG.parent).as_posix(), node.lineno, src[node.lineno - 1].strip()))
+    inner_bdsafety = [f for f in found if "bdsafety" in f[2] or f[2].startswith("from .")]
+    assert not inner_bdsafety, inner_bdsafety
+    no_reason = [f for f in found if "#" not in f[2]]
+    assert not no_reason, f"function-level imports without a comment saying why: {no_reason}"
+    assert len(found) <= 30, f"{len(found)} function-level imports: hoist what is not heavy or optional"

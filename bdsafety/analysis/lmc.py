@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from bdsafety import engine
 from bdsafety.config import AMOUNT, FRACTION, POS_INT, Option, float_list, str_list
@@ -24,7 +25,8 @@ from bdsafety.data.device import iterate_batches
 from bdsafety.errors import ConfigError
 from bdsafety.experiment import RECORD_SCHEMA, open_experiment, reserved_indices, write_run_files
 from bdsafety.outputs import OutputFolder
-from bdsafety.registry import register
+from bdsafety.records import list_defenses
+from bdsafety.registry import get, register
 from bdsafety.safeio import atomic_savefig
 
 LMC_SCHEMA = {
@@ -73,7 +75,6 @@ def recompute_bn_stats(model: torch.nn.Module, ds, norm, batch_size: int = 256) 
 def lmc_path(exp, theta_def: dict, theta_bd: dict, alphas, bn: str, reserved, bn_batch_size: int = 256,
              progress: bool = True) -> pd.DataFrame:
     """Metrics at each alpha of the path from theta_def (alpha 0) to theta_bd (alpha 1)."""
-    from tqdm.auto import tqdm
 
     model = exp.new_model()
     param_names = {n for n, _ in model.named_parameters()}
@@ -90,10 +91,10 @@ def lmc_path(exp, theta_def: dict, theta_bd: dict, alphas, bn: str, reserved, bn
 
 
 def plot_lmc(curves: dict[str, pd.DataFrame], path: Path, title: str = "") -> Path:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only needed for figures
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only needed for figures
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, df in curves.items():
@@ -113,7 +114,6 @@ def plot_lmc(curves: dict[str, pd.DataFrame], path: Path, title: str = "") -> Pa
 
 
 def run_lmc(cfg) -> Path:
-    from bdsafety.records import list_defenses
 
     t0 = time.time()
     exp = open_experiment(cfg)
@@ -151,6 +151,5 @@ register("analysis", "lmc", schema=lambda: dict(LMC_SCHEMA), needs=("defense",),
 
 def main(argv=None) -> Path:
     """``python analysis/lmc.py ...`` without the CLI error handling (tests, notebooks)."""
-    from bdsafety.registry import get
 
     return get("analysis", "lmc").main(argv)

@@ -19,6 +19,9 @@ import pandas as pd
 
 from bdsafety.cli import run_cli
 from bdsafety.errors import ConfigError
+from bdsafety.outputs import OutputFolder
+from bdsafety.records import atomic_write_text, resolve_record_dir
+from bdsafety.retune.ra import main as ra_main
 from bdsafety.safeio import atomic_savefig
 
 
@@ -33,8 +36,6 @@ def _ints(s: str) -> list[int]:
 
 
 def run(argv=None) -> Path:
-    from bdsafety.records import atomic_write_text, resolve_record_dir
-    from bdsafety.retune.ra import main as ra_main
 
     p = argparse.ArgumentParser(prog="analysis/ra_budget.py", description=__doc__.split("\n")[0])
     p.add_argument("--result_file", required=True)
@@ -62,7 +63,6 @@ def run(argv=None) -> Path:
                 rows.append({"defense": d, "poison_num": n, "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),
                              "test_acc": r.get("test_acc")})
     table = pd.DataFrame(rows)
-    from bdsafety.outputs import OutputFolder
 
     dest = rd / "ra_budget"
     with OutputFolder(dest, overwrite=True, what="RA-budget table") as folder:  # a table of the RA runs: replaced whole
@@ -77,10 +77,10 @@ def run(argv=None) -> Path:
 
 
 def plot(table: pd.DataFrame, path: Path, title: str = "") -> Path:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only needed for figures
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only needed for figures
 
     ds = list(dict.fromkeys(table["defense"]))
     fig, axes = plt.subplots(1, len(ds), figsize=(4 * len(ds), 3.2), sharey=True, squeeze=False)

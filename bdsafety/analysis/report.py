@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
 
-from bdsafety.records import RecordError, read_metrics_summary, resolve_record_dir, summary_name
+from bdsafety.records import RecordError, atomic_write_text, read_metrics_summary, resolve_record_dir, summary_name
 from bdsafety.safeio import atomic_savefig
 
 METRICS = ("test_acc", "test_asr", "test_ra")
@@ -74,7 +75,6 @@ def rho_sweep(result_file: str, record_root: str = "./record") -> pd.DataFrame:
     """PAM's rho sweep (folders defense/<save_name or pam / pam_reinvert>_rho<value>/ from --rho_sweep): one row per
     rho with C-Acc/ASR/RA after PAM and p_* after the retuning attack where one was run; empty when there is no sweep.
     With sweeps under several save names, the row's ``sweep`` column tells them apart."""
-    import re
 
     rd = resolve_record_dir(result_file, record_root)
     rows = []
@@ -104,10 +104,10 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def plot_ra_curves(curves: dict[str, pd.DataFrame], path: Path, title: str = "") -> Path:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only needed for figures
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only needed for figures
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, df in curves.items():
@@ -124,7 +124,6 @@ def plot_ra_curves(curves: dict[str, pd.DataFrame], path: Path, title: str = "")
 
 
 def main(argv=None) -> None:
-    from bdsafety.records import atomic_write_text
 
     p = argparse.ArgumentParser(prog="analysis/report.py", description="Paper-style table (+ RA curves plot) of one record")
     p.add_argument("--result_file", required=True)

@@ -33,7 +33,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bdsafety.attacks.param_limit import PARAM_LIMIT_SCHEMA
+from bdsafety import engine, models
+from bdsafety.attacks.param_limit import ABI, PARAM_LIMIT_SCHEMA, abi_pairs
 from bdsafety.attacks.poison import LABEL_TRANS, backdoor_labels, select_test_poison, select_train_poison
 from bdsafety.config import (
     FRACTION,
@@ -50,10 +51,15 @@ from bdsafety.config import (
     resolve_device,
     run_metadata,
 )
+from bdsafety.data import datasets
+from bdsafety.data.device import DeviceDataset, Normalizer, input_geometry, pil_resize
 from bdsafety.data.info import NORMALIZATIONS
 from bdsafety.data.poisoned import PoisonedSplit
-from bdsafety.outputs import DEPENDENTS
-from bdsafety.registry import DATASET_CONFIGS, kind_runner, register
+from bdsafety.models.pretrained import resolve_pretrained
+from bdsafety.outputs import DEPENDENTS, OutputFolder, write_artifact
+from bdsafety.records import save_attack_record, write_metrics_csv
+from bdsafety.registry import DATASET_CONFIGS, get, kind_runner, methods, register
+from bdsafety.safeio import atomic_write_text
 
 DATASET_CHOICES = ("cifar10", "cifar100", "gtsrb", "tiny", "imagefolder", "synthetic")
 
@@ -194,7 +200,6 @@ class Attack:
         g = self.geometry
         if g is None or images.shape[1:3] == (g.resize, g.resize):
             return images
-        from bdsafety.data.device import pil_resize
 
         out = np.empty((len(images), g.resize, g.resize, images.shape[3]), dtype=np.uint8)
         for s in range(0, len(images), 512):
@@ -255,22 +260,17 @@ class Attack:
         return PoisonedSplit(indices=idx, images=images, bd_labels=bd, orig_labels=labels, length=len(y))
 
     def new_model(self) -> torch.nn.Module:
-        from bdsafety import engine
-        from bdsafety.models import build_model
 
         c = self.cfg
-        model = build_model(c.model, self.ctx.num_classes, self.model_img_size, input_size=c.model_input_size,
+        model = models.build_model(c.model, self.ctx.num_classes, self.model_img_size, input_size=c.model_input_size,
                             pretrained=c.pretrained)
         return engine.prepare_model(model, self.ctx.device)
 
     def normalizer(self):
-        from bdsafety.data.device import Normalizer
 
         return Normalizer(self.ctx.info, self.ctx.device, self.cfg.normalization)
 
     def evalsets(self, bd_test: PoisonedSplit):
-        from bdsafety import engine
-        from bdsafety.data.device import DeviceDataset
 
         d, dev, g = self.ctx.data, self.ctx.device, self.geometry
         return engine.EvalSets(clean=DeviceDataset(d.test_x, d.test_y, dev, geometry=g),
@@ -282,7 +282,6 @@ class Attack:
         """Train ``model`` on (train_x, train_y) with the config's optimizer and schedule; rows per epoch.
         ``augment=False``: no crop/flip before ``batch_fn`` (an attack that augments after poisoning, e.g. WaNet).
         ``alt`` = (images, rows): samples stored at the resized size (the poisoned ones under input_resize)."""
-        from bdsafety import engine
 
         c = self.cfg
         gen = engine.seed_everything(c.random_seed)
@@ -298,8 +297,6 @@ class Attack:
         """engine.fit on (train_x, train_y) with this attack's device, normalisation, geometry and test sets: one
         training stage with a given step (``train`` is the config's one-stage SGD run; multi-stage attacks call this
         once per stage with their own optimizer and step, e.g. SAM)."""
-        from bdsafety import engine
-        from bdsafety.data.device import DeviceDataset
 
         c = self.cfg
         return engine.fit(
@@ -322,7 +319,6 @@ class Attack:
             train_x[bd_train.indices] = bd_train.images
         else:  # poisoned images at the resized size beside the clean ones at their own size
             train_x, alt = d.train_x, (bd_train.images, bd_train.indices)
-        from bdsafety import engine
 
         engine.seed_everything(self.cfg.random_seed)
         model = self.new_model()
@@ -338,7 +334,6 @@ class Attack:
         c = self.cfg
         if getattr(c, "param_limit", "none") == "none" or not len(bd_train.indices):
             return None
-        from bdsafety.attacks.param_limit import ABI, abi_pairs
 
         clean, poisoned = abi_pairs(self, bd_train, c.abi_samples, c.random_seed)
         return ABI(model, clean, poisoned, self.normalizer(), c.abi_u, self.ctx.log)
@@ -351,9 +346,6 @@ ATTACK_ALIASES = {"label_consistent": "lc"}
 def attack_class(name: str | None) -> type[Attack] | None:
     """The registered Attack subclass of ``name`` (an info.pickle 'attack' / 'trigger' value; BackdoorBench's names
     too), or None when it is not a registered data-poisoning attack."""
-    from bdsafety.errors import ConfigError
-    from bdsafety.registry import get
-
     if not name:
         return None
     try:
@@ -390,7 +382,6 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 
 # ------------------------------------------------------------------------------------------- the scaffold
 def attack_geometry(cfg: SimpleNamespace):
-    from bdsafety.data.device import input_geometry
 
     return input_geometry(getattr(cfg, "input_resize", None), getattr(cfg, "input_crop", None))
 
@@ -423,7 +414,6 @@ def check_input_pipeline(method, cfg: SimpleNamespace) -> None:
 
 
 def _attack_methods():
-    from bdsafety.registry import methods
 
     return [m for m in methods("attack") if hasattr(m.run, "attack_class")]
 
@@ -434,7 +424,6 @@ def dataset_root(dataset_path: str, dataset: str) -> str:
 
 def load_data_for(cfg: SimpleNamespace):
     """Clean data for an attack config (synthetic is generated from its seed/sizes)."""
-    from bdsafety.data.datasets import load_clean_dataset
 
     kw = {}
     if cfg.dataset == "synthetic":
@@ -442,7 +431,7 @@ def load_data_for(cfg: SimpleNamespace):
         kw["difficulty"] = getattr(cfg, "synthetic_difficulty", 0.0)  # absent: a config made before the key
     if cfg.dataset == "imagefolder" and cfg.img_size:
         kw["img_size"] = tuple(cfg.img_size)
-    return load_clean_dataset(cfg.dataset, dataset_root(cfg.dataset_path, cfg.dataset), **kw)
+    return datasets.load_clean_dataset(cfg.dataset, dataset_root(cfg.dataset_path, cfg.dataset), **kw)
 
 
 def default_folder_name(attack: str, cfg) -> str:
@@ -453,11 +442,9 @@ def default_folder_name(attack: str, cfg) -> str:
 def check_model_config(cfg: SimpleNamespace, num_classes: int, img_size: tuple) -> None:
     """Fail before poisoning and training: unknown model, an image size it cannot take, a --pretrained that is not
     there (the model is built on the meta device: no memory, no weights)."""
-    from bdsafety.models import build_model
-    from bdsafety.models.pretrained import resolve_pretrained
 
     with torch.device("meta"):
-        build_model(cfg.model, num_classes, img_size, input_size=cfg.model_input_size)
+        models.build_model(cfg.model, num_classes, img_size, input_size=cfg.model_input_size)
     if cfg.pretrained:
         resolve_pretrained(cfg.model, cfg.pretrained)
 
@@ -465,10 +452,6 @@ def check_model_config(cfg: SimpleNamespace, num_classes: int, img_size: tuple) 
 @kind_runner("attack")
 def run_attack(method, cfg: SimpleNamespace) -> Path:
     """Run the registered attack ``method`` with ``cfg``; write and return the record folder."""
-    from bdsafety import engine
-    from bdsafety.outputs import OutputFolder, write_artifact
-    from bdsafety.records import save_attack_record, write_metrics_csv
-    from bdsafety.safeio import atomic_write_text
 
     t0 = time.time()
     name = cfg.save_folder_name or default_folder_name(method.name, cfg)

@@ -25,6 +25,7 @@ import numpy as np
 
 from bdsafety import engine
 from bdsafety.attacks.base import AttackOutcome, register_attack
+from bdsafety.attacks.poison import backdoor_labels
 from bdsafety.attacks.staged import BaseTriggerAttack, draw_indices, staged_rows
 from bdsafety.config import AMOUNT, FRACTION, NONNEG, POS_INT, POSITIVE, Option
 from bdsafety.data.device import DeviceDataset
@@ -89,7 +90,6 @@ class Deferred(BaseTriggerAttack):
         return s, x, y, check
 
     def backdoor_label(self, labels: np.ndarray) -> np.ndarray:
-        from bdsafety.attacks.poison import backdoor_labels
 
         c = self.cfg
         return backdoor_labels(labels, c.attack_label_trans, c.attack_target, self.ctx.num_classes)

@@ -35,11 +35,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdsafety.attacks.base import Attack, register_attack
+from bdsafety import engine
+from bdsafety.attacks.base import Attack, AttackOutcome, register_attack
 from bdsafety.attacks.controlled import cross_test_artifacts, final_pass_layout, merged_split, num_poison_in_batch, to_uint8
 from bdsafety.attacks.poison import backdoor_labels
-from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option, int_list
+from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, ConfigError, Option, int_list
+from bdsafety.data.device import DeviceDataset, Normalizer, random_crop_flip
+from bdsafety.data.info import dataset_info
+from bdsafety.engine import autocast
 from bdsafety.pools import CROSS_KEY
+from bdsafety.safeio import safe_torch_load
 
 GENERATORS_FILE = "inputaware_generators.pt"
 EPS_OUT = 1e-7  # BackdoorBench's _EPSILON in the generator output and the threshold
@@ -129,9 +134,6 @@ class InputAwareTrigger:
     @classmethod
     def load(cls, record_dir, trust_record: bool = False, device="cpu") -> "InputAwareTrigger":
         """Rebuild the generators saved in a record (``inputaware_generators.pt``) with the record's dataset normaliser."""
-        from bdsafety.data.device import Normalizer
-        from bdsafety.data.info import dataset_info
-        from bdsafety.safeio import safe_torch_load
 
         d = safe_torch_load(Path(record_dir) / GENERATORS_FILE, trust_record)
         info = dataset_info(d["dataset"], d.get("num_classes"), tuple(d["img_size"]))
@@ -188,7 +190,6 @@ class JointStep:
         return xb.float().div(255.0), y  # pixel space; normalised in step_fn
 
     def step_fn(self, model, x01, y):
-        from bdsafety.engine import autocast
 
         nb, trig, n = self.nb, self.trig, self.trig.norm
         self.opt_c.zero_grad(set_to_none=True)
@@ -232,10 +233,6 @@ class InputAware(Attack):
     }
 
     def run(self):
-        from bdsafety import engine
-        from bdsafety.attacks.base import AttackOutcome
-        from bdsafety.config import ConfigError
-        from bdsafety.data.device import DeviceDataset, random_crop_flip
 
         d, c, dev, info = self.ctx.data, self.cfg, self.ctx.device, self.ctx.info
         h, w, ch = info.img_size

@@ -34,11 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
-from bdsafety.attacks.base import Attack, default_folder_name, register_attack
+from bdsafety import engine, models
+from bdsafety.attacks.base import Attack, default_folder_name, register_attack, run_attack
 from bdsafety.attacks.resources import array_digest, cache_key, load_or_build
 from bdsafety.attacks.triggers import apply_lc_corners
 from bdsafety.config import FRACTION, NONNEG_INT, POS_INT, POSITIVE, SEED, ConfigError, Option
+from bdsafety.data.device import DeviceDataset
+from bdsafety.defenses.bti import model_digest
+from bdsafety.models.registry import load_state_dict_compat
+from bdsafety.registry import get
+from bdsafety.safeio import safe_torch_load
 
 # what must agree for a clean record to stand for "the same data" (besides dataset and model)
 _DATA_KEYS = {"synthetic": ("synthetic_n_train", "synthetic_n_test", "synthetic_seed", "synthetic_difficulty"),
@@ -52,7 +59,6 @@ def pgd_perturb(model, norm, x01: torch.Tensor, y: torch.Tensor, *, eps: float, 
     clip_[0,1](x0 + clip_eps(x_t + step * sign(grad_x CE(model(norm(x_t)), y)) - x0)), from x0 or, with
     ``random_start``, from x0 + U(-eps, eps) (Madry et al.). The model is attacked in eval mode and in fp32; its
     train/eval mode and requires_grad flags are restored. Returns the perturbed batch (float, not rounded)."""
-    from bdsafety import engine
 
     was_training = model.training
     model.eval()
@@ -99,8 +105,6 @@ def pgd_linf(model, norm, images: np.ndarray, labels: np.ndarray, *, eps: float,
 def clean_and_pgd_accuracy(model, norm, images: np.ndarray, labels: np.ndarray, *, eps: float, step: float,
                            steps: int, device, seed: int = 0, batch_size: int = 256) -> tuple[float, float]:
     """(clean accuracy, accuracy under PGD with a random start) of ``model`` on uint8 images; eps, step in pixels."""
-    from bdsafety import engine
-    from bdsafety.data.device import DeviceDataset
 
     if len(images) == 0:
         return float("nan"), float("nan")
@@ -125,7 +129,6 @@ class AdversarialStep:
         return xb.float().div(255.0), y
 
     def step_fn(self, model, x01, y):
-        from bdsafety import engine
 
         adv = pgd_perturb(model, self.norm, x01, y, eps=self.eps, step=self.step, steps=self.steps, random_start=True,
                           generator=self.gen)
@@ -144,8 +147,6 @@ def adversarial_train(model, train_x: np.ndarray, train_y: np.ndarray, norm, *, 
                       desc: str = "adversarial training") -> list[dict]:
     """PGD adversarial training of ``model`` on uint8 images with the usual crop/flip augmentation (``AdversarialStep``;
     eps and step in pixel units). Rows per epoch; ``train_acc`` is the accuracy on the PGD examples."""
-    from bdsafety import engine
-    from bdsafety.data.device import DeviceDataset
 
     gen = engine.seed_everything(seed)
     opt = engine.make_optimizer(model.parameters(), optimizer, lr, momentum, wd)
@@ -219,7 +220,6 @@ class LabelConsistent(Attack):
 
     def _find_clean_record(self) -> tuple[Path | None, Path]:
         """(an existing matching clean record or None, the folder to train one into)."""
-        from bdsafety.safeio import safe_torch_load
 
         c, root = self.cfg, self.ctx.record_root
         wanted = c.lc_clean_record or default_folder_name(self.name, SimpleCfg(c, pratio=0.0))
@@ -241,19 +241,13 @@ class LabelConsistent(Attack):
         return None, target
 
     def _load_record_model(self, found: Path):
-        from bdsafety import engine
-        from bdsafety.models import build_model
-        from bdsafety.models.registry import load_state_dict_compat
-        from bdsafety.safeio import safe_torch_load
 
         res = safe_torch_load(found / "attack_result.pt")
-        model = build_model(str(res["model_name"]), int(res["num_classes"]), tuple(self.ctx.info.img_size))
+        model = models.build_model(str(res["model_name"]), int(res["num_classes"]), tuple(self.ctx.info.img_size))
         load_state_dict_compat(model, res["model"])
         return engine.prepare_model(model, self.ctx.device)
 
     def _clean_model(self):
-        from bdsafety.attacks.base import run_attack
-        from bdsafety.registry import get
 
         c = self.cfg
         found, target = self._find_clean_record()
@@ -284,7 +278,6 @@ class LabelConsistent(Attack):
                 "model_input_size": c.model_input_size}
 
     def _adversarial_model(self):
-        from bdsafety import engine
 
         c, d = self.cfg, self.ctx.data
         st = self.adversarial_settings()
@@ -354,7 +347,6 @@ class LabelConsistent(Attack):
         self.adv_images = None
         if self.cfg.pratio == 0:  # the clean reference: no poisoned training samples, no adversarial images
             return
-        from bdsafety.defenses.bti import model_digest
 
         c, d = self.cfg, self.ctx.data
         if c.attack_label_trans != "all2one":
@@ -368,8 +360,6 @@ class LabelConsistent(Attack):
         path = self.ctx.cache_dir / "lc" / f"{c.dataset}_{c.model}_{cache_key(meta)}.pt"
 
         def build():
-            from bdsafety import engine
-
             self.ctx.log(f"PGD (eps {c.lc_eps}/255, step {c.lc_step}/255, {c.lc_steps} steps) on {len(idx)} "
                          f"target-class training images against the {c.lc_reference} reference")
             engine.seed_everything(c.random_seed)
@@ -384,8 +374,6 @@ class LabelConsistent(Attack):
         obj = load_or_build(path, meta, build, self.ctx.log, "lc adversarial images", check=check)
         self.adv_idx, self.adv_images = idx, obj["images"].numpy().astype(np.uint8)
         with torch.no_grad():
-            from bdsafety import engine
-            from bdsafety.data.device import DeviceDataset
 
             acc = engine.evaluate_loss_acc(model, DeviceDataset(self.adv_images, d.train_y[idx], self.ctx.device),
                                            self.normalizer())[1]
@@ -416,7 +404,6 @@ class LabelConsistent(Attack):
         return out
 
     def artifacts(self) -> dict:
-        import yaml
 
         if not hasattr(self, "reference_acc"):
             return {}

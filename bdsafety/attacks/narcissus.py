@@ -41,11 +41,16 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from bdsafety import engine, models
 from bdsafety.attacks.base import DATASET_CHOICES, Attack, dataset_root, load_data_for, register_attack
 from bdsafety.attacks.resources import array_digest, cache_key, load_or_build
 from bdsafety.attacks.triggers import apply_additive
 from bdsafety.config import POS_INT, POSITIVE, SEED, ConfigError, Option
+from bdsafety.data import synthetic
+from bdsafety.data.device import DeviceDataset, pil_resize, random_crop_flip
+from bdsafety.defenses.bti import model_digest
 
 SUBSET_STREAM = 25_0301  # seed stream of the POOD subset draw
 
@@ -56,10 +61,6 @@ def generate_trigger(model, norm, images: torch.Tensor, label: int, *, eps: floa
     CE(model(norm(clip(x + clip(delta, -eps, eps), 0, 1))), label) over crop/flip-augmented uint8 ``images``
     (N, C, H, W) with RAdam, ``rounds`` passes, stopping when a pass's gradient is exactly zero. ``model`` is frozen
     (its parameters) and left in its mode. Returns (clip(delta, -eps, eps), per-round mean losses)."""
-    from tqdm.auto import tqdm
-
-    from bdsafety import engine
-    from bdsafety.data.device import random_crop_flip
 
     req = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
@@ -133,9 +134,8 @@ class Narcissus(Attack):
             raise ConfigError(f"narcissus_pood {c.narcissus_pood} is the victim's own training set, not public "
                               f"out-of-distribution data: pick another data set (official for CIFAR-10: tiny)")
         if c.narcissus_pood == "synthetic":
-            from bdsafety.data.synthetic import make_synthetic
 
-            d = make_synthetic(n_train=c.synthetic_n_train, n_test=10, seed=c.narcissus_pood_seed)
+            d = synthetic.make_synthetic(n_train=c.synthetic_n_train, n_test=10, seed=c.narcissus_pood_seed)
         else:
             pood_cfg = copy.copy(c)
             pood_cfg.dataset = c.narcissus_pood
@@ -155,7 +155,6 @@ class Narcissus(Attack):
         if x.shape[1:] != (h, w, ch):
             if x.shape[3] != ch or h != w:
                 raise ConfigError(f"POOD images {x.shape[1:]} cannot be resized to the attack's {h}x{w}x{ch}")
-            from bdsafety.data.device import pil_resize
 
             x = np.concatenate([pil_resize(torch.from_numpy(np.ascontiguousarray(x[s:s + 2048])).permute(0, 3, 1, 2), h)
                                 .permute(0, 2, 3, 1).numpy() for s in range(0, len(x), 2048)])
@@ -167,8 +166,6 @@ class Narcissus(Attack):
 
     # ---- the three steps
     def _fit(self, model, x, y, *, epochs, lr, optimizer, desc):
-        from bdsafety import engine
-        from bdsafety.data.device import DeviceDataset
 
         c = self.cfg
         gen = engine.seed_everything(c.narcissus_seed)
@@ -190,11 +187,9 @@ class Narcissus(Attack):
                 "hflip": bool(self.ctx.info.hflip), "normalization": c.normalization}
 
     def _new_surrogate(self, num_classes: int):
-        from bdsafety import engine
-        from bdsafety.models import build_model
 
         engine.seed_everything(self.cfg.narcissus_seed)
-        return engine.prepare_model(build_model(self.cfg.model, num_classes, self.stamp_shape), self.ctx.device)
+        return engine.prepare_model(models.build_model(self.cfg.model, num_classes, self.stamp_shape), self.ctx.device)
 
     def surrogate(self, target_x: np.ndarray):
         """(the trained surrogate, the surrogate's index of the target class, its cache file)."""
@@ -233,7 +228,6 @@ class Narcissus(Attack):
 
     def prepare(self) -> None:
         """The trigger (float (H, W, C), pixel units): cached, else surrogate -> warm-up -> generation."""
-        from bdsafety.defenses.bti import model_digest
 
         c = self.cfg
         if c.attack_label_trans != "all2one":
@@ -247,8 +241,6 @@ class Narcissus(Attack):
         path = self.ctx.cache_dir / "narcissus" / f"trigger_{c.dataset}_{c.model}_{cache_key(meta)}.pt"
 
         def build():
-            from bdsafety import engine
-
             self.ctx.log(f"poison warm-up: {c.narcissus_warmup_epochs} epochs on {len(target_x)} target-class images")
             self._fit(model, target_x, np.full(len(target_x), label, np.int64), epochs=c.narcissus_warmup_epochs,
                       lr=c.narcissus_warmup_lr, optimizer="radam", desc="narcissus warm-up")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bdsafety.config import POS_INT, POSITIVE, Option
+from bdsafety.data.device import DeviceDataset, iterate_batches
 
 PARAM_LIMITS = ("none", "abi")
 
@@ -45,7 +46,6 @@ def _convs(model: torch.nn.Module) -> list[tuple[str, torch.nn.Conv2d]]:
 def channel_tac(model: torch.nn.Module, clean, poisoned, norm, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """{conv layer name: TAC per output channel} of ``model`` (eval mode) over paired DeviceDatasets ``clean`` and
     ``poisoned`` (the same samples without and with the trigger, same order)."""
-    from bdsafety.data.device import iterate_batches
 
     convs = _convs(model)
     acts: dict[str, torch.Tensor] = {}
@@ -118,7 +118,6 @@ class ABI:
 
 def abi_pairs(attack, bd_train, n: int, seed: int):
     """(clean, poisoned) DeviceDatasets of up to ``n`` poisoned training samples and their clean originals."""
-    from bdsafety.data.device import DeviceDataset
 
     rng = np.random.default_rng(seed)
     take = np.sort(rng.choice(len(bd_train.indices), min(n, len(bd_train.indices)), replace=False))

@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from bdsafety.safeio import atomic_torch_save, safe_torch_load
+
 
 def array_digest(*arrays: np.ndarray) -> str:
     """sha256 (first 16 hex digits) over the shapes, dtypes and bytes of ``arrays`` (a data set's identity)."""
@@ -30,7 +32,6 @@ def load_or_build(path: str | Path, meta: dict, build: Callable[[], dict], log: 
                   check: Callable[[dict], None] | None = None) -> dict:
     """The dict cached at ``path`` if its ``meta`` equals ``meta`` (and ``check`` accepts it), else ``build()``,
     stored atomically with ``meta`` and returned. ``meta`` holds plain values: everything the resource depends on."""
-    from bdsafety.safeio import atomic_torch_save, safe_torch_load
 
     path = Path(path)
     if path.is_file():

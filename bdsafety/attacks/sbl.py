@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
 
 from bdsafety import engine
 from bdsafety.attacks.base import AttackOutcome, register_attack
@@ -51,7 +52,6 @@ SAM_STAGES = ("backdoor", "clean", "both", "none")
 def ewc_fisher(model, images: torch.Tensor, labels: torch.Tensor, norm, chunk: int = 64) -> list[torch.Tensor]:
     """Diagonal Fisher E[p(y|x) * (grad_w log p(y|x))^2] over uint8 (N, C, H, W) ``images`` with true ``labels``, one
     tensor per trainable parameter (model in eval mode; per-sample gradients with torch.func)."""
-    from torch.func import functional_call, grad_and_value, vmap
 
     was_training = model.training
     model.eval()

@@ -30,10 +30,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 from bdsafety.attacks.base import Attack, register_attack
 from bdsafety.attacks.resources import array_digest, cache_key, load_or_build
 from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, SEED, ConfigError, Option
+from bdsafety.defenses.bti import model_digest
+from bdsafety.errors import TrainingDiverged
 
 
 def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
@@ -179,7 +182,6 @@ def train_encoder(train_x: np.ndarray, *, bits: int, width: int, steps: int, bat
         ramp = min(1.0, max(0.0, (step - 0.2 * steps) / (0.3 * steps)))
         loss = bit_loss + image_weight * ramp * res.pow(2).mean()
         if not torch.isfinite(loss):
-            from bdsafety.errors import TrainingDiverged
 
             raise TrainingDiverged("SSBA encoder training: the loss became non-finite; lower ssba_lr")
         opt.zero_grad(set_to_none=True)
@@ -238,7 +240,6 @@ class SSBA(Attack):
         obj = load_or_build(path, meta, build, self.ctx.log, "ssba encoder", check=lambda o: self._load(o, img_size))
         self._load(obj, img_size)
         self.cache_file = str(path)
-        from bdsafety.defenses.bti import model_digest
 
         self.digest = model_digest(self.encoder)
         held = d.test_x[: c.ssba_heldout]
@@ -283,7 +284,6 @@ class SSBA(Attack):
                 "ssba_encoder_cache": self.cache_file, "ssba_encoder_digest": self.digest}
 
     def artifacts(self) -> dict:
-        import yaml
 
         doc = {"encoder": "StegaStamp U-Net on [secret map, image]", "width": self.cfg.ssba_width,
                "psnr_db": round(self.psnr, 3), "bit_accuracy": round(self.bit_acc, 5), "max_abs_residual": self.linf,

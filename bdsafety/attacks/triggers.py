@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from bdsafety.data.device import pil_resize
 
 
 def badnet_trigger_mask(h: int, w: int, patch: int = 3) -> np.ndarray:
@@ -26,9 +29,6 @@ def apply_badnet(images: np.ndarray, patch: int = 3, value: int = 255, native: t
         return out
     if h != w:
         raise ValueError(f"a resized BadNets trigger needs square images, got {h}x{w}")
-    import torch
-
-    from bdsafety.data.device import pil_resize
 
     t = np.zeros((*native, c), dtype=np.uint8)
     t[badnet_trigger_mask(native[0], native[1], patch)] = value
@@ -44,7 +44,7 @@ def make_blend_key(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:
     """
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 255, (4, 4, c)).astype(np.float32)
-    import cv2
+    import cv2  # lazy: opencv only to write/read image files here
 
     smooth = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC).reshape(h, w, c)
     key = 0.7 * smooth + 0.3 * rng.uniform(0, 255, (h, w, c))

@@ -30,12 +30,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bdsafety.attacks.base import Attack, register_attack
+from bdsafety import engine
+from bdsafety.attacks.base import Attack, AttackOutcome, register_attack
 from bdsafety.attacks.controlled import cross_test_artifacts, final_pass_layout, merged_split, num_poison_in_batch, to_uint8
 from bdsafety.attacks.poison import backdoor_labels
 from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option
-from bdsafety.data.device import random_crop_flip, random_rotate
+from bdsafety.data.device import DeviceDataset, random_crop_flip, random_rotate
 from bdsafety.pools import CROSS_KEY
+from bdsafety.safeio import safe_torch_load
 
 GRIDS_FILE = "wanet_grids.pt"
 
@@ -111,7 +113,6 @@ class WarpingField:
 
     @classmethod
     def load(cls, record_dir, trust_record: bool = False) -> "WarpingField":
-        from bdsafety.safeio import safe_torch_load
 
         return cls.from_state(safe_torch_load(Path(record_dir) / GRIDS_FILE, trust_record))
 
@@ -189,9 +190,6 @@ class WaNet(Attack):
         return self.field.apply(images)
 
     def run(self):
-        from bdsafety import engine
-        from bdsafety.attacks.base import AttackOutcome
-        from bdsafety.data.device import DeviceDataset
 
         self.prepare()
         d, c, dev = self.ctx.data, self.cfg, self.ctx.device

@@ -32,7 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
+from bdsafety.data import synthetic
 from bdsafety.data.info import DATASETS, CleanData, dataset_info
 from bdsafety.errors import DataError, DatasetNotFound
 
@@ -77,7 +79,6 @@ def load_clean_dataset(
         )
     hw = _parse_img_size(img_size)
     if name == "synthetic":
-        from bdsafety.data.synthetic import make_synthetic
 
         if hw is not None:
             if hw[0] != hw[1]:
@@ -88,7 +89,7 @@ def load_clean_dataset(
                           (size, size, 3), "synthetic", "lower synthetic_n_train / synthetic_n_test or the image size")
         if int(synthetic_kwargs.get("n_train", 5000)) + int(synthetic_kwargs.get("n_test", 1000)) >= SYNTHETIC_CACHE_MIN:
             return _cached_synthetic(root, synthetic_kwargs)
-        return make_synthetic(**synthetic_kwargs)  # 10 balanced classes, >= 10 test images by construction
+        return synthetic.make_synthetic(**synthetic_kwargs)  # 10 balanced classes, >= 10 test images by construction
 
     root = os.path.expanduser(os.fspath(root))
     if name == "imagefolder":
@@ -176,7 +177,7 @@ _CIFAR = {
 
 
 def _load_cifar(name: str, root: str, download: bool) -> CleanData:
-    from torchvision import datasets as tvd
+    from torchvision import datasets as tvd  # lazy: torchvision only for the real datasets' readers
 
     folder, train_files, test_files, meta_file, meta_key, label_key = _CIFAR[name]
     tv_class = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
@@ -294,7 +295,6 @@ def _decode_split(
                     return z["x"], z["y"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable cache: rebuild it
-    from tqdm.auto import tqdm
 
     x = np.empty((len(paths), hw[0], hw[1], 3), dtype=np.uint8)
     show = sys.stderr.isatty() if progress is None else progress
@@ -311,22 +311,20 @@ def _decode_split(
 
 def _cached_synthetic(root: str, kwargs: dict) -> CleanData:
     """make_synthetic(**kwargs), cached under <root>/.bdsafety_cache/ keyed by every generator parameter."""
-    from bdsafety.data.synthetic import GENERATOR_VERSION, make_synthetic, synthetic_data
-
-    bound = inspect.signature(make_synthetic).bind(**kwargs)
+    bound = inspect.signature(synthetic.make_synthetic).bind(**kwargs)
     bound.apply_defaults()
     params = {k: (float(v) if k == "difficulty" else int(v)) for k, v in bound.arguments.items()}
-    fp = json.dumps({**params, "generator_version": GENERATOR_VERSION}, sort_keys=True)
+    fp = json.dumps({**params, "generator_version": synthetic.GENERATOR_VERSION}, sort_keys=True)
     cache = os.path.join(os.path.expanduser(os.fspath(root)), CACHE_DIR,
                          f"synthetic_{hashlib.sha256(fp.encode()).hexdigest()[:16]}.npz")
     if os.path.isfile(cache):
         try:
             with np.load(cache, allow_pickle=False) as z:
                 if str(z["fingerprint"]) == fp:
-                    return synthetic_data(z["train_x"], z["train_y"], z["test_x"], z["test_y"])
+                    return synthetic.synthetic_data(z["train_x"], z["train_y"], z["test_x"], z["test_y"])
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             pass  # unreadable cache: rebuild it
-    data = make_synthetic(**params)
+    data = synthetic.make_synthetic(**params)
     _write_cache(cache, train_x=data.train_x, train_y=data.train_y, test_x=data.test_x, test_y=data.test_y,
                  fingerprint=np.array(fp))
     return data
@@ -455,7 +453,7 @@ def _load_tiny(root: str, download: bool, progress: bool | None) -> CleanData:
         if not download:
             raise _not_found("tiny", tried, layout, fix, "not downloaded (download=False)")
         try:
-            from torchvision.datasets.utils import download_and_extract_archive
+            from torchvision.datasets.utils import download_and_extract_archive  # lazy: torchvision only when downloading
 
             download_and_extract_archive(_TINY_URL, root, md5=_TINY_MD5, remove_finished=True)
         except Exception as e:  # no network, proxy, bad archive: all mean the files are not there

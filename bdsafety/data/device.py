@@ -22,7 +22,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from bdsafety.data.info import DatasetInfo
+from bdsafety.data.info import DatasetInfo, normalization_stats
+from bdsafety.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,6 @@ class InputGeometry:
     pad: int = 4
 
     def __post_init__(self):
-        from bdsafety.errors import ConfigError
 
         if min(self.resize, self.crop) < 1 or self.pad < 0:
             raise ConfigError(f"input geometry resize {self.resize} / crop {self.crop} / pad {self.pad}: sizes must be >= 1")
@@ -53,7 +53,6 @@ class InputGeometry:
 
 def input_geometry(resize: int | None, crop: int | None = None, pad: int = 4) -> InputGeometry | None:
     """The geometry of the ``input_resize`` / ``input_crop`` options (None: the data's own size)."""
-    from bdsafety.errors import ConfigError
 
     if resize is None:
         if crop is not None:
@@ -317,7 +316,6 @@ class Normalizer:
     pipeline for ImageNet-pretrained backbones)."""
 
     def __init__(self, info: DatasetInfo, device="cpu", normalization: str = "dataset"):
-        from bdsafety.data.info import normalization_stats
 
         self.normalization = normalization
         mean, std = normalization_stats(info, normalization)

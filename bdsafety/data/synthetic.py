@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bdsafety.data.info import DATASETS, CleanData
+from bdsafety.data.info import DATASETS, CleanData, DatasetInfo
 from bdsafety.errors import DataError
 
 CLASSES = ["circle", "square", "triangle", "plus", "ring", "hstripes", "vstripes", "frame", "dots", "cross"]
@@ -181,7 +181,6 @@ def synthetic_data(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     size = train_x.shape[1]
     info = DATASETS["synthetic"]
     if size != 32:
-        from bdsafety.data.info import DatasetInfo
 
         info = DatasetInfo("synthetic", 10, (size, size, 3), info.mean, info.std, info.hflip)
     return CleanData(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, info=info, classes=list(CLASSES))

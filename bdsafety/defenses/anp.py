@@ -49,6 +49,7 @@ import math
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Check, Option, 
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.errors import ConfigError
 from bdsafety.registry import register
+from bdsafety.selection import select, selection_doc, val_accuracy
 
 NAME = "anp"
 
@@ -328,7 +330,6 @@ def select_threshold(model, mask_values, val, norm, cfg) -> tuple[float | None, 
     this function sees) and keep the largest whose relative C-Acc drop against the unpruned model is below
     cfg.acc_ratio (bdsafety.selection, criterion largest_within_drop). Returns (the threshold, or None when none
     qualifies and nothing is pruned; the selection record: criterion, reference, candidates)."""
-    from bdsafety.selection import select, selection_doc, val_accuracy
 
     ref = val_accuracy(model, val, norm, cfg.eval_batch_size)
     cands = []
@@ -434,7 +435,6 @@ def anp(ctx) -> DefenseResult:
             m = exp.metrics(pm)
             sweep.append({"threshold": thr, "n_pruned": len(pr),
                           **{k: m[k] for k in ("test_acc", "test_asr", "test_ra") if k in m}})
-        import pandas as pd
 
         files["anp_threshold_sweep.csv"] = pd.DataFrame(sweep)
         log("threshold sweep (TEST data, reporting only): " + "; ".join(

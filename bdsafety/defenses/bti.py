@@ -59,8 +59,10 @@ import torch.nn.functional as F
 
 from bdsafety.config import NONNEG, POS_INT, POSITIVE, Option
 from bdsafety.data.device import DeviceDataset, iterate_batches
-from bdsafety.engine import autocast
+from bdsafety.defenses.base import defense_schema
+from bdsafety.engine import TrainingDiverged, autocast
 from bdsafety.errors import ConfigError
+from bdsafety.records import RecordError, atomic_torch_save, safe_torch_load
 
 CACHE_DIR = "bti_inversion"
 CACHE_FORMAT = 2
@@ -622,7 +624,6 @@ def target_info(target: int, votes, true_target) -> dict:
 
 def _check_finite(m: _Means, stage: str):
     if not all(math.isfinite(v) for v in m.sums.values()):
-        from bdsafety.engine import TrainingDiverged
 
         raise TrainingDiverged(f"BTI-DBF {stage}: a loss became non-finite ({m.text()}); lower bti_lr / bti_mask_lr")
 
@@ -660,7 +661,6 @@ def generator_artifact(G: nn.Module, mask, target: int) -> dict:
 def with_bti_schema(own: dict, name: str) -> dict:
     """The schema of a defense that runs the inversion: BTI_SCHEMA plus its own keys (a key in both is a programming
     error between the two modules)."""
-    from bdsafety.defenses.base import defense_schema
 
     clash = sorted(set(BTI_SCHEMA) & set(own))
     if clash:  # pragma: no cover - a programming error between the two modules
@@ -692,7 +692,6 @@ def cache_path(exp, key: str) -> Path:
 
 
 def save_inversion(path, inv: InversionResult, key: str, cfg, true_target) -> Path:
-    from bdsafety.records import atomic_torch_save
 
     obj = {
         "format": CACHE_FORMAT,
@@ -723,7 +722,6 @@ def _to_cpu(obj):
 
 
 def load_inversion(path, device) -> InversionResult:
-    from bdsafety.records import RecordError, safe_torch_load
 
     obj = safe_torch_load(path)
     need = ("format", "generator", "generator_config", "mask", "target", "votes", "optimizer_state")
@@ -744,7 +742,7 @@ def _cache_lock(path: Path, log: Callable):
     need the same inversion at the same time (PAM and BTI-DBF(U) as concurrent study jobs, on Ray or not) compute it
     once; the later one waits, then loads it. Without fcntl (Windows) there is no lock: both compute it."""
     try:
-        import fcntl
+        import fcntl  # lazy and guarded: POSIX only
     except ImportError:
         yield
         return
@@ -774,7 +772,6 @@ def load_or_invert(exp, model: nn.Module, reserved_idx, reserved: DeviceDataset,
 
 
 def _load_or_invert(exp, model, reserved, cfg, log, refresh, key, path) -> InversionResult:
-    from bdsafety.records import RecordError
 
     if path.is_file() and not refresh:
         try:

@@ -31,6 +31,7 @@ epochs, batch 128, on a 2% reserved split, BackdoorBench's train augmentation.
 """
 from __future__ import annotations
 
+import functools
 import math
 from types import SimpleNamespace
 from typing import Callable
@@ -250,7 +251,6 @@ def finetune(ctx, name: str = "finetune") -> DefenseResult:
 
 
 def _register_variants() -> None:
-    import functools
 
     for variant in VARIANTS:
         def run(ctx, variant=variant):

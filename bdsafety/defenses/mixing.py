@@ -24,6 +24,7 @@ import torch
 
 from bdsafety.data.device import DeviceDataset
 from bdsafety.errors import ConfigError, DataError
+from bdsafety.pools import poisoned_pool
 
 COUNTS = ("round", "bti")
 
@@ -111,7 +112,6 @@ def pool_replacer(pool: DeviceDataset, generator: torch.Generator | None = None,
 def true_label_pool(exp, purpose: str) -> tuple[DeviceDataset, "object"]:
     """The defender's part of the record's real poisoned training samples, labelled with their TRUE labels, and
     that PoisonedSplit (its ``indices`` are written to the run's log)."""
-    from bdsafety.pools import poisoned_pool
 
     split, _, _ = poisoned_pool(exp, None, purpose, "defender")
     return exp.dataset(split.images, split.orig_labels), split

@@ -41,6 +41,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 
 from bdsafety import engine
 from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Option, float_list
@@ -48,7 +49,10 @@ from bdsafety.defenses import bti
 from bdsafety.defenses.base import DefenseResult
 from bdsafety.defenses.mixing import generator_replacer, mixing_batch_fn, pool_replacer, true_label_pool
 from bdsafety.errors import ConfigError
+from bdsafety.outputs import OutputFolder
+from bdsafety.records import resolve_record_dir
 from bdsafety.registry import register
+from bdsafety.selection import select, write_selection
 
 NAME = "pam"
 # registered name -> retrain_generator default (the only difference between the two defenses)
@@ -321,8 +325,6 @@ def sweep_configs(cfg: SimpleNamespace, name: str = NAME) -> list[SimpleNamespac
             raise ConfigError("rho_select val selects on a validation split of the reserved data: set --val_ratio (e.g. 0.2)")
     if not cfg.rho_sweep:
         return [cfg]
-    from bdsafety.outputs import OutputFolder
-    from bdsafety.records import resolve_record_dir
 
     base = cfg.save_name or name
     for rho in cfg.rho_sweep:  # fail before any training
@@ -347,9 +349,6 @@ def select_rho(cfg: SimpleNamespace, outputs: list, name: str = NAME) -> Path | 
     and write defense/<base>_rho_selection.yaml."""
     if cfg.rho_select != "val":
         return None
-    import yaml
-
-    from bdsafety.selection import select, write_selection
 
     cands = []
     for out in outputs:

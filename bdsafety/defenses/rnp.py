@@ -42,6 +42,7 @@ import copy
 import math
 import time
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +53,7 @@ from bdsafety.defenses.anp import _mask_file_text, clip_masks, prune_model, sele
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.errors import ConfigError
 from bdsafety.registry import register
+from bdsafety.selection import select, selection_doc, val_accuracy
 
 NAME = "rnp"
 METRICS = ("test_loss", "test_acc", "test_asr", "test_ra")
@@ -151,7 +153,6 @@ def pruned_copy(model, mask_values, by: str, number: float):
 
 def select_threshold(model, mask_values, val, norm, cfg) -> tuple[float | None, dict]:
     """pruning_select val: the largest threshold of the sweep within the relative validation C-Acc budget."""
-    from bdsafety.selection import select, selection_doc, val_accuracy
 
     ref = val_accuracy(model, val, norm, cfg.eval_batch_size)
     cands = []
@@ -209,7 +210,6 @@ def rnp(ctx) -> DefenseResult:
     for i, row in enumerate(rows, start=1):
         row["epoch"] = i
     if cfg.pruning_sweep:
-        import pandas as pd
 
         sweep = []
         for thr in thresholds(cfg):

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 from bdsafety.errors import ConfigError, DataError
+from bdsafety.models.zoo import ZOO
+from bdsafety.safeio import RecordError, safe_torch_load
 
 
 def _torchvision_weights(arch: str, source: str):
     """The torchvision ``Weights`` entry named by ``source`` ('DEFAULT', 'IMAGENET1K_V1' or 'ResNet18_Weights.X')
     for architecture ``arch``; None when ``source`` is not a weights name."""
-    import torchvision
-
-    from .zoo import ZOO
+    import torchvision  # lazy: torchvision only for pretrained weights
 
     if arch not in ZOO:
         return None
@@ -44,7 +44,6 @@ def weights_cache_path(weights) -> Path:
 def read_state_dict(path: Path) -> dict:
     """A state_dict from a weights file: a plain state_dict, a checkpoint's ['state_dict'], or a BackdoorBench
     result's ['model'] (safe loading: tensors and numpy values only)."""
-    from bdsafety.safeio import RecordError, safe_torch_load
 
     try:
         obj = safe_torch_load(path)
@@ -66,10 +65,9 @@ def resolve_pretrained(arch: str, source: str) -> Path:
         return path
     weights = _torchvision_weights(arch, str(source))
     if weights is None:
-        from .zoo import ZOO
 
         if arch in ZOO:
-            import torchvision
+            import torchvision  # lazy: torchvision only for pretrained weights
 
             names = ", ".join(["DEFAULT"] + list(torchvision.models.get_model_weights(ZOO[arch][0]).__members__))
             hint = f"a torchvision weights name of {arch} ({names})"

@@ -216,7 +216,6 @@ def identify_model(state_dict: Mapping, input_size: int | None = None) -> list[s
 
 def _size_for(name: str, input_size: int | None) -> int | None:
     """``input_size`` where it changes the weights' shapes (ViT), else None (the shapes do not depend on it)."""
-    from .zoo import ZOO
 
     return input_size if name in ZOO and ZOO[name][1] == "vit" else None
 

@@ -41,17 +41,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
+from bdsafety.attacks.base import attack_class, record_trigger
 from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, ConfigError, Option, int_list
-from bdsafety.data.device import DeviceDataset
+from bdsafety.data.device import DeviceDataset, iterate_batches
 from bdsafety.errors import DataError
 from bdsafety.experiment import RECORD_SCHEMA, open_experiment, write_run_files
 from bdsafety.outputs import OutputFolder
-from bdsafety.registry import register
+from bdsafety.records import RecordError, atomic_torch_save, atomic_write_text, load_attack_record, resolve_record_dir, safe_torch_load
+from bdsafety.registry import get, register
 from bdsafety.retune.ra import poison_source_split, resolve_targets
 from bdsafety.safeio import atomic_savefig
 
@@ -155,7 +158,6 @@ def qra_loss(logits_pur_adv, logits_ra, logits_clean_adv, y_true, alpha: float):
 
 def load_generator(path, device="cpu") -> PerturbationGenerator:
     """A generator saved by QRA (generator.pt)."""
-    from bdsafety.records import safe_torch_load
 
     obj = safe_torch_load(path)
     gen = PerturbationGenerator(tuple(obj["img_shape"]), obj["eps"], tuple(obj["hidden"]))
@@ -168,7 +170,6 @@ def load_generator(path, device="cpu") -> PerturbationGenerator:
 def triggered_source_note(attack: str) -> str | None:
     """Why QRA has no triggered training images for records of the registered attack ``attack`` (a clean-label
     attack whose trigger cannot be rebuilt from its record), or None when it has them (the study plan's check)."""
-    from bdsafety.attacks.base import attack_class
 
     cls = attack_class(attack)
     if cls is None or not cls.clean_label or cls.rebuilds_trigger():
@@ -180,7 +181,6 @@ def triggered_source_note(attack: str) -> str | None:
 def _retriggered(exp, split, rec, src_dir, n: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(training indices, triggered images, true labels) of ``n`` clean non-target-class TRAINING images outside the
     whole poisoned pool of ``rec`` (attacker and defender parts), with the record's test-time trigger applied."""
-    from bdsafety.attacks.base import record_trigger
 
     trigger = record_trigger(rec.info)
     if trigger is None:
@@ -249,7 +249,6 @@ def _attack_yaml_hint(exp) -> str:
 
 def load_clean_reference(exp, cfg) -> tuple[torch.nn.Module, str]:
     """The clean reference model from cfg.clean_record or cfg.clean_model (errors say how to make one)."""
-    from bdsafety.records import RecordError, load_attack_record, resolve_record_dir
 
     if cfg.clean_record and cfg.clean_model:
         raise ConfigError("give either clean_record or clean_model, not both")
@@ -284,7 +283,6 @@ def load_clean_reference(exp, cfg) -> tuple[torch.nn.Module, str]:
 @torch.no_grad()
 def teacher_logits(model, ds: DeviceDataset, norm, batch_size: int = 1024) -> torch.Tensor:
     """float32 logits of ``model`` on every (unperturbed) image of ``ds``, in order."""
-    from bdsafety.data.device import iterate_batches
 
     out = []
     for xb, _, _ in iterate_batches(ds, batch_size):
@@ -425,10 +423,10 @@ def train_generator(gen: PerturbationGenerator, data: DeviceDataset, f_pur, f_ra
 def save_example_grid(path, exp, gen, n: int, title: str = "") -> None:
     """PNG grid: rows = poisoned test image / + delta / delta stretched to full contrast (its largest value and the
     stretch factor in the row label), then the same for clean test images."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only needed for figures
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only needed for figures
 
     ev = exp.evalsets
     n = max(1, min(n, len(ev.clean), len(ev.bd) if ev.bd is not None and len(ev.bd) else n))
@@ -467,9 +465,6 @@ def save_example_grid(path, exp, gen, n: int, title: str = "") -> None:
 
 def run_qra(cfg: SimpleNamespace) -> Path:
     """Train the QRA generator against one defense; returns the output folder."""
-    import pandas as pd
-
-    from bdsafety.records import atomic_torch_save, atomic_write_text
 
     t0 = time.time()
     if cfg.access == "black_box" and (int(cfg.zo_queries) < 1 or not cfg.zo_mu > 0):
@@ -574,6 +569,5 @@ register("retune", "qra", schema=lambda: dict(QRA_SCHEMA), needs=("defense", "ra
 
 def main(argv=None) -> Path:
     """``python retune_attack/qra.py ...`` without the CLI error handling (tests, notebooks)."""
-    from bdsafety.registry import get
 
     return get("retune", "qra").main(argv)

@@ -32,12 +32,14 @@ import numpy as np
 import torch
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option
+from bdsafety.config import AMOUNT, NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option, check_folder_name
 from bdsafety.data.device import DeviceDataset
 from bdsafety.errors import ConfigError
 from bdsafety.experiment import RECORD_SCHEMA, open_experiment, write_run_files
 from bdsafety.outputs import OutputFolder
-from bdsafety.registry import register
+from bdsafety.pools import poisoned_pool
+from bdsafety.records import atomic_write_text, list_defenses, save_model_result
+from bdsafety.registry import get, register
 
 __all__ = [
     "RA_SCHEMA", "RA_SEED_STREAM", "RATarget", "RASet", "ra_set_size", "ra_subset_indices", "assemble_ra_set",
@@ -144,7 +146,6 @@ def assemble_ra_set(train: DeviceDataset, split, clean_idx: np.ndarray, poison_s
 
 def poison_source_split(exp, source: str | None, purpose: str = "RA", part: str = "attacker"):
     """(the attacker's part of bd_train, source record folder, source record): see bdsafety.pools.poisoned_pool."""
-    from bdsafety.pools import poisoned_pool
 
     return poisoned_pool(exp, source, purpose, part)
 
@@ -187,7 +188,6 @@ class RATarget:
 
 def resolve_targets(record_dir: Path, defense: str | None) -> list[RATarget]:
     """The models named by --defense: 'none', a name, a comma list, or 'all' (records.list_defenses)."""
-    from bdsafety.records import list_defenses
 
     record_dir = Path(record_dir)
     existing = list_defenses(record_dir)
@@ -210,7 +210,6 @@ def resolve_targets(record_dir: Path, defense: str | None) -> list[RATarget]:
         if n == "none":
             out.append(RATarget("none", record_dir / "attack_result.pt", record_dir))
             continue
-        from bdsafety.config import check_folder_name
 
         check_folder_name(n, "defense")  # a folder under defense/, never a path out of the record
         folder = record_dir / "defense" / n
@@ -265,7 +264,6 @@ def _asr_line(rows: list[dict]) -> str:
 
 def run_ra(cfg: SimpleNamespace) -> list[Path]:
     """Retune every model named by cfg.defense; returns the output folders."""
-    from bdsafety.records import save_model_result
 
     t_all = time.time()
     exp = open_experiment(cfg)
@@ -306,7 +304,6 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
         with folders[t.name] as out:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             save_model_result(out.path / "ra_result.pt", state, exp.model_name, exp.num_classes)
-            from bdsafety.records import atomic_write_text
 
             atomic_write_text(out.path / "log" / "poison_index.txt", "".join(f"{int(i)}\n" for i in ra.poison_idx))
             write_run_files(
@@ -331,6 +328,5 @@ register("retune", "ra", schema=lambda: dict(RA_SCHEMA), needs=("defense", "pois
 
 def main(argv=None) -> list[Path]:
     """``python retune_attack/ra.py ...`` without the CLI error handling (tests, notebooks)."""
-    from bdsafety.registry import get
 
     return get("retune", "ra").main(argv)

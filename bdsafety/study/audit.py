@@ -41,12 +41,17 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from bdsafety import registry
 from bdsafety.config import read_yaml
 from bdsafety.errors import ConfigError
 from bdsafety.paths import CONFIG_ROOT
+from bdsafety.records import list_defenses, resolve_record_dir
 from bdsafety.safeio import atomic_write_text
 from bdsafety.study.executors import EXECUTORS
 from bdsafety.study.history import cli_command
+from bdsafety.study.report import STYLE, VERDICT_TEXT, html_table, legend_html, verdict_tables
+from bdsafety.study.results import ra_runs
+from bdsafety.study.runner import run_study
 from bdsafety.study.spec import Study, study_from_dict
 
 DEFAULT_YAML = CONFIG_ROOT / "study" / "audit.yaml"
@@ -61,8 +66,6 @@ def audit_study(result_file: str, record_root: str = "./record", defense: str = 
                 ra_draws: int | None = None, poison_nums: str | None = None, clean_reference: bool = False,
                 yaml_path: str | None = None) -> tuple[Study, dict]:
     """The study of an audit of ``result_file`` and its mapping (what study.yaml holds)."""
-    from bdsafety import registry
-    from bdsafety.records import list_defenses, resolve_record_dir
 
     rec = resolve_record_dir(result_file, record_root).resolve()
     if not (rec / "attack_result.pt").is_file():
@@ -101,8 +104,6 @@ def audit_study(result_file: str, record_root: str = "./record", defense: str = 
 
 def ranking(oc) -> list:
     """[(title, ranked verdict table)] of a finished audit (bdsafety.study.report.verdict_tables with rank)."""
-    from bdsafety.study.report import verdict_tables
-    from bdsafety.study.results import ra_runs
 
     valid = {k for k, r in oc.results.items() if r.get("status") in ("done", "ran")}
     df = pd.read_csv(oc.results_csv) if oc.results_csv and Path(oc.results_csv).is_file() else pd.DataFrame()
@@ -129,7 +130,6 @@ def _measured_by_ra(oc) -> list:
 
 def write_audit_report(oc, ranked: list) -> tuple[Path, Path]:
     """audit.md and audit.html in the study's report_dir: the ranking, the verdicts' thresholds, what ran."""
-    from bdsafety.study.report import STYLE, VERDICT_TEXT, html_table, legend_html
 
     st = oc.plan.study
     rec = st.study_dir / st.records[0]
@@ -169,7 +169,6 @@ def write_audit_report(oc, ranked: list) -> tuple[Path, Path]:
 def run_audit(a: argparse.Namespace, out=None, command: str | None = None) -> tuple:
     """Plan and run the audit of ``a`` (main's arguments): (the study's Outcome, audit.md or None for a dry run).
     ``command``: the command line that started it (for the report's header)."""
-    from bdsafety.study.runner import run_study
 
     out = out or sys.stdout
     study, data = audit_study(a.result_file, a.record_root, a.defense, a.run, a.ra_draws, a.poison_nums,

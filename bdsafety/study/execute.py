@@ -31,7 +31,13 @@ import traceback
 import uuid
 from pathlib import Path
 
+import torch
+
+from bdsafety import registry
+from bdsafety.config import resolve
+from bdsafety.errors import ConfigError, OutputError
 from bdsafety.safeio import atomic_write_text
+from bdsafety.study.plan import Job, id_config
 
 MARKER = "study_job.json"
 
@@ -134,7 +140,6 @@ def check_replaceable(study_dir, job, report_dir=None) -> None:
     """Raise OutputError naming what a run of ``job`` would replace or delete that this study did not make."""
     found = foreign_outputs(study_dir, job.key, report_dir)
     if found:
-        from bdsafety.errors import OutputError
 
         listing = ", ".join(str(p) for p in found)
         raise OutputError(f"{job.key} would replace or delete {len(found)} output(s) this study did not make: {listing}. "
@@ -174,7 +179,6 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
     num_cpus). ``report_dir``: the folder holding the study's logs/ (default the study folder). ``study_run``: the study
     run that runs it (bdsafety.study.history.new_run), recorded in the marker. Returns this job's
     result dict; never raises for a job's own error (the traceback goes to its log), only for Ctrl-C."""
-    from bdsafety.study.plan import Job
 
     job = Job.from_dict(job_dict)
     report_dir = study_dir if report_dir is None else report_dir
@@ -188,7 +192,6 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     threads = max(1, int(threads or round(float(job.resources.get("num_cpus", 1)) or 1)))
-    import torch
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -225,10 +228,6 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
 
 
 def _run_method(job, study_dir) -> None:
-    from bdsafety import registry
-    from bdsafety.config import resolve
-    from bdsafety.errors import ConfigError
-    from bdsafety.study.plan import id_config
 
     m = registry.get(job.kind, job.method)
     schema = m.schema()

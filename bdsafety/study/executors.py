@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from bdsafety.errors import ConfigError
+from bdsafety.study.execute import log_path, run_job
 
 EXECUTORS = ("local", "ray")
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -20,9 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None], threads: int | None = None,
               report_dir: Path | None = None, study_run: dict | None = None) -> dict:
-    import torch
-
-    from bdsafety.study.execute import run_job
+    import torch  # lazy: keeps this module importable without loading torch (CLI --help, study planning)
 
     threads = threads or torch.get_num_threads()
     results = dict(current)
@@ -36,7 +35,6 @@ def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[d
 
 def _ray_task(job: dict, study_dir: str, report_dir: str, study_run: dict | None, static_up: dict, dyn_keys: list,
               *dyn_results):
-    from bdsafety.study.execute import run_job
 
     return run_job(job, study_dir, {**static_up, **dict(zip(dyn_keys, dyn_results))}, report_dir=report_dir,
                    study_run=study_run)
@@ -46,7 +44,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None):
     """Join the cluster at ``address`` (``ray start --head`` printed it; 'auto' finds a local one), or start a local
     Ray instance. Workers import this checkout's bdsafety (PYTHONPATH), so every node needs it at the same path."""
     try:
-        import ray
+        import ray  # lazy: ray is needed only by the ray executor
     except ImportError:
         raise ConfigError("--executor ray needs the ray package: pip install 'ray>=2.9' (it is in requirements.txt)") from None
     if ray.is_initialized():
@@ -104,7 +102,6 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
             try:
                 r = ray.get(ready[0])
             except Exception as e:  # the worker died (killed, out of memory, node lost): the job failed
-                from bdsafety.study.execute import log_path
 
                 bad = [d for d in j.deps if results.get(d, {}).get("status") not in ("done", "ran")]
                 r = ({"key": j.key, "id": j.id, "status": "skipped", "error": f"upstream {bad[0]} failed", "wall_s": 0.0,

@@ -25,7 +25,11 @@ import pandas as pd
 
 from bdsafety.errors import ConfigError
 from bdsafety.safeio import atomic_write_text
+from bdsafety.study.history import header_facts
+from bdsafety.study.report import CLAIMS_LINE, DETAIL_LINE, VERDICT_TEXT, _md_table, legend, tables, verdict_tables
 from bdsafety.study.results import POINT
+from bdsafety.study.spec import load_study
+from bdsafety.study.stats import verdict_thresholds
 
 TABLES = {  # table -> the columns that identify a row
     "results.csv": POINT,
@@ -48,7 +52,6 @@ def _chunk_sources(folder: Path, label: str) -> list[dict]:
     except (OSError, ValueError):
         summary = {}
     if summary.get("history"):
-        from bdsafety.study.history import header_facts
 
         f = header_facts(summary["history"])
         facts.update(jobs=f["jobs"], command=f["command"], code=f["code"])
@@ -86,8 +89,6 @@ def read_chunks(inputs: list, label: str | None = None) -> tuple[dict, list]:
 def merge(inputs: list, out: Path, verdict: dict | None = None, title: str | None = None, chunk: str | None = None) -> Path:
     """Write the merged tables, chunks.json and report.md to ``out``; returns report.md. ``chunk``: the label of one
     study's report folder exported as a chunk (default its folder's name)."""
-    from bdsafety.study.report import CLAIMS_LINE, DETAIL_LINE, VERDICT_TEXT, _md_table, legend, tables, verdict_tables
-    from bdsafety.study.stats import verdict_thresholds
 
     th = verdict_thresholds(verdict or {})
     if chunk and len(inputs) != 1:
@@ -130,7 +131,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     verdict, title = None, None
     if a.yaml_path:
-        from bdsafety.study.spec import load_study
 
         st = load_study(a.yaml_path)
         verdict, title = st.verdict, f"Study {st.name} (merged chunks)"

@@ -23,8 +23,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bdsafety import registry
 from bdsafety.config import config_dict, resolve
 from bdsafety.errors import ConfigError
+from bdsafety.records import record_identity
+from bdsafety.retune.qra import triggered_source_note
 
 # resolved-config keys that say where / how a job runs, not what it computes: not part of the job id
 RUNTIME_KEYS = ("record_root", "dataset_path", "device", "no_progress", "overwrite", "dependents", "trust_record",
@@ -114,7 +117,6 @@ def build_plan(study) -> Plan:
     """Expand ``study`` (bdsafety.study.spec.Study) into jobs with resolved configs and ids (topological order): the
     grid's records (each made by an attack job) and the records found in the study folder (``records:``), each planned
     by the same ``_Planner.plan_record``."""
-    from bdsafety.retune.qra import triggered_source_note
 
     pl = _Planner(study)
     qra = "qra" in study.retune
@@ -165,7 +167,6 @@ class _Planner:
     def add(self, key, kind, method, point, fixed, deps, clean=False, record_root=None) -> bool:
         """Plan one job; False when it is left out (no config, or an upstream left out). ``record_root``: where the
         job's record_root points when not the study folder (an attack writing a record below it)."""
-        from bdsafety import registry
 
         study, jobs = self.study, self.jobs
         deps = list(dict.fromkeys(deps))
@@ -241,7 +242,6 @@ class _Planner:
         """Everything downstream of record ``rname`` (made by the grid's attack job, or ``found`` in the study folder:
         then no job lists it as a dep): RA on it and on the clean reference ``cname``, each defense (run here or a folder
         made elsewhere) with its RA, QRA and analyses."""
-        from bdsafety import registry
 
         study, add, add_ra = self.study, self.add, self.add_ra
         ra, qra = "ra" in study.retune, "qra" in study.retune
@@ -290,8 +290,6 @@ class _Planner:
         """A record made elsewhere (``records:``): dataset, model, attack and pratio read from it; its clean reference
         (clean_reference: true) is the badnet attack at pratio 0 on that dataset and model, under the study's own
         folder (``Study.own_key``)."""
-        from bdsafety.records import record_identity
-        from bdsafety.retune.qra import triggered_source_note
 
         study = self.study
         ident = record_identity(study.study_dir / rname, bool(study.trust_record))
@@ -304,7 +302,6 @@ class _Planner:
         pt = {"dataset": dataset, "attack": attack, "model": model, "seed": seed, "pratio": pratio, "record": rname}
         qra_note = None
         if "qra" in study.retune and attack != "unknown":
-            from bdsafety import registry
 
             if attack in registry.names("attack"):
                 qra_note = triggered_source_note(attack)
@@ -324,7 +321,6 @@ class _Planner:
 
     def check_kind_keys(self) -> None:
         """Keys given for a whole kind (set.defense) that none of its planned jobs accepts: a typo, or a note."""
-        from bdsafety import registry
 
         study = self.study
         for scope, keys in self.used_scope_keys.items():

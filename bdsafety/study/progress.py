@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from bdsafety.safeio import atomic_write_text
+
 
 class StudyProgress:
     def __init__(self, todo: list, report_dir: Path, t0: float | None = None):
@@ -54,7 +56,6 @@ class StudyProgress:
                 "eta_s": None if eta is None else round(eta, 1)}
 
     def write(self) -> None:
-        from bdsafety.safeio import atomic_write_text
 
         atomic_write_text(self.report_dir / "study.json", json.dumps(self.state(), indent=1))
 

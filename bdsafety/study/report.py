@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bdsafety.analysis.ra_budget import plot as plot_budget
 from bdsafety.safeio import atomic_savefig, atomic_write_text
 from bdsafety.study.history import header_facts
 from bdsafety.study.results import lmc_curves, ra_budget_curves, ra_curves, ra_runs
@@ -270,10 +271,10 @@ def legend_html(th: dict) -> str:
 def _plot(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, path: Path, title: str) -> Path | None:
     if curves.empty:
         return None
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only needed for figures
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only needed for figures
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for d, g in curves.groupby("defense", sort=False):
@@ -313,7 +314,6 @@ def figures(plan, study_dir: Path, valid: set | None = None, report_dir: Path | 
                 out.append((_title(key), f"{what}: {_slug(key)}", p))
     budget = ra_budget_curves(plan, study_dir, valid)
     if not budget.empty:
-        from bdsafety.analysis.ra_budget import plot as plot_budget
 
         atomic_write_text(report_dir / "ra_budget.csv", budget.to_csv(index=False))
         for key, g in budget.groupby(list(GROUP), sort=False):

@@ -35,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from bdsafety.records import read_metrics_summary, summary_name
 from bdsafety.study.execute import MARKER, output_dir
 from bdsafety.study.stats import der
 
@@ -46,7 +48,6 @@ POINT = ("dataset", "attack", "pratio", "model", "defense", "seed")
 def _summary(folder: Path, name: str | None) -> dict:
     """Last metrics of ``folder``; ``name`` None: the summary the folder holds (a defense's csv keeps the method's
     name under --save_name and in sweep folders, bdsafety.records.summary_name)."""
-    from bdsafety.records import read_metrics_summary, summary_name
 
     try:
         return read_metrics_summary(folder, name or summary_name(folder))
@@ -78,7 +79,6 @@ def _ra_epoch0(ra_dir: Path) -> dict:
 
 def _pruning(row: dict, folder: Path) -> None:
     """n_pruned / pruning_threshold from a defense's config.yaml (top-level keys a pruning defense writes)."""
-    import yaml
 
     row["n_pruned"] = row["pruning_threshold"] = math.nan
     try:
@@ -116,7 +116,6 @@ def _target_detection(row: dict, folder: Path) -> None:
     f = folder / "config.yaml"
     if not f.is_file():
         return
-    import yaml
 
     try:
         meta = yaml.safe_load(f.read_text()) or {}
@@ -167,11 +166,11 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
         for f in r["defenses"]:
             d = rdir / "defense" / f
             targets.append((f, d, None, d / "ra"))
-        for name, folder, summary_name, ra_dir in targets:
+        for name, folder, sname, ra_dir in targets:
             row = {"dataset": p["dataset"], "attack": p["attack"], "pratio": p["pratio"], "model": p["model"], "defense": name,
                    "seed": p["seed"], "record": rname}
             _stage(row, "o_backdoor", bd)
-            after = _summary(ok(folder), summary_name)
+            after = _summary(ok(folder), sname)
             row["o_robustness_source"] = "summary" if after else None
             if not after and name not in ("none", "clean"):  # a found folder without metrics: RA's measurement
                 after = _ra_epoch0(ok(ra_dir))

@@ -13,11 +13,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from bdsafety import engine
+from bdsafety.errors import ConfigError
+from bdsafety.safeio import atomic_write_text
 from bdsafety.study.execute import other_owner, owner, read_marker, up_to_date
 from bdsafety.study.executors import EXECUTORS, run_local, run_ray
 from bdsafety.study.history import cli_command, new_run, summarize
 from bdsafety.study.plan import Plan, build_plan
 from bdsafety.study.progress import StudyProgress, format_eta
+from bdsafety.study.report import write_report
+from bdsafety.study.results import collect
 from bdsafety.study.spec import Study, load_study, narrow
 
 
@@ -105,7 +112,6 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
     analysis/run_study.py command)."""
     out = out or sys.stdout
     if executor not in EXECUTORS:
-        from bdsafety.errors import ConfigError
 
         raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     t0 = time.time()
@@ -115,7 +121,6 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
     yaml_path = study.path
     study.trust_record = bool(trust_record)
     if study.unknown and not dry_run:
-        from bdsafety.errors import ConfigError
 
         raise ConfigError(f"{yaml_path}: {'; '.join(study.unknown)}. Fix the name, or list it under expected_later: in the "
                           f"study yaml if it is a method still to be merged (it is then left out with a note)")
@@ -140,9 +145,6 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
           f"({executor} executor) in {sd}" + ("" if rd == sd else f", its report in {rd}"), file=out, flush=True)
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
-
-        from bdsafety import engine
 
         bar = tqdm(total=len(todo), desc=f"study {study.name}", unit="job", disable=not engine.use_progress(True))
     count = [0]
@@ -178,9 +180,6 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
 
 def finish(oc: Outcome, executor: str, out=None) -> None:
     out = out or sys.stdout
-    from bdsafety.safeio import atomic_write_text
-    from bdsafety.study.report import write_report
-    from bdsafety.study.results import collect
 
     sd, plan, rd = oc.study_dir, oc.plan, oc.report_dir
     n = {s: len(oc.keys(s)) for s in ("ran", "done", "failed", "skipped")}

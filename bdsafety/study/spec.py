@@ -39,10 +39,12 @@ a record's pickles run code): it is the command-line flag ``--trust_record`` of 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bdsafety import registry
 from bdsafety.config import check_folder_name, read_yaml
 from bdsafety.errors import ConfigError
 from bdsafety.study.stats import verdict_thresholds
@@ -177,7 +179,6 @@ def _resolve_names(kind: str, given: list, notes: list, what: str, unknown: list
                    expected: tuple = ()) -> list:
     """Registered names of ``kind`` from ``given`` ('all' expands); unregistered ones become notes, and those not in
     ``expected`` are also appended to ``unknown`` (errors of a real run)."""
-    from bdsafety import registry
 
     available = registry.names(kind)
     out = []
@@ -310,7 +311,6 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
     if report_dir.exists() and not report_dir.is_dir():
         raise ConfigError(f"{path}: report_dir {report_dir} is a file; give a folder (it is created if missing)")
     if st.external_defenses:
-        from bdsafety import registry
 
         ours = {registry.get("defense", d).folder: d for d in st.defenses}
         both = [f for f in st.external_defenses if f in ours]
@@ -320,7 +320,6 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
     if "qra" in st.retune and "ra" not in st.retune:
         raise ConfigError(f"{path}: retune lists qra without ra: QRA needs each defense's RA model; add ra")
     if st.qra_defenses is not None:
-        from bdsafety import registry
 
         known = set(st.defenses) | {registry.get("defense", d).folder for d in st.defenses} | set(st.external_defenses)
         for d in st.qra_defenses:
@@ -361,7 +360,6 @@ def narrow(study: Study, attacks: list | None = None, seeds: list | None = None)
     """The same study on part of its grid (a chunk): only ``attacks`` / ``seeds``, each a subset of the yaml's lists.
     The jobs keep their ids, so chunks run one after the other in one study folder make up the whole grid; the
     results of chunks run on different machines are merged by bdsafety.study.merge."""
-    import dataclasses
 
     change = {}
     for key, given, have in (("attacks", attacks, study.attacks), ("seeds", seeds, study.seeds)):
