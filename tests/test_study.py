@@ -307,6 +307,22 @@ def test_neutral_options_at_their_default_stay_out_of_job_ids(tmp_path):
     assert abi[f"{REC}/defense/ft"].id != plain[f"{REC}/defense/ft"].id  # downstream of another record
 
 
+def test_pratios_attack_takes_each_attacks_own_pratio(tmp_path):
+    """pratios: [attack]: every attack's record at the pratio its yaml gives (Adap-Blend's demo 0.01, BadNets' 0.1);
+    anything else that is not a number in (0, 1) is an error naming the choice."""
+    from bdsafety.errors import ConfigError
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    y = _yaml(tmp_path / "own.yaml", top={"attacks": ["badnet", "adaptive_blend"], "pratios": ["attack"],
+                                          "defenses": [], "retune": [], "analyses": []})
+    jobs = {j.key: j for j in build_plan(load_study(y)).jobs if j.kind == "attack" and j.point["role"] == "attack"}
+    assert {k: j.config["pratio"] for k, j in jobs.items()} == {
+        "badnet_synthetic_cnn_small_p0.1_s0": 0.1, "adaptive_blend_synthetic_cnn_small_p0.01_s0": 0.01}
+    with pytest.raises(ConfigError, match="pratios must be numbers in \\(0, 1\\), or 'attack'"):
+        load_study(_yaml(tmp_path / "bad.yaml", top={"pratios": ["own"]}))
+
+
 def test_study_yaml_typos_are_errors_naming_the_valid_keys(tmp_path):
     from bdsafety.errors import ConfigError
     from bdsafety.study.plan import build_plan

@@ -28,6 +28,7 @@ from bdsafety.config import config_dict, resolve
 from bdsafety.errors import ConfigError
 from bdsafety.records import record_identity
 from bdsafety.retune.qra import triggered_source_note
+from bdsafety.study.spec import OWN_PRATIO
 
 # resolved-config keys that say where / how a job runs, not what it computes: not part of the job id
 RUNTIME_KEYS = ("record_root", "dataset_path", "device", "no_progress", "overwrite", "dependents", "trust_record",
@@ -133,6 +134,10 @@ def build_plan(study) -> Plan:
                         cname, "attack", attack, {**base, "pratio": 0.0, "role": "clean", "target": "clean"},
                         {"dataset": dataset, "model": model, "pratio": 0.0, "save_folder_name": cname}, [], clean=True)
                     for pratio in study.pratios:
+                        if pratio == OWN_PRATIO:
+                            pratio = pl.own_pratio(attack, dataset)
+                            if pratio is None:
+                                continue
                         rname = record_name(attack, dataset, model, pratio, seed)
                         pt = {**base, "pratio": pratio, "record": rname}
                         if pl.add(rname, "attack", attack, {**pt, "role": "attack", "target": "none"},
@@ -163,6 +168,16 @@ class _Planner:
         self.failed_keys: set = set()
         self.used_scope_keys: dict[str, set] = {}  # kind -> the keys some planned method of that kind accepts
         self.runtime = _runtime(study)
+
+    def own_pratio(self, attack: str, dataset: str) -> float | None:
+        """``pratios: [attack]``: the pratio the attack's yaml for ``dataset`` gives (None, with a note, when the yaml
+        is missing: the attack's jobs are then left out as for any missing config)."""
+        m = registry.get("attack", attack)
+        yaml_path = m.config_path(self.study.config_name("attack", attack, dataset, False))
+        if not yaml_path.is_file():
+            self.notes.append(f"{attack} on {dataset}: no config {yaml_path.name} to read its own pratio from; left out")
+            return None
+        return float(resolve(m.schema(), str(yaml_path), {}).pratio)
 
     def add(self, key, kind, method, point, fixed, deps, clean=False, record_root=None) -> bool:
         """Plan one job; False when it is left out (no config, or an upstream left out). ``record_root``: where the

@@ -4,7 +4,7 @@
     datasets: [synthetic]
     models: [cnn_small]
     attacks: [badnet]               # registered attack names ('all' = every registered attack)
-    pratios: [0.1]
+    pratios: [0.1]                  # or [attack]: each attack's own pratio (its yaml's value)
     seeds: [0]
     clean_reference: true           # a clean record (the attack's own settings, pratio 0) per attack/dataset/model/seed
     defenses: [fst, pam]            # registered defense names, or 'all'
@@ -64,7 +64,7 @@ _KEYS = {
     "datasets": "list of datasets",
     "models": "list of model names",
     "attacks": "list of registered attacks, or 'all'",
-    "pratios": "list of poison ratios",
+    "pratios": "list of poison ratios; 'attack': each attack's own value (its yaml's)",
     "seeds": "list of seeds (every job of a grid point gets --random_seed <seed>)",
     "clean_reference": "train a clean reference record per attack/dataset/model/seed (true/false)",
     "defenses": "list of registered defenses, or 'all'",
@@ -207,6 +207,7 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
 
 
 GRID_KEYS = ("datasets", "models", "attacks", "pratios")
+OWN_PRATIO = "attack"  # pratios: [attack] = each attack's pratio as its yaml gives it
 
 
 def study_from_dict(data: dict, path: Path, record_root: str | None = None, study_dir: str | None = None) -> Study:
@@ -236,10 +237,14 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
     report_dir = (rdir if rdir.is_absolute() else sdir / rdir).resolve()
     pratios = []
     for p in _list(data.get("pratios"), "pratios"):
+        if p == OWN_PRATIO:  # each attack's own value (its yaml's): attacks whose poisoning rates differ by design
+            pratios.append(p)
+            continue
         try:
             p = float(p)
         except (TypeError, ValueError):
-            raise ConfigError(f"{path}: pratios must be numbers in (0, 1), got {p!r}") from None
+            raise ConfigError(f"{path}: pratios must be numbers in (0, 1), or '{OWN_PRATIO}' (each attack's own value "
+                              f"from its yaml), got {p!r}") from None
         if not 0 < p < 1:
             raise ConfigError(f"{path}: pratios must be in (0, 1) (the clean reference is clean_reference: true), got {p}")
         pratios.append(p)
