@@ -326,7 +326,36 @@ def parse_config(schema: dict[str, Option], argv: Sequence[str] | None = None, d
     return resolve(schema, ns.pop("yaml_path", None), ns)
 
 
-def resolve(schema: dict[str, Option], yaml_path: str | None = None, overrides: dict | None = None) -> SimpleNamespace:
+class RunConfig(SimpleNamespace):
+    """A method's resolved config. Frozen when its run starts (bdsafety.registry.Method.run_config, after the method's
+    ``resolve`` hook filled the values that depend on others): a step never changes the config it was given, and a
+    step that needs other values works on a copy, ``cfg.replace(key=value)`` (PAM's rho sweep, LC's clean reference)."""
+
+    def __setattr__(self, key, value):
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"the run's config is frozen: '{key}' cannot change once the run started; pass the value "
+                                 f"as an argument, or work on cfg.replace({key}=...)")
+        super().__setattr__(key, value)
+
+    def freeze(self) -> RunConfig:
+        object.__setattr__(self, "_frozen", True)
+        return self
+
+    def replace(self, **changes) -> RunConfig:
+        """A copy with ``changes``, frozen if this one is (keys must exist: a typo is an error, not a new key)."""
+        bad = [k for k in changes if k not in self.__dict__]
+        if bad:
+            raise AttributeError(f"cfg.replace: no key(s) {bad} in this config")
+        new = RunConfig(**{k: v for k, v in self.__dict__.items() if k != "_frozen"})
+        for k, v in changes.items():
+            setattr(new, k, v)
+        return new.freeze() if self.__dict__.get("_frozen") else new
+
+    def __copy__(self) -> RunConfig:  # copy.copy: an unfrozen copy (for the planner's checks of resolve hooks)
+        return RunConfig(**{k: v for k, v in self.__dict__.items() if k != "_frozen"})
+
+
+def resolve(schema: dict[str, Option], yaml_path: str | None = None, overrides: dict | None = None) -> RunConfig:
     """Merge defaults, an optional yaml file and overrides (already-parsed flags or a dict from Python code)."""
     values = {k: o.default for k, o in schema.items()}
     sources = {k: "default" for k in schema}
@@ -341,7 +370,7 @@ def resolve(schema: dict[str, Option], yaml_path: str | None = None, overrides: 
             raise ConfigError(_unknown_key_message(k, list(schema), "command line"))
         values[k] = _cast(k, schema[k], v, "command line")
         sources[k] = "cli"
-    cfg = SimpleNamespace(**values)
+    cfg = RunConfig(**values)
     cfg._sources = sources
     cfg.yaml_path = yaml_path
     return cfg

@@ -26,6 +26,7 @@ kind's runner (``kind_runner``) at the config's precision.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import pkgutil
@@ -90,7 +91,9 @@ class Method:
         set once here for the whole run and restored afterwards (bdsafety.engine.precision / eval_subset)."""
 
         if self.resolve is not None:
-            cfg = self.resolve(cfg)
+            cfg = self.resolve(copy.copy(cfg))
+        if hasattr(cfg, "freeze"):  # a RunConfig (bdsafety.config.resolve): nothing changes it from here on
+            cfg = copy.copy(cfg).freeze()
         runner = _RUNNERS.get(self.kind)
         with precision(getattr(cfg, "precision", "fp32")), eval_subset(getattr(cfg, "eval_subset", 0)):
             return runner(self, cfg) if runner is not None else self.run(cfg)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from bdsafety.config import ConfigError, Option, parse_config, resolve
@@ -77,3 +79,36 @@ def test_numbers_beyond_float32_are_refused_before_any_work():
 
     with pytest.raises(ConfigError, match="float32: at most 3.4e38"):
         get("defense", "ft").parse(["--result_file", "x", "--lr", "1e308"])
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_run_config_is_frozen_for_the_run_and_copies_with_replace(monkeypatch, tmp_path):
+    """The config a run receives cannot change (an AttributeError names the key and the way out); replace() makes
+    a copy with other values, frozen like the original; the caller's own config object stays unfrozen; the method's
+    resolve hook (I-BAU's space-dependent lr) runs before the freeze."""
+    from bdsafety import registry
+    from bdsafety.config import RunConfig
+
+    seen = {}
+
+    def capture(method, cfg):
+        seen["cfg"] = cfg
+        with pytest.raises(AttributeError, match="frozen: 'lr' cannot change.*cfg.replace"):
+            cfg.lr = 1.0
+        other = cfg.replace(lr=0.5)
+        assert other.lr == 0.5 and cfg.lr != 0.5
+        with pytest.raises(AttributeError, match="frozen"):
+            other.lr = 2.0
+        with pytest.raises(AttributeError, match=r"no key\(s\) \['lrr'\]"):
+            cfg.replace(lrr=1)
+        return "ran"
+
+    monkeypatch.setitem(registry._RUNNERS, "defense", capture)
+    m = registry.get("defense", "i_bau")
+    cfg = m.parse(["--result_file", str(tmp_path / "r"), "--yaml_path", str(ROOT / "config/defense/i_bau/demo.yaml")])
+    assert isinstance(cfg, RunConfig) and cfg.lr is None
+    assert m.run_config(cfg) == "ran"
+    assert seen["cfg"].lr == 1e-4 and cfg.lr is None  # filled by the resolve hook, on the run's own copy
+    cfg.lr = 3.0  # the caller's config is not frozen

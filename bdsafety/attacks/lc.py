@@ -28,7 +28,6 @@
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -222,7 +221,7 @@ class LabelConsistent(Attack):
         """(an existing matching clean record or None, the folder to train one into)."""
 
         c, root = self.cfg, self.ctx.record_root
-        wanted = c.lc_clean_record or default_folder_name(self.name, SimpleCfg(c, pratio=0.0))
+        wanted = c.lc_clean_record or default_folder_name(self.name, c.replace(pratio=0.0))
         target = Path(wanted) if (Path(wanted).is_dir() or "/" in str(wanted)) else root / wanted
         if (target / "attack_result.pt").is_file():
             why = self._clean_info_matches(dict(safe_torch_load(target / "info.pickle")))
@@ -259,7 +258,7 @@ class LabelConsistent(Attack):
                                   f"({target} is missing); make it with: {cmd}, or pass --lc_clean_record")
             self.ctx.log(f"no clean reference record of {c.dataset}/{c.model} under {self.ctx.record_root}: training it "
                          f"now into {target} (same as: {cmd})")
-            cfg0 = SimpleCfg(c, pratio=0.0, save_folder_name=target.name, record_root=str(target.parent),
+            cfg0 = c.replace(pratio=0.0, save_folder_name=target.name, record_root=str(target.parent),
                              overwrite=False)
             found = run_attack(get("attack", self.name), cfg0)
         self.ctx.log(f"clean model from {found}")
@@ -432,9 +431,3 @@ class LabelConsistent(Attack):
         return lambda images: apply_lc_corners(images, amplitude=amplitude)
 
 
-def SimpleCfg(cfg, **changes):
-    """A copy of a resolved config namespace with ``changes``."""
-    new = copy.copy(cfg)
-    for k, v in changes.items():
-        setattr(new, k, v)
-    return new

@@ -36,8 +36,6 @@ retrigger source rebuilds the test-time trigger from the record (``record_trigge
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -137,9 +135,7 @@ class Narcissus(Attack):
 
             d = synthetic.make_synthetic(n_train=c.synthetic_n_train, n_test=10, seed=c.narcissus_pood_seed)
         else:
-            pood_cfg = copy.copy(c)
-            pood_cfg.dataset = c.narcissus_pood
-            pood_cfg.dataset_path = c.narcissus_pood_path or c.dataset_path
+            pood_cfg = c.replace(dataset=c.narcissus_pood, dataset_path=c.narcissus_pood_path or c.dataset_path)
             self.ctx.log(f"POOD: {c.narcissus_pood} from {dataset_root(pood_cfg.dataset_path, pood_cfg.dataset)}")
             d = load_data_for(pood_cfg)
         x, y = d.train_x, d.train_y.astype(np.int64)

@@ -147,15 +147,14 @@ def i_bau(ctx) -> DefenseResult:
     exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     if len(reserved) == 0:
         raise ConfigError("I-BAU needs the defender's reserved clean data, but it is empty; raise --ratio")
-    if cfg.lr is None:
-        cfg.lr = SPACE_LR[cfg.ibau_space]
+    lr = cfg.lr if cfg.lr is not None else SPACE_LR[cfg.ibau_space]  # the space's default (also filled by resolve)
     if cfg.ibau_clamp and cfg.ibau_space != "pixel":
         raise ConfigError("ibau_clamp clamps x + delta to [0, 1], which only exists with ibau_space pixel")
     g = engine.seed_everything(cfg.random_seed)
     norm = exp.norm
     hflip = bool(getattr(exp.info, "hflip", True))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = engine.make_optimizer(params, cfg.optim, lr=cfg.lr, momentum=0.0)
+    opt = engine.make_optimizer(params, cfg.optim, lr=lr, momentum=0.0)
     shape = (1,) + tuple(reserved.view_shape)
 
     def batches():
@@ -192,7 +191,7 @@ def i_bau(ctx) -> DefenseResult:
             f"{engine.format_metrics(m)}")
     model.eval()
     return DefenseResult(model, rows, info={"i_bau": {"n_rounds": cfg.n_rounds, "K": cfg.K, "space": cfg.ibau_space,
-                                                      "lr": cfg.lr, "projection_radius": cfg.ibau_pert_norm}})
+                                                      "lr": lr, "projection_radius": cfg.ibau_pert_norm}})
 
 
 def schema() -> dict:
@@ -203,4 +202,12 @@ def schema() -> dict:
 
 
 # entry name i_bau (defense/i_bau.py, config/defense/i_bau/), output folder i-bau as BackdoorBench names it
-register("defense", "i_bau", folder=NAME, schema=schema, description="I-BAU (implicit backdoor adversarial unlearning) defense")(i_bau)
+def resolve(cfg):
+    """The derived default before the run: lr left unset is the ibau_space's (config.yaml then shows the value used)."""
+    if cfg.lr is None:
+        cfg.lr = SPACE_LR[cfg.ibau_space]
+    return cfg
+
+
+register("defense", "i_bau", folder=NAME, schema=schema, resolve=resolve,
+         description="I-BAU (implicit backdoor adversarial unlearning) defense")(i_bau)

@@ -30,7 +30,6 @@ value into defense/<pam or pam_reinvert>_rho<value>/ reusing one inversion.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import time
@@ -251,7 +250,7 @@ def pam(ctx) -> DefenseResult:
         idx = ctx.reserved_idx  # the inversion cache is keyed on the reserved subset
         # --bti_refresh recomputes the inversion (a rho sweep only for its first value); --overwrite does not: the cache
         # key holds everything the inversion depends on, and PAM, pam_reinvert and BTI-DBF(U) share the entry
-        refresh = bool(getattr(cfg, "_bti_refresh", cfg.bti_refresh))
+        refresh = bool(cfg.bti_refresh)
         inv = bti.load_or_invert(exp, model, idx, reserved, cfg, log, refresh=refresh)
         G, mask = inv.generator, inv.mask
         extra.update(bti.target_info(inv.target, inv.votes, exp.target))
@@ -333,14 +332,9 @@ def sweep_configs(cfg: SimpleNamespace, name: str = NAME) -> list[SimpleNamespac
             OutputFolder(resolve_record_dir(cfg.result_file, cfg.record_root) / "defense" / f"{base}_rho{rho:g}",
                          overwrite=cfg.overwrite, dependents=cfg.dependents, what="defense output")
     out = []
-    for i, rho in enumerate(cfg.rho_sweep):
-        c = copy.copy(cfg)
-        c._sources = dict(cfg._sources, rho="rho_sweep", save_name="rho_sweep")
-        c.rho = float(rho)
-        c.save_name = f"{base}_rho{rho:g}"
-        c._bti_refresh = bool(cfg.bti_refresh) and i == 0
-        c.bti_refresh = bool(cfg.bti_refresh) and i == 0  # load_or_invert reads it too
-        out.append(c)
+    for i, rho in enumerate(cfg.rho_sweep):  # --bti_refresh recomputes the shared inversion once, in the first run
+        out.append(cfg.replace(_sources=dict(cfg._sources, rho="rho_sweep", save_name="rho_sweep"), rho=float(rho),
+                               save_name=f"{base}_rho{rho:g}", bti_refresh=bool(cfg.bti_refresh) and i == 0))
     return out
 
 
