@@ -94,7 +94,9 @@ def test_abi_keeps_the_backdoor_but_flattens_its_neurons(tmp_path):
                      safe_torch_load(rec / "info.pickle"))
     info = out["abi"][2]
     assert info["param_limit"] == "abi" and len(info["abi_history"]) == 15
-    assert sum(h["reset"] for h in info["abi_history"]) > 0
+    assert sum(h["reset"] for h in info["abi_history"]) > 0 and info["abi_history"][-1]["reset"] == 0  # last: measured
+    # the record's reported metrics are those of the saved model: no reset after the last evaluation
+    assert abs(out["abi"][0] - info["abi_history"][-1]["tac_outlier"]) < 0.05
     assert "abi_history" not in out["none"][2]
     print({m: (round(v[0], 2), v[1]["test_asr"]) for m, v in out.items()})
     assert out["none"][1]["test_asr"] > 0.8 and out["abi"][1]["test_asr"] > out["none"][1]["test_asr"] - 0.1

@@ -336,7 +336,7 @@ class Attack:
             return None
 
         clean, poisoned = abi_pairs(self, bd_train, c.abi_samples, c.random_seed)
-        return ABI(model, clean, poisoned, self.normalizer(), c.abi_u, self.ctx.log)
+        return ABI(model, clean, poisoned, self.normalizer(), c.abi_u, c.epochs, self.ctx.log)
 
 
 # attack names BackdoorBench writes into info.pickle that this project registers under another name

@@ -4,8 +4,9 @@ After Grond's Adversarial Backdoor Injection (ABI; Xu et al., "Towards Backdoor 
 Space", arXiv 2501.05928), as its text describes the mechanism: ordinary poisoning makes a few neurons carry the
 backdoor, and those neurons stand out in parameter space (their trigger-activated change, TAC, is an outlier of
 their layer), which is what pruning defenses look for. ABI keeps the backdoor from concentrating: after every
-training epoch it finds those outlier neurons and resets them, so the next epochs must spread the backdoor over many
-neurons with small changes each. This is this project's reading of the paper's text, not its code:
+training epoch but the last it finds those outlier neurons and resets them, so the next epochs must spread the
+backdoor over many neurons with small changes each (after the last epoch it only measures, so the record's metrics
+are those of the model it saves). This is this project's reading of the paper's text, not its code:
 
   TAC of output channel k of a conv layer = the mean over the poisoned training samples x' (and their clean
   originals x) of || a_k(x') - a_k(x) ||_2 over the channel's feature map (Zheng et al., NeurIPS 2022)
@@ -28,7 +29,7 @@ PARAM_LIMITS = ("none", "abi")
 
 PARAM_LIMIT_SCHEMA = {
     "param_limit": Option("none", "parameter-space-limited injection: 'none' (train as the attack does) or 'abi' (after "
-                                  "Grond's adversarial backdoor injection: after every epoch, reset the conv channels whose "
+                                  "Grond's adversarial backdoor injection: after every epoch but the last, reset the conv channels whose "
                                   "trigger-activated change is an outlier of their layer; bdsafety/attacks/param_limit.py)",
                           choices=PARAM_LIMITS, neutral=True),
     "abi_u": Option(3.0, "param_limit abi: a channel is reset when its TAC exceeds its layer's mean + abi_u std",
@@ -99,18 +100,22 @@ def reset_channels(model: torch.nn.Module, flagged: dict[str, torch.Tensor]) -> 
 
 
 class ABI:
-    """The epoch hook of ``param_limit: abi``: after every epoch, measure the TAC on the paired samples and reset the
-    outlier channels. ``history``: per epoch, channels reset and the TAC outlier score before the reset."""
+    """The epoch hook of ``param_limit: abi``: after every epoch but the last, measure the TAC on the paired samples
+    and reset the outlier channels; after the last, measure only (the epoch's test metrics, computed before the hook,
+    are then those of the model the record saves). ``history``: per epoch, channels reset and the TAC outlier score
+    before the reset."""
 
-    def __init__(self, model, clean, poisoned, norm, u: float, log=None):
+    def __init__(self, model, clean, poisoned, norm, u: float, epochs: int, log=None):
         self.model, self.clean, self.poisoned, self.norm, self.u, self.log = model, clean, poisoned, norm, u, log
+        self.epochs = epochs
         self.history: list[dict] = []
 
     def __call__(self, epoch: int, row: dict) -> None:
         tac = channel_tac(self.model, self.clean, self.poisoned, self.norm)
         z = tac_zscores(tac)
         before = max((float(v.max()) for v in z.values() if len(v)), default=0.0)
-        n = reset_channels(self.model, {k: v > self.u for k, v in z.items()})
+        last = epoch >= self.epochs
+        n = 0 if last else reset_channels(self.model, {k: v > self.u for k, v in z.items()})
         self.history.append({"epoch": int(epoch), "reset": n, "tac_outlier": round(before, 4)})
         if self.log is not None:
             self.log(f"abi epoch {epoch}: {n} channel(s) reset (largest TAC z-score {before:.2f} > {self.u:g})")
