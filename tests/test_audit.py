@@ -247,6 +247,9 @@ def test_audit_of_a_backdoorbench_record_ranks_backdoorbenchs_own_defense_folder
     report = md.read_text()
     ranked = [ln for ln in report.splitlines() if ln.startswith(("| 1 |", "| 2 |"))]
     assert sorted(ln.split("|")[2].strip() for ln in ranked) == ["ft", "i-bau"]
+    # a defense that did not purify ranks below one that did, whatever its P-ASR
+    verdicts = [ln.split("|")[-2].strip() for ln in sorted(ranked)]
+    assert not (verdicts[0].startswith("not purified") and not verdicts[1].startswith("not purified"))
     assert all(any(v in ln for v in VERDICTS) for ln in ranked)
     assert "| - | none |" in report
     df = pd.read_csv(rec / "audit" / "results.csv")

@@ -139,8 +139,9 @@ def write_audit_report(oc, ranked: list) -> tuple[Path, Path]:
              f"Each model was retuned by RA ({st.ra_draws} draw(s)), by its benign control (0 poisoned samples), and with "
              f"{', '.join(map(str, st.ra_poison_nums)) or 'no'} poisoned samples (budget sweep); "
              f"{', '.join(st.analyses) or 'no analyses'}{', QRA' if 'qra' in st.retune and st.clean_reference else ''}.",
-             "Ranked by post-retuning robustness: P-ASR (ASR after RA), lowest first; none (the backdoored model) and "
-             "clean (the clean reference) are references, not ranked.",
+             "Ranked by post-retuning robustness: the defenses that purified (ASR at or below the threshold below) by "
+             "P-ASR (ASR after RA), lowest first, then those that did not purify, by P-ASR; none (the backdoored model) "
+             "and clean (the clean reference) are references, not ranked.",
              VERDICT_TEXT.format(**{k: 100 * v for k, v in st.verdict.items()})]
     measured = _measured_by_ra(oc)
     if measured:

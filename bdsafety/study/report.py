@@ -87,8 +87,8 @@ def _runs_with_der(runs: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
 
 def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = False) -> list:
     """[(title, verdict table, claims table)] per grid point: means with 95% intervals (bdsafety.study.stats).
-    ``rank``: the defenses ordered by P-ASR (most robust first; no P-ASR last), then the references (none, clean), with a
-    rank column."""
+    ``rank``: the defenses that purified (ASR <= purified_asr) ordered by P-ASR (most robust first), then those that did
+    not (by P-ASR), then those without a P-ASR, then the references (none, clean), with a rank column."""
     out = []
     if df.empty or runs.empty:
         return out
@@ -127,7 +127,9 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
                 row["inverted target right"] = f"{int(tm.sum())}/{len(tm)}"
             row["verdict"] = v
             rows.append(row)
-            order.append((d in ("none", "clean"), math.isnan(p_asr.mean), 0.0 if math.isnan(p_asr.mean) else p_asr.mean))
+            purified = not math.isnan(asr.mean) and asr.mean <= th["purified_asr"]
+            order.append((d in ("none", "clean"), math.isnan(p_asr.mean), not purified,
+                          0.0 if math.isnan(p_asr.mean) else p_asr.mean))
         if rank:
             rows = [r for _, r in sorted(zip(order, rows), key=lambda t: t[0])]
             n = sum(not o[0] for o in order)
