@@ -156,3 +156,14 @@ def load(path: Path, expression: str, width: int = 1600, height: int = 1000, tim
             proc.kill()
             proc.wait()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def keep_screenshot(page: Page, path: Path) -> Path:
+    """Write the page's screenshot to ``path``, and a copy into $BDSAFETY_TEST_ARTIFACTS when set (CI's artifacts)."""
+    path = Path(path)
+    path.write_bytes(page.screenshot)
+    if os.environ.get("BDSAFETY_TEST_ARTIFACTS"):
+        dst = Path(os.environ["BDSAFETY_TEST_ARTIFACTS"])
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst / path.name)
+    return path

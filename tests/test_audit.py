@@ -275,20 +275,13 @@ def test_audit_html_in_a_headless_browser(audited_bb, tmp_path):
     """audit.html of the BackdoorBench-record audit in a real headless Chromium: no console error, one ranked table
     whose rows are the two defense folders (ranks 1, 2) and the backdoored model, each with a verdict cell coloured
     by its class; the screenshot is kept (BDSAFETY_TEST_ARTIFACTS)."""
-    import os
-
     import browser
 
     if browser.find_chromium() is None:
         pytest.skip("no chromium binary on PATH (apt-get install chromium, or set BDSAFETY_CHROMIUM); .ci/run installs it")
     bb, _, md, _ = audited_bb
     page = browser.load(md.with_suffix(".html"), AUDIT_PAGE)
-    shot = tmp_path / "audit_bb.png"
-    shot.write_bytes(page.screenshot)
-    if os.environ.get("BDSAFETY_TEST_ARTIFACTS"):
-        dst = Path(os.environ["BDSAFETY_TEST_ARTIFACTS"])
-        dst.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, dst / shot.name)
+    shot = browser.keep_screenshot(page, tmp_path / "audit_bb.png")
     assert page.errors == [], page.console
     v = page.value
     assert v["title"] == "Audit badnet_demo" and v["legend"] and "Colours" in v["legend"]

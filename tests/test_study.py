@@ -459,7 +459,6 @@ def test_study_mistakes_are_one_line_errors(tmp_path):
 
 @pytest.mark.parametrize("point", ["train", "write", "exchanged"])
 def test_a_study_killed_during_a_job_keeps_complete_outputs_and_resumes(tiny_study, tmp_path, point):
-    import os
     import subprocess
     import sys
 
@@ -524,12 +523,7 @@ def test_report_html_in_a_headless_browser(tiny_study, tmp_path):
     t0 = time.time()
     page = browser.load(sd / "report.html", PAGE_CHECK)
     took = time.time() - t0
-    shot = tmp_path / "report_tiny.png"
-    shot.write_bytes(page.screenshot)
-    if os.environ.get("BDSAFETY_TEST_ARTIFACTS"):
-        dst = Path(os.environ["BDSAFETY_TEST_ARTIFACTS"])
-        dst.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, dst / shot.name)
+    shot = browser.keep_screenshot(page, tmp_path / "report_tiny.png")
     print(f"report screenshot: {shot} (browser {took:.1f}s)")
     assert page.errors == [], page.console
     v = page.value

@@ -77,10 +77,13 @@ def tac_zscores(tac: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _largest(z: dict[str, torch.Tensor]) -> float:
+    return max((float(v.max()) for v in z.values() if len(v)), default=0.0)
+
+
 def tac_outliers(tac: dict[str, torch.Tensor]) -> float:
     """The largest within-layer z-score of any channel's TAC: how far the backdoor's most prominent neuron stands out."""
-    z = tac_zscores(tac)
-    return max((float(v.max()) for v in z.values() if len(v)), default=0.0)
+    return _largest(tac_zscores(tac))
 
 
 @torch.no_grad()
@@ -113,7 +116,7 @@ class ABI:
     def __call__(self, epoch: int, row: dict) -> None:
         tac = channel_tac(self.model, self.clean, self.poisoned, self.norm)
         z = tac_zscores(tac)
-        before = max((float(v.max()) for v in z.values() if len(v)), default=0.0)
+        before = _largest(z)
         last = epoch >= self.epochs
         n = 0 if last else reset_channels(self.model, {k: v > self.u for k, v in z.items()})
         self.history.append({"epoch": int(epoch), "reset": n, "tac_outlier": round(before, 4)})

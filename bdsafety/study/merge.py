@@ -26,7 +26,7 @@ import pandas as pd
 from bdsafety.errors import ConfigError
 from bdsafety.safeio import atomic_write_text
 from bdsafety.study.history import header_facts
-from bdsafety.study.report import CLAIMS_LINE, DETAIL_LINE, VERDICT_TEXT, _md_table, legend, tables, verdict_tables
+from bdsafety.study.report import VERDICT_TEXT, _sections, legend, sections_md, verdict_tables
 from bdsafety.study.results import POINT
 from bdsafety.study.spec import load_study
 from bdsafety.study.stats import verdict_thresholds
@@ -108,15 +108,7 @@ def merge(inputs: list, out: Path, verdict: dict | None = None, title: str | Non
     md += [f"- `{s.get('folder')}`: {s.get('jobs')}; command {s.get('command')}; code {s.get('code')}" for s in sources]
     verdicts = verdict_tables(df, runs, th) if not runs.empty else []
     md += ["", "## Verdicts", "", VERDICT_TEXT.format(**{k: 100 * v for k, v in th.items()}), "", legend(th), ""]
-    detail = dict(tables(df))
-    for name, vt, ct in verdicts:
-        md += [f"## {name}", "", _md_table(vt), ""]
-        if ct is not None and not ct.empty:
-            md += [CLAIMS_LINE, "", _md_table(ct), ""]
-        if name in detail:
-            md += [DETAIL_LINE, "", _md_table(detail.pop(name)), ""]
-    for name, dt in detail.items():  # grid points without RA runs
-        md += [f"## {name}", "", DETAIL_LINE, "", _md_table(dt), ""]
+    md += sections_md(_sections(df, verdicts, []), out)  # figures: in the chunks' own reports
     return atomic_write_text(out / "report.md", "\n".join(md).rstrip("\n") + "\n")
 
 

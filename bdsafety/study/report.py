@@ -361,6 +361,21 @@ def _sections(df: pd.DataFrame, verdicts: list, figs: list) -> list:
     return [tuple(v) for v in by_title.values()]
 
 
+def sections_md(sections: list, report_dir: Path) -> list:
+    """Markdown lines of ``_sections``' grid points: heading, verdict table, claims, per-stage table, figures."""
+    md = []
+    for title, vt, ct, dt, fg in sections:
+        md += [f"## {title}", ""]
+        if vt is not None:
+            md += [_md_table(vt), ""]
+        if ct is not None and not ct.empty:
+            md += [CLAIMS_LINE, "", _md_table(ct), ""]
+        if dt is not None:
+            md += [DETAIL_LINE, "", _md_table(dt), ""]
+        md += [f"![{c}]({p.relative_to(report_dir)})" for c, p in fg] + ([""] if fg else [])
+    return md
+
+
 CLAIMS_LINE = "Claims (paired differences, percent points, mean [95% interval]):"
 DETAIL_LINE = "Per stage: percent, mean ± std [min, max] over seeds (one value when one seed); DER / P-DER as fractions."
 
@@ -387,15 +402,7 @@ def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: 
     if verdicts:
         md += ["## Verdicts", "", verdict_text, ""]
     md += [legend(th), ""]
-    for title, vt, ct, dt, fg in sections:
-        md += [f"## {title}", ""]
-        if vt is not None:
-            md += [_md_table(vt), ""]
-        if ct is not None and not ct.empty:
-            md += [CLAIMS_LINE, "", _md_table(ct), ""]
-        if dt is not None:
-            md += [DETAIL_LINE, "", _md_table(dt), ""]
-        md += [f"![{c}]({p.relative_to(report_dir)})" for c, p in fg] + ([""] if fg else [])
+    md += sections_md(sections, report_dir)
     if fails:
         md += ["## Failed jobs", ""] + [f"- `{r['key']}`: {r.get('error', '')} (log: `{r.get('log', '')}`)" for r in fails] + [""]
     if plan.notes:
