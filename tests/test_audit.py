@@ -294,3 +294,19 @@ def test_audit_html_in_a_headless_browser(audited_bb, tmp_path):
     assert all(any(v in r[col["verdict"]][0] for v in VERDICTS) and r[col["verdict"]][1] in ("ok", "bad", "warn")
                for r in ranked), ranked
     assert len(shot.read_bytes()) > 1000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_backdoorbench_folders_of_the_registered_rivals_are_read_as_found_not_rerun(tmp_path):
+    """BackdoorBench's own sau/, nad/, fp/, nc/ and rnp/ folders (defense_result.pt only) are retuned as found, like any
+    external folder, now that those names are registered defenses too: RA, its control and LMC per folder, and no
+    defense job that would replace them."""
+    folders = ("sau", "nad", "fp", "nc", "rnp")
+    _bb_record_with_defenses(tmp_path, folders)
+    oc, md, _ = _audit(["--result_file", "badnet_demo", "--record_root", str(tmp_path / "record"), "--dry_run",
+                        "--ra_draws", "1", "--poison_nums", "1"])
+    jobs = oc.plan.by_key()
+    assert not [j for j in jobs.values() if j.kind == "defense"]
+    for f in folders:
+        assert jobs[f"badnet_demo/defense/{f}/ra"].overrides["defense"] == f
+        assert f"badnet_demo/defense/{f}/ra_control" in jobs and jobs[f"badnet_demo/lmc_{f}"].method == "lmc"
+    assert sorted(oc.plan.study.external_defenses) == sorted(folders)
