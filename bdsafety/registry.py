@@ -23,6 +23,11 @@ kind's runner (``kind_runner``) at the config's precision.
 ``needs`` says what a method requires besides its record, so the study runner can order jobs:
 ``clean_reference`` (a clean record of the same data), ``ra_model`` (the RA output of the same defense),
 ``defense`` (a defense folder to work on), ``poisoned_pool`` (real poisoned training samples).
+
+A retuning attack or analysis also says where a study applies it (bdsafety.study.plan expands the grid from this alone):
+``on`` the models of each record it runs on ('record': the backdoored model, 'clean': the clean reference, 'defense':
+each defense's model), ``variants`` the runs per model (RA: its draws, benign control and budgets; default one run) and
+``skip`` the attacks whose records it cannot use (with the reason, a note of the plan).
 """
 from __future__ import annotations
 
@@ -46,7 +51,18 @@ _PACKAGES = ("bdsafety.attacks", "bdsafety.defenses", "bdsafety.retune", "bdsafe
 # datasets every method ships a yaml for, besides demo.yaml
 DATASET_CONFIGS = ("cifar10", "cifar100", "gtsrb", "tiny")
 NEEDS = ("clean_reference", "ra_model", "defense", "poisoned_pool", "inversion_cache")
+ON = ("record", "clean", "defense")  # the models of a record a retuning attack or analysis can run on
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One run of a retuning attack or analysis per model in a study: ``role`` (results' name for it), ``suffix`` of
+    its output folder name, ``values`` set in its config (and grid point), ``draws`` (draw k >= 1: another seed)."""
+    role: str = ""  # '' : the method's own name
+    suffix: str = ""
+    values: dict = field(default_factory=dict)
+    draws: int = 1
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,9 @@ class Method:
     expand: Callable | None = None  # cfg -> list of cfgs: one run per element (e.g. PAM's --rho_sweep); None: one run
     select: Callable | None = None  # (cfg, outputs of the expanded runs) -> None: picks one on validation data
     resolve: Callable | None = None  # cfg -> cfg before the run: fills values that depend on others (ANP's variant)
+    on: tuple = ()  # retune / analysis: the models of each record a study runs it on (ON)
+    variants: Callable | None = None  # study -> [Variant]: the runs per model (None: one, Variant())
+    skip: Callable | None = None  # attack name -> why the method cannot use that attack's records, or None
 
     @property
     def entry(self) -> str:
@@ -121,19 +140,25 @@ _discovered = False
 
 def register(kind: str, name: str, *, schema: Callable[[], dict], description: str, folder: str | None = None,
              needs: Iterable[str] = (), configs: Iterable[str] | None = None, expand: Callable | None = None,
-             select: Callable | None = None, resolve: Callable | None = None) -> Callable:
+             select: Callable | None = None, resolve: Callable | None = None, on: Iterable[str] = (),
+             variants: Callable | None = None, skip: Callable | None = None) -> Callable:
     """Decorator registering ``run`` as method ``name`` of ``kind``; returns ``run`` unchanged."""
     if kind not in KIND_DIRS:
         raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KIND_DIRS)}")
     bad = set(needs) - set(NEEDS)
     if bad:
         raise ValueError(f"{kind} {name}: unknown needs {sorted(bad)}; valid: {', '.join(NEEDS)}")
+    on = tuple(on)
+    if set(on) - set(ON) or (kind in ("retune", "analysis")) != bool(on):
+        raise ValueError(f"{kind} {name}: on={on!r}; a retuning attack or analysis names the models it runs on, "
+                         f"some of {', '.join(ON)} (other kinds none)")
 
     def deco(run: Callable) -> Callable:
         key = (kind, name)
         m = Method(kind=kind, name=name, run=run, schema=schema, description=description, folder=folder or name,
                    needs=frozenset(needs), configs=tuple(configs) if configs is not None else DATASET_CONFIGS + ("demo",),
-                   module=getattr(run, "__module__", ""), expand=expand, select=select, resolve=resolve)
+                   module=getattr(run, "__module__", ""), expand=expand, select=select, resolve=resolve, on=on,
+                   variants=variants, skip=skip)
         old = _REGISTRY.get(key)
         if old is not None and old.module != m.module:
             raise ValueError(f"{kind} {name!r} is registered twice: by {old.module} and by {m.module}")

@@ -603,3 +603,45 @@ def test_chunks_of_a_grid_merge_into_one_report(tiny_study, tmp_path):
     assert row.split("|")[2].strip() == "2"  # seeds
     with pytest.raises(ConfigError, match="the inputs overlap.*badnet_s0"):
         merge_main(["--inputs", str(a), str(a), "--out", str(tmp_path / "twice")])
+
+
+def test_a_new_retuning_attack_is_planned_from_its_declarations_alone(tmp_path, monkeypatch):
+    """The planner has no case for any retuning attack: a new one (here 'probe', registered in the test with RA's run and
+    schema plus QRA's ra_name) is planned from what it declares -- the models it runs on, its needs (ra_model: after the same model's RA,
+    reading its folder name), its variants and draws, and <method>_defenses -- with no change to the planner."""
+    from bdsafety.errors import ConfigError
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    ra = registry.get("retune", "ra")
+    cdir = tmp_path / "probe"
+    cdir.mkdir()
+    shutil.copy(ra.config_path("demo"), cdir / "demo.yaml")
+
+    class _Probe(registry.Method):
+        @property
+        def config_dir(self):
+            return cdir
+
+    ra_name = registry.get("retune", "qra").schema()["ra_name"]
+    probe = _Probe(kind="retune", name="probe", run=ra.run, schema=lambda: {**ra.schema(), "ra_name": ra_name},
+                   description="probe", folder="probe",
+                   needs=frozenset({"defense", "ra_model", "poisoned_pool"}), on=("clean", "defense"),
+                   variants=lambda st: [registry.Variant(), registry.Variant("probe_p2", "_p2", {"poison_num": 2}, 2)])
+    monkeypatch.setitem(registry._REGISTRY, ("retune", "probe"), probe)
+    y = _yaml(tmp_path / "p.yaml", top={"retune": ["probe", "ra"], "analyses": [], "defenses": ["ft", "fst"],
+                                        "probe_defenses": ["fst"]})
+    jobs = build_plan(load_study(y)).by_key()
+    fst = f"{REC}/defense/fst"
+    want = {f"{fst}/probe", f"{fst}/probe_p2", f"{fst}/probe_p2_d1", f"{CLEAN}/probe_{REC}", f"{CLEAN}/probe_{REC}_p2",
+            f"{CLEAN}/probe_{REC}_p2_d1"}
+    assert {k for k in jobs if "probe" in k} == want  # not on ft (probe_defenses), not on the record's own model
+    j = jobs[f"{fst}/probe_p2_d1"]
+    assert set(j.deps) == {fst, REC, f"{fst}/ra"} and j.overrides["ra_name"] == "ra"  # after (and reading) fst's RA
+    assert j.point["role"] == "probe_p2" and j.point["draw"] == 1 and j.overrides["poison_num"] == 2
+    assert j.config["random_seed"] == 1000  # draw 1 of seed 0
+    c = jobs[f"{CLEAN}/probe_{REC}"]
+    assert c.overrides["poison_source"] == REC and c.overrides["ra_name"] == f"ra_{REC}"
+    assert set(c.deps) == {CLEAN, REC, f"{CLEAN}/ra_{REC}"}
+    with pytest.raises(ConfigError, match="retune lists probe without ra"):
+        load_study(_yaml(tmp_path / "q.yaml", top={"retune": ["probe"], "analyses": []}))

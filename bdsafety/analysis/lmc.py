@@ -145,7 +145,7 @@ def run_lmc(cfg) -> Path:
     return dest
 
 
-register("analysis", "lmc", schema=lambda: dict(LMC_SCHEMA), needs=("defense",), configs=("demo",),
+register("analysis", "lmc", schema=lambda: dict(LMC_SCHEMA), needs=("defense",), configs=("demo",), on=("defense",),
          description="LMC analysis along the backdoor-connected path")(run_lmc)
 
 

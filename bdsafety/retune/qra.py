@@ -563,6 +563,7 @@ def _compare_row(model: str, delta: bool, m: dict, pre: str) -> dict:
 
 
 register("retune", "qra", schema=lambda: dict(QRA_SCHEMA), needs=("defense", "ra_model", "clean_reference", "poisoned_pool"),
+         on=("defense",), skip=triggered_source_note,
          description="query-based reactivation attack (QRA): learn a sample-specific input perturbation that reactivates a "
                      "purified model's backdoor but not a clean model's")(run_qra)
 

@@ -39,7 +39,7 @@ from bdsafety.experiment import RECORD_SCHEMA, open_experiment, write_run_files
 from bdsafety.outputs import OutputFolder
 from bdsafety.pools import poisoned_pool
 from bdsafety.records import atomic_write_text, list_defenses, save_model_result
-from bdsafety.registry import get, register
+from bdsafety.registry import Variant, get, register
 
 __all__ = [
     "RA_SCHEMA", "RA_SEED_STREAM", "RATarget", "RASet", "ra_set_size", "ra_subset_indices", "assemble_ra_set",
@@ -321,7 +321,18 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
     return outs
 
 
+def study_variants(study) -> list[Variant]:
+    """RA's runs per model in a study: the RA itself (``ra_draws`` draws), the benign-retune control (``ra_control``:
+    the same RA with 0 poisoned samples) and one per RA budget (``ra_poison_nums``, ``ra_budget_draws`` draws each)."""
+    out = [Variant("ra", "", {}, study.ra_draws)]
+    if study.ra_control:
+        out.append(Variant("ra_control", "_control", {"poison_num": 0}, study.ra_draws))
+    return out + [Variant("ra_budget", f"_budget_p{n}", {"poison_num": n}, study.ra_budget_draws)
+                  for n in study.ra_poison_nums]
+
+
 register("retune", "ra", schema=lambda: dict(RA_SCHEMA), needs=("defense", "poisoned_pool"),
+         on=("record", "clean", "defense"), variants=study_variants,
          description="retuning attack (RA): fine-tune a (purified) model on a small set with a few real poisoned samples "
                      "and track C-Acc/ASR/RA per epoch")(run_ra)
 

@@ -14,6 +14,10 @@ job, its point read from the record, its clean reference clean-badnet_<dataset>_
     qra on d                   -> <record>/defense/<folder>/qra/                      (after d, its RA, clean; left out,
                                   with a note, for a clean-label attack whose trigger its record cannot rebuild)
     analysis (lmc) on d        -> <record>/lmc_<folder>/                              (after attack, d)
+
+Only the attack, clean reference and defense jobs are planned here by kind; every retuning attack and analysis is
+planned from its registration alone (``on``, ``needs``, ``variants``, ``skip``: bdsafety.registry), by
+``_Planner.plan_model``: the RA, QRA and LMC rows above are what ra, qra and lmc declare.
 """
 from __future__ import annotations
 
@@ -27,7 +31,6 @@ from bdsafety import registry
 from bdsafety.config import config_dict, resolve
 from bdsafety.errors import ConfigError
 from bdsafety.records import record_identity
-from bdsafety.retune.qra import triggered_source_note
 from bdsafety.study.spec import OWN_PRATIO
 
 # resolved-config keys that say where / how a job runs, not what it computes: not part of the job id
@@ -120,13 +123,11 @@ def build_plan(study) -> Plan:
     by the same ``_Planner.plan_record``."""
 
     pl = _Planner(study)
-    qra = "qra" in study.retune
     for dataset in study.datasets:
         for model in study.models:
             for attack in study.attacks:
-                qra_note = triggered_source_note(attack) if qra else None  # clean-label without a rebuildable trigger
-                if qra_note is not None:
-                    pl.notes.append(f"qra on {attack} records: every job left out: {qra_note}")
+                for m, note in pl.skipped(attack).items():
+                    pl.notes.append(f"{m} on {attack} records: every job left out: {note}")
                 for seed in study.seeds:
                     base = {"dataset": dataset, "attack": attack, "model": model, "seed": seed}
                     cname = clean_name(attack, dataset, model, seed)
@@ -142,13 +143,31 @@ def build_plan(study) -> Plan:
                         pt = {**base, "pratio": pratio, "record": rname}
                         if pl.add(rname, "attack", attack, {**pt, "role": "attack", "target": "none"},
                                   {"dataset": dataset, "model": model, "pratio": pratio, "save_folder_name": rname}, []):
-                            pl.plan_record(rname, pt, cname if have_clean else None, qra_note, found=False)
+                            pl.plan_record(rname, pt, cname if have_clean else None, found=False)
     for rname in study.records:
         pl.plan_found(rname)
-    if qra and not study.clean_reference:
-        pl.notes.append("qra needs the clean reference: set clean_reference: true to run it")
+    if not study.clean_reference:
+        for m in pl.downstream:
+            if "clean_reference" in m.needs:
+                pl.notes.append(f"{m.name} needs the clean reference: set clean_reference: true to run it")
     pl.check_kind_keys()
     return Plan(_topological(pl.jobs), pl.notes, study, pl.records)
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model of a record that retuning attacks and analyses run on: ``which`` (registry.ON), the key of its folder,
+    the jobs that make it (and the record), the grid point of its jobs and the config values naming it."""
+    which: str  # 'record' (the backdoored model), 'clean' (the clean reference), 'defense'
+    key: str  # its folder: <record>, <clean>, <record>/defense/<folder>
+    label: str  # 'none', 'clean' or the defense folder (results' `defense` column)
+    deps: tuple
+    point: dict
+    values: dict  # result_file / defense naming it for a retuning attack
+
+
+# a need on another method's output of the same model: the method that makes it
+NEED_METHOD = {"ra_model": "ra"}
 
 
 # pratio of a found record without info.pickle (a number, so that its rows group like every other)
@@ -168,6 +187,10 @@ class _Planner:
         self.failed_keys: set = set()
         self.used_scope_keys: dict[str, set] = {}  # kind -> the keys some planned method of that kind accepts
         self.runtime = _runtime(study)
+        # the retuning attacks and analyses of the study, those that need another's output of the same model after it
+        down = [registry.get("retune", r) for r in study.retune] + [registry.get("analysis", a) for a in study.analyses]
+        self.downstream = sorted(down, key=lambda m: any(n in m.needs for n in NEED_METHOD))
+        self.variants = {m.name: m.variants(study) if m.variants is not None else [registry.Variant()] for m in down}
 
     def own_pratio(self, attack: str, dataset: str) -> float | None:
         """``pratios: [attack]``: the pratio the attack's yaml for ``dataset`` gives (None, with a note, when the yaml
@@ -230,43 +253,81 @@ class _Planner:
         jobs[key] = j
         return True
 
-    def add_ra(self, key, ppt, fixed, deps) -> bool:
-        """The RA job (its draws), the benign control and one per RA budget (poison_num) of the grid; True when the main
-        RA job (draw 0) is in the plan."""
-        study = self.study
-        folder, name = key.rsplit("/", 1)[0] if "/" in key else "", fixed["save_name"]
-        runs = [("ra", None, name, study.ra_draws)]
-        if study.ra_control:
-            runs.append(("ra_control", 0, f"{name}_control", study.ra_draws))
-        runs += [("ra_budget", n, f"{name}_budget_p{n}", study.ra_budget_draws) for n in study.ra_poison_nums]
-        ok = False
-        for role, n, rname_, draws in runs:
-            for k in range(draws):
-                sname = rname_ + (f"_d{k}" if k else "")
-                jkey = f"{folder}/{sname}" if folder else sname
-                extra = {} if n is None else {"poison_num": n}
-                added = self.add(jkey, "retune", "ra", {**ppt, "role": role, "draw": k, **extra},
-                                 {**fixed, "save_name": sname, **extra}, deps)
-                if role == "ra" and k == 0:
-                    ok = added
-                    if not ok:
-                        return False
-        return ok
+    def skipped(self, attack: str) -> dict:
+        """The study's retuning attacks and analyses that cannot use ``attack``'s records: name -> why (their ``skip``)."""
+        if attack not in registry.names("attack"):
+            return {}
+        out = {m.name: m.skip(attack) for m in self.downstream if m.skip is not None}
+        return {k: v for k, v in out.items() if v is not None}
 
-    def plan_record(self, rname: str, pt: dict, cname: str | None, qra_note: str | None, found: bool) -> None:
+    def add_runs(self, m, folder: str, name: str, point: dict, fixed: dict, deps: list) -> str | None:
+        """Every run of retuning attack / analysis ``m`` on one model (its variants, each with its draws, e.g. RA's
+        control and budgets); the key of its main run (first variant, draw 0), None when that is left out."""
+        main = None
+        for i, v in enumerate(self.variants[m.name]):
+            for k in range(v.draws):
+                sname = name + v.suffix + (f"_d{k}" if k else "")
+                jkey = f"{folder}/{sname}"
+                added = self.add(jkey, m.kind, m.name, {**point, "role": v.role or m.name, "draw": k, **v.values},
+                                 {**fixed, "save_name": sname, **v.values}, deps)
+                if i == 0 and k == 0:
+                    if not added:
+                        return None
+                    main = jkey
+        return main
+
+    def plan_model(self, mod: Model, rname: str, cname: str | None, skipped: dict) -> None:
+        """Every retuning attack and analysis of the study that runs on model ``mod`` of record ``rname``, as it
+        declares (registry: ``on``, ``needs``, ``variants``; each kind's rule for where its output goes)."""
+        mains: dict[str, str] = {}  # method -> key of its main run on this model
+        for m in self.downstream:
+            if mod.which not in m.on or m.name in skipped:
+                continue
+            only = self.study.only_defenses.get(m.name)
+            if mod.which == "defense" and only is not None and mod.label not in only and mod.point["defense"] not in only:
+                continue
+            deps, fixed = list(mod.deps), {}
+            if m.kind == "retune":  # written inside the model's folder, named after the method (BackdoorBench's way)
+                folder, name = mod.key, m.name if mod.which != "clean" else f"{m.name}_{rname}"
+                fixed.update(mod.values)
+            else:  # an analysis: beside the defense folders of the record, one per model
+                folder, name = rname, f"{m.name}_{mod.label}"
+                fixed.update(result_file=rname, defense=[mod.label])
+            if "poisoned_pool" in m.needs and mod.which == "clean":
+                fixed["poison_source"] = rname  # the clean model has none: the record's
+            if "clean_reference" in m.needs:
+                if cname is None:
+                    continue
+                fixed["clean_record"] = cname
+                deps.append(cname)
+            missing = False
+            for need, method in NEED_METHOD.items():
+                if need in m.needs:
+                    if method not in mains:
+                        missing = True
+                        break
+                    fixed[f"{method}_name"] = mains[method].rsplit("/", 1)[1]
+                    deps.append(mains[method])
+            if missing:
+                continue
+            main = self.add_runs(m, folder, name, mod.point, fixed, deps)
+            if main is not None:
+                mains[m.name] = main
+
+    def plan_record(self, rname: str, pt: dict, cname: str | None, found: bool) -> None:
         """Everything downstream of record ``rname`` (made by the grid's attack job, or ``found`` in the study folder:
-        then no job lists it as a dep): RA on it and on the clean reference ``cname``, each defense (run here or a folder
-        made elsewhere) with its RA, QRA and analyses."""
+        then no job lists it as a dep): each defense (run here or a folder made elsewhere), and the retuning attacks
+        and analyses on the record's model, on its clean reference ``cname`` and on each defense's model."""
 
-        study, add, add_ra = self.study, self.add, self.add_ra
-        ra, qra = "ra" in study.retune, "qra" in study.retune
-        rec, rdeps = {"result_file": rname}, ([] if found else [rname])
-        if ra:
-            add_ra(f"{rname}/ra", {**pt, "target": "none"}, {**rec, "defense": "none", "save_name": "ra"}, rdeps)
-            if cname is not None:
-                add_ra(f"{cname}/ra_{rname}", {**pt, "target": "clean", "clean": cname},
-                       {"result_file": cname, "defense": "none", "poison_source": rname, "save_name": f"ra_{rname}"},
-                       [cname] + rdeps)
+        study = self.study
+        rdeps = [] if found else [rname]
+        skipped = self.skipped(pt["attack"])
+        rec = {"result_file": rname}
+        self.plan_model(Model("record", rname, "none", tuple(rdeps), {**pt, "target": "none"},
+                              {**rec, "defense": "none"}), rname, cname, skipped)
+        if cname is not None:
+            self.plan_model(Model("clean", cname, "clean", tuple([cname] + rdeps), {**pt, "target": "clean", "clean": cname},
+                                  {"result_file": cname, "defense": "none"}), rname, cname, skipped)
         targets = [(d, registry.get("defense", d).folder, True) for d in study.defenses]
         targets += [(d, d, False) for d in study.external_defenses]
         if found:  # a folder made elsewhere must be there now; the grid's records are made by this study
@@ -284,22 +345,14 @@ class _Planner:
             if ours:
                 need = registry.get("defense", d).needs
                 deps = rdeps + ([cname] if "clean_reference" in need and cname is not None else [])
-                if not add(dkey, "defense", d, {**dpt, "role": "defense"}, dict(rec), deps):
+                if not self.add(dkey, "defense", d, {**dpt, "role": "defense"}, dict(rec), deps):
                     continue
                 ddeps = [dkey]
             else:
-                ddeps = list(rdeps)  # a folder made elsewhere: read as found
+                ddeps = []  # a folder made elsewhere: read as found
             planned.append(folder)
-            if ra and add_ra(f"{dkey}/ra", dpt, {**rec, "defense": folder, "save_name": "ra"}, ddeps + rdeps):
-                # qra_note: left out, with the attack's note
-                chosen = study.qra_defenses is None or d in study.qra_defenses or folder in study.qra_defenses
-                if qra and qra_note is None and cname is not None and chosen:
-                    add(f"{dkey}/qra", "retune", "qra", {**dpt, "role": "qra"},
-                        {**rec, "defense": folder, "clean_record": cname, "ra_name": "ra", "save_name": "qra"},
-                        ddeps + [f"{dkey}/ra", cname])
-            for an in study.analyses:
-                add(f"{rname}/{an}_{folder}", "analysis", an, {**dpt, "role": an},
-                    {**rec, "defense": [folder], "save_name": f"{an}_{folder}"}, ddeps + rdeps)
+            self.plan_model(Model("defense", dkey, folder, tuple(dict.fromkeys(ddeps + rdeps)), dpt,
+                                  {**rec, "defense": folder}), rname, cname, skipped)
 
     def plan_found(self, rname: str) -> None:
         """A record made elsewhere (``records:``): dataset, model, attack and pratio read from it; its clean reference
@@ -315,13 +368,8 @@ class _Planner:
             self.notes.append(f"{rname}: no info.pickle (or no pratio in it): its attack and pratio read as unknown / "
                               f"{UNKNOWN_PRATIO:g} in the results")
         pt = {"dataset": dataset, "attack": attack, "model": model, "seed": seed, "pratio": pratio, "record": rname}
-        qra_note = None
-        if "qra" in study.retune and attack != "unknown":
-
-            if attack in registry.names("attack"):
-                qra_note = triggered_source_note(attack)
-        if qra_note is not None:
-            self.notes.append(f"qra on {rname}: left out: {qra_note}")
+        for m, note in self.skipped(attack).items():
+            self.notes.append(f"{m} on {rname}: left out: {note}")
         cname = None
         if study.clean_reference:
             leaf = clean_name(CLEAN_ATTACK, dataset, model, seed)
@@ -332,7 +380,7 @@ class _Planner:
                                                           "save_folder_name": leaf}, [], clean=True,
                         record_root=(study.study_dir / key).parent):
                 cname = key
-        self.plan_record(rname, pt, cname, qra_note, found=True)
+        self.plan_record(rname, pt, cname, found=True)
 
     def check_kind_keys(self) -> None:
         """Keys given for a whole kind (set.defense) that none of its planned jobs accepts: a typo, or a note."""

@@ -78,7 +78,8 @@ _KEYS = {
     "ra_budget_draws": "draws of each RA budget run (default 1)",
     "expected_later": "method names that are not registered yet but will be (another branch): notes instead of errors",
     "verdict": "thresholds of the report's verdicts and claims (mapping; bdsafety/study/stats.py VERDICT_DEFAULTS)",
-    "qra_defenses": "defenses QRA attacks: a list or 'all' (default all)",
+    "qra_defenses": "defenses QRA attacks: a list or 'all' (default all); <method>_defenses does the same for any "
+                    "retuning attack or analysis",
     "analyses": "list of analyses (lmc)",
     "configs": "which yaml each method reads (mapping; see bdsafety/study/spec.py)",
     "set": "overrides of the method yamls (mapping of mappings)",
@@ -109,7 +110,7 @@ class Study:
     ra_draws: int
     ra_budget_draws: int
     verdict: dict
-    qra_defenses: list | None
+    only_defenses: dict  # retuning attack / analysis -> the defenses it runs on (<method>_defenses; absent: all)
     analyses: list
     configs: dict
     set: dict
@@ -207,12 +208,18 @@ def load_study(path: str | Path, record_root: str | None = None, study_dir: str 
 
 
 GRID_KEYS = ("datasets", "models", "attacks", "pratios")
+
+
+def _on_defenses_method(key: str) -> str | None:
+    """The retuning attack or analysis a ``<method>_defenses`` key names (qra_defenses: qra), else None."""
+    m = key[:-len("_defenses")] if key.endswith("_defenses") else None
+    return m if m is not None and m in registry.names("retune") + registry.names("analysis") else None
 OWN_PRATIO = "attack"  # pratios: [attack] = each attack's pratio as its yaml gives it
 
 
 def study_from_dict(data: dict, path: Path, record_root: str | None = None, study_dir: str | None = None) -> Study:
     """Validate a study given as a mapping (``path``: where it comes from, for messages and the report)."""
-    unknown = [k for k in data if k not in _KEYS]
+    unknown = [k for k in data if k not in _KEYS and _on_defenses_method(k) is None]
     if unknown:
         k = unknown[0]
         close = difflib.get_close_matches(k, list(_KEYS), n=1)
@@ -273,7 +280,7 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
         return _resolve_names(kind, _list(data.get(key), key), notes, what, unregistered, expected)
 
     retune = names("retune", "retune", "retuning attack")
-    qra = data.get("qra_defenses", "all")
+    only = {_on_defenses_method(k): v for k, v in data.items() if _on_defenses_method(k) is not None and v != "all"}
     nums = _list(data.get("ra_poison_nums"), "ra_poison_nums")
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in nums):
         raise ConfigError(f"{path}: ra_poison_nums must be integers >= 0, got {nums}")
@@ -309,7 +316,7 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
         records=found, report_dir=report_dir,
         retune=retune, ra_poison_nums=nums, ra_control=control, ra_draws=draws["ra_draws"],
         ra_budget_draws=draws["ra_budget_draws"], verdict=verdict,
-        qra_defenses=None if qra == "all" else [str(d) for d in _list(qra, "qra_defenses")],
+        only_defenses={m: [str(d) for d in _list(v, f"{m}_defenses")] for m, v in only.items()},
         analyses=names("analysis", "analyses", "analysis"),
         configs={str(k): v for k, v in _mapping(data.get("configs"), "configs", nested=False).items()},
         set=_mapping(data.get("set"), "set", nested=True), resources=resources, notes=notes, unknown=unregistered)
@@ -322,15 +329,15 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
         if both:
             raise ConfigError(f"{path}: external_defenses {both} are also the folders of defenses this study runs "
                               f"({', '.join(ours[f] for f in both)}); a folder is either made elsewhere or made here")
-    if "qra" in st.retune and "ra" not in st.retune:
-        raise ConfigError(f"{path}: retune lists qra without ra: QRA needs each defense's RA model; add ra")
-    if st.qra_defenses is not None:
-
-        known = set(st.defenses) | {registry.get("defense", d).folder for d in st.defenses} | set(st.external_defenses)
-        for d in st.qra_defenses:
+    for m in [registry.get("retune", r) for r in st.retune] + [registry.get("analysis", a) for a in st.analyses]:
+        if "ra_model" in m.needs and "ra" not in st.retune:
+            raise ConfigError(f"{path}: retune lists {m.name} without ra: {m.name} needs each model's RA model; add ra")
+    known = set(st.defenses) | {registry.get("defense", d).folder for d in st.defenses} | set(st.external_defenses)
+    for m, only in st.only_defenses.items():
+        for d in only:
             if d not in known:
                 close = difflib.get_close_matches(d, sorted(known), n=1)
-                msg = (f"qra_defenses names '{d}', which is not a defense of this study"
+                msg = (f"{m}_defenses names '{d}', which is not a defense of this study"
                        f"{f' (did you mean {close[0]!r}?)' if close else ''}; its defenses: {', '.join(sorted(known)) or 'none'}")
                 notes.append(msg)
                 if d not in expected:
