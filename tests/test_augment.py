@@ -66,3 +66,31 @@ def test_iterate_batches_covers_everything_once_and_normalizes():
     back = norm.denormalize(norm.from_uint8(xb))
     assert torch.allclose(back, xb.float() / 255, atol=1e-6)
     assert np.array_equal(ds.numpy_images(), x)
+
+
+def test_window_crop_equals_the_gather_exactly():
+    """The CPU's window crop (bdsafety.data.device._crop_unfold) and the gather used on other devices cut the same
+    pixels: identical outputs for the same draws, with and without flip, with a resize-crop size, uint8 and float."""
+    from bdsafety.data.device import _crop_gather, _crop_unfold
+
+    g = torch.Generator().manual_seed(3)
+    for n, h, pad, size, flip, dtype in ((128, 32, 4, None, True, torch.uint8), (7, 32, 4, None, False, torch.uint8),
+                                         (300, 36, 0, 32, True, torch.uint8), (64, 16, 2, 16, True, torch.float32),
+                                         (1, 8, 4, None, True, torch.uint8)):
+        x = torch.randint(0, 256, (n, 3, h, h), generator=g).to(dtype)
+        oh = size or h
+        xp = torch.nn.functional.pad(x, (pad,) * 4)
+        oy = torch.randint(0, h + 2 * pad - oh + 1, (n,), generator=g)
+        ox = torch.randint(0, h + 2 * pad - oh + 1, (n,), generator=g)
+        f = torch.rand(n, generator=g) < 0.5 if flip else None
+        a, b = _crop_gather(xp, oy, ox, f, oh, oh), _crop_unfold(xp, oy, ox, f, oh, oh)
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+        for i in range(min(n, 5)):  # and both are the crop the draws name
+            want = xp[i, :, oy[i]:oy[i] + oh, ox[i]:ox[i] + oh]
+            assert torch.equal(a[i], want.flip(2) if f is not None and f[i] else want)
+
+
+def test_from_uint8_is_bit_identical_to_normalising_x_over_255():
+    norm = Normalizer(DATASETS["cifar10"], "cpu")
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(norm.from_uint8(x), (x.float() / 255.0 - norm.mean) / norm.std)

@@ -329,7 +329,8 @@ class Normalizer:
         return x * self.std + self.mean
 
     def from_uint8(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x.float().div_(255.0))
+        """uint8 images -> the model's input: the same operations as ``self(x / 255)``, in place on one new tensor."""
+        return x.float().div_(255.0).sub_(self.mean).div_(self.std)
 
 
 def random_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True, generator: torch.Generator | None = None,
@@ -338,24 +339,52 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True, generator
 
     Same distribution as torchvision's transforms applied image by image: crop offsets uniform in
     [0, H + 2*pad - size] for each axis independently, flip with probability 1/2. ``size`` defaults to the batch's
-    own size (offsets in [0, 2*pad]).
+    own size (offsets in [0, 2*pad]). The random draws (offsets, then flips, on the CPU generator) and the result are
+    the same on every device; how the crop is cut differs: on the CPU whole windows are copied out of an unfolded view
+    of the padded batch (``_crop_unfold``), elsewhere pixel by pixel in one gather (``_crop_gather``, not yet measured
+    against the other on a GPU); tests/test_augment.py checks they agree exactly, benchmarks/input_stage.py times them.
     """
     n, c, h, w = x.shape
-    dev = x.device
     oh, ow = (h, w) if size is None else (size, size)
-    if pad > 0 or (oh, ow) != (h, w):
-        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
-        oy = torch.randint(0, h + 2 * pad - oh + 1, (n,), device="cpu", generator=generator).to(dev)
-        ox = torch.randint(0, w + 2 * pad - ow + 1, (n,), device="cpu", generator=generator).to(dev)
-        rows = (oy[:, None] + torch.arange(oh, device=dev)[None, :])[:, None, :, None]  # n,1,oh,1
-        cols = (ox[:, None] + torch.arange(ow, device=dev)[None, :])[:, None, None, :]  # n,1,1,ow
-        bi = torch.arange(n, device=dev)[:, None, None, None]
-        ci = torch.arange(c, device=dev)[None, :, None, None]
-        x = xp[bi, ci, rows, cols]
+    crop = pad > 0 or (oh, ow) != (h, w)
+    oy = ox = f = None
+    if crop:
+        oy = torch.randint(0, h + 2 * pad - oh + 1, (n,), device="cpu", generator=generator)
+        ox = torch.randint(0, w + 2 * pad - ow + 1, (n,), device="cpu", generator=generator)
     if flip:
-        f = (torch.rand(n, device="cpu", generator=generator) < 0.5).to(dev)
-        x = torch.where(f[:, None, None, None], x.flip(3), x)
+        f = torch.rand(n, device="cpu", generator=generator) < 0.5
+    if not crop and f is None:
+        return x
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad > 0 else x
+    if not crop:
+        oy = ox = torch.zeros(n, dtype=torch.long)
+    cut = _crop_unfold if x.device.type == "cpu" else _crop_gather
+    return cut(xp, oy, ox, f, oh, ow)
+
+
+def _crop_gather(xp: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, f: torch.Tensor | None, oh: int, ow: int) -> torch.Tensor:
+    """Crop sample i of the padded batch at (oy[i], ox[i]) to oh x ow, flipped where f[i]: one advanced-index gather."""
+    n, c = xp.shape[:2]
+    dev = xp.device
+    rows = (oy.to(dev)[:, None] + torch.arange(oh, device=dev)[None, :])[:, None, :, None]  # n,1,oh,1
+    cols = (ox.to(dev)[:, None] + torch.arange(ow, device=dev)[None, :])[:, None, None, :]  # n,1,1,ow
+    x = xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    if f is not None:
+        x = torch.where(f.to(dev)[:, None, None, None], x.flip(3), x)
     return x
+
+
+def _crop_unfold(xp: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, f: torch.Tensor | None, oh: int,
+                 ow: int) -> torch.Tensor:
+    """The same as ``_crop_gather``, from the view of every oh x ow window of the padded batch (``unfold``, no copy):
+    one index over (sample, offset y, offset x) copies whole windows, then the flipped samples are mirrored in place."""
+    n = xp.shape[0]
+    windows = xp.unfold(2, oh, 1).unfold(3, ow, 1).permute(0, 2, 3, 1, 4, 5)  # n, offsets y, offsets x, c, oh, ow
+    out = windows[torch.arange(n, device=xp.device), oy.to(xp.device), ox.to(xp.device)]
+    if f is not None:
+        fi = f.nonzero().squeeze(1).to(xp.device)
+        out[fi] = out[fi].flip(3)
+    return out
 
 
 def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator | None = None) -> torch.Tensor:
