@@ -25,7 +25,7 @@ import numpy
 import numpy as np
 import yaml
 
-from bdsafety.errors import ConfigError  # noqa: E402  (re-exported: bdsafety.config.ConfigError)
+from bdsafety.errors import ConfigError
 from bdsafety.models.registry import _check_name
 from bdsafety.paths import shipped_config
 

@@ -29,10 +29,7 @@ from tqdm.auto import tqdm
 
 from bdsafety.config import PRECISIONS
 from bdsafety.data.device import DeviceDataset, Normalizer, iterate_batches
-from bdsafety.errors import (
-    ConfigError,
-    TrainingDiverged,  # noqa: E402,F401  (re-exported)
-)
+from bdsafety.errors import ConfigError, TrainingDiverged
 from bdsafety.outputs import fault_point
 
 # A mean training loss above this is divergence, not learning: cross-entropy at chance is ln(classes) (5.3 for 200

@@ -26,15 +26,8 @@ from bdsafety.errors import ConfigError, DataError
 from bdsafety.models import load_state_dict_compat
 from bdsafety.outputs import DEPENDENTS, write_artifact
 from bdsafety.pools import real_poisoned
-from bdsafety.records import (
-    RecordError,
-    load_attack_record,
-    load_model_result,
-    resolve_record_dir,
-    save_model_result,
-    write_metrics_csv,
-)
-from bdsafety.safeio import atomic_write_text
+from bdsafety.records import load_attack_record, load_model_result, resolve_record_dir, save_model_result, write_metrics_csv
+from bdsafety.safeio import RecordError, atomic_write_text
 
 RECORD_SCHEMA = {
     "result_file": Option(None, "record folder: a name under record_root, or a path"),

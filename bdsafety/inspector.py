@@ -16,7 +16,8 @@ from bdsafety import models
 from bdsafety.cli import run_cli
 from bdsafety.models import MODEL_NAMES, identify_model, load_state_dict_compat
 from bdsafety.models.registry import describe_match
-from bdsafety.records import RecordError, list_defenses, load_attack_record, read_metrics_summary, resolve_record_dir, summary_name
+from bdsafety.records import list_defenses, load_attack_record, read_metrics_summary, resolve_record_dir, summary_name
+from bdsafety.safeio import RecordError
 
 
 def check_model(rec) -> None:

@@ -34,20 +34,11 @@ import yaml
 from bdsafety import registry
 from bdsafety.data.poisoned import PoisonedSplit
 from bdsafety.outputs import recover
-from bdsafety.safeio import (  # noqa: F401  (re-exported: the record API predates safeio)
-    RecordError,
-    _current_umask,
-    _ensure_safe_loadable,
-    atomic_torch_save,
-    atomic_write_bytes,
-    atomic_write_text,
-    safe_torch_load,
-)
+from bdsafety.safeio import RecordError, _current_umask, _ensure_safe_loadable, atomic_torch_save, atomic_write_text, safe_torch_load
 
 __all__ = [
-    "RecordError", "safe_torch_load", "atomic_torch_save", "atomic_write_text", "atomic_write_bytes",
     "write_metrics_csv", "read_metrics_summary", "save_attack_record", "AttackRecord", "load_attack_record",
-    "save_model_result", "load_model_result", "list_defenses", "summary_name", "resolve_record_dir", "main",
+    "save_model_result", "load_model_result", "list_defenses", "summary_name", "resolve_record_dir",
 ]
 
 ATTACK_COMMAND = "python attack/badnet.py --yaml_path config/attack/badnet/demo.yaml --save_folder_name {name}"

@@ -27,7 +27,8 @@ kind's runner (``kind_runner``) at the config's precision.
 A retuning attack or analysis also says where a study applies it (bdsafety.study.plan expands the grid from this alone):
 ``on`` the models of each record it runs on ('record': the backdoored model, 'clean': the clean reference, 'defense':
 each defense's model), ``variants`` the runs per model (RA: its draws, benign control and budgets; default one run) and
-``skip`` the attacks whose records it cannot use (with the reason, a note of the plan).
+``skip`` the attacks whose records it cannot use (with the reason, a note of the plan); ``summary`` gives its columns of
+the study's results.csv from its main run's output folder (bdsafety.study.results).
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ class Method:
     on: tuple = ()  # retune / analysis: the models of each record a study runs it on (ON)
     variants: Callable | None = None  # study -> [Variant]: the runs per model (None: one, Variant())
     skip: Callable | None = None  # attack name -> why the method cannot use that attack's records, or None
+    summary: Callable | None = None  # results.csv: its main run's output folder -> {column: value} (NaN when missing)
 
     @property
     def entry(self) -> str:
@@ -141,7 +143,7 @@ _discovered = False
 def register(kind: str, name: str, *, schema: Callable[[], dict], description: str, folder: str | None = None,
              needs: Iterable[str] = (), configs: Iterable[str] | None = None, expand: Callable | None = None,
              select: Callable | None = None, resolve: Callable | None = None, on: Iterable[str] = (),
-             variants: Callable | None = None, skip: Callable | None = None) -> Callable:
+             variants: Callable | None = None, skip: Callable | None = None, summary: Callable | None = None) -> Callable:
     """Decorator registering ``run`` as method ``name`` of ``kind``; returns ``run`` unchanged."""
     if kind not in KIND_DIRS:
         raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KIND_DIRS)}")
@@ -158,7 +160,7 @@ def register(kind: str, name: str, *, schema: Callable[[], dict], description: s
         m = Method(kind=kind, name=name, run=run, schema=schema, description=description, folder=folder or name,
                    needs=frozenset(needs), configs=tuple(configs) if configs is not None else DATASET_CONFIGS + ("demo",),
                    module=getattr(run, "__module__", ""), expand=expand, select=select, resolve=resolve, on=on,
-                   variants=variants, skip=skip)
+                   variants=variants, skip=skip, summary=summary)
         old = _REGISTRY.get(key)
         if old is not None and old.module != m.module:
             raise ValueError(f"{kind} {name!r} is registered twice: by {old.module} and by {m.module}")
@@ -211,27 +213,29 @@ def by_folder(kind: str, folder: str) -> Method | None:
     return next((m for m in methods(kind) if m.folder == folder), None)
 
 
-def select(spec, available: Iterable[str], what: str = "defense", allow_none: bool = False) -> list[str]:
-    """The one 'all | a,b' selector: ``spec`` is 'all', a comma list or a list of names; 'all' expands to
-    ``available`` (in its order) and may be combined with names. Unknown names are an error listing ``available``.
-    ``allow_none`` accepts the name 'none' (the record's own model) and keeps it first."""
+def name_list(spec, available: Iterable[str], what: str = "defense", allow_none: bool = False, strict: bool = True,
+           hint: str = "") -> list[str]:
+    """The one 'all | a,b' selector (entry points, RA's and LMC's --defense, the audit, the study's name lists):
+    ``spec`` is 'all', a comma list or a list of names; 'all' expands to ``available`` (in its order) and may be combined
+    with names; duplicates are dropped. ``allow_none`` accepts the name 'none' (the record's own model). ``strict``:
+    a name not in ``available`` is an error listing them (with the closest one); otherwise it is returned for the
+    caller's own check. ``hint`` ends the messages (what to do)."""
     available = list(available)
+    tail = f"; {hint}" if hint else ""
     if spec is None or spec == "" or spec == []:
-        raise ConfigError(f"no {what} given: name one, a comma list, or 'all' (available: {', '.join(available) or 'none yet'})")
+        raise ConfigError(f"no {what} given: name one, a comma list, or 'all' (available: {', '.join(available) or 'none yet'})"
+                          f"{tail}")
     items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
-    items = [s.strip() for s in items if str(s).strip()]
+    items = [str(s).strip() for s in items if str(s).strip()]
     out: list[str] = []
     for s in items:
-        expand = available if s == "all" else [s]
         if s == "all" and not available:
-            raise ConfigError(f"'all' {what}s requested, but there are none yet")
-        for n in expand:
-            if n == "none" and allow_none:
-                pass
-            elif n not in available:
+            raise ConfigError(f"'all' {what}s requested, but there are none yet{tail}")
+        for n in available if s == "all" else [s]:
+            if strict and n not in available and not (n == "none" and allow_none):
                 close = difflib.get_close_matches(n, available, n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(f"unknown {what} {n!r}.{hint} Available: {', '.join(available) or 'none'}")
+                hint_ = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown {what} {n!r}.{hint_} Available: {', '.join(available) or 'none'}{tail}")
             if n not in out:
                 out.append(n)
     return out

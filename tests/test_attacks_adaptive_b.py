@@ -11,7 +11,8 @@ import torch
 from bdsafety.attacks.base import AttackContext, load_data_for, record_trigger
 from bdsafety.attacks.narcissus import generate_trigger
 from bdsafety.attacks.triggers import apply_additive, apply_blended, make_blend_key, piece_masks
-from bdsafety.config import ConfigError, resolve
+from bdsafety.config import resolve
+from bdsafety.errors import ConfigError
 from bdsafety.pools import CROSS_KEY, real_poisoned
 from bdsafety.registry import get
 

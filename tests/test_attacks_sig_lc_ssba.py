@@ -8,7 +8,7 @@ import torch
 from bdsafety.attacks.poison import select_train_poison
 from bdsafety.attacks.resources import load_or_build
 from bdsafety.attacks.triggers import apply_lc_corners, apply_sig, lc_corner_mask, sig_pattern
-from bdsafety.config import ConfigError
+from bdsafety.errors import ConfigError
 from bdsafety.registry import get
 
 TINY = ["--dataset", "synthetic", "--model", "cnn_small", "--synthetic_n_train", "200", "--synthetic_n_test", "100",

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from bdsafety.config import ConfigError, Option, parse_config, resolve
+from bdsafety.config import Option, parse_config, resolve
+from bdsafety.errors import ConfigError
 
 SCHEMA = {
     "lr": Option(0.01, "learning rate"),

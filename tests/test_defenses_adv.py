@@ -300,7 +300,7 @@ def test_target_info():
 
 @pytest.mark.slow
 def test_load_or_invert_cache_hit_miss_refresh_and_safe_file(tmp_path):
-    from bdsafety.records import safe_torch_load
+    from bdsafety.safeio import safe_torch_load
 
     exp, ds = fake_exp(tmp_path)
     torch.manual_seed(0)

@@ -15,10 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from bdsafety.config import ConfigError, resolve
+from bdsafety.config import resolve
 from bdsafety.defenses import fp as fp_mod
 from bdsafety.defenses import nad as nad_mod
 from bdsafety.defenses import nc as nc_mod
+from bdsafety.errors import ConfigError
 from bdsafety.models import build_model, load_state_dict_compat
 from bdsafety.registry import get
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 import yaml
 
-from bdsafety.config import ConfigError
 from bdsafety.data.device import DeviceDataset
 from bdsafety.defenses import d3 as d3_mod
 from bdsafety.defenses import tsc as tsc_mod
+from bdsafety.errors import ConfigError
 from bdsafety.models import build_model
 from bdsafety.registry import get
 

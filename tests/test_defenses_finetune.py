@@ -15,11 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bdsafety.config import ConfigError, resolve
+from bdsafety.config import resolve
 from bdsafety.data.device import DeviceDataset, Normalizer
 from bdsafety.defenses import finetune as ftm
 from bdsafety.defenses import ft_sam as sam
 from bdsafety.defenses.mixing import mixing_batch_fn, pool_replacer, true_label_pool
+from bdsafety.errors import ConfigError
 from bdsafety.registry import get
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -353,7 +354,7 @@ def test_existing_folder_refused_then_overwritten(record):
 
 def test_bad_input_is_refused_and_nothing_is_written(record):
     from bdsafety.cli import run_cli
-    from bdsafety.engine import TrainingDiverged
+    from bdsafety.errors import TrainingDiverged
 
     with pytest.raises(ValueError, match="does not match record"):
         run("fst", record, "--model", "preactresnet18", "--save_name", "bad_model")

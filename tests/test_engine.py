@@ -8,6 +8,7 @@ import torch.nn as nn
 from bdsafety import engine
 from bdsafety.data.device import DeviceDataset, Normalizer
 from bdsafety.data.info import dataset_info
+from bdsafety.errors import TrainingDiverged
 
 
 def _setup(seed=0):
@@ -28,7 +29,7 @@ def test_fit_learns_with_a_sane_lr():
 def test_fit_stops_on_exploding_or_non_finite_loss(lr, what):
     data, model, norm = _setup()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    with pytest.raises(engine.TrainingDiverged, match="Lower the learning rate") as e:
+    with pytest.raises(TrainingDiverged, match="Lower the learning rate") as e:
         engine.fit(model, data, norm=norm, epochs=5, batch_size=16, step_fn=engine.sgd_step(opt), augment=False)
     assert what in str(e.value)
 
@@ -36,7 +37,7 @@ def test_fit_stops_on_exploding_or_non_finite_loss(lr, what):
 def test_max_loss_is_configurable():
     data, model, norm = _setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with pytest.raises(engine.TrainingDiverged, match="above 0.1"):
+    with pytest.raises(TrainingDiverged, match="above 0.1"):
         engine.fit(model, data, norm=norm, epochs=2, batch_size=16, step_fn=engine.sgd_step(opt), augment=False, max_loss=0.1)
     assert engine.MAX_LOSS >= 1e3 > math.log(200)  # far above chance-level cross-entropy of any bundled dataset
 

@@ -7,7 +7,6 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from bdsafety.config import ConfigError
 from bdsafety.data.device import (
     DeviceDataset,
     InputGeometry,
@@ -18,6 +17,7 @@ from bdsafety.data.device import (
     pil_resize,
 )
 from bdsafety.data.info import IMAGENET_MEAN, IMAGENET_STD, dataset_info
+from bdsafety.errors import ConfigError
 
 
 def _nchw(x_nhwc: np.ndarray) -> torch.Tensor:

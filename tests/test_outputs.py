@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bdsafety.config import ConfigError
-from bdsafety.errors import OutputError
+from bdsafety.errors import ConfigError, OutputError
 from bdsafety.records import list_defenses, load_attack_record, resolve_record_dir
 from bdsafety.registry import get
 
@@ -171,7 +170,7 @@ def test_overwrite_attack_record_with_defense_folder(root):
     (old,) = (root / ".archive").iterdir()
     assert old.name.startswith("tiny-") and digest(old / "defense" / "ft") == ft
     assert not (rec / "defense").exists()
-    from bdsafety.records import RecordError
+    from bdsafety.safeio import RecordError
 
     with pytest.raises(RecordError, match="records under") as e:  # the archive is not listed as a record
         resolve_record_dir("ghost", root)

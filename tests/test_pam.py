@@ -473,8 +473,9 @@ def test_bti_dbf_reuses_the_inversion_pam_wrote_and_purifies(pam_work, capsys):
     from bdsafety.defenses.base import reserved_subset
     from bdsafety.experiment import open_experiment
     from bdsafety.models import build_model, load_state_dict_compat
-    from bdsafety.records import load_model_result, safe_torch_load
+    from bdsafety.records import load_model_result
     from bdsafety.registry import get
+    from bdsafety.safeio import safe_torch_load
 
     capsys.readouterr()
     rec = pam_work.rec

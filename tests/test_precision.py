@@ -8,9 +8,9 @@ import yaml
 from torch import nn
 
 from bdsafety import engine
-from bdsafety.config import ConfigError
 from bdsafety.data.device import DeviceDataset, Normalizer
 from bdsafety.data.info import dataset_info
+from bdsafety.errors import ConfigError
 from bdsafety.registry import get, methods
 
 

@@ -23,19 +23,16 @@ from bb_records import (
 from bdsafety.data.poisoned import PoisonedSplit
 from bdsafety.inspector import main
 from bdsafety.records import (
-    RecordError,
-    atomic_torch_save,
-    atomic_write_text,
     list_defenses,
     load_attack_record,
     load_model_result,
     read_metrics_summary,
     resolve_record_dir,
-    safe_torch_load,
     save_attack_record,
     save_model_result,
     write_metrics_csv,
 )
+from bdsafety.safeio import RecordError, atomic_torch_save, atomic_write_text, safe_torch_load
 
 torch.set_num_threads(1)
 

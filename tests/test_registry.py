@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from bdsafety import registry
-from bdsafety.config import ConfigError, resolve
+from bdsafety.config import resolve
+from bdsafety.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = registry.methods()
@@ -73,14 +74,14 @@ def test_lookup_by_folder_and_typo_suggestion():
 
 def test_select_all_and_lists():
     avail = ["fst", "pam", "i-bau"]
-    assert registry.select("all", avail) == avail
-    assert registry.select("pam,all", avail) == ["pam", "fst", "i-bau"]
-    assert registry.select(["fst", "fst"], avail) == ["fst"]
-    assert registry.select("none,fst", avail, allow_none=True) == ["none", "fst"]
+    assert registry.name_list("all", avail) == avail
+    assert registry.name_list("pam,all", avail) == ["pam", "fst", "i-bau"]
+    assert registry.name_list(["fst", "fst"], avail) == ["fst"]
+    assert registry.name_list("none,fst", avail, allow_none=True) == ["none", "fst"]
     with pytest.raises(ConfigError, match="Did you mean 'pam'"):
-        registry.select("pan", avail)
+        registry.name_list("pan", avail)
     with pytest.raises(ConfigError, match="none yet"):
-        registry.select("all", [])
+        registry.name_list("all", [])
 
 
 def test_registering_twice_from_another_module_fails():

@@ -405,7 +405,7 @@ def test_qra_missing_models_say_which_command(work):
 
 
 def test_black_box_settings_are_checked_before_anything_loads(tmp_path):
-    from bdsafety.config import ConfigError
+    from bdsafety.errors import ConfigError
 
     with pytest.raises(ConfigError, match="zo_queries.*>= 1"):
         Q.main(["--result_file", str(tmp_path / "no_such_record"), "--defense", "fst", "--access", "black_box",

@@ -22,9 +22,9 @@ import torch
 
 from bdsafety import engine, registry
 from bdsafety.cli import run_cli
-from bdsafety.config import POS_INT, ConfigError, Option, parse_config, resolve
-from bdsafety.errors import DataError, TrainingDiverged
-from bdsafety.records import RecordError
+from bdsafety.config import POS_INT, Option, parse_config, resolve
+from bdsafety.errors import ConfigError, DataError, TrainingDiverged
+from bdsafety.safeio import RecordError
 
 COMMON = ["--device", "cpu", "--no_progress"]
 ATTACK = ["--dataset", "synthetic", "--model", "cnn_small", "--synthetic_n_train", "200", "--synthetic_n_test", "50",

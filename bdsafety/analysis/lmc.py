@@ -22,11 +22,10 @@ from tqdm.auto import tqdm
 from bdsafety import engine
 from bdsafety.config import AMOUNT, FRACTION, POS_INT, Option, float_list, str_list
 from bdsafety.data.device import iterate_batches
-from bdsafety.errors import ConfigError
 from bdsafety.experiment import RECORD_SCHEMA, open_experiment, reserved_indices, write_run_files
 from bdsafety.outputs import OutputFolder
 from bdsafety.records import list_defenses
-from bdsafety.registry import get, register
+from bdsafety.registry import get, name_list, register
 from bdsafety.safeio import atomic_savefig
 
 LMC_SCHEMA = {
@@ -118,11 +117,8 @@ def run_lmc(cfg) -> Path:
     t0 = time.time()
     exp = open_experiment(cfg)
     available = list_defenses(exp.record_dir)
-    names = available if cfg.defense == ["all"] else cfg.defense
-    missing = [n for n in names if n not in available]
-    if missing or not names:
-        raise ConfigError(f"no defense folder {missing or ''} in {exp.record_dir / 'defense'}; available: {', '.join(available) or 'none'} "
-                         f"(run e.g. python defense/fst.py --result_file {exp.record_dir.name} first)")
+    names = name_list(cfg.defense, available, what=f"defense folder of record {exp.record_dir.name}",
+                      hint=f"run e.g. python defense/fst.py --result_file {exp.record_dir.name} first")
     folder = OutputFolder(exp.record_dir / cfg.save_name, overwrite=cfg.overwrite, dependents=cfg.dependents,
                           what="LMC output")  # refuse before computing
     alphas = cfg.alphas if cfg.alphas else np.linspace(0, 1, cfg.points)
@@ -145,7 +141,19 @@ def run_lmc(cfg) -> Path:
     return dest
 
 
+def study_summary(folder: Path) -> dict:
+    """LMC's columns of a study's results.csv: ASR / C-Acc halfway (alpha 0.5) along the path defended -> backdoored
+    model (linear interpolation of the measured points); NaN when not run."""
+    f = folder / "lmc.csv"
+    if not f.is_file():
+        return {"lmc_asr_mid": float("nan"), "lmc_acc_mid": float("nan")}
+    df = pd.read_csv(f).sort_values("alpha")
+    return {"lmc_asr_mid": float(np.interp(0.5, df["alpha"], df["asr"])),
+            "lmc_acc_mid": float(np.interp(0.5, df["alpha"], df["clean_acc"]))}
+
+
 register("analysis", "lmc", schema=lambda: dict(LMC_SCHEMA), needs=("defense",), configs=("demo",), on=("defense",),
+         summary=study_summary,
          description="LMC analysis along the backdoor-connected path")(run_lmc)
 
 

@@ -20,9 +20,9 @@ import pandas as pd
 from bdsafety.cli import run_cli
 from bdsafety.errors import ConfigError
 from bdsafety.outputs import OutputFolder
-from bdsafety.records import atomic_write_text, resolve_record_dir
+from bdsafety.records import resolve_record_dir
 from bdsafety.retune.ra import main as ra_main
-from bdsafety.safeio import atomic_savefig
+from bdsafety.safeio import atomic_savefig, atomic_write_text
 
 
 def _ints(s: str) -> list[int]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bdsafety.records import RecordError, atomic_write_text, read_metrics_summary, resolve_record_dir, summary_name
-from bdsafety.safeio import atomic_savefig
+from bdsafety.records import read_metrics_summary, resolve_record_dir, summary_name
+from bdsafety.safeio import RecordError, atomic_savefig, atomic_write_text
 
 METRICS = ("test_acc", "test_asr", "test_ra")
 

@@ -35,8 +35,9 @@ import numpy as np
 from bdsafety.attacks.base import Attack, register_attack
 from bdsafety.attacks.controlled import merged_split
 from bdsafety.attacks.triggers import apply_blended, make_blend_key, piece_masks
-from bdsafety.config import FRACTION, POS_INT, SEED, ConfigError, Option
+from bdsafety.config import FRACTION, POS_INT, SEED, Option
 from bdsafety.data.poisoned import PoisonedSplit
+from bdsafety.errors import ConfigError
 from bdsafety.pools import CROSS_KEY
 
 COVER_STREAM = 25_0201  # seed stream of the cover-sample draw (apart from the poison draw's)

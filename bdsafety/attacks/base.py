@@ -44,7 +44,6 @@ from bdsafety.config import (
     POSITIVE,
     RUN_SCHEMA,
     SEED,
-    ConfigError,
     Option,
     dump_yaml,
     int_list,
@@ -55,6 +54,7 @@ from bdsafety.data import datasets
 from bdsafety.data.device import DeviceDataset, Normalizer, input_geometry, pil_resize
 from bdsafety.data.info import NORMALIZATIONS
 from bdsafety.data.poisoned import PoisonedSplit
+from bdsafety.errors import ConfigError
 from bdsafety.models.pretrained import resolve_pretrained
 from bdsafety.outputs import DEPENDENTS, OutputFolder, write_artifact
 from bdsafety.records import save_attack_record, write_metrics_csv

@@ -39,10 +39,11 @@ from bdsafety import engine
 from bdsafety.attacks.base import Attack, AttackOutcome, register_attack
 from bdsafety.attacks.controlled import cross_test_artifacts, final_pass_layout, merged_split, num_poison_in_batch, to_uint8
 from bdsafety.attacks.poison import backdoor_labels
-from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, ConfigError, Option, int_list
+from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option, int_list
 from bdsafety.data.device import DeviceDataset, Normalizer, random_crop_flip
 from bdsafety.data.info import dataset_info
 from bdsafety.engine import autocast
+from bdsafety.errors import ConfigError
 from bdsafety.pools import CROSS_KEY
 from bdsafety.safeio import safe_torch_load
 

@@ -39,9 +39,10 @@ from bdsafety import engine, models
 from bdsafety.attacks.base import Attack, default_folder_name, register_attack, run_attack
 from bdsafety.attacks.resources import array_digest, cache_key, load_or_build
 from bdsafety.attacks.triggers import apply_lc_corners
-from bdsafety.config import FRACTION, NONNEG_INT, POS_INT, POSITIVE, SEED, ConfigError, Option
+from bdsafety.config import FRACTION, NONNEG_INT, POS_INT, POSITIVE, SEED, Option
 from bdsafety.data.device import DeviceDataset
 from bdsafety.defenses.bti import model_digest
+from bdsafety.errors import ConfigError
 from bdsafety.models.registry import load_state_dict_compat
 from bdsafety.registry import get
 from bdsafety.safeio import safe_torch_load

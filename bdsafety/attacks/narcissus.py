@@ -45,10 +45,11 @@ from bdsafety import engine, models
 from bdsafety.attacks.base import DATASET_CHOICES, Attack, dataset_root, load_data_for, register_attack
 from bdsafety.attacks.resources import array_digest, cache_key, load_or_build
 from bdsafety.attacks.triggers import apply_additive
-from bdsafety.config import POS_INT, POSITIVE, SEED, ConfigError, Option
+from bdsafety.config import POS_INT, POSITIVE, SEED, Option
 from bdsafety.data import synthetic
 from bdsafety.data.device import DeviceDataset, pil_resize, random_crop_flip
 from bdsafety.defenses.bti import model_digest
+from bdsafety.errors import ConfigError
 
 SUBSET_STREAM = 25_0301  # seed stream of the POOD subset draw
 

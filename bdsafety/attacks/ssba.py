@@ -34,9 +34,9 @@ import yaml
 
 from bdsafety.attacks.base import Attack, register_attack
 from bdsafety.attacks.resources import array_digest, cache_key, load_or_build
-from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, SEED, ConfigError, Option
+from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, SEED, Option
 from bdsafety.defenses.bti import model_digest
-from bdsafety.errors import TrainingDiverged
+from bdsafety.errors import ConfigError, TrainingDiverged
 
 
 def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:

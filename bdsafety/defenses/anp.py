@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from bdsafety import engine
 from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Check, Option, dump_yaml
 from bdsafety.defenses.base import DefenseResult, defense_schema
-from bdsafety.errors import ConfigError
+from bdsafety.errors import ConfigError, TrainingDiverged
 from bdsafety.registry import register
 from bdsafety.selection import select, selection_doc, val_accuracy
 
@@ -380,7 +380,7 @@ def anp(ctx) -> DefenseResult:
         x, y = norm.from_uint8(xb), reserved.y[pick]
         loss, logits = trainer.step(x, y)
         if not math.isfinite(loss):
-            raise engine.TrainingDiverged(f"ANP: the mask loss became {loss} at iteration {it}; lower anp_mask_lr")
+            raise TrainingDiverged(f"ANP: the mask loss became {loss} at iteration {it}; lower anp_mask_lr")
         tot_loss += loss * len(y)
         tot_correct += int((logits.argmax(1) == y).sum())
         seen += len(y)

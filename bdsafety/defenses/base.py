@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bdsafety.config import AMOUNT, FRACTION, POS_INT, Check, Option, read_index
+from bdsafety.config import AMOUNT, POS_INT, Check, Option, read_index
 from bdsafety.data.device import DeviceDataset
 from bdsafety.engine import check_finite_model, format_metrics
 from bdsafety.errors import ConfigError
@@ -50,7 +50,6 @@ DEFENSE_SCHEMA = {
     "lr": Option(0.01, "learning rate", check=Check(lo=0, lo_open=True, text="a finite number > 0")),
     "eval_every": Option(1, "evaluate C-Acc/ASR/RA every N epochs (and at the last)", check=POS_INT),
 }
-_ = FRACTION  # re-exported for defense modules
 
 
 def defense_schema(**extra: Option) -> dict:

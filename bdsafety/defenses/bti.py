@@ -60,9 +60,9 @@ import torch.nn.functional as F
 from bdsafety.config import NONNEG, POS_INT, POSITIVE, Option
 from bdsafety.data.device import DeviceDataset, iterate_batches
 from bdsafety.defenses.base import defense_schema
-from bdsafety.engine import TrainingDiverged, autocast
-from bdsafety.errors import ConfigError
-from bdsafety.records import RecordError, atomic_torch_save, safe_torch_load
+from bdsafety.engine import autocast
+from bdsafety.errors import ConfigError, TrainingDiverged
+from bdsafety.safeio import RecordError, atomic_torch_save, safe_torch_load
 
 CACHE_DIR = "bti_inversion"
 CACHE_FORMAT = 2

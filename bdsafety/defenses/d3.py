@@ -35,9 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, ConfigError, Option
+from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, keep_eval, make_sgd
+from bdsafety.errors import ConfigError
 from bdsafety.models import classifier_layer
 from bdsafety.registry import register
 

@@ -28,10 +28,11 @@ import math
 import numpy as np
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, OPEN_FRACTION, POS_INT, POSITIVE, ConfigError, Option
+from bdsafety.config import AMOUNT, OPEN_FRACTION, POS_INT, POSITIVE, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
 from bdsafety.defenses.mixing import mixing_batch_fn, pool_replacer, true_label_pool
+from bdsafety.errors import ConfigError
 from bdsafety.registry import register
 
 

@@ -41,8 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, ConfigError, Option
+from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.errors import ConfigError
 from bdsafety.models import classifier_layer
 from bdsafety.registry import register
 

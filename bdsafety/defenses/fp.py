@@ -39,10 +39,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, FRACTION, NONNEG, POS_INT, POSITIVE, Check, ConfigError, Option, dump_yaml
+from bdsafety.config import AMOUNT, FRACTION, NONNEG, POS_INT, POSITIVE, Check, Option, dump_yaml
 from bdsafety.data.device import iterate_batches
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
+from bdsafety.errors import ConfigError
 from bdsafety.models import classifier_layer
 from bdsafety.registry import register
 from bdsafety.selection import select, selection_doc

@@ -24,9 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, ConfigError, Option
+from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
+from bdsafety.errors import ConfigError
 from bdsafety.registry import register
 
 EPS = 1e-12

@@ -37,7 +37,7 @@ from bdsafety import engine
 from bdsafety.config import NONNEG, POS_INT, POSITIVE, PROB, Option
 from bdsafety.data.device import iterate_batches
 from bdsafety.defenses.base import DefenseResult, defense_schema
-from bdsafety.errors import ConfigError
+from bdsafety.errors import ConfigError, TrainingDiverged
 from bdsafety.registry import register
 
 NAME = "i-bau"
@@ -178,11 +178,11 @@ def i_bau(ctx) -> DefenseResult:
                 tot += F.cross_entropy(model(norm(x01)), y).item() * len(y)
             seen += len(y)
         if seen == 0:
-            raise engine.TrainingDiverged(f"I-BAU: round {r} made no optimizer step (no batch of reserved data); nothing "
+            raise TrainingDiverged(f"I-BAU: round {r} made no optimizer step (no batch of reserved data); nothing "
                                           f"from this run was saved")
         train_loss = tot / seen
         if not math.isfinite(train_loss):
-            raise engine.TrainingDiverged(f"I-BAU: the loss became {train_loss} in round {r}; lower --lr")
+            raise TrainingDiverged(f"I-BAU: the loss became {train_loss} in round {r}; lower --lr")
         m = exp.metrics(model)
         rows.append({"epoch": r, "train_loss": train_loss, "pert_norm": float(delta.norm()), "pert_class": cls,
                      "pert_share": share, **{k: m[k] for k in ("test_loss", "test_acc", "test_asr", "test_ra") if k in m}})

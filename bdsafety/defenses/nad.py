@@ -49,9 +49,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, ConfigError, Option
+from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import check_common, make_sgd
+from bdsafety.errors import ConfigError
 from bdsafety.registry import register
 
 NAME = "nad"

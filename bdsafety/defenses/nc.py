@@ -45,10 +45,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, FRACTION, NONNEG, OPEN_FRACTION, POS_INT, POSITIVE, Check, ConfigError, Option
+from bdsafety.config import AMOUNT, FRACTION, NONNEG, OPEN_FRACTION, POS_INT, POSITIVE, Check, Option
 from bdsafety.data.device import DeviceDataset, iterate_batches
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
+from bdsafety.errors import ConfigError
 from bdsafety.registry import register
 
 NAME = "nc"

@@ -51,7 +51,7 @@ from bdsafety.config import AMOUNT, FRACTION, NONNEG, POS_INT, POSITIVE, Option,
 from bdsafety.data.device import iterate_batches
 from bdsafety.defenses.anp import _mask_file_text, clip_masks, prune_model, select_pruned, thresholds, wrap_batchnorms
 from bdsafety.defenses.base import DefenseResult, defense_schema
-from bdsafety.errors import ConfigError
+from bdsafety.errors import ConfigError, TrainingDiverged
 from bdsafety.registry import register
 from bdsafety.selection import select, selection_doc, val_accuracy
 
@@ -117,7 +117,7 @@ def unlearn(model, reserved, norm, cfg, hflip: bool, generator, log) -> list[dic
             seen += len(y)
         sched.step()
         if not math.isfinite(tot_loss):
-            raise engine.TrainingDiverged(f"RNP unlearning: the clean loss became {tot_loss} in epoch {epoch}; lower "
+            raise TrainingDiverged(f"RNP unlearning: the clean loss became {tot_loss} in epoch {epoch}; lower "
                                           f"--unlearning_lr")
         rows.append({"stage": "unlearn", "train_loss": tot_loss / seen, "train_acc": correct / seen, "lr": lr})
         log(f"unlearn epoch {epoch}: clean CE {tot_loss / seen:.4f}, training accuracy {correct / seen:.4f}")

@@ -44,7 +44,7 @@ from bdsafety import engine
 from bdsafety.config import NONNEG, POS_INT, POSITIVE, Option
 from bdsafety.data.device import iterate_batches
 from bdsafety.defenses.base import DefenseResult, defense_schema
-from bdsafety.errors import ConfigError
+from bdsafety.errors import ConfigError, TrainingDiverged
 from bdsafety.registry import register
 
 NAME = "sau"
@@ -225,7 +225,7 @@ def sau(ctx) -> DefenseResult:
             seen += len(y)
             batches += 1
         if not math.isfinite(tot["train_loss"]):
-            raise engine.TrainingDiverged(f"SAU: the loss became {tot['train_loss']} in round {r}; lower --lr")
+            raise TrainingDiverged(f"SAU: the loss became {tot['train_loss']} in round {r}; lower --lr")
         row = {"epoch": r, **{k: v / seen for k, v in tot.items()}, "train_acc": counts["correct"] / seen,
                "fooled_ref_share": counts["fooled_ref"] / seen, "shared_share": counts["shared"] / seen,
                "pgd_steps": counts["pgd_steps"] / batches}

@@ -52,9 +52,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, ConfigError, Option
+from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, Option
 from bdsafety.data.device import iterate_batches
 from bdsafety.defenses.base import DefenseResult, defense_schema
+from bdsafety.errors import ConfigError
 from bdsafety.registry import register
 
 NAME = "tsc"

@@ -48,15 +48,15 @@ import torch.nn.functional as F
 
 from bdsafety import engine
 from bdsafety.attacks.base import attack_class, record_trigger
-from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, ConfigError, Option, int_list
+from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option, int_list
 from bdsafety.data.device import DeviceDataset, iterate_batches
-from bdsafety.errors import DataError
+from bdsafety.errors import ConfigError, DataError
 from bdsafety.experiment import RECORD_SCHEMA, open_experiment, write_run_files
 from bdsafety.outputs import OutputFolder
-from bdsafety.records import RecordError, atomic_torch_save, atomic_write_text, load_attack_record, resolve_record_dir, safe_torch_load
+from bdsafety.records import load_attack_record, resolve_record_dir
 from bdsafety.registry import get, register
 from bdsafety.retune.ra import poison_source_split, resolve_targets
-from bdsafety.safeio import atomic_savefig
+from bdsafety.safeio import RecordError, atomic_savefig, atomic_torch_save, atomic_write_text, safe_torch_load
 
 __all__ = [
     "QRA_SCHEMA", "QRA_SEED_STREAM", "fraction", "PerturbationGenerator", "perturb", "qra_loss", "qra_data",
@@ -562,8 +562,26 @@ def _compare_row(model: str, delta: bool, m: dict, pre: str) -> dict:
     return {"model": model, "delta": delta, **{f"test_{k}": m.get(pre + k) for k in ("acc", "asr", "ra", "target_rate")}}
 
 
+def study_summary(folder: Path) -> dict:
+    """QRA's columns of a study's results.csv (NaN when not run): the purified model's ASR without / with the learned
+    perturbation, its C-Acc with it, and the clean model's ASR with it (transfer; low = backdoor-specific)."""
+    out = dict(qra_asr_before=math.nan, qra_asr=math.nan, qra_acc=math.nan, qra_clean_asr=math.nan)
+    f = folder / "qra_compare.csv"
+    if not f.is_file():
+        return out
+    df = pd.read_csv(f)
+    df["delta"] = df["delta"].astype(str).str.lower() == "true"
+
+    def pick(model, delta, col):
+        v = df[(df["model"] == model) & (df["delta"] == delta)][col]
+        return float(v.iloc[0]) if len(v) else math.nan
+
+    return dict(qra_asr_before=pick("purified", False, "test_asr"), qra_asr=pick("purified", True, "test_asr"),
+                qra_acc=pick("purified", True, "test_acc"), qra_clean_asr=pick("clean_model", True, "test_asr"))
+
+
 register("retune", "qra", schema=lambda: dict(QRA_SCHEMA), needs=("defense", "ra_model", "clean_reference", "poisoned_pool"),
-         on=("defense",), skip=triggered_source_note,
+         on=("defense",), skip=triggered_source_note, summary=study_summary,
          description="query-based reactivation attack (QRA): learn a sample-specific input perturbation that reactivates a "
                      "purified model's backdoor but not a clean model's")(run_qra)
 

@@ -38,8 +38,9 @@ from bdsafety.errors import ConfigError
 from bdsafety.experiment import RECORD_SCHEMA, open_experiment, write_run_files
 from bdsafety.outputs import OutputFolder
 from bdsafety.pools import poisoned_pool
-from bdsafety.records import atomic_write_text, list_defenses, save_model_result
-from bdsafety.registry import Variant, get, register
+from bdsafety.records import list_defenses, read_metrics_summary, save_model_result
+from bdsafety.registry import Variant, get, name_list, register
+from bdsafety.safeio import RecordError, atomic_write_text
 
 __all__ = [
     "RA_SCHEMA", "RA_SEED_STREAM", "RATarget", "RASet", "ra_set_size", "ra_subset_indices", "assemble_ra_set",
@@ -196,17 +197,11 @@ def resolve_targets(record_dir: Path, defense: str | None) -> list[RATarget]:
     if not defense:
         raise ConfigError(f"--defense is required: a defense folder name, a comma list, 'all', or 'none' (the record's own "
                          f"model); {listing}")
-    names = [s.strip() for s in str(defense).split(",") if s.strip()]
-    if "all" in names:
-        if not existing:
-            raise ConfigError(f"--defense all: {listing}; run a defense first (e.g. python defense/fst.py --result_file "
-                             f"{record_dir.name}) or use --defense none")
-        names = [n for n in names if n != "all"] + [n for n in existing if n not in names]
-    out, seen = [], set()
+    names = name_list(defense, existing, what=f"defense folder of record {record_dir.name}", allow_none=True,
+                      strict=False, hint=f"run a defense first (e.g. python defense/fst.py --result_file {record_dir.name}) "
+                                         f"or use --defense none")
+    out = []
     for n in names:
-        if n in seen:
-            continue
-        seen.add(n)
         if n == "none":
             out.append(RATarget("none", record_dir / "attack_result.pt", record_dir))
             continue
@@ -331,8 +326,17 @@ def study_variants(study) -> list[Variant]:
                   for n in study.ra_poison_nums]
 
 
+def study_summary(folder: Path) -> dict:
+    """RA's columns of a study's results.csv: the model after retuning (P-ASR = p_robustness_asr); NaN when not run."""
+    try:
+        s = read_metrics_summary(folder, "ra")
+    except RecordError:
+        s = {}
+    return {f"p_robustness_{k}": s.get(f"test_{k}", math.nan) for k in ("acc", "asr", "ra")}
+
+
 register("retune", "ra", schema=lambda: dict(RA_SCHEMA), needs=("defense", "poisoned_pool"),
-         on=("record", "clean", "defense"), variants=study_variants,
+         on=("record", "clean", "defense"), variants=study_variants, summary=study_summary,
          description="retuning attack (RA): fine-tune a (purified) model on a small set with a few real poisoned samples "
                      "and track C-Acc/ASR/RA per epoch")(run_ra)
 

@@ -78,10 +78,10 @@ def audit_study(result_file: str, record_root: str = "./record", defense: str = 
     ours = _names(run)
     own_folders = {registry.get("defense", d).folder for d in ours if d in registry.names("defense")}
     found = list_defenses(rec)
-    if defense.strip() == "all":
-        chosen = [f for f in found if f not in own_folders]  # a folder this audit makes (--run) is not "found"
-    else:
-        chosen = _names(defense)
+    # 'all': the folders found, less those this audit makes (--run)
+    avail = [f for f in found if f not in own_folders]
+    chosen = registry.name_list(defense, avail, what="defense folder", strict=False) if avail or defense.strip() != "all" else []
+    if defense.strip() != "all":
         missing = [f for f in chosen if f not in found]
         if missing:
             raise ConfigError(f"--defense {defense}: {rec} has no defense folder {', '.join(missing)} (no "

@@ -79,6 +79,8 @@ class Plan:
     # every record of the plan (the grid's and the found ones): key, point, clean (key or None), found, defenses
     # (the defense folders planned on it)
     records: list = field(default_factory=list)
+    # (record key, model label) -> {retuning attack / analysis: key of its main run on that model}
+    mains: dict = field(default_factory=dict)
 
     def by_key(self) -> dict:
         return {j.key: j for j in self.jobs}
@@ -151,7 +153,7 @@ def build_plan(study) -> Plan:
             if "clean_reference" in m.needs:
                 pl.notes.append(f"{m.name} needs the clean reference: set clean_reference: true to run it")
     pl.check_kind_keys()
-    return Plan(_topological(pl.jobs), pl.notes, study, pl.records)
+    return Plan(_topological(pl.jobs), pl.notes, study, pl.records, pl.mains)
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ class _Planner:
         self.jobs: dict[str, Job] = {}
         self.records: list[dict] = []  # every record of the plan: key, point, clean key, defense folders, found
         self.failed_keys: set = set()
+        self.mains: dict = {}  # (record key, model label) -> {method: key of its main run}
         self.used_scope_keys: dict[str, set] = {}  # kind -> the keys some planned method of that kind accepts
         self.runtime = _runtime(study)
         # the retuning attacks and analyses of the study, those that need another's output of the same model after it
@@ -313,6 +316,7 @@ class _Planner:
             main = self.add_runs(m, folder, name, mod.point, fixed, deps)
             if main is not None:
                 mains[m.name] = main
+        self.mains[(rname, mod.label)] = mains
 
     def plan_record(self, rname: str, pt: dict, cname: str | None, found: bool) -> None:
         """Everything downstream of record ``rname`` (made by the grid's attack job, or ``found`` in the study folder:

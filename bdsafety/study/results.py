@@ -7,13 +7,15 @@ defense folder. Columns (fractions in [0, 1]; NaN where a stage was not run or f
   o_robustness_source         where those come from: 'summary' (the folder's <name>_df_summary.csv) or 'ra_epoch0'
                               (a defense folder without one, e.g. a BackdoorBench run that wrote only
                               defense_result.pt: the retuning attack's evaluation of the model before its first step)
-  p_robustness_{acc,asr,ra}   after the retuning attack RA on that model (P-ASR = p_robustness_asr)
-  n_pruned, pruning_threshold neurons a pruning defense (ANP) removed from the model and the mask threshold it
-                              pruned at (selected on validation data or fixed, as its config says); NaN otherwise
+  then the columns of each retuning attack and analysis of the study, from its main run on that model (its registered
+  ``summary``; NaN where it does not run on that model):
+  p_robustness_{acc,asr,ra}   RA: after the retuning attack on that model (P-ASR = p_robustness_asr)
   qra_asr_before, qra_asr, qra_acc, qra_clean_asr
                               QRA: purified model's ASR without / with the learned perturbation (reactivation), its
                               C-Acc with it, and the clean model's ASR with it (transfer; low = backdoor-specific)
-  lmc_asr_mid, lmc_acc_mid    ASR / C-Acc halfway (alpha 0.5) along the path defended -> backdoored model
+  lmc_asr_mid, lmc_acc_mid    LMC: ASR / C-Acc halfway (alpha 0.5) along the path defended -> backdoored model
+  n_pruned, pruning_threshold neurons a pruning defense (ANP) removed from the model and the mask threshold it
+                              pruned at (selected on validation data or fixed, as its config says); NaN otherwise
   p_robustness_asr_draws, p_robustness_asr_draws_n
                               P-ASR averaged over the RA draws of this model and seed (study key ra_draws), and how many
   ra_control_asr              P-ASR of the benign-retune control (0 poisoned samples), averaged over its draws
@@ -24,7 +26,8 @@ defense folder. Columns (fractions in [0, 1]; NaN where a stage was not run or f
                               inversion detected, the attack's true target, whether they agree (empty when either is
                               unknown) and the votes per class (a JSON list), from the defense's config.yaml; empty
                               for other rows
-  <stage>_wall_s              wall time of each job (attack, defense, ra, qra, lmc), from the study's markers
+  <stage>_wall_s              wall time of each job (attack, defense, then each retuning attack / analysis: its main
+                              run), from the study's markers
   status                      ok, or the stages missing
 """
 from __future__ import annotations
@@ -33,10 +36,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import yaml
 
+from bdsafety import registry
 from bdsafety.records import read_metrics_summary, summary_name
 from bdsafety.study.execute import MARKER, output_dir
 from bdsafety.study.stats import der
@@ -91,22 +94,6 @@ def _pruning(row: dict, folder: Path) -> None:
             row[k] = float(v)
 
 
-def _qra(row: dict, folder: Path) -> None:
-    row.update(qra_asr_before=math.nan, qra_asr=math.nan, qra_acc=math.nan, qra_clean_asr=math.nan)
-    f = folder / "qra_compare.csv"
-    if not f.is_file():
-        return
-    df = pd.read_csv(f)
-    df["delta"] = df["delta"].astype(str).str.lower() == "true"
-
-    def pick(model, delta, col):
-        s = df[(df["model"] == model) & (df["delta"] == delta)][col]
-        return float(s.iloc[0]) if len(s) else math.nan
-
-    row.update(qra_asr_before=pick("purified", False, "test_asr"), qra_asr=pick("purified", True, "test_asr"),
-               qra_acc=pick("purified", True, "test_acc"), qra_clean_asr=pick("clean_model", True, "test_asr"))
-
-
 TARGET_COLUMNS = ("detected_target", "true_target", "target_match", "target_votes")
 
 
@@ -131,15 +118,6 @@ def _target_detection(row: dict, folder: Path) -> None:
         row["target_votes"] = json.dumps([int(v) for v in meta["target_votes"]])
 
 
-def _lmc(row: dict, folder: Path, an: str) -> None:
-    row[f"{an}_asr_mid"] = row[f"{an}_acc_mid"] = math.nan
-    f = folder / f"{an}.csv"
-    if f.is_file():
-        df = pd.read_csv(f).sort_values("alpha")
-        row[f"{an}_asr_mid"] = float(np.interp(0.5, df["alpha"], df["asr"]))
-        row[f"{an}_acc_mid"] = float(np.interp(0.5, df["alpha"], df["clean_acc"]))
-
-
 def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
     """The results table of a plan's grid from what is on disk now. ``valid``: keys of the jobs whose outputs are
     current (finished or up to date); outputs of other jobs (e.g. left from before a rerun that failed) read as NaN."""
@@ -152,21 +130,21 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
         if valid is None or folder.relative_to(study_dir).as_posix() in valid:
             return folder
         return study_dir / ".missing"
-    analyses = list(plan.study.analyses)
+    study = plan.study
+    down = [registry.get("retune", r) for r in study.retune] + [registry.get("analysis", a) for a in study.analyses]
     runs = ra_runs(plan, study_dir, valid)
     rows = []
     for r in plan.records:
         p, rname, clean = r["point"], r["key"], r["clean"]
         rdir = output_dir(study_dir, rname)
         bd = _summary(ok(rdir), "attack")
-        targets = [("none", rdir, "attack", rdir / "ra")]
+        targets = [("none", rdir, "attack")]
         if clean:
-            cdir = output_dir(study_dir, clean)
-            targets.append(("clean", cdir, "attack", cdir / f"ra_{rname}"))
-        for f in r["defenses"]:
-            d = rdir / "defense" / f
-            targets.append((f, d, None, d / "ra"))
-        for name, folder, sname, ra_dir in targets:
+            targets.append(("clean", output_dir(study_dir, clean), "attack"))
+        targets += [(f, rdir / "defense" / f, None) for f in r["defenses"]]
+        for name, folder, sname in targets:
+            mains = {m: output_dir(study_dir, k) for m, k in plan.mains.get((rname, name), {}).items()}
+            ra_dir = mains.get("ra", study_dir / ".missing")
             row = {"dataset": p["dataset"], "attack": p["attack"], "pratio": p["pratio"], "model": p["model"], "defense": name,
                    "seed": p["seed"], "record": rname}
             _stage(row, "o_backdoor", bd)
@@ -176,21 +154,18 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
                 after = _ra_epoch0(ok(ra_dir))
                 row["o_robustness_source"] = "ra_epoch0" if after else None
             _stage(row, "o_robustness", after)
-            _stage(row, "p_robustness", _summary(ok(ra_dir), "ra"))
+            for m in down:  # each retuning attack's and analysis's own columns (registry: summary)
+                if m.summary is not None:
+                    row.update(m.summary(ok(mains.get(m.name, study_dir / ".missing"))))
             _pruning(row, ok(folder) if name not in ("none", "clean") else study_dir / ".missing")
-            _qra(row, ok(folder / "qra"))
             _target_detection(row, ok(folder) if name not in ("none", "clean") else study_dir / ".missing")
-            for an in analyses:
-                _lmc(row, ok(rdir / f"{an}_{name}"), an)
             _draws(row, runs, name, p)
             row["attack_wall_s"] = _wall(ok(folder if name == "clean" else rdir))
             row["defense_wall_s"] = _wall(ok(folder)) if name not in ("none", "clean") else math.nan
-            row["ra_wall_s"] = _wall(ok(ra_dir))
-            row["qra_wall_s"] = _wall(ok(folder / "qra"))
-            for an in analyses:
-                row[f"{an}_wall_s"] = _wall(ok(rdir / f"{an}_{name}"))
+            for m in down:
+                row[f"{m.name}_wall_s"] = _wall(ok(mains.get(m.name, study_dir / ".missing")))
             missing = [s for s, k in (("attack", "o_backdoor_asr"), ("model", "o_robustness_asr")) if math.isnan(row[k])]
-            if "ra" in plan.study.retune and math.isnan(row["p_robustness_asr"]):
+            if "ra" in study.retune and math.isnan(row["p_robustness_asr"]):
                 missing.append("ra")
             row["status"] = "ok" if not missing else "missing " + ",".join(missing)
             rows.append(row)

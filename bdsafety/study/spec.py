@@ -183,11 +183,7 @@ def _resolve_names(kind: str, given: list, notes: list, what: str, unknown: list
 
     available = registry.names(kind)
     out = []
-    for n in given:
-        n = str(n)
-        if n == "all":
-            out += [a for a in available if a not in out]
-            continue
+    for n in registry.name_list(given, available, what=kind, strict=False) if given else []:
         try:
             m = registry.get(kind, n)
         except ConfigError:
