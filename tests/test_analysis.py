@@ -67,7 +67,7 @@ def test_lmc_cli_endpoints_on_demo_record(demo_record, tmp_path):
 
     df = pd.read_csv(out / "lmc.csv")
     assert df["asr"].iloc[-1] > 0.9 and (out / "lmc.png").stat().st_size > 1000
-    with pytest.raises(ValueError, match="available: ref"):
+    with pytest.raises(ValueError, match="unknown defense folder.*Available: ref"):
         lmc_main(["--result_file", str(rec_dir), "--defense", "nope"])
 
 
