@@ -645,3 +645,33 @@ def test_a_new_retuning_attack_is_planned_from_its_declarations_alone(tmp_path, 
     assert set(c.deps) == {CLEAN, REC, f"{CLEAN}/ra_{REC}"}
     with pytest.raises(ConfigError, match="retune lists probe without ra"):
         load_study(_yaml(tmp_path / "q.yaml", top={"retune": ["probe"], "analyses": []}))
+
+
+def test_job_times_find_the_critical_path(tmp_path):
+    """jobs.csv / the report's Time section: each job's wall time from its marker and the chain of dependent jobs with the
+    largest summed time (a -> c here, 30 s, not a -> b or the lone d); a job without a current output counts 0."""
+    import json
+    from types import SimpleNamespace
+
+    from bdsafety.study.execute import MARKER
+    from bdsafety.study.plan import Job
+    from bdsafety.study.report import time_lines
+    from bdsafety.study.results import job_times
+
+    walls = {"a": 10.0, "a/b": 5.0, "a/c": 20.0, "d": 3.0, "a/c/e": None}
+    deps = {"a": [], "a/b": ["a"], "a/c": ["a"], "d": [], "a/c/e": ["a/c"]}
+    jobs = [Job(key=k, kind="defense", method=k[-1], yaml_path=None, overrides={}, deps=deps[k], resources={}, point={})
+            for k in walls]
+    for k, w in walls.items():
+        if w is not None:
+            (tmp_path / k / "log").mkdir(parents=True)
+            (tmp_path / k / "log" / MARKER).write_text(json.dumps({"wall_s": w}))
+    t = job_times(SimpleNamespace(jobs=jobs), tmp_path).set_index("key")
+    assert t.loc["a/c", "wall_s"] == 20.0 and math.isnan(t.loc["a/c/e", "wall_s"])
+    assert set(t.index[t["on_critical_path"]]) == {"a", "a/c"}  # e (no time) adds nothing
+    lines = time_lines(t.reset_index())
+    assert "Compute: 38 s summed over 4 jobs" in lines[0] and "Critical path: 30 s" in lines[0]
+    assert lines[1].startswith("Longest jobs: `a/c` (c, 20 s)")
+    # only the current outputs count
+    t = job_times(SimpleNamespace(jobs=jobs), tmp_path, valid={"d"}).set_index("key")
+    assert t["wall_s"].notna().sum() == 1

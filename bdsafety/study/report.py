@@ -22,7 +22,7 @@ import pandas as pd
 from bdsafety.analysis.ra_budget import plot as plot_budget
 from bdsafety.safeio import atomic_savefig, atomic_write_text
 from bdsafety.study.history import header_facts
-from bdsafety.study.results import lmc_curves, ra_budget_curves, ra_curves, ra_runs
+from bdsafety.study.results import job_times, lmc_curves, ra_budget_curves, ra_curves, ra_runs
 from bdsafety.study.stats import NAN, clustered, der, paired, verdict
 
 COLUMNS = (("O-Backdoor C-Acc", "o_backdoor_acc"), ("O-Backdoor ASR", "o_backdoor_asr"),
@@ -376,6 +376,22 @@ def sections_md(sections: list, report_dir: Path) -> list:
     return md
 
 
+def time_lines(times: pd.DataFrame, top: int = 5) -> list:
+    """The report's 'Time' section (plain lines, `backquoted` keys): compute summed over the jobs, the critical path
+    (its jobs and seconds) and the longest jobs; [] when no job has a wall time."""
+    done = times.dropna(subset=["wall_s"])
+    if done.empty:
+        return []
+    path = done[done["on_critical_path"]]
+    total, crit = float(done["wall_s"].sum()), float(path["wall_s"].sum())
+    out = [f"Compute: {total:,.0f} s summed over {len(done)} jobs (their wall times; jobs.csv lists each). Critical path: "
+           f"{crit:,.0f} s, the chain of dependent jobs no number of workers can shorten: "
+           + " -> ".join(f"`{r.key}` ({r.wall_s:.0f} s)" for r in path.itertuples()) + "."]
+    longest = done.sort_values("wall_s", ascending=False).head(top)
+    out.append("Longest jobs: " + ", ".join(f"`{r.key}` ({r.method}, {r.wall_s:.0f} s)" for r in longest.itertuples()) + ".")
+    return out
+
+
 CLAIMS_LINE = "Claims (paired differences, percent points, mean [95% interval]):"
 DETAIL_LINE = "Per stage: percent, mean ± std [min, max] over seeds (one value when one seed); DER / P-DER as fractions."
 
@@ -398,18 +414,23 @@ def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: 
              f"(mean [95% interval]), the paper's claims, the per-stage table and the figures of that grid point.")
     verdict_text = VERDICT_TEXT.format(**{k: 100 * v for k, v in th.items()})
     fails = summary.get("failed", [])
+    times = job_times(plan, study_dir, valid)
+    atomic_write_text(report_dir / "jobs.csv", times.to_csv(index=False))
+    timing = time_lines(times)
     md = [f"# Study {plan.study.name}", ""] + [f"- **{k}**: {v}" for k, v in facts] + ["", intro, ""]
     if verdicts:
         md += ["## Verdicts", "", verdict_text, ""]
     md += [legend(th), ""]
     md += sections_md(sections, report_dir)
+    if timing:
+        md += ["## Time", ""] + timing + [""]
     if fails:
         md += ["## Failed jobs", ""] + [f"- `{r['key']}`: {r.get('error', '')} (log: `{r.get('log', '')}`)" for r in fails] + [""]
     if plan.notes:
         md += ["## Notes", ""] + [f"- {n}" for n in plan.notes] + [""]
     md_path = atomic_write_text(report_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")
     html_path = atomic_write_text(report_dir / "report.html", _html(plan, facts, intro, verdict_text if verdicts else None,
-                                                                    sections, fails, th))
+                                                                    sections, fails, th, timing))
     return md_path, html_path
 
 
@@ -429,7 +450,8 @@ STYLE = ("body{font-family:sans-serif;max-width:1700px;margin:auto;padding:0 12p
          "figcaption{font-size:small;color:#444}")
 
 
-def _html(plan, facts: list, intro: str, verdict_text: str | None, sections: list, fails: list, th: dict) -> str:
+def _html(plan, facts: list, intro: str, verdict_text: str | None, sections: list, fails: list, th: dict,
+          timing: list = ()) -> str:
     parts = [f"<h1>Study {html.escape(plan.study.name)}</h1>", "<dl class='head'>"]
     parts += [f"<dt>{html.escape(k)}</dt><dd>{_code(v)}</dd>" for k, v in facts] + ["</dl>", f"<p>{_code(intro)}</p>"]
     if verdict_text:
@@ -449,6 +471,8 @@ def _html(plan, facts: list, intro: str, verdict_text: str | None, sections: lis
             parts.append(f"<figure><img alt='{html.escape(c)}' src='data:image/png;base64,{b64}'><figcaption>"
                          f"{html.escape(c)}</figcaption></figure>")
         parts.append("</div></div>")
+    if timing:
+        parts += ["<h2>Time</h2>"] + [f"<p>{_code(t)}</p>" for t in timing]
     if fails:
         parts += ["<h2>Failed jobs</h2><ul>"] + [f"<li><code>{html.escape(r['key'])}</code>: {html.escape(str(r.get('error', '')))} "
                                                  f"(log <code>{html.escape(str(r.get('log', '')))}</code>)</li>" for r in fails] + ["</ul>"]

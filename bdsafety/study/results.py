@@ -284,3 +284,28 @@ def ra_budget_curves(plan, study_dir: Path, valid: set | None = None) -> pd.Data
                             "test_asr": r.get("test_asr"),
                             "test_acc": r.get("test_acc")})
     return pd.DataFrame(out)
+
+
+def job_times(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
+    """One row per job of the plan (topological order): key, kind, method, wall_s (from its marker; NaN when its output
+    is missing or not current, or it was found rather than made), and on_critical_path: whether it lies on the chain of
+    dependent jobs with the largest summed wall time, the part of the study no number of workers can shorten."""
+    study_dir = Path(study_dir)
+    wall = {j.key: (_wall(output_dir(study_dir, j.key)) if valid is None or j.key in valid else math.nan)
+            for j in plan.jobs}
+    longest: dict[str, float] = {}  # key -> summed wall time of the longest chain ending with it
+    via: dict[str, str | None] = {}
+    for j in plan.jobs:  # topological: every dep is done before
+        before = [(longest[d], d) for d in j.deps if d in longest]
+        best = max(before, default=(0.0, None))
+        longest[j.key] = best[0] + (0.0 if math.isnan(wall[j.key]) else wall[j.key])
+        via[j.key] = best[1]
+    chain: list[str] = []
+    k = max(longest, key=longest.get) if longest else None
+    while k is not None:
+        chain.append(k)
+        k = via[k]
+    on = set(chain)
+    return pd.DataFrame([{"key": j.key, "kind": j.kind, "method": j.method, "wall_s": wall[j.key],
+                          "on_critical_path": j.key in on} for j in plan.jobs],
+                        columns=["key", "kind", "method", "wall_s", "on_critical_path"])
