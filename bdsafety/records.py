@@ -192,7 +192,7 @@ def save_attack_record(record_dir: str | os.PathLike, *, model_state: Mapping[st
         states[key] = _split_state(split, f"./record/{name}/{sub}", full_index)
 
     atomic_torch_save(info, record_dir / "info.pickle")
-    state = OrderedDict((k, v.detach().cpu()) for k, v in model_state.items())
+    state = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in model_state.items())  # plain layout on disk
     atomic_torch_save({
         "model_name": model_name,
         "num_classes": int(num_classes),
@@ -452,7 +452,7 @@ def save_model_result(path: str | os.PathLike, model_state: Mapping[str, torch.T
                       num_classes: int, **extra: Any) -> Path:
     """Atomically write ``{'model_name', 'num_classes', 'model', **extra}`` (defense_result.pt, ra_result.pt)."""
     _ensure_safe_loadable(extra, f"the extra values of {Path(path).name}")
-    state = OrderedDict((k, v.detach().cpu()) for k, v in model_state.items())
+    state = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in model_state.items())  # plain layout on disk
     return atomic_torch_save({"model_name": model_name, "num_classes": int(num_classes), "model": state, **extra}, path)
 
 
