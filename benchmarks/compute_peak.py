@@ -5,7 +5,7 @@ against the machine's measured peak for the same kind of work, in one run.
     python benchmarks/compute_peak.py --models cnn_small resnet18_cifar --device cuda --steps 50
 
 Peak: the best of a large fp32 matmul (n x n @ n x n, 2 n^3 FLOPs) and a large 3x3 convolution (the shape of a
-ResNet stage: batch 256, 64 -> 64 channels, 32 x 32), forward only, timed in this process with the same torch
+ResNet stage: batch 256, 64 -> 64 channels, 32 x 32; contiguous and channels-last), forward only, timed in this process with the same torch
 threads. Work: FLOPs per image counted by torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, forward
 and backward; elementwise work is not counted, so the achieved fraction is a slight underestimate of the hardware's
 real use), times images/s of (a) the engine's training step (the batch's on-device crop + flip + normalise, forward,
@@ -53,7 +53,9 @@ def peak(device: str, n: int, reps: int) -> dict:
     x = torch.randn(256, 64, 32, 32, device=device)
     conv_flops = 2 * 256 * 64 * 64 * 9 * 32 * 32
     cv = conv_flops / _timed(lambda: conv(x), device, reps)
-    return {"matmul": mm, "conv3x3": cv, "peak": max(mm, cv)}
+    conv_cl, x_cl = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    cl = conv_flops / _timed(lambda: conv_cl(x_cl), device, reps)  # the engine's layout (bdsafety.engine.prepare_model)
+    return {"matmul": mm, "conv3x3": cv, "conv3x3_cl": cl, "peak": max(mm, cv, cl)}
 
 
 def flops_per_image(model, size: int, device: str, train: bool) -> float:
@@ -123,7 +125,8 @@ def main(argv=None) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, load average at start {load:.2f}")
     pk = peak(a.device, a.matmul_n, max(3, a.steps // 4))
-    print(f"peak (fp32, forward): matmul {pk['matmul'] / 1e9:.1f} GFLOP/s, conv3x3 {pk['conv3x3'] / 1e9:.1f} GFLOP/s")
+    print(f"peak (fp32, forward): matmul {pk['matmul'] / 1e9:.1f} GFLOP/s, conv3x3 {pk['conv3x3'] / 1e9:.1f} GFLOP/s, "
+          f"conv3x3 channels-last {pk['conv3x3_cl'] / 1e9:.1f} GFLOP/s")
     print("| model | params | train GFLOP/img | train img/s | train GFLOP/s | % of peak | eval GFLOP/img | eval img/s | "
           "eval GFLOP/s | % of peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
