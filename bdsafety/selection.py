@@ -19,6 +19,9 @@ from bdsafety.errors import ConfigError
 from bdsafety.safeio import atomic_write_text
 
 CRITERIA = ("largest_within_tol", "best_val_acc", "largest_within_drop")
+# margin of the tolerance comparisons: accuracies are ratios of counts (45/50), so a drop can sit exactly on a tolerance
+# (0.1); the comparison must then give its exact-arithmetic answer, not the rounding's (1.0 - 0.9 = 0.0999...98 < 0.1)
+EXACT = 1e-9
 
 
 @torch.no_grad()
@@ -55,14 +58,14 @@ def select(candidates: list[dict], *, key: str, criterion: str = "largest_within
         chosen = sorted(candidates, key=lambda c: (-c["val_acc"], c[key]))[0]
         return chosen, "highest validation C-Acc (ties: smaller value)"
     if criterion == "largest_within_tol":
-        ok = [c for c in candidates if c["val_acc"] >= best - tol]
+        ok = [c for c in candidates if c["val_acc"] >= best - tol - EXACT]
         chosen = max(ok, key=lambda c: c[key])
         return chosen, f"largest {key} whose validation C-Acc is within {tol:g} of the best candidate's ({best:.4f})"
     if criterion == "largest_within_drop":
         if reference is None or not reference > 0:
             raise ConfigError(f"criterion largest_within_drop needs the reference model's validation C-Acc > 0, got "
                               f"{reference}")
-        ok = [c for c in candidates if (reference - c["val_acc"]) / reference < tol]
+        ok = [c for c in candidates if (reference - c["val_acc"]) / reference < tol - EXACT]
         words = (f"largest {key} whose validation C-Acc drop relative to the unmodified model's ({reference:.4f}) is "
                  f"below {tol:g}")
         if not ok:

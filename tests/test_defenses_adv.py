@@ -18,6 +18,7 @@ from bdsafety.defenses import anp as anp_mod
 from bdsafety.defenses import bti
 from bdsafety.defenses import i_bau as ibau_mod
 from bdsafety.models import build_model, load_state_dict_compat
+from bdsafety.selection import EXACT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -638,7 +639,7 @@ def test_anp_end_to_end_on_the_demo_record(demo_record, tmp_path):
     cands = sel["candidates"]
     assert [c["threshold"] for c in cands] == anp_mod.thresholds(anp_cfg()) and "validation" in sel["data"]
     ref = sel["val_acc_unpruned"]
-    ok = [c["threshold"] for c in cands if (ref - c["val_acc"]) / ref < 0.1]
+    ok = [c["threshold"] for c in cands if (ref - c["val_acc"]) / ref < 0.1 - EXACT]  # a drop of exactly 0.1 is out
     assert thr == sel["threshold"] == (max(ok) if ok else None)
     assert n_pruned == next(c["n_pruned"] for c in cands if c["threshold"] == thr)
     assert abs(meta["val_acc"] - next(c["val_acc"] for c in cands if c["threshold"] == thr)) < 1e-9
@@ -649,9 +650,10 @@ def test_anp_end_to_end_on_the_demo_record(demo_record, tmp_path):
     assert sweep["n_pruned"].is_monotonic_increasing
     assert abs(sweep.set_index("threshold").loc[thr, "test_asr"] - after["test_asr"]) < 1e-9
     # behaviour measured with the demo config (100 of ANP's 2000 iterations, seed 0): the validation selection keeps
-    # threshold 0.75 (48 of 480 neurons; validation C-Acc 1.00 -> 0.96, 0.80 would give 0.78), test C-Acc 99.9 -> 98.4,
-    # ASR 96.9 -> 27.8; the fixed threshold 0.2 would prune 1 neuron (ASR 96.0), docs/protocol.md's ANP row on mixing the
-    # BackdoorBench masks with the original's threshold
+    # threshold 0.75 (57 of 480 neurons; validation C-Acc 1.00 -> 0.96; 0.80 gives 0.90, a drop of exactly 0.1, out), test
+    # C-Acc 99.9 -> 97.1, ASR 97.2 -> 7.1 (2026-12-07, models in channels-last; before: 48 neurons, 98.4, 96.9 -> 27.8);
+    # the fixed threshold 0.2 would prune 1 neuron (ASR 96.3), docs/protocol.md's ANP row on mixing the BackdoorBench
+    # masks with the original's threshold
     assert 0 < n_pruned < meta["anp"]["n_neurons"] and 0.5 <= thr <= 0.85
     assert before["test_acc"] - after["test_acc"] <= 0.05
     assert after["test_asr"] < before["test_asr"] - 0.3
@@ -668,11 +670,14 @@ def test_i_bau_end_to_end_on_the_demo_record(demo_record, tmp_path):
     df = pd.read_csv(out / "i-bau_df.csv")
     rounds = df[df["epoch"] > 0]
     assert list(rounds["epoch"]) == [1, 2, 3, 4, 5]
-    assert (rounds["pert_norm"] <= 10.0 + 1e-4).all()
+    # the demo config projects nothing (ibau_pert_norm 0, as both references): the norm is only finite and non-zero
+    # (project_l2 has its own test); measured 0.5-16.7 per round
+    assert np.isfinite(rounds["pert_norm"]).all() and (rounds["pert_norm"] > 0).all()
     assert rounds["pert_class"].between(0, 9).all()
     # measured with the demo config (ibau_space normalized: BackdoorBench's Adam lr 1e-4, 40 hypergradient steps,
-    # no projection): the ASR falls (0.97 -> 0.84, C-Acc 1.000 -> 0.994) but I-BAU does not purify at this budget,
-    # and its universal perturbations do not point at the backdoor target (round 5: class 3)
+    # no projection): the ASR falls (0.97 -> 0.80, C-Acc 1.000 -> 0.997; before channels-last models: 0.84, 0.994) but
+    # I-BAU does not purify at this budget, and its universal perturbations do not point at the backdoor target (round 5:
+    # class 3)
     assert before["test_acc"] - after["test_acc"] <= 0.10
     assert after["test_asr"] < before["test_asr"] - 0.05
 
@@ -707,3 +712,10 @@ def test_concurrent_runs_compute_one_inversion(tmp_path, monkeypatch):
     assert len(calls) == 1
     assert any("waiting to reuse it" in s for s in logs[1]) and any("loaded from cache" in s for s in logs[1])
     assert [p.name for p in (tmp_path / bti.CACHE_DIR).glob("*.pt")] == [f"{bti.cache_key(cfg, idx, model)}.pt"]
+
+
+def test_i_bau_projection_onto_the_l2_ball():
+    d = torch.full((3, 4, 4), 2.0)  # norm 2 * sqrt(48)
+    assert torch.allclose(ibau_mod.project_l2(d.clone(), 1.0).norm(), torch.tensor(1.0))
+    assert torch.equal(ibau_mod.project_l2(d.clone(), 100.0), d)  # inside: unchanged
+    assert torch.equal(ibau_mod.project_l2(d.clone(), 0.0), d)  # 0: no projection (the references' default)

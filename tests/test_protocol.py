@@ -167,6 +167,11 @@ def test_select_largest_within_tolerance_and_best():
     assert select(t, key="t", criterion="largest_within_drop", tol=0.2, reference=0.95)[0]["t"] == 0.2
     exact = [{"t": 0.0, "val_acc": 1.0}, {"t": 0.1, "val_acc": 0.75}]  # a drop of exactly 0.25 (binary fractions)
     assert select(exact, key="t", criterion="largest_within_drop", tol=0.25, reference=1.0)[0]["t"] == 0.0  # strict <
+    # the same on counts that binary fractions cannot hold: 45/50 is a drop of exactly 0.1 (1.0 - 0.9 rounds below it)
+    tenth = [{"t": 0.0, "val_acc": 1.0}, {"t": 0.8, "val_acc": 45 / 50}, {"t": 0.75, "val_acc": 48 / 50}]
+    assert select(tenth, key="t", criterion="largest_within_drop", tol=0.1, reference=1.0)[0]["t"] == 0.75
+    within = [{"rho": 0.3, "val_acc": 0.96}, {"rho": 0.5, "val_acc": 0.94}]  # exactly 0.02 below the best: inside
+    assert select(within, key="rho", tol=0.02)[0]["rho"] == 0.5
     chosen, words = select(t[1:], key="t", criterion="largest_within_drop", tol=0.05, reference=1.0)
     assert chosen is None and "none qualifies" in words
 
