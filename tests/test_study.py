@@ -675,3 +675,28 @@ def test_job_times_find_the_critical_path(tmp_path):
     # only the current outputs count
     t = job_times(SimpleNamespace(jobs=jobs), tmp_path, valid={"d"}).set_index("key")
     assert t["wall_s"].notna().sum() == 1
+
+
+def test_verdict_tables_over_several_grid_points_without_a_clean_reference():
+    """Two grid points (attacks a and b), benign-retune controls and no clean reference (verdicts judged on P-ASR
+    alone): one verdict table per point, the dormant note where the control brings the backdoor back (regression: the
+    control table of the next point was overwritten by a per-defense value)."""
+    from bdsafety.study.report import verdict_tables
+    from bdsafety.study.stats import VERDICT_DEFAULTS
+
+    rows, runs = [], []
+    for attack in ("a", "b"):
+        for seed in (0, 1):
+            rec = f"{attack}_s{seed}"
+            for d, asr, p_asr, ctrl in (("none", 0.95, 0.95, 0.95), ("fst", 0.01, 0.40, 0.01), ("pam", 0.01, 0.02, 0.60)):
+                rows.append({"dataset": "synthetic", "attack": attack, "pratio": 0.1, "model": "m", "defense": d,
+                             "seed": seed, "record": rec, "o_backdoor_acc": 0.99, "o_backdoor_asr": 0.95,
+                             "o_robustness_acc": 0.95, "o_robustness_asr": asr, "der": 0.9})
+                for role, v in (("ra", p_asr), ("ra_control", ctrl)):
+                    runs.append({"dataset": "synthetic", "attack": attack, "pratio": 0.1, "model": "m", "defense": d,
+                                 "seed": seed, "record": rec, "role": role, "draw": 0, "p_asr": v})
+    out = verdict_tables(pd.DataFrame(rows), pd.DataFrame(runs), dict(VERDICT_DEFAULTS))
+    assert len(out) == 2
+    for _title, table, _claims in out:
+        v = table.set_index("defense")["verdict"]
+        assert "returns under RA" in v["fst"] and "dormant" in v["pam"] and "dormant" not in v["fst"]

@@ -113,8 +113,8 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
                 v = verdict(asr, returns, dormant, th)
                 if returns is None and asr.mean <= th["purified_asr"] and p_asr.mean > th["purified_asr"]:
                     v = "purified, backdoor returns under RA (no clean reference: judged on P-ASR alone)"
-                control = clustered(gc[gc["defense"] == d], "p_asr") if not gc.empty else None
-                if dormant is None and control is not None and asr.mean <= th["purified_asr"] < control.mean:
+                benign = clustered(gc[gc["defense"] == d], "p_asr") if not gc.empty else None
+                if dormant is None and benign is not None and asr.mean <= th["purified_asr"] < benign.mean:
                     v += "; dormant: returns under benign retuning (no clean reference: judged on its P-ASR alone)"
             row = {"defense": d, "seeds": gd["seed"].nunique(), "draws": int(gm[gm["defense"] == d]["draw"].nunique()),
                    "C-Acc": clustered(gd, "o_robustness_acc").fmt(), "ASR": asr.fmt(), "P-ASR": p_asr.fmt(),
