@@ -700,3 +700,16 @@ def test_verdict_tables_over_several_grid_points_without_a_clean_reference():
     for _title, table, _claims in out:
         v = table.set_index("defense")["verdict"]
         assert "returns under RA" in v["fst"] and "dormant" in v["pam"] and "dormant" not in v["fst"]
+
+
+def test_a_chunk_export_names_the_command_that_produced_its_outputs():
+    """A later run that only re-read the outputs (0 ran) is the report's last run, but the chunk export (merge's
+    chunks.json) names the run that produced them."""
+    from bdsafety.study.history import header_facts
+
+    made = {"id": "r1", "first": "2026-12-07 04:35:10", "last": "2026-12-07 05:51:00", "jobs": 108, "compute_s": 9000,
+            "code": None, "command": "python analysis/run_study.py --executor ray", "cwd": "/w", "started": "x"}
+    last = {"id": "r2", "started": "y", "executor": "local", "wall_s": 0, "ran": 0, "done": 108, "failed": 0, "skipped": 0,
+            "command": "python analysis/run_study.py --executor local", "cwd": "/w", "code": None}
+    f = header_facts({"last_run": last, "runs": [made], "jobs": 108, "produced": 108, "compute_s": 9000})
+    assert "--executor local" in f["command"] and f["produced_by"] == "`python analysis/run_study.py --executor ray` in /w"

@@ -97,7 +97,8 @@ def fmt_code(code: dict | None) -> str:
 
 
 def header_facts(hist: dict) -> dict:
-    """The header of a report as plain text: {'jobs', 'last_run', 'command', 'code', 'runs': [line per run]}."""
+    """The header of a report as plain text: {'jobs', 'last_run', 'command' (the last run's), 'code', 'runs': [line per
+    run], 'produced_by' (the commands of the runs that produced the outputs)}."""
     last = hist["last_run"]
     runs = hist["runs"]
     n, p = hist["jobs"], hist["produced"]
@@ -123,5 +124,7 @@ def header_facts(hist: dict) -> dict:
     code = "; ".join(f"{c} ({k} jobs)" if len(codes) > 1 else c for c, k in codes.items()) or "-"
     if fmt_code(last.get("code")) not in codes:
         last_line += f"; its code: {fmt_code(last.get('code'))}"
+    made = [f"`{e['command']}`" + (f" in {e['cwd']}" if e.get("cwd") else "") for e in runs
+            if e["id"] is not None and e.get("command")]
     return {"jobs": jobs, "last_run": last_line, "command": f"`{last['command']}` in {last['cwd']}", "code": code,
-            "runs": lines}
+            "runs": lines, "produced_by": "; ".join(dict.fromkeys(made)) or f"`{last['command']}` in {last['cwd']}"}

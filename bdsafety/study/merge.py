@@ -54,7 +54,7 @@ def _chunk_sources(folder: Path, label: str) -> list[dict]:
     if summary.get("history"):
 
         f = header_facts(summary["history"])
-        facts.update(jobs=f["jobs"], command=f["command"], code=f["code"])
+        facts.update(jobs=f["jobs"], command=f["produced_by"], code=f["code"])  # not a later run that only re-read them
     else:
         facts.update(jobs=summary.get("line", "?"), command="?", code="?")
     return [facts]
