@@ -695,8 +695,11 @@ def test_verdict_tables_over_several_grid_points_without_a_clean_reference():
                 for role, v in (("ra", p_asr), ("ra_control", ctrl)):
                     runs.append({"dataset": "synthetic", "attack": attack, "pratio": 0.1, "model": "m", "defense": d,
                                  "seed": seed, "record": rec, "role": role, "draw": 0, "p_asr": v})
-    out = verdict_tables(pd.DataFrame(rows), pd.DataFrame(runs), dict(VERDICT_DEFAULTS))
+    df = pd.DataFrame(rows)
+    df["target_match"] = [True if r["defense"] == "pam" else None for r in rows]  # only PAM inverts a trigger
+    out = verdict_tables(df, pd.DataFrame(runs), dict(VERDICT_DEFAULTS))
     assert len(out) == 2
+    assert out[0][1].set_index("defense")["inverted target right"].to_dict() == {"none": "-", "fst": "-", "pam": "2/2"}
     for _title, table, _claims in out:
         v = table.set_index("defense")["verdict"]
         assert "returns under RA" in v["fst"] and "dormant" in v["pam"] and "dormant" not in v["fst"]

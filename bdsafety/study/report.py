@@ -134,7 +134,10 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
             rows = [r for _, r in sorted(zip(order, rows), key=lambda t: t[0])]
             n = sum(not o[0] for o in order)
             rows = [{"rank": i + 1 if i < n else "-", **r} for i, r in enumerate(rows)]
-        out.append((_title(key), pd.DataFrame(rows), claims_table(g, gm, th)))
+        table = pd.DataFrame(rows)
+        if "inverted target right" in table:  # the defenses without a trigger inversion have nothing to show there
+            table["inverted target right"] = table["inverted target right"].fillna("-")
+        out.append((_title(key), table, claims_table(g, gm, th)))
     return out
 
 
