@@ -1,5 +1,6 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,7 @@ if ROOT not in sys.path:
 
 
 # Fixtures that train (a demo record, a study, a model zoo): every test that uses one, directly or through another
-# fixture, is an end-to-end test and runs in CI's slow stage (pytest -m slow), after the fast stage (-m "not slow").
+# fixture, is an end-to-end test and runs in CI's slow stage (pytest -m slow -n auto --dist loadfile), after the fast stage.
 HEAVY_FIXTURES = {"demo_record", "clean_record", "demo_work", "fst_after_ra", "zoo_records", "tiny_study", "audited", "audited_bb"}
 
 
@@ -23,7 +24,9 @@ def pytest_collection_modifyitems(config, items):
 def _threads():
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # CI runs the slow stage on 2 xdist workers (README): one thread each, so that the workers do not oversubscribe
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
     yield
 
 
@@ -37,19 +40,28 @@ def _build_record(root, name: str, extra: list[str]) -> str:
 
 
 def _cached_or_build(tmp_path_factory, name: str, extra: list[str]) -> str:
-    """Build a demo record once per test session.
+    """Build a demo record once per test session, and once for all the workers of a ``pytest -n N`` run.
 
+    Under pytest-xdist the record is built by whichever worker asks first, under a file lock, in a folder the workers of
+    this run share (the parent of each worker's base temp folder); the others wait for it and read it. Tests copy
+    the record before writing defense folders, so sharing it is safe.
     For development only: if BDSAFETY_TEST_RECORDS points at a folder, records are built there once and reused
     across sessions (delete the folder after changing the attack code or the demo config). CI never sets it.
     """
+    from filelock import FileLock
+
     cache = os.environ.get("BDSAFETY_TEST_RECORDS")
     if cache:
-        path = os.path.join(cache, name)
-        if os.path.isfile(os.path.join(path, "attack_result.pt")):
-            return path
-        os.makedirs(cache, exist_ok=True)
-        return _build_record(cache, name, extra + ["--overwrite"])
-    return _build_record(tmp_path_factory.mktemp("records"), name, extra)
+        root = Path(cache)
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "shared_records"
+    else:
+        return _build_record(tmp_path_factory.mktemp("records"), name, extra)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{name}.lock")):
+        if (root / name / "attack_result.pt").is_file():
+            return str(root / name)
+        return _build_record(root, name, extra + ["--overwrite"])
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +82,6 @@ def demo_work(tmp_path_factory, demo_record, clean_record):
     """Private copies of the demo and clean records (no defense folders), shared by the end-to-end tests of RA/QRA
     and PAM so that FST and its retuning attack run once per session (see ``fst_after_ra``)."""
     import shutil
-    from pathlib import Path
     from types import SimpleNamespace
 
     root = tmp_path_factory.mktemp("work") / "record"
