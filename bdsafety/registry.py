@@ -22,7 +22,10 @@ kind's runner (``kind_runner``) at the config's precision.
 
 ``needs`` says what a method requires besides its record, so the study runner can order jobs:
 ``clean_reference`` (a clean record of the same data), ``ra_model`` (the RA output of the same defense),
-``defense`` (a defense folder to work on), ``poisoned_pool`` (real poisoned training samples).
+``defense`` (a defense folder to work on), ``poisoned_pool`` (real poisoned training samples). ``needs_for`` narrows
+them per config (LC needs the clean reference only with ``lc_reference: standard``) and ``need_keys`` names the config
+key that receives a need when it is not the project-wide one (``clean_record``); the study planner honours the needs of
+every kind the same way (bdsafety.study.plan).
 
 A retuning attack or analysis also says where a study applies it (bdsafety.study.plan expands the grid from this alone):
 ``on`` the models of each record it runs on ('record': the backdoored model, 'clean': the clean reference, 'defense':
@@ -52,6 +55,8 @@ _PACKAGES = ("bdsafety.attacks", "bdsafety.defenses", "bdsafety.retune", "bdsafe
 # datasets every method ships a yaml for, besides demo.yaml
 DATASET_CONFIGS = ("cifar10", "cifar100", "gtsrb", "tiny")
 NEEDS = ("clean_reference", "ra_model", "defense", "poisoned_pool", "inversion_cache")
+# the config key through which the study hands a method what it needs (a method may name its own: ``need_keys``)
+NEED_KEYS = {"clean_reference": "clean_record"}
 ON = ("record", "clean", "defense")  # the models of a record a retuning attack or analysis can run on
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,6 +89,18 @@ class Method:
     variants: Callable | None = None  # study -> [Variant]: the runs per model (None: one, Variant())
     skip: Callable | None = None  # attack name -> why the method cannot use that attack's records, or None
     summary: Callable | None = None  # results.csv: its main run's output folder -> {column: value} (NaN when missing)
+    needs_for: Callable | None = None  # cfg -> the needs of one run (a subset of ``needs``); None: always ``needs``
+    need_keys: dict = field(default_factory=dict)  # need -> its config key, where not NEED_KEYS' (LC: lc_clean_record)
+
+    def needs_of(self, cfg=None) -> frozenset:
+        """What a run with ``cfg`` needs (``needs`` when the method declares no ``needs_for``, or no cfg is given)."""
+        if cfg is None or self.needs_for is None:
+            return self.needs
+        return frozenset(self.needs_for(cfg)) & self.needs
+
+    def need_key(self, need: str) -> str:
+        """The config key that receives ``need`` (e.g. the clean reference's record folder)."""
+        return self.need_keys.get(need, NEED_KEYS.get(need, need))
 
     @property
     def entry(self) -> str:
@@ -143,13 +160,17 @@ _discovered = False
 def register(kind: str, name: str, *, schema: Callable[[], dict], description: str, folder: str | None = None,
              needs: Iterable[str] = (), configs: Iterable[str] | None = None, expand: Callable | None = None,
              select: Callable | None = None, resolve: Callable | None = None, on: Iterable[str] = (),
-             variants: Callable | None = None, skip: Callable | None = None, summary: Callable | None = None) -> Callable:
+             variants: Callable | None = None, skip: Callable | None = None, summary: Callable | None = None,
+             needs_for: Callable | None = None, need_keys: dict | None = None) -> Callable:
     """Decorator registering ``run`` as method ``name`` of ``kind``; returns ``run`` unchanged."""
     if kind not in KIND_DIRS:
         raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KIND_DIRS)}")
     bad = set(needs) - set(NEEDS)
     if bad:
         raise ValueError(f"{kind} {name}: unknown needs {sorted(bad)}; valid: {', '.join(NEEDS)}")
+    need_keys = dict(need_keys or {})
+    if set(need_keys) - set(needs):
+        raise ValueError(f"{kind} {name}: need_keys {sorted(set(need_keys) - set(needs))} are not among its needs")
     on = tuple(on)
     if set(on) - set(ON) or (kind in ("retune", "analysis")) != bool(on):
         raise ValueError(f"{kind} {name}: on={on!r}; a retuning attack or analysis names the models it runs on, "
@@ -160,7 +181,7 @@ def register(kind: str, name: str, *, schema: Callable[[], dict], description: s
         m = Method(kind=kind, name=name, run=run, schema=schema, description=description, folder=folder or name,
                    needs=frozenset(needs), configs=tuple(configs) if configs is not None else DATASET_CONFIGS + ("demo",),
                    module=getattr(run, "__module__", ""), expand=expand, select=select, resolve=resolve, on=on,
-                   variants=variants, skip=skip, summary=summary)
+                   variants=variants, skip=skip, summary=summary, needs_for=needs_for, need_keys=need_keys)
         old = _REGISTRY.get(key)
         if old is not None and old.module != m.module:
             raise ValueError(f"{kind} {name!r} is registered twice: by {old.module} and by {m.module}")

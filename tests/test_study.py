@@ -647,6 +647,27 @@ def test_a_new_retuning_attack_is_planned_from_its_declarations_alone(tmp_path, 
         load_study(_yaml(tmp_path / "q.yaml", top={"retune": ["probe"], "analyses": []}))
 
 
+def test_an_attacks_declared_needs_are_planned(tmp_path):
+    """Every kind's needs are honoured the same way: LC with lc_reference standard attacks the clean reference record,
+    so the planner runs the grid point's clean reference first and hands it over under LC's own key, lc_clean_record
+    (registry: needs_for, need_keys); without a clean reference in the study that job is left out with a note; the
+    default LC (adversarial reference, made inside the attack) needs nothing and waits for nothing."""
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    top = {"attacks": ["lc"], "defenses": ["ft"], "retune": ["ra"], "analyses": []}
+    rec, clean = "lc_synthetic_cnn_small_p0.1_s0", "clean-lc_synthetic_cnn_small_s0"
+    jobs = build_plan(load_study(_yaml(tmp_path / "s.yaml", top=top, lc={"lc_reference": "standard"}))).by_key()
+    assert jobs[rec].deps == [clean] and jobs[rec].overrides["lc_clean_record"] == clean
+    assert jobs[clean].deps == [] and "lc_clean_record" not in jobs[clean].overrides  # pratio 0 needs none
+    assert f"{rec}/defense/ft/ra" in jobs
+    plan = build_plan(load_study(_yaml(tmp_path / "n.yaml", top={**top, "clean_reference": False},
+                                       lc={"lc_reference": "standard"})))
+    assert not plan.jobs and any(f"{rec}: lc (as configured) needs the clean reference" in n for n in plan.notes)
+    jobs = build_plan(load_study(_yaml(tmp_path / "a.yaml", top=top))).by_key()
+    assert jobs[rec].deps == [] and "lc_clean_record" not in jobs[rec].overrides
+
+
 def test_job_times_find_the_critical_path(tmp_path):
     """jobs.csv / the report's Time section: each job's wall time from its marker and the chain of dependent jobs with the
     largest summed time (a -> c here, 30 s, not a -> b or the lone d); a job without a current output counts 0."""

@@ -168,6 +168,8 @@ class Attack:
     clean_label: bool = False
     configs: tuple = DATASET_CONFIGS + ("demo",)
     needs: tuple = ()  # registry NEEDS besides the data, e.g. ("clean_reference",) (the study runner orders jobs by it)
+    needs_for = None  # staticmethod cfg -> the needs of one run (registry.Method.needs_for); None: always ``needs``
+    need_keys: dict = {}  # need -> the option that receives it, where not the project-wide key (registry.NEED_KEYS)
     resizable: bool = False  # supports input_resize: its trigger is defined at any image size (stamped after the resize)
 
     def __init__(self, ctx: AttackContext):
@@ -376,7 +378,7 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     run.attack_class = cls
     register("attack", cls.name, schema=lambda: {**COMMON_ATTACK_SCHEMA, **cls.options},
              description=cls.description or f"{cls.name} attack (BackdoorBench-compatible record)", configs=cls.configs,
-             needs=cls.needs)(run)
+             needs=cls.needs, needs_for=cls.needs_for, need_keys=cls.need_keys)(run)
     return cls
 
 

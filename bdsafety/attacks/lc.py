@@ -201,7 +201,14 @@ class LabelConsistent(Attack):
                                        "(else: an error naming the command that makes it)"),
     }
     clean_label = True
-    needs = ()  # the adversarial reference is made here; the standard ablation finds or trains its clean record itself
+    # the adversarial reference is made here; the standard ablation attacks the clean reference record: a study plans
+    # it before this attack and passes it as lc_clean_record (run alone, the attack finds or trains it itself)
+    needs = ("clean_reference",)
+    need_keys = {"clean_reference": "lc_clean_record"}
+
+    @staticmethod
+    def needs_for(cfg) -> tuple:
+        return ("clean_reference",) if cfg.lc_reference == "standard" and cfg.pratio > 0 else ()
 
     # ---- the clean model
     def _clean_info_matches(self, info: dict) -> str | None:

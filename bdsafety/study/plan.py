@@ -144,7 +144,8 @@ def build_plan(study) -> Plan:
                         rname = record_name(attack, dataset, model, pratio, seed)
                         pt = {**base, "pratio": pratio, "record": rname}
                         if pl.add(rname, "attack", attack, {**pt, "role": "attack", "target": "none"},
-                                  {"dataset": dataset, "model": model, "pratio": pratio, "save_folder_name": rname}, []):
+                                  {"dataset": dataset, "model": model, "pratio": pratio, "save_folder_name": rname}, [],
+                                  clean_ref=cname if have_clean else None):
                             pl.plan_record(rname, pt, cname if have_clean else None, found=False)
     for rname in study.records:
         pl.plan_found(rname)
@@ -205,9 +206,11 @@ class _Planner:
             return None
         return float(resolve(m.schema(), str(yaml_path), {}).pratio)
 
-    def add(self, key, kind, method, point, fixed, deps, clean=False, record_root=None) -> bool:
-        """Plan one job; False when it is left out (no config, or an upstream left out). ``record_root``: where the
-        job's record_root points when not the study folder (an attack writing a record below it)."""
+    def add(self, key, kind, method, point, fixed, deps, clean=False, record_root=None, clean_ref=None) -> bool:
+        """Plan one job; False when it is left out (no config, an upstream left out, or a need the study cannot meet).
+        ``record_root``: where the job's record_root points when not the study folder (an attack writing a record below
+        it). ``clean_ref``: the key of the grid point's clean reference (None: the study has none), handed to a job
+        whose config needs it (registry: ``needs_of``, ``need_key``) and made one of its deps."""
 
         study, jobs = self.study, self.jobs
         deps = list(dict.fromkeys(deps))
@@ -247,6 +250,15 @@ class _Planner:
         if bad:
             raise ConfigError(f"{study.path}: set: {kind} {method} has no key(s) {bad}; valid: {', '.join(sorted(schema))}")
         cfg = resolve(schema, str(yaml_path), over)
+        if "clean_reference" in m.needs_of(cfg) and not clean:
+            if clean_ref is None:
+                self.notes.append(f"{key}: {method} (as configured) needs the clean reference: set clean_reference: true; "
+                                  f"job and dependents left out")
+                self.failed_keys.add(key)
+                return False
+            over[m.need_key("clean_reference")] = clean_ref
+            deps = list(dict.fromkeys([*deps, clean_ref]))
+            cfg = resolve(schema, str(yaml_path), over)
         if m.resolve is not None:  # values that depend on others (ANP's variant): a bad mix fails here, not mid-study
             m.resolve(copy.copy(cfg))
         conf = id_config(cfg, schema)
@@ -263,7 +275,7 @@ class _Planner:
         out = {m.name: m.skip(attack) for m in self.downstream if m.skip is not None}
         return {k: v for k, v in out.items() if v is not None}
 
-    def add_runs(self, m, folder: str, name: str, point: dict, fixed: dict, deps: list) -> str | None:
+    def add_runs(self, m, folder: str, name: str, point: dict, fixed: dict, deps: list, clean_ref=None) -> str | None:
         """Every run of retuning attack / analysis ``m`` on one model (its variants, each with its draws, e.g. RA's
         control and budgets); the key of its main run (first variant, draw 0), None when that is left out."""
         main = None
@@ -272,7 +284,7 @@ class _Planner:
                 sname = name + v.suffix + (f"_d{k}" if k else "")
                 jkey = f"{folder}/{sname}"
                 added = self.add(jkey, m.kind, m.name, {**point, "role": v.role or m.name, "draw": k, **v.values},
-                                 {**fixed, "save_name": sname, **v.values}, deps)
+                                 {**fixed, "save_name": sname, **v.values}, deps, clean_ref=clean_ref)
                 if i == 0 and k == 0:
                     if not added:
                         return None
@@ -298,11 +310,8 @@ class _Planner:
                 fixed.update(result_file=rname, defense=[mod.label])
             if "poisoned_pool" in m.needs and mod.which == "clean":
                 fixed["poison_source"] = rname  # the clean model has none: the record's
-            if "clean_reference" in m.needs:
-                if cname is None:
-                    continue
-                fixed["clean_record"] = cname
-                deps.append(cname)
+            if "clean_reference" in m.needs and cname is None:
+                continue  # one note for the study (build_plan), not one per model
             missing = False
             for need, method in NEED_METHOD.items():
                 if need in m.needs:
@@ -313,7 +322,7 @@ class _Planner:
                     deps.append(mains[method])
             if missing:
                 continue
-            main = self.add_runs(m, folder, name, mod.point, fixed, deps)
+            main = self.add_runs(m, folder, name, mod.point, fixed, deps, cname)
             if main is not None:
                 mains[m.name] = main
         self.mains[(rname, mod.label)] = mains
@@ -347,9 +356,7 @@ class _Planner:
             dkey = f"{rname}/defense/{folder}"
             dpt = {**pt, "target": folder, "defense": d}
             if ours:
-                need = registry.get("defense", d).needs
-                deps = rdeps + ([cname] if "clean_reference" in need and cname is not None else [])
-                if not self.add(dkey, "defense", d, {**dpt, "role": "defense"}, dict(rec), deps):
+                if not self.add(dkey, "defense", d, {**dpt, "role": "defense"}, dict(rec), rdeps, clean_ref=cname):
                     continue
                 ddeps = [dkey]
             else:
