@@ -4,8 +4,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bdsafety.analysis.report import main  # noqa: E402
 from bdsafety.cli import run_cli  # noqa: E402
+from bdsafety.study.record_report import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -9,11 +9,11 @@ import torch
 
 from bdsafety.analysis.lmc import interpolate_state, recompute_bn_stats
 from bdsafety.analysis.lmc import main as lmc_main
-from bdsafety.analysis.report import collect, to_markdown
 from bdsafety.data.device import DeviceDataset, Normalizer
 from bdsafety.data.info import DATASETS
 from bdsafety.models import build_model
 from bdsafety.records import save_model_result
+from bdsafety.study.record_report import collect, to_markdown
 
 
 def test_interpolation_endpoints_and_buffers():
@@ -86,6 +86,20 @@ def test_report_table(tmp_path):
     assert math.isnan(df.loc["No defense", "p_test_asr"])
     md = to_markdown(df)
     assert "| fst | 88.0 | 5.0 | 80.0 | 87.0 | 70.0 | 20.0 |" in md
+    assert df.loc["fst", "source"] == "summary"
+    # a BackdoorBench defense folder with no summary of its own, retuned here: read as the study reads it (results.csv's
+    # o_robustness_source), from RA's evaluation before its first step; a corrupt summary warns and reads as missing
+    bb = rd / "defense" / "bb_ft"
+    (bb / "ra").mkdir(parents=True)
+    write_metrics_csv([{"epoch": 0, "test_acc": 0.8, "test_asr": 0.1, "test_ra": 0.7},
+                       {"epoch": 5, "test_acc": 0.81, "test_asr": 0.6, "test_ra": 0.3}], bb / "ra", "ra")
+    (rd / "defense" / "fst" / "fst_df_summary.csv").write_text("garbage\n")
+    with pytest.warns(UserWarning, match="fst_df_summary.csv has no 'last' row"):
+        df = collect(str(rd))
+    assert df.loc["bb_ft", "test_asr"] == pytest.approx(0.1) and df.loc["bb_ft", "source"] == "ra_epoch0"
+    assert df.loc["bb_ft", "p_test_asr"] == pytest.approx(0.6)
+    assert df.loc["fst", "test_asr"] == pytest.approx(0.05) and df.loc["fst", "source"] == "ra_epoch0"
+    assert math.isnan(df.loc["No defense", "p_test_asr"]) and df.loc["No defense", "source"] == "summary"
 
 
 def _fake_record_tree(root):
@@ -111,7 +125,7 @@ def _fake_record_tree(root):
 
 
 def test_rho_sweep_table(tmp_path):
-    from bdsafety.analysis.report import rho_sweep
+    from bdsafety.study.record_report import rho_sweep
 
     rd = _fake_record_tree(tmp_path)
     sweep = rho_sweep(str(rd))

@@ -271,7 +271,7 @@ def test_inspector_loads_strictly_and_lists_every_defense_folder(tiny, tmp_path,
 
 
 def test_report_finds_save_name_and_rho_sweep_folders(tiny):
-    from bdsafety.analysis.report import collect, rho_sweep
+    from bdsafety.study.record_report import collect, rho_sweep
 
     df = collect(str(tiny / "tiny"))
     assert {"my_ft", "ft_rho0.5"} <= set(df.index)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +42,7 @@ import yaml
 
 from bdsafety import registry
 from bdsafety.records import read_metrics_summary, summary_name
+from bdsafety.safeio import RecordError
 from bdsafety.study.execute import MARKER, output_dir
 from bdsafety.study.stats import der
 
@@ -52,10 +54,30 @@ def _summary(folder: Path, name: str | None) -> dict:
     """Last metrics of ``folder``; ``name`` None: the summary the folder holds (a defense's csv keeps the method's
     name under --save_name and in sweep folders, bdsafety.records.summary_name)."""
 
-    try:
-        return read_metrics_summary(folder, name or summary_name(folder))
-    except Exception:
+    name = name or summary_name(folder)
+    if name is None:
         return {}
+    try:
+        return read_metrics_summary(folder, name)
+    except RecordError as e:
+        if (Path(folder) / f"{name}_df_summary.csv").is_file():  # there but unreadable: say so, read it as missing
+            warnings.warn(str(e), stacklevel=2)
+        return {}
+
+
+def model_metrics(folder: Path, name: str | None, ra_dir: Path | None = None, defended: bool = True) -> tuple[dict, str | None]:
+    """(last C-Acc/ASR/RA of the model in ``folder``, where they come from): its metrics summary ('summary'), or, for a
+    ``defended`` model's folder without one (a BackdoorBench run that wrote only defense_result.pt), the evaluation
+    its retuning attack ``ra_dir`` made before the first step ('ra_epoch0'); ({}, None) when neither exists.
+    The one reader of a model's metrics: the study's results.csv and analysis/report.py's table both use it."""
+    after = _summary(folder, name)
+    if after:
+        return after, "summary"
+    if defended and ra_dir is not None:
+        after = _ra_epoch0(ra_dir)
+        if after:
+            return after, "ra_epoch0"
+    return {}, None
 
 
 def _wall(folder: Path) -> float:
@@ -148,11 +170,7 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
             row = {"dataset": p["dataset"], "attack": p["attack"], "pratio": p["pratio"], "model": p["model"], "defense": name,
                    "seed": p["seed"], "record": rname}
             _stage(row, "o_backdoor", bd)
-            after = _summary(ok(folder), sname)
-            row["o_robustness_source"] = "summary" if after else None
-            if not after and name not in ("none", "clean"):  # a found folder without metrics: RA's measurement
-                after = _ra_epoch0(ok(ra_dir))
-                row["o_robustness_source"] = "ra_epoch0" if after else None
+            after, row["o_robustness_source"] = model_metrics(ok(folder), sname, ok(ra_dir), name not in ("none", "clean"))
             _stage(row, "o_robustness", after)
             for m in down:  # each retuning attack's and analysis's own columns (registry: summary)
                 if m.summary is not None:

@@ -1,9 +1,11 @@
-"""The paper's comparison table and RA curves, read from a record's folders.
+"""The paper's comparison table and RA curves of one record, read from its folders (``analysis/report.py``).
 
 For one attack record: the backdoored model (O-Backdoor), every defense under defense/ (O-Robustness: after
 the defense) and, where a retuning attack was run, the model after RA (P-Robustness; its ASR is the P-ASR).
 A clean reference record can be added as the 'Clean' row. Works on records written by this project or by
-BackdoorBench (whose defense folders have <name>_df_summary.csv but no ra/ until you run ra.py).
+BackdoorBench (whose defense folders have <name>_df_summary.csv but no ra/ until you run ra.py). The metrics are
+read by the study's own reader (bdsafety.study.results): this module only lays one record's folders out as the
+paper's table.
 """
 from __future__ import annotations
 
@@ -14,43 +16,30 @@ from pathlib import Path
 
 import pandas as pd
 
-from bdsafety.records import read_metrics_summary, resolve_record_dir, summary_name
-from bdsafety.safeio import RecordError, atomic_savefig, atomic_write_text
+from bdsafety import registry
+from bdsafety.records import resolve_record_dir
+from bdsafety.safeio import atomic_savefig, atomic_write_text
+from bdsafety.study.results import model_metrics
 
 METRICS = ("test_acc", "test_asr", "test_ra")
 
 
-def _summary(folder: Path, name: str | None = None) -> dict:
-    """The last metrics of ``folder`` ({} when it has none); ``name`` defaults to the summary the folder holds
-    (a defense's csv keeps the method's name under --save_name and in PAM's rho-sweep folders)."""
-    name = name or summary_name(folder)
-    if name is None or not (folder / f"{name}_df_summary.csv").is_file():
-        return {}
-    try:
-        return read_metrics_summary(folder, name)
-    except RecordError as e:
-        print(f"warning: {e}")
-        return {}
-
-
-def _row(label: str, model_folder: Path, name: str | None, ra_folder: Path) -> dict:
-    row = {"model": label}
-    s = _summary(model_folder, name)
-    for k in METRICS:
-        row[k] = s.get(k, math.nan)
-    p = _summary(ra_folder, "ra")
-    for k in METRICS:
-        row[f"p_{k}"] = p.get(k, math.nan)
-    return row
+def _row(label: str, model_folder: Path, name: str | None, ra_folder: Path, defended: bool = True) -> dict:
+    """One model's row: its metrics (bdsafety.study.results.model_metrics, the study's reader: a defense folder without a
+    summary of its own reads RA's epoch-0 evaluation, ``source``) and RA's columns (RA's registered summary)."""
+    after, source = model_metrics(model_folder, name, ra_folder, defended)
+    p = registry.get("retune", "ra").summary(ra_folder)
+    return {"model": label, **{k: after.get(k, math.nan) for k in METRICS},
+            **{f"p_{k}": p[f"p_robustness_{k[len('test_'):]}"] for k in METRICS}, "source": source}
 
 
 def collect(result_file: str, record_root: str = "./record", clean_record: str | None = None) -> pd.DataFrame:
     """One row per model: C-Acc/ASR/RA after the attack or defense, and p_* after the retuning attack."""
     rd = resolve_record_dir(result_file, record_root)
-    rows = [_row("No defense", rd, "attack", rd / "ra")]
+    rows = [_row("No defense", rd, "attack", rd / "ra", defended=False)]
     if clean_record:
         cd = resolve_record_dir(clean_record, record_root)
-        rows.append(_row("Clean", cd, "attack", cd / "ra"))
+        rows.append(_row("Clean", cd, "attack", cd / "ra", defended=False))
     ddir = rd / "defense"
     if ddir.is_dir():
         for d in sorted(p for p in ddir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -87,7 +76,8 @@ def rho_sweep(result_file: str, record_root: str = "./record") -> pd.DataFrame:
             rho = float(m.group(2))
         except ValueError:
             continue
-        rows.append({"rho": rho, "sweep": m.group(1), **{k: v for k, v in _row(d.name, d, None, d / "ra").items() if k != "model"}})
+        row = _row(d.name, d, None, d / "ra")
+        rows.append({"rho": rho, "sweep": m.group(1), **{k: row[k] for k in (*METRICS, *(f"p_{k}" for k in METRICS))}})
     cols = ["rho", "sweep", *METRICS, *(f"p_{k}" for k in METRICS)]
     return pd.DataFrame(rows, columns=cols).set_index("rho").sort_index()
 
