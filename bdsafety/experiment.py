@@ -24,9 +24,10 @@ from bdsafety.data.device import DeviceDataset, InputGeometry, Normalizer, input
 from bdsafety.data.info import NORMALIZATIONS
 from bdsafety.errors import ConfigError, DataError
 from bdsafety.models import load_state_dict_compat
-from bdsafety.outputs import DEPENDENTS, write_artifact
+from bdsafety.outputs import DEPENDENTS, OutputFolder, write_artifact
 from bdsafety.pools import real_poisoned
 from bdsafety.records import load_attack_record, load_model_result, resolve_record_dir, save_model_result, write_metrics_csv
+from bdsafety.registry import kind_runner
 from bdsafety.safeio import RecordError, atomic_write_text
 
 RECORD_SCHEMA = {
@@ -337,6 +338,7 @@ class Output:
     indices: dict[str, np.ndarray] = field(default_factory=dict)  # log/<key>.txt ('index' is BackdoorBench's index.txt)
     info: dict[str, Any] = field(default_factory=dict)  # extra values for config.yaml
     log_lines: list[str] = field(default_factory=list)
+    started: float | None = None  # time.time() when the work of this output began (config.yaml's wall time)
 
 
 def write_output(folder: Path, out: Output, exp, cfg: SimpleNamespace, t0: float) -> None:
@@ -351,3 +353,42 @@ def write_output(folder: Path, out: Output, exp, cfg: SimpleNamespace, t0: float
             write_artifact(folder / "log" / f"{key}.txt", "".join(f"{int(i)}\n" for i in np.asarray(arr).ravel()))
     write_run_files(folder, out.name, cfg, exp.device, t0, out.rows, index=out.indices.get("index"),
                     log_lines=out.log_lines, **out.info)
+
+
+# ---------------------------------------------------------------- the runner of retuning attacks and analyses
+@dataclass
+class RecordRun:
+    """What a retuning attack or analysis works with (built by ``run_on_record``): the opened record, its frozen config
+    and the output folders it writes, key -> folder (from its ``outputs`` hook; every one checked before any work)."""
+
+    exp: Experiment
+    cfg: Any
+    dests: dict[str, Path]
+
+
+def run_on_record(method, cfg) -> list[Path]:
+    """The runner of every retuning attack and analysis (registry kinds ``retune`` and ``analysis``).
+
+    Opens the record, asks the method where it writes (``outputs(exp, cfg) -> {key: folder}``), refuses before any
+    work when one of those cannot be written (an existing output without --overwrite, results inside it without
+    --dependents), then runs the method, ``run(RecordRun) -> iterable of (key, Output)``, and writes each Output through
+    the one output path (OutputFolder + ``write_output``) as soon as it is yielded. Returns the folders written."""
+    t0 = time.time()
+    exp = open_experiment(cfg)
+    dests = {k: Path(d) for k, d in method.outputs(exp, cfg).items()}
+    folders = {k: OutputFolder(d, overwrite=cfg.overwrite, dependents=cfg.dependents, what=f"{method.name.upper()} output")
+               for k, d in dests.items()}
+    written = []
+    for key, out in method.run(RecordRun(exp, cfg, dests)):
+        started = out.started if out.started is not None else t0
+        with folders[key] as f:
+            write_output(f.path, out, exp, cfg, started)
+        print(f"[{method.name}:{key}] written to {dests[key]} ({time.time() - started:.0f}s)", flush=True)
+        written.append(dests[key])
+    if len(written) > 1:
+        print(f"[{method.name}] {len(written)} outputs in {time.time() - t0:.0f}s", flush=True)
+    return written
+
+
+kind_runner("retune")(run_on_record)
+kind_runner("analysis")(run_on_record)

@@ -14,8 +14,8 @@ its schema). Adding a method is therefore one registered module plus its yamls (
 Kinds and their run contracts:
   attack    ``run(ctx: AttackContext) -> AttackOutcome``   (bdsafety.attacks.base's runner writes the record)
   defense   ``run(ctx: DefenseContext) -> DefenseResult``  (bdsafety.defenses.base's runner writes defense/<folder>/)
-  retune    ``run(cfg) -> list[Path]``                     (RA, QRA: on bdsafety.experiment)
-  analysis  ``run(cfg) -> Path``                           (LMC)
+  retune    ``run(ctx: RecordRun) -> iter of (key, Output)``  (RA, QRA; bdsafety.experiment's runner writes
+  analysis  ``run(ctx: RecordRun) -> iter of (key, Output)``   each Output into the folder its ``outputs`` hook named)
 
 ``registry.get(kind, name).main(argv)`` parses the flags and yaml against the method's schema and runs it through its
 kind's runner (``kind_runner``) at the config's precision.
@@ -89,6 +89,7 @@ class Method:
     variants: Callable | None = None  # study -> [Variant]: the runs per model (None: one, Variant())
     skip: Callable | None = None  # attack name -> why the method cannot use that attack's records, or None
     summary: Callable | None = None  # results.csv: its main run's output folder -> {column: value} (NaN when missing)
+    outputs: Callable | None = None  # retune / analysis: (exp, cfg) -> {key: output folder} (bdsafety.experiment)
     needs_for: Callable | None = None  # cfg -> the needs of one run (a subset of ``needs``); None: always ``needs``
     need_keys: dict = field(default_factory=dict)  # need -> its config key, where not NEED_KEYS' (LC: lc_clean_record)
 
@@ -161,13 +162,16 @@ def register(kind: str, name: str, *, schema: Callable[[], dict], description: s
              needs: Iterable[str] = (), configs: Iterable[str] | None = None, expand: Callable | None = None,
              select: Callable | None = None, resolve: Callable | None = None, on: Iterable[str] = (),
              variants: Callable | None = None, skip: Callable | None = None, summary: Callable | None = None,
-             needs_for: Callable | None = None, need_keys: dict | None = None) -> Callable:
+             needs_for: Callable | None = None, need_keys: dict | None = None, outputs: Callable | None = None) -> Callable:
     """Decorator registering ``run`` as method ``name`` of ``kind``; returns ``run`` unchanged."""
     if kind not in KIND_DIRS:
         raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KIND_DIRS)}")
     bad = set(needs) - set(NEEDS)
     if bad:
         raise ValueError(f"{kind} {name}: unknown needs {sorted(bad)}; valid: {', '.join(NEEDS)}")
+    if (kind in ("retune", "analysis")) != (outputs is not None):
+        raise ValueError(f"{kind} {name}: a retuning attack or analysis declares its output folders (outputs=), other "
+                         f"kinds do not (their runner knows them)")
     need_keys = dict(need_keys or {})
     if set(need_keys) - set(needs):
         raise ValueError(f"{kind} {name}: need_keys {sorted(set(need_keys) - set(needs))} are not among its needs")
@@ -181,7 +185,8 @@ def register(kind: str, name: str, *, schema: Callable[[], dict], description: s
         m = Method(kind=kind, name=name, run=run, schema=schema, description=description, folder=folder or name,
                    needs=frozenset(needs), configs=tuple(configs) if configs is not None else DATASET_CONFIGS + ("demo",),
                    module=getattr(run, "__module__", ""), expand=expand, select=select, resolve=resolve, on=on,
-                   variants=variants, skip=skip, summary=summary, needs_for=needs_for, need_keys=need_keys)
+                   variants=variants, skip=skip, summary=summary, needs_for=needs_for, need_keys=need_keys,
+                   outputs=outputs)
         old = _REGISTRY.get(key)
         if old is not None and old.module != m.module:
             raise ValueError(f"{kind} {name!r} is registered twice: by {old.module} and by {m.module}")

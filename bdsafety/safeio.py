@@ -240,15 +240,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure to ``path`` atomically (format from the suffix) and close it."""
+def figure_bytes(fig, fmt: str = "png", dpi: int = 120) -> bytes:
+    """A matplotlib figure rendered to bytes (``fmt``: png, pdf, svg, ...); the figure is closed."""
 
     import matplotlib.pyplot as plt  # lazy: matplotlib is heavy and only needed for figures
 
     buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi)
+    fig.savefig(buf, format=fmt, dpi=dpi)
     plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure to ``path`` atomically (format from the suffix) and close it."""
+    return atomic_write_bytes(path, figure_bytes(fig, Path(path).suffix.lstrip(".") or "png", dpi))
 
 
 

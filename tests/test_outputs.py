@@ -279,3 +279,45 @@ def test_a_dependent_written_while_the_output_is_replaced_is_never_deleted(tmp_p
     assert (dest / "defense_result.pt").read_text() == "old" and (dest / "ra" / "ra_result.pt").read_text() == "ra"
     kept = list(tmp_path.glob("defense_x.unsaved-*"))
     assert len(kept) == 1 and (kept[0] / "defense_result.pt").read_text() == "new"
+
+
+# ------------------------------------------------------------------------------- the runner of retune / analysis
+def test_a_new_analysis_is_one_function_the_kind_runner_writes(root):
+    """The one contract of retuning attacks and analyses: a method names its output folders (``outputs``) and yields
+    Outputs; the kind's runner (bdsafety.experiment.run_on_record) opens the record, refuses an existing output
+    before any work, and writes every Output through the one output path (OutputFolder + write_output)."""
+    import numpy as np
+    import pandas as pd
+
+    from bdsafety.config import Option, resolve
+    from bdsafety.experiment import RECORD_SCHEMA, Output
+    from bdsafety.registry import Method
+
+    calls = []
+
+    def outputs(exp, cfg):
+        return {"m": exp.record_dir / cfg.save_name}
+
+    def run(ctx):
+        calls.append(ctx.dests)
+        yield "m", Output("probe", rows=[{"epoch": 0, "test_acc": 0.5}], artifacts={"probe.csv": pd.DataFrame({"a": [1, 2]})},
+                          indices={"index": np.arange(3), "extra": np.array([7])},
+                          info={"n_train": len(ctx.exp.data.train_y)})
+
+    schema = {**RECORD_SCHEMA, "save_name": Option("probe_out", "output folder")}
+    m = Method(kind="analysis", name="probe", run=run, schema=lambda: dict(schema), description="probe", folder="probe",
+               on=("defense",), outputs=outputs)
+    cfg = resolve(schema, None, {"result_file": "tiny", "record_root": str(root), "device": "cpu", "no_progress": True})
+    (out,) = m.run_config(cfg)
+    assert out == root / "tiny" / "probe_out" and calls == [{"m": out}]
+    assert (out / "probe.csv").read_text() == "a\n1\n2\n" and (out / "log" / "index.txt").read_text() == "0\n1\n2\n"
+    assert (out / "log" / "extra.txt").read_text() == "7\n" and (out / "probe_df_summary.csv").is_file()
+    import yaml
+
+    meta = yaml.safe_load((out / "config.yaml").read_text())
+    assert meta["n_train"] == 200 and meta["config"]["save_name"] == "probe_out"
+    with pytest.raises(OutputError, match="exists"):
+        m.run_config(cfg)
+    assert len(calls) == 1  # refused before the method ran
+    (again,) = m.run_config(cfg.replace(overwrite=True))
+    assert again == out and len(calls) == 2

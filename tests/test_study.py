@@ -647,6 +647,36 @@ def test_a_new_retuning_attack_is_planned_from_its_declarations_alone(tmp_path, 
         load_study(_yaml(tmp_path / "q.yaml", top={"retune": ["probe"], "analyses": []}))
 
 
+def test_a_new_analysis_is_planned_from_its_declarations_alone(tmp_path, monkeypatch):
+    """A new analysis (here 'probe_an', registered in the test with LMC's run, schema and outputs) is planned from what it
+    declares -- on each defense's model, one folder per model beside the defense folders -- with no change to the
+    planner; its registered summary gives its results.csv columns (tests/test_outputs.py runs such a method)."""
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    lmc = registry.get("analysis", "lmc")
+    cdir = tmp_path / "probe_an"
+    cdir.mkdir()
+    shutil.copy(lmc.config_path("demo"), cdir / "demo.yaml")
+
+    class _Probe(registry.Method):
+        @property
+        def config_dir(self):
+            return cdir
+
+    probe = _Probe(kind="analysis", name="probe_an", run=lmc.run, schema=lmc.schema, description="probe", folder="probe_an",
+                   needs=frozenset({"defense"}), on=("defense",), outputs=lmc.outputs,
+                   summary=lambda folder: {"probe_an_x": 1.0})
+    monkeypatch.setitem(registry._REGISTRY, ("analysis", "probe_an"), probe)
+    y = _yaml(tmp_path / "p.yaml", top={"retune": ["ra"], "analyses": ["probe_an"], "defenses": ["ft", "fst"]})
+    plan = build_plan(load_study(y))
+    jobs = plan.by_key()
+    assert {k for k in jobs if "probe_an" in k} == {f"{REC}/probe_an_ft", f"{REC}/probe_an_fst"}
+    j = jobs[f"{REC}/probe_an_fst"]
+    assert set(j.deps) == {f"{REC}/defense/fst", REC} and j.overrides["defense"] == ["fst"]
+    assert plan.mains[(REC, "fst")]["probe_an"] == f"{REC}/probe_an_fst"
+
+
 def test_an_attacks_declared_needs_are_planned(tmp_path):
     """Every kind's needs are honoured the same way: LC with lc_reference standard attacks the clean reference record,
     so the planner runs the grid point's clean reference first and hands it over under LC's own key, lc_clean_record

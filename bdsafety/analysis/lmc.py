@@ -11,7 +11,6 @@ backdoor error far along it.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,9 @@ from tqdm.auto import tqdm
 from bdsafety import engine
 from bdsafety.config import AMOUNT, FRACTION, POS_INT, Option, float_list, str_list
 from bdsafety.data.device import iterate_batches
-from bdsafety.experiment import RECORD_SCHEMA, open_experiment, reserved_indices, write_run_files
-from bdsafety.outputs import OutputFolder
+from bdsafety.experiment import RECORD_SCHEMA, Output, RecordRun, reserved_indices
 from bdsafety.records import list_defenses
 from bdsafety.registry import get, name_list, register
-from bdsafety.safeio import atomic_savefig
 
 LMC_SCHEMA = {
     **RECORD_SCHEMA,
@@ -89,7 +86,8 @@ def lmc_path(exp, theta_def: dict, theta_bd: dict, alphas, bn: str, reserved, bn
     return pd.DataFrame(rows)
 
 
-def plot_lmc(curves: dict[str, pd.DataFrame], path: Path, title: str = "") -> Path:
+def lmc_figure(curves: dict[str, pd.DataFrame], title: str = ""):
+    """The LMC figure (lmc.png): backdoor error and clean accuracy along the path, one line per defense."""
     import matplotlib  # lazy: matplotlib is heavy and only needed for figures
 
     matplotlib.use("Agg")
@@ -108,19 +106,24 @@ def plot_lmc(curves: dict[str, pd.DataFrame], path: Path, title: str = "") -> Pa
     axes[0].legend(fontsize=8)
     fig.suptitle(title or "Linear mode connectivity along the backdoor-connected path")
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=130)
-    return Path(path)
+    return fig
 
 
-def run_lmc(cfg) -> Path:
+def lmc_outputs(exp, cfg) -> dict[str, Path]:
+    """LMC's one output folder, <record>/<save_name>/ (after checking the defense folders it is asked for exist)."""
+    _defenses(exp, cfg)
+    return {"lmc": exp.record_dir / cfg.save_name}
 
-    t0 = time.time()
-    exp = open_experiment(cfg)
-    available = list_defenses(exp.record_dir)
-    names = name_list(cfg.defense, available, what=f"defense folder of record {exp.record_dir.name}",
-                      hint=f"run e.g. python defense/fst.py --result_file {exp.record_dir.name} first")
-    folder = OutputFolder(exp.record_dir / cfg.save_name, overwrite=cfg.overwrite, dependents=cfg.dependents,
-                          what="LMC output")  # refuse before computing
+
+def _defenses(exp, cfg) -> list[str]:
+    return name_list(cfg.defense, list_defenses(exp.record_dir), what=f"defense folder of record {exp.record_dir.name}",
+                     hint=f"run e.g. python defense/fst.py --result_file {exp.record_dir.name} first")
+
+
+def run_lmc(ctx: RecordRun):
+    """The path from each defended model to the backdoored one; yields ('lmc', its Output: lmc.csv, lmc.png)."""
+    exp, cfg = ctx.exp, ctx.cfg
+    names = _defenses(exp, cfg)
     alphas = cfg.alphas if cfg.alphas else np.linspace(0, 1, cfg.points)
     idx = reserved_indices(exp.data.train_y, cfg.ratio, seed=cfg.random_seed)
     reserved = exp.train.subset(idx)
@@ -131,14 +134,10 @@ def run_lmc(cfg) -> Path:
         curves[n] = lmc_path(exp, theta_def, theta_bd, alphas, cfg.bn, reserved, cfg.bn_batch_size, exp.progress)
         print(f"[lmc] {n}: ASR at alpha=0 {curves[n]['asr'].iloc[0]:.3f}, at alpha=0.5 "
               f"{np.interp(0.5, curves[n]['alpha'], curves[n]['asr']):.3f}, at alpha=1 {curves[n]['asr'].iloc[-1]:.3f}")
-    with folder as out:
-        table = pd.concat([df.assign(defense=n) for n, df in curves.items()], ignore_index=True)
-        table.to_csv(out.path / "lmc.csv", index=False)
-        plot_lmc(curves, out.path / "lmc.png", f"{exp.record_dir.name}: LMC (BN {cfg.bn})")
-        write_run_files(out.path, "lmc", cfg, exp.device, t0, None, index=idx, bn=cfg.bn, defenses=names)
-    dest = exp.record_dir / cfg.save_name
-    print(f"[lmc] written to {dest} (lmc.csv, lmc.png)")
-    return dest
+    table = pd.concat([df.assign(defense=n) for n, df in curves.items()], ignore_index=True)
+    fig = lmc_figure(curves, f"{exp.record_dir.name}: LMC (BN {cfg.bn})")
+    yield "lmc", Output("lmc", artifacts={"lmc.csv": table, "lmc.png": fig}, indices={"index": idx},
+                        info=dict(bn=cfg.bn, defenses=names))
 
 
 def study_summary(folder: Path) -> dict:
@@ -153,11 +152,12 @@ def study_summary(folder: Path) -> dict:
 
 
 register("analysis", "lmc", schema=lambda: dict(LMC_SCHEMA), needs=("defense",), configs=("demo",), on=("defense",),
-         summary=study_summary,
+         summary=study_summary, outputs=lmc_outputs,
          description="LMC analysis along the backdoor-connected path")(run_lmc)
 
 
 def main(argv=None) -> Path:
     """``python analysis/lmc.py ...`` without the CLI error handling (tests, notebooks)."""
 
-    return get("analysis", "lmc").main(argv)
+    (out,) = get("analysis", "lmc").main(argv)
+    return out

@@ -36,9 +36,7 @@ qra_compare.csv, qra_examples.png, config.yaml, log/.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -51,12 +49,11 @@ from bdsafety.attacks.base import attack_class, record_trigger
 from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option, int_list
 from bdsafety.data.device import DeviceDataset, iterate_batches
 from bdsafety.errors import ConfigError, DataError
-from bdsafety.experiment import RECORD_SCHEMA, open_experiment, write_run_files
-from bdsafety.outputs import OutputFolder
+from bdsafety.experiment import RECORD_SCHEMA, Output, RecordRun
 from bdsafety.records import load_attack_record, resolve_record_dir
 from bdsafety.registry import get, register
 from bdsafety.retune.ra import poison_source_split, resolve_targets
-from bdsafety.safeio import RecordError, atomic_savefig, atomic_torch_save, atomic_write_text, safe_torch_load
+from bdsafety.safeio import RecordError, figure_bytes, safe_torch_load
 
 __all__ = [
     "QRA_SCHEMA", "QRA_SEED_STREAM", "fraction", "PerturbationGenerator", "perturb", "qra_loss", "qra_data",
@@ -420,8 +417,8 @@ def train_generator(gen: PerturbationGenerator, data: DeviceDataset, f_pur, f_ra
 
 # ------------------------------------------------------------------------------------------------ outputs
 
-def save_example_grid(path, exp, gen, n: int, title: str = "") -> None:
-    """PNG grid: rows = poisoned test image / + delta / delta stretched to full contrast (its largest value and the
+def example_grid(exp, gen, n: int, title: str = ""):
+    """The figure of qra_examples.png: rows = poisoned test image / + delta / delta stretched to full contrast (its largest value and the
     stretch factor in the row label), then the same for clean test images."""
     import matplotlib  # lazy: matplotlib is heavy and only needed for figures
 
@@ -458,23 +455,32 @@ def save_example_grid(path, exp, gen, n: int, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=100)
+    return fig
 
 
 # ------------------------------------------------------------------------------------------------ run
 
-def run_qra(cfg: SimpleNamespace) -> Path:
-    """Train the QRA generator against one defense; returns the output folder."""
-
-    t0 = time.time()
+def check_config(cfg):
+    """QRA's resolve hook: settings that only make sense together, checked before anything loads (and when a study is
+    planned)."""
     if cfg.access == "black_box" and (int(cfg.zo_queries) < 1 or not cfg.zo_mu > 0):
         raise ConfigError(f"--access black_box needs --zo_queries >= 1 and --zo_mu > 0 (got {cfg.zo_queries}, {cfg.zo_mu})")
-    exp = open_experiment(cfg)
     if not cfg.defense or "," in str(cfg.defense) or cfg.defense == "all":
         raise ConfigError("--defense must name ONE defense folder (or 'none'): QRA attacks one purified model per run")
+    return cfg
+
+
+def qra_outputs(exp, cfg) -> dict[str, Path]:
+    """QRA's one output folder, <model folder>/<save_name>/, for the ONE model --defense names."""
+    t = resolve_targets(exp.record_dir, cfg.defense)[0]
+    return {t.name: t.out_dir(cfg.save_name)}
+
+
+def run_qra(ctx: RecordRun):
+    """Train the QRA generator against one defense; yields (its name, the Output)."""
+
+    exp, cfg = ctx.exp, ctx.cfg
     target_info = resolve_targets(exp.record_dir, cfg.defense)[0]
-    dest = target_info.out_dir(cfg.save_name)
-    folder = OutputFolder(dest, overwrite=cfg.overwrite, dependents=cfg.dependents, what="QRA output")  # refuse early
     f_clean, clean_src = load_clean_reference(exp, cfg)
     ra_file = target_info.folder / cfg.ra_name / "ra_result.pt"
     if not ra_file.is_file():
@@ -535,22 +541,19 @@ def run_qra(cfg: SimpleNamespace) -> Path:
     compare.insert(0, "access", cfg.access)
     log("comparison (test set):\n" + compare.to_string(index=False))
 
-    with folder as out:
-        state = {k: v.detach().cpu() for k, v in gen.state_dict().items()}
-        atomic_torch_save({"state_dict": state, **gen.spec()}, out.path / "generator.pt")
-        atomic_write_text(out.path / "qra_compare.csv", compare.to_csv(index=False))
-        atomic_write_text(out.path / "log" / "poison_index.txt", "".join(f"{int(i)}\n" for i in meta["poison_index"]))
-        save_example_grid(out.path / "qra_examples.png", exp, gen, cfg.grid_n,
-                          title=f"QRA ({cfg.access}) on {target_info.name}: ASR {100 * base['test_asr']:.1f}% -> "
-                                f"{100 * after['test_asr']:.1f}% (clean model {100 * after['clean_model_test_asr']:.1f}%)"
-                                f", eps {cfg.eps:.4f}")
-        write_run_files(out.path, "qra", cfg, exp.device, t0, rows, index=meta["clean_index"], log_lines=lines,
-                        retune_attack="qra", access=cfg.access, target_label=target, defense=target_info.name,
-                        purified_model=str(target_info.model_file), ra_model=str(ra_file), clean_model=clean_src,
-                        poison_source=meta["poison_source"], triggered_source_used=meta["triggered_source"],
-                        generator=gen.spec(), without_delta=base, with_delta=after)
-    log(f"written to {dest} ({time.time() - t0:.0f}s)")
-    return dest
+    state = {k: v.detach().cpu() for k, v in gen.state_dict().items()}
+    grid = example_grid(exp, gen, cfg.grid_n,
+                        title=f"QRA ({cfg.access}) on {target_info.name}: ASR {100 * base['test_asr']:.1f}% -> "
+                              f"{100 * after['test_asr']:.1f}% (clean model {100 * after['clean_model_test_asr']:.1f}%)"
+                              f", eps {cfg.eps:.4f}")
+    info = dict(retune_attack="qra", access=cfg.access, target_label=target, defense=target_info.name,
+                purified_model=str(target_info.model_file), ra_model=str(ra_file), clean_model=clean_src,
+                poison_source=meta["poison_source"], triggered_source_used=meta["triggered_source"], generator=gen.spec(),
+                without_delta=base, with_delta=after)
+    yield target_info.name, Output(
+        "qra", rows, artifacts={"generator.pt": {"state_dict": state, **gen.spec()}, "qra_compare.csv": compare,
+                                "qra_examples.png": figure_bytes(grid, dpi=100)},
+        indices={"index": meta["clean_index"], "poison_index": meta["poison_index"]}, info=info, log_lines=lines)
 
 
 def _fmt(m: dict, pre: str) -> str:
@@ -581,7 +584,7 @@ def study_summary(folder: Path) -> dict:
 
 
 register("retune", "qra", schema=lambda: dict(QRA_SCHEMA), needs=("defense", "ra_model", "clean_reference", "poisoned_pool"),
-         on=("defense",), skip=triggered_source_note, summary=study_summary,
+         on=("defense",), skip=triggered_source_note, summary=study_summary, outputs=qra_outputs, resolve=check_config,
          description="query-based reactivation attack (QRA): learn a sample-specific input perturbation that reactivates a "
                      "purified model's backdoor but not a clean model's")(run_qra)
 
@@ -589,4 +592,5 @@ register("retune", "qra", schema=lambda: dict(QRA_SCHEMA), needs=("defense", "ra
 def main(argv=None) -> Path:
     """``python retune_attack/qra.py ...`` without the CLI error handling (tests, notebooks)."""
 
-    return get("retune", "qra").main(argv)
+    (out,) = get("retune", "qra").main(argv)
+    return out

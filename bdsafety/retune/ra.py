@@ -35,12 +35,11 @@ from bdsafety import engine
 from bdsafety.config import AMOUNT, NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option, check_folder_name
 from bdsafety.data.device import DeviceDataset
 from bdsafety.errors import ConfigError
-from bdsafety.experiment import RECORD_SCHEMA, open_experiment, write_run_files
-from bdsafety.outputs import OutputFolder
+from bdsafety.experiment import RECORD_SCHEMA, Output, RecordRun
 from bdsafety.pools import poisoned_pool
-from bdsafety.records import list_defenses, read_metrics_summary, save_model_result
+from bdsafety.records import list_defenses, read_metrics_summary
 from bdsafety.registry import Variant, get, name_list, register
-from bdsafety.safeio import RecordError, atomic_write_text
+from bdsafety.safeio import RecordError
 
 __all__ = [
     "RA_SCHEMA", "RA_SEED_STREAM", "RATarget", "RASet", "ra_set_size", "ra_subset_indices", "assemble_ra_set",
@@ -257,15 +256,16 @@ def _asr_line(rows: list[dict]) -> str:
     return " -> ".join(f(r.get("test_asr")) for r in rows)
 
 
-def run_ra(cfg: SimpleNamespace) -> list[Path]:
-    """Retune every model named by cfg.defense; returns the output folders."""
+def ra_outputs(exp, cfg) -> dict[str, Path]:
+    """RA's output folders: <model folder>/<save_name>/ for every model --defense names."""
+    return {t.name: t.out_dir(cfg.save_name) for t in resolve_targets(exp.record_dir, cfg.defense)}
 
-    t_all = time.time()
-    exp = open_experiment(cfg)
-    targets = resolve_targets(exp.record_dir, cfg.defense)
-    # fail before any training: an existing output without --overwrite, or results inside it without --dependents
-    folders = {t.name: OutputFolder(t.out_dir(cfg.save_name), overwrite=cfg.overwrite, dependents=cfg.dependents,
-                                    what="RA output") for t in targets}
+
+def run_ra(ctx: RecordRun):
+    """Retune every model named by cfg.defense (one RA set for all); yields (model name, its Output)."""
+
+    exp, cfg = ctx.exp, ctx.cfg
+    targets = {t.name: t for t in resolve_targets(exp.record_dir, cfg.defense)}
     ra, warnings_ = build_ra_set(exp, cfg)
     header = [
         f"record {exp.record_dir.name}: {exp.model_name}, {exp.record.clean_data}, target {exp.target}",
@@ -280,9 +280,8 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
     ]
     for line in header:
         print(f"[ra] {line}", flush=True)
-    outs = []
-    for t in targets:
-        t0 = time.time()
+    for name in ctx.dests:
+        t, t0 = targets[name], time.time()
         lines = list(header)
 
         def log(msg: str, lines=lines, name=t.name):
@@ -295,25 +294,15 @@ def run_ra(cfg: SimpleNamespace) -> list[Path]:
         for r in rows:
             log(f"epoch {r['epoch']}: {engine.format_metrics(r)}")
         log(f"ASR per epoch: {_asr_line(rows)}")
-        dest = t.out_dir(cfg.save_name)
-        with folders[t.name] as out:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            save_model_result(out.path / "ra_result.pt", state, exp.model_name, exp.num_classes)
-
-            atomic_write_text(out.path / "log" / "poison_index.txt", "".join(f"{int(i)}\n" for i in ra.poison_idx))
-            write_run_files(
-                out.path, "ra", cfg, exp.device, t0, rows, index=ra.clean_idx, log_lines=lines, retune_attack="ra",
-                target=t.name, model_file=str(t.model_file), record=str(exp.record_dir), poison_source=ra.poison_source,
-                ra_set_size=len(ra.data), clean_num=len(ra.clean_idx), poison_index=ra.poison_idx.tolist(),
-                poison_labels=ra.poison_labels.tolist(), poison_orig_labels=ra.poison_orig_labels.tolist(),
-                before={k: rows[0].get(k) for k in ("test_acc", "test_asr", "test_ra")},
-                after={k: rows[-1].get(k) for k in ("test_acc", "test_asr", "test_ra")},
-            )
-        log(f"written to {dest} ({time.time() - t0:.0f}s)")
-        outs.append(dest)
-    if len(targets) > 1:
-        print(f"[ra] {len(targets)} models retuned in {time.time() - t_all:.0f}s", flush=True)
-    return outs
+        info = dict(retune_attack="ra", target=t.name, model_file=str(t.model_file), record=str(exp.record_dir),
+                    poison_source=ra.poison_source, ra_set_size=len(ra.data), clean_num=len(ra.clean_idx),
+                    poison_index=ra.poison_idx.tolist(), poison_labels=ra.poison_labels.tolist(),
+                    poison_orig_labels=ra.poison_orig_labels.tolist(),
+                    before={k: rows[0].get(k) for k in ("test_acc", "test_asr", "test_ra")},
+                    after={k: rows[-1].get(k) for k in ("test_acc", "test_asr", "test_ra")})
+        yield name, Output("ra", rows, {k: v.detach().cpu() for k, v in model.state_dict().items()}, "ra_result.pt",
+                           indices={"index": ra.clean_idx, "poison_index": ra.poison_idx}, info=info, log_lines=lines,
+                           started=t0)
 
 
 def study_variants(study) -> list[Variant]:
@@ -336,7 +325,7 @@ def study_summary(folder: Path) -> dict:
 
 
 register("retune", "ra", schema=lambda: dict(RA_SCHEMA), needs=("defense", "poisoned_pool"),
-         on=("record", "clean", "defense"), variants=study_variants, summary=study_summary,
+         on=("record", "clean", "defense"), variants=study_variants, summary=study_summary, outputs=ra_outputs,
          description="retuning attack (RA): fine-tune a (purified) model on a small set with a few real poisoned samples "
                      "and track C-Acc/ASR/RA per epoch")(run_ra)
 
