@@ -1,4 +1,7 @@
-"""P-ASR vs retuning-attack budget: python analysis/ra_budget.py --result_file <rf> [--defense fst,exact_purification,pam]"""
+"""P-ASR vs retuning-attack budget:
+
+    python analysis/ra_budget.py --result_file <rf> [--defense fst,exact_purification,pam]
+"""
 import os
 import sys
 

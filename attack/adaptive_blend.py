@@ -1,4 +1,7 @@
-"""adaptive_blend attack: python attack/adaptive_blend.py --yaml_path config/attack/adaptive_blend/<dataset>.yaml [flags]"""
+"""adaptive_blend attack:
+
+    python attack/adaptive_blend.py --yaml_path config/attack/adaptive_blend/<dataset>.yaml [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""badnet attack: python attack/badnet.py --yaml_path config/attack/badnet/<dataset>.yaml [--save_folder_name NAME] [flags]"""
+"""badnet attack:
+
+    python attack/badnet.py --yaml_path config/attack/badnet/<dataset>.yaml [--save_folder_name NAME] [flags]
+"""
 import os
 import sys
 

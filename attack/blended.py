@@ -1,4 +1,7 @@
-"""blended attack: python attack/blended.py --yaml_path config/attack/blended/<dataset>.yaml [--save_folder_name NAME] [flags]"""
+"""blended attack:
+
+    python attack/blended.py --yaml_path config/attack/blended/<dataset>.yaml [--save_folder_name NAME] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""deferred attack: python attack/deferred.py --yaml_path config/attack/deferred/<dataset>.yaml [--save_folder_name NAME] [flags]"""
+"""deferred attack:
+
+    python attack/deferred.py --yaml_path config/attack/deferred/<dataset>.yaml [--save_folder_name NAME] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""inputaware attack: python attack/inputaware.py --yaml_path config/attack/inputaware/<dataset>.yaml [--save_folder_name NAME] [flags]"""
+"""inputaware attack:
+
+    python attack/inputaware.py --yaml_path config/attack/inputaware/<dataset>.yaml [--save_folder_name NAME] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""wanet attack: python attack/wanet.py --yaml_path config/attack/wanet/<dataset>.yaml [--save_folder_name NAME] [flags]"""
+"""wanet attack:
+
+    python attack/wanet.py --yaml_path config/attack/wanet/<dataset>.yaml [--save_folder_name NAME] [flags]
+"""
 import os
 import sys
 

@@ -62,7 +62,8 @@ class Check:
         lo = "-inf" if self.lo is None else f"{self.lo:g}"
         hi = "inf" if self.hi is None else f"{self.hi:g}"
         kind = "an integer" if self.integer else "a finite number"
-        return f"{kind} in {'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+        return (f"{kind} in {'(' if self.lo_open or self.lo is None else '['}{lo}, "
+                f"{hi}{')' if self.hi_open or self.hi is None else ']'}")
 
 
 class AmountCheck(Check):
@@ -143,14 +144,14 @@ PRECISIONS = ("fp32", "bf16")
 # schema is built from (tests/test_registry.py checks each registered schema carries them).
 RUN_SCHEMA = {
     "precision": Option("fp32", "numerics of every forward/backward pass: fp32 (the official code's, default) or bf16 "
-                                "(bf16 autocast, the named speed option; PAM's displaced pass and black-box QRA's finite "
-                                "differences stay fp32). On the CPU bf16 runs under torch's CPU autocast (correct, usually "
-                                "slower)", choices=PRECISIONS),
-    "eval_subset": Option(0, "speed option: the per-epoch test curve of a training loop is evaluated on a fixed, seeded "
-                             "subset of this many samples of each test set (clean and poisoned); the evaluation before "
-                             "training and the final one always use the full sets, so every reported final figure is "
-                             "unchanged. 0 (default): every evaluation on the full sets", check=Check(lo=0, integer=True,
-                                                                                                   text="an integer >= 0")),
+                                "(bf16 autocast, the named speed option; PAM's displaced pass and black-box QRA's "
+                                "finite differences stay fp32). On the CPU bf16 runs under torch's CPU autocast "
+                                "(correct, usually slower)", choices=PRECISIONS),
+    "eval_subset": Option(0, "speed option: the per-epoch test curve of a training loop is evaluated on a fixed, "
+                             "seeded subset of this many samples of each test set (clean and poisoned); the evaluation "
+                             "before training and the final one always use the full sets, so every reported final "
+                             "figure is unchanged. 0 (default): every evaluation on the full sets",
+                          check=Check(lo=0, integer=True, text="an integer >= 0")),
 }
 
 
@@ -258,7 +259,8 @@ def _no_duplicates(loader, node, deep=False):
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise ConfigError(f"duplicate key '{key}' (lines {seen[key] + 1} and {key_node.start_mark.line + 1}): keep one")
+            raise ConfigError(f"duplicate key '{key}' (lines {seen[key] + 1} and "
+                              f"{key_node.start_mark.line + 1}): keep one")
         seen[key] = key_node.start_mark.line
     return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
@@ -333,8 +335,8 @@ class RunConfig(SimpleNamespace):
 
     def __setattr__(self, key, value):
         if self.__dict__.get("_frozen"):
-            raise AttributeError(f"the run's config is frozen: '{key}' cannot change once the run started; pass the value "
-                                 f"as an argument, or work on cfg.replace({key}=...)")
+            raise AttributeError(f"the run's config is frozen: '{key}' cannot change once the run started; pass the "
+                                 f"value as an argument, or work on cfg.replace({key}=...)")
         super().__setattr__(key, value)
 
     def freeze(self) -> RunConfig:
@@ -449,7 +451,9 @@ def read_index(path, n: int | None = None, flag: str = "--index") -> np.ndarray:
     if idx.min() < 0:
         raise ConfigError(f"{flag} {p}: holds a negative index ({idx.min()})")
     if len(np.unique(idx)) != len(idx):
-        raise ConfigError(f"{flag} {p}: holds {len(idx) - len(np.unique(idx))} repeated indices; each sample may appear once")
+        raise ConfigError(f"{flag} {p}: holds {len(idx) - len(np.unique(idx))} repeated indices; "
+                          f"each sample may appear once")
     if n is not None and idx.max() >= n:
-        raise ConfigError(f"{flag} {p}: index {idx.max()} is beyond the {n} training samples; the file belongs to other data")
+        raise ConfigError(f"{flag} {p}: index {idx.max()} is beyond the {n} training samples; "
+                          f"the file belongs to other data")
     return idx  # file order kept (BackdoorBench writes index.txt in draw order)

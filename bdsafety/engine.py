@@ -44,8 +44,9 @@ def check_finite_model(model: torch.nn.Module, what: str = "model") -> None:
     bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise TrainingDiverged(f"{what}: {len(bad)} weight tensors hold NaN/inf after training (first: {bad[0]}); the run "
-                               f"diverged. Lower the learning rate (lr) or check the data; nothing from this run was saved.")
+        raise TrainingDiverged(f"{what}: {len(bad)} weight tensors hold NaN/inf after training (first: {bad[0]}); the "
+                               f"run diverged. Lower the learning rate (lr) or check the data; "
+                               f"nothing from this run was saved.")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -169,7 +170,8 @@ class EvalSets:
 
 
 @torch.no_grad()
-def predict(model, ds: DeviceDataset, norm: Normalizer, batch_size: int = 1024, transform: Callable | None = None) -> torch.Tensor:
+def predict(model, ds: DeviceDataset, norm: Normalizer, batch_size: int = 1024,
+            transform: Callable | None = None) -> torch.Tensor:
     """Predicted labels for every image of ``ds``; ``transform`` maps a [0,1] batch before normalising."""
     was_training = model.training
     model.eval()
@@ -185,7 +187,8 @@ def predict(model, ds: DeviceDataset, norm: Normalizer, batch_size: int = 1024, 
 
 
 @torch.no_grad()
-def evaluate_loss_acc(model, ds: DeviceDataset, norm: Normalizer, batch_size: int = 1024, labels: torch.Tensor | None = None):
+def evaluate_loss_acc(model, ds: DeviceDataset, norm: Normalizer, batch_size: int = 1024,
+                      labels: torch.Tensor | None = None):
     """(mean cross-entropy, accuracy) of ``model`` on ``ds`` (against ``labels`` if given)."""
     return evaluate_label_sets(model, ds, norm, batch_size, [labels])[0]
 
@@ -277,23 +280,27 @@ def fit(
         batch_fn = lambda xb, y, idx: (norm.from_uint8(xb), y)  # noqa: E731
     rows: list[dict] = []
     if eval_at_start and evalsets is not None:
-        rows.append({"epoch": 0, "train_loss": math.nan, "train_acc": math.nan, **_test_metrics(model, evalsets, norm, eval_batch_size)})
+        rows.append({"epoch": 0, "train_loss": math.nan, "train_acc": math.nan,
+                     **_test_metrics(model, evalsets, norm, eval_batch_size)})
     if epochs < 1 or batch_size < 1:
-        raise TrainingDiverged(f"{desc}: {epochs} epochs of batch size {batch_size} make no optimizer step; both must be >= 1")
+        raise TrainingDiverged(f"{desc}: {epochs} epochs of batch size {batch_size} make no optimizer step; "
+                               f"both must be >= 1")
     if len(train) == 0:
         raise TrainingDiverged(f"{desc}: the training data is empty, so no optimizer step would be made")
     steps_per_epoch = math.ceil(len(train) / batch_size)
     start_norm = weight_norm(model)
     n_sub = _EVAL_SUBSET.get()
     curve_sets = evalsets.subset(n_sub) if evalsets is not None and n_sub > 0 else evalsets
-    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not use_progress(progress), dynamic_ncols=True, leave=False)
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not use_progress(progress), dynamic_ncols=True,
+               leave=False)
     try:
         for epoch in range(1, epochs + 1):
             model.train()
             tot_loss = torch.zeros((), device=train.device)
             tot_correct = torch.zeros((), device=train.device)
             seen = 0
-            for xb, y, idx in iterate_batches(train, batch_size, shuffle=True, augment=augment, hflip=hflip, generator=generator):
+            for xb, y, idx in iterate_batches(train, batch_size, shuffle=True, augment=augment, hflip=hflip,
+                                              generator=generator):
                 x, y = batch_fn(xb, y, idx)
                 loss, logits = step_fn(model, x, y)
                 tot_loss += loss * len(y)
@@ -329,7 +336,8 @@ def fit(
             rows.append(row)
             if epoch == 1:
                 fault_point("train")
-            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "test_acc", "test_asr") if k in row and not math.isnan(row[k])})
+            bar.set_postfix({k: f"{row[k]:.3f}" for k in ("train_loss", "test_acc", "test_asr")
+                             if k in row and not math.isnan(row[k])})
     finally:
         bar.close()
     check_finite_model(model, desc)
@@ -348,7 +356,8 @@ def weight_norm(model: torch.nn.Module) -> float:
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def check_health(model: torch.nn.Module, rows: list[dict], desc: str, start_norm: float, max_loss: float = MAX_LOSS) -> None:
+def check_health(model: torch.nn.Module, rows: list[dict], desc: str, start_norm: float,
+                 max_loss: float = MAX_LOSS) -> None:
     """The state after the last step, not only the training losses: a non-finite or exploding loss on the final
     evaluation, or weights whose norm grew by orders of magnitude (``MAX_WEIGHT_GROWTH``), are a divergence."""
     last = next((r for r in reversed(rows) if not math.isnan(r.get("test_loss", math.nan))), None)
@@ -356,13 +365,13 @@ def check_health(model: torch.nn.Module, rows: list[dict], desc: str, start_norm
         for key in ("test_loss", "bd_test_loss"):
             v = last.get(key)
             if v is not None and (not math.isfinite(v) or (key == "test_loss" and v > max_loss)):
-                raise TrainingDiverged(f"{desc}: the final evaluation's {key} is {v:.4g}: the model diverged. Lower the "
-                                       f"learning rate (lr); nothing from this run was saved.")
+                raise TrainingDiverged(f"{desc}: the final evaluation's {key} is {v:.4g}: the model diverged. Lower "
+                                       f"the learning rate (lr); nothing from this run was saved.")
     end = weight_norm(model)
     if start_norm > 0 and end > MAX_WEIGHT_GROWTH * start_norm:
         raise TrainingDiverged(f"{desc}: the weights' norm grew from {start_norm:.4g} to {end:.4g} (over "
-                               f"{MAX_WEIGHT_GROWTH:g}x): the run diverged. Lower the learning rate (lr); nothing from this "
-                               f"run was saved.")
+                               f"{MAX_WEIGHT_GROWTH:g}x): the run diverged. Lower the learning rate (lr); nothing from "
+                               f"this run was saved.")
 
 
 def _test_metrics(model, evalsets, norm, batch_size):

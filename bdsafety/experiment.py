@@ -26,7 +26,13 @@ from bdsafety.errors import ConfigError, DataError
 from bdsafety.models import load_state_dict_compat
 from bdsafety.outputs import DEPENDENTS, OutputFolder, write_artifact
 from bdsafety.pools import real_poisoned
-from bdsafety.records import load_attack_record, load_model_result, resolve_record_dir, save_model_result, write_metrics_csv
+from bdsafety.records import (
+    load_attack_record,
+    load_model_result,
+    resolve_record_dir,
+    save_model_result,
+    write_metrics_csv,
+)
 from bdsafety.registry import kind_runner
 from bdsafety.safeio import RecordError, atomic_write_text
 
@@ -39,20 +45,21 @@ RECORD_SCHEMA = {
     "model_input_size": Option(None, "size the model upsamples every batch to (default: the record's model_input_size, "
                                      "as the attack trained it)", type=int, check=POS_INT),
     "input_resize": Option(None, "resize of the TRAINING images of this run before the crop (default: the record's "
-                                 "input_resize, i.e. the attack's pipeline; e.g. 256 with input_crop 224 for PAM/BTI-DBF as "
-                                 "the official BTIDBF loader). Evaluation always uses the record's own view", type=int,
-                           check=POS_INT),
+                                 "input_resize, i.e. the attack's pipeline; e.g. 256 with input_crop 224 for "
+                                 "PAM/BTI-DBF as the official BTIDBF loader). "
+                                 "Evaluation always uses the record's own view", type=int, check=POS_INT),
     "input_crop": Option(None, "with input_resize: random crop (training, after zero padding 4) and centre crop size "
                                "(default: the record's, else input_resize)", type=int, check=POS_INT),
     "normalization": Option(None, "input normalisation: default the record's (records without it: dataset); 'imagenet' "
                                   "for records of the official fork's CIFAR-100/Tiny pipeline, which normalises with "
                                   "ImageNet statistics", choices=NORMALIZATIONS),
     "random_seed": Option(0, "seed for data subsets, init and batch order", check=SEED),
-    "trust_record": Option(False, "allow full unpickling of record files (only for files you trust: a pickle can run code)"),
+    "trust_record": Option(False, "allow full unpickling of record files (only for files you trust: "
+                                  "a pickle can run code)"),
     "overwrite": Option(False, "replace an existing output folder"),
     "dependents": Option("ask", "with --overwrite, results stored inside the output being replaced (a defense's ra/, "
-                                "qra/): 'ask' refuses and lists them, 'delete' deletes them, 'archive' moves the old output "
-                                "with them to .archive/", choices=DEPENDENTS),
+                                "qra/): 'ask' refuses and lists them, 'delete' deletes them, 'archive' moves the old "
+                                "output with them to .archive/", choices=DEPENDENTS),
     "no_progress": Option(False, "disable progress bars"),
     "eval_batch_size": Option(1024, "evaluation batch size", check=POS_INT),
     **RUN_SCHEMA,
@@ -100,8 +107,8 @@ class Experiment:
         try:
             model = models.build_model(self.model_name, self.num_classes, img_size, input_size=self.model_input_size)
         except ConfigError as e:
-            raise ConfigError(f"record {self.record_dir}: its attack_result.pt names model {self.model_name!r}, which cannot be "
-                              f"built here: {e}") from None
+            raise ConfigError(f"record {self.record_dir}: its attack_result.pt names model {self.model_name!r}, which "
+                              f"cannot be built here: {e}") from None
         return engine.prepare_model(model, self.device)
 
     @property
@@ -121,7 +128,8 @@ class Experiment:
             load_state_dict_compat(model, state_dict)
         except (ValueError, TypeError) as e:  # a damaged or foreign model file: the user's to fix, not a bug
 
-            raise RecordError(f"record {self.record_dir}: {e}{_input_size_hint(state_dict, self.model_input_size)}") from None
+            raise RecordError(f"record {self.record_dir}: "
+                              f"{e}{_input_size_hint(state_dict, self.model_input_size)}") from None
         return model
 
     def backdoored_model(self) -> torch.nn.Module:
@@ -133,8 +141,9 @@ class Experiment:
         res = load_model_result(path, trust_record=self.cfg.trust_record)
         if res["model_name"] != self.model_name or int(res["num_classes"]) != self.num_classes:
             raise DataError(
-                f"{path} holds a {res['model_name']} with {res['num_classes']} classes, but record {self.record_dir.name} is a "
-                f"{self.model_name} with {self.num_classes} classes: it belongs to another record"
+                f"{path} holds a {res['model_name']} with {res['num_classes']} classes, but record "
+                f"{self.record_dir.name} is a {self.model_name} with {self.num_classes} classes: "
+                f"it belongs to another record"
             )
         return self.load_model(res["model"])
 
@@ -152,7 +161,8 @@ class Experiment:
         if bd is None or len(bd) == 0:
             raise DataError(
                 f"record {self.record_dir.name} has no poisoned training samples (bd_train is "
-                f"{'None' if bd is None else 'empty'}: e.g. a clean reference model or a training-controlled attack such as LIRA)"
+                f"{'None' if bd is None else 'empty'}: e.g. a clean reference model or a "
+                f"training-controlled attack such as LIRA)"
             )
         return self.dataset(bd.images, bd.bd_labels)
 
@@ -169,8 +179,8 @@ def _input_size_hint(state_dict, input_size: int | None) -> str:
     side = math.isqrt(int(pos.shape[1]) - 1) * int(conv.shape[-1])
     if input_size == side:
         return ""
-    return (f". This ViT was trained at {side} px input (its positional embedding has {int(pos.shape[1])} tokens) but is "
-            f"opened at {input_size or 224} px: pass --model_input_size {side}")
+    return (f". This ViT was trained at {side} px input (its positional embedding has {int(pos.shape[1])} tokens) but "
+            f"is opened at {input_size or 224} px: pass --model_input_size {side}")
 
 
 def data_location(record, record_dir: Path, dataset_path: str | None) -> str:
@@ -212,7 +222,8 @@ def record_geometry(record, data_info) -> InputGeometry | None:
 
 
 def run_geometry(record, data_info, cfg) -> tuple[InputGeometry | None, InputGeometry | None]:
-    """(record's geometry for evaluation, this run's training geometry: --input_resize/--input_crop over the record's)."""
+    """(record's geometry for evaluation, this run's training geometry: --input_resize/--input_crop over the
+    record's)."""
     rec = record_geometry(record, data_info)
     resize, crop = getattr(cfg, "input_resize", None), getattr(cfg, "input_crop", None)
     if resize is None and crop is None:
@@ -224,8 +235,9 @@ def run_geometry(record, data_info, cfg) -> tuple[InputGeometry | None, InputGeo
     size = _model_input_size(record, cfg)
     for g in (rec, train):
         if g is not None and size is not None and size != g.crop:
-            raise ConfigError(f"model_input_size {size} and the input crop {g.crop} ({g.describe()}) disagree: the batches "
-                              f"already reach the model at {g.crop} px; drop --model_input_size or --input_crop")
+            raise ConfigError(f"model_input_size {size} and the input crop {g.crop} ({g.describe()}) disagree: the "
+                              f"batches already reach the model at {g.crop} px; "
+                              f"drop --model_input_size or --input_crop")
     return rec, train
 
 
@@ -239,15 +251,16 @@ def load_record_data(record, record_dir: Path, dataset_path: str | None = None):
     elif record.clean_data == "imagefolder":
         kw = dict(img_size=tuple(record.img_size[:2]))
     data = datasets.load_clean_dataset(record.clean_data, data_location(record, record_dir, dataset_path), **kw)
-    if len(data.train_y) != record.bd_test.length and record.bd_train is not None and len(data.train_y) != record.bd_train.length:
+    if (len(data.train_y) != record.bd_test.length and record.bd_train is not None
+            and len(data.train_y) != record.bd_train.length):
         if record.clean_data == "synthetic" and not record.info:
-            fix = (f"its info.pickle, which holds the synthetic data's settings, is missing: copy it back into {record_dir} "
-                   f"(or re-run the attack)")
+            fix = (f"its info.pickle, which holds the synthetic data's settings, is missing: copy it back into "
+                   f"{record_dir} (or re-run the attack)")
         else:
             fix = "point --dataset_path at the data the record was made from"
         raise DataError(
-            f"the clean {record.clean_data} data found has {len(data.train_y)} training images but record {record_dir.name} was "
-            f"made on {record.bd_train.length}: {fix}"
+            f"the clean {record.clean_data} data found has {len(data.train_y)} training images but record "
+            f"{record_dir.name} was made on {record.bd_train.length}: {fix}"
         )
     return data
 
@@ -255,13 +268,14 @@ def load_record_data(record, record_dir: Path, dataset_path: str | None = None):
 def open_experiment(cfg: SimpleNamespace) -> Experiment:
 
     if not cfg.result_file:
-        raise ConfigError("--result_file is required: the record folder to work on (a name under --record_root, or a path)")
+        raise ConfigError("--result_file is required: the record folder to work on (a name under "
+                          "--record_root, or a path)")
     record_dir = resolve_record_dir(cfg.result_file, cfg.record_root)
     record = load_attack_record(record_dir, trust_record=cfg.trust_record)
     if getattr(cfg, "model", None) and cfg.model != record.model_name:
         raise ConfigError(
-            f"--model {cfg.model} does not match record {record_dir.name}, which holds a {record.model_name}: the model comes "
-            f"from the record; drop --model or pick the record made with {cfg.model}"
+            f"--model {cfg.model} does not match record {record_dir.name}, which holds a {record.model_name}: the "
+            f"model comes from the record; drop --model or pick the record made with {cfg.model}"
         )
     device = resolve_device(cfg.device)
     engine.seed_everything(cfg.random_seed)
@@ -290,7 +304,8 @@ def reserved_indices(labels: np.ndarray, amount: float, *, balanced: bool = Fals
     n = len(labels)
     count = int(round(amount * n)) if amount < 1 else int(amount)
     if count <= 0 or count > n:
-        raise ConfigError(f"reserved amount {amount} gives {count} samples out of {n}: use a ratio in (0, 1) or a count in [1, {n}]")
+        raise ConfigError(f"reserved amount {amount} gives {count} samples out of {n}: "
+                          f"use a ratio in (0, 1) or a count in [1, {n}]")
     rng = np.random.default_rng(seed)
     if not balanced:
         return np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
@@ -305,7 +320,8 @@ def reserved_indices(labels: np.ndarray, amount: float, *, balanced: bool = Fals
     for c in classes:
         pool = np.flatnonzero(labels == c)
         if len(pool) < per:
-            raise DataError(f"class {c} has only {len(pool)} samples, fewer than the {per} per class the reserved subset needs")
+            raise DataError(f"class {c} has only {len(pool)} samples, fewer than the {per} per class the "
+                            f"reserved subset needs")
         out.append(rng.choice(pool, size=per, replace=False))
     return np.sort(np.concatenate(out)).astype(np.int64)
 
@@ -345,7 +361,8 @@ def write_output(folder: Path, out: Output, exp, cfg: SimpleNamespace, t0: float
     """Write ``out`` into the (temporary) folder ``folder`` of an OutputFolder."""
     folder = Path(folder)
     if out.model_state is not None:
-        save_model_result(folder / (out.model_file or "model_result.pt"), out.model_state, exp.model_name, exp.num_classes)
+        save_model_result(folder / (out.model_file or "model_result.pt"), out.model_state, exp.model_name,
+                          exp.num_classes)
     for fname, value in out.artifacts.items():
         write_artifact(folder / fname, value)
     for key, arr in out.indices.items():
@@ -376,7 +393,8 @@ def run_on_record(method, cfg) -> list[Path]:
     t0 = time.time()
     exp = open_experiment(cfg)
     dests = {k: Path(d) for k, d in method.outputs(exp, cfg).items()}
-    folders = {k: OutputFolder(d, overwrite=cfg.overwrite, dependents=cfg.dependents, what=f"{method.name.upper()} output")
+    what = f"{method.name.upper()} output"
+    folders = {k: OutputFolder(d, overwrite=cfg.overwrite, dependents=cfg.dependents, what=what)
                for k, d in dests.items()}
     written = []
     for key, out in method.run(RecordRun(exp, cfg, dests)):

@@ -29,9 +29,9 @@ def check_model(rec) -> None:
                             input_size=None if size is None else int(size))
         load_state_dict_compat(model, rec.state_dict)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise RecordError(f"{rec.record_dir}: the model in attack_result.pt cannot be loaded as a {rec.model_name} with "
-                          f"{rec.num_classes} classes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the record "
-                          "is damaged or was written by other code: re-run the attack") from None
+        raise RecordError(f"{rec.record_dir}: the model in attack_result.pt cannot be loaded as a {rec.model_name} "
+                          f"with {rec.num_classes} classes ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                          f"the record is damaged or was written by other code: re-run the attack") from None
 
 
 def _metrics_line(folder: Path, name: str | None = None) -> str:
@@ -81,8 +81,8 @@ def _inspect(argv: list[str] | None) -> None:
         check_model(rec)
         unusable = None
         if len(rec.bd_test) == 0:
-            unusable = RecordError(f"{record_dir}: bd_test holds no poisoned test sample, so no tool can measure an ASR on "
-                                   f"this record; re-run the attack")
+            unusable = RecordError(f"{record_dir}: bd_test holds no poisoned test sample, so no tool can measure an "
+                                   f"ASR on this record; re-run the attack")
     except RecordError as e:  # print what the record holds (the architecture line says what the weights look like),
         unusable = e          # then exit non-zero
 

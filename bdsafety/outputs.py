@@ -36,7 +36,13 @@ import numpy as np
 
 from bdsafety.config import check_folder_name
 from bdsafety.errors import OutputError
-from bdsafety.safeio import atomic_savefig, atomic_torch_save, atomic_write_bytes, atomic_write_text, ensure_safe_loadable
+from bdsafety.safeio import (
+    atomic_savefig,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    ensure_safe_loadable,
+)
 
 DEPENDENTS = ("ask", "delete", "archive")
 # names an output may never take: folders and files that records, defense folders and studies hold themselves
@@ -149,13 +155,15 @@ def check_output_name(dest: Path) -> None:
     name = dest.name
     check_folder_name(name, "save_name")
     if name in RESERVED_NAMES or name.endswith((".pt", ".pickle", ".csv", ".yaml", ".json", ".txt", ".log")):
-        raise OutputError(f"output name {name!r} is reserved: records, defense folders and studies hold a file or folder of "
-                          f"that name (or kind). Choose another name, e.g. --save_name {name.split('.')[0]}_run")
+        raise OutputError(f"output name {name!r} is reserved: records, defense folders and studies hold a file or "
+                          f"folder of that name (or kind). Choose another name, e.g. --save_name "
+                          f"{name.split('.')[0]}_run")
     if dest.exists() and not dest.is_dir():
         raise OutputError(f"{dest} is a file, not an output folder; choose another --save_name")
     if len(os.fsencode(name)) + _WORK_SUFFIX > NAME_MAX:
-        raise OutputError(f"output name {name[:40]}... has {len(os.fsencode(name))} bytes; with the temporary prefix the "
-                          f"file system's limit of {NAME_MAX} would be exceeded: use at most {NAME_MAX - _WORK_SUFFIX} bytes")
+        raise OutputError(f"output name {name[:40]}... has {len(os.fsencode(name))} bytes; with the temporary prefix "
+                          f"the file system's limit of {NAME_MAX} would be exceeded: use at most "
+                          f"{NAME_MAX - _WORK_SUFFIX} bytes")
 
 
 class _DestLock:
@@ -180,8 +188,8 @@ class _DestLock:
                 f.seek(0)
                 holder = f.read().strip() or "?"
                 f.close()
-                raise OutputError(f"another run (pid {holder}) is writing the {what} {dest} now; wait for it to finish, "
-                                  f"or choose another --save_name") from None
+                raise OutputError(f"another run (pid {holder}) is writing the {what} {dest} now; wait for it to "
+                                  f"finish, or choose another --save_name") from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
             except FileNotFoundError:
@@ -228,7 +236,8 @@ class OutputFolder:
         check_output_name(self.dest)
         if dependents not in DEPENDENTS:
             raise OutputError(f"dependents must be one of {', '.join(DEPENDENTS)}, got {dependents!r}")
-        self.overwrite, self.dependents, self.own, self.carry, self.what = overwrite, dependents, tuple(own), tuple(carry), what
+        self.overwrite, self.dependents, self.own, self.carry, self.what = (overwrite, dependents, tuple(own),
+                                                                            tuple(carry), what)
         self.lock = _DestLock(self.dest, what)
         try:
             recover(self.dest)
@@ -243,15 +252,16 @@ class OutputFolder:
         replaced: list[str] = []
         if self.dest.exists():
             if not self.overwrite:
-                beside = ", or --save_name to write beside it" if self.what != "record" else ", or choose another --save_folder_name"
+                beside = (", or --save_name to write beside it" if self.what != "record"
+                          else ", or choose another --save_folder_name")
                 raise OutputError(f"{self.dest} already exists; pass --overwrite to replace it{beside}")
             deps = [d for d in dependents_of(self.dest, self.own) if d not in self.carry]
             if deps and self.dependents == "ask":
                 listing = ", ".join(f"{d}/" for d in deps)
                 raise OutputError(
-                    f"{self.dest} holds results computed from it ({listing}); replacing it would delete them or leave them "
-                    f"stale. Pass --dependents delete to delete them with the old {self.what}, or --dependents archive to move the "
-                    f"old {self.what} with them to {self.dest.parent / '.archive'}/")
+                    f"{self.dest} holds results computed from it ({listing}); replacing it would delete them or leave "
+                    f"them stale. Pass --dependents delete to delete them with the old {self.what}, or --dependents "
+                    f"archive to move the old {self.what} with them to {self.dest.parent / '.archive'}/")
             replaced = deps
         return replaced
 
@@ -289,8 +299,8 @@ class OutputFolder:
             now = self._check()
             late = sorted(set(now) - set(self.replaced))
             if late:
-                raise OutputError(f"{', '.join(d + '/' for d in late)} appeared inside {self.dest} while this run worked "
-                                  f"(another run wrote it); replacing {self.dest} now would delete it")
+                raise OutputError(f"{', '.join(d + '/' for d in late)} appeared inside {self.dest} while this run "
+                                  f"worked (another run wrote it); replacing {self.dest} now would delete it")
         except OutputError as e:
             keep = self.dest.parent / f"{self.dest.name}.unsaved-{time.strftime('%Y%m%d-%H%M%S')}-{pid}"
             os.replace(self.path, keep)

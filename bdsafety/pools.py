@@ -67,14 +67,16 @@ def _check_split(ps: PoolSplit, indices: np.ndarray, path: Path) -> None:
     a, d, idx = ps.attacker, ps.defender, np.unique(np.asarray(indices, dtype=np.int64))
     problems = []
     if np.intersect1d(a, d).size:
-        problems.append(f"{np.intersect1d(a, d).size} samples are in both parts (attacker and defender would share them)")
+        problems.append(f"{np.intersect1d(a, d).size} samples are in both parts (attacker and "
+                        f"defender would share them)")
     if len(np.unique(a)) != len(a) or len(np.unique(d)) != len(d):
         problems.append("a part lists a sample twice")
     if not np.array_equal(np.union1d(a, d), idx):
         problems.append("its parts are not the record's poisoned training samples")
     if problems:
-        raise DataError(f"{path} is not a valid attacker/defender split: {'; '.join(problems)} (edited by hand?). Delete it and "
-                        f"it is rebuilt from the record on the next run; results made with it are not trustworthy")
+        raise DataError(f"{path} is not a valid attacker/defender split: {'; '.join(problems)} (edited by hand?). "
+                        f"Delete it and it is rebuilt from the record on the next run; "
+                        f"results made with it are not trustworthy")
 
 
 def pool_split(record_dir: Path, split: PoisonedSplit) -> PoolSplit:
@@ -88,11 +90,12 @@ def pool_split(record_dir: Path, split: PoisonedSplit) -> PoolSplit:
             saved = PoolSplit(np.asarray(d["attacker"], dtype=np.int64), np.asarray(d["defender"], dtype=np.int64))
             ok = d["bd_train_digest"] == digest
         except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path} is unreadable ({e}); delete it and it is rebuilt from the record on the next run") from None
+            raise DataError(f"{path} is unreadable ({e}); delete it and it is rebuilt from the "
+                            f"record on the next run") from None
         if not ok:
             raise DataError(f"{path} was made for other poisoned training samples than the record's bd_train now holds "
-                            f"(the record was replaced?): delete {path.name} and rerun; results made with the old split "
-                            f"no longer match this record")
+                            f"(the record was replaced?): delete {path.name} and rerun; results made with the old "
+                            f"split no longer match this record")
         _check_split(saved, split.indices, path)
         return saved
     ps = make_split(split.indices)
@@ -118,8 +121,8 @@ def part_of(record_dir: Path, split: PoisonedSplit, part: str) -> PoisonedSplit:
         return split
     sub = restrict(split, pool_split(record_dir, split).part(part))
     if len(sub) == 0:
-        raise DataError(f"record {Path(record_dir).name} holds only {len(split)} poisoned training sample(s): too few to give "
-                        f"the attacker and the defender disjoint ones (see {POOL_FILE})")
+        raise DataError(f"record {Path(record_dir).name} holds only {len(split)} poisoned training sample(s): too few "
+                        f"to give the attacker and the defender disjoint ones (see {POOL_FILE})")
     return sub
 
 
@@ -155,21 +158,23 @@ def poisoned_pool(exp, source: str | None = None, purpose: str = "RA", part: str
         src_dir, rec, same = exp.record_dir, exp.record, True
     split = real_poisoned(rec.bd_train, rec.info)
     if split is None or len(split) == 0:
-        why = ("bd_train is None: the attack stores no poisoned training samples (e.g. LIRA, Blind)" if split is None else
-               "bd_train is empty: it was made with --pratio 0 (a clean reference record)")
+        why = ("bd_train is None: the attack stores no poisoned training samples (e.g. LIRA, Blind)" if split is None
+               else "bd_train is empty: it was made with --pratio 0 (a clean reference record)")
         if purpose in ("RA", "QRA"):
-            hint = ("pass --poison_source <attack record> (a record of the attack on the same data whose bd_train holds its "
-                    "poisoned samples, e.g. --poison_source badnet_demo)" + (" or --poison_num 0 (clean-only retuning control)"
-                                                                              if purpose == "RA" else ""))
+            hint = ("pass --poison_source <attack record> (a record of the attack on the same data whose bd_train "
+                    "holds its poisoned samples, e.g. --poison_source badnet_demo)"
+                    + (" or --poison_num 0 (clean-only retuning control)" if purpose == "RA" else ""))
         else:
             hint = "run it on the attack's record, or use a defense that needs no real poisoned samples"
-        raise DataError(f"{purpose} needs real poisoned training samples, but record {src_dir.name} has none ({why}); {hint}")
+        raise DataError(f"{purpose} needs real poisoned training samples, "
+                        f"but record {src_dir.name} has none ({why}); {hint}")
     if not same:
         if (rec.clean_data != exp.record.clean_data or split.length != len(exp.data.train_y)
                 or tuple(rec.img_size) != tuple(exp.record.img_size)):
-            raise DataError(f"poison_source {src_dir.name} was made on {rec.clean_data} ({split.length} training images, "
-                             f"{tuple(rec.img_size)}), but record {exp.record_dir.name} on {exp.record.clean_data} "
-                             f"({len(exp.data.train_y)} training images, {tuple(exp.record.img_size)}): pick a record on the same data")
+            raise DataError(f"poison_source {src_dir.name} was made on {rec.clean_data} ({split.length} training "
+                            f"images, {tuple(rec.img_size)}), but record {exp.record_dir.name} on "
+                            f"{exp.record.clean_data} ({len(exp.data.train_y)} training images, "
+                            f"{tuple(exp.record.img_size)}): pick a record on the same data")
     if part is not None:
         split = part_of(src_dir, split, part)
     return split, src_dir, rec

@@ -34,7 +34,14 @@ import yaml
 from bdsafety import registry
 from bdsafety.data.poisoned import PoisonedSplit
 from bdsafety.outputs import recover
-from bdsafety.safeio import RecordError, _current_umask, _ensure_safe_loadable, atomic_torch_save, atomic_write_text, safe_torch_load
+from bdsafety.safeio import (
+    RecordError,
+    _current_umask,
+    _ensure_safe_loadable,
+    atomic_torch_save,
+    atomic_write_text,
+    safe_torch_load,
+)
 
 __all__ = [
     "write_metrics_csv", "read_metrics_summary", "save_attack_record", "AttackRecord", "load_attack_record",
@@ -42,7 +49,8 @@ __all__ = [
 ]
 
 ATTACK_COMMAND = "python attack/badnet.py --yaml_path config/attack/badnet/demo.yaml --save_folder_name {name}"
-ATTACK_RESULT_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
+ATTACK_RESULT_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data",
+                      "bd_train", "bd_test")
 MODEL_RESULT_KEYS = ("model_name", "num_classes", "model")
 NAN_VALUE = "nan_value"  # how BackdoorBench's Metric_Aggregator stores NaN in csv files
 SUMMARY_INDEX = ("last", "valid_max", "exist_nan_value")
@@ -94,13 +102,15 @@ def read_metrics_summary(folder: str | os.PathLike, name: str) -> dict[str, floa
     """
     path = Path(folder) / f"{name}_df_summary.csv"
     if not path.is_file():
-        raise RecordError(f"{path} not found: it is written at the end of the run that produces {name!r} results; re-run it")
+        raise RecordError(f"{path} not found: it is written at the end of the run that produces "
+                          f"{name!r} results; re-run it")
     try:
         df = pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise RecordError(f"{path} is not a readable csv ({e}); re-run the run that writes it") from None
     if "last" not in df.index:
-        raise RecordError(f"{path} has no 'last' row (rows: {', '.join(map(str, df.index))}); it is not a BackdoorBench summary csv")
+        raise RecordError(f"{path} has no 'last' row (rows: {', '.join(map(str, df.index))}); it is not a "
+                          f"BackdoorBench summary csv")
     out: dict[str, float] = {}
     for col, v in df.loc["last"].items():
         if v in ("", NAN_VALUE):
@@ -151,7 +161,8 @@ def _write_png_dir(split: PoisonedSplit, dst: Path) -> None:
             sub.mkdir(exist_ok=True)
             bgr = img[..., ::-1] if img.ndim == 3 and img.shape[2] == 3 else img
             if not cv2.imwrite(str(sub / f"{int(idx)}.png"), np.ascontiguousarray(bgr)):
-                raise OSError(f"cv2.imwrite could not write {sub / f'{int(idx)}.png'} (disk full or unwritable folder?)")
+                raise OSError(f"cv2.imwrite could not write {sub / f'{int(idx)}.png'} (disk full "
+                              f"or unwritable folder?)")
         _replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,7 +171,8 @@ def _write_png_dir(split: PoisonedSplit, dst: Path) -> None:
 
 def save_attack_record(record_dir: str | os.PathLike, *, model_state: Mapping[str, torch.Tensor], model_name: str,
                        num_classes: int, clean_data: str, data_path: str, img_size: tuple,
-                       bd_train: PoisonedSplit | None, bd_test: PoisonedSplit, info: dict, name: str | None = None) -> Path:
+                       bd_train: PoisonedSplit | None, bd_test: PoisonedSplit, info: dict,
+                       name: str | None = None) -> Path:
     """Write a BackdoorBench v2.2 attack record into ``record_dir`` (normally ``record/<name>``).
 
     Writes the PNG folders, ``info.pickle`` and, last, ``attack_result.pt`` with BackdoorBench's structure
@@ -173,7 +185,8 @@ def save_attack_record(record_dir: str | os.PathLike, *, model_state: Mapping[st
     img_size = tuple(int(s) for s in img_size)
     for split_name, split in (("bd_train", bd_train), ("bd_test", bd_test)):
         if split is not None and len(split) and tuple(split.images.shape[1:]) != img_size:
-            raise ValueError(f"{split_name} images have shape {tuple(split.images.shape[1:])}, but img_size is {img_size}")
+            raise ValueError(f"{split_name} images have shape {tuple(split.images.shape[1:])}, "
+                             f"but img_size is {img_size}")
     info = dict(info)
     _ensure_safe_loadable(info, "info (info.pickle)")
     record_dir.mkdir(parents=True, exist_ok=True)
@@ -328,10 +341,10 @@ def _load_split(state: Any, key: str, record_dir: Path, img_size: tuple, pt_path
     if foreign:
         src = foreign[0].parent.parent
         raise RecordError(
-            f"{len(foreign)} of {len(poisoned)} poisoned {key} images of record {record_dir} are not inside it: their stored "
-            f"paths point into another folder ({src}, first: {foreign[0]}), which may belong to another record. Re-root the "
-            f"record: copy its own image folder into it (cp -r {src} {record_dir / folder[0]}) if that folder really is "
-            f"this record's, or re-run the attack")
+            f"{len(foreign)} of {len(poisoned)} poisoned {key} images of record {record_dir} are not inside it: their "
+            f"stored paths point into another folder ({src}, first: {foreign[0]}), which may belong to another record. "
+            f"Re-root the record: copy its own image folder into it (cp -r {src} {record_dir / folder[0]}) if that "
+            f"folder really is this record's, or re-run the attack")
     if missing:
         raise RecordError(f"{len(missing)} of {len(poisoned)} poisoned {key} images are missing, first: {missing[0]}; "
                           "copy the whole record folder (with its bd_*_dataset folders) or re-run the attack")
@@ -351,8 +364,8 @@ def _read_attack_result(record_dir: Path, trust_record: bool) -> dict:
     pt_path = record_dir / "attack_result.pt"
     if not pt_path.is_file() and (record_dir / "defense_result.pt").is_file() and record_dir.parent.name == "defense":
         rec = record_dir.parent.parent
-        raise RecordError(f"{record_dir} is a defense folder, not a record: pass the record and the defense separately, "
-                          f"--result_file {rec} --defense {record_dir.name}")
+        raise RecordError(f"{record_dir} is a defense folder, not a record: pass the record and the defense "
+                          f"separately, --result_file {rec} --defense {record_dir.name}")
     if not pt_path.is_file():
         raise RecordError(f"{record_dir} has no attack_result.pt: the attack did not finish (the file is written last) "
                           f"or this is not a record folder; {_missing_record_hint(record_dir)}")
@@ -373,7 +386,8 @@ def _checked_int(v: Any, what: str, path: Path, low: int = 0, high: int | None =
     if isinstance(v, np.generic):
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(v, float) and not float(v).is_integer():
-        raise RecordError(f"{path}: {what} is {v!r}, not an integer; the record is damaged or not a BackdoorBench record")
+        raise RecordError(f"{path}: {what} is {v!r}, not an integer; "
+                          f"the record is damaged or not a BackdoorBench record")
     v = int(v)
     if v < low or (high is not None and v > high):
         rng = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -413,7 +427,8 @@ def load_attack_record(record_dir: str | os.PathLike, trust_record: bool = False
     pt_path = record_dir / "attack_result.pt"
     img_size = _checked_img_size(result["img_size"], pt_path)
     num_classes = _checked_int(result["num_classes"], "num_classes", pt_path, low=2)
-    bd_train = None if result["bd_train"] is None else _load_split(result["bd_train"], "bd_train", record_dir, img_size, pt_path)
+    bd_train = (None if result["bd_train"] is None
+                else _load_split(result["bd_train"], "bd_train", record_dir, img_size, pt_path))
     if result["bd_test"] is None:
         raise RecordError(f"{pt_path}: bd_test is None; the record has no poisoned test set, re-run the attack")
     bd_test = _load_split(result["bd_test"], "bd_test", record_dir, img_size, pt_path)
@@ -425,7 +440,8 @@ def load_attack_record(record_dir: str | os.PathLike, trust_record: bool = False
         info = dict(info)
         _check_info(info, num_classes, info_path)
     else:
-        warnings.warn(f"{info_path} is missing: the attack's target label, poison ratio and label transform are unknown",
+        warnings.warn(f"{info_path} is missing: the attack's target label, "
+                      f"poison ratio and label transform are unknown",
                       stacklevel=2)
         info = {}
     return AttackRecord(
@@ -471,7 +487,8 @@ def list_defenses(record_dir: str | os.PathLike) -> list[str]:
     folder = Path(record_dir) / "defense"
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and (p / "defense_result.pt").is_file())
+    return sorted(p.name for p in folder.iterdir()
+                  if not p.name.startswith(".") and (p / "defense_result.pt").is_file())
 
 
 def summary_name(folder: str | os.PathLike) -> str | None:
@@ -483,7 +500,8 @@ def summary_name(folder: str | os.PathLike) -> str | None:
     folder = Path(folder)
     if (folder / f"{folder.name}_df_summary.csv").is_file():
         return folder.name
-    found = sorted(p.name[: -len("_df_summary.csv")] for p in folder.glob("*_df_summary.csv") if not p.name.startswith("."))
+    found = sorted(p.name[: -len("_df_summary.csv")] for p in folder.glob("*_df_summary.csv")
+                   if not p.name.startswith("."))
     if len(found) == 1:
         return found[0]
     cfg = folder / "config.yaml"
@@ -515,7 +533,8 @@ def resolve_record_dir(result_file: str | os.PathLike, record_root: str | os.Pat
         return given
     if (root / given).is_dir():
         return root / given
-    existing = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    existing = (sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir()
+                else [])
     listing = f"records under {root}: {', '.join(existing)}" if existing else f"there are no records under {root}"
     raise RecordError(f"record {str(result_file)!r} not found (neither {given} nor {root / given} is a folder); "
                       f"{listing}; {_missing_record_hint(given)}")

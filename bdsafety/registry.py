@@ -162,7 +162,8 @@ def register(kind: str, name: str, *, schema: Callable[[], dict], description: s
              needs: Iterable[str] = (), configs: Iterable[str] | None = None, expand: Callable | None = None,
              select: Callable | None = None, resolve: Callable | None = None, on: Iterable[str] = (),
              variants: Callable | None = None, skip: Callable | None = None, summary: Callable | None = None,
-             needs_for: Callable | None = None, need_keys: dict | None = None, outputs: Callable | None = None) -> Callable:
+             needs_for: Callable | None = None, need_keys: dict | None = None,
+             outputs: Callable | None = None) -> Callable:
     """Decorator registering ``run`` as method ``name`` of ``kind``; returns ``run`` unchanged."""
     if kind not in KIND_DIRS:
         raise ValueError(f"unknown method kind {kind!r}; valid: {', '.join(KIND_DIRS)}")
@@ -183,7 +184,8 @@ def register(kind: str, name: str, *, schema: Callable[[], dict], description: s
     def deco(run: Callable) -> Callable:
         key = (kind, name)
         m = Method(kind=kind, name=name, run=run, schema=schema, description=description, folder=folder or name,
-                   needs=frozenset(needs), configs=tuple(configs) if configs is not None else DATASET_CONFIGS + ("demo",),
+                   needs=frozenset(needs),
+                   configs=tuple(configs) if configs is not None else DATASET_CONFIGS + ("demo",),
                    module=getattr(run, "__module__", ""), expand=expand, select=select, resolve=resolve, on=on,
                    variants=variants, skip=skip, summary=summary, needs_for=needs_for, need_keys=need_keys,
                    outputs=outputs)
@@ -242,15 +244,15 @@ def by_folder(kind: str, folder: str) -> Method | None:
 def name_list(spec, available: Iterable[str], what: str = "defense", allow_none: bool = False, strict: bool = True,
            hint: str = "") -> list[str]:
     """The one 'all | a,b' selector (entry points, RA's and LMC's --defense, the audit, the study's name lists):
-    ``spec`` is 'all', a comma list or a list of names; 'all' expands to ``available`` (in its order) and may be combined
-    with names; duplicates are dropped. ``allow_none`` accepts the name 'none' (the record's own model). ``strict``:
-    a name not in ``available`` is an error listing them (with the closest one); otherwise it is returned for the
-    caller's own check. ``hint`` ends the messages (what to do)."""
+    ``spec`` is 'all', a comma list or a list of names; 'all' expands to ``available`` (in its order) and may be
+    combined with names; duplicates are dropped. ``allow_none`` accepts the name 'none' (the record's own model).
+    ``strict``: a name not in ``available`` is an error listing them (with the closest one); otherwise it is returned
+    for the caller's own check. ``hint`` ends the messages (what to do)."""
     available = list(available)
     tail = f"; {hint}" if hint else ""
     if spec is None or spec == "" or spec == []:
-        raise ConfigError(f"no {what} given: name one, a comma list, or 'all' (available: {', '.join(available) or 'none yet'})"
-                          f"{tail}")
+        raise ConfigError(f"no {what} given: name one, a comma list, or 'all' (available: "
+                          f"{', '.join(available) or 'none yet'}){tail}")
     items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
     items = [str(s).strip() for s in items if str(s).strip()]
     out: list[str] = []

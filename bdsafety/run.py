@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
               + _usage(), file=sys.stderr)
         return 2
     if not rest or rest[0].startswith("-"):
-        print(f"bdsafety {head}: name the method first, e.g. bdsafety {head} <method> --help\n\n" + _usage(), file=sys.stderr)
+        print(f"bdsafety {head}: name the method first, e.g. bdsafety {head} <method> --help\n\n" + _usage(),
+              file=sys.stderr)
         return 2
 
     name, flags = rest[0], rest[1:]

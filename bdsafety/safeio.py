@@ -101,7 +101,8 @@ def _weights_only_detail(msg: str) -> str:
 def _weights_only_load(f: str | os.PathLike | BinaryIO, name: str) -> Any:
     if not hasattr(torch.serialization, "safe_globals"):
         raise RecordError(f"reading {name} safely needs torch>=2.5 (torch.serialization.safe_globals); "
-                          f"this is torch {torch.__version__}: upgrade torch, or pass --trust_record for files you trust")
+                          f"this is torch {torch.__version__}: upgrade torch, "
+                          f"or pass --trust_record for files you trust")
     with torch.serialization.safe_globals(_numpy_safe_globals()):
         return torch.load(f, map_location="cpu", weights_only=True)
 
@@ -154,9 +155,9 @@ def safe_torch_load(path: str | os.PathLike, trust_record: bool = False) -> Any:
         refused = next((m.group(1).strip() for p in _REFUSED_PATTERNS if (m := p.search(msg))), None)
         if refused is not None and can_execute_code(refused):
             raise RecordError(
-                f"{path} was refused by safe loading: it CAN EXECUTE CODE - unpickling it would call {refused}. Nothing "
-                "was run. Do not load it unless you made it yourself (then --trust_record, trust_record=True, allows "
-                "full unpickling); ask its author for a record of tensors and numpy arrays."
+                f"{path} was refused by safe loading: it CAN EXECUTE CODE - unpickling it would call {refused}. "
+                f"Nothing was run. Do not load it unless you made it yourself (then --trust_record, trust_record=True, "
+                "allows full unpickling); ask its author for a record of tensors and numpy arrays."
             ) from None
         if refused is not None:
             raise RecordError(
@@ -170,8 +171,9 @@ def safe_torch_load(path: str | os.PathLike, trust_record: bool = False) -> Any:
             "(re-run the command that writes it), or, if you trust it, load it with --trust_record (trust_record=True)."
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as e:
-        raise RecordError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else '-'}); "
-                          "re-run the command that writes it, or copy the file again") from None
+        raise RecordError(f"{path} is truncated or corrupt ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else '-'}); re-run the command that writes it, or copy "
+                          "the file again") from None
 
 
 # ----------------------------------------------------------------------------------------------- atomic writes
@@ -190,8 +192,9 @@ class DiskFull(OutputError):
         with contextlib.suppress(OSError):
             free = f"{shutil.disk_usage(path.parent).free:,}"
         need = f"at least {written:,} bytes were needed for it" if written else "it could not be started"
-        super().__init__(f"no space left on the device of {path.parent} while writing {path.name} ({need}; {free} bytes "
-                         f"free there). Nothing half-written was kept: free some space, or write elsewhere (--record_root)")
+        super().__init__(f"no space left on the device of {path.parent} while writing {path.name} ({need}; {free} "
+                         f"bytes free there). Nothing half-written was kept: free some space, "
+                         f"or write elsewhere (--record_root)")
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:

@@ -5,12 +5,12 @@ against the machine's measured peak for the same kind of work, in one run.
     python benchmarks/compute_peak.py --models cnn_small resnet18_cifar --device cuda --steps 50
 
 Peak: the best of a large fp32 matmul (n x n @ n x n, 2 n^3 FLOPs) and a large 3x3 convolution (the shape of a
-ResNet stage: batch 256, 64 -> 64 channels, 32 x 32; contiguous and channels-last), forward only, timed in this process with the same torch
-threads. Work: FLOPs per image counted by torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, forward
-and backward; elementwise work is not counted, so the achieved fraction is a slight underestimate of the hardware's
-real use), times images/s of (a) the engine's training step (the batch's on-device crop + flip + normalise, forward,
-backward, SGD step: what engine.fit runs) and (b) evaluation under inference mode at the evaluation batch size.
-Nothing here runs in CI; the figures and the machine's load average at the start go to benchmarks/README.md.
+ResNet stage: batch 256, 64 -> 64 channels, 32 x 32; contiguous and channels-last), forward only, timed in this process
+with the same torch threads. Work: FLOPs per image counted by torch.utils.flop_counter.FlopCounterMode (matmuls and
+convolutions, forward and backward; elementwise work is not counted, so the achieved fraction is a slight underestimate
+of the hardware's real use), times images/s of (a) the engine's training step (the batch's on-device crop + flip +
+normalise, forward, backward, SGD step: what engine.fit runs) and (b) evaluation under inference mode at the evaluation
+batch size. Nothing here runs in CI; the figures and the machine's load average at the start go to benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -123,18 +123,20 @@ def main(argv=None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"device {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, load average at start {load:.2f}")
+    print(f"device {a.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average at start {load:.2f}")
     pk = peak(a.device, a.matmul_n, max(3, a.steps // 4))
     print(f"peak (fp32, forward): matmul {pk['matmul'] / 1e9:.1f} GFLOP/s, conv3x3 {pk['conv3x3'] / 1e9:.1f} GFLOP/s, "
           f"conv3x3 channels-last {pk['conv3x3_cl'] / 1e9:.1f} GFLOP/s")
-    print("| model | params | train GFLOP/img | train img/s | train GFLOP/s | % of peak | eval GFLOP/img | eval img/s | "
-          "eval GFLOP/s | % of peak |")
+    print("| model | params | train GFLOP/img | train img/s | train GFLOP/s | % of peak | eval GFLOP/img | eval img/s "
+          "| eval GFLOP/s | % of peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in a.models:
         r = measure(name, a.device, a.batch_size, a.eval_batch_size, a.steps, a.size)
-        print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['train_flops_img'] / 1e9:.3f} | {r['train_img_s']:.0f} | "
-              f"{r['train_flops_s'] / 1e9:.1f} | {100 * r['train_flops_s'] / pk['peak']:.0f}% | {r['eval_flops_img'] / 1e9:.3f} | "
-              f"{r['eval_img_s']:.0f} | {r['eval_flops_s'] / 1e9:.1f} | {100 * r['eval_flops_s'] / pk['peak']:.0f}% |", flush=True)
+        print(f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['train_flops_img'] / 1e9:.3f} | {r['train_img_s']:.0f} "
+              f"| {r['train_flops_s'] / 1e9:.1f} | {100 * r['train_flops_s'] / pk['peak']:.0f}% | "
+              f"{r['eval_flops_img'] / 1e9:.3f} | {r['eval_img_s']:.0f} | {r['eval_flops_s'] / 1e9:.1f} | "
+              f"{100 * r['eval_flops_s'] / pk['peak']:.0f}% |", flush=True)
 
 
 if __name__ == "__main__":

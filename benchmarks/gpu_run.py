@@ -112,11 +112,11 @@ def main(argv=None) -> dict:
         get("attack", "badnet").main(attack_args)
     for name, extra in (("fst", tiny_def), ("pam", tiny_def + tiny_pam)):
         with Stage(name, dev, rows):
-            get("defense", name).main(["--yaml_path", str(CFG / "defense" / name / "cifar10.yaml"), "--result_file", rec,
-                                       "--overwrite", "--dependents", "delete", *extra, *common])
+            get("defense", name).main(["--yaml_path", str(CFG / "defense" / name / "cifar10.yaml"),
+                                       "--result_file", rec, "--overwrite", "--dependents", "delete", *extra, *common])
     with Stage("ra", dev, rows):
-        get("retune", "ra").main(["--yaml_path", str(CFG / "retune_attack" / "ra" / "cifar10.yaml"), "--result_file", rec,
-                                  "--defense", "fst,pam", "--overwrite", *tiny_ra, *common])
+        get("retune", "ra").main(["--yaml_path", str(CFG / "retune_attack" / "ra" / "cifar10.yaml"),
+                                  "--result_file", rec, "--defense", "fst,pam", "--overwrite", *tiny_ra, *common])
 
     import train_throughput
 
@@ -149,7 +149,8 @@ def main(argv=None) -> dict:
     print(f"| total | {total:.1f} | |")
     for prec, t in throughput.items():
         print(f"input stage ({prec}): engine {t['engine_images_per_s']:.0f} images/s, DataLoader + PIL "
-              f"{t['dataloader_images_per_s']:.0f} images/s ({t['engine_images_per_s'] / t['dataloader_images_per_s']:.2f}x)")
+              f"{t['dataloader_images_per_s']:.0f} images/s "
+              f"({t['engine_images_per_s'] / t['dataloader_images_per_s']:.2f}x)")
     print(f"[gpu_run] summary written to {out}", flush=True)
     return summary
 

@@ -99,7 +99,8 @@ def main(argv=None) -> list[dict]:
     print(f"record {record_dir.name}, defense {a.defense}, device {a.device}")
     print("precision  epoch  C-Acc    ASR      RA       defense_s  ra_s")
     for r in rows:
-        print(f"{r['precision']:<9}  {r['epoch']:>5}  " + "  ".join(f"{100 * r.get(k, float('nan')):6.2f}%" for k in CURVE)
+        print(f"{r['precision']:<9}  {r['epoch']:>5}  "
+              + "  ".join(f"{100 * r.get(k, float('nan')):6.2f}%" for k in CURVE)
               + f"  {r['defense_s']:9.1f}  {r['ra_s']:6.1f}")
     out = Path(a.out) if a.out else record_dir / "precision_benchmark.csv"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def study_yaml(path: Path, seeds, defenses, n_train: int, epochs: int) -> Path:
     import yaml
 
-    spec = {"name": "bench", "datasets": ["synthetic"], "models": ["cnn_small"], "attacks": ["badnet"], "pratios": [0.1],
-            "seeds": seeds, "clean_reference": True, "defenses": defenses, "retune": ["ra", "qra"], "analyses": ["lmc"],
-            "set": {"attack": {"synthetic_n_train": n_train, "synthetic_n_test": max(100, n_train // 5), "epochs": epochs},
+    spec = {"name": "bench", "datasets": ["synthetic"], "models": ["cnn_small"], "attacks": ["badnet"],
+            "pratios": [0.1], "seeds": seeds, "clean_reference": True, "defenses": defenses, "retune": ["ra", "qra"],
+            "analyses": ["lmc"],
+            "set": {"attack": {"synthetic_n_train": n_train, "synthetic_n_test": max(100, n_train // 5),
+                               "epochs": epochs},
                     "defense": {"epochs": epochs, "ratio": 0.1},
                     "ra": {"epochs": epochs, "ratio": 0.1, "poison_num": 5},
                     "qra": {"epochs": epochs, "clean_num": 50, "poison_num": 20, "hidden": [64], "eval_every": epochs},
@@ -58,8 +60,8 @@ def main(argv=None) -> int:
     threads = a.threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        y = Path(a.yaml_path) if a.yaml_path else study_yaml(tmp / "bench.yaml", seeds, a.defenses.split(","), a.n_train,
-                                                             a.epochs)
+        y = Path(a.yaml_path) if a.yaml_path else study_yaml(tmp / "bench.yaml", seeds, a.defenses.split(","),
+                                                             a.n_train, a.epochs)
         times, csvs, jobs = {}, {}, 0
         for name, kw in (("local", {"executor": "local", "threads": threads}),
                          ("ray", {"executor": "ray", "ray_num_cpus": a.workers})):
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
             f"{a.defenses}, seeds {a.seeds}")
     print(f"study: {jobs} jobs ({what}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"| executor | wall time (s) |\n|---|---|\n| local, sequential ({threads} torch threads per job) | "
-          f"{times['local']:.1f} |\n| ray, {a.workers} workers (1 thread per job, Ray start included) | {times['ray']:.1f} |")
+          f"{times['local']:.1f} |\n| ray, {a.workers} workers (1 thread per job, Ray start included) | "
+          f"{times['ray']:.1f} |")
     print(f"speed-up: {times['local'] / times['ray']:.2f}x; largest difference between the two results.csv (timing "
           f"columns aside): {diff:.2g} (0 with --threads 1; other thread counts change float summation order)")
     return 0

@@ -32,7 +32,8 @@ def engine_images_per_s(model, x, y, info, device, batch_size, steps, warmup):
     gen = torch.Generator().manual_seed(0)
     done, t0 = 0, None
     while True:
-        for xb, yb, _ in iterate_batches(ds, batch_size, shuffle=True, augment=True, hflip=True, generator=gen, drop_last=True):
+        for xb, yb, _ in iterate_batches(ds, batch_size, shuffle=True, augment=True, hflip=True, generator=gen,
+                                         drop_last=True):
             if done == warmup:
                 _sync(device)
                 t0 = time.perf_counter()
@@ -47,7 +48,8 @@ def dataloader_images_per_s(model, x, y, info, device, batch_size, steps, warmup
     import torchvision.transforms as T
     from PIL import Image
 
-    tf = T.Compose([T.RandomCrop(x.shape[1], padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(info.mean, info.std)])
+    tf = T.Compose([T.RandomCrop(x.shape[1], padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(info.mean, info.std)])
 
     class PILDataset(torch.utils.data.Dataset):  # BackdoorBench's way: a PIL image per sample, transformed on access
         def __len__(self):
@@ -57,7 +59,8 @@ def dataloader_images_per_s(model, x, y, info, device, batch_size, steps, warmup
             return tf(Image.fromarray(x[i])), int(y[i])
 
     loader = torch.utils.data.DataLoader(PILDataset(), batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, pin_memory=device.startswith("cuda"), persistent_workers=workers > 0)
+                                         drop_last=True, pin_memory=device.startswith("cuda"),
+                                         persistent_workers=workers > 0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     done, t0 = 0, None
     while True:
@@ -106,8 +109,8 @@ def main(argv=None) -> dict:
     workers = a.workers if a.workers is not None else (os.cpu_count() or 1)
     data = make_synthetic(n_train=a.n_train, n_test=10)
     x, y = data.train_x, data.train_y
-    print(f"model {a.model}, device {a.device}, {a.precision}, batch {a.batch_size}, {a.steps} timed steps after {a.warmup} warm-up, "
-          f"torch threads {torch.get_num_threads()}, DataLoader workers {workers}")
+    print(f"model {a.model}, device {a.device}, {a.precision}, batch {a.batch_size}, {a.steps} timed steps after "
+          f"{a.warmup} warm-up, torch threads {torch.get_num_threads()}, DataLoader workers {workers}")
     torch.manual_seed(0)
     m1 = prepare_model(build_model(a.model, 10), a.device)
     torch.manual_seed(0)

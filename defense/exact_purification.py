@@ -1,6 +1,7 @@
 """exact_purification defense:
 
-    python defense/exact_purification.py --result_file <record> [--yaml_path config/defense/exact_purification/cifar10.yaml] [flags]
+    python defense/exact_purification.py --result_file <record>
+        [--yaml_path config/defense/exact_purification/cifar10.yaml] [flags]
 """
 import os
 import sys

@@ -1,4 +1,7 @@
-"""fe_tuning defense: python defense/fe_tuning.py --result_file <record> [--yaml_path config/defense/fe_tuning/cifar10.yaml] [flags]"""
+"""fe_tuning defense:
+
+    python defense/fe_tuning.py --result_file <record> [--yaml_path config/defense/fe_tuning/cifar10.yaml] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""fp defense (Fine-Pruning): python defense/fp.py --result_file <record> [--yaml_path config/defense/fp/cifar10.yaml] [flags]"""
+"""fp defense (Fine-Pruning):
+
+    python defense/fp.py --result_file <record> [--yaml_path config/defense/fp/cifar10.yaml] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""ft_init defense: python defense/ft_init.py --result_file <record> [--yaml_path config/defense/ft_init/cifar10.yaml] [flags]"""
+"""ft_init defense:
+
+    python defense/ft_init.py --result_file <record> [--yaml_path config/defense/ft_init/cifar10.yaml] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""ft_sam defense: python defense/ft_sam.py --result_file <record> [--yaml_path config/defense/ft_sam/cifar10.yaml] [flags]"""
+"""ft_sam defense:
+
+    python defense/ft_sam.py --result_file <record> [--yaml_path config/defense/ft_sam/cifar10.yaml] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""nad defense (Neural Attention Distillation): python defense/nad.py --result_file <record> [--yaml_path ...] [flags]"""
+"""nad defense (Neural Attention Distillation):
+
+    python defense/nad.py --result_file <record> [--yaml_path ...] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""nc defense (Neural Cleanse): python defense/nc.py --result_file <record> [--yaml_path config/defense/nc/cifar10.yaml] [flags]"""
+"""nc defense (Neural Cleanse):
+
+    python defense/nc.py --result_file <record> [--yaml_path config/defense/nc/cifar10.yaml] [flags]
+"""
 import os
 import sys
 

@@ -1,4 +1,7 @@
-"""PAM defense: python defense/pam.py --result_file <rf> --yaml_path config/defense/pam/<dataset>.yaml [--rho_sweep 0.3,0.5] [flags]"""
+"""PAM defense:
+
+    python defense/pam.py --result_file <rf> --yaml_path config/defense/pam/<dataset>.yaml [--rho_sweep 0.3,0.5] [flags]
+"""
 import os
 import sys
 

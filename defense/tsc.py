@@ -1,4 +1,7 @@
-"""tsc defense (Two-stage Symmetry Connectivity): python defense/tsc.py --result_file <record> [--yaml_path ...] [flags]"""
+"""tsc defense (Two-stage Symmetry Connectivity):
+
+    python defense/tsc.py --result_file <record> [--yaml_path ...] [flags]
+"""
 import os
 import sys
 

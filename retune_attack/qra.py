@@ -1,4 +1,7 @@
-"""query-based reactivation attack: python retune_attack/qra.py --result_file R --defense fst --clean_record C [--yaml_path ...]"""
+"""query-based reactivation attack:
+
+    python retune_attack/qra.py --result_file R --defense fst --clean_record C [--yaml_path ...]
+"""
 import os
 import sys
 

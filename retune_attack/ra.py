@@ -1,4 +1,7 @@
-"""retuning attack: python retune_attack/ra.py --result_file R --defense fst [--yaml_path config/retune_attack/ra/demo.yaml]"""
+"""retuning attack:
+
+    python retune_attack/ra.py --result_file R --defense fst [--yaml_path config/retune_attack/ra/demo.yaml]
+"""
 import os
 import sys
 

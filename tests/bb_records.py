@@ -37,7 +37,8 @@ def load_schema() -> dict:
     for d in _SCHEMA_DIRS:
         if d and (Path(d) / SCHEMA_NAME).is_file():
             return json.loads((Path(d) / SCHEMA_NAME).read_text())["attack_result.pt"]
-    raise FileNotFoundError(f"{SCHEMA_NAME} not found in {_SCHEMA_DIRS}: the repository's tests/fixtures/ is incomplete")
+    raise FileNotFoundError(f"{SCHEMA_NAME} not found in {_SCHEMA_DIRS}: "
+                            f"the repository's tests/fixtures/ is incomplete")
 
 
 def assert_matches_schema(obj, schema: dict, where: str = "attack_result") -> None:
@@ -62,7 +63,8 @@ def assert_matches_schema(obj, schema: dict, where: str = "attack_result") -> No
             key_spec, item_schema = next(iter(schema["first_items"].items()))
             key_type = key_spec.split("(")[1].rstrip(")")
             for k, v in obj.items():
-                assert type(k) is np.dtype(key_type).type, f"{where}: key {k!r} is {type(k).__name__}, expected {key_type}"
+                assert type(k) is np.dtype(key_type).type, (f"{where}: key {k!r} is {type(k).__name__}, "
+                                                            f"expected {key_type}")
                 assert_matches_schema(v, item_schema, f"{where}[{k}]")
         return
     assert type(obj) is dict, f"{where}: {type(obj).__name__}, expected dict"
@@ -115,7 +117,8 @@ def _info_dict(name: str, *, attack: str, target: int, pratio: float, label_tran
     }
 
 
-def _split(rng: np.random.Generator, labels: np.ndarray, indices: np.ndarray, img_size: tuple, bd_labels) -> PoisonedSplit:
+def _split(rng: np.random.Generator, labels: np.ndarray, indices: np.ndarray, img_size: tuple,
+           bd_labels) -> PoisonedSplit:
     indices = np.sort(np.asarray(indices, dtype=np.int64))
     return PoisonedSplit(indices=indices, images=rng.integers(0, 256, (len(indices), *img_size), dtype=np.uint8),
                          bd_labels=bd_labels(labels[indices]), orig_labels=labels[indices], length=len(labels))
@@ -126,7 +129,8 @@ def _bb_write_split(split: PoisonedSplit, disk_folder: Path, stored_folder: str,
     data_dict = {}
     for i, img, b, o in zip(split.indices, split.images, split.bd_labels, split.orig_labels):
         (disk_folder / str(int(o))).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(disk_folder / str(int(o)) / f"{int(i)}.png")
+        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(
+            disk_folder / str(int(o)) / f"{int(i)}.png")
         data_dict[np.int64(i)] = {"path": f"{stored_folder}/{int(o)}/{int(i)}.png", "other_info": [int(b), int(o)]}
     indicator = np.zeros(split.length)  # float64, like BackdoorBench's generate_poison_index_from_label_transform
     indicator[split.indices] = 1

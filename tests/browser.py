@@ -99,7 +99,8 @@ def _child_fds(to_browser: int, from_browser: int):
 
 
 def load(path: Path, expression: str, width: int = 1600, height: int = 1000, timeout: float = 120) -> Page:
-    """Open ``path`` in a fresh headless Chromium (its own profile folder) and evaluate ``expression`` after the load."""
+    """Open ``path`` in a fresh headless Chromium (its own profile folder) and evaluate ``expression`` after the
+    load."""
     binary = find_chromium()
     if binary is None:
         raise FileNotFoundError(f"no chromium binary ({', '.join(CANDIDATES)}, or $BDSAFETY_CHROMIUM)")
@@ -130,12 +131,14 @@ def load(path: Path, expression: str, width: int = 1600, height: int = 1000, tim
             raise RuntimeError(f"the check script failed: {res['exceptionDetails']}")
         size = pipe.send("Page.getLayoutMetrics", session=sid)["cssContentSize"]
         shot = pipe.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {
-            "x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}}, session=sid, timeout=timeout)
+            "x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}}, session=sid,
+                         timeout=timeout)
         page = Page(res["result"].get("value"), base64.b64decode(shot["data"]))
         for e in pipe.events:
             p = e.get("params", {})
             if e.get("method") == "Runtime.consoleAPICalled":
-                page.console.append((p.get("type"), " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))))
+                page.console.append((p.get("type"), " ".join(str(a.get("value", a.get("description", "")))
+                                                             for a in p.get("args", []))))
             elif e.get("method") == "Log.entryAdded":
                 entry = p.get("entry", {})
                 page.console.append((entry.get("level"), f"{entry.get('text', '')} {entry.get('url', '')}".strip()))

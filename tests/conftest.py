@@ -10,8 +10,10 @@ if ROOT not in sys.path:
 
 
 # Fixtures that train (a demo record, a study, a model zoo): every test that uses one, directly or through another
-# fixture, is an end-to-end test and runs in CI's slow stage (pytest -m slow -n auto --dist loadfile), after the fast stage.
-HEAVY_FIXTURES = {"demo_record", "clean_record", "demo_work", "fst_after_ra", "zoo_records", "tiny_study", "audited", "audited_bb"}
+# fixture, is an end-to-end test and runs in CI's slow stage (pytest -m slow -n auto --dist loadfile), after the fast
+# stage.
+HEAVY_FIXTURES = {"demo_record", "clean_record", "demo_work", "fst_after_ra", "zoo_records", "tiny_study", "audited",
+                  "audited_bb"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,7 +37,8 @@ def _build_record(root, name: str, extra: list[str]) -> str:
     from bdsafety.registry import get
 
     cfg = os.path.join(ROOT, "config", "attack", "badnet", "demo.yaml")
-    get("attack", "badnet").main(["--yaml_path", cfg, "--record_root", str(root), "--save_folder_name", name, "--no_progress", *extra])
+    get("attack", "badnet").main(["--yaml_path", cfg, "--record_root", str(root), "--save_folder_name", name,
+                                  "--no_progress", *extra])
     return os.path.join(str(root), name)
 
 
@@ -104,8 +107,8 @@ def fst_after_ra(demo_work):
     from bdsafety.retune.ra import main as ra_main
 
     cfg = os.path.join(ROOT, "config")
-    get("defense", "fst").main(["--result_file", str(demo_work.demo), "--yaml_path", os.path.join(cfg, "defense", "fst", "demo.yaml"),
-                    "--no_progress"])
+    get("defense", "fst").main(["--result_file", str(demo_work.demo), "--yaml_path",
+                                os.path.join(cfg, "defense", "fst", "demo.yaml"), "--no_progress"])
     (out,) = ra_main(["--result_file", str(demo_work.demo), "--defense", "fst", "--no_progress",
                       "--yaml_path", os.path.join(cfg, "retune_attack", "ra", "demo.yaml")])
     return out

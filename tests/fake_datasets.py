@@ -115,7 +115,8 @@ def make_fake_cifar100(root: str, n_train: int = 25, n_test: int = 10, seed: int
             "coarse_labels": [int(v) // 5 for v in y],
             "data": _cifar_rows(x),
         })
-    _dump(os.path.join(base, "meta"), {"fine_label_names": fine, "coarse_label_names": [f"coarse_{i}" for i in range(20)]})
+    _dump(os.path.join(base, "meta"),
+          {"fine_label_names": fine, "coarse_label_names": [f"coarse_{i}" for i in range(20)]})
     return FakeData(tx, ty, vx, vy, fine)
 
 

@@ -62,7 +62,8 @@ def test_lmc_cli_endpoints_on_demo_record(demo_record, tmp_path):
     state = clean.state_dict if clean is not None else model.state_dict()
     (rec_dir / "defense" / "ref").mkdir(parents=True)
     save_model_result(rec_dir / "defense" / "ref" / "defense_result.pt", state, "cnn_small", 10)
-    out = lmc_main(["--result_file", str(rec_dir), "--defense", "ref", "--alphas", "0,1", "--bn", "interpolate", "--no_progress"])
+    out = lmc_main(["--result_file", str(rec_dir), "--defense", "ref", "--alphas", "0,1", "--bn", "interpolate",
+                    "--no_progress"])
     import pandas as pd
 
     df = pd.read_csv(out / "lmc.csv")
@@ -80,7 +81,8 @@ def test_report_table(tmp_path):
     (rd / "defense" / "fst" / "ra").mkdir(parents=True)
     write_metrics_csv([{"epoch": 1, "test_acc": 0.88, "test_asr": 0.05, "test_ra": 0.8}], rd / "defense" / "fst", "fst")
     write_metrics_csv([{"epoch": 0, "test_acc": 0.88, "test_asr": 0.05, "test_ra": 0.8},
-                       {"epoch": 5, "test_acc": 0.87, "test_asr": 0.7, "test_ra": 0.2}], rd / "defense" / "fst" / "ra", "ra")
+                       {"epoch": 5, "test_acc": 0.87, "test_asr": 0.7, "test_ra": 0.2}],
+                      rd / "defense" / "fst" / "ra", "ra")
     df = collect(str(rd))
     assert df.loc["fst", "test_asr"] == pytest.approx(0.05) and df.loc["fst", "p_test_asr"] == pytest.approx(0.7)
     assert math.isnan(df.loc["No defense", "p_test_asr"])
@@ -110,7 +112,8 @@ def _fake_record_tree(root):
     (rd / "ra").mkdir(parents=True)
     (rd / "attack_result.pt").write_bytes(b"")
     write_metrics_csv([{"epoch": 1, "test_acc": 0.99, "test_asr": 0.97, "test_ra": 0.03}], rd, "attack")
-    for name, asr, p_asr in (("fst", 0.01, 0.3), ("pam", 0.0, 0.02), ("pam_rho0.3", 0.002, 0.03), ("pam_rho0.5", 0.0, 0.02)):
+    for name, asr, p_asr in (("fst", 0.01, 0.3), ("pam", 0.0, 0.02), ("pam_rho0.3", 0.002, 0.03),
+                             ("pam_rho0.5", 0.0, 0.02)):
         d = rd / "defense" / name
         (d / "ra").mkdir(parents=True)
         write_metrics_csv([{"epoch": 1, "test_acc": 0.97, "test_asr": asr, "test_ra": 0.9}], d, name)
@@ -148,7 +151,8 @@ def test_analysis_notebook_runs(tmp_path, monkeypatch):
     (tmp_path / "clean_demo" / "ra").mkdir(parents=True)
     from bdsafety.records import write_metrics_csv
 
-    write_metrics_csv([{"epoch": 1, "test_acc": 1.0, "test_asr": 0.0, "test_ra": 1.0}], tmp_path / "clean_demo", "attack")
+    write_metrics_csv([{"epoch": 1, "test_acc": 1.0, "test_asr": 0.0, "test_ra": 1.0}],
+                      tmp_path / "clean_demo", "attack")
     nb = json.loads((Path(__file__).resolve().parents[1] / "analysis" / "superficial_safety.ipynb").read_text())
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     assert len(cells) >= 5
@@ -193,7 +197,8 @@ def test_study_lmc_folders_feed_the_notebook_lmc_cell(tmp_path, monkeypatch):
         g.to_csv(rd / f"lmc_{d}" / "lmc.csv", index=False)
     (rd / "lmc" / "lmc.csv").unlink()
     nb = json.loads((Path(__file__).resolve().parents[1] / "analysis" / "superficial_safety.ipynb").read_text())
-    cell = next("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code" and "lmc_csvs" in "".join(c["source"]))
+    cell = next("".join(c["source"]) for c in nb["cells"]
+                if c["cell_type"] == "code" and "lmc_csvs" in "".join(c["source"]))
     ns = {"record": rd, "pd": pd, "plt": plt, "RESULT_FILE": "badnet_demo"}
     exec(cell, ns)
     assert list(ns["lmc_table"].index) == ["fst", "pam"] and ns["lmc_table"].loc["fst", 1.0] == pytest.approx(0.0)

@@ -37,7 +37,8 @@ def test_clean_reference_has_low_asr(clean_record):
 
 
 def test_blended_all2all_record(tmp_path):
-    rd = main("blended", TINY + ["--record_root", str(tmp_path), "--save_folder_name", "b", "--attack_label_trans", "all2all"])
+    rd = main("blended",
+              TINY + ["--record_root", str(tmp_path), "--save_folder_name", "b", "--attack_label_trans", "all2all"])
     rec = load_attack_record(rd)
     assert len(rec.bd_test) == 100  # all2all: every test sample is poisoned
     assert np.array_equal(rec.bd_test.bd_labels, (rec.bd_test.orig_labels + 1) % 10)
@@ -61,7 +62,8 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown model"):
         main("badnet", TINY + ["--record_root", str(tmp_path), "--model", "resnet9000"])
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
-        main("badnet", ["--dataset", "cifar10", "--dataset_path", str(tmp_path / "nodata"), "--record_root", str(tmp_path)])
+        main("badnet",
+             ["--dataset", "cifar10", "--dataset_path", str(tmp_path / "nodata"), "--record_root", str(tmp_path)])
     assert not any(p.name != "nodata" for p in tmp_path.iterdir() if p.is_dir() and (p / "attack_result.pt").exists())
 
 
@@ -71,10 +73,12 @@ def test_cli_prints_one_line_errors(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "attack", "badnet.py"), "--yaml_path", str(tmp_path / "x.yaml")],
+    r = subprocess.run([sys.executable, os.path.join(root, "attack", "badnet.py"),
+                        "--yaml_path", str(tmp_path / "x.yaml")],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.startswith("error: yaml config not found") and "Traceback" not in r.stderr
     (tmp_path / "typo.yaml").write_text("pratoi: 0.1\n")
-    r = subprocess.run([sys.executable, os.path.join(root, "attack", "badnet.py"), "--yaml_path", str(tmp_path / "typo.yaml")],
+    r = subprocess.run([sys.executable, os.path.join(root, "attack", "badnet.py"),
+                        "--yaml_path", str(tmp_path / "typo.yaml")],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "Did you mean 'pratio'" in r.stderr

@@ -103,7 +103,8 @@ def test_sbl_backdoor_stage_is_poisoned_with_sam_clean_stage_is_clean_only(monke
     assert clean["epochs"] == 2
     # official: SAM in the backdoor stage only
     assert sam_calls == [back["step"]] and clean["step"] not in sam_calls
-    assert [r["stage"] for r in out.rows] == ["backdoor", "clean", "clean"] and [r["epoch"] for r in out.rows] == [1, 2, 3]
+    assert ([r["stage"] for r in out.rows] == ["backdoor", "clean", "clean"]
+            and [r["epoch"] for r in out.rows] == [1, 2, 3])
 
 
 @pytest.mark.parametrize("where,expect", [("both", (True, True)), ("clean", (False, True)), ("none", (False, False))])
@@ -145,7 +146,8 @@ def test_deferred_concealment_set_is_clean_plus_triggered_with_true_labels():
     assert (trig_x[:, 29:, 29:] == 255).all()  # they carry the BadNets trigger
     # each triggered image is a stamped copy of one of S's clean images, under that image's label
     for img, lab in zip(trig_x, trig_y):
-        match = [i for i in s if np.array_equal(inst.apply(d.train_x[i:i + 1], split="train", indices=np.array([i]))[0], img)]
+        match = [i for i in s
+                 if np.array_equal(inst.apply(d.train_x[i:i + 1], split="train", indices=np.array([i]))[0], img)]
         assert match and d.train_y[match[0]] == lab
     # the attacker's check set: triggered non-target training images labelled with the target
     assert len(cy) == 30 and (cy == 0).all() and (cx[:, 29:, 29:] == 255).all()
@@ -181,7 +183,8 @@ def _check_record(rd, n_poison, patch=3):
     assert len(bd) == n_poison and (bd.bd_labels == 0).all()
     assert (bd.images[:, -patch:, -patch:] == 255).all()
     clean = load_data_for(resolve(get("attack", rec.info["attack"]).schema(), None,
-                                  {k: rec.info[k] for k in ("dataset", "synthetic_n_train", "synthetic_n_test", "synthetic_seed")}))
+                                  {k: rec.info[k]
+                                   for k in ("dataset", "synthetic_n_train", "synthetic_n_test", "synthetic_seed")}))
     assert np.array_equal(bd.images[:, :-patch], clean.train_x[bd.indices][:, :-patch])
     assert np.array_equal(bd.orig_labels, clean.train_y[bd.indices])
     # RA / QRA / EP take their real poisoned samples from this bd_train, all of it (no cross samples to drop)
@@ -191,7 +194,8 @@ def _check_record(rd, n_poison, patch=3):
 
 @pytest.mark.slow
 def test_sbl_end_to_end_tiny(tmp_path):
-    rd = get("attack", "sbl").main(_argv(**{**TINY, "record_root": tmp_path, "save_folder_name": "s", "sbl_clean_epochs": 1}))
+    rd = get("attack", "sbl").main(_argv(**{**TINY, "record_root": tmp_path, "save_folder_name": "s",
+                                            "sbl_clean_epochs": 1}))
     rec = _check_record(rd, 20)
     d_clean = np.asarray(rec.info["sbl_clean_indices"])
     assert len(d_clean) == 20 and not np.intersect1d(d_clean, rec.bd_train.indices).size
@@ -215,8 +219,8 @@ def test_deferred_end_to_end_tiny_backdoor_returns_under_clean_fine_tuning(tmp_p
     rec = _check_record(rd, 200, patch=5)
     assert rec.info["deferred_conceal_epochs_run"] >= 1 and rec.info["deferred_check_asr"] <= 0.1
     before = read_metrics_summary(rd, "attack")["test_asr"]
-    folder = get("defense", "ft").main(["--result_file", str(rd), "--yaml_path", str(ROOT / "config/defense/ft/demo.yaml"),
-                                        "--no_progress"])
+    folder = get("defense", "ft").main(["--result_file", str(rd),
+                                        "--yaml_path", str(ROOT / "config/defense/ft/demo.yaml"), "--no_progress"])
     after = read_metrics_summary(folder, "ft")["test_asr"]
     assert before <= 0.15, before
     assert after >= before + 0.25, (before, after)

@@ -153,8 +153,8 @@ def _check_record(tmp_path, name: str, capsys):
     assert inspect([str(tmp_path / name)]) == 0
     assert "poisoned      train" in capsys.readouterr().out
     rec = load_attack_record(tmp_path / name)
-    data = load_data_for(resolve(get("attack", "badnet").schema(), None, {"dataset": "synthetic", "synthetic_n_train": 300,
-                                                                          "synthetic_n_test": 60}))
+    data = load_data_for(resolve(get("attack", "badnet").schema(), None,
+                                 {"dataset": "synthetic", "synthetic_n_train": 300, "synthetic_n_test": 60}))
     assert rec.bd_train.length == 300 and len(rec.bd_train) > 0
     differs = (rec.bd_train.images != data.train_x[rec.bd_train.indices]).reshape(len(rec.bd_train), -1).any(1)
     assert differs.all()  # real poisoned images, not clean copies
@@ -162,8 +162,9 @@ def _check_record(tmp_path, name: str, capsys):
 
 
 def _ra_poison_index(tmp_path, name: str) -> np.ndarray:
-    get("retune", "ra").main(["--result_file", str(tmp_path / name), "--defense", "none", "--epochs", "1", "--ratio", "0.2",
-                              "--poison_num", "2", "--device", "cpu", "--no_progress", "--record_root", str(tmp_path)])
+    get("retune", "ra").main(["--result_file", str(tmp_path / name), "--defense", "none", "--epochs", "1",
+                              "--ratio", "0.2", "--poison_num", "2", "--device", "cpu", "--no_progress",
+                              "--record_root", str(tmp_path)])
     (f,) = (tmp_path / name).glob("ra/log/poison_index.txt")
     return np.loadtxt(f, dtype=np.int64, ndmin=1)
 
@@ -186,10 +187,11 @@ def test_adaptive_blend_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_narcissus_end_to_end(tmp_path, capsys):
-    get("attack", "narcissus").main(TINY + ["--record_root", str(tmp_path), "--save_folder_name", "nc", "--pratio", "0.02",
-                                            "--narcissus_pood", "synthetic", "--narcissus_pood_n", "300",
-                                            "--narcissus_surrogate_epochs", "1", "--narcissus_warmup_epochs", "1",
-                                            "--narcissus_gen_rounds", "10", "--narcissus_gen_lr", "0.05"])
+    get("attack", "narcissus").main(TINY + ["--record_root", str(tmp_path), "--save_folder_name", "nc",
+                                            "--pratio", "0.02", "--narcissus_pood", "synthetic",
+                                            "--narcissus_pood_n", "300", "--narcissus_surrogate_epochs", "1",
+                                            "--narcissus_warmup_epochs", "1", "--narcissus_gen_rounds", "10",
+                                            "--narcissus_gen_lr", "0.05"])
     rec, data = _check_record(tmp_path, "nc", capsys)
     assert len(rec.bd_train) == 6 and (rec.bd_train.orig_labels == 0).all()
     assert np.array_equal(rec.bd_train.bd_labels, rec.bd_train.orig_labels)

@@ -56,7 +56,8 @@ def test_lc_four_corner_trigger():
     assert (m[3:29] == 0).all() and (m[:, 3:29] == 0).all()
     x = np.full((3, 32, 32, 3), 128, np.uint8)
     y = apply_lc_corners(x, amplitude=1.0)
-    assert y.dtype == np.uint8 and (y[:, m == 1] == 255).all() and (y[:, m == -1] == 0).all() and (y[:, m == 0] == 128).all()
+    assert (y.dtype == np.uint8 and (y[:, m == 1] == 255).all() and (y[:, m == -1] == 0).all()
+            and (y[:, m == 0] == 128).all())
     half = apply_lc_corners(x, amplitude=0.5)
     assert (half[:, m == 1] == 255).all() and (half[:, m == -1] == 0).all()  # 128 +- 127.5, clipped/truncated
     assert np.array_equal(y, apply_lc_corners(x, 1.0))
@@ -169,7 +170,8 @@ def test_lc_adversarial_reference_end_to_end_tiny(tmp_path, capsys):
     rec = load_attack_record(rd)
     i = rec.info
     assert i["lc_reference"] == "adversarial" and i["lc_clean_record"] is None
-    assert i["lc_adv_settings"]["epochs"] == 1 and i["lc_adv_settings"]["steps"] == 2 and i["lc_adv_settings"]["eps"] == 8
+    assert (i["lc_adv_settings"]["epochs"] == 1 and i["lc_adv_settings"]["steps"] == 2
+            and i["lc_adv_settings"]["eps"] == 8)
     adv_cache = tmp_path / ".cache" / "lc" / i["lc_adv_cache"].rsplit("/", 1)[-1]
     assert adv_cache.is_file() and adv_cache.name.startswith("adv_synthetic_cnn_small_")
     assert 0 <= i["lc_reference_pgd_acc"] <= i["lc_reference_clean_acc"] + 0.2 and 0 <= i["lc_reference_clean_acc"] <= 1
@@ -268,7 +270,14 @@ def test_ssba_encoder_reads_the_image_untrained():
 
 @pytest.mark.slow
 def test_ssba_encoder_trained_is_sample_specific_and_decodes():
-    from bdsafety.attacks.ssba import decode_bits, encode_uint8, fixed_secret, mean_pairwise_cosine, psnr_uint8, train_encoder
+    from bdsafety.attacks.ssba import (
+        decode_bits,
+        encode_uint8,
+        fixed_secret,
+        mean_pairwise_cosine,
+        psnr_uint8,
+        train_encoder,
+    )
 
     x = _smooth_images(96)
     enc, dec = train_encoder(x[:64], bits=16, width=8, steps=150, batch_size=32, lr=3e-3, image_weight=10.0, seed=0,

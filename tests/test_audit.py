@@ -49,20 +49,22 @@ def test_dry_run_of_a_backdoorbench_record_plans_ra_control_budget_lmc_per_defen
             assert j.method == "ra" and "badnet_demo" not in j.deps  # found outputs are no deps
             assert j.overrides["result_file"] == "badnet_demo"
     for f in ("ft", "i-bau"):
-        assert jobs[f"badnet_demo/lmc_{f}"].method == "lmc" and jobs[f"badnet_demo/defense/{f}/ra"].overrides["defense"] == f
+        assert (jobs[f"badnet_demo/lmc_{f}"].method == "lmc"
+                and jobs[f"badnet_demo/defense/{f}/ra"].overrides["defense"] == f)
     assert len(jobs) == 3 * 6 + 2  # no QRA without a clean reference: a note says so
     assert any("qra needs the clean reference" in n for n in oc.plan.notes)
     st = oc.plan.study
     assert st.study_dir == r.record_dir.parent.resolve() and st.report_dir == r.record_dir.resolve() / "audit"
-    assert oc.plan.records[0]["point"]["dataset"] == "cifar10" and oc.plan.records[0]["point"]["model"] == "preactresnet18"
+    assert (oc.plan.records[0]["point"]["dataset"] == "cifar10"
+            and oc.plan.records[0]["point"]["model"] == "preactresnet18")
     assert "its report in" in text and text.strip().endswith("20 jobs, 20 to run")
 
 
 def test_audit_selects_and_runs_defenses_and_trains_the_clean_reference_under_its_own_folder(tmp_path):
     _bb_record_with_defenses(tmp_path)
     rr = str(tmp_path / "record")
-    oc, _, _ = _audit(["--result_file", "badnet_demo", "--record_root", rr, "--dry_run", "--defense", "ft", "--run", "fst",
-                       "--clean_reference", "--ra_draws", "1", "--poison_nums", ""])
+    oc, _, _ = _audit(["--result_file", "badnet_demo", "--record_root", rr, "--dry_run", "--defense", "ft",
+                       "--run", "fst", "--clean_reference", "--ra_draws", "1", "--poison_nums", ""])
     jobs = oc.plan.by_key()
     clean = "badnet_demo/audit/clean-badnet_cifar10_preactresnet18_s0"
     assert jobs[clean].kind == "attack" and jobs[clean].overrides["record_root"].endswith("badnet_demo/audit")
@@ -109,9 +111,9 @@ def audited(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("audit") / "record"
     cfg = ROOT / "config"
-    get("attack", "badnet").main(["--yaml_path", str(cfg / "attack" / "badnet" / "demo.yaml"), "--record_root", str(root),
-                                  "--save_folder_name", "rec", "--synthetic_n_train", "300", "--synthetic_n_test", "100",
-                                  "--epochs", "1", "--no_progress"])
+    get("attack", "badnet").main(["--yaml_path", str(cfg / "attack" / "badnet" / "demo.yaml"),
+                                  "--record_root", str(root), "--save_folder_name", "rec", "--synthetic_n_train", "300",
+                                  "--synthetic_n_test", "100", "--epochs", "1", "--no_progress"])
     get("defense", "ft").main(["--yaml_path", str(cfg / "defense" / "ft" / "demo.yaml"), "--record_root", str(root),
                                "--result_file", "rec", "--epochs", "1", "--ratio", "0.2", "--no_progress"])
     y = root.parent / "audit.yaml"
@@ -224,7 +226,8 @@ def audited_bb(tmp_path_factory):
                            labels=(fake.train_y, fake.test_y))
     for k, f in enumerate(("ft", "i-bau")):  # two different "defended" models: the weights moved a little
         g = torch.Generator().manual_seed(k)
-        moved = {n: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for n, v in state.items()}
+        moved = {n: (v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
+                 for n, v in state.items()}
         d = r.record_dir / "defense" / f
         d.mkdir(parents=True)
         torch.save({"model_name": "preactresnet18", "num_classes": 10, "model": moved}, d / "defense_result.pt")
@@ -239,7 +242,8 @@ def audited_bb(tmp_path_factory):
 @pytest.mark.slow
 def test_audit_of_a_backdoorbench_record_ranks_backdoorbenchs_own_defense_folders(audited_bb):
     bb, oc, md, text = audited_bb
-    assert not oc.failed and len(oc.keys("ran")) == 3 * (2 + 2 + 1) + 2  # none, ft, i-bau: 2 RA, 2 controls, 1 budget; 2 LMC
+    # none, ft, i-bau: 2 RA, 2 controls, 1 budget; 2 LMC
+    assert not oc.failed and len(oc.keys("ran")) == 3 * (2 + 2 + 1) + 2
     rec = bb / "record" / "badnet_demo"
     assert sorted(p.name for p in (bb / "record").iterdir()) == ["badnet_demo"]  # nothing beside the record
     assert sorted(p.name for p in (rec / "defense").iterdir()) == ["ft", "i-bau"]  # BackdoorBench's folders, untouched
@@ -278,7 +282,8 @@ def test_audit_html_in_a_headless_browser(audited_bb, tmp_path):
     import browser
 
     if browser.find_chromium() is None:
-        pytest.skip("no chromium binary on PATH (apt-get install chromium, or set BDSAFETY_CHROMIUM); .ci/run installs it")
+        pytest.skip("no chromium binary on PATH (apt-get install chromium, or set BDSAFETY_CHROMIUM); "
+                    ".ci/run installs it")
     bb, _, md, _ = audited_bb
     page = browser.load(md.with_suffix(".html"), AUDIT_PAGE)
     shot = browser.keep_screenshot(page, tmp_path / "audit_bb.png")

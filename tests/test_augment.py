@@ -22,7 +22,8 @@ def test_crop_flip_matches_torchvision_distribution():
     n = 4000
     img = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
     img[0, :, 2, 1] = 255  # a marker pixel
-    ours = _positions(random_crop_flip(img.repeat(n, 1, 1, 1), pad=4, flip=True, generator=torch.Generator().manual_seed(1)))
+    ours = _positions(random_crop_flip(img.repeat(n, 1, 1, 1), pad=4, flip=True,
+                                       generator=torch.Generator().manual_seed(1)))
     tv = T.Compose([T.RandomCrop(8, padding=4), T.RandomHorizontalFlip()])
     theirs = _positions(torch.stack([tv(img[0]) for _ in range(n)]))
 
@@ -34,7 +35,8 @@ def test_crop_flip_matches_torchvision_distribution():
     h1, h2 = hist(ours), hist(theirs)
     # total-variation distance between the two empirical distributions over marker positions
     assert 0.5 * np.abs(h1 - h2).sum() < 0.06
-    # marker row offset is uniform over 9 values (crop offset 0..8) -> cropped away for 2 of 9 row offsets... check both see drops
+    # marker row offset is uniform over 9 values (crop offset 0..8) -> cropped away for 2 of 9 row offsets... check both
+    # see drops
     assert any(p == (-1, -1) for p in ours) and any(p == (-1, -1) for p in theirs)
 
 
@@ -59,7 +61,8 @@ def test_crop_keeps_content_and_shape():
 def test_iterate_batches_covers_everything_once_and_normalizes():
     x = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
     ds = DeviceDataset(x, np.arange(10))
-    seen = torch.cat([idx for _, _, idx in iterate_batches(ds, 3, shuffle=True, generator=torch.Generator().manual_seed(0))])
+    seen = torch.cat([idx for _, _, idx in iterate_batches(ds, 3, shuffle=True,
+                                                           generator=torch.Generator().manual_seed(0))])
     assert sorted(seen.tolist()) == list(range(10))
     norm = Normalizer(DATASETS["cifar10"])
     xb = ds.x[:2]

@@ -38,7 +38,8 @@ def test_core_benchmark_runs_the_unscaled_protocol():
     jobs = build_plan(load_study(CORE)).jobs
     attacks = [j for j in jobs if j.kind == "attack"]
     assert {(j.config["synthetic_n_train"], j.config["synthetic_n_test"]) for j in attacks} == {(50000, 10000)}
-    assert len({j.config["synthetic_difficulty"] for j in attacks}) == 1 and attacks[0].config["synthetic_difficulty"] > 0
+    assert (len({j.config["synthetic_difficulty"] for j in attacks}) == 1
+            and attacks[0].config["synthetic_difficulty"] > 0)
     assert {j.config["pratio"] for j in attacks if j.point["role"] == "attack"} == {0.05}
     ra = [j.config for j in jobs if j.method == "ra" and j.point["role"] == "ra"]
     assert {(c["ratio"], c["poison_num"], c["epochs"], c["lr"], c["sgd_momentum"], c["batch_size"]) for c in ra} == {

@@ -52,12 +52,14 @@ def test_grid_semantics_shift_strength_and_rescale():
 
 def test_noise_grid_scale_determinism_and_cross_grids():
     gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
-    a, b, c = noise_grid(4, 32, generator=gen(0)), noise_grid(4, 32, generator=gen(0)), noise_grid(4, 32, generator=gen(1))
+    a, b, c = (noise_grid(4, 32, generator=gen(0)), noise_grid(4, 32, generator=gen(0)),
+               noise_grid(4, 32, generator=gen(1)))
     assert a.shape == (1, 32, 32, 2) and torch.equal(a, b) and not torch.equal(a, c)
     # align_corners upsampling keeps the control values at the corners: the (2, k, k) field has mean |value| 1
     ins = torch.rand(1, 2, 4, 4, generator=gen(0)) * 2 - 1
     ins = ins / ins.abs().mean()
-    assert torch.allclose(a[0, 0, 0], ins[0, :, 0, 0], atol=1e-5) and torch.allclose(a[0, -1, -1], ins[0, :, -1, -1], atol=1e-5)
+    assert (torch.allclose(a[0, 0, 0], ins[0, :, 0, 0], atol=1e-5)
+            and torch.allclose(a[0, -1, -1], ins[0, :, -1, -1], atol=1e-5))
     f = WarpingField.make(32, 32, seed=0)
     g1, g2 = f.cross_grids(5, gen(7)), f.cross_grids(5, gen(7))
     assert torch.equal(g1, g2) and g1.shape == (5, 32, 32, 2)
@@ -162,7 +164,8 @@ def test_generators_shapes_ranges_and_determinism():
 
 def test_generators_saved_and_reloaded(tmp_path):
     trig = _trigger(width=4)
-    settings = {"dataset": "synthetic", "img_size": [32, 32, 3], "num_classes": 10, "gen_width": 4, "mask_density": 0.032}
+    settings = {"dataset": "synthetic", "img_size": [32, 32, 3], "num_classes": 10, "gen_width": 4,
+                "mask_density": 0.032}
     write_artifact(tmp_path / "inputaware_generators.pt", trig.state(settings))
     again = InputAwareTrigger.load(tmp_path)
     imgs = _images(4)
@@ -172,7 +175,8 @@ def test_generators_saved_and_reloaded(tmp_path):
 # ------------------------------------------------------------------------------------------- real poisoned samples
 def test_real_poisoned_skips_cross_samples():
     idx = np.array([0, 1, 2, 3, 4])
-    split = PoisonedSplit(idx, np.zeros((5, 2, 2, 3), np.uint8), np.array([0, 0, 3, 4, 0]), np.array([5, 6, 3, 4, 0]), 10)
+    split = PoisonedSplit(idx, np.zeros((5, 2, 2, 3), np.uint8), np.array([0, 0, 3, 4, 0]),
+                          np.array([5, 6, 3, 4, 0]), 10)
     assert real_poisoned(split, {CROSS_KEY: [2, 3]}).indices.tolist() == [0, 1, 4]
     # a BackdoorBench-made WaNet record (no key): bd_label != true label only (drops target-class backdoor samples too)
     assert real_poisoned(split, {"attack": "wanet"}).indices.tolist() == [0, 1]
@@ -188,11 +192,12 @@ def test_tiny_records_rebuild_poisoned_samples_and_feed_ra(tmp_path):
     from bdsafety.records import load_attack_record
     from bdsafety.registry import get
 
-    common = ["--dataset", "synthetic", "--model", "cnn_small", "--synthetic_n_train", "300", "--synthetic_n_test", "60",
-              "--epochs", "1", "--batch_size", "128", "--record_root", str(tmp_path), "--no_progress", "--device", "cpu",
-              "--eval_batch_size", "256"]
+    common = ["--dataset", "synthetic", "--model", "cnn_small", "--synthetic_n_train", "300",
+              "--synthetic_n_test", "60", "--epochs", "1", "--batch_size", "128", "--record_root", str(tmp_path),
+              "--no_progress", "--device", "cpu", "--eval_batch_size", "256"]
     get("attack", "wanet").main(common + ["--save_folder_name", "w"])
-    get("attack", "inputaware").main(common + ["--save_folder_name", "ia", "--clean_train_epochs", "1", "--gen_width", "4"])
+    get("attack", "inputaware").main(common + ["--save_folder_name", "ia", "--clean_train_epochs", "1",
+                                               "--gen_width", "4"])
     for name, cross_ratio in (("w", 2.0), ("ia", 1.0)):
         rec = load_attack_record(tmp_path / name)
         bd_idx, cross_idx = final_pass_layout(300, 128, 0.1, cross_ratio, seed=0)

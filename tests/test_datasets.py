@@ -389,8 +389,9 @@ def test_a_missing_dataset_is_a_user_error_one_line_at_the_cli(tmp_path, capsys)
     from bdsafety.errors import UserError
     from bdsafety.registry import get
 
-    rc = run_cli(lambda a: get("attack", "badnet").main(a), ["--dataset", "cifar10", "--dataset_path", str(tmp_path / "none"),
-                                                             "--record_root", str(tmp_path / "rec")])
+    rc = run_cli(lambda a: get("attack", "badnet").main(a),
+                 ["--dataset", "cifar10", "--dataset_path", str(tmp_path / "none"),
+                  "--record_root", str(tmp_path / "rec")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: cifar10 dataset not found") and "Traceback" not in err
     assert issubclass(__import__("bdsafety.errors", fromlist=["DatasetNotFound"]).DatasetNotFound, UserError)

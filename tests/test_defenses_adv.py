@@ -393,7 +393,8 @@ def test_anp_masks_stay_in_unit_interval_and_noise_within_eps(projection):
     references) one signed step from a uniform start can leave the box, up to 2 eps."""
     torch.manual_seed(0)
     model = build_model("cnn_small", 4)
-    cfg = anp_cfg(anp_mask_lr=20.0, anp_eps=0.4, anp_noise_projection=projection)  # a huge lr drives masks to both bounds
+    # a huge lr drives masks to both bounds
+    cfg = anp_cfg(anp_mask_lr=20.0, anp_eps=0.4, anp_noise_projection=projection)
     g = torch.Generator().manual_seed(0)
     tr = anp_mod.MaskTrainer(model, cfg, generator=g)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,))
@@ -450,7 +451,8 @@ def test_anp_mask_step_matches_a_hand_computed_update(variant, lr, batch):
     against the update written out by hand: m <- clip(m - lr * alpha * dCE/dm, 0, 1), with dCE/dm from an
     explicit functional form of conv -> BN(gamma * m * x_hat + beta) -> linear."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(2 * 4 * 4, 3))
     x, y = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     cfg = anp_cfg(anp_variant=variant, anp_eps=0.0)
     assert (cfg.anp_mask_lr, cfg.batch_size) == (lr, batch)  # the variant's values
@@ -501,7 +503,8 @@ def test_anp_variants_fill_the_pruning_rule_and_the_validation_split():
         m.resolve(m.parse(["--result_file", "x", "--val_ratio", "0"]))
     with pytest.raises(ConfigError, match="sweeps thresholds"):
         m.resolve(m.parse(["--result_file", "x", "--pruning_by", "number"]))
-    fixed = m.resolve(m.parse(["--result_file", "x", "--pruning_select", "fixed"]))  # an explicit option beats the variant
+    # an explicit option beats the variant
+    fixed = m.resolve(m.parse(["--result_file", "x", "--pruning_select", "fixed"]))
     assert (fixed.pruning_select, fixed.val_ratio, fixed.anp_mask_lr) == ("fixed", 0.0, 0.01)
 
 
@@ -529,7 +532,8 @@ def test_ibau_perturbation_respects_its_l2_bound():
     norm = Normalizer(info)
     x, y = torch.rand(32, 3, 4, 4), torch.randint(0, 3, (32,))
     batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
-    d = ibau_mod.find_perturbation(net, batches, norm, ibau_cfg(ibau_pert_lr=1000.0, ibau_pert_norm=0.5), (1, 3, 4, 4), "cpu")
+    d = ibau_mod.find_perturbation(net, batches, norm, ibau_cfg(ibau_pert_lr=1000.0, ibau_pert_norm=0.5),
+                                   (1, 3, 4, 4), "cpu")
     assert d.norm() <= 0.5 + 1e-5 and d.norm() > 0.49
     free = ibau_cfg(ibau_pert_lr=1000.0, ibau_pert_norm=0.0)
     d_free = ibau_mod.find_perturbation(net, batches, norm, free, (1, 3, 4, 4), "cpu")
@@ -625,8 +629,9 @@ def test_anp_end_to_end_on_the_demo_record(demo_record, tmp_path):
     rec = isolated_record(demo_record, tmp_path)
     out = _run(anp_mod, "anp", rec)
     assert out == rec / "defense" / "anp"
-    model = _check_folder(out, "anp", files=("mask_values.txt", "anp_threshold_sweep.csv", "anp_threshold_selection.yaml",
-                                             "log/val_index.txt"))
+    model = _check_folder(out, "anp",
+                          files=("mask_values.txt", "anp_threshold_sweep.csv", "anp_threshold_selection.yaml",
+                                 "log/val_index.txt"))
     meta = _summary(out)
     before, after = meta["before"], meta["after"]
     n_pruned, thr = meta["n_pruned"], meta["pruning_threshold"]
@@ -650,10 +655,10 @@ def test_anp_end_to_end_on_the_demo_record(demo_record, tmp_path):
     assert sweep["n_pruned"].is_monotonic_increasing
     assert abs(sweep.set_index("threshold").loc[thr, "test_asr"] - after["test_asr"]) < 1e-9
     # behaviour measured with the demo config (100 of ANP's 2000 iterations, seed 0): the validation selection keeps
-    # threshold 0.75 (57 of 480 neurons; validation C-Acc 1.00 -> 0.96; 0.80 gives 0.90, a drop of exactly 0.1, out), test
-    # C-Acc 99.9 -> 97.1, ASR 97.2 -> 7.1 (2026-12-07, models in channels-last; before: 48 neurons, 98.4, 96.9 -> 27.8);
-    # the fixed threshold 0.2 would prune 1 neuron (ASR 96.3), docs/protocol.md's ANP row on mixing the BackdoorBench
-    # masks with the original's threshold
+    # threshold 0.75 (57 of 480 neurons; validation C-Acc 1.00 -> 0.96; 0.80 gives 0.90, a drop of exactly 0.1, out),
+    # test C-Acc 99.9 -> 97.1, ASR 97.2 -> 7.1 (2026-12-07, models in channels-last; before: 48 neurons, 98.4, 96.9 ->
+    # 27.8); the fixed threshold 0.2 would prune 1 neuron (ASR 96.3), docs/protocol.md's ANP row on mixing the
+    # BackdoorBench masks with the original's threshold
     assert 0 < n_pruned < meta["anp"]["n_neurons"] and 0.5 <= thr <= 0.85
     assert before["test_acc"] - after["test_acc"] <= 0.05
     assert after["test_asr"] < before["test_asr"] - 0.3
@@ -676,8 +681,8 @@ def test_i_bau_end_to_end_on_the_demo_record(demo_record, tmp_path):
     assert rounds["pert_class"].between(0, 9).all()
     # measured with the demo config (ibau_space normalized: BackdoorBench's Adam lr 1e-4, 40 hypergradient steps,
     # no projection): the ASR falls (0.97 -> 0.80, C-Acc 1.000 -> 0.997; before channels-last models: 0.84, 0.994) but
-    # I-BAU does not purify at this budget, and its universal perturbations do not point at the backdoor target (round 5:
-    # class 3)
+    # I-BAU does not purify at this budget, and its universal perturbations do not point at the backdoor target (round
+    # 5: class 3)
     assert before["test_acc"] - after["test_acc"] <= 0.10
     assert after["test_asr"] < before["test_asr"] - 0.05
 

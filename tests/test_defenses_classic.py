@@ -40,7 +40,8 @@ def test_attention_map_and_loss_by_hand():
     want_loss = ((want[0] - 0.0) ** 2 + (want[1] - 1 / (1 + 1e-6)) ** 2) / 2
     assert torch.allclose(nad_mod.at_loss(fm, other), want_loss)
     # p = 1: sums of absolute values
-    assert torch.allclose(nad_mod.attention_map(-fm, p=1.0).flatten(), torch.tensor([4.0, 2.0]) / (math.sqrt(20) + 1e-6))
+    assert torch.allclose(nad_mod.attention_map(-fm, p=1.0).flatten(),
+                          torch.tensor([4.0, 2.0]) / (math.sqrt(20) + 1e-6))
     # a 1x1 map (an avgpool output) is ~1 for every input: BackdoorBench's beta3 term is negligible
     pooled = torch.rand(3, 8, 1, 1) + 0.5
     assert torch.allclose(nad_mod.attention_map(pooled), torch.ones(3, 1, 1, 1), atol=1e-5)

@@ -42,7 +42,8 @@ def test_d3_objective_by_hand():
     assert float(clean) == pytest.approx((math.log(2) - 0.1) / 2)
     dist = dist.detach()
     assert float(d3_mod.d3_loss(logits, y, dist, lmd=0.5, eps=0.1)) == pytest.approx(0.5 * float(clean) - 5.0, rel=1e-6)
-    assert float(d3_mod.d3_loss(logits, y, dist, lmd=3.0, eps=0.1)) == pytest.approx((3 * float(clean) - 5.0) / 4, rel=1e-6)
+    assert (float(d3_mod.d3_loss(logits, y, dist, lmd=3.0, eps=0.1))
+            == pytest.approx((3 * float(clean) - 5.0) / 4, rel=1e-6))
     # the gradient of -distance w.r.t. W points away from W0: -(W - W0)/||W - W0||
     d3_mod.d3_loss(logits, y, d3_mod.weight_distance([w], [w0], 2.0), 0.5, 0.1).backward()
     assert torch.allclose(w.grad, -torch.tensor([[0.6, 0.8]]))

@@ -69,8 +69,9 @@ def state(m):
 # ------------------------------------------------------------------------------------------- FST family
 def test_variant_defaults_match_the_fst_paper_definitions():
     want = {  # (reinit_head, train_layers, alpha, head_norm_constraint)
-        "ft": (False, "all", 0.0, False), "lp": (False, "head", 0.0, False), "fe_tuning": (True, "features", 0.0, False),
-        "ft_init": (True, "all", 0.0, False), "fst": (True, "all", 0.2, True),
+        "ft": (False, "all", 0.0, False), "lp": (False, "head", 0.0, False),
+        "fe_tuning": (True, "features", 0.0, False), "ft_init": (True, "all", 0.0, False),
+        "fst": (True, "all", 0.2, True),
     }
     for v, w in want.items():
         c = variant_cfg(v)
@@ -203,7 +204,8 @@ def test_sam_step_uses_gradient_at_perturbed_point_and_keeps_bn_buffers():
     params = list(ref.parameters())
     w = [p.detach().clone() for p in params]
     F.cross_entropy(ref(x), y).backward()
-    buffers_after_first_pass = {k: v.clone() for k, v in ref.state_dict().items() if "running" in k or "num_batches" in k}
+    buffers_after_first_pass = {k: v.clone() for k, v in ref.state_dict().items()
+                                if "running" in k or "num_batches" in k}
     g = [p.grad.clone() for p in params]
     denom = math.sqrt(sum(float(((wi.abs() * gi) ** 2).sum()) for wi, gi in zip(w, g)))
     with torch.no_grad():
@@ -303,11 +305,11 @@ def check_folder(folder, name, record):
     return before, read_metrics_summary(folder, name)
 
 
-# Behaviour on the demo, as measured with the demo configs and seed 0 (docs/measurements.md: what was re-measured with the final protocol):
-# after-defense C-Acc / ASR: ft 0.999 / 0.918, lp 0.999 / 0.929, ft_sam 1.000 / 0.961 (the backdoor survives),
-# exact_purification 0.999 / 0.004, fst 0.783 / 0.001 (the official alpha 0.2 of config/defense/fst/demo.yaml: FST
-# purifies the demo model but costs ~22 points of C-Acc at this data size; alpha 0.1, formerly chosen by looking at
-# test results, kept 0.974 / 0.006),
+# Behaviour on the demo, as measured with the demo configs and seed 0 (docs/measurements.md: what was re-measured with
+# the final protocol): after-defense C-Acc / ASR: ft 0.999 / 0.918, lp 0.999 / 0.929, ft_sam 1.000 / 0.961 (the backdoor
+# survives), exact_purification 0.999 / 0.004, fst 0.783 / 0.001 (the official alpha 0.2 of
+# config/defense/fst/demo.yaml: FST purifies the demo model but costs ~22 points of C-Acc at this data size; alpha 0.1,
+# formerly chosen by looking at test results, kept 0.974 / 0.006),
 # fe_tuning 0.599 / 0.000 (backdoor gone, but a re-initialised head is not re-learned to full accuracy in 80 steps),
 # ft_init 0.997 / 0.329 (partly purified).
 EXPECT = {
@@ -368,7 +370,8 @@ def test_bad_input_is_refused_and_nothing_is_written(record):
         run("exact_purification", record, "--p_rev", "0", "--save_name", "bad_fraction")
     # through the CLI wrapper: one clear line and exit code 2
     demo_ft = os.path.join(ROOT, "config", "defense", "ft", "demo.yaml")
-    argv = ["--result_file", record, "--yaml_path", demo_ft, "--lr", "1e30", "--epochs", "1", "--save_name", "nan_cli", "--no_progress"]
+    argv = ["--result_file", record, "--yaml_path", demo_ft, "--lr", "1e30", "--epochs", "1", "--save_name", "nan_cli",
+            "--no_progress"]
     assert run_cli(DEFENSES["ft"], argv) == 2
     left = os.listdir(os.path.join(record, "defense")) if os.path.isdir(os.path.join(record, "defense")) else []
     assert not [d for d in left if d.startswith(("bad_", "nan_", ".bad_", ".nan_"))], left

@@ -165,7 +165,8 @@ def _fake_ctx(record_dir, name: str, n=24, classes=4, **over):
     exp = SimpleNamespace(device="cpu", norm=Normalizer(info), num_classes=classes, info=info, evalsets=None,
                           progress=False, record=SimpleNamespace(img_size=(32, 32, 3)), record_dir=Path(record_dir),
                           target=0)
-    cfg = resolve(get("defense", name).schema(), None, {"n_rounds": 1, "epochs": 1, "batch_size": 8, **TINY_BTI, **over})
+    cfg = resolve(get("defense", name).schema(), None,
+                  {"n_rounds": 1, "epochs": 1, "batch_size": 8, **TINY_BTI, **over})
     torch.manual_seed(0)
     model = build_model("cnn_small", classes)
     lines: list[str] = []

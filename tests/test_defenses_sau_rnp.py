@@ -99,13 +99,16 @@ def test_sau_js_and_pgd_objective_by_hand():
 def test_sau_projection_and_init():
     p = torch.tensor([[[[3.0, -4.0]]], [[[0.3, 0.4]]]])  # per-sample L2 norms 5 and 0.5
     out = sau_mod.project(p.clone(), "L2", 1.0)
-    assert out[0].flatten().tolist() == pytest.approx([0.6, -0.8]) and out[1].flatten().tolist() == pytest.approx([0.3, 0.4])
+    assert (out[0].flatten().tolist() == pytest.approx([0.6, -0.8])
+            and out[1].flatten().tolist() == pytest.approx([0.3, 0.4]))
     out = sau_mod.project(p.clone(), "L1", 1.4)  # L1 norms 7 and 0.7
-    assert out[0].flatten().tolist() == pytest.approx([0.6, -0.8]) and out[1].flatten().tolist() == pytest.approx([0.3, 0.4])
+    assert (out[0].flatten().tolist() == pytest.approx([0.6, -0.8])
+            and out[1].flatten().tolist() == pytest.approx([0.3, 0.4]))
     assert sau_mod.project(p.clone(), "L_inf", 0.35).flatten().tolist() == pytest.approx([0.35, -0.35, 0.3, 0.35])
     assert torch.equal(sau_mod.project(p.clone(), "Reg", 0.1), p)
     x = torch.zeros(2, 1, 1, 2)
-    assert sau_mod.init_perturbation(x, sau_cfg(pgd_init="max", trigger_norm=0.2)).flatten().tolist() == pytest.approx([0.2] * 4)
+    assert (sau_mod.init_perturbation(x, sau_cfg(pgd_init="max", trigger_norm=0.2)).flatten().tolist()
+            == pytest.approx([0.2] * 4))
     assert sau_mod.init_perturbation(x, sau_cfg(pgd_init="min", norm_type="L2", trigger_norm=0.2))[0].norm().item() == \
         pytest.approx(0.2)
 
@@ -193,12 +196,14 @@ def test_rnp_pruning_by_threshold_and_number_folds_into_bn_weights():
     mv = [("bn", 0, 0.70004), ("bn", 1, 0.70006), ("bn", 2, 0.05), ("bn", 3, 0.9)]
     out, pruned = rnp_mod.pruned_copy(model, mv, "threshold", 0.7)
     assert sorted(pruned) == [("bn", 0), ("bn", 2)]
-    assert out.bn.weight.tolist() == [0.0, 2.0, 0.0, 4.0] and out.bn.bias.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert (out.bn.weight.tolist() == [0.0, 2.0, 0.0, 4.0]
+            and out.bn.bias.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4]))
     assert model.bn.weight.tolist() == [1.0, 2.0, 3.0, 4.0]  # the original is untouched
     # a pruned channel outputs exactly its BN bias
     x = torch.randn(2, 3, 8, 8)
     feats = out.bn(out.conv(x))
-    assert torch.allclose(feats[:, 0], torch.full_like(feats[:, 0], 0.1)) and torch.allclose(feats[:, 2], torch.full_like(feats[:, 2], 0.3))
+    assert (torch.allclose(feats[:, 0], torch.full_like(feats[:, 0], 0.1))
+            and torch.allclose(feats[:, 2], torch.full_like(feats[:, 2], 0.3)))
     # the folded model is the plain architecture: its state dict loads strictly
     ConvBN().load_state_dict(out.state_dict(), strict=True)
     # by number: the k smallest masks
@@ -207,7 +212,8 @@ def test_rnp_pruning_by_threshold_and_number_folds_into_bn_weights():
 
 
 def test_rnp_unlearning_step_is_an_ascent_with_weight_decay():
-    """One epoch of one full batch: SGD's first momentum step is the plain step, so w1 = w0 + lr * (dCE/dw - wd * w0)."""
+    """One epoch of one full batch: SGD's first momentum step is the plain step, so w1 = w0 + lr * (dCE/dw - wd *
+    w0)."""
     ds, norm = tiny_data()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
@@ -227,7 +233,8 @@ def test_rnp_unlearning_stops_at_the_clean_threshold():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
-    stop_now = rnp_mod.unlearn(model, ds, norm, rnp_cfg(clean_threshold=1.0, unlearning_epochs=5), False, g, lambda m: None)
+    stop_now = rnp_mod.unlearn(model, ds, norm, rnp_cfg(clean_threshold=1.0, unlearning_epochs=5), False, g,
+                               lambda m: None)
     assert len(stop_now) == 1  # accuracy <= 1 always: one epoch, as the reference checks after each epoch
     never = rnp_mod.unlearn(model, ds, norm, rnp_cfg(clean_threshold=0.0, unlearning_epochs=4, batch_size=4,
                                                    unlearning_lr=1e-4), False, g, lambda m: None)
@@ -268,7 +275,8 @@ def test_rnp_validation_selection_keeps_the_largest_threshold_within_the_budget(
     thr, doc = rnp_mod.select_threshold(model, mv, ds, norm, cfg)
     ref = val_accuracy(model, ds, norm)
     cands = doc["candidates"]
-    assert [c["threshold"] for c in cands] == pytest.approx([0.0, 0.2, 0.4, 0.6]) and [c["n_pruned"] for c in cands] == [0, 1, 2, 3]
+    assert ([c["threshold"] for c in cands] == pytest.approx([0.0, 0.2, 0.4, 0.6])
+            and [c["n_pruned"] for c in cands] == [0, 1, 2, 3])
     for c in cands:
         pm, _ = rnp_mod.pruned_copy(model, mv, "threshold", c["threshold"])
         assert c["val_acc"] == val_accuracy(pm, ds, norm)

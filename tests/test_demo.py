@@ -13,7 +13,8 @@ STUDIES = sorted(p for p in (ROOT / "config" / "study").glob("*.yaml") if p.stem
 
 def test_alias_stands_for_the_demo_studies():
     assert demo.study_argv([]) == ["--yaml_path", str(demo.DEMO)]
-    assert demo.study_argv(["--seeds", "--executor", "ray"]) == ["--yaml_path", str(demo.DEMO_SEEDS), "--executor", "ray"]
+    assert (demo.study_argv(["--seeds", "--executor", "ray"])
+            == ["--yaml_path", str(demo.DEMO_SEEDS), "--executor", "ray"])
     assert demo.study_argv(["--yaml_path", "x.yaml", "--fresh"]) == ["--yaml_path", "x.yaml", "--fresh"]
     with pytest.raises(SystemExit, match="drop --yaml_path or --seeds"):
         demo.study_argv(["--seeds", "--yaml_path", "x.yaml"])
@@ -22,9 +23,8 @@ def test_alias_stands_for_the_demo_studies():
 def test_demo_dry_run_lists_the_chain_and_writes_nothing(capsys, tmp_path):
     assert demo.main(["--dry_run", "--record_root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for job in ("attack   badnet", "defense  fst", "defense  exact_purification", "defense  pam", "defense  pam_reinvert",
-                "retune   ra",
-                "retune   qra", "analysis lmc"):
+    for job in ("attack   badnet", "defense  fst", "defense  exact_purification", "defense  pam",
+                "defense  pam_reinvert", "retune   ra", "retune   qra", "analysis lmc"):
         assert job in out, job
     assert not any(tmp_path.iterdir())
 

@@ -105,7 +105,8 @@ def documented_commands():
         for line in lines:
             if "python" not in line or line.lstrip().startswith("#"):
                 continue
-            if re.search(r"<[a-z_]+>", line.split("#", 1)[0]):  # a pattern (`python defense/<name>.py ...`), not a command
+            # a pattern (`python defense/<name>.py ...`), not a command
+            if re.search(r"<[a-z_]+>", line.split("#", 1)[0]):
                 continue
             for words in _segments(line):
                 cmd = _python_commands(words)
@@ -170,8 +171,9 @@ COMMANDS = documented_commands()
 def test_commands_are_found():
     targets = {c[2] for c in COMMANDS}
     # the quick start, the BackdoorBench-style block and the study commands must be among them
-    for t in ("analysis/run_study.py", "attack/badnet.py", "defense/pam.py", "retune_attack/ra.py", "retune_attack/qra.py",
-              "analysis/lmc.py", "analysis/report.py", "analysis/ra_budget.py", "-m bdsafety.records"):
+    for t in ("analysis/run_study.py", "attack/badnet.py", "defense/pam.py", "retune_attack/ra.py",
+              "retune_attack/qra.py", "analysis/lmc.py", "analysis/report.py", "analysis/ra_budget.py",
+              "-m bdsafety.records"):
         assert t in targets, f"no documented command runs {t}"
     assert len(COMMANDS) >= 40
 
@@ -264,4 +266,5 @@ def test_mkdocs_builds_strictly(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert (tmp_path / "site" / "index.html").is_file() and (tmp_path / "site" / "figures" / "ra_budget_demo_seed0.png").is_file()
+    assert ((tmp_path / "site" / "index.html").is_file()
+            and (tmp_path / "site" / "figures" / "ra_budget_demo_seed0.png").is_file())

@@ -38,7 +38,8 @@ def test_max_loss_is_configurable():
     data, model, norm = _setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with pytest.raises(TrainingDiverged, match="above 0.1"):
-        engine.fit(model, data, norm=norm, epochs=2, batch_size=16, step_fn=engine.sgd_step(opt), augment=False, max_loss=0.1)
+        engine.fit(model, data, norm=norm, epochs=2, batch_size=16, step_fn=engine.sgd_step(opt), augment=False,
+                   max_loss=0.1)
     assert engine.MAX_LOSS >= 1e3 > math.log(200)  # far above chance-level cross-entropy of any bundled dataset
 
 

@@ -149,7 +149,8 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
     unlayered = sorted(m for m in graph if _layer(m) is None and m != "bdsafety")
     assert not unlayered, f"modules outside LAYERS (add them to the layer they belong to): {unlayered}"
     up = [f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)}) at line {line}"
-          for m, edges in sorted(graph.items()) if m != "bdsafety" for d, line in edges.items() if _layer(d) > _layer(m)]
+          for m, edges in sorted(graph.items()) if m != "bdsafety" for d, line in edges.items()
+          if _layer(d) > _layer(m)]
     assert not up, "upward imports:\n" + "\n".join(up)
 
 

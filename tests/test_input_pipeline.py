@@ -203,9 +203,10 @@ def test_cifar100_paper_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "prepare_model", spy)
     common = ["--record_root", str(tmp_path / "record"), "--device", "cpu", "--no_progress"]
     rec = Path(get("attack", "badnet").main([
-        "--yaml_path", str(cfg_dir / "attack" / "badnet" / "cifar100_paper.yaml"), "--dataset_path", str(tmp_path / "data"),
-        "--save_folder_name", "paper", "--model", "cnn_small", "--pretrained", "none", "--input_resize", "56",
-        "--pratio", "0.25", "--epochs", "1", "--batch_size", "4", *common]))
+        "--yaml_path", str(cfg_dir / "attack" / "badnet" / "cifar100_paper.yaml"),
+        "--dataset_path", str(tmp_path / "data"), "--save_folder_name", "paper", "--model", "cnn_small",
+        "--pretrained", "none", "--input_resize", "56", "--pratio", "0.25", "--epochs", "1",
+        "--batch_size", "4", *common]))
     record = load_attack_record(rec)
     assert tuple(record.img_size) == (56, 56, 3) and record.info["normalization"] == "imagenet"
     trig = np.zeros((32, 32, 3), dtype=np.uint8)
@@ -218,15 +219,16 @@ def test_cifar100_paper_pipeline_end_to_end(tmp_path, monkeypatch):
     assert shapes and set(shapes) == {(3, 56, 56)}
 
     shapes.clear()
-    get("defense", "fst").main(["--yaml_path", str(cfg_dir / "defense" / "fst" / "cifar100_paper.yaml"), "--result_file",
-                                "paper", "--ratio", "4", "--epochs", "1", "--batch_size", "4", *common])
+    get("defense", "fst").main(["--yaml_path", str(cfg_dir / "defense" / "fst" / "cifar100_paper.yaml"),
+                                "--result_file", "paper", "--ratio", "4", "--epochs", "1",
+                                "--batch_size", "4", *common])
     (ra_out,) = get("retune", "ra").main(["--yaml_path", str(cfg_dir / "retune_attack" / "ra" / "cifar100_paper.yaml"),
-                                          "--result_file", "paper", "--defense", "fst", "--ratio", "4", "--poison_num", "1",
-                                          "--epochs", "1", "--batch_size", "4", *common])
-    get("defense", "pam").main(["--yaml_path", str(cfg_dir / "defense" / "pam" / "cifar100_paper.yaml"), "--result_file",
-                                "paper", "--ratio", "4", "--input_resize", "64", "--input_crop", "56", "--epochs", "1",
-                                "--n_rounds", "1", "--bti_pretrain_epochs", "1", "--bti_mask_epochs", "1",
-                                "--bti_gen_epochs", "1", "--batch_size", "4", *common])
+                                          "--result_file", "paper", "--defense", "fst", "--ratio", "4",
+                                          "--poison_num", "1", "--epochs", "1", "--batch_size", "4", *common])
+    get("defense", "pam").main(["--yaml_path", str(cfg_dir / "defense" / "pam" / "cifar100_paper.yaml"),
+                                "--result_file", "paper", "--ratio", "4", "--input_resize", "64", "--input_crop", "56",
+                                "--epochs", "1", "--n_rounds", "1", "--bti_pretrain_epochs", "1",
+                                "--bti_mask_epochs", "1", "--bti_gen_epochs", "1", "--batch_size", "4", *common])
     assert shapes and set(shapes) == {(3, 56, 56)}
     meta = (rec / "defense" / "pam" / "config.yaml").read_text()
     assert "input_resize: 64" in meta and "ratio: 4" in meta

@@ -30,15 +30,17 @@ def test_installed_package_runs_outside_the_checkout(tmp_path):
     work.mkdir()
 
     def run(*args):
-        return subprocess.run([str(venv / "bin" / "bdsafety"), *args], capture_output=True, text=True, env=env, cwd=work)
+        return subprocess.run([str(venv / "bin" / "bdsafety"), *args], capture_output=True, text=True,
+                              env=env, cwd=work)
 
-    where = subprocess.run([str(py), "-c", "import bdsafety; print(bdsafety.__file__)"], check=True, capture_output=True,
-                           text=True, env=env, cwd=work).stdout.strip()
+    where = subprocess.run([str(py), "-c", "import bdsafety; print(bdsafety.__file__)"], check=True,
+                           capture_output=True, text=True, env=env, cwd=work).stdout.strip()
     assert where.startswith(str(venv)), where  # the installed copy, not this checkout
     out = run("--help")
     assert out.returncode == 0 and "pam" in out.stdout and "badnet" in out.stdout
     rec = run("attack", "badnet", "--yaml_path", "config/attack/badnet/demo.yaml", "--synthetic_n_train", "100",
-              "--synthetic_n_test", "20", "--epochs", "1", "--record_root", "rec", "--save_folder_name", "t", "--no_progress")
+              "--synthetic_n_test", "20", "--epochs", "1", "--record_root", "rec", "--save_folder_name", "t",
+              "--no_progress")
     assert rec.returncode == 0, rec.stderr
     assert (work / "rec" / "t" / "attack_result.pt").is_file()
     assert run("inspect", "rec/t").returncode == 0

@@ -32,7 +32,8 @@ def _zoo_fixture() -> dict:
     for d in _DIRS:
         if (d / _FIXTURE).is_file():
             return json.loads((d / _FIXTURE).read_text())["models"]
-    raise FileNotFoundError(f"{_FIXTURE} not found in {[str(d) for d in _DIRS]}: the repository's tests/fixtures/ is incomplete")
+    raise FileNotFoundError(f"{_FIXTURE} not found in {[str(d) for d in _DIRS]}: "
+                            f"the repository's tests/fixtures/ is incomplete")
 
 
 def _fixture_names() -> list[str]:
@@ -137,7 +138,8 @@ def test_vit_old_mlp_names_and_features_head():
     with torch.no_grad():
         z = fresh.features(x)
         assert z.shape == (2, 8, 1, 1) and fresh.feature_channels == 8
-        ref = fresh._modules["1"](torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False))
+        ref = fresh._modules["1"](torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear",
+                                                                  align_corners=False))
         torch.testing.assert_close(fresh.head(z), ref)
         torch.testing.assert_close(fresh(x), ref)
     assert classifier_layer(fresh) is fresh._modules["1"].heads.head

@@ -23,7 +23,8 @@ ATTACK_ARCH = "mobilenet_v3_large"  # trained by the attack; the others get rand
 ARCHS = ["mobilenet_v3_large", "efficientnet_b0", "squeezenet1_0", "densenet121", "convnext_tiny", "mobilenet_v2",
          "shufflenet_v2_x1_0", "mnasnet1_0", "googlenet", "alexnet", "inception_v3"]
 SIZED = {"alexnet": 64, "inception_v3": 80,  # too small at 32 px: upsampled on the device (model_input_size)
-         "vit_b_16": 32}  # BackdoorBench's 224 minus the cost: 5 tokens instead of 197, same keys (pos_embedding shorter)
+         # BackdoorBench's 224 minus the cost: 5 tokens instead of 197, same keys (pos_embedding shorter)
+         "vit_b_16": 32}
 TINY = ["--no_progress", "--ratio", "20", "--batch_size", "20", "--epochs", "1"]
 
 
@@ -107,7 +108,8 @@ def test_small_family_members_run_the_tools(zoo_records, arch, capsys):
 
     pam = _one(get("defense", "pam").main([
         "--result_file", str(rec), "--yaml_path", str(CFG / "defense" / "pam" / "demo.yaml"), "--n_rounds", "1",
-        "--bti_pretrain_epochs", "1", "--bti_mask_epochs", "1", "--bti_gen_epochs", "1", "--bti_batch_size", "20", *TINY]))
+        "--bti_pretrain_epochs", "1", "--bti_mask_epochs", "1", "--bti_gen_epochs", "1",
+        "--bti_batch_size", "20", *TINY]))
     df = _rows(pam, "pam")
     assert list(df["epoch"]) == [0, 1] and df["test_acc"].notna().all()
     assert (pam / "bti_generator.pt").is_file() and (pam / "log" / "index.txt").is_file()
@@ -171,7 +173,8 @@ def test_paper_protocol_cifar100_pretrained_resnet18(tmp_path):
     assert tuple(record["img_size"]) == (64, 64, 3)  # the poisoned images are stored at the resized size
     sd = record["model"]
     assert sd["fc.weight"].shape == (100, 512)
-    # two SGD steps at lr 0.001 move the pretrained backbone by far less than its own scale (a fresh init would not match)
+    # two SGD steps at lr 0.001 move the pretrained backbone by far less than its own scale (a fresh init would not
+    # match)
     w0 = imagenet["layer4.1.conv2.weight"]
     assert float((sd["layer4.1.conv2.weight"] - w0).norm()) < 0.01 * float(w0.norm())
 
@@ -225,7 +228,8 @@ def test_vit_runs_the_tools(zoo_records, capsys):
     tiny = ["--no_progress", "--ratio", "10", "--batch_size", "10", "--epochs", "1"]
     pam = _one(get("defense", "pam").main([
         "--result_file", str(rec), "--yaml_path", str(CFG / "defense" / "pam" / "demo.yaml"), "--n_rounds", "1",
-        "--bti_pretrain_epochs", "1", "--bti_mask_epochs", "1", "--bti_gen_epochs", "1", "--bti_batch_size", "10", *tiny]))
+        "--bti_pretrain_epochs", "1", "--bti_mask_epochs", "1", "--bti_gen_epochs", "1",
+        "--bti_batch_size", "10", *tiny]))
     assert list(_rows(pam, "pam")["epoch"]) == [0, 1] and _changed(start, pam / "defense_result.pt", arch) > 0
     fst = _one(get("defense", "fst").main(["--result_file", str(rec), "--yaml_path",
                                            str(CFG / "defense" / "fst" / "demo.yaml"), *tiny]))

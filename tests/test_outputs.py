@@ -24,8 +24,8 @@ from bdsafety.registry import get
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["--device", "cpu", "--no_progress"]
 ATTACK = ["--dataset", "synthetic", "--model", "cnn_small", "--synthetic_n_train", "200", "--synthetic_n_test", "50",
-          "--epochs", "1", "--batch_size", "64", "--lr", "0.05", "--eval_batch_size", "256", "--save_folder_name", "tiny",
-          *COMMON]
+          "--epochs", "1", "--batch_size", "64", "--lr", "0.05", "--eval_batch_size", "256",
+          "--save_folder_name", "tiny", *COMMON]
 DEFENSE = ["--result_file", "tiny", "--epochs", "1", "--ratio", "0.2", "--batch_size", "32", *COMMON]
 RA = ["--result_file", "tiny", "--defense", "ft", "--epochs", "1", "--ratio", "0.2", "--poison_num", "2", *COMMON]
 ARGS = {("attack", "badnet"): ATTACK, ("defense", "ft"): DEFENSE, ("retune", "ra"): RA}
@@ -211,11 +211,13 @@ def test_existing_output_without_overwrite_is_refused_before_training(root):
 
 # ------------------------------------------------------------------------------- user-given names
 @pytest.mark.parametrize("bad", ["..", ".", "a/b", ".hidden", "../x", "/tmp/x", ""])
-@pytest.mark.parametrize("kind, name, flag", [("attack", "badnet", "--save_folder_name"), ("defense", "ft", "--save_name"),
-                                              ("retune", "ra", "--save_name")])
+@pytest.mark.parametrize("kind, name, flag",
+                         [("attack", "badnet", "--save_folder_name"), ("defense", "ft", "--save_name"),
+                          ("retune", "ra", "--save_name")])
 def test_unsafe_names_are_refused_before_anything_is_written(tmp_path, bad, kind, name, flag):
     root = tmp_path / "record"
-    argv = [a for a in ARGS[(kind, name)] if a not in ("--save_folder_name", "tiny")] if kind == "attack" else ARGS[(kind, name)]
+    argv = ([a for a in ARGS[(kind, name)] if a not in ("--save_folder_name", "tiny")] if kind == "attack"
+            else ARGS[(kind, name)])
     with pytest.raises(ConfigError, match=rf"--{flag[2:]} .*not a plain folder name"):
         get(kind, name).main([*argv, "--record_root", str(root), "--overwrite", flag, bad])
     assert list(tmp_path.iterdir()) == []
@@ -245,7 +247,8 @@ def test_output_names_that_would_replace_what_their_parent_holds_are_refused(tmp
         OutputFolder(rec / "afile", overwrite=True)
     with pytest.raises(OutputError, match="file system's limit"):
         OutputFolder(rec / ("r" * 230), overwrite=True)
-    assert (rec / "attack_result.pt").read_bytes() == b"model" and sorted(p.name for p in rec.iterdir()) == ["afile", "attack_result.pt"]
+    assert ((rec / "attack_result.pt").read_bytes() == b"model"
+            and sorted(p.name for p in rec.iterdir()) == ["afile", "attack_result.pt"])
 
 
 def test_two_runs_on_one_output_the_second_fails_at_once(tmp_path):
@@ -300,7 +303,8 @@ def test_a_new_analysis_is_one_function_the_kind_runner_writes(root):
 
     def run(ctx):
         calls.append(ctx.dests)
-        yield "m", Output("probe", rows=[{"epoch": 0, "test_acc": 0.5}], artifacts={"probe.csv": pd.DataFrame({"a": [1, 2]})},
+        yield "m", Output("probe", rows=[{"epoch": 0, "test_acc": 0.5}],
+                          artifacts={"probe.csv": pd.DataFrame({"a": [1, 2]})},
                           indices={"index": np.arange(3), "extra": np.array([7])},
                           info={"n_train": len(ctx.exp.data.train_y)})
 

@@ -155,7 +155,8 @@ def test_frozen_parameters_excluded():
     model, bd, x, y = _pair()
     model.fc.weight.requires_grad_(False)
     w = model.fc.weight.detach().clone()
-    step = PathAwareStep(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), bd, rho=0.5)
+    step = PathAwareStep(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+                         bd, rho=0.5)
     assert "fc.weight" not in step.names
     step(model, x, y)
     assert torch.equal(model.fc.weight, w)
@@ -453,7 +454,8 @@ def test_pam_demo_purifies_and_writes_backdoorbench_folder(pam_work, demo_record
     assert cfg["detected_target"] == cfg["true_target"] == 0 and cfg["target_match"] is True
     assert sum(cfg["target_votes"]) == 250
     digests = cfg["generator_digest_per_round"]
-    assert len(set(digests)) == (1 if name == "pam" else 3)  # pam: G frozen after round 1; pam_reinvert: new G per round
+    # pam: G frozen after round 1; pam_reinvert: new G per round
+    assert len(set(digests)) == (1 if name == "pam" else 3)
     assert cfg["pam"]["form"] == "normalized" and cfg["pam"]["bn_mode"] == cfg["config"]["pam_bn"]
     g = torch.load(folder / "bti_generator.pt", weights_only=True)
     assert set(g) == {"generator", "generator_config", "mask", "target"} and g["target"] == 0
@@ -550,12 +552,13 @@ def test_rho_sweep_reuses_one_inversion_and_real_source(pam_work, capsys):
 
     main = get("defense", "pam").main
 
-    short = ["--result_file", str(pam_work.rec), "--yaml_path", str(PAM_DEMO), "--no_progress", "--n_rounds", "2", "--epochs", "1",
-             "--bti_gen_epochs", "1"]
+    short = ["--result_file", str(pam_work.rec), "--yaml_path", str(PAM_DEMO), "--no_progress", "--n_rounds", "2",
+             "--epochs", "1", "--bti_gen_epochs", "1"]
     n_cache = len(list((pam_work.rec / "bti_inversion").glob("*.pt")))
     outs = main(short + ["--rho_sweep", "0.3,0.7"])
     assert [o.name for o in outs] == ["pam_rho0.3", "pam_rho0.7"]
-    assert len(list((pam_work.rec / "bti_inversion").glob("*.pt"))) == n_cache + 1  # one new inversion (other bti settings)
+    # one new inversion (other bti settings)
+    assert len(list((pam_work.rec / "bti_inversion").glob("*.pt"))) == n_cache + 1
     assert capsys.readouterr().out.count("bti inversion loaded from cache") == 1  # the second value reused the first's
     for o, rho in zip(outs, (0.3, 0.7)):
         cfg = yaml.safe_load((o / "config.yaml").read_text())

@@ -64,15 +64,16 @@ def test_attacks_that_train_their_own_way_refuse_param_limit(attack, tmp_path):
     cfg = ROOT / "config" / "attack" / attack / "demo.yaml"
     with pytest.raises(ConfigError, match=rf"--param_limit abi: {attack} trains its own way.*badnet"):
         get("attack", attack).main(["--yaml_path", str(cfg), "--record_root", str(tmp_path), "--param_limit", "abi",
-                                    "--synthetic_n_train", "20", "--synthetic_n_test", "10", "--epochs", "1", "--no_progress"])
+                                    "--synthetic_n_train", "20", "--synthetic_n_test", "10", "--epochs", "1",
+                                    "--no_progress"])
     assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
 def test_abi_keeps_the_backdoor_but_flattens_its_neurons(tmp_path):
-    """BadNets on the demo data (2,500 images, 15 epochs, cnn_tiny) with and without --param_limit abi, same seed: both reach a
-    high ASR, and under ABI the largest TAC z-score of the final model (measured on the record's own poisoned training
-    samples) is lower: the backdoor is spread, not concentrated in a few prunable neurons."""
+    """BadNets on the demo data (2,500 images, 15 epochs, cnn_tiny) with and without --param_limit abi, same seed: both
+    reach a high ASR, and under ABI the largest TAC z-score of the final model (measured on the record's own poisoned
+    training samples) is lower: the backdoor is spread, not concentrated in a few prunable neurons."""
     from bdsafety.config import resolve
     from bdsafety.experiment import RECORD_SCHEMA, open_experiment
     from bdsafety.records import read_metrics_summary
@@ -80,11 +81,13 @@ def test_abi_keeps_the_backdoor_but_flattens_its_neurons(tmp_path):
     from bdsafety.safeio import safe_torch_load
 
     base = ["--yaml_path", str(ROOT / "config" / "attack" / "badnet" / "demo.yaml"), "--record_root", str(tmp_path),
-            "--synthetic_n_train", "2500", "--synthetic_n_test", "300", "--epochs", "15", "--model", "cnn_tiny", "--no_progress"]
+            "--synthetic_n_train", "2500", "--synthetic_n_test", "300", "--epochs", "15", "--model", "cnn_tiny",
+            "--no_progress"]
     out = {}
     for mode in ("none", "abi"):
         rec = Path(get("attack", "badnet").main([*base, "--save_folder_name", mode, "--param_limit", mode]))
-        exp = open_experiment(resolve(RECORD_SCHEMA, None, {"result_file": str(rec), "device": "cpu", "no_progress": True}))
+        exp = open_experiment(resolve(RECORD_SCHEMA, None,
+                                      {"result_file": str(rec), "device": "cpu", "no_progress": True}))
         model = exp.backdoored_model()
         bd = exp.record.bd_train
         clean = DeviceDataset(exp.data.train_x[bd.indices], exp.data.train_y[bd.indices])

@@ -1,4 +1,5 @@
-"""The paper's protocol: RA's poisoned samples are never augmented; attacker and defender never share poisoned images."""
+"""The paper's protocol: RA's poisoned samples are never augmented; attacker and defender never share poisoned
+images."""
 import json
 import os
 
@@ -78,10 +79,12 @@ def test_ra_clean_augmentation_drawn_once_or_redrawn_and_poison_bit_identical(dr
 def test_ra_default_config_does_not_augment_poison():
     from bdsafety.registry import get
 
-    cfg = get("retune", "ra").parse(["--result_file", "x", "--yaml_path", os.path.join(ROOT, "config/retune_attack/ra/demo.yaml")])
+    cfg = get("retune", "ra").parse(["--result_file", "x",
+                                     "--yaml_path", os.path.join(ROOT, "config/retune_attack/ra/demo.yaml")])
     assert cfg.augment_poison is False
     for ds in ("cifar10", "cifar100", "gtsrb", "tiny", "demo", "cifar100_paper", "tiny_paper"):
-        c = get("retune", "ra").parse(["--result_file", "x", "--yaml_path", os.path.join(ROOT, f"config/retune_attack/ra/{ds}.yaml")])
+        c = get("retune", "ra").parse(["--result_file", "x",
+                                       "--yaml_path", os.path.join(ROOT, f"config/retune_attack/ra/{ds}.yaml")])
         assert (c.augment, c.augment_draw, c.augment_poison) == (True, "once", False), ds  # the official RA
     assert get("retune", "ra").parse(["--result_file", "x"]).augment_draw == "once"
     for name in ("exact_purification", "pam"):
@@ -138,11 +141,13 @@ def test_ep_and_ra_draw_disjoint_poisoned_samples(demo_work):
 
     cfg = os.path.join(ROOT, "config")
     get("defense", "exact_purification").main([
-        "--result_file", str(demo_work.demo), "--yaml_path", os.path.join(cfg, "defense", "exact_purification", "demo.yaml"),
-        "--epochs", "1", "--no_progress"])
+        "--result_file", str(demo_work.demo),
+        "--yaml_path", os.path.join(cfg, "defense", "exact_purification", "demo.yaml"), "--epochs", "1",
+        "--no_progress"])
     ep_dir = demo_work.demo / "defense" / "exact_purification"
     (out,) = ra_main(["--result_file", str(demo_work.demo), "--defense", "exact_purification", "--no_progress",
-                      "--yaml_path", os.path.join(cfg, "retune_attack", "ra", "demo.yaml"), "--epochs", "1", "--poison_num", "25"])
+                      "--yaml_path", os.path.join(cfg, "retune_attack", "ra", "demo.yaml"), "--epochs", "1",
+                      "--poison_num", "25"])
     ep_idx = np.loadtxt(ep_dir / "log" / "defender_poison_index.txt", dtype=np.int64, ndmin=1)
     ra_idx = np.loadtxt(out / "log" / "poison_index.txt", dtype=np.int64, ndmin=1)
     assert len(ep_idx) > 0 and len(ra_idx) == 25
@@ -197,9 +202,9 @@ def test_pam_rho_selected_on_validation_only(demo_work):
     from bdsafety.selection import val_accuracy
 
     short = ["--result_file", str(demo_work.demo), "--yaml_path", os.path.join(ROOT, "config/defense/pam/demo.yaml"),
-             "--no_progress", "--n_rounds", "1", "--epochs", "1", "--bti_pretrain_epochs", "1", "--bti_mask_epochs", "1",
-             "--bti_gen_epochs", "1", "--val_ratio", "0.2", "--rho_sweep", "0.2,0.6", "--rho_select", "val",
-             "--save_name", "pamsel"]
+             "--no_progress", "--n_rounds", "1", "--epochs", "1", "--bti_pretrain_epochs", "1",
+             "--bti_mask_epochs", "1", "--bti_gen_epochs", "1", "--val_ratio", "0.2", "--rho_sweep", "0.2,0.6",
+             "--rho_select", "val", "--save_name", "pamsel"]
     m = get("defense", "pam")
     outs = m.run_config(m.parse(short))
     sel = yaml.safe_load((demo_work.demo / "defense" / "pamsel_rho_selection.yaml").read_text())
@@ -238,8 +243,8 @@ def test_anp_threshold_selected_on_validation_only(demo_work, monkeypatch, tmp_p
 
     rec = tmp_path / "rec" / "badnet_demo"
     shutil.copytree(demo_work.demo, rec, ignore=shutil.ignore_patterns("defense", "ra", "lmc_*"))
-    argv = ["--result_file", str(rec), "--yaml_path", os.path.join(ROOT, "config/defense/anp/demo.yaml"), "--no_progress",
-            "--nb_iter", "20", "--print_every", "20", "--pruning_sweep", "false"]
+    argv = ["--result_file", str(rec), "--yaml_path", os.path.join(ROOT, "config/defense/anp/demo.yaml"),
+            "--no_progress", "--nb_iter", "20", "--print_every", "20", "--pruning_sweep", "false"]
     m = get("defense", "anp")
     honest = m.main([*argv, "--save_name", "anp_a"])
     real_open = base.open_experiment
@@ -271,7 +276,8 @@ def test_anp_threshold_selected_on_validation_only(demo_work, monkeypatch, tmp_p
     monkeypatch.setattr(base, "open_experiment", real_open)
     exp = open_experiment(m.parse(["--result_file", str(rec), "--no_progress"]))
     out_model = exp.load_model(load_model_result(honest / "defense_result.pt")["model"])
-    chosen = next(c for c in a["candidates"] if c["threshold"] == a["threshold"]) if a["threshold"] is not None else None
+    chosen = (next(c for c in a["candidates"] if c["threshold"] == a["threshold"]) if a["threshold"] is not None
+              else None)
     want = chosen["val_acc"] if chosen else a["val_acc_unpruned"]
     assert abs(val_accuracy(out_model, exp.train.subset(vidx), exp.norm) - want) < 1e-9
     assert abs(val_accuracy(exp.backdoored_model(), exp.train.subset(vidx), exp.norm) - a["val_acc_unpruned"]) < 1e-9
@@ -283,8 +289,8 @@ def test_ra_budget_figure_from_its_command(demo_work, fst_after_ra):
 
     from bdsafety.analysis.ra_budget import main as budget_main
 
-    rc = budget_main(["--result_file", str(demo_work.demo), "--defense", "fst", "--poison_nums", "1,3", "--no_progress", "--epochs", "2",
-                      "--yaml_path", os.path.join(ROOT, "config/retune_attack/ra/demo.yaml")])
+    rc = budget_main(["--result_file", str(demo_work.demo), "--defense", "fst", "--poison_nums", "1,3", "--no_progress",
+                      "--epochs", "2", "--yaml_path", os.path.join(ROOT, "config/retune_attack/ra/demo.yaml")])
     assert rc == 0
     dest = demo_work.demo / "ra_budget"
     t = pd.read_csv(dest / "ra_budget.csv")

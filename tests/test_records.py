@@ -118,7 +118,8 @@ def test_schema_checker_catches_wrong_types(tmp_path):
         assert_matches_schema(bad_dtype, schema)
     container = result["bd_test"]["bd_data_container"]
     python_keys = {int(k): v for k, v in container["data_dict"].items()}
-    bad_key_type = dict(result, bd_test=dict(result["bd_test"], bd_data_container=dict(container, data_dict=python_keys)))
+    bad_key_type = dict(result,
+                        bd_test=dict(result["bd_test"], bd_data_container=dict(container, data_dict=python_keys)))
     with pytest.raises(AssertionError, match="int64"):
         assert_matches_schema(bad_key_type, schema)
 
@@ -136,7 +137,8 @@ def test_save_then_load_round_trip(tmp_path):
     record_dir = tmp_path / "record" / "my_attack"
     state, bd_train, bd_test, info = save_demo_record(record_dir)
     rec = load_attack_record(record_dir)
-    assert (rec.model_name, rec.num_classes, rec.clean_data, rec.data_path) == ("preactresnet18", 10, "cifar10", "./data/cifar10")
+    assert ((rec.model_name, rec.num_classes, rec.clean_data, rec.data_path)
+            == ("preactresnet18", 10, "cifar10", "./data/cifar10"))
     assert rec.img_size == (8, 8, 3)
     assert_state_equal(rec.state_dict, state)
     assert_split_equal(rec.bd_train, bd_train)
@@ -192,7 +194,8 @@ def test_resave_replaces_old_pngs(tmp_path):
     record_dir = tmp_path / "record" / "r"
     save_demo_record(record_dir, seed=0)
     _, bd_train, bd_test, _ = save_demo_record(record_dir, seed=1)
-    pngs = sorted(p.relative_to(record_dir / "bd_train_dataset") for p in (record_dir / "bd_train_dataset").rglob("*.png"))
+    pngs = sorted(p.relative_to(record_dir / "bd_train_dataset")
+                  for p in (record_dir / "bd_train_dataset").rglob("*.png"))
     assert pngs == sorted(Path(str(o)) / f"{i}.png" for i, o in zip(bd_train.indices, bd_train.orig_labels))
     assert [p.name for p in record_dir.iterdir() if p.name.startswith(".")] == []
     assert_split_equal(load_attack_record(record_dir).bd_test, bd_test)
@@ -354,7 +357,8 @@ def test_missing_keys_are_listed(tmp_path):
     result = torch.load(path, weights_only=False)
     result.update(img_size=(8, 8, 3), bd_test={"getitem_all": True})
     torch.save(result, path)
-    with pytest.raises(RecordError, match="bd_test lacks the keys bd_data_container, original_index_array, poison_indicator"):
+    with pytest.raises(RecordError, match="bd_test lacks the keys bd_data_container, "
+                                          "original_index_array, poison_indicator"):
         load_attack_record(rec.record_dir)
 
 
@@ -444,7 +448,8 @@ def test_metrics_csv_in_backdoorbench_format(tmp_path):
 def test_read_metrics_summary_of_backdoorbench_csv(tmp_path):
     (tmp_path / "attack_df_summary.csv").write_text(ATTACK_SUMMARY_CSV)
     assert read_metrics_summary(tmp_path, "attack") == {
-        "epoch": 1.0, "train_epoch_loss_avg_over_batch": 0.53125, "test_acc": 0.875, "test_asr": 0.96875, "test_ra": 0.03125}
+        "epoch": 1.0, "train_epoch_loss_avg_over_batch": 0.53125, "test_acc": 0.875, "test_asr": 0.96875,
+        "test_ra": 0.03125}
     with pytest.raises(RecordError, match="ft_df_summary.csv not found"):
         read_metrics_summary(tmp_path, "ft")
 
@@ -505,7 +510,8 @@ def test_inspector_prints_record_and_defenses(tmp_path, monkeypatch, capsys):
     defense = rec.record_dir / "defense"
     save_model_result(defense / "ft" / "defense_result.pt", rec.state_dict, "preactresnet18", 10)
     write_metrics_csv([{"epoch": 0, "test_acc": 0.8125, "test_asr": 0.0625, "test_ra": 0.75}], defense / "ft", "ft")
-    write_metrics_csv([{"epoch": 0, "test_acc": 0.75, "test_asr": 0.875, "test_ra": 0.125}], defense / "ft" / "ra", "ra")
+    write_metrics_csv([{"epoch": 0, "test_acc": 0.75, "test_asr": 0.875, "test_ra": 0.125}],
+                      defense / "ft" / "ra", "ra")
     save_model_result(defense / "pam" / "defense_result.pt", rec.state_dict, "preactresnet18", 10)
     monkeypatch.chdir(tmp_path)
     assert main(["badnet_demo"]) == 0
@@ -552,8 +558,8 @@ def test_python_m_bdsafety_records_is_the_inspector(tmp_path):
 
     rec = make_bb_v22_record(tmp_path)
     _with_real_model(rec)
-    done = subprocess.run([sys.executable, "-m", "bdsafety.records", str(rec.record_dir)], capture_output=True, text=True,
-                          cwd=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "bdsafety.records", str(rec.record_dir)], capture_output=True,
+                          text=True, cwd=str(tmp_path))
     assert done.returncode == 0 and "architecture" in done.stdout, done.stderr
     bad = subprocess.run([sys.executable, "-m", "bdsafety.records", str(tmp_path / "nope")], capture_output=True,
                          text=True, cwd=str(tmp_path))

@@ -20,7 +20,8 @@ def test_every_kind_has_methods():
     kinds = {m.kind for m in METHODS}
     assert kinds == set(registry.KIND_DIRS), f"registered kinds {kinds}"
     assert {"badnet", "blended"} <= set(registry.names("attack"))
-    assert {"ft", "fst", "pam", "exact_purification", "anp", "i_bau", "ft_sam", "bti_dbf"} <= set(registry.names("defense"))
+    assert ({"ft", "fst", "pam", "exact_purification", "anp", "i_bau", "ft_sam", "bti_dbf"}
+            <= set(registry.names("defense")))
     assert {"ra", "qra"} <= set(registry.names("retune"))
 
 
@@ -28,7 +29,8 @@ def test_every_kind_has_methods():
 def test_entry_script_is_the_standard_shim(method):
     """defense/<name>.py exists and is the 3-line shim (it finds its method from its own file name)."""
     path = ROOT / method.entry
-    assert path.is_file(), f"{method.kind} {method.name} has no entry script {method.entry}: copy any other entry script"
+    assert path.is_file(), (f"{method.kind} {method.name} has no entry script {method.entry}: "
+                            f"copy any other entry script")
     tree = ast.parse(path.read_text())
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "entry_point"]
     assert calls, f"{method.entry} must call bdsafety.cli.entry_point(__file__)"
@@ -38,7 +40,8 @@ def test_entry_script_is_the_standard_shim(method):
 def test_configs_exist_and_parse(method):
     """config/<kind>/<name>/<dataset>.yaml for every supported dataset and demo.yaml; each parses (no typo'd key)."""
     missing = [c for c in method.configs if not method.config_path(c).is_file()]
-    assert not missing, f"{method.kind} {method.name} lacks {[str(method.config_path(c).relative_to(ROOT)) for c in missing]}"
+    assert not missing, (f"{method.kind} {method.name} lacks "
+                         f"{[str(method.config_path(c).relative_to(ROOT)) for c in missing]}")
     for f in sorted(method.config_dir.glob("*.yaml")):
         resolve(method.schema(), str(f))
 

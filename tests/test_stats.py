@@ -5,7 +5,16 @@ import pandas as pd
 import pytest
 
 from bdsafety.errors import ConfigError
-from bdsafety.study.stats import VERDICT_DEFAULTS, Estimate, clustered, der, interval, paired, verdict, verdict_thresholds
+from bdsafety.study.stats import (
+    VERDICT_DEFAULTS,
+    Estimate,
+    clustered,
+    der,
+    interval,
+    paired,
+    verdict,
+    verdict_thresholds,
+)
 
 
 def test_interval_is_student_t_over_independent_values():
@@ -75,13 +84,14 @@ def test_study_progress_estimates_time_left_from_finished_jobs(tmp_path):
 
     from bdsafety.study.progress import StudyProgress, format_eta
 
-    todo = [NS(key="a", method="badnet"), NS(key="a/defense/fst", method="fst"), NS(key="a/defense/fst/ra", method="ra"),
-            NS(key="b/ra", method="ra")]
+    todo = [NS(key="a", method="badnet"), NS(key="a/defense/fst", method="fst"),
+            NS(key="a/defense/fst/ra", method="ra"), NS(key="b/ra", method="ra")]
     p = StudyProgress(todo, tmp_path, t0=0.0)
     assert p.eta_s(now=10.0) is None and format_eta(None) == "eta ?"
     p.record({"key": "a", "status": "ran", "wall_s": 100.0})
     p.record({"key": "a/defense/fst/ra", "status": "ran", "wall_s": 20.0})
-    # left: fst (no fst finished: overall mean 60) + ra (mean 20) = 80 s of work; 120 s of work done in 60 s: 2 at a time
+    # left: fst (no fst finished: overall mean 60) + ra (mean 20) = 80 s of work; 120 s of work done in 60 s: 2 at a
+    # time
     assert p.eta_s(now=60.0) == 40.0
     assert p.eta_s(now=240.0) == 80.0  # slower than one at a time: concurrency floored at 1
     (tmp_path / "logs").mkdir()

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REC = "badnet_synthetic_cnn_small_p0.1_s0"
 CLEAN = "clean-badnet_synthetic_cnn_small_s0"
 TINY = {
-    "name": "tiny", "datasets": ["synthetic"], "models": ["cnn_small"], "attacks": ["badnet"], "pratios": [0.1], "seeds": [0],
-    "clean_reference": True, "defenses": ["ft"], "retune": ["ra", "qra"], "analyses": ["lmc"],
+    "name": "tiny", "datasets": ["synthetic"], "models": ["cnn_small"], "attacks": ["badnet"], "pratios": [0.1],
+    "seeds": [0], "clean_reference": True, "defenses": ["ft"], "retune": ["ra", "qra"], "analyses": ["lmc"],
     "set": {"attack": {"synthetic_n_train": 300, "synthetic_n_test": 100, "epochs": 1, "eval_every": 1},
             "defense": {"epochs": 1, "ratio": 0.2},
             "ra": {"epochs": 1, "ratio": 0.1, "poison_num": 5},
@@ -29,8 +29,8 @@ TINY = {
             "lmc": {"points": 3, "ratio": 0.2}},
 }
 BUDGET = {f"{REC}/ra_budget_p1", f"{CLEAN}/ra_{REC}_budget_p1", f"{REC}/defense/ft/ra_budget_p1"}
-ALL_KEYS = {REC, CLEAN, f"{REC}/ra", f"{CLEAN}/ra_{REC}", f"{REC}/defense/ft", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra",
-            f"{REC}/lmc_ft"}
+ALL_KEYS = {REC, CLEAN, f"{REC}/ra", f"{CLEAN}/ra_{REC}", f"{REC}/defense/ft", f"{REC}/defense/ft/ra",
+            f"{REC}/defense/ft/qra", f"{REC}/lmc_ft"}
 
 
 def _yaml(path: Path, top: dict | None = None, **changes) -> Path:
@@ -126,7 +126,8 @@ def test_deleted_defense_reruns_only_it_and_its_dependents(tiny_study, tmp_path)
     sd = _copy(tiny_study, tmp_path)
     shutil.rmtree(sd / REC / "defense" / "ft")
     oc, _ = _run(y, sd)
-    assert set(oc.keys("ran")) == {f"{REC}/defense/ft", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra", f"{REC}/lmc_ft"}
+    assert (set(oc.keys("ran"))
+            == {f"{REC}/defense/ft", f"{REC}/defense/ft/ra", f"{REC}/defense/ft/qra", f"{REC}/lmc_ft"})
     assert set(oc.keys("done")) == ALL_KEYS - set(oc.keys("ran"))
     assert oc.results[f"{REC}/defense/ft"]["id"] == first.results[f"{REC}/defense/ft"]["id"]  # same config, same id
     h = _header(sd)  # the outputs now come from two runs
@@ -225,7 +226,8 @@ SIG_REC = "sig_synthetic_cnn_small_p0.05_s0"
 
 def test_clean_label_qra_jobs_planned_or_left_out_with_a_note(tmp_path, monkeypatch):
     """QRA on a clean-label attack (SIG) is planned when its record can rebuild the trigger (QRA then retriggers
-    non-target-class training images); without that, every QRA job of the attack is left out and the dry run says why."""
+    non-target-class training images); without that, every QRA job of the attack is left out and the dry run says
+    why."""
     from bdsafety.attacks.base import Attack
     from bdsafety.attacks.sig import SIG
     from bdsafety.study.plan import build_plan
@@ -263,7 +265,8 @@ def test_sig_grid_with_anp_writes_pruning_and_retriggered_qra(tmp_path):
     meta = yaml.safe_load((sd / SIG_REC / "defense" / "anp" / "config.yaml").read_text())
     assert df.loc["anp", "n_pruned"] == meta["n_pruned"] == meta["anp"]["n_pruned"]
     thr = meta["pruning_threshold"]
-    assert (math.isnan(df.loc["anp", "pruning_threshold"]) if thr is None else df.loc["anp", "pruning_threshold"] == thr)
+    assert (math.isnan(df.loc["anp", "pruning_threshold"]) if thr is None
+            else df.loc["anp", "pruning_threshold"] == thr)
     assert math.isnan(df.loc["none", "n_pruned"])
     q = sd / SIG_REC / "defense" / "anp" / "qra"
     qmeta = yaml.safe_load((q / "config.yaml").read_text())
@@ -341,13 +344,14 @@ def test_draws_and_control_add_only_their_jobs_and_the_verdicts(tiny_study, tmp_
     sd = _copy(tiny_study, tmp_path)
     y = _yaml(tmp_path / "tiny.yaml", top={"ra_draws": 2, "ra_control": True})
     oc, _ = _run(y, sd)
-    new = {f"{REC}/ra_d1", f"{REC}/ra_control", f"{REC}/ra_control_d1", f"{CLEAN}/ra_{REC}_d1", f"{CLEAN}/ra_{REC}_control",
-           f"{CLEAN}/ra_{REC}_control_d1", f"{REC}/defense/ft/ra_d1", f"{REC}/defense/ft/ra_control",
-           f"{REC}/defense/ft/ra_control_d1"}
+    new = {f"{REC}/ra_d1", f"{REC}/ra_control", f"{REC}/ra_control_d1", f"{CLEAN}/ra_{REC}_d1",
+           f"{CLEAN}/ra_{REC}_control", f"{CLEAN}/ra_{REC}_control_d1", f"{REC}/defense/ft/ra_d1",
+           f"{REC}/defense/ft/ra_control", f"{REC}/defense/ft/ra_control_d1"}
     assert set(oc.keys("ran")) == new and set(oc.keys("done")) == ALL_KEYS and not oc.failed
     runs = pd.read_csv(sd / "ra_runs.csv")
     assert len(runs) == 12 and set(runs["role"]) == {"ra", "ra_control"}
-    assert set(runs[runs["draw"] == 1]["random_seed"]) == {1000} and set(runs[runs["role"] == "ra_control"]["poison_num"]) == {0}
+    assert (set(runs[runs["draw"] == 1]["random_seed"]) == {1000}
+            and set(runs[runs["role"] == "ra_control"]["poison_num"]) == {0})
     # draw k of every model of a seed retunes on the same poisoned samples: the paired comparisons rely on it
     idx = {m: (sd / k / "log" / "poison_index.txt").read_text() for m, k in
            (("ft", f"{REC}/defense/ft/ra_d1"), ("clean", f"{CLEAN}/ra_{REC}_d1"), ("none", f"{REC}/ra_d1"))}
@@ -383,7 +387,8 @@ def test_an_attack_rerun_refuses_to_delete_an_external_defense_folder(tiny_study
     ext = sd / REC / "defense" / "bb_ft"
     ext.mkdir()
     shutil.copyfile(sd / REC / "defense" / "ft" / "defense_result.pt", ext / "defense_result.pt")  # no study marker
-    y = _yaml(tmp_path / "tiny.yaml", top={"external_defenses": ["bb_ft"]}, attack={"lr": 0.02})  # the attack must rerun
+    # the attack must rerun
+    y = _yaml(tmp_path / "tiny.yaml", top={"external_defenses": ["bb_ft"]}, attack={"lr": 0.02})
     oc, _ = _run(y, sd)
     assert REC in {r["key"] for r in oc.failed} and "bb_ft" in oc.results[REC]["error"]
     assert (ext / "defense_result.pt").is_file() and (sd / REC / "defense" / "ft" / "defense_result.pt").is_file()
@@ -416,7 +421,8 @@ def test_typos_and_study_owned_keys_stop_a_real_run(tmp_path, capsys):
     ok = _yaml(tmp_path / "b.yaml", top={"defenses": ["ft", "not_merged_yet"], "expected_later": ["not_merged_yet"]})
     assert not load_study(ok).unknown and any("not_merged_yet" in n for n in load_study(ok).notes)
     with pytest.raises(ConfigError, match="qra_defenses names 'fts'"):
-        run_study(str(_yaml(tmp_path / "c.yaml", top={"qra_defenses": ["fts"]})), study_dir=str(tmp_path / "s"), out=io.StringIO())
+        run_study(str(_yaml(tmp_path / "c.yaml", top={"qra_defenses": ["fts"]})), study_dir=str(tmp_path / "s"),
+                  out=io.StringIO())
     for scope, key in (("defense", "save_name"), ("ra", "result_file"), ("attack", "random_seed")):
         with pytest.raises(ConfigError, match=f"set.{scope}.{key}: '{key}' is set by the study itself"):
             load_study(_yaml(tmp_path / "d.yaml", **{scope: {key: "x"}}))
@@ -438,7 +444,8 @@ def test_trust_record_is_a_command_line_flag_of_the_study(tmp_path):
     assert all(j.overrides.get("trust_record") is True for j in jobs if j.kind in ("defense", "retune"))
     out = io.StringIO()
     run_study(str(tmp_path / "t.yaml"), study_dir=str(tmp_path / "s"), dry_run=True, out=out, trust_record=True)
-    assert main(["--yaml_path", str(tmp_path / "t.yaml"), "--dry_run", "--trust_record", "--study_dir", str(tmp_path / "s")]) == 0
+    assert main(["--yaml_path", str(tmp_path / "t.yaml"), "--dry_run", "--trust_record",
+                 "--study_dir", str(tmp_path / "s")]) == 0
 
 
 def test_study_mistakes_are_one_line_errors(tmp_path):
@@ -469,15 +476,18 @@ def test_a_study_killed_during_a_job_keeps_complete_outputs_and_resumes(tiny_stu
         shutil.copytree(tiny_study[1] / REC / "defense" / "ft", sd / REC / "defense" / "ft")
         y = _yaml(tmp_path / "tiny.yaml", ft={"lr": 0.02})
     env = dict(os.environ, BDSAFETY_FAULT=point, PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, str(ROOT / "analysis" / "run_study.py"), "--yaml_path", str(y), "--study_dir", str(sd),
-                        "--no_progress", "--threads", "1"], env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, str(ROOT / "analysis" / "run_study.py"), "--yaml_path", str(y),
+                        "--study_dir", str(sd), "--no_progress", "--threads", "1"], env=env, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 99, p.stderr[-2000:]  # died like kill -9 (os._exit at the fault point)
     ft = sd / REC / "defense" / "ft"
-    assert not ft.exists() or (ft / "defense_result.pt").is_file()  # the old complete output or none: never a partial one
+    # the old complete output or none: never a partial one
+    assert not ft.exists() or (ft / "defense_result.pt").is_file()
     oc, _ = _run(y, sd)
     assert not oc.failed and {f"{REC}/defense/ft", f"{REC}/defense/ft/ra"} <= set(oc.keys("ran"))
     assert set(oc.keys("ran")) | set(oc.keys("done")) == ALL_KEYS
-    assert (ft / "defense_result.pt").is_file() and not [q for q in (sd / REC / "defense").iterdir() if q.name.startswith(".")]
+    assert ((ft / "defense_result.pt").is_file()
+            and not [q for q in (sd / REC / "defense").iterdir() if q.name.startswith(".")])
 
 
 def test_report_colours_follow_the_verdict_thresholds():
@@ -498,7 +508,8 @@ def test_report_colours_follow_the_verdict_thresholds():
 # what report.html's check reads from the page: every image's decoded size, the rows of each table (first cell,
 # class of each cell), each grid point's tables and figures boxes (for "beside"), the header
 PAGE_CHECK = """(() => {
-  const box = e => { const r = e.getBoundingClientRect(); return {left: r.left, right: r.right, top: r.top, bottom: r.bottom}; };
+  const box = e => { const r = e.getBoundingClientRect(); return {left: r.left, right: r.right, \
+top: r.top, bottom: r.bottom}; };
   return {
     images: [...document.images].map(i => ({alt: i.alt, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight})),
     tables: [...document.querySelectorAll('table')].map(t => ({cls: t.className,
@@ -518,7 +529,8 @@ def test_report_html_in_a_headless_browser(tiny_study, tmp_path):
     import matplotlib.image  # heavy: only for this test
 
     if browser.find_chromium() is None:
-        pytest.skip("no chromium binary on PATH (apt-get install chromium, or set BDSAFETY_CHROMIUM); .ci/run installs it")
+        pytest.skip("no chromium binary on PATH (apt-get install chromium, or set BDSAFETY_CHROMIUM); "
+                    ".ci/run installs it")
     _, sd, oc, _ = tiny_study
     t0 = time.time()
     page = browser.load(sd / "report.html", PAGE_CHECK)
@@ -537,7 +549,8 @@ def test_report_html_in_a_headless_browser(tiny_study, tmp_path):
     col = {c: i for i, c in enumerate(verdicts["head"])}
     classes = {r[0][0]: r[col["ASR"]][1] for r in verdicts["rows"]}
     assert classes["none"] == "bad" and classes["clean"] == "ok"  # the backdoored model's ASR, the clean model's
-    assert [r[0][0] for r in tables["stages"]["rows"]] == ["none", "clean", "ft"] and "P-DER" in tables["stages"]["head"]
+    assert ([r[0][0] for r in tables["stages"]["rows"]] == ["none", "clean", "ft"]
+            and "P-DER" in tables["stages"]["head"])
     (point,) = v["points"]
     assert point["figs"] and all(f["left"] >= point["tables"]["right"] and f["top"] < point["tables"]["bottom"]
                                  for f in point["figs"][:1]), point  # the first figure beside the tables
@@ -551,22 +564,25 @@ def test_report_header_facts_from_the_markers_history():
     were recorded, a failed and a skipped job, two commits."""
     from bdsafety.study.history import header_facts, summarize
 
-    code_a, code_b = {"commit": "a" * 40, "dirty": False, "source": "git checkout x"}, {"commit": "b" * 40, "dirty": True,
-                                                                                        "source": "git checkout x"}
-    r1 = {"id": "20250101-000000-aaaaaa", "started": "2025-01-01 00:00:00", "command": "python analysis/run_study.py -a",
-          "cwd": "/w", "executor": "local", "code": code_a}
-    r2 = {**r1, "id": "20250102-000000-bbbbbb", "started": "2025-01-02 00:00:00", "command": "python analysis/run_study.py -b",
-          "code": code_b}
+    code_a, code_b = ({"commit": "a" * 40, "dirty": False, "source": "git checkout x"},
+                      {"commit": "b" * 40, "dirty": True, "source": "git checkout x"})
+    r1 = {"id": "20250101-000000-aaaaaa", "started": "2025-01-01 00:00:00",
+          "command": "python analysis/run_study.py -a", "cwd": "/w", "executor": "local", "code": code_a}
+    r2 = {**r1, "id": "20250102-000000-bbbbbb", "started": "2025-01-02 00:00:00",
+          "command": "python analysis/run_study.py -b", "code": code_b}
     results = {"j1": {"status": "done", "wall_s": 60.0, "finished": "2025-01-01 00:01:00", "study_run": r1},
                "j2": {"status": "done", "wall_s": 30.0, "finished": "2024-12-31 00:00:00", "study_run": None},
                "j3": {"status": "ran", "wall_s": 90.0, "finished": "2025-01-02 00:02:00", "study_run": r2},
                "j4": {"status": "failed", "wall_s": 5.0}, "j5": {"status": "skipped"}}
     hist = summarize(results, r2, wall_s=100.0)
-    assert hist["produced"] == 3 and hist["compute_s"] == 180.0 and [r["id"] for r in hist["runs"]] == [None, r1["id"], r2["id"]]
+    assert (hist["produced"] == 3 and hist["compute_s"] == 180.0
+            and [r["id"] for r in hist["runs"]] == [None, r1["id"], r2["id"]])
     f = header_facts(hist)
-    assert f["jobs"].startswith("5 jobs: 3 produced over 3 runs, finished between 2024-12-31 00:00:00 and 2025-01-02 00:02:00;")
+    assert f["jobs"].startswith("5 jobs: 3 produced over 3 runs, finished between 2024-12-31 00:00:00 "
+                                "and 2025-01-02 00:02:00;")
     assert "2 not produced" in f["jobs"] and "compute 3m 00s" in f["jobs"]
-    assert f["last_run"] == f"{r2['id']} (started 2025-01-02 00:00:00, local executor, 1m 40s): 1 ran, 2 up to date, 1 failed, 1 skipped"
+    assert f["last_run"] == (f"{r2['id']} (started 2025-01-02 00:00:00, local executor, 1m 40s): 1 ran, "
+                             "2 up to date, 1 failed, 1 skipped")
     assert f["command"] == "`python analysis/run_study.py -b` in /w"
     assert "git aaaaaaaaaaaa, git checkout x (1 jobs)" in f["code"] and "git bbbbbbbbbbbb (dirty" in f["code"]
     assert f["runs"][0].startswith("earlier run(s) that did not record their run: 1 jobs")
@@ -606,9 +622,10 @@ def test_chunks_of_a_grid_merge_into_one_report(tiny_study, tmp_path):
 
 
 def test_a_new_retuning_attack_is_planned_from_its_declarations_alone(tmp_path, monkeypatch):
-    """The planner has no case for any retuning attack: a new one (here 'probe', registered in the test with RA's run and
-    schema plus QRA's ra_name) is planned from what it declares -- the models it runs on, its needs (ra_model: after the same model's RA,
-    reading its folder name), its variants and draws, and <method>_defenses -- with no change to the planner."""
+    """The planner has no case for any retuning attack: a new one (here 'probe', registered in the test with RA's run
+    and schema plus QRA's ra_name) is planned from what it declares -- the models it runs on, its needs (ra_model: after
+    the same model's RA, reading its folder name), its variants and draws, and <method>_defenses -- with no change to
+    the planner."""
     from bdsafety.errors import ConfigError
     from bdsafety.study.plan import build_plan
     from bdsafety.study.spec import load_study
@@ -648,9 +665,9 @@ def test_a_new_retuning_attack_is_planned_from_its_declarations_alone(tmp_path, 
 
 
 def test_a_new_analysis_is_planned_from_its_declarations_alone(tmp_path, monkeypatch):
-    """A new analysis (here 'probe_an', registered in the test with LMC's run, schema and outputs) is planned from what it
-    declares -- on each defense's model, one folder per model beside the defense folders -- with no change to the
-    planner; its registered summary gives its results.csv columns (tests/test_outputs.py runs such a method)."""
+    """A new analysis (here 'probe_an', registered in the test with LMC's run, schema and outputs) is planned from
+    what it declares -- on each defense's model, one folder per model beside the defense folders -- with no change to
+    the planner; its registered summary gives its results.csv columns (tests/test_outputs.py runs such a method)."""
     from bdsafety.study.plan import build_plan
     from bdsafety.study.spec import load_study
 
@@ -664,8 +681,8 @@ def test_a_new_analysis_is_planned_from_its_declarations_alone(tmp_path, monkeyp
         def config_dir(self):
             return cdir
 
-    probe = _Probe(kind="analysis", name="probe_an", run=lmc.run, schema=lmc.schema, description="probe", folder="probe_an",
-                   needs=frozenset({"defense"}), on=("defense",), outputs=lmc.outputs,
+    probe = _Probe(kind="analysis", name="probe_an", run=lmc.run, schema=lmc.schema, description="probe",
+                   folder="probe_an", needs=frozenset({"defense"}), on=("defense",), outputs=lmc.outputs,
                    summary=lambda folder: {"probe_an_x": 1.0})
     monkeypatch.setitem(registry._REGISTRY, ("analysis", "probe_an"), probe)
     y = _yaml(tmp_path / "p.yaml", top={"retune": ["ra"], "analyses": ["probe_an"], "defenses": ["ft", "fst"]})
@@ -699,8 +716,8 @@ def test_an_attacks_declared_needs_are_planned(tmp_path):
 
 
 def test_job_times_find_the_critical_path(tmp_path):
-    """jobs.csv / the report's Time section: each job's wall time from its marker and the chain of dependent jobs with the
-    largest summed time (a -> c here, 30 s, not a -> b or the lone d); a job without a current output counts 0."""
+    """jobs.csv / the report's Time section: each job's wall time from its marker and the chain of dependent jobs with
+    the largest summed time (a -> c here, 30 s, not a -> b or the lone d); a job without a current output counts 0."""
     import json
     from types import SimpleNamespace
 
@@ -739,7 +756,8 @@ def test_verdict_tables_over_several_grid_points_without_a_clean_reference():
     for attack in ("a", "b"):
         for seed in (0, 1):
             rec = f"{attack}_s{seed}"
-            for d, asr, p_asr, ctrl in (("none", 0.95, 0.95, 0.95), ("fst", 0.01, 0.40, 0.01), ("pam", 0.01, 0.02, 0.60)):
+            for d, asr, p_asr, ctrl in (("none", 0.95, 0.95, 0.95), ("fst", 0.01, 0.40, 0.01),
+                                        ("pam", 0.01, 0.02, 0.60)):
                 rows.append({"dataset": "synthetic", "attack": attack, "pratio": 0.1, "model": "m", "defense": d,
                              "seed": seed, "record": rec, "o_backdoor_acc": 0.99, "o_backdoor_asr": 0.95,
                              "o_robustness_acc": 0.95, "o_robustness_asr": asr, "der": 0.9})
@@ -763,7 +781,8 @@ def test_a_chunk_export_names_the_command_that_produced_its_outputs():
 
     made = {"id": "r1", "first": "2026-12-07 04:35:10", "last": "2026-12-07 05:51:00", "jobs": 108, "compute_s": 9000,
             "code": None, "command": "python analysis/run_study.py --executor ray", "cwd": "/w", "started": "x"}
-    last = {"id": "r2", "started": "y", "executor": "local", "wall_s": 0, "ran": 0, "done": 108, "failed": 0, "skipped": 0,
-            "command": "python analysis/run_study.py --executor local", "cwd": "/w", "code": None}
+    last = {"id": "r2", "started": "y", "executor": "local", "wall_s": 0, "ran": 0, "done": 108, "failed": 0,
+            "skipped": 0, "command": "python analysis/run_study.py --executor local", "cwd": "/w", "code": None}
     f = header_facts({"last_run": last, "runs": [made], "jobs": 108, "produced": 108, "compute_s": 9000})
-    assert "--executor local" in f["command"] and f["produced_by"] == "`python analysis/run_study.py --executor ray` in /w"
+    assert ("--executor local" in f["command"]
+            and f["produced_by"] == "`python analysis/run_study.py --executor ray` in /w")

@@ -72,7 +72,8 @@ def test_every_class_shape_is_flip_invariant(cls):
         assert mask.sum() > 10 and (mask != mask[:, ::-1]).sum() <= 2
     # the vectorised form (one shape per image) draws the same pixels as the per-image one at the same (float64)
     # precision, which the original generator's draws (numpy float64 scalars) have
-    many = _shape_mask(cls, yy, xx, np.full((2, 1, 1), 16.3), np.full((2, 1, 1), 15.2), np.array([5.0, 9.0])[:, None, None])
+    many = _shape_mask(cls, yy, xx, np.full((2, 1, 1), 16.3), np.full((2, 1, 1), 15.2),
+                       np.array([5.0, 9.0])[:, None, None])
     one = _shape_mask(cls, yy, xx, np.float64(16.3), np.float64(15.2), np.float64(9.0))
     assert np.array_equal(many[1], one)
 
@@ -124,7 +125,8 @@ def test_attack_option_and_record_info_carry_the_difficulty(monkeypatch):
         raise _Stop
 
     monkeypatch.setattr(datasets, "load_clean_dataset", fake_load)
-    for info, want in (({"synthetic_n_train": 300, "synthetic_difficulty": 0.4}, 0.4), ({"synthetic_n_train": 300}, 0.0)):
+    for info, want in (({"synthetic_n_train": 300, "synthetic_difficulty": 0.4}, 0.4),
+                       ({"synthetic_n_train": 300}, 0.0)):
         rec = SimpleNamespace(clean_data="synthetic", info=info, data_path="./data/synthetic")
         with pytest.raises(_Stop):
             experiment.load_record_data(rec, experiment.Path("/nonexistent/record/x"), "./data")
@@ -143,8 +145,8 @@ def _clean_val_acc(difficulty: float, n_fit: int = 2000, n_val: int = 300, epoch
     model = build_model("cnn_tiny", 10)
     opt = engine.make_optimizer(model.parameters(), "sgd", 0.05, 0.9, 5e-4)
     norm = Normalizer(data.info)
-    engine.fit(model, DeviceDataset(data.train_x[:n_fit], data.train_y[:n_fit]), norm=norm, epochs=epochs, batch_size=64,
-               step_fn=engine.sgd_step(opt), optimizer=opt, hflip=False, generator=gen, progress=False)
+    engine.fit(model, DeviceDataset(data.train_x[:n_fit], data.train_y[:n_fit]), norm=norm, epochs=epochs,
+               batch_size=64, step_fn=engine.sgd_step(opt), optimizer=opt, hflip=False, generator=gen, progress=False)
     return engine.evaluate_loss_acc(model, DeviceDataset(data.train_x[n_fit:], data.train_y[n_fit:]), norm)[1]
 
 

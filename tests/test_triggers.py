@@ -15,7 +15,8 @@ def test_badnet_patch_is_3x3_bottom_right_white():
 
 def test_blended_is_alpha_mix_and_key_deterministic():
     key = make_blend_key(32, 32, seed=3)
-    assert np.array_equal(key, make_blend_key(32, 32, seed=3)) and not np.array_equal(key, make_blend_key(32, 32, seed=4))
+    assert (np.array_equal(key, make_blend_key(32, 32, seed=3))
+            and not np.array_equal(key, make_blend_key(32, 32, seed=4)))
     x = np.full((1, 32, 32, 3), 100, np.uint8)
     y = apply_blended(x, key, alpha=0.2)
     expect = np.clip(0.8 * 100 + 0.2 * key.astype(np.float32), 0, 255).astype(np.uint8)

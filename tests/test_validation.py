@@ -149,7 +149,8 @@ def test_bad_index_files_name_the_flag_and_the_file(tmp_path, content, match):
 def test_index_beyond_the_training_set_is_refused_by_the_defense(tiny, tmp_path, capsys):
     p = tmp_path / "index.txt"
     p.write_text("3\n199\n200\n")
-    code, err = cli("defense", "ft", [*DEFENSE, "--record_root", str(tiny), "--index", str(p), "--save_name", "x"], capsys)
+    code, err = cli("defense", "ft",
+                    [*DEFENSE, "--record_root", str(tiny), "--index", str(p), "--save_name", "x"], capsys)
     assert code == 2 and "--index" in err and str(p) in err and "beyond the 200 training samples" in err
     assert not (tiny / "tiny" / "defense" / "x").exists()
 
@@ -161,7 +162,8 @@ def _data_model(n=64):
 
     torch.manual_seed(0)
     data = DeviceDataset(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (n,)))
-    return data, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)), Normalizer(dataset_info("synthetic"))
+    return (data, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)),
+            Normalizer(dataset_info("synthetic")))
 
 
 @pytest.mark.parametrize("epochs, batch_size, n", [(0, 16, 64), (2, 0, 64), (-1, 16, 64), (2, -4, 64), (2, 16, 0)])
@@ -208,7 +210,8 @@ def test_weights_that_grew_by_orders_of_magnitude_are_a_divergence():
         engine.fit(model, data, norm=norm, epochs=1, batch_size=64, step_fn=step, augment=False)
 
 
-@pytest.mark.parametrize("kind,name,extra", [("defense", "ft", []), ("retune", "ra", ["--defense", "none", "--poison_num", "2"])])
+@pytest.mark.parametrize("kind,name,extra",
+                         [("defense", "ft", []), ("retune", "ra", ["--defense", "none", "--poison_num", "2"])])
 def test_a_single_step_at_an_absurd_learning_rate_saves_nothing(tiny, capsys, kind, name, extra):
     argv = [*DEFENSE, "--record_root", str(tiny), "--lr", "1e6", "--batch_size", "512", *extra]
     if kind == "retune":
@@ -450,6 +453,6 @@ def test_the_inspector_piped_into_head_stops_quietly(tiny):
     import subprocess
     import sys
 
-    p = subprocess.run(f"{sys.executable} -m bdsafety.records {tiny / 'tiny'} | head -1", shell=True, capture_output=True,
-                       text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    p = subprocess.run(f"{sys.executable} -m bdsafety.records {tiny / 'tiny'} | head -1", shell=True,
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert p.stdout.startswith("record") and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr

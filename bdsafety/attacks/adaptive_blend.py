@@ -48,14 +48,15 @@ PIECE_STREAM = 25_0202  # seed stream of the per-image piece masks
 class AdaptiveBlend(Attack):
     name = "adaptive_blend"
     description = ("Adap-Blend attack (ICLR 2023): low-rate blend poisoning with conservatism samples (true label) and "
-                   "trigger pieces dropped at training time, full trigger at test time (BackdoorBench-compatible record)")
+                   "trigger pieces dropped at training time, full trigger at test time "
+                   "(BackdoorBench-compatible record)")
     options = {
         "blend_alpha": Option(0.15, "TRAINING blend ratio of the key image (official: -alpha 0.15)", check=FRACTION),
         "blend_test_alpha": Option(0.2, "TEST blend ratio of the full key image (official: -test_alpha 0.2)",
                                    check=FRACTION),
         "blend_seed": Option(0, "seed of the generated key image (as Blended's)", check=SEED),
-        "cover_rate": Option(0.003, "fraction of training samples that get the piece-dropped trigger but keep their TRUE "
-                                    "label (conservatism samples; official: -cover_rate 0.003, the poison rate)",
+        "cover_rate": Option(0.003, "fraction of training samples that get the piece-dropped trigger but keep their "
+                                    "TRUE label (conservatism samples; official: -cover_rate 0.003, the poison rate)",
                              check=FRACTION),
         "trigger_pieces": Option(16, "cells of the square grid the trigger is cut into (a square number; official 16)",
                                  check=POS_INT),

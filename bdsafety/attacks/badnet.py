@@ -11,9 +11,11 @@ from bdsafety.config import POS_INT, Option
 @register_attack
 class BadNets(Attack):
     name = "badnet"
-    description = "BadNets attack: a white patch at the bottom-right corner, dirty label (BackdoorBench-compatible record)"
-    options = {"patch_size": Option(3, "side of the white square at the bottom-right corner (in pixels of the data's own "
-                                       "size; with input_resize the square is resized with the image)", check=POS_INT)}
+    description = ("BadNets attack: a white patch at the bottom-right corner, "
+                   "dirty label (BackdoorBench-compatible record)")
+    options = {"patch_size": Option(3, "side of the white square at the bottom-right corner (in pixels of the data's "
+                                       "own size; with input_resize the square is resized with the image)",
+                                    check=POS_INT)}
     resizable = True
 
     def apply(self, images: np.ndarray, *, split: str, indices: np.ndarray) -> np.ndarray:

@@ -70,19 +70,21 @@ COMMON_ATTACK_SCHEMA = {
     "pretrained": Option(None, "backbone weights: a local file, or a torchvision weights name (DEFAULT, IMAGENET1K_V1) "
                                "read from the local torch cache; the classifier is re-initialised for the classes",
                          type=str),
-    "model_input_size": Option(None, "upsample every batch on the device to this square size inside the model (e.g. 224 "
-                                     "for ImageNet backbones; torchvision architectures only)", type=int, check=POS_INT),
-    "input_resize": Option(None, "resize every image to this square size BEFORE the trigger and the augmentation (Pillow's "
-                                 "bilinear, bit-exact), as the official fork runs CIFAR-100/Tiny-ImageNet (224): poisoned "
-                                 "images are stamped at this size and stored so in the record; clean images stay at their "
-                                 "own size and are resized per batch on the device. None: the data's own size "
-                                 "(BackdoorBench's CIFAR-10 pipeline). badnet, blended and sig only", type=int, check=POS_INT),
-    "input_crop": Option(None, "with input_resize: training random crop (after zero padding 4) and evaluation centre crop "
-                               "(default: input_resize, i.e. Resize(224) -> RandomCrop(224, padding=4) as the fork's "
-                               "attacks)", type=int, check=POS_INT),
+    "model_input_size": Option(None, "upsample every batch on the device to this square size inside the model (e.g. "
+                                     "224 for ImageNet backbones; torchvision architectures only)", type=int,
+                               check=POS_INT),
+    "input_resize": Option(None, "resize every image to this square size BEFORE the trigger and the augmentation "
+                                 "(Pillow's bilinear, bit-exact), as the official fork runs CIFAR-100/Tiny-ImageNet "
+                                 "(224): poisoned images are stamped at this size and stored so in the record; clean "
+                                 "images stay at their own size and are resized per batch on the device. None: the "
+                                 "data's own size (BackdoorBench's CIFAR-10 pipeline). badnet, blended and sig only",
+                           type=int, check=POS_INT),
+    "input_crop": Option(None, "with input_resize: training random crop (after zero padding 4) and evaluation centre "
+                               "crop (default: input_resize, i.e. Resize(224) -> RandomCrop(224, padding=4) as the "
+                               "fork's attacks)", type=int, check=POS_INT),
     "normalization": Option("dataset", "mean/std of the input normalisation: 'dataset' (the dataset's own statistics, "
-                                        "BackdoorBench's) or 'imagenet' (the official fork's CIFAR-100/Tiny pipeline for "
-                                        "ImageNet-pretrained backbones)", choices=NORMALIZATIONS),
+                                       "BackdoorBench's) or 'imagenet' (the official fork's CIFAR-100/Tiny pipeline "
+                                       "for ImageNet-pretrained backbones)", choices=NORMALIZATIONS),
     "pratio": Option(0.1, "fraction of training samples poisoned (0: clean reference model)", check=FRACTION),
     "attack_target": Option(0, "target label (all2one)", check=NONNEG_INT),
     "attack_label_trans": Option("all2one", "label transform", choices=LABEL_TRANS),
@@ -96,7 +98,8 @@ COMMON_ATTACK_SCHEMA = {
     "steplr_milestones": Option([], "milestones (epochs) for multistep", type=int_list, check=POS_INT),
     "device": Option("auto", "cpu, cuda, cuda:N or auto", kind="device"),
     "random_seed": Option(0, "seed for poison indices, init and batches", check=SEED),
-    "save_folder_name": Option(None, "record folder name under record_root (default: <attack>_<dataset>_<model>_p<pratio>)",
+    "save_folder_name": Option(None, "record folder name under record_root (default: "
+                                     "<attack>_<dataset>_<model>_p<pratio>)",
                                kind="folder_name"),
     "record_root": Option("./record", "where record folders live (e.g. a BackdoorBench checkout's record/)"),
     "overwrite": Option(False, "replace an existing record folder"),
@@ -112,7 +115,8 @@ COMMON_ATTACK_SCHEMA = {
     "synthetic_n_test": Option(1000, "synthetic only: test images", check=POS_INT),
     "synthetic_seed": Option(0, "synthetic only: generator seed", check=SEED),
     "synthetic_difficulty": Option(0.0, "synthetic only: 0 (the easy demo task) to 1: clutter, distractor shapes, "
-                                        "occlusion, lower contrast, noise (bdsafety/data/synthetic.py)", check=FRACTION),
+                                        "occlusion, lower contrast, noise (bdsafety/data/synthetic.py)",
+                                   check=FRACTION),
     **PARAM_LIMIT_SCHEMA,
     **RUN_SCHEMA,
 }
@@ -170,7 +174,8 @@ class Attack:
     needs: tuple = ()  # registry NEEDS besides the data, e.g. ("clean_reference",) (the study runner orders jobs by it)
     needs_for = None  # staticmethod cfg -> the needs of one run (registry.Method.needs_for); None: always ``needs``
     need_keys: dict = {}  # need -> the option that receives it, where not the project-wide key (registry.NEED_KEYS)
-    resizable: bool = False  # supports input_resize: its trigger is defined at any image size (stamped after the resize)
+    # supports input_resize: its trigger is defined at any image size (stamped after the resize)
+    resizable: bool = False
 
     def __init__(self, ctx: AttackContext):
         self.ctx = ctx
@@ -215,7 +220,8 @@ class Attack:
 
     def apply(self, images: np.ndarray, *, split: str, indices: np.ndarray) -> np.ndarray:
         """Triggered copies of uint8 (n, H, W, C) ``images`` of ``split`` ('train' or 'test') at ``indices``."""
-        raise NotImplementedError(f"attack {self.name} defines no apply(); a training-controlled attack overrides run()")
+        raise NotImplementedError(f"attack {self.name} defines no apply(); "
+                                  f"a training-controlled attack overrides run()")
 
     def info(self) -> dict:
         """Extra keys for info.pickle (plain values: str, int, float, bool, lists, dicts)."""
@@ -247,7 +253,8 @@ class Attack:
                                    clean_label=self.clean_label, seed=c.random_seed)
 
     def test_poison_indices(self) -> np.ndarray:
-        return select_test_poison(self.ctx.data.test_y, label_trans=self.cfg.attack_label_trans, target=self.cfg.attack_target)
+        return select_test_poison(self.ctx.data.test_y, label_trans=self.cfg.attack_label_trans,
+                                  target=self.cfg.attack_target)
 
     def make_split(self, split: str, idx: np.ndarray, images: np.ndarray | None = None) -> PoisonedSplit:
         """The PoisonedSplit of ``split`` at ``idx`` (images from ``apply`` unless given)."""
@@ -257,8 +264,8 @@ class Attack:
             images = (self.apply(self.stamp_input(x[idx]), split=split, indices=idx) if len(idx)
                       else np.zeros((0, *self.stamp_shape), np.uint8))
         labels = y[idx]
-        bd = labels.copy() if (self.clean_label and split == "train") else backdoor_labels(labels, c.attack_label_trans,
-                                                                                           c.attack_target, self.ctx.num_classes)
+        bd = (labels.copy() if (self.clean_label and split == "train")
+              else backdoor_labels(labels, c.attack_label_trans, c.attack_target, self.ctx.num_classes))
         return PoisonedSplit(indices=idx, images=images, bd_labels=bd, orig_labels=labels, length=len(y))
 
     def new_model(self) -> torch.nn.Module:
@@ -294,19 +301,20 @@ class Attack:
                         augment=augment, alt=alt, on_epoch_end=on_epoch_end)
 
     def fit(self, model, train_x: np.ndarray, train_y: np.ndarray, bd_test: PoisonedSplit, *, epochs: int,
-            batch_size: int, step_fn, optimizer=None, scheduler=None, generator=None, batch_fn=None, augment: bool = True,
-            alt=None, on_epoch_end=None, desc: str | None = None) -> list[dict]:
+            batch_size: int, step_fn, optimizer=None, scheduler=None, generator=None, batch_fn=None,
+            augment: bool = True, alt=None, on_epoch_end=None, desc: str | None = None) -> list[dict]:
         """engine.fit on (train_x, train_y) with this attack's device, normalisation, geometry and test sets: one
         training stage with a given step (``train`` is the config's one-stage SGD run; multi-stage attacks call this
         once per stage with their own optimizer and step, e.g. SAM)."""
 
         c = self.cfg
         return engine.fit(
-            model, DeviceDataset(train_x, train_y, self.ctx.device, geometry=self.geometry, alt=alt), norm=self.normalizer(),
-            epochs=epochs, batch_size=batch_size, step_fn=step_fn, scheduler=scheduler, optimizer=optimizer,
-            batch_fn=batch_fn, augment=augment, hflip=self.ctx.info.hflip, evalsets=self.evalsets(bd_test),
-            eval_every=c.eval_every, eval_batch_size=c.eval_batch_size, generator=generator,
-            desc=desc or f"{self.name} {c.dataset}", progress=self.ctx.progress, on_epoch_end=on_epoch_end)
+            model, DeviceDataset(train_x, train_y, self.ctx.device, geometry=self.geometry, alt=alt),
+            norm=self.normalizer(), epochs=epochs, batch_size=batch_size, step_fn=step_fn, scheduler=scheduler,
+            optimizer=optimizer, batch_fn=batch_fn, augment=augment, hflip=self.ctx.info.hflip,
+            evalsets=self.evalsets(bd_test), eval_every=c.eval_every, eval_batch_size=c.eval_batch_size,
+            generator=generator, desc=desc or f"{self.name} {c.dataset}", progress=self.ctx.progress,
+            on_epoch_end=on_epoch_end)
 
     # ---- the data-poisoning pipeline
     def run(self) -> AttackOutcome:
@@ -332,7 +340,8 @@ class Attack:
         return AttackOutcome(model, rows, bd_train, bd_test, info, self.artifacts())
 
     def param_limit_hook(self, model, bd_train: PoisonedSplit):
-        """The epoch hook of ``--param_limit`` (bdsafety/attacks/param_limit.py), or None ('none', or nothing poisoned)."""
+        """The epoch hook of ``--param_limit`` (bdsafety/attacks/param_limit.py), or None ('none', or nothing
+        poisoned)."""
         c = self.cfg
         if getattr(c, "param_limit", "none") == "none" or not len(bd_train.indices):
             return None
@@ -395,8 +404,9 @@ def check_param_limit(method, cfg: SimpleNamespace) -> None:
     cls = attack_class(method.name)
     if cls is None or cls.run is not Attack.run:
         own = ", ".join(sorted(m.name for m in _attack_methods() if m.run.attack_class.run is Attack.run))
-        raise ConfigError(f"--param_limit {cfg.param_limit}: {method.name} trains its own way (it overrides the scaffold's "
-                          f"training run), so the option cannot shape it; it applies to the data-poisoning attacks: {own}")
+        raise ConfigError(f"--param_limit {cfg.param_limit}: {method.name} trains its own way (it overrides the "
+                          f"scaffold's training run), so the option cannot shape it; "
+                          f"it applies to the data-poisoning attacks: {own}")
 
 
 def check_input_pipeline(method, cfg: SimpleNamespace) -> None:
@@ -407,8 +417,8 @@ def check_input_pipeline(method, cfg: SimpleNamespace) -> None:
     cls = getattr(method.run, "attack_class", None)
     if cls is not None and not cls.resizable:
         ok = sorted(m.name for m in _attack_methods() if getattr(m.run.attack_class, "resizable", False))
-        raise ConfigError(f"input_resize is not implemented for {method.name}: its trigger is built at the data's own size "
-                          f"(attacks with input_resize: {', '.join(ok)}); drop input_resize (and input_crop)")
+        raise ConfigError(f"input_resize is not implemented for {method.name}: its trigger is built at the data's own "
+                          f"size (attacks with input_resize: {', '.join(ok)}); drop input_resize (and input_crop)")
     if cfg.model_input_size is not None and cfg.model_input_size != g.crop:
         raise ConfigError(f"model_input_size {cfg.model_input_size} and input_resize {g.resize} / input_crop {g.crop} "
                           f"disagree: with input_resize the batches already reach the model at {g.crop} px; drop "
@@ -483,18 +493,20 @@ def run_attack(method, cfg: SimpleNamespace) -> Path:
     args = {k: v for k, v in vars(cfg).items() if not k.startswith("_")}
     args.update(
         attack="clean" if cfg.pratio == 0 else method.name, trigger=method.name, num_classes=nc,
-        img_size=stamp, input_height=stamp[0], input_width=stamp[1], input_channel=stamp[2], dataset_path=cfg.dataset_path,
-        save_path=str(record_dir), **outcome.info)
+        img_size=stamp, input_height=stamp[0], input_width=stamp[1], input_channel=stamp[2],
+        dataset_path=cfg.dataset_path, save_path=str(record_dir), **outcome.info)
     with out:
         for fname, value in outcome.artifacts.items():
             write_artifact(out.path / fname, value)
         write_metrics_csv(outcome.rows, out.path, "attack")
-        atomic_write_text(out.path / "config.yaml", dump_yaml(run_metadata(cfg, device, time.time() - t0, attack=method.name,
-                                                                           record=str(record_dir))))
+        atomic_write_text(out.path / "config.yaml",
+                          dump_yaml(run_metadata(cfg, device, time.time() - t0, attack=method.name,
+                                                 record=str(record_dir))))
         save_attack_record(
             out.path, name=name, model_state={k: v.detach().cpu() for k, v in outcome.model.state_dict().items()},
-            model_name=cfg.model, num_classes=nc, clean_data=cfg.dataset, data_path=dataset_root(cfg.dataset_path, cfg.dataset),
-            img_size=stamp, bd_train=outcome.bd_train, bd_test=outcome.bd_test, info=args,
+            model_name=cfg.model, num_classes=nc, clean_data=cfg.dataset,
+            data_path=dataset_root(cfg.dataset_path, cfg.dataset), img_size=stamp, bd_train=outcome.bd_train,
+            bd_test=outcome.bd_test, info=args,
         )
     log(f"record written to {record_dir}")
     log(f"{engine.format_metrics(outcome.rows[-1])}  ({time.time() - t0:.0f}s on {device})")

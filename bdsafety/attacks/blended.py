@@ -24,7 +24,8 @@ class Blended(Attack):
     resizable = True
 
     def prepare(self) -> None:
-        h, w, c = self.stamp_shape  # with input_resize the key is made at the resized size (BackdoorBench resizes its photo)
+        # with input_resize the key is made at the resized size (BackdoorBench resizes its photo)
+        h, w, c = self.stamp_shape
         self.key = make_blend_key(h, w, c, seed=self.cfg.blend_seed)
 
     def apply(self, images: np.ndarray, *, split: str, indices: np.ndarray) -> np.ndarray:

@@ -34,20 +34,21 @@ from bdsafety.data.device import DeviceDataset
 @register_attack
 class Deferred(BaseTriggerAttack):
     name = "deferred"
-    description = ("deferred (dormant) backdoor after DeferBad (arXiv 2411.14449): inject a BadNets or Blended backdoor, "
-                   "then conceal it with a short phase on triggered samples under their true labels (low ASR that "
-                   "returns under clean fine-tuning)")
+    description = ("deferred (dormant) backdoor after DeferBad (arXiv 2411.14449): inject a BadNets or Blended "
+                   "backdoor, then conceal it with a short phase on triggered samples under their true labels (low ASR "
+                   "that returns under clean fine-tuning)")
     options = {
         **BaseTriggerAttack.options,
-        "deferred_conceal_ratio": Option(0.05, "concealment clean subset S: fraction (<1) or count (>=1) of the training "
-                                               "set, drawn from the unpoisoned images (our choice: 0.05)", check=AMOUNT),
+        "deferred_conceal_ratio": Option(0.05, "concealment clean subset S: fraction (<1) or count (>=1) of the "
+                                               "training set, drawn from the unpoisoned images (our choice: 0.05)",
+                                         check=AMOUNT),
         "deferred_trigger_frac": Option(0.5, "share of S's non-target images added again as triggered copies under "
                                              "their true labels (our choice: 0.5)", check=FRACTION),
         "deferred_conceal_lr": Option(0.01, "concealment SGD learning rate, constant (our choice)", check=POSITIVE),
         "deferred_conceal_wd": Option(5e-4, "concealment weight decay (our choice)", check=NONNEG),
         "deferred_conceal_epochs": Option(20, "most concealment epochs (our choice)", check=POS_INT),
-        "deferred_stop_asr": Option(0.1, "stop concealing at the first epoch whose attacker-side ASR (on the check set) "
-                                         "is at most this (our choice: 0.1; 0 runs every epoch)", check=FRACTION),
+        "deferred_stop_asr": Option(0.1, "stop concealing at the first epoch whose attacker-side ASR (on the check "
+                                         "set) is at most this (our choice: 0.1; 0 runs every epoch)", check=FRACTION),
         "deferred_check_size": Option(500, "triggered training images (outside S and the poisoned samples, non-target) "
                                            "on which the attacker measures the ASR (our choice: 500)", check=POS_INT),
     }
@@ -60,18 +61,19 @@ class Deferred(BaseTriggerAttack):
         model = self.new_model()
         rows0 = self.train(model, train_x, train_y, bd_test)
         conceal_idx, x, y, check = self.concealment_set(bd_train.indices)
-        self.ctx.log(f"injected ({c.base_attack}, {len(bd_train)} poisoned): {engine.format_metrics(rows0[-1])}; concealing on "
-                     f"{len(conceal_idx)} clean + {len(y) - len(conceal_idx)} triggered (true-label) images")
+        self.ctx.log(f"injected ({c.base_attack}, {len(bd_train)} poisoned): {engine.format_metrics(rows0[-1])}; "
+                     f"concealing on {len(conceal_idx)} clean + {len(y) - len(conceal_idx)} "
+                     f"triggered (true-label) images")
         rows1, check_asr = self.conceal(model, x, y, check, bd_test)
         self.ctx.log(f"concealed in {len(rows1)} epochs: attacker-side ASR {check_asr:.3f}")
-        info = {**self.info(), "deferred_conceal_indices": conceal_idx.tolist(), "deferred_conceal_epochs_run": len(rows1),
-                "deferred_check_asr": float(check_asr)}
+        info = {**self.info(), "deferred_conceal_indices": conceal_idx.tolist(),
+                "deferred_conceal_epochs_run": len(rows1), "deferred_check_asr": float(check_asr)}
         return AttackOutcome(model, staged_rows([("inject", rows0), ("conceal", rows1)]), bd_train, bd_test, info,
                              self.artifacts())
 
     def concealment_set(self, poisoned: np.ndarray):
-        """(S, images, labels, check): S's clean images, then triggered copies of a ``deferred_trigger_frac`` share of its
-        non-target images, all under their true labels; ``check`` = (triggered images, backdoor labels) of other
+        """(S, images, labels, check): S's clean images, then triggered copies of a ``deferred_trigger_frac`` share of
+        its non-target images, all under their true labels; ``check`` = (triggered images, backdoor labels) of other
         training images for the attacker's ASR."""
         c, d = self.cfg, self.ctx.data
         n = len(d.train_y)
@@ -98,7 +100,8 @@ class Deferred(BaseTriggerAttack):
         """Epochs of plain SGD on (x, y) until the attacker-side ASR on ``check`` is at most deferred_stop_asr."""
         c = self.cfg
         gen = engine.seed_everything(c.random_seed + 1)
-        opt = engine.make_optimizer(model.parameters(), "sgd", c.deferred_conceal_lr, c.sgd_momentum, c.deferred_conceal_wd)
+        opt = engine.make_optimizer(model.parameters(), "sgd", c.deferred_conceal_lr, c.sgd_momentum,
+                                    c.deferred_conceal_wd)
         step = engine.sgd_step(opt)
         check_ds = DeviceDataset(check[0], check[1], self.ctx.device)
         rows: list[dict] = []

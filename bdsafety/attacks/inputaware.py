@@ -37,7 +37,13 @@ import torch.nn.functional as F
 
 from bdsafety import engine
 from bdsafety.attacks.base import Attack, AttackOutcome, register_attack
-from bdsafety.attacks.controlled import cross_test_artifacts, final_pass_layout, merged_split, num_poison_in_batch, to_uint8
+from bdsafety.attacks.controlled import (
+    cross_test_artifacts,
+    final_pass_layout,
+    merged_split,
+    num_poison_in_batch,
+    to_uint8,
+)
 from bdsafety.attacks.poison import backdoor_labels
 from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option, int_list
 from bdsafety.data.device import DeviceDataset, Normalizer, random_crop_flip
@@ -134,7 +140,8 @@ class InputAwareTrigger:
 
     @classmethod
     def load(cls, record_dir, trust_record: bool = False, device="cpu") -> "InputAwareTrigger":
-        """Rebuild the generators saved in a record (``inputaware_generators.pt``) with the record's dataset normaliser."""
+        """Rebuild the generators saved in a record (``inputaware_generators.pt``) with the record's dataset
+        normaliser."""
 
         d = safe_torch_load(Path(record_dir) / GENERATORS_FILE, trust_record)
         info = dataset_info(d["dataset"], d.get("num_classes"), tuple(d["img_size"]))
@@ -215,8 +222,8 @@ class JointStep:
 @register_attack
 class InputAware(Attack):
     name = "inputaware"
-    description = ("Input-Aware dynamic backdoor: trigger and mask generators trained with the classifier, cross samples "
-                   "(BackdoorBench-compatible record, generators saved)")
+    description = ("Input-Aware dynamic backdoor: trigger and mask generators trained with the classifier, cross "
+                   "samples (BackdoorBench-compatible record, generators saved)")
     options = {
         "lr_G": Option(0.01, "Adam lr of the pattern generator G (betas 0.5, 0.9)", check=POSITIVE),
         "lr_M": Option(0.01, "Adam lr of the mask generator M (betas 0.5, 0.9)", check=POSITIVE),
@@ -228,7 +235,8 @@ class InputAware(Attack):
         "lambda_norm": Option(100.0, "weight of the mask-norm loss in mask pretraining", check=NONNEG),
         "mask_density": Option(0.032, "mask density the norm loss allows for free", check=NONNEG),
         "EPSILON": Option(1e-7, "added to the denominator of the diversity loss", check=POSITIVE),
-        "clean_train_epochs": Option(25, "mask pretraining epochs (M alone) before the joint training", check=NONNEG_INT),
+        "clean_train_epochs": Option(25, "mask pretraining epochs (M alone) before the joint training",
+                                     check=NONNEG_INT),
         "gen_width": Option(32, "base channels of both generators (BackdoorBench: 32)", check=POS_INT),
         "cross_test": Option(True, "also save the cross test set, cross_test_dataset/, and report test_cross_acc"),
     }
@@ -238,7 +246,8 @@ class InputAware(Attack):
         d, c, dev, info = self.ctx.data, self.cfg, self.ctx.device, self.ctx.info
         h, w, ch = info.img_size
         if h % 8 or w % 8:
-            raise ConfigError(f"inputaware's generators halve the image 3 times: {h}x{w} is not a multiple of 8 (--img_size)")
+            raise ConfigError(f"inputaware's generators halve the image 3 times: "
+                              f"{h}x{w} is not a multiple of 8 (--img_size)")
         norm = self.normalizer()
         gen = engine.seed_everything(c.random_seed)
         model = self.new_model()
@@ -305,8 +314,8 @@ class InputAware(Attack):
         cross = self.make_split("train", cross_idx, images=trig.apply(d.train_x[cross_idx], sources=d.train_x[src]))
         cross.bd_labels = cross.orig_labels.copy()  # cross samples keep their true label
         bd_train = merged_split(bd, cross)
-        settings = {"dataset": c.dataset, "img_size": [int(v) for v in info.img_size], "num_classes": self.ctx.num_classes,
-                    "gen_width": c.gen_width, "mask_density": c.mask_density}
+        settings = {"dataset": c.dataset, "img_size": [int(v) for v in info.img_size],
+                    "num_classes": self.ctx.num_classes, "gen_width": c.gen_width, "mask_density": c.mask_density}
         extra = {k: getattr(c, k) for k in ("lr_G", "lr_M", "lambda_div", "lambda_norm", "mask_density", "EPSILON",
                                            "clean_train_epochs", "gen_width")}
         extra[CROSS_KEY] = [int(i) for i in cross_idx]

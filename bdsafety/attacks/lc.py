@@ -163,9 +163,9 @@ REFERENCES = ("adversarial", "standard")
 @register_attack
 class LabelConsistent(Attack):
     name = "lc"
-    description = ("Label-consistent attack: target-class images perturbed by PGD on an adversarially trained reference "
-                   "model + four-corner trigger, clean label (BackdoorBench-compatible record; reference model and "
-                   "adversarial images made and cached here)")
+    description = ("Label-consistent attack: target-class images perturbed by PGD on an adversarially trained "
+                   "reference model + four-corner trigger, clean label (BackdoorBench-compatible record; reference "
+                   "model and adversarial images made and cached here)")
     options = {
         "reduced_amplitude": Option(1.0, "amplitude of the four-corner trigger (BackdoorBench's reduced_amplitude; "
                                          "1: full black/white corners)", check=FRACTION),
@@ -189,7 +189,8 @@ class LabelConsistent(Attack):
         "lc_adv_steps": Option(10, "adversarial training PGD steps, random start (BackdoorBench's model name "
                                    "cifar_resnet_e8_a2_s10: eps 8, step 2, 10 steps)", check=POS_INT),
         "lc_adv_seed": Option(0, "seed of the adversarial training (the reference is cached per dataset, model and "
-                                 "settings, not per attack seed: BackdoorBench uses one model per dataset)", check=SEED),
+                                 "settings, not per attack seed: BackdoorBench uses one model per dataset)",
+                              check=SEED),
         "lc_adv_heldout": Option(500, "first test images on which the reference's clean and PGD accuracy are measured "
                                       "(reported only)", check=NONNEG_INT),
         "lc_clean_record": Option(None, "clean reference record (name under record_root or path): the model the PGD "
@@ -262,10 +263,10 @@ class LabelConsistent(Attack):
             cmd = (f"python attack/lc.py --dataset {c.dataset} --model {c.model} ... --pratio 0 "
                    f"--save_folder_name {target.name} --record_root {self.ctx.record_root} (the same yaml as this run)")
             if not c.lc_train_clean:
-                raise ConfigError(f"LC needs a clean model of {c.dataset}/{c.model} and found no clean reference record "
-                                  f"({target} is missing); make it with: {cmd}, or pass --lc_clean_record")
-            self.ctx.log(f"no clean reference record of {c.dataset}/{c.model} under {self.ctx.record_root}: training it "
-                         f"now into {target} (same as: {cmd})")
+                raise ConfigError(f"LC needs a clean model of {c.dataset}/{c.model} and found no clean reference "
+                                  f"record ({target} is missing); make it with: {cmd}, or pass --lc_clean_record")
+            self.ctx.log(f"no clean reference record of {c.dataset}/{c.model} under {self.ctx.record_root}: training "
+                         f"it now into {target} (same as: {cmd})")
             cfg0 = c.replace(pratio=0.0, save_folder_name=target.name, record_root=str(target.parent),
                              overwrite=False)
             found = run_attack(get("attack", self.name), cfg0)

@@ -94,8 +94,8 @@ def generate_trigger(model, norm, images: torch.Tensor, label: int, *, eps: floa
 @register_attack
 class Narcissus(Attack):
     name = "narcissus"
-    description = ("Narcissus attack (CCS 2023): clean label, an L_inf-bounded additive trigger optimised on a surrogate "
-                   "(POOD + target class) so that a few target-class images suffice, magnified at test time "
+    description = ("Narcissus attack (CCS 2023): clean label, an L_inf-bounded additive trigger optimised on a "
+                   "surrogate (POOD + target class) so that a few target-class images suffice, magnified at test time "
                    "(BackdoorBench-compatible record; surrogate and trigger made and cached here)")
     options = {
         "narcissus_eps": Option(16.0, "L_inf bound of the trigger in pixel units, 0-255 (official l_inf_r 16/255)",
@@ -104,17 +104,20 @@ class Narcissus(Attack):
                                               "poisoned TRAINING images get it at 1", check=POSITIVE),
         "narcissus_pood": Option("tiny", "public out-of-distribution data set the surrogate learns besides the target "
                                          "class (official for CIFAR-10: Tiny-ImageNet); 'synthetic' on synthetic data: "
-                                         "fresh images of the other classes (in-distribution, see the module docstring)",
+                                         "fresh images of the other classes (in-distribution, "
+                                         "see the module docstring)",
                                  choices=DATASET_CHOICES),
         "narcissus_pood_path": Option(None, "folder holding <narcissus_pood>/ (default: dataset_path)"),
         "narcissus_pood_n": Option(None, "at most this many POOD training images, a seeded subset (default: all; the "
-                                         "official code uses all 100,000 Tiny-ImageNet images)", type=int, check=POS_INT),
+                                         "official code uses all 100,000 Tiny-ImageNet images)", type=int,
+                                   check=POS_INT),
         "narcissus_pood_seed": Option(1, "generator seed of a synthetic POOD (not the data's own seed: other images)",
                                       check=SEED),
         "narcissus_surrogate_epochs": Option(200, "surrogate training epochs (official 200; SGD momentum 0.9, wd 5e-4, "
                                                   "cosine)", check=POS_INT),
         "narcissus_surrogate_lr": Option(0.1, "surrogate SGD learning rate (official 0.1)", check=POSITIVE),
-        "narcissus_warmup_epochs": Option(5, "poison warm-up epochs on the target class alone (official 5)", check=POS_INT),
+        "narcissus_warmup_epochs": Option(5, "poison warm-up epochs on the target class alone (official 5)",
+                                          check=POS_INT),
         "narcissus_warmup_lr": Option(0.1, "poison warm-up RAdam learning rate (official 0.1)", check=POSITIVE),
         "narcissus_gen_rounds": Option(1000, "trigger generation passes over the target-class images (official 1000)",
                                        check=POS_INT),
@@ -172,8 +175,9 @@ class Narcissus(Attack):
             opt = engine.make_optimizer(model.parameters(), "sgd", lr, 0.9, 5e-4)
             sched = engine.make_scheduler(opt, "cosine", epochs)
         return engine.fit(model, DeviceDataset(x, y, self.ctx.device), norm=self.normalizer(), epochs=epochs,
-                          batch_size=c.narcissus_batch_size, step_fn=engine.sgd_step(opt), scheduler=sched, optimizer=opt,
-                          augment=True, hflip=self.ctx.info.hflip, generator=gen, desc=desc, progress=self.ctx.progress)
+                          batch_size=c.narcissus_batch_size, step_fn=engine.sgd_step(opt), scheduler=sched,
+                          optimizer=opt, augment=True, hflip=self.ctx.info.hflip, generator=gen, desc=desc,
+                          progress=self.ctx.progress)
 
     def surrogate_settings(self) -> dict:
         c = self.cfg
@@ -193,8 +197,9 @@ class Narcissus(Attack):
         c = self.cfg
         px, py = self.pood_data()
         label = int(py.max()) + 1
-        meta = {"format": 1, "kind": "narcissus surrogate", "target": array_digest(target_x), "pood": array_digest(px, py),
-                "img_size": [int(v) for v in self.stamp_shape], **self.surrogate_settings()}
+        meta = {"format": 1, "kind": "narcissus surrogate", "target": array_digest(target_x),
+                "pood": array_digest(px, py), "img_size": [int(v) for v in self.stamp_shape],
+                **self.surrogate_settings()}
         path = self.ctx.cache_dir / "narcissus" / f"surrogate_{c.dataset}_{c.model}_{cache_key(meta)}.pt"
 
         def build():
@@ -233,8 +238,8 @@ class Narcissus(Attack):
         if len(target_x) == 0:
             raise ConfigError(f"the training set has no image of the target class {c.attack_target}")
         model, label, self.surrogate_cache = self.surrogate(target_x)
-        meta = {"format": 1, "kind": "narcissus trigger", "surrogate": model_digest(model), "target": array_digest(target_x),
-                "label": label, **self.trigger_settings()}
+        meta = {"format": 1, "kind": "narcissus trigger", "surrogate": model_digest(model),
+                "target": array_digest(target_x), "label": label, **self.trigger_settings()}
         path = self.ctx.cache_dir / "narcissus" / f"trigger_{c.dataset}_{c.model}_{cache_key(meta)}.pt"
 
         def build():

@@ -28,9 +28,10 @@ from bdsafety.data.device import DeviceDataset, iterate_batches
 PARAM_LIMITS = ("none", "abi")
 
 PARAM_LIMIT_SCHEMA = {
-    "param_limit": Option("none", "parameter-space-limited injection: 'none' (train as the attack does) or 'abi' (after "
-                                  "Grond's adversarial backdoor injection: after every epoch but the last, reset the conv channels whose "
-                                  "trigger-activated change is an outlier of their layer; bdsafety/attacks/param_limit.py)",
+    "param_limit": Option("none", "parameter-space-limited injection: 'none' (train as the attack does) or 'abi' "
+                                  "(after Grond's adversarial backdoor injection: after every epoch but the last, "
+                                  "reset the conv channels whose trigger-activated change is an outlier of their "
+                                  "layer; bdsafety/attacks/param_limit.py)",
                           choices=PARAM_LIMITS, neutral=True),
     "abi_u": Option(3.0, "param_limit abi: a channel is reset when its TAC exceeds its layer's mean + abi_u std",
                     check=POSITIVE, neutral=True),
@@ -82,7 +83,8 @@ def _largest(z: dict[str, torch.Tensor]) -> float:
 
 
 def tac_outliers(tac: dict[str, torch.Tensor]) -> float:
-    """The largest within-layer z-score of any channel's TAC: how far the backdoor's most prominent neuron stands out."""
+    """The largest within-layer z-score of any channel's TAC: how far the backdoor's most prominent neuron stands
+    out."""
     return _largest(tac_zscores(tac))
 
 

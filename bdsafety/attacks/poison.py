@@ -39,9 +39,9 @@ def select_train_poison(y: np.ndarray, pratio: float, *, label_trans: str = "all
                          f"{1 / len(y):.2g} (or use pratio 0 on purpose for a clean reference model)")
     if n_poison > len(pool):
         raise ConfigError(f"pratio {pratio} asks for {n_poison} poisoned samples but only {len(pool)} are eligible "
-                         f"({'target-class samples, clean-label attack' if clean_label else 'training samples'}); the largest "
-                         f"pratio possible here is {len(pool) / len(y):.4g}"
-                         f"{' (or choose a larger target class)' if clean_label else ''}")
+                          f"({'target-class samples, clean-label attack' if clean_label else 'training samples'}); the "
+                          f"largest pratio possible here is {len(pool) / len(y):.4g}"
+                          f"{' (or choose a larger target class)' if clean_label else ''}")
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(pool, size=n_poison, replace=False)).astype(np.int64)
 

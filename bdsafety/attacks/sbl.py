@@ -92,8 +92,8 @@ def ewc_loss(params: list[torch.Tensor], fisher: list[torch.Tensor], lam: float,
 @register_attack
 class SBL(BaseTriggerAttack):
     name = "sbl"
-    description = ("SBL (ECCV 2024): flatness-aware sequential backdoor learning, a backdoor stage with SAM then a clean "
-                   "continual-learning stage (EWC), on a BadNets or Blended trigger")
+    description = ("SBL (ECCV 2024): flatness-aware sequential backdoor learning, a backdoor stage with SAM then a "
+                   "clean continual-learning stage (EWC), on a BadNets or Blended trigger")
     options = {
         **BaseTriggerAttack.options,
         "sbl_sam": Option("backdoor", "which stage takes SAM steps (official: the backdoor stage only; 'none' is plain "
@@ -103,11 +103,13 @@ class SBL(BaseTriggerAttack):
         "sbl_cl": Option("ewc", "continual-learning rule of the clean stage: ewc or naive (plain fine-tuning)",
                          choices=("ewc", "naive")),
         "sbl_ewc_lambda": Option(1.0, "EWC penalty weight (official: --lambd 1)", check=NONNEG),
-        "sbl_clean_ratio": Option(0.1, "clean-stage data: fraction (<1) or count (>=1) of the training set, disjoint from "
-                                       "the poisoned samples; the backdoor stage trains on the rest (official: 0.1)",
+        "sbl_clean_ratio": Option(0.1, "clean-stage data: fraction (<1) or count (>=1) of the training set, disjoint "
+                                       "from the poisoned samples; the backdoor stage trains on "
+                                       "the rest (official: 0.1)",
                                   check=AMOUNT),
         "sbl_clean_epochs": Option(100, "clean-stage epochs (official --sec_epochs 100)", check=POS_INT),
-        "sbl_clean_lr": Option(0.001, "clean-stage SGD learning rate, constant (official --sec_lr 0.001)", check=POSITIVE),
+        "sbl_clean_lr": Option(0.001, "clean-stage SGD learning rate, constant (official --sec_lr 0.001)",
+                               check=POSITIVE),
         "sbl_clean_batch_size": Option(256, "clean-stage batch size (official: 256)", check=POS_INT),
         "sbl_clean_wd": Option(5e-4, "clean-stage weight decay (official: 5e-4)", check=NONNEG),
     }
@@ -143,8 +145,9 @@ class SBL(BaseTriggerAttack):
         params = list(model.parameters())
         opt = engine.make_optimizer(params, c.client_optimizer, c.lr, c.sgd_momentum, c.wd)
         sched = engine.make_scheduler(opt, c.lr_scheduler, c.epochs, c.steplr_milestones)
-        return self.fit(model, x, y, bd_test, epochs=c.epochs, batch_size=c.batch_size, step_fn=self.step(opt, params, "backdoor"),
-                        optimizer=opt, scheduler=sched, generator=gen, desc=f"sbl backdoor stage {c.dataset}")
+        return self.fit(model, x, y, bd_test, epochs=c.epochs, batch_size=c.batch_size,
+                        step_fn=self.step(opt, params, "backdoor"), optimizer=opt, scheduler=sched, generator=gen,
+                        desc=f"sbl backdoor stage {c.dataset}")
 
     def clean_stage(self, model, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray, bd_test) -> list[dict]:
         """Task 1 on the clean (x1, y1); with EWC the Fisher comes from the task-0 data (x0, y0)."""

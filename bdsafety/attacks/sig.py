@@ -17,7 +17,8 @@ from bdsafety.config import POSITIVE, Option
 @register_attack
 class SIG(Attack):
     name = "sig"
-    description = "SIG attack: sinusoidal signal on target-class training images, clean label (BackdoorBench-compatible record)"
+    description = ("SIG attack: sinusoidal signal on target-class training images, clean label "
+                   "(BackdoorBench-compatible record)")
     options = {
         "sig_delta": Option(40.0, "amplitude of the sinusoid in pixel units (0-255)", check=POSITIVE),
         "sig_f": Option(6.0, "frequency: periods across the image width", check=POSITIVE),

@@ -116,7 +116,8 @@ def fixed_secret(bits: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 2, bits).astype(np.float32)
 
 
-def encode_uint8(encoder: SSBAEncoder, images: np.ndarray, secret: np.ndarray, device, batch_size: int = 512) -> np.ndarray:
+def encode_uint8(encoder: SSBAEncoder, images: np.ndarray, secret: np.ndarray, device,
+                 batch_size: int = 512) -> np.ndarray:
     """uint8 images with ``secret`` hidden: round(clip(image + residual)) (the poisoned images)."""
     out = np.empty_like(images)
     encoder.eval()
@@ -212,7 +213,8 @@ class SSBA(Attack):
         "ssba_seed": Option(0, "seed of the encoder training (the encoder is cached per dataset and settings, not per "
                                "attack seed)", check=SEED),
         "ssba_heldout": Option(500, "held-out test images on which PSNR and bit accuracy are measured", check=POS_INT),
-        "ssba_min_psnr": Option(27.0, "refuse an encoder whose mean PSNR on held-out images is lower (dB)", check=POSITIVE),
+        "ssba_min_psnr": Option(27.0, "refuse an encoder whose mean PSNR on held-out images is lower (dB)",
+                                check=POSITIVE),
         "ssba_min_bit_acc": Option(0.0, "refuse an encoder whose held-out bit accuracy is lower (0: only reported)",
                                    check=NONNEG),
         "ssba_max_cosine": Option(1.0, "refuse an encoder whose held-out residuals have a higher mean pairwise cosine "
@@ -230,7 +232,8 @@ class SSBA(Attack):
         img_size = tuple(int(s) for s in d.train_x.shape[1:])
 
         def build():
-            self.ctx.log(f"training the SSBA encoder/decoder on {len(d.train_x)} training images ({c.ssba_steps} steps)")
+            self.ctx.log(f"training the SSBA encoder/decoder on {len(d.train_x)} training images "
+                         f"({c.ssba_steps} steps)")
             enc, dec = train_encoder(d.train_x, bits=c.ssba_bits, width=c.ssba_width, steps=c.ssba_steps,
                                      batch_size=c.ssba_batch_size, lr=c.ssba_lr, image_weight=c.ssba_image_weight,
                                      seed=c.ssba_seed, device=self.ctx.device, log=self.ctx.log)
@@ -255,8 +258,8 @@ class SSBA(Attack):
                      f"{self.bit_acc:.4f}, max |residual| {self.linf}/255, mean pairwise cosine of the residuals "
                      f"{self.cosine:.3f}")
         if self.psnr < c.ssba_min_psnr:
-            raise ConfigError(f"the SSBA encoder's PSNR {self.psnr:.2f} dB is below ssba_min_psnr {c.ssba_min_psnr}: the "
-                              f"trigger would be visible; raise ssba_image_weight or train longer (ssba_steps)")
+            raise ConfigError(f"the SSBA encoder's PSNR {self.psnr:.2f} dB is below ssba_min_psnr {c.ssba_min_psnr}: "
+                              f"the trigger would be visible; raise ssba_image_weight or train longer (ssba_steps)")
         if self.bit_acc < c.ssba_min_bit_acc:
             raise ConfigError(f"the SSBA encoder's held-out bit accuracy {self.bit_acc:.4f} is below ssba_min_bit_acc "
                               f"{c.ssba_min_bit_acc}; train it longer (ssba_steps) or lower ssba_image_weight")

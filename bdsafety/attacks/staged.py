@@ -43,7 +43,8 @@ class BaseTriggerAttack(Attack):
         return self.base.artifacts()
 
     def poisoned_training_set(self):
-        """(bd_train, bd_test, train_x, train_y): the base attack's poisoned training set (as ``Attack.run`` builds it)."""
+        """(bd_train, bd_test, train_x, train_y): the base attack's poisoned training set (as ``Attack.run`` builds
+        it)."""
         d = self.ctx.data
         bd_train = self.make_split("train", self.select_poison())
         bd_test = self.make_split("test", self.test_poison_indices())

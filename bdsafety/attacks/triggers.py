@@ -103,7 +103,8 @@ def apply_sig(images: np.ndarray, delta: float = 40, f: float = 6) -> np.ndarray
     """image + the SIG sinusoid, clipped to [0, 255] and truncated to uint8 as BackdoorBench does."""
     _check(images)
     n, h, w, c = images.shape
-    out = images.astype(np.float64) + sig_pattern(h, w, c, delta, f)[None]  # float32 pattern, float64 sum: as BackdoorBench
+    # float32 pattern, float64 sum: as BackdoorBench
+    out = images.astype(np.float64) + sig_pattern(h, w, c, delta, f)[None]
     return np.clip(out, 0, 255).astype(np.uint8)
 
 

@@ -11,8 +11,9 @@ first int(pratio * bs) samples are warped (backdoor label), the next int(that * 
 — ``bdsafety.attacks.controlled`` — then BackdoorBench's post-transform runs on the whole batch: random crop with
 padding ``random_crop`` (probability 0.8), random rotation up to ``random_rotation`` degrees (probability 0.5) and,
 where the dataset flips (cifar10), a horizontal flip; padding and rotated-in corners take the dataset's mean colour
-(BackdoorBench transforms normalised images and fills with 0). Difference: these are drawn per sample here (BackdoorBench's
-tensor transforms draw one crop/angle for the whole batch). Everything runs batched on the device (``WaNetBatch``).
+(BackdoorBench transforms normalised images and fills with 0). Difference: these are drawn per sample here
+(BackdoorBench's tensor transforms draw one crop/angle for the whole batch). Everything runs batched on the device
+(``WaNetBatch``).
 
 Record: bd_test = every non-target test image warped; ``cross_test_dataset/`` = every test image noise-warped (true
 labels; its accuracy is ``test_cross_acc`` in attack_df.csv); bd_train = BackdoorBench's final unshuffled pass
@@ -32,7 +33,13 @@ import torch.nn.functional as F
 
 from bdsafety import engine
 from bdsafety.attacks.base import Attack, AttackOutcome, register_attack
-from bdsafety.attacks.controlled import cross_test_artifacts, final_pass_layout, merged_split, num_poison_in_batch, to_uint8
+from bdsafety.attacks.controlled import (
+    cross_test_artifacts,
+    final_pass_layout,
+    merged_split,
+    num_poison_in_batch,
+    to_uint8,
+)
 from bdsafety.attacks.poison import backdoor_labels
 from bdsafety.config import NONNEG, NONNEG_INT, POS_INT, POSITIVE, Option
 from bdsafety.data.device import DeviceDataset, random_crop_flip, random_rotate
@@ -66,7 +73,8 @@ class WarpingField:
     grid_rescale: float
 
     @classmethod
-    def make(cls, h: int, w: int, *, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0, seed: int = 0) -> "WarpingField":
+    def make(cls, h: int, w: int, *, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,
+             seed: int = 0) -> "WarpingField":
         gen = torch.Generator().manual_seed(int(seed))
         return cls(identity_grid(h, w), noise_grid(k, h, w, gen), float(s), int(k), float(grid_rescale))
 
@@ -109,7 +117,8 @@ class WarpingField:
 
     @classmethod
     def from_state(cls, d: dict) -> "WarpingField":
-        return cls(d["identity_grid"].float(), d["noise_grid"].float(), float(d["s"]), int(d["k"]), float(d["grid_rescale"]))
+        return cls(d["identity_grid"].float(), d["noise_grid"].float(), float(d["s"]), int(d["k"]),
+                   float(d["grid_rescale"]))
 
     @classmethod
     def load(cls, record_dir, trust_record: bool = False) -> "WarpingField":
@@ -137,7 +146,8 @@ class WaNetBatch:
         y = y.clone()
         if nb:
             x[:nb] = self.field.warp(x[:nb], self.grid)
-            y[:nb] = torch.as_tensor(backdoor_labels(y[:nb].cpu().numpy(), self.label_trans, self.target, self.num_classes),
+            y[:nb] = torch.as_tensor(backdoor_labels(y[:nb].cpu().numpy(), self.label_trans, self.target,
+                                                     self.num_classes),
                                      device=y.device)
         if nc:
             x[nb:nb + nc] = self.field.warp(x[nb:nb + nc], self.field.cross_grids(nc, self.gen, x.device))
@@ -172,13 +182,15 @@ class WaNet(Attack):
     description = ("WaNet attack: warping-based trigger, noise (cross) samples, poisoned in the training loop "
                    "(BackdoorBench-compatible record)")
     options = {
-        "cross_ratio": Option(2.0, "noise (cross) samples per backdoor sample in a batch (rho_n = pratio * cross_ratio)", check=NONNEG),
+        "cross_ratio": Option(2.0, "noise (cross) samples per backdoor sample in a batch (rho_n = pratio * "
+                                   "cross_ratio)", check=NONNEG),
         "k": Option(4, "side of the random control grid of the warping field", check=POS_INT),
         "s": Option(0.5, "warping strength", check=NONNEG),
         "grid_rescale": Option(1.0, "rescale of the sampling grid (1: none)", check=POSITIVE),
         "random_crop": Option(5, "post-transform random-crop padding (probability 0.8)", check=NONNEG_INT),
         "random_rotation": Option(10.0, "post-transform random rotation, degrees (probability 0.5)", check=NONNEG),
-        "cross_test": Option(True, "also save the cross (noise) test set, cross_test_dataset/, and report test_cross_acc"),
+        "cross_test": Option(True, "also save the cross (noise) test set, cross_test_dataset/, "
+                                   "and report test_cross_acc"),
     }
 
     def prepare(self) -> None:
@@ -195,9 +207,10 @@ class WaNet(Attack):
         d, c, dev = self.ctx.data, self.cfg, self.ctx.device
         bd_test = self.make_split("test", self.test_poison_indices())
         norm = self.normalizer()
-        hook = WaNetBatch(self.field, norm, pratio=c.pratio, cross_ratio=c.cross_ratio, label_trans=c.attack_label_trans,
-                          target=c.attack_target, num_classes=self.ctx.num_classes, random_crop=c.random_crop,
-                          random_rotation=c.random_rotation, hflip=self.ctx.info.hflip, device=dev, seed=c.random_seed + 1)
+        hook = WaNetBatch(self.field, norm, pratio=c.pratio, cross_ratio=c.cross_ratio,
+                          label_trans=c.attack_label_trans, target=c.attack_target, num_classes=self.ctx.num_classes,
+                          random_crop=c.random_crop, random_rotation=c.random_rotation, hflip=self.ctx.info.hflip,
+                          device=dev, seed=c.random_seed + 1)
         cross_gen = torch.Generator().manual_seed(c.random_seed + 2)
         cross_x = self.field.apply(d.test_x, cross=True, generator=cross_gen) if c.cross_test else None
         cross_ds = DeviceDataset(cross_x, d.test_y, dev) if c.cross_test else None
@@ -211,9 +224,11 @@ class WaNet(Attack):
         model = self.new_model()
         rows = self.train(model, d.train_x, d.train_y, bd_test, batch_fn=hook, augment=False, on_epoch_end=on_epoch_end)
 
-        bd_idx, cross_idx = final_pass_layout(len(d.train_y), c.batch_size, c.pratio, c.cross_ratio, seed=c.random_seed + 3)
+        bd_idx, cross_idx = final_pass_layout(len(d.train_y), c.batch_size, c.pratio, c.cross_ratio,
+                                              seed=c.random_seed + 3)
         bd = self.make_split("train", bd_idx)
-        cross = self.make_split("train", cross_idx, images=self.field.apply(d.train_x[cross_idx], cross=True, generator=cross_gen))
+        cross = self.make_split("train", cross_idx,
+                                images=self.field.apply(d.train_x[cross_idx], cross=True, generator=cross_gen))
         cross.bd_labels = cross.orig_labels.copy()  # cross samples keep their true label
         bd_train = merged_split(bd, cross) if c.pratio > 0 else bd
         info = {"cross_ratio": c.cross_ratio, "k": c.k, "s": c.s, "grid_rescale": c.grid_rescale,

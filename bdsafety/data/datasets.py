@@ -87,7 +87,8 @@ def load_clean_dataset(
         size = int(synthetic_kwargs.get("size", 32))
         check_fits_memory(int(synthetic_kwargs.get("n_train", 5000)) + int(synthetic_kwargs.get("n_test", 1000)),
                           (size, size, 3), "synthetic", "lower synthetic_n_train / synthetic_n_test or the image size")
-        if int(synthetic_kwargs.get("n_train", 5000)) + int(synthetic_kwargs.get("n_test", 1000)) >= SYNTHETIC_CACHE_MIN:
+        if (int(synthetic_kwargs.get("n_train", 5000)) + int(synthetic_kwargs.get("n_test", 1000))
+                >= SYNTHETIC_CACHE_MIN):
             return _cached_synthetic(root, synthetic_kwargs)
         return synthetic.make_synthetic(**synthetic_kwargs)  # 10 balanced classes, >= 10 test images by construction
 
@@ -128,16 +129,16 @@ def check_fits_memory(n_images: int, shape: tuple, what: str, fix: str) -> None:
     need = 2 * int(n_images) * int(np.prod([int(s) for s in shape]))
     have = available_memory()
     if have and need > have:
-        raise DataError(f"{what}: {n_images} images of {'x'.join(map(str, shape))} need about {need / 2**30:.1f} GiB of "
-                        f"memory, but {have / 2**30:.1f} GiB are available; {fix}")
+        raise DataError(f"{what}: {n_images} images of {'x'.join(map(str, shape))} need about {need / 2**30:.1f} GiB "
+                        f"of memory, but {have / 2**30:.1f} GiB are available; {fix}")
 
 
 def check_usable(data: CleanData, what: str) -> CleanData:
     """A dataset no run can use is a DataError before any training: fewer than two classes, or an empty split."""
     n_classes = len(np.unique(data.train_y)) if len(data.train_y) else 0
     if n_classes < 2 or int(data.info.num_classes) < 2:
-        raise DataError(f"{what}: the training set has {n_classes} class(es); a classifier (and a backdoor target) needs "
-                        f"at least two classes: add images of another class")
+        raise DataError(f"{what}: the training set has {n_classes} class(es); a classifier (and a backdoor target) "
+                        f"needs at least two classes: add images of another class")
     if len(data.test_y) == 0:
         raise DataError(f"{what}: the test split is empty, so C-Acc and ASR cannot be measured; add test images "
                         f"(e.g. <root>/test/<class>/*.png for imagefolder)")
@@ -453,7 +454,9 @@ def _load_tiny(root: str, download: bool, progress: bool | None) -> CleanData:
         if not download:
             raise _not_found("tiny", tried, layout, fix, "not downloaded (download=False)")
         try:
-            from torchvision.datasets.utils import download_and_extract_archive  # lazy: torchvision only when downloading
+            from torchvision.datasets.utils import (  # lazy: torchvision only when downloading
+                download_and_extract_archive,
+            )
 
             download_and_extract_archive(_TINY_URL, root, md5=_TINY_MD5, remove_finished=True)
         except Exception as e:  # no network, proxy, bad archive: all mean the files are not there

@@ -42,10 +42,11 @@ class InputGeometry:
     def __post_init__(self):
 
         if min(self.resize, self.crop) < 1 or self.pad < 0:
-            raise ConfigError(f"input geometry resize {self.resize} / crop {self.crop} / pad {self.pad}: sizes must be >= 1")
+            raise ConfigError(f"input geometry resize {self.resize} / crop {self.crop} / pad {self.pad}: "
+                              f"sizes must be >= 1")
         if self.crop > self.resize:
-            raise ConfigError(f"input_crop {self.crop} is larger than input_resize {self.resize}: the crop is taken from "
-                              f"the resized image; use input_crop <= input_resize")
+            raise ConfigError(f"input_crop {self.crop} is larger than input_resize {self.resize}: the crop is taken "
+                              f"from the resized image; use input_crop <= input_resize")
 
     def describe(self) -> str:
         return f"resize {self.resize} -> crop {self.crop} (pad {self.pad})"
@@ -145,7 +146,8 @@ class DeviceDataset:
 
     def __init__(self, images, labels, device="cpu", frozen=None, geometry: InputGeometry | None = None, alt=None):
         self.x = _nchw_uint8(images, device)
-        self.y = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels, dtype=torch.long).to(device)
+        self.y = torch.as_tensor(np.asarray(labels) if not torch.is_tensor(labels) else labels,
+                                 dtype=torch.long).to(device)
         if len(self.x) != len(self.y):
             raise ValueError(f"{len(self.x)} images but {len(self.y)} labels")
         self.geometry = geometry
@@ -160,7 +162,8 @@ class DeviceDataset:
         self.alt_x, self.slot = None, None
         if alt is not None and len(alt[1]):
             if geometry is None:
-                raise ValueError("samples stored at two image sizes need an input geometry (resize) to bring them to one")
+                raise ValueError("samples stored at two image sizes need an input geometry "
+                                 "(resize) to bring them to one")
             ax = _nchw_uint8(alt[0], self.x.device)
             rows = torch.as_tensor(np.asarray(alt[1]) if not torch.is_tensor(alt[1]) else alt[1], dtype=torch.long)
             if len(ax) != len(rows) or ax.shape[1] != self.x.shape[1]:
@@ -224,7 +227,8 @@ class DeviceDataset:
             frozen = torch.cat([p.frozen_mask() for p in parts])
         geometry = parts[0].geometry
         if any(p.geometry != geometry for p in parts):
-            raise ValueError(f"cannot concatenate datasets with different input geometries: {[p.geometry for p in parts]}")
+            raise ValueError(f"cannot concatenate datasets with different input geometries: "
+                             f"{[p.geometry for p in parts]}")
         y = torch.cat([p.y for p in parts])
         base = tuple(parts[0].x.shape[1:])
         if all(tuple(p.x.shape[1:]) == base and p.slot is None for p in parts):
@@ -245,10 +249,11 @@ class DeviceDataset:
                 raise ValueError("cannot concatenate datasets holding more than two image sizes")
             off += len(p)
         if len({tuple(a.shape[1:]) for a in alts}) > 1:
-            raise ValueError(f"cannot concatenate datasets of three image sizes: {base} and {[tuple(a.shape[1:]) for a in alts]}")
+            raise ValueError(f"cannot concatenate datasets of three image sizes: {base} and "
+                             f"{[tuple(a.shape[1:]) for a in alts]}")
         if geometry is None:
-            raise ValueError(f"cannot concatenate datasets of image sizes {base} and {tuple(alts[0].shape[1:])} without "
-                             f"an input geometry (resize) that brings them to one size")
+            raise ValueError(f"cannot concatenate datasets of image sizes {base} and {tuple(alts[0].shape[1:])} "
+                             f"without an input geometry (resize) that brings them to one size")
         return DeviceDataset(torch.cat(xs), y, parts[0].device, frozen=frozen, geometry=geometry,
                              alt=(torch.cat(alts), torch.cat(rows).cpu()))
 
@@ -271,7 +276,8 @@ class DeviceDataset:
             return self.x[torch.as_tensor(index, dtype=torch.long, device=self.x.device)]
         return center_crop(self.gather(index, self.geometry.resize), self.geometry.crop)
 
-    def augmented(self, index, *, hflip: bool = True, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    def augmented(self, index, *, hflip: bool = True, pad: int = 4,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Training view of the images at ``index``: random crop (after zero padding by ``pad``, or the geometry's)
         + horizontal flip when ``hflip``; with a geometry, taken from the resized images. Frozen samples are NOT
         spared here (``iterate_batches`` does that)."""
@@ -362,13 +368,15 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, flip: bool = True, generator
     return cut(xp, oy, ox, f, oh, ow)
 
 
-def _crop_gather(xp: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, f: torch.Tensor | None, oh: int, ow: int) -> torch.Tensor:
+def _crop_gather(xp: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor, f: torch.Tensor | None, oh: int,
+                 ow: int) -> torch.Tensor:
     """Crop sample i of the padded batch at (oy[i], ox[i]) to oh x ow, flipped where f[i]: one advanced-index gather."""
     n, c = xp.shape[:2]
     dev = xp.device
     rows = (oy.to(dev)[:, None] + torch.arange(oh, device=dev)[None, :])[:, None, :, None]  # n,1,oh,1
     cols = (ox.to(dev)[:, None] + torch.arange(ow, device=dev)[None, :])[:, None, None, :]  # n,1,1,ow
-    x = xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    x = xp[torch.arange(n, device=dev)[:, None, None, None],
+           torch.arange(c, device=dev)[None, :, None, None], rows, cols]
     if f is not None:
         x = torch.where(f.to(dev)[:, None, None, None], x.flip(3), x)
     return x

@@ -29,7 +29,8 @@ DATASETS = {
 
 
 # ImageNet statistics: what torchvision's ImageNet-pretrained backbones were trained with, and what the official fork
-# normalises CIFAR-100 and Tiny-ImageNet with (utils/aggregate_block/dataset_and_transform_generate.py, BTIDBF/loader.py)
+# normalises CIFAR-100 and Tiny-ImageNet with (utils/aggregate_block/dataset_and_transform_generate.py,
+# BTIDBF/loader.py)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("dataset", "imagenet")

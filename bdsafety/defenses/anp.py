@@ -75,21 +75,23 @@ ANP_SCHEMA = {
     "anp_eps": Option(0.4, "bound of the multiplicative neuron perturbations delta, xi in [-eps, eps]", check=POSITIVE),
     "anp_steps": Option(1, "signed-gradient ascent steps for the perturbations (step size eps / steps)", check=POS_INT),
     "anp_alpha": Option(0.2, "trade-off: alpha * natural loss + (1 - alpha) * perturbed loss", check=FRACTION),
-    "anp_mask_lr": Option(None, "SGD learning rate of the neuron masks (default: the variant's)", type=float, check=POSITIVE),
+    "anp_mask_lr": Option(None, "SGD learning rate of the neuron masks (default: the variant's)", type=float,
+                          check=POSITIVE),
     "anp_noise_projection": Option(False, "project the perturbations onto [-eps, eps] after each ascent step (neither "
                                           "reference does)"),
     "anp_mask_momentum": Option(0.9, "SGD momentum of the neuron masks", check=NONNEG),
     "nb_iter": Option(2000, "mask optimisation iterations (batches)", check=POS_INT),
     "print_every": Option(500, "evaluate and log every N iterations (one csv row each)", check=POS_INT),
-    "anp_augment": Option(True, "random crop (+ the dataset's flip) of the reserved data, like the official train loader"),
+    "anp_augment": Option(True, "random crop (+ the dataset's flip) of the reserved data, "
+                                "like the official train loader"),
     "pruning_by": Option("threshold", "pruning_select fixed: prune neurons with mask <= pruning_number ('threshold') "
                                       "or the pruning_number smallest masks ('number')",
                          choices=("threshold", "number")),
     "pruning_number": Option(0.2, "pruning_select fixed: the threshold (pruning_by threshold; 0.2, the ANP paper's) or "
                                   "the neuron count (pruning_by number); also the threshold of the progress rows",
                              check=NONNEG),
-    "anp_prune_bias": Option(False, "also zero the BN bias of pruned channels (false: weight only, ANP's pruning, which "
-                                    "equals the masked network the masks were optimised in)"),
+    "anp_prune_bias": Option(False, "also zero the BN bias of pruned channels (false: weight only, ANP's pruning, "
+                                    "which equals the masked network the masks were optimised in)"),
     "pruning_select": Option(None, "'val': the largest threshold of the sweep 0, pruning_step, ..., pruning_max whose "
                                    "validation C-Acc drop relative to the unpruned model is below acc_ratio (the "
                                    "non-oracle analogue of BackdoorBench's test-ASR sweep; needs val_ratio > 0); "
@@ -307,7 +309,8 @@ def prune_model(model: nn.Module, pruned: list[tuple[str, int]], prune_bias: boo
         for name, idx in by_layer.items():
             bn = model.get_submodule(name)
             if not isinstance(bn, nn.BatchNorm2d):
-                raise ValueError(f"{name} is a {type(bn).__name__}, not a BatchNorm2d: the mask values belong to another model")
+                raise ValueError(f"{name} is a {type(bn).__name__}, not a BatchNorm2d: "
+                                 f"the mask values belong to another model")
             ix = torch.as_tensor(idx, dtype=torch.long, device=bn.weight.device)
             bn.weight[ix] = 0.0
             if prune_bias and bn.bias is not None:
@@ -361,7 +364,8 @@ def anp(ctx) -> DefenseResult:
     n_neurons = sum(w.neuron_mask.numel() for _, w in trainer.wrappers)
     log(f"ANP ({cfg.anp_variant}): {len(trainer.wrappers)} BatchNorm2d layers, {n_neurons} neurons; {cfg.nb_iter} "
         f"iterations of batch {cfg.batch_size}, eps {cfg.anp_eps}, steps {cfg.anp_steps}, alpha {cfg.anp_alpha}, "
-        f"mask lr {cfg.anp_mask_lr}; pruning {'selected on validation data' if cfg.pruning_select == 'val' else 'fixed'}")
+        f"mask lr {cfg.anp_mask_lr}; pruning "
+        f"{'selected on validation data' if cfg.pruning_select == 'val' else 'fixed'}")
     norm = exp.norm
     hflip = bool(getattr(exp.info, "hflip", True))
     rows = []
@@ -372,7 +376,8 @@ def anp(ctx) -> DefenseResult:
     # threshold; the last row is replaced by the output model below)
     for it in range(1, cfg.nb_iter + 1):
         # sampling with replacement, like the official RandomSampler(replacement=True)
-        pick = torch.randint(0, len(reserved), (min(cfg.batch_size, max(1, len(reserved))),), generator=g).to(reserved.device)
+        pick = torch.randint(0, len(reserved), (min(cfg.batch_size, max(1, len(reserved))),),
+                             generator=g).to(reserved.device)
         if cfg.anp_augment:
             xb = reserved.augmented(pick, hflip=hflip, generator=g)
         else:

@@ -37,14 +37,16 @@ from bdsafety.selection import val_accuracy
 
 DEFENSE_SCHEMA = {
     **RECORD_SCHEMA,
-    "ratio": Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set", check=AMOUNT),
+    "ratio": Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
+                    check=AMOUNT),
     "val_ratio": Option(0.0, "fraction of the reserved data held out as a clean validation split (never trained on; "
                              "used by methods that select something, e.g. a pruning threshold)",
                         check=Check(lo=0, hi=0.5, hi_open=True, text="a fraction in [0, 0.5)")),
     "balanced": Option(False, "draw the reserved data class-balanced"),
     "index": Option(None, "index.txt of a previous run: reuse that reserved subset (BackdoorBench's --index)",
                     kind="index_file"),
-    "save_name": Option(None, "output folder name under defense/ (default: the defense's folder name)", kind="folder_name"),
+    "save_name": Option(None, "output folder name under defense/ (default: the defense's folder name)",
+                        kind="folder_name"),
     "epochs": Option(10, "training epochs", check=POS_INT),
     "batch_size": Option(128, "batch size", check=POS_INT),
     "lr": Option(0.01, "learning rate", check=Check(lo=0, lo_open=True, text="a finite number > 0")),
@@ -100,8 +102,8 @@ def reserved_subset(exp, cfg) -> tuple[np.ndarray, np.ndarray]:
         idx = reserved_indices(exp.data.train_y, cfg.ratio, balanced=cfg.balanced, seed=cfg.random_seed,
                                num_classes=exp.num_classes)
         if len(idx) < exp.num_classes and cfg.ratio < 1:
-            raise ConfigError(f"ratio {cfg.ratio} reserves {len(idx)} samples for {exp.num_classes} classes: fewer than one "
-                              f"per class; raise --ratio")
+            raise ConfigError(f"ratio {cfg.ratio} reserves {len(idx)} samples for {exp.num_classes} classes: fewer "
+                              f"than one per class; raise --ratio")
     val_ratio = float(getattr(cfg, "val_ratio", 0.0) or 0.0)
     if val_ratio <= 0:
         return idx, np.zeros(0, dtype=np.int64)
@@ -154,13 +156,15 @@ def run_defense(method, cfg: SimpleNamespace) -> Path:
     model = result.model
     check_finite_model(model, f"defense {method.name}")
     after = exp.metrics(model)
-    rows = [{"epoch": 0, **{k: before[k] for k in ("test_acc", "test_asr", "test_ra") if k in before}}] + list(result.rows)
+    rows = ([{"epoch": 0, **{k: before[k] for k in ("test_acc", "test_asr", "test_ra") if k in before}}]
+            + list(result.rows))
     if any(math.isnan(rows[-1].get(k, math.nan)) for k in ("test_acc", "test_asr")):
         rows.append({"epoch": rows[-1].get("epoch", 0) + 1 if len(rows) > 1 else 1, **after})
     log(f"after: {format_metrics(after)}")
     validation = {}
     if ctx.val is not None:
-        validation = {"val_acc_before": val_before, "val_acc": val_accuracy(model, ctx.val, exp.norm, cfg.eval_batch_size),
+        validation = {"val_acc_before": val_before,
+                      "val_acc": val_accuracy(model, ctx.val, exp.norm, cfg.eval_batch_size),
                       "val_size": int(len(ctx.val))}
         log(f"validation C-Acc (held-out reserved data): {100 * val_before:.2f}% -> {100 * validation['val_acc']:.2f}%")
     indices = {"index": idx, **({"val_index": val_idx} if len(val_idx) else {}), **result.indices}
@@ -168,7 +172,7 @@ def run_defense(method, cfg: SimpleNamespace) -> Path:
         write_output(out.path, Output(
             name=method.folder, rows=rows, model_state={k: v.detach().cpu() for k, v in model.state_dict().items()},
             model_file="defense_result.pt", artifacts=result.artifacts, indices=indices, log_lines=lines,
-            info=dict(defense=method.name, output_folder=dest.name, record=str(exp.record_dir), before=before, after=after,
-                      **validation, **result.info)), exp, cfg, t0)
+            info=dict(defense=method.name, output_folder=dest.name, record=str(exp.record_dir), before=before,
+                      after=after, **validation, **result.info)), exp, cfg, t0)
     log(f"written to {dest} ({time.time() - t0:.0f}s)")
     return dest

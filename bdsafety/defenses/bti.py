@@ -83,11 +83,15 @@ BTI_SCHEMA: dict[str, Option] = {
                      check=POSITIVE),
     "bti_mask_lr": Option(0.01, "BTI-DBF: Adam learning rate of the feature mask (official 0.01)", check=POSITIVE),
     "bti_batch_size": Option(128, "BTI-DBF: batch size of every inversion stage (official 128)", check=POS_INT),
-    "bti_norm_bound": Option(0.3, "BTI-DBF: minimise MSE(x, G(x)) (normalised space) while it exceeds this bound", check=NONNEG),
-    "bti_feat_bound": Option(3.0, "BTI-DBF: ... or while the benign-feature distance L_ben exceeds this bound", check=NONNEG),
+    "bti_norm_bound": Option(0.3, "BTI-DBF: minimise MSE(x, G(x)) (normalised space) while it exceeds this bound",
+                             check=NONNEG),
+    "bti_feat_bound": Option(3.0, "BTI-DBF: ... or while the benign-feature distance L_ben exceeds this bound",
+                             check=NONNEG),
     "bti_ben_weight": Option(0.01, "BTI-DBF: weight of L_ben in -L_bd + w * L_ben", check=NONNEG),
-    "bti_target_weight": Option(1.0, "BTI-DBF: weight of CE(f(G(x)), detected target) in rounds after the first", check=NONNEG),
-    "bti_pretrain_switch": Option(0.1, "BTI-DBF pretraining: MSE(x, G(x)) above which its weight is bti_pretrain_w_high", check=NONNEG),
+    "bti_target_weight": Option(1.0, "BTI-DBF: weight of CE(f(G(x)), detected target) in rounds after the first",
+                                check=NONNEG),
+    "bti_pretrain_switch": Option(0.1, "BTI-DBF pretraining: MSE(x, G(x)) above which its weight is "
+                                       "bti_pretrain_w_high", check=NONNEG),
     "bti_pretrain_w_high": Option(100.0, "BTI-DBF pretraining: weight of MSE(x, G(x)) above the switch", check=NONNEG),
     "bti_pretrain_w_low": Option(0.01, "BTI-DBF pretraining: weight of MSE(x, G(x)) below the switch", check=NONNEG),
     "bti_pretrain_pred": Option("kl", "BTI-DBF pretraining prediction term: 'kl' = KL(f(x) || f(G(x))) (DEPARTURE, "
@@ -100,7 +104,8 @@ BTI_SCHEMA: dict[str, Option] = {
                                         "sigmoid(logit(x) + r(x)), the identity at the start", choices=GENERATORS),
     "bti_unet_base": Option(32, "BTI-DBF UNet: channels of the first block, doubled per block, capped at 512 "
                                 "(official 32)", check=POS_INT),
-    "bti_unet_depth": Option(4, "BTI-DBF UNet: encoder/decoder blocks (official 4); images need H, W >= 2**depth", check=POS_INT),
+    "bti_unet_depth": Option(4, "BTI-DBF UNet: encoder/decoder blocks (official 4); images need H, W >= 2**depth",
+                             check=POS_INT),
     "bti_mask_mode": Option("train_copy", "BTI-DBF mask learning: 'train_copy' = the official: a deep copy of the "
                                           "classifier in TRAIN mode (BatchNorm batch statistics; the copy's running "
                                           "statistics move and the generator is then trained against that copy in eval "
@@ -114,7 +119,8 @@ BTI_SCHEMA: dict[str, Option] = {
                                            "(DEPARTURE) = D_r as stored", choices=DETECT_DATA),
     "bti_detect_noise": Option(0.03, "BTI-DBF target detection: std of Gaussian noise added to the NORMALISED x "
                                      "before G (official 0.03)", check=NONNEG),
-    "bti_augment": Option(True, "BTI-DBF: random crop (+ the dataset's flip) of D_r batches, like the official train loader"),
+    "bti_augment": Option(True, "BTI-DBF: random crop (+ the dataset's flip) of D_r batches, "
+                                "like the official train loader"),
     "bti_refresh": Option(False, "BTI-DBF: recompute the trigger inversion even when a cached one matches"),
 }
 
@@ -528,7 +534,8 @@ def train_generator(exp, clf: nn.Module, G: nn.Module, mask: torch.Tensor, reser
                 opt.step()
                 m.add(loss=loss.item(), **vals)
             _check_finite(m, "generator training")
-            _log_epoch(log, "generator" + ("" if target is None else f" (target {target})"), epoch, cfg.bti_gen_epochs, m)
+            _log_epoch(log, "generator" + ("" if target is None else f" (target {target})"), epoch,
+                       cfg.bti_gen_epochs, m)
     G.eval()
     G.requires_grad_(False)
     return G
@@ -683,7 +690,8 @@ def cache_key(cfg, reserved_idx, model: nn.Module, reserved: DeviceDataset | Non
     payload = {"format": CACHE_FORMAT, "settings": bti_settings(cfg), "reserved": data_id, "seed": int(cfg.random_seed),
                "model": model_digest(model)}
     if getattr(cfg, "input_resize", None) is not None or getattr(cfg, "input_crop", None) is not None:
-        payload["input"] = [cfg.input_resize, cfg.input_crop]  # a run's own input geometry (the record's is in its weights)
+        # a run's own input geometry (the record's is in its weights)
+        payload["input"] = [cfg.input_resize, cfg.input_crop]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -726,7 +734,8 @@ def load_inversion(path, device) -> InversionResult:
     obj = safe_torch_load(path)
     need = ("format", "generator", "generator_config", "mask", "target", "votes", "optimizer_state")
     if not isinstance(obj, dict) or obj.get("format") != CACHE_FORMAT or any(k not in obj for k in need):
-        raise RecordError(f"{path} is not a BTI-DBF inversion cache of format {CACHE_FORMAT}; delete it or pass --bti_refresh")
+        raise RecordError(f"{path} is not a BTI-DBF inversion cache of format {CACHE_FORMAT}; "
+                          f"delete it or pass --bti_refresh")
     G = build_generator(obj["generator_config"])
     G.load_state_dict(obj["generator"], strict=True)
     G = G.to(device).eval()

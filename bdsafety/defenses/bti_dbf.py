@@ -48,7 +48,8 @@ BTIDBF_SCHEMA = {
     "retrain_generator": Option(True, "in rounds after the first, re-learn the mask and retrain G (with CE to the "
                                       "detected target) against the current model (the official BTI-DBF(U) loop); "
                                       "false: ablation, G fixed after round 1"),
-    "earlystop": Option(False, "stop before a round whose re-detected target differs from the first (official --earlystop)"),
+    "earlystop": Option(False, "stop before a round whose re-detected target differs from the first "
+                               "(official --earlystop)"),
 }
 
 
@@ -96,7 +97,8 @@ def bti_dbf(ctx) -> DefenseResult:
         if r > 0 and cfg.retrain_generator:
             t0 = time.time()
             mask, G = bti.reinvert(exp, model, G, reserved, cfg, log, target, optimizer=opt_g)
-            log(f"round {r + 1}: mask re-learned and generator retrained against the current model ({time.time() - t0:.0f}s)")
+            log(f"round {r + 1}: mask re-learned and generator retrained against the current model "
+                f"({time.time() - t0:.0f}s)")
             if cfg.earlystop:
                 t_now, votes = bti.detect(exp, model, G, reserved, cfg)
                 if t_now != target:
@@ -109,15 +111,17 @@ def bti_dbf(ctx) -> DefenseResult:
             row["epoch"] = base + epoch
             row["round"] = r + 1
 
-        rr = engine.fit(model, reserved, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=step, optimizer=opt,
-                        batch_fn=unlearning_batch_fn(G, exp.norm, cfg.p_rev), augment=cfg.augment, hflip=hflip,
-                        evalsets=exp.evalsets, eval_every=cfg.eval_every, eval_batch_size=cfg.eval_batch_size, generator=g,
-                        desc=f"bti_dbf round {r + 1}/{cfg.n_rounds}", progress=exp.progress, on_epoch_end=tag)
+        rr = engine.fit(model, reserved, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=step,
+                        optimizer=opt, batch_fn=unlearning_batch_fn(G, exp.norm, cfg.p_rev), augment=cfg.augment,
+                        hflip=hflip, evalsets=exp.evalsets, eval_every=cfg.eval_every,
+                        eval_batch_size=cfg.eval_batch_size, generator=g, desc=f"bti_dbf round {r + 1}/{cfg.n_rounds}",
+                        progress=exp.progress, on_epoch_end=tag)
         rows.extend(rr)
         log(f"round {r + 1}/{cfg.n_rounds} ({cfg.epochs} epochs of unlearning): {engine.format_metrics(rr[-1])}")
 
     extra["generator_digest_per_round"] = digests
-    return DefenseResult(model, rows, artifacts={"bti_generator.pt": bti.generator_artifact(G, mask, target)}, info=extra)
+    return DefenseResult(model, rows,
+                         artifacts={"bti_generator.pt": bti.generator_artifact(G, mask, target)}, info=extra)
 
 
 def schema() -> dict:

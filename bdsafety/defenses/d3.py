@@ -4,8 +4,8 @@
 Purification as constrained optimisation: move the selected layers' weights W_l as FAR as possible from their
 initial (backdoored) values W0_l while the clean loss on the defender's reserved data stays small:
 
-    minimise  lmd * mean_i relu(CE(f(x_i), y_i) - eps)  -  sum_l ||W_l - W0_l||_p        (lmd <= 1)
-              (lmd * clean - distance) / (lmd + 1)                                        (lmd > 1, the official rescale)
+    minimise  lmd * mean_i relu(CE(f(x_i), y_i) - eps)  -  sum_l ||W_l - W0_l||_p      (lmd <= 1)
+              (lmd * clean - distance) / (lmd + 1)                                      (lmd > 1, the official rescale)
     subject to ||W_l||_p = ||W0_l||_p   (after every step each W_l is rescaled back to its initial norm)
 
 The hinge ``relu(CE - eps)`` stops rewarding samples whose loss is already below eps, so the distance term dominates
@@ -48,19 +48,22 @@ WARM_UP = ("random", "far", "middle", "noise", "near")
 
 def schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set", check=AMOUNT),
+        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
+                     check=AMOUNT),
         epochs=Option(100, "training epochs", check=POS_INT),
         batch_size=Option(256, "batch size", check=POS_INT),
         lr=Option(0.01, "SGD learning rate", check=POSITIVE),
-        **{**OPTIM_SCHEMA, "wd": Option(0.0, "weight decay (official: none; its yaml's wd is never used)", check=NONNEG)},
+        **{**OPTIM_SCHEMA,
+           "wd": Option(0.0, "weight decay (official: none; its yaml's wd is never used)", check=NONNEG)},
         lmd=Option(0.5, "weight of the hinged clean loss against the weight distance", check=POSITIVE),
         eps=Option(0.1, "hinge of the clean loss: per-sample losses below eps are not penalised", check=NONNEG),
         Lp=Option(2.0, "order p of the weight distance ||W - W0||_p and of the norm constraint",
                   check=Check(lo=1, text="a number >= 1")),
-        select_layer_name=Option("auto", "module whose nn.Linear / nn.Conv2d weights are pushed away and norm-constrained "
-                                         "('auto': the model's classifier layer; official: linear)"),
+        select_layer_name=Option("auto", "module whose nn.Linear / nn.Conv2d weights are pushed away and "
+                                         "norm-constrained ('auto': the model's classifier layer; official: linear)"),
         warm_up_method=Option("random", "initialisation of the selected weights: random (U(-0.5,0.5) at the initial "
-                                        "norm), far (-W0), middle (0), noise (W0 + Gaussian), near (W0)", choices=WARM_UP),
+                                        "norm), far (-W0), middle (0), noise (W0 + Gaussian), near (W0)",
+                              choices=WARM_UP),
         train_mode=Option(True, "train with BatchNorm in train mode (official default); false keeps it in eval mode"),
     )
 
@@ -169,6 +172,6 @@ def d3(ctx) -> DefenseResult:
     return DefenseResult(model, rows, info=info)
 
 
-register("defense", NAME, schema=schema, description="D3 (Distance-Driven Detoxification): push the head's weights away "
-                                                     "from the backdoored ones under a hinged clean loss and a norm "
-                                                     "constraint")(d3)
+register("defense", NAME, schema=schema, description="D3 (Distance-Driven Detoxification): push the head's weights "
+                                                     "away from the backdoored ones under a hinged clean loss and a "
+                                                     "norm constraint")(d3)

@@ -38,12 +38,14 @@ from bdsafety.registry import register
 
 def ep_schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set", check=AMOUNT),
+        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
+                     check=AMOUNT),
         epochs=Option(10, "training epochs", check=POS_INT),
         batch_size=Option(128, "batch size", check=POS_INT),
         lr=Option(0.01, "SGD learning rate", check=POSITIVE),
         **OPTIM_SCHEMA,
-        p_rev=Option(0.2, "fraction of each batch replaced by real poisoned training samples with their true labels", check=OPEN_FRACTION),
+        p_rev=Option(0.2, "fraction of each batch replaced by real poisoned training samples with their true labels",
+                     check=OPEN_FRACTION),
         augment_poison=Option(False, "ablation: give the real poisoned samples the clean images' random crop / flip"),
     )
 
@@ -59,16 +61,16 @@ def exact_purification(ctx) -> DefenseResult:
     gen = engine.seed_everything(cfg.random_seed)
     pool, bd = true_label_pool(exp, "EP")
     differs = int((np.asarray(bd.orig_labels) != np.asarray(bd.bd_labels)).sum())
-    log(f"{len(pool)} real poisoned training samples (the defender's part of the pool) with their true labels ({differs} "
-        f"of them relabelled by the attack); {cfg.p_rev:.0%} of every batch replaced by them")
+    log(f"{len(pool)} real poisoned training samples (the defender's part of the pool) with their true labels "
+        f"({differs} of them relabelled by the attack); {cfg.p_rev:.0%} of every batch replaced by them")
     if differs == 0:
-        log("WARNING: every poisoned training sample already carries its true label (a clean-label attack such as SIG or LC): "
-            "EP built from bd_train only repeats the attack's own samples and cannot unlearn the trigger")
+        log("WARNING: every poisoned training sample already carries its true label (a clean-label attack such as SIG "
+            "or LC): EP built from bd_train only repeats the attack's own samples and cannot unlearn the trigger")
     params = list(model.parameters())
     opt = make_sgd(params, cfg)
     step = engine.sgd_step(opt)
-    batch_fn = mixing_batch_fn(exp.norm, cfg.p_rev, pool_replacer(pool, gen, augment=cfg.augment_poison, hflip=exp.info.hflip,
-                                                                  what="EP"))
+    batch_fn = mixing_batch_fn(exp.norm, cfg.p_rev,
+                               pool_replacer(pool, gen, augment=cfg.augment_poison, hflip=exp.info.hflip, what="EP"))
     rows = fit_reserved(exp, model, reserved, cfg, step_fn=step, optimizer=opt, generator=gen, batch_fn=batch_fn,
                         desc="exact_purification")
     model.eval()

@@ -71,7 +71,8 @@ DESCRIPTIONS = {
     "lp": "LP (linear probing): train only the final linear layer on the defender's clean data",
     "fe_tuning": "FE-tuning: re-initialise and freeze the linear head, train the feature extractor",
     "ft_init": "FT-init: re-initialise the linear head, fine-tune all layers",
-    "fst": "FST (Feature Shift Tuning, NeurIPS 2023): re-initialised head, CE + alpha*<W, W0>_F, ||W||_F fixed to ||W0||_F",
+    "fst": "FST (Feature Shift Tuning, NeurIPS 2023): re-initialised head, CE + alpha*<W, W0>_F, "
+           "||W||_F fixed to ||W0||_F",
 }
 
 
@@ -81,8 +82,8 @@ def finetune_schema(variant: str) -> dict:
         raise ValueError(f"unknown fine-tuning variant {variant!r}; valid: {', '.join(VARIANTS)}")
     v = VARIANTS[variant]
     return defense_schema(
-        ratio=Option(0.02, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set (official FST "
-                           "code: 0.02)", check=AMOUNT),
+        ratio=Option(0.02, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set (official "
+                           "FST code: 0.02)", check=AMOUNT),
         epochs=Option(10, "training epochs", check=POS_INT),
         batch_size=Option(128, "batch size", check=POS_INT),
         lr=Option(0.01, "SGD learning rate", check=POSITIVE),
@@ -90,9 +91,12 @@ def finetune_schema(variant: str) -> dict:
         reinit_head=Option(v["reinit_head"], "re-initialise the final linear layer before tuning"),
         train_layers=Option(v["train_layers"], "which parameters train: all, head (final linear layer) or features "
                                                "(everything but the head)", choices=TRAIN_LAYERS),
-        alpha=Option(v["alpha"], "weight of the FST term <W, W0>_F (W0 = original head weight); 0 disables it", check=NONNEG),
-        head_norm_constraint=Option(v["head_norm_constraint"], "after every step rescale the head weight to ||W0||_F (FST)"),
-        frozen_bn_eval=Option(True, "BatchNorm layers whose parameters are all frozen run in eval mode (no running-stat updates)"),
+        alpha=Option(v["alpha"], "weight of the FST term <W, W0>_F (W0 = original head weight); 0 disables it",
+                     check=NONNEG),
+        head_norm_constraint=Option(v["head_norm_constraint"], "after every step rescale the head "
+                                                               "weight to ||W0||_F (FST)"),
+        frozen_bn_eval=Option(True, "BatchNorm layers whose parameters are all frozen run in eval mode (no "
+                                    "running-stat updates)"),
     )
 
 
@@ -220,8 +224,8 @@ def finetune_step(model: nn.Module, cfg: SimpleNamespace, generator: torch.Gener
         reinit_linear_(head, generator)
     params = set_trainable(model, cfg.train_layers)
     if (cfg.alpha or cfg.head_norm_constraint) and not head.weight.requires_grad:
-        raise ConfigError(f"alpha / head_norm_constraint act on the head, but train_layers={cfg.train_layers!r} freezes it: "
-                          "use train_layers all or head, or set alpha 0 and head_norm_constraint false")
+        raise ConfigError(f"alpha / head_norm_constraint act on the head, but train_layers={cfg.train_layers!r} "
+                          f"freezes it: use train_layers all or head, or set alpha 0 and head_norm_constraint false")
     after = head_norm_projection(head, w0_norm) if cfg.head_norm_constraint else None
     opt = make_sgd(params, cfg)
     step = engine.sgd_step(opt, loss_fn=fst_loss(head, w0, cfg.alpha), after_step=after)
@@ -238,9 +242,10 @@ def finetune(ctx, name: str = "finetune") -> DefenseResult:
     check_common(cfg)
     gen = engine.seed_everything(cfg.random_seed)
     step, opt, info = finetune_step(model, cfg, gen)
-    log(f"reinit_head={cfg.reinit_head} train_layers={cfg.train_layers} ({info['trainable_parameters']} trainable parameters) "
-        f"alpha={cfg.alpha} head_norm_constraint={cfg.head_norm_constraint} ||W0||_F={info['head_weight_norm_original']:.4f}; "
-        f"{info['frozen_batchnorms']} frozen BatchNorm layers in eval mode")
+    log(f"reinit_head={cfg.reinit_head} train_layers={cfg.train_layers} ({info['trainable_parameters']} trainable "
+        f"parameters) alpha={cfg.alpha} head_norm_constraint={cfg.head_norm_constraint} "
+        f"||W0||_F={info['head_weight_norm_original']:.4f}; {info['frozen_batchnorms']} frozen "
+        f"BatchNorm layers in eval mode")
     rows = fit_reserved(exp, model, reserved, cfg, step_fn=step, optimizer=opt, generator=gen, desc=name)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -257,7 +262,8 @@ def _register_variants() -> None:
         def run(ctx, variant=variant):
             return finetune(ctx, name=variant)
 
-        register("defense", variant, schema=functools.partial(finetune_schema, variant), description=DESCRIPTIONS[variant])(run)
+        register("defense", variant, schema=functools.partial(finetune_schema, variant),
+                 description=DESCRIPTIONS[variant])(run)
 
 
 _register_variants()

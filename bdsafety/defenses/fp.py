@@ -53,7 +53,8 @@ NAME = "fp"
 
 def schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set", check=AMOUNT),
+        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
+                     check=AMOUNT),
         val_ratio=Option(0.2, "fraction of the reserved data held out as the clean validation split that chooses the "
                               "number of pruned channels (never ranked on or trained on)",
                          check=Check(lo=0, hi=0.5, lo_open=True, hi_open=True, text="a fraction in (0, 0.5)")),
@@ -72,8 +73,9 @@ def schema() -> dict:
 def linear_head(model: nn.Module) -> nn.Linear:
     head = classifier_layer(model)
     if not isinstance(head, nn.Linear):
-        raise ConfigError(f"Fine-Pruning masks the input channels of the final linear layer, but {type(model).__name__}'s "
-                          f"classifier is a {type(head).__name__}; use another defense for this model")
+        raise ConfigError(f"Fine-Pruning masks the input channels of the final linear layer, but "
+                          f"{type(model).__name__}'s classifier is a {type(head).__name__}; "
+                          f"use another defense for this model")
     return head
 
 
@@ -120,7 +122,8 @@ def fold_pruning_(head: nn.Linear, pruned: torch.Tensor) -> nn.Linear:
 
 @torch.no_grad()
 def pruned_accuracy(feats: torch.Tensor, y: torch.Tensor, head: nn.Linear, order: torch.Tensor, n: int) -> float:
-    """Accuracy of the model with the ``n`` first channels of ``order`` pruned, from its final-layer inputs ``feats``."""
+    """Accuracy of the model with the ``n`` first channels of ``order`` pruned, from its final-layer inputs
+    ``feats``."""
     w = head.weight.float() * column_mask(head.in_features, order[:n], feats.device)
     logits = F.linear(feats, w, None if head.bias is None else head.bias.float())
     return float((logits.argmax(1) == y).float().mean()) if len(y) else math.nan
@@ -162,7 +165,8 @@ def fine_pruning(ctx) -> DefenseResult:
     exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     check_common(cfg)
     if ctx.val is None:
-        raise ConfigError("Fine-Pruning chooses the number of pruned channels on a validation split: set --val_ratio > 0")
+        raise ConfigError("Fine-Pruning chooses the number of pruned channels on a validation split: "
+                          "set --val_ratio > 0")
     gen = engine.seed_everything(cfg.random_seed)
     head = linear_head(model)
     order = channel_order(head_inputs(model, reserved, exp.norm, cfg.eval_batch_size))

@@ -83,7 +83,8 @@ def sam_perturbation(rho: float, adaptive: bool = True, eps: float = EPS) -> Cal
         if not norms:
             return [None] * len(params)
         scale = rho / (torch.stack(norms).norm() + eps)
-        return [None if g is None else ((p * p * g) if adaptive else g) * scale.to(g.dtype) for p, g in zip(params, grads)]
+        return [None if g is None else ((p * p * g) if adaptive else g) * scale.to(g.dtype)
+                for p, g in zip(params, grads)]
 
     return perturb
 
@@ -140,7 +141,8 @@ def perturbed_step(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tens
 def sam_step(optimizer, params, rho: float, adaptive: bool = True, loss_fn: Callable = F.cross_entropy,
              freeze_bn: bool = True) -> Callable:
     """The (adaptive) SAM step_fn: :func:`perturbed_step` with :func:`sam_perturbation`."""
-    return perturbed_step(optimizer, params, sam_perturbation(rho, adaptive), loss_fn, needs_grad=True, freeze_bn=freeze_bn)
+    return perturbed_step(optimizer, params, sam_perturbation(rho, adaptive), loss_fn, needs_grad=True,
+                          freeze_bn=freeze_bn)
 
 
 # ------------------------------------------------------------------------------------------- the defense
@@ -149,7 +151,8 @@ def ft_sam_schema() -> dict:
         ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set "
                            "(BackdoorBench: 0.05)", check=AMOUNT),
         balanced=Option(True, "draw the reserved data class-balanced (BackdoorBench's choose_by_class)"),
-        epochs=Option(100, "training epochs (BackdoorBench ft-sam: 100 on cifar10/cifar100/tiny, 50 on gtsrb)", check=POS_INT),
+        epochs=Option(100, "training epochs (BackdoorBench ft-sam: 100 on cifar10/cifar100/tiny, 50 on gtsrb)",
+                      check=POS_INT),
         batch_size=Option(256, "batch size", check=POS_INT),
         lr=Option(0.01, "SGD learning rate of the base optimizer", check=POSITIVE),
         **{**OPTIM_SCHEMA, "wd": Option(5e-4, "weight decay", check=NONNEG)},

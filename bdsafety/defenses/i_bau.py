@@ -46,17 +46,21 @@ IBAU_SCHEMA = {
     "n_rounds": Option(5, "unlearning rounds (a new universal perturbation each round)", check=POS_INT),
     "K": Option(5, "fixed-point iterations of the implicit hypergradient", check=POS_INT),
     "optim": Option("adam", "outer (model) optimiser", choices=("adam", "sgd")),
-    "ibau_space": Option("normalized", "where delta is added: 'normalized' (BackdoorBench / the paper: to the normalised "
-                                       "images) or 'pixel' (the original I-BAU: to [0,1] images)", choices=("normalized", "pixel")),
+    "ibau_space": Option("normalized", "where delta is added: 'normalized' (BackdoorBench / the paper: to the "
+                                       "normalised images) or 'pixel' (the original I-BAU: to [0,1] images)",
+                         choices=("normalized", "pixel")),
     "lr": Option(None, "outer optimiser learning rate (default: the space's, normalized 1e-4, pixel 1e-3)", type=float,
                  check=POSITIVE),
     "batch_size": Option(256, "batch size", check=POS_INT),
-    "ibau_pert_lr": Option(10.0, "SGD learning rate of the universal perturbation (one pass per round)", check=POSITIVE),
+    "ibau_pert_lr": Option(10.0, "SGD learning rate of the universal perturbation (one pass per round)",
+                           check=POSITIVE),
     "ibau_pert_reg": Option(0.001, "weight of ||delta||_2^2 in the perturbation objectives", check=NONNEG),
     "ibau_pert_norm": Option(0.0, "L2 radius of the perturbation, in its space (0: no projection, as both references)",
                              check=NONNEG),
-    "ibau_inner_lr": Option(0.1, "step size of the fixed-point map Phi(delta) = delta - lr * dL_inner/d delta", check=POSITIVE),
-    "ibau_outer_portion": Option(0.01, "fraction of each batch perturbed by delta in the outer loss (at least one image)", check=PROB),
+    "ibau_inner_lr": Option(0.1, "step size of the fixed-point map Phi(delta) = delta - lr * dL_inner/d delta",
+                            check=POSITIVE),
+    "ibau_outer_portion": Option(0.01, "fraction of each batch perturbed by delta in the outer "
+                                       "loss (at least one image)", check=PROB),
     "ibau_clamp": Option(False, "pixel space only: clamp x + delta to [0, 1] (the original code does not)"),
     "ibau_bn_train": Option(False, "train-mode BatchNorm during unlearning (official and BackdoorBench: eval mode)"),
     "augment": Option(True, "random crop (+ the dataset's flip) of the reserved data, like BackdoorBench's loader"),
@@ -91,7 +95,8 @@ def find_perturbation(model, batches, norm, cfg, shape, device) -> torch.Tensor:
     for x01, _ in batches:
         with torch.no_grad():
             pred = model(norm(x01)).argmax(1)
-        loss = -F.cross_entropy(model(model_input(x01, delta, norm, cfg)), pred) + cfg.ibau_pert_reg * delta.pow(2).sum()
+        loss = (-F.cross_entropy(model(model_input(x01, delta, norm, cfg)), pred)
+                + cfg.ibau_pert_reg * delta.pow(2).sum())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -158,7 +163,8 @@ def i_bau(ctx) -> DefenseResult:
     shape = (1,) + tuple(reserved.view_shape)
 
     def batches():
-        for xb, y, _ in iterate_batches(reserved, cfg.batch_size, shuffle=True, augment=cfg.augment, hflip=hflip, generator=g):
+        for xb, y, _ in iterate_batches(reserved, cfg.batch_size, shuffle=True, augment=cfg.augment, hflip=hflip,
+                                        generator=g):
             yield xb.float().div_(255.0), y
 
     rows = []
@@ -185,10 +191,11 @@ def i_bau(ctx) -> DefenseResult:
             raise TrainingDiverged(f"I-BAU: the loss became {train_loss} in round {r}; lower --lr")
         m = exp.metrics(model)
         rows.append({"epoch": r, "train_loss": train_loss, "pert_norm": float(delta.norm()), "pert_class": cls,
-                     "pert_share": share, **{k: m[k] for k in ("test_loss", "test_acc", "test_asr", "test_ra") if k in m}})
-        log(f"round {r}/{cfg.n_rounds} ({time.time() - t0:.0f}s): ||delta||_2 {float(delta.norm()):.3f} sends {share:.1%} of the "
-            f"reserved data to class {cls} (true target {exp.target}); clean loss after {train_loss:.4f}; "
-            f"{engine.format_metrics(m)}")
+                     "pert_share": share,
+                     **{k: m[k] for k in ("test_loss", "test_acc", "test_asr", "test_ra") if k in m}})
+        log(f"round {r}/{cfg.n_rounds} ({time.time() - t0:.0f}s): ||delta||_2 {float(delta.norm()):.3f} sends "
+            f"{share:.1%} of the reserved data to class {cls} (true target {exp.target}); clean loss after "
+            f"{train_loss:.4f}; {engine.format_metrics(m)}")
     model.eval()
     return DefenseResult(model, rows, info={"i_bau": {"n_rounds": cfg.n_rounds, "K": cfg.K, "space": cfg.ibau_space,
                                                       "lr": lr, "projection_radius": cfg.ibau_pert_norm}})

@@ -51,7 +51,8 @@ def mixing_batch_fn(norm, p_rev: float, replace: Callable, *, count: str = "roun
     'normalized' (normalised images in and out, used as they are). ``keep_clean`` returns
     ``((norm(clean), norm(mixed)), y)`` (the feature-alignment loss of BTI-DBF(U) needs both views)."""
     if not 0.0 <= p_rev <= 1.0:
-        raise ConfigError(f"p_rev is the fraction of each batch replaced by backdoor-like samples and must be in [0, 1], got {p_rev}")
+        raise ConfigError(f"p_rev is the fraction of each batch replaced by backdoor-like samples and must be "
+                          f"in [0, 1], got {p_rev}")
     if space not in SPACES:
         raise ValueError(f"unknown replacer space {space!r}; valid: {', '.join(SPACES)}")
 

@@ -66,7 +66,8 @@ NAD_SCHEDULE = ((2, None), (20, 0.01), (None, 1e-4))
 
 def schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set", check=AMOUNT),
+        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
+                     check=AMOUNT),
         te_epochs=Option(10, "epochs of the teacher's fine-tuning on the reserved data", check=POS_INT),
         epochs=Option(10, "epochs of the student's attention distillation (BackdoorBench uses te_epochs for both)",
                       check=POS_INT),
@@ -74,7 +75,8 @@ def schema() -> dict:
         lr=Option(0.01, "SGD learning rate (teacher; the student's first epochs)", check=POSITIVE),
         sgd_momentum=Option(0.9, "SGD momentum", check=NONNEG),
         wd=Option(5e-4, "weight decay", check=NONNEG),
-        cos_t_max=Option(100, "T_max of the teacher's cosine schedule (BackdoorBench's is fixed at 100)", check=POS_INT),
+        cos_t_max=Option(100, "T_max of the teacher's cosine schedule (BackdoorBench's is fixed at 100)",
+                         check=POS_INT),
         student_lr_schedule=Option("nad", "the student's learning rate: 'nad' (lr for epochs 1-2, 0.01 for 3-20, 1e-4 "
                                           "after: NAD's and BackdoorBench's) or 'none' (constant lr)",
                                    choices=("nad", "none")),
@@ -195,12 +197,14 @@ def nad(ctx) -> DefenseResult:
     for prm in teacher.parameters():
         prm.requires_grad_(False)
     log(f"teacher: {cfg.te_epochs} epochs of fine-tuning -> {engine.format_metrics(t_rows[-1])}")
-    log("attention distillation at " + ", ".join(f"beta{i + 1} {b:g}: {n}" for i, (n, b) in enumerate(zip(layers, betas))
-                                                 if n is not None) + f", p {cfg.p:g}")
+    log("attention distillation at "
+        + ", ".join(f"beta{i + 1} {b:g}: {n}" for i, (n, b) in enumerate(zip(layers, betas))
+                    if n is not None) + f", p {cfg.p:g}")
     used = [n for n in layers if n is not None]
     s_taps, t_taps = Taps(model, used), Taps(teacher, used)
     opt = make_sgd(list(model.parameters()), cfg)
-    sched = (torch.optim.lr_scheduler.LambdaLR(opt, nad_lr_lambda(cfg.lr)) if cfg.student_lr_schedule == "nad" else None)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, nad_lr_lambda(cfg.lr))
+             if cfg.student_lr_schedule == "nad" else None)
     try:
         rows = engine.fit(model, reserved, epochs=cfg.epochs, step_fn=nad_step(opt, teacher, s_taps, t_taps, layers,
                                                                                betas, cfg.p),
@@ -212,7 +216,8 @@ def nad(ctx) -> DefenseResult:
     for r in rows:
         log(f"epoch {r['epoch']}: train_loss {r['train_loss']:.4f} {engine.format_metrics(r)}")
     info = {"nad": {"layers": {f"beta{i + 1}": n for i, n in enumerate(layers)}, "betas": betas, "p": float(cfg.p),
-                    "teacher_after": {k: t_rows[-1][k] for k in ("test_acc", "test_asr", "test_ra") if k in t_rows[-1]}}}
+                    "teacher_after": {k: t_rows[-1][k] for k in ("test_acc", "test_asr", "test_ra")
+                                      if k in t_rows[-1]}}}
     return DefenseResult(model, rows, artifacts={"nad_teacher_df.csv": pd.DataFrame(t_rows)}, info=info)
 
 

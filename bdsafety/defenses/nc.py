@@ -58,7 +58,8 @@ MAD_CONSISTENCY = 1.4826  # MAD -> standard deviation of a normal distribution
 
 def schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set", check=AMOUNT),
+        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
+                     check=AMOUNT),
         epochs=Option(100, "unlearning epochs (when a class is flagged)", check=POS_INT),
         batch_size=Option(256, "batch size of reverse engineering and unlearning", check=POS_INT),
         lr=Option(0.01, "SGD learning rate of the unlearning", check=POSITIVE),
@@ -144,7 +145,8 @@ class ClassState:
             self.mask_best, self.pattern_best, self.reg_best = mask.clone(), pattern.clone(), reg
         if c.early_stop:
             if self.reg_best < math.inf:
-                self.es_counter = self.es_counter + 1 if self.reg_best >= c.early_stop_threshold * self.es_reg_best else 0
+                self.es_counter = (self.es_counter + 1 if self.reg_best >= c.early_stop_threshold * self.es_reg_best
+                                   else 0)
             self.es_reg_best = min(self.es_reg_best, self.reg_best)
             if self.down_flag and self.up_flag and self.es_counter >= c.early_stop_patience:
                 self.stopped = True
@@ -244,7 +246,8 @@ def unlearning_set(reserved: DeviceDataset, masks, patterns, flagged: list[int],
     images = reserved.view()
     dev = reserved.device
     ti = torch.as_tensor(pos, device=dev)
-    parts = [DeviceDataset(images[torch.as_tensor(keep, device=dev)], reserved.y[torch.as_tensor(keep, device=dev)], dev)]
+    parts = [DeviceDataset(images[torch.as_tensor(keep, device=dev)],
+                           reserved.y[torch.as_tensor(keep, device=dev)], dev)]
     for k in flagged:
         parts.append(DeviceDataset(stamp_uint8(images[ti], masks[k].to(dev), patterns[k].to(dev)), reserved.y[ti], dev))
     return DeviceDataset.concat(parts), pos
@@ -252,7 +255,8 @@ def unlearning_set(reserved: DeviceDataset, masks, patterns, flagged: list[int],
 
 # ------------------------------------------------------------------------------------------- the defense
 def neural_cleanse(ctx) -> DefenseResult:
-    """Reverse-engineer a trigger per class, flag outliers by MAD, unlearn the flagged triggers (or return the model)."""
+    """Reverse-engineer a trigger per class, flag outliers by MAD, unlearn the flagged triggers (or return the
+    model)."""
     exp, model, reserved, cfg, log = ctx.exp, ctx.model, ctx.reserved, ctx.cfg, ctx.log
     check_common(cfg)
     gen = engine.seed_everything(cfg.random_seed)
@@ -294,4 +298,5 @@ def neural_cleanse(ctx) -> DefenseResult:
 
 
 register("defense", NAME, schema=schema, description="NC (Neural Cleanse): per-class trigger reverse engineering, MAD "
-                                                     "outlier detection, unlearning of the flagged triggers")(neural_cleanse)
+                                                     "outlier detection, unlearning of the flagged "
+                                                     "triggers")(neural_cleanse)

@@ -61,17 +61,21 @@ BN_MODES = ("update", "freeze", "clean")
 SOURCES = ("inverted", "real")
 
 PAM_SCHEMA = {
-    "rho": Option(0.5, "PAM displacement toward theta_bd: its L2 length (normalized form) or the path fraction in [0,1] "
-                       "(interpolation form)", check=NONNEG),
-    "pam_form": Option("normalized", "displacement: 'normalized' e = rho*d/||d|| or 'interpolation' e = rho*d, d = theta_bd - theta",
+    "rho": Option(0.5, "PAM displacement toward theta_bd: its L2 length (normalized form) or the path fraction in "
+                       "[0,1] (interpolation form)", check=NONNEG),
+    "pam_form": Option("normalized", "displacement: 'normalized' e = rho*d/||d|| or 'interpolation' e = rho*d, "
+                                     "d = theta_bd - theta",
                        choices=FORMS),
-    "pam_bn": Option("update", "BatchNorm running statistics: 'update' (the official code: the displaced pass updates them), "
-                               "'clean' (an extra no-grad forward at theta_t updates them, the displaced pass does not: they "
-                               "describe the weights that are kept), 'freeze' (never updated: they stay the backdoored model's)",
+    "pam_bn": Option("update", "BatchNorm running statistics: 'update' (the official code: the displaced pass updates "
+                               "them), 'clean' (an extra no-grad forward at theta_t updates them, the displaced pass "
+                               "does not: they describe the weights that are kept), 'freeze' (never updated: they stay "
+                               "the backdoored model's)",
                      choices=BN_MODES),
-    "p_rev": Option(0.2, "fraction of every batch replaced by backdoor-like samples with their TRUE labels", check=FRACTION),
-    "pam_source": Option("inverted", "backdoor-like samples: 'inverted' = G(x) from BTI-DBF; 'real' = the attack's real poisoned "
-                                     "training samples (oracle ablation: a defender does not have them)", choices=SOURCES),
+    "p_rev": Option(0.2, "fraction of every batch replaced by backdoor-like samples with their TRUE labels",
+                    check=FRACTION),
+    "pam_source": Option("inverted", "backdoor-like samples: 'inverted' = G(x) from BTI-DBF; 'real' = the attack's "
+                                     "real poisoned training samples (oracle ablation: a defender does not have them)",
+                         choices=SOURCES),
     "n_rounds": Option(3, "PAM rounds of --epochs each (pam_reinvert: every round after the first retrains G first)",
                        check=POS_INT),
     "epochs": Option(30, "PAM tuning epochs per round", check=POS_INT),
@@ -79,15 +83,18 @@ PAM_SCHEMA = {
     "sgd_momentum": Option(0.1, "PAM base optimizer (SGD) momentum", check=NONNEG),
     "wd": Option(0.0, "PAM base optimizer (SGD) weight decay", check=NONNEG),
     "augment": Option(True, "random crop + horizontal flip of the reserved data during PAM tuning"),
-    "augment_poison": Option(False, "pam_source real only, ablation: give the real poisoned samples the random crop / flip too"),
+    "augment_poison": Option(False, "pam_source real only, ablation: give the real poisoned samples the "
+                                    "random crop / flip too"),
     "rho_sweep": Option(None, "comma-separated rho values: one run per value into "
                               "defense/<save_name or the defense>_rho<value>/, "
                               "all reusing one trigger inversion", type=float_list, check=NONNEG),
     "rho_select": Option("none", "after a rho sweep: 'val' picks one rho on the validation split (needs val_ratio > 0; "
-                                 "criterion: the largest rho whose validation C-Acc is within rho_select_tol of the best "
-                                 "candidate's) and writes defense/<base>_rho_selection.yaml; 'none' selects nothing",
+                                 "criterion: the largest rho whose validation C-Acc is within rho_select_tol of the "
+                                 "best candidate's) and writes defense/<base>_rho_selection.yaml; "
+                                 "'none' selects nothing",
                          choices=("none", "val")),
-    "rho_select_tol": Option(0.02, "rho_select val: tolerated validation C-Acc loss against the best candidate (a fraction)",
+    "rho_select_tol": Option(0.02, "rho_select val: tolerated validation C-Acc loss against the best "
+                                   "candidate (a fraction)",
                              check=FRACTION),
 }
 
@@ -112,7 +119,8 @@ def check_rho(rho: float, form: str) -> float:
     if not math.isfinite(rho) or rho < 0:
         raise ConfigError(f"PAM rho must be a finite number >= 0, got {rho}")
     if form == "interpolation" and rho > 1:
-        raise ConfigError(f"with pam_form interpolation rho is a fraction of the path to theta_bd and must be in [0, 1], got {rho}")
+        raise ConfigError(f"with pam_form interpolation rho is a fraction of the path to theta_bd and must "
+                          f"be in [0, 1], got {rho}")
     return rho
 
 
@@ -130,21 +138,24 @@ class PathAwareStep:
     of the latest step (tensors, no host sync).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, theta_bd: Mapping[str, torch.Tensor], rho: float,
-                 form: str = "normalized", bn_mode: str = "clean", loss_fn: Callable = F.cross_entropy):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, theta_bd: Mapping[str, torch.Tensor],
+                 rho: float, form: str = "normalized", bn_mode: str = "clean", loss_fn: Callable = F.cross_entropy):
         if form not in FORMS:
-            raise ConfigError(f"PAM form {form!r} is not one of {list(FORMS)}; use pam_form: normalized (default) or interpolation")
+            raise ConfigError(f"PAM form {form!r} is not one of {list(FORMS)}; use pam_form: "
+                              f"normalized (default) or interpolation")
         if bn_mode not in BN_MODES:
-            raise ConfigError(f"PAM BatchNorm mode {bn_mode!r} is not one of {list(BN_MODES)}; set pam_bn to one of them")
+            raise ConfigError(f"PAM BatchNorm mode {bn_mode!r} is not one of {list(BN_MODES)}; "
+                              f"set pam_bn to one of them")
         rho = check_rho(rho, form)
         named = trainable_parameters(model)
         missing = [n for n, _ in named if n not in theta_bd]
         if missing:
-            raise ValueError(f"theta_bd lacks {len(missing)} trainable parameters of the model (e.g. {missing[:3]}): pass the "
-                             f"backdoored model's parameters, e.g. parameter_snapshot(backdoored_model)")
+            raise ValueError(f"theta_bd lacks {len(missing)} trainable parameters of the model (e.g. {missing[:3]}): "
+                             f"pass the backdoored model's parameters, e.g. parameter_snapshot(backdoored_model)")
         bad = [n for n, p in named if tuple(theta_bd[n].shape) != tuple(p.shape)]
         if bad:
-            raise ValueError(f"theta_bd has other shapes than the model for {bad[:3]}: it belongs to another architecture")
+            raise ValueError(f"theta_bd has other shapes than the model for {bad[:3]}: "
+                             f"it belongs to another architecture")
         self.model = model
         self.optimizer = optimizer
         self.rho = rho
@@ -168,7 +179,8 @@ class PathAwareStep:
     def displacement(self) -> list[torch.Tensor]:
         """e for the current parameters (one tensor per trainable parameter)."""
         d = [bd - p for bd, p in zip(self.theta_bd, self.params)]
-        dist = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in d])) if d else torch.zeros(())
+        dist = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in d])) if d
+                else torch.zeros(()))
         if self.form == "normalized":
             # where() instead of a Python branch: no host sync; rho/0 is never used (d is all zeros then anyway)
             scale = torch.where(dist > 0, self.rho / dist, torch.zeros_like(dist))
@@ -261,8 +273,8 @@ def pam(ctx) -> DefenseResult:
         pool, bd = true_label_pool(exp, "PAM (pam_source real)")
         replace = pool_replacer(pool, g, augment=cfg.augment_poison, hflip=exp.info.hflip, what="PAM (pam_source real)")
         indices["defender_poison_index"] = bd.indices
-        log(f"pam_source real: mixing in {len(pool)} real poisoned training samples (the defender's part of the pool) with "
-            f"their true labels (oracle)")
+        log(f"pam_source real: mixing in {len(pool)} real poisoned training samples (the defender's part of the pool) "
+            f"with their true labels (oracle)")
         batch_fn = mixing_batch_fn(exp.norm, cfg.p_rev, replace, count="bti")
 
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd)
@@ -288,10 +300,10 @@ def pam(ctx) -> DefenseResult:
             row["round"] = r + 1
             row["path_distance"] = step.distance()  # after the epoch's last step
 
-        rr = engine.fit(model, reserved, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=step, optimizer=opt,
-                        batch_fn=batch_fn, augment=cfg.augment, hflip=exp.info.hflip, evalsets=exp.evalsets, eval_every=cfg.eval_every,
-                        eval_batch_size=cfg.eval_batch_size, generator=g, desc=f"pam round {r + 1}/{cfg.n_rounds}",
-                        progress=exp.progress, on_epoch_end=tag)
+        rr = engine.fit(model, reserved, norm=exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size, step_fn=step,
+                        optimizer=opt, batch_fn=batch_fn, augment=cfg.augment, hflip=exp.info.hflip,
+                        evalsets=exp.evalsets, eval_every=cfg.eval_every, eval_batch_size=cfg.eval_batch_size,
+                        generator=g, desc=f"pam round {r + 1}/{cfg.n_rounds}", progress=exp.progress, on_epoch_end=tag)
         rows.extend(rr)
         log(f"round {r + 1}/{cfg.n_rounds} ({cfg.epochs} epochs): {engine.format_metrics(rr[-1])}  "
             f"||theta - theta_bd|| = {step.distance():.4f}")
@@ -319,9 +331,11 @@ def sweep_configs(cfg: SimpleNamespace, name: str = NAME) -> list[SimpleNamespac
     are checked before any training."""
     if cfg.rho_select == "val":
         if not cfg.rho_sweep or len(cfg.rho_sweep) < 2:
-            raise ConfigError("rho_select val picks one of several rho values: give them with --rho_sweep (at least two)")
+            raise ConfigError("rho_select val picks one of several rho values: "
+                              "give them with --rho_sweep (at least two)")
         if not cfg.val_ratio:
-            raise ConfigError("rho_select val selects on a validation split of the reserved data: set --val_ratio (e.g. 0.2)")
+            raise ConfigError("rho_select val selects on a validation split of the reserved data: "
+                              "set --val_ratio (e.g. 0.2)")
     if not cfg.rho_sweep:
         return [cfg]
 

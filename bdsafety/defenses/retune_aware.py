@@ -6,9 +6,10 @@ the BTI-DBF inverted trigger G with its detected target t^ (bdsafety.defenses.bt
 the yamls give PAM's bti_ settings, so one inversion on a record serves pam, pam_reinvert, bti_dbf and this one). It
 never sees the attack's real poisoned samples (the record's bd_train) nor test data.
 
-Training (PAM's data and schedule, SGD lr / momentum / rounds x epochs of config/defense/pam/<dataset>.yaml; no path-aware
-displacement): every batch of D_r has int(p_rev * B + 1) images x_i replaced by G(x_i) under their TRUE labels (PAM's
-batches, ``mixing_batch_fn`` count 'bti'); call that batch (x_mix, y) and the purifier's loss L(theta) = CE(f_theta(x_mix), y).
+Training (PAM's data and schedule, SGD lr / momentum / rounds x epochs of config/defense/pam/<dataset>.yaml; no
+path-aware displacement): every batch of D_r has int(p_rev * B + 1) images x_i replaced by G(x_i) under their TRUE
+labels (PAM's batches, ``mixing_batch_fn`` count 'bti'); call that batch (x_mix, y) and the purifier's loss L(theta) =
+CE(f_theta(x_mix), y).
   * an ordinary step: g = grad L(theta_t);
   * every ``meta_every``-th step, a simulated retuning attack on a COPY of theta_t: ``inner_steps`` SGD steps (RA's
     optimizer: lr ``inner_lr``, momentum ``inner_momentum``, a fresh momentum buffer every time, as RA starts one) on
@@ -60,7 +61,8 @@ RETUNE_AWARE_SCHEMA = {
     "lr": Option(0.01, "purifier optimizer (SGD) learning rate", check=POSITIVE),
     "sgd_momentum": Option(0.1, "purifier optimizer (SGD) momentum", check=NONNEG),
     "wd": Option(0.0, "purifier optimizer (SGD) weight decay", check=NONNEG),
-    "augment": Option(True, "random crop + horizontal flip of the reserved data (purifier and simulated attack batches)"),
+    "augment": Option(True,
+                      "random crop + horizontal flip of the reserved data (purifier and simulated attack batches)"),
     # the simulated retuning attack and the meta-gradient
     "meta_every": Option(2, "run the simulated retuning attack and take the meta-gradient every this many purifier "
                             "steps (1 = every step)", check=POS_INT),
@@ -73,8 +75,8 @@ RETUNE_AWARE_SCHEMA = {
                              check=NONNEG),
     "inner_wd": Option(0.0, "simulated retuning attack: SGD weight decay (RA's)", check=NONNEG),
     "inner_batch_size": Option(128, "simulated retuning attack: batch size (RA's)", check=POS_INT),
-    "inner_p_poison": Option(0.2, "simulated retuning attack: fraction of each batch replaced by G(x) labelled with the "
-                                  "DETECTED target (count int(p * B + 1); 0 = benign retuning)", check=FRACTION),
+    "inner_p_poison": Option(0.2, "simulated retuning attack: fraction of each batch replaced by G(x) labelled with "
+                                  "the DETECTED target (count int(p * B + 1); 0 = benign retuning)", check=FRACTION),
 }
 
 
@@ -123,7 +125,8 @@ class RetuneAwareStep:
         """The simulated retuning attack: the copy loaded with theta_t, then ``inner_steps`` SGD steps on
         ``attack_batch()``; theta_t is not touched."""
         self._load_shadow()
-        opt = torch.optim.SGD(self.shadow_params, lr=self.inner_lr, momentum=self.inner_momentum, weight_decay=self.inner_wd)
+        opt = torch.optim.SGD(self.shadow_params, lr=self.inner_lr, momentum=self.inner_momentum,
+                              weight_decay=self.inner_wd)
         for _ in range(self.inner_steps):
             xa, ya = self.attack_batch()
             opt.zero_grad(set_to_none=True)
@@ -239,13 +242,16 @@ def retune_aware(ctx) -> DefenseResult:
             NAME: {"method": "this project's own (issue 24 item 8), not a published defense",
                    "p_rev": cfg.p_rev, "rounds": cfg.n_rounds, "epochs_per_round": cfg.epochs,
                    "meta_every": cfg.meta_every, "meta_weight": cfg.meta_weight, "inner_steps": cfg.inner_steps,
-                   "inner_lr": cfg.inner_lr, "inner_momentum": cfg.inner_momentum, "inner_batch_size": cfg.inner_batch_size,
-                   "inner_p_poison": cfg.inner_p_poison, "attack_label": "detected_target"}}
+                   "inner_lr": cfg.inner_lr, "inner_momentum": cfg.inner_momentum,
+                   "inner_batch_size": cfg.inner_batch_size, "inner_p_poison": cfg.inner_p_poison,
+                   "attack_label": "detected_target"}}
     log(f"simulated retuning attack: {cfg.inner_steps} SGD steps (lr {cfg.inner_lr}, momentum {cfg.inner_momentum}) "
-        f"every {cfg.meta_every} steps, inverted samples labelled {target} (detected target), meta_weight {cfg.meta_weight}")
+        f"every {cfg.meta_every} steps, inverted samples labelled {target} (detected target), "
+        f"meta_weight {cfg.meta_weight}")
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd)
     step = RetuneAwareStep(model, opt, attack_batches(reserved, exp.norm, G, target, cfg.inner_p_poison,
-                                                      cfg.inner_batch_size, augment=cfg.augment, hflip=hflip, generator=g),
+                                                      cfg.inner_batch_size, augment=cfg.augment, hflip=hflip,
+                                                      generator=g),
                            meta_every=cfg.meta_every, meta_weight=cfg.meta_weight, inner_steps=cfg.inner_steps,
                            inner_lr=cfg.inner_lr, inner_momentum=cfg.inner_momentum, inner_wd=cfg.inner_wd)
     meter = _EpochMeter(step, lambda b: mix_count(cfg.p_rev, b, "bti"), target)
@@ -276,5 +282,5 @@ def schema() -> dict:
 
 register("defense", NAME, schema=schema, needs=("inversion_cache",),
          description="retune-aware purifier (THIS PROJECT'S OWN method, not a published defense): PAM's data (BTI-DBF "
-                     "inverted samples under true labels) with a first-order meta-gradient through a simulated retuning "
-                     "attack (inverted samples under the detected target)")(retune_aware)
+                     "inverted samples under true labels) with a first-order meta-gradient through a simulated "
+                     "retuning attack (inverted samples under the detected target)")(retune_aware)

@@ -69,12 +69,14 @@ RNP_SCHEMA = {
                        check=POS_INT),
     "clean_threshold": Option(0.2, "stop the ascent after the first epoch whose training accuracy is <= this",
                               check=FRACTION),
-    "unlearning_clip": Option(0.0, "clip the ascent's gradient to this L2 norm after backward (0: none; the reference's "
-                                   "max_norm 20 call comes before backward and has no effect)", check=NONNEG),
+    "unlearning_clip": Option(0.0, "clip the ascent's gradient to this L2 norm after backward (0: none; the "
+                                   "reference's max_norm 20 call comes before backward and has no effect)",
+                              check=NONNEG),
     "recovering_lr": Option(0.2, "SGD learning rate of the neuron masks", check=POSITIVE),
     "recovering_epochs": Option(20, "epochs of mask learning on the unlearned model", check=POS_INT),
     "rnp_alpha": Option(0.2, "weight of the CE in the mask loss (BackdoorBench's --alpha)", check=POSITIVE),
-    "augment": Option(True, "random crop (+ the dataset's flip) of the reserved data (the reference's train transform)"),
+    "augment": Option(True,
+                      "random crop (+ the dataset's flip) of the reserved data (the reference's train transform)"),
     "pruning_select": Option("fixed", "'fixed': prune by pruning_by / pruning_number (BackdoorBench's saved model); "
                                       "'val': the largest threshold of the sweep whose relative validation C-Acc drop "
                                       "is below acc_ratio (needs val_ratio > 0)", choices=("fixed", "val")),
@@ -137,8 +139,9 @@ def recover_masks(unlearned, reserved, norm, cfg, hflip: bool, generator, progre
     opt = torch.optim.SGD([w.neuron_mask for _, w in wrappers], lr=cfg.recovering_lr, momentum=0.9)
     step = engine.sgd_step(opt, loss_fn=lambda logits, y: cfg.rnp_alpha * F.cross_entropy(logits, y),
                            after_step=lambda _: clip_masks(wrappers))
-    fit_rows = engine.fit(net, reserved, norm=norm, epochs=cfg.recovering_epochs, batch_size=cfg.batch_size, step_fn=step,
-                          augment=cfg.augment, hflip=hflip, generator=generator, desc="rnp masks", progress=progress)
+    fit_rows = engine.fit(net, reserved, norm=norm, epochs=cfg.recovering_epochs, batch_size=cfg.batch_size,
+                          step_fn=step, augment=cfg.augment, hflip=hflip, generator=generator, desc="rnp masks",
+                          progress=progress)
     rows = [{"stage": "recover", "train_loss": r["train_loss"], "train_acc": r["train_acc"], "lr": cfg.recovering_lr}
             for r in fit_rows]
     values = [(name, i, float(v)) for name, w in wrappers for i, v in enumerate(w.neuron_mask.detach().cpu().tolist())]
@@ -158,8 +161,10 @@ def select_threshold(model, mask_values, val, norm, cfg) -> tuple[float | None, 
     cands = []
     for thr in thresholds(cfg):
         pm, pr = pruned_copy(model, mask_values, "threshold", thr)
-        cands.append({"threshold": thr, "n_pruned": len(pr), "val_acc": val_accuracy(pm, val, norm, cfg.eval_batch_size)})
-    chosen, criterion = select(cands, key="threshold", criterion="largest_within_drop", tol=cfg.acc_ratio, reference=ref)
+        cands.append({"threshold": thr, "n_pruned": len(pr),
+                      "val_acc": val_accuracy(pm, val, norm, cfg.eval_batch_size)})
+    chosen, criterion = select(cands, key="threshold", criterion="largest_within_drop", tol=cfg.acc_ratio,
+                               reference=ref)
     doc = selection_doc(what="RNP pruning threshold", key="threshold", chosen=chosen, criterion=criterion,
                         candidates=cands, val_acc_unpruned=ref, acc_ratio=float(cfg.acc_ratio), val_size=int(len(val)))
     return (None if chosen is None else chosen["threshold"]), doc
@@ -189,8 +194,8 @@ def rnp(ctx) -> DefenseResult:
     mask_values, rec_rows = recover_masks(unlearned, reserved, norm, cfg, hflip, g, progress=exp.progress)
     rows += rec_rows
     n_neurons = len(mask_values)
-    log(f"masks recovered on {n_neurons} neurons ({time.time() - t0:.0f}s): mask loss {rec_rows[-1]['train_loss']:.4f}, "
-        f"training accuracy {rec_rows[-1]['train_acc']:.4f}")
+    log(f"masks recovered on {n_neurons} neurons ({time.time() - t0:.0f}s): mask loss "
+        f"{rec_rows[-1]['train_loss']:.4f}, training accuracy {rec_rows[-1]['train_acc']:.4f}")
     files, selection = {"mask_values.txt": _mask_file_text(mask_values)}, None
     if cfg.pruning_select == "val":
         threshold, selection = select_threshold(model, mask_values, ctx.val, norm, cfg)
@@ -201,7 +206,8 @@ def rnp(ctx) -> DefenseResult:
         threshold = float(cfg.pruning_number) if cfg.pruning_by == "threshold" else None
         out, pruned = pruned_copy(model, mask_values, cfg.pruning_by, cfg.pruning_number)
     m = exp.metrics(out)
-    rows.append({"stage": "prune", "n_pruned": len(pruned), "pruning_threshold": math.nan if threshold is None else threshold,
+    rows.append({"stage": "prune", "n_pruned": len(pruned),
+                 "pruning_threshold": math.nan if threshold is None else threshold,
                  **{k: m[k] for k in METRICS if k in m}})
     how = (f"threshold {threshold:g}" if threshold is not None else "no threshold qualified"
            if cfg.pruning_select == "val" else f"the {int(cfg.pruning_number)} smallest masks")
@@ -218,9 +224,10 @@ def rnp(ctx) -> DefenseResult:
             sweep.append({"threshold": thr, "n_pruned": len(pr), **{k: ms[k] for k in METRICS if k in ms}})
         files["rnp_threshold_sweep.csv"] = pd.DataFrame(sweep)
     info = {"n_pruned": len(pruned), "pruning_threshold": threshold,
-            "rnp": {"n_neurons": n_neurons, "n_pruned": len(pruned), "unlearning_epochs_run": len(rows) - len(rec_rows) - 1,
-                    "pruning_select": cfg.pruning_select, "pruning_by": cfg.pruning_by,
-                    "pruning_number": cfg.pruning_number, "pruning_threshold": threshold, "pruning_selection": selection}}
+            "rnp": {"n_neurons": n_neurons, "n_pruned": len(pruned),
+                    "unlearning_epochs_run": len(rows) - len(rec_rows) - 1, "pruning_select": cfg.pruning_select,
+                    "pruning_by": cfg.pruning_by, "pruning_number": cfg.pruning_number, "pruning_threshold": threshold,
+                    "pruning_selection": selection}}
     return DefenseResult(out, rows, artifacts=files, info=info)
 
 

@@ -52,18 +52,21 @@ NORM_TYPES = ("L_inf", "L2", "L1", "Reg")
 PGD_INITS = ("zero", "random", "max", "min")
 
 SAU_SCHEMA = {
-    "n_rounds": Option(100, "unlearning rounds (passes over the reserved data; BackdoorBench: 100, Tiny 20)", check=POS_INT),
+    "n_rounds": Option(100, "unlearning rounds (passes over the reserved data; BackdoorBench: 100, Tiny 20)",
+                       check=POS_INT),
     "optim": Option("adam", "model optimiser (BackdoorBench: Adam, weight decay 0)", choices=("adam", "sgd")),
     "lr": Option(1e-4, "model learning rate (constant, as in the reference's loop)", check=POSITIVE),
     "batch_size": Option(256, "batch size", check=POS_INT),
-    "norm_type": Option("L_inf", "norm of the perturbation ball: L_inf, L2, L1, or Reg (no projection)", choices=NORM_TYPES),
+    "norm_type": Option("L_inf", "norm of the perturbation ball: L_inf, L2, L1, or Reg (no projection)",
+                        choices=NORM_TYPES),
     "trigger_norm": Option(0.2, "radius of the perturbation ball, in [0, 1] pixel units", check=NONNEG),
     "adv_lr": Option(0.2, "PGD step size (signed steps)", check=NONNEG),
     "adv_steps": Option(5, "PGD steps per batch (fewer when every sample is shared earlier)", check=POS_INT),
     "pgd_init": Option("max", "PGD start: zero, random (uniform [0, 1]), max (+trigger_norm), min (-trigger_norm), "
                               "then projected", choices=PGD_INITS),
     "beta_1": Option(0.01, "PGD: weight of the adversarial loss L_adv", check=NONNEG),
-    "beta_2": Option(1.0, "PGD: weight of the sharing loss L_share (Jensen-Shannon between the two models)", check=NONNEG),
+    "beta_2": Option(1.0, "PGD: weight of the sharing loss L_share (Jensen-Shannon between the two models)",
+                     check=NONNEG),
     "lmd_1": Option(1.0, "unlearning: weight of the clean CE", check=NONNEG),
     "lmd_2": Option(0.0, "unlearning: weight of the adversarial-training CE on the perturbed inputs", check=NONNEG),
     "lmd_3": Option(1.0, "unlearning: weight of the shared adversarial risk L_sar", check=NONNEG),
@@ -127,7 +130,8 @@ def pgd_objective(per_logits, per_logits_ref, clean_pred, clean_pred_ref, y, cfg
     return cfg.beta_1 * loss_adv + cfg.beta_2 * loss_share, shared
 
 
-def shared_pgd(model, model_ref, x01, y, norm, cfg, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+def shared_pgd(model, model_ref, x01, y, norm, cfg,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
     """Shared adversarial perturbations of the batch ``x01`` (pixel space) for ``model`` and the frozen ``model_ref``,
     both in eval mode. Returns (the perturbation, the PGD steps taken)."""
     with torch.no_grad(), engine.autocast(x01.device):
@@ -182,7 +186,8 @@ def unlearning_loss(model, model_ref, x01, pert, y, norm, cfg) -> tuple[torch.Te
     pert_pred, pert_pred_ref = per_logits.argmax(1), per_logits_ref.argmax(1)
     shared = (pert_pred != y) & fooled & (pert_pred == pert_pred_ref)
     return loss, {"loss_clean": loss_cl.item(), "loss_adv": loss_at.item(), "loss_shared": loss_sar.item(),
-                  "fooled_ref": int(fooled.sum()), "shared": int(shared.sum()), "correct": int((logits.argmax(1) == y).sum())}
+                  "fooled_ref": int(fooled.sum()), "shared": int(shared.sum()),
+                  "correct": int((logits.argmax(1) == y).sum())}
 
 
 # ------------------------------------------------------------------------------------------- the defense
@@ -200,8 +205,8 @@ def sau(ctx) -> DefenseResult:
     model.eval()
     opt = engine.make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, lr=cfg.lr, momentum=0.9)
     log(f"SAU: {cfg.n_rounds} rounds of batch {cfg.batch_size}, {cfg.optim} lr {cfg.lr}; PGD {cfg.norm_type} "
-        f"{cfg.trigger_norm}, step {cfg.adv_lr} x {cfg.adv_steps}, init {cfg.pgd_init}, beta {cfg.beta_1}/{cfg.beta_2}; "
-        f"loss weights {cfg.lmd_1}/{cfg.lmd_2}/{cfg.lmd_3}")
+        f"{cfg.trigger_norm}, step {cfg.adv_lr} x {cfg.adv_steps}, init {cfg.pgd_init}, beta "
+        f"{cfg.beta_1}/{cfg.beta_2}; loss weights {cfg.lmd_1}/{cfg.lmd_2}/{cfg.lmd_3}")
     rows, t0 = [], time.time()
     for r in range(1, cfg.n_rounds + 1):
         tot = {"train_loss": 0.0, "loss_clean": 0.0, "loss_adv": 0.0, "loss_shared": 0.0}
@@ -233,8 +238,8 @@ def sau(ctx) -> DefenseResult:
             m = exp.metrics(model)
             row.update({k: m[k] for k in ("test_loss", "test_acc", "test_asr", "test_ra") if k in m})
             log(f"round {r}/{cfg.n_rounds} ({time.time() - t0:.0f}s): loss {row['train_loss']:.4f} (clean "
-                f"{row['loss_clean']:.4f}, shared {row['loss_shared']:.4f}); h_0 fooled on {row['fooled_ref_share']:.1%}, "
-                f"shared {row['shared_share']:.1%}; {engine.format_metrics(m)}")
+                f"{row['loss_clean']:.4f}, shared {row['loss_shared']:.4f}); h_0 fooled on "
+                f"{row['fooled_ref_share']:.1%}, shared {row['shared_share']:.1%}; {engine.format_metrics(m)}")
         else:
             row.update({k: math.nan for k in ("test_loss", "test_acc", "test_asr", "test_ra")})
         rows.append(row)

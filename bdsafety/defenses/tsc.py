@@ -65,7 +65,8 @@ CORR_EPS = 1e-4
 
 def schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set", check=AMOUNT),
+        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
+                     check=AMOUNT),
         rounds=Option(3, "rounds of the two stages (official TSPC_epoch)", check=POS_INT),
         epochs=Option(200, "curve-training epochs of each stage", check=POS_INT),
         batch_size=Option(256, "batch size of curve training, fine-tuning and BatchNorm re-estimation", check=POS_INT),
@@ -73,7 +74,8 @@ def schema() -> dict:
         sgd_momentum=Option(0.9, "SGD momentum (curve training and fine-tuning)", check=NONNEG),
         wd=Option(5e-4, "SGD weight decay (curve training: on the midpoint; and fine-tuning)", check=NONNEG),
         cos_t_max=Option(100, "T_max of the curve training's cosine schedule (official: fixed at 100)", check=POS_INT),
-        curve_l2=Option(1e-4, "weight of the curve regulariser 0.5 * curve_l2 * ||theta(t)||^2 (official wd)", check=NONNEG),
+        curve_l2=Option(1e-4, "weight of the curve regulariser 0.5 * curve_l2 * ||theta(t)||^2 (official wd)",
+                        check=NONNEG),
         curve_t=Option(0.4, "position on each trained curve of the point taken (0 = start, 1 = end)",
                        check=Check(lo=0, hi=1, lo_open=True, hi_open=True, text="a number in (0, 1)")),
         ft_epochs=Option(10, "fine-tuning epochs after every round but the last (0: none)", check=NONNEG),
@@ -381,7 +383,8 @@ def tsc(ctx) -> DefenseResult:
         current = p2
     current.eval()
     info = {"tsc": {"permutation_groups": len(spec), "rounds": cfg.rounds, "curve_t": cfg.curve_t,
-                    "stages": [{k: r[k] for k in ("round", "stage", "matched_corr", "curve_loss", "test_acc", "test_asr")
+                    "stages": [{k: r[k] for k in ("round", "stage", "matched_corr", "curve_loss",
+                                                  "test_acc", "test_asr")
                                 if k in r} for r in rows]}}
     return DefenseResult(current, rows, info=info)
 

@@ -79,7 +79,8 @@ def resolve_pretrained(arch: str, source: str) -> Path:
     if not cached.is_file():
         raise ConfigError(
             f"--pretrained {source}: torchvision weights {type(weights).__name__}.{weights.name} are not in the local "
-            f"torch cache and nothing is downloaded here. Download {weights.url} on a machine with internet and place it "
-            f"at {cached} (the torch hub dir is set by $TORCH_HOME), or pass the file's path: --pretrained /path/to/file.pth"
+            f"torch cache and nothing is downloaded here. Download {weights.url} on a machine with internet and place "
+            f"it at {cached} (the torch hub dir is set by $TORCH_HOME), or pass the file's path: "
+            f"--pretrained /path/to/file.pth"
         )
     return cached

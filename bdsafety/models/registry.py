@@ -97,8 +97,8 @@ def check_input_size(name: str, hw: tuple[int, int]) -> None:
         return
     raise ConfigError(
         f"model {name} cannot take {hw[0]}x{hw[1]} inputs: its feature maps shrink to nothing before the classifier "
-        f"(torchvision's smallest input for {name} is {need[0]}x{need[1]}). Set model_input_size to {max(need)} or more "
-        f"(e.g. 224) to upsample every batch on the device, or use data of that size"
+        f"(torchvision's smallest input for {name} is {need[0]}x{need[1]}). Set model_input_size to {max(need)} or "
+        f"more (e.g. 224) to upsample every batch on the device, or use data of that size"
     )
 
 
@@ -112,7 +112,8 @@ def classifier_layer(model: nn.Module) -> nn.Module:
         )
     layer = model.get_submodule(path)
     if not (isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1))):
-        raise TypeError(f"{type(model).__name__}.{path} is {type(layer).__name__}, expected nn.Linear or a 1x1 nn.Conv2d")
+        raise TypeError(f"{type(model).__name__}.{path} is {type(layer).__name__}, "
+                        f"expected nn.Linear or a 1x1 nn.Conv2d")
     return layer
 
 
@@ -262,7 +263,8 @@ def describe_match(state_dict: Mapping) -> str:
     for name, shared, missing, extra in closest_models(sd):
         parts.append(f"{name!r} ({shared} of {len(sd)} keys shared; it lacks {len(missing)} of the model's keys"
                      + (f", e.g. {_examples(missing, 2)}" if missing else "")
-                     + f"; {len(extra)} keys are not the model's" + (f", e.g. {_examples(extra, 2)}" if extra else "") + ")")
+                     + f"; {len(extra)} keys are not the model's"
+                     + (f", e.g. {_examples(extra, 2)}" if extra else "") + ")")
     return "It matches no registered model; closest: " + "; ".join(parts) + "."
 
 

@@ -25,7 +25,8 @@ class CNNSmall(FeatureHeadMixin, nn.Module):
 
     classifier_path = "linear"
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, int, int, int] = (32, 64, 128, 256)):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3,
+                 widths: tuple[int, int, int, int] = (32, 64, 128, 256)):
         super().__init__()
         w1, w2, w3, w4 = widths
         self.features = nn.Sequential(

@@ -223,8 +223,8 @@ def build_zoo_model(name: str, num_classes: int, in_channels: int = 3, input_siz
     if family == "vit":
         size, patch = 224 if input_size is None else input_size, int(name.rsplit("_", 1)[1])
         if size % patch:
-            raise ConfigError(f"{name} cuts its input into {patch}x{patch} patches: model_input_size must be a multiple "
-                              f"of {patch} (BackdoorBench: 224, the default), got {size}")
+            raise ConfigError(f"{name} cuts its input into {patch}x{patch} patches: model_input_size must be a "
+                              f"multiple of {patch} (BackdoorBench: 224, the default), got {size}")
         # BackdoorBench: the ImageNet model at 224, then heads.head = Linear(hidden_dim, n). Another size changes only
         # the positional embedding's length ((size / patch)^2 + 1 tokens), e.g. 32 for fast tests of the family.
         vit = builder(weights=None, image_size=size)

@@ -74,20 +74,25 @@ def fraction(v) -> float:
 
 QRA_SCHEMA = {
     **RECORD_SCHEMA,
-    "defense": Option(None, "defense whose purified model is attacked (record/<rf>/defense/<name>/); 'none': the record's own model",
+    "defense": Option(None, "defense whose purified model is attacked (record/<rf>/defense/<name>/); 'none': "
+                            "the record's own model",
                       none_is_name=True),
     "ra_name": Option("ra", "folder of that defense's RA model (retune_attack/ra.py --save_name)", kind="folder_name"),
-    "clean_record": Option(None, "record (name under record_root, or path) whose attack_result.pt holds a clean reference "
-                                 "model (made with --pratio 0)"),
-    "clean_model": Option(None, "or: a model file (attack_result.pt / defense_result.pt format) of a clean reference model"),
+    "clean_record": Option(None, "record (name under record_root, or path) whose attack_result.pt holds a clean "
+                                 "reference model (made with --pratio 0)"),
+    "clean_model": Option(None, "or: a model file (attack_result.pt / defense_result.pt format) of "
+                                "a clean reference model"),
     "poison_source": Option(None, "record whose bd_train supplies the poisoned samples (default: the same record)"),
     "access": Option("white_box", "threat model: white_box = back-propagate through the purified model; black_box = "
                                   "only query its output probabilities (zeroth-order gradient estimate)",
                      choices=("white_box", "black_box")),
-    "zo_queries": Option(20, "black_box: random directions (queries to the purified model beyond the base one) per step", check=POS_INT),
+    "zo_queries": Option(20, "black_box: random directions (queries to the purified model beyond the base one) per "
+                             "step", check=POS_INT),
     "zo_mu": Option(0.005, "black_box: finite-difference step in [0,1] pixel space", check=POSITIVE),
-    "eps": Option(16 / 255, "L_inf bound of the perturbation in [0,1] pixel space (a float or 'a/b')", type=fraction, check=POSITIVE),
-    "alpha": Option(0.2, "weight of the KL(f_ra || f_pur) reactivation term (the CE on the clean model has weight 1)", check=NONNEG),
+    "eps": Option(16 / 255, "L_inf bound of the perturbation in [0,1] pixel space (a float or 'a/b')", type=fraction,
+                  check=POSITIVE),
+    "alpha": Option(0.2, "weight of the KL(f_ra || f_pur) reactivation term (the CE on the clean model has weight 1)",
+                    check=NONNEG),
     "hidden": Option([1024, 1024, 1024], "hidden widths of the generator MLP", type=int_list, check=POS_INT),
     "clean_num": Option(500, "clean training samples to train the generator on", check=NONNEG_INT),
     "poison_num": Option(500, "triggered non-target-class training samples to train the generator on",
@@ -183,7 +188,8 @@ def _retriggered(exp, split, rec, src_dir, n: int, rng) -> tuple[np.ndarray, np.
     if trigger is None:
         raise DataError(f"QRA needs triggered non-target-class training images, but record {src_dir.name} "
                         f"({rec.info.get('trigger') or rec.attack}) neither holds any (a clean-label attack) nor says "
-                        f"how to apply its trigger; pass --poison_source with a record that holds them, or --poison_num 0")
+                        f"how to apply its trigger; pass --poison_source with a record that holds them, "
+                        f"or --poison_num 0")
     target = rec.attack_target if rec.attack_target is not None else _record_target(exp)
     labels = np.asarray(exp.data.train_y)
     pool = np.asarray(rec.bd_train.indices if rec.bd_train is not None else [], dtype=np.int64)
@@ -212,22 +218,23 @@ def qra_data(exp, cfg) -> tuple[DeviceDataset, dict]:
         raise DataError(f"the {len(split)} poisoned training samples of {src_dir.name} all keep their label (a "
                         f"clean-label attack such as SIG or LC): QRA needs triggered NON-target-class training images; "
                         f"use --triggered_source retrigger (the record's trigger on clean non-target-class training "
-                        f"images), pass --poison_source with a record that applies the same trigger to other classes, or "
-                        f"--poison_num 0")
+                        f"images), pass --poison_source with a record that applies the same trigger to other classes, "
+                        f"or --poison_num 0")
     n_train = len(exp.data.train_y)
     rng = np.random.default_rng([int(cfg.random_seed), QRA_SEED_STREAM])
     if source == "bd_train":
         if cfg.poison_num > len(eligible):
-            raise ConfigError(f"poison_num {cfg.poison_num} is larger than the {len(eligible)} poisoned non-target-class "
-                              f"training samples of {src_dir.name} (of {len(split)} poisoned in all); lower --poison_num "
-                              f"to at most {len(eligible)}")
+            raise ConfigError(f"poison_num {cfg.poison_num} is larger than the {len(eligible)} poisoned "
+                              f"non-target-class training samples of {src_dir.name} (of {len(split)} poisoned in all); "
+                              f"lower --poison_num to at most {len(eligible)}")
         sel = np.sort(rng.choice(eligible, size=cfg.poison_num, replace=False))
         p_idx, p_images, p_labels = split.indices[sel], split.images[sel], split.orig_labels[sel]
     else:
         p_idx, p_images, p_labels = _retriggered(exp, split, rec, src_dir, cfg.poison_num, rng)
     candidates = np.setdiff1d(np.arange(n_train), p_idx)
     if cfg.clean_num > len(candidates):
-        raise ConfigError(f"clean_num {cfg.clean_num} is larger than the {len(candidates)} training samples available; lower --clean_num")
+        raise ConfigError(f"clean_num {cfg.clean_num} is larger than the {len(candidates)} training samples "
+                          f"available; lower --clean_num")
     clean_idx = np.sort(rng.choice(candidates, size=cfg.clean_num, replace=False))
     ds = DeviceDataset.concat([
         exp.train.subset(clean_idx),
@@ -241,7 +248,8 @@ def _attack_yaml_hint(exp) -> str:
     ds = exp.record.clean_data
     attack = exp.record.info.get("trigger") or exp.record.attack or "badnet"
     yaml = "demo" if ds == "synthetic" else ds
-    return f"python attack/{attack}.py --yaml_path config/attack/{attack}/{yaml}.yaml --pratio 0 --save_folder_name clean_{yaml}"
+    return (f"python attack/{attack}.py --yaml_path config/attack/{attack}/{yaml}.yaml --pratio 0 "
+            f"--save_folder_name clean_{yaml}")
 
 
 def load_clean_reference(exp, cfg) -> tuple[torch.nn.Module, str]:
@@ -251,26 +259,27 @@ def load_clean_reference(exp, cfg) -> tuple[torch.nn.Module, str]:
         raise ConfigError("give either clean_record or clean_model, not both")
     if not cfg.clean_record and not cfg.clean_model:
         raise ConfigError(
-            "QRA needs a clean reference model (trained without poison): set clean_record to a record made with --pratio 0, "
-            f"e.g. create one with `{_attack_yaml_hint(exp)}` and pass --clean_record clean_"
-            f"{'demo' if exp.record.clean_data == 'synthetic' else exp.record.clean_data}, or set clean_model to a model file")
+            "QRA needs a clean reference model (trained without poison): set clean_record to a record made with "
+            f"--pratio 0, e.g. create one with `{_attack_yaml_hint(exp)}` and pass --clean_record clean_"
+            f"{'demo' if exp.record.clean_data == 'synthetic' else exp.record.clean_data}, "
+            f"or set clean_model to a model file")
     if cfg.clean_model:
         p = Path(cfg.clean_model)
         if not p.is_file():
-            raise ConfigError(f"clean_model {p} not found; create a clean reference record with `{_attack_yaml_hint(exp)}` "
-                                    "and pass --clean_record instead, or fix the path")
+            raise ConfigError(f"clean_model {p} not found; create a clean reference record with "
+                              f"`{_attack_yaml_hint(exp)}` and pass --clean_record instead, or fix the path")
         return exp.model_from_file(p), str(p)
     try:
         d = resolve_record_dir(cfg.clean_record, cfg.record_root)
     except RecordError:
         root = Path(cfg.record_root)
         have = sorted(p.name for p in root.iterdir() if (p / "attack_result.pt").is_file()) if root.is_dir() else []
-        raise ConfigError(f"clean_record {cfg.clean_record!r} is neither a folder nor a record under {root} (records there: "
-                                f"{', '.join(have) or 'none'}); create it with `{_attack_yaml_hint(exp)}`") from None
+        raise ConfigError(f"clean_record {cfg.clean_record!r} is neither a folder nor a record under {root} (records "
+                          f"there: {', '.join(have) or 'none'}); create it with `{_attack_yaml_hint(exp)}`") from None
     rec = load_attack_record(d, trust_record=cfg.trust_record)
     if rec.bd_train is not None and len(rec.bd_train) > 0:
-        raise DataError(f"clean_record {d.name} holds a backdoored model ({len(rec.bd_train)} poisoned training samples): "
-                         f"a clean reference is made with --pratio 0, e.g. `{_attack_yaml_hint(exp)}`")
+        raise DataError(f"clean_record {d.name} holds a backdoored model ({len(rec.bd_train)} poisoned training "
+                        f"samples): a clean reference is made with --pratio 0, e.g. `{_attack_yaml_hint(exp)}`")
     if rec.clean_data != exp.record.clean_data:
         raise DataError(f"clean_record {d.name} was trained on {rec.clean_data}, record {exp.record_dir.name} on "
                          f"{exp.record.clean_data}: use a clean model of the same dataset")
@@ -418,8 +427,8 @@ def train_generator(gen: PerturbationGenerator, data: DeviceDataset, f_pur, f_ra
 # ------------------------------------------------------------------------------------------------ outputs
 
 def example_grid(exp, gen, n: int, title: str = ""):
-    """The figure of qra_examples.png: rows = poisoned test image / + delta / delta stretched to full contrast (its largest value and the
-    stretch factor in the row label), then the same for clean test images."""
+    """The figure of qra_examples.png: rows = poisoned test image / + delta / delta stretched to full contrast (its
+    largest value and the stretch factor in the row label), then the same for clean test images."""
     import matplotlib  # lazy: matplotlib is heavy and only needed for figures
 
     matplotlib.use("Agg")
@@ -464,7 +473,8 @@ def check_config(cfg):
     """QRA's resolve hook: settings that only make sense together, checked before anything loads (and when a study is
     planned)."""
     if cfg.access == "black_box" and (int(cfg.zo_queries) < 1 or not cfg.zo_mu > 0):
-        raise ConfigError(f"--access black_box needs --zo_queries >= 1 and --zo_mu > 0 (got {cfg.zo_queries}, {cfg.zo_mu})")
+        raise ConfigError(f"--access black_box needs --zo_queries >= 1 and --zo_mu > 0 (got "
+                          f"{cfg.zo_queries}, {cfg.zo_mu})")
     if not cfg.defense or "," in str(cfg.defense) or cfg.defense == "all":
         raise ConfigError("--defense must name ONE defense folder (or 'none'): QRA attacks one purified model per run")
     return cfg
@@ -487,7 +497,8 @@ def run_qra(ctx: RecordRun):
         raise ConfigError(f"QRA needs the RA model of '{cfg.defense}', but {ra_file} does not exist; create it with "
                                 f"`python retune_attack/ra.py --result_file {cfg.result_file} --defense {cfg.defense}"
                                 + (f" --save_name {cfg.ra_name}" if cfg.ra_name != "ra" else "") + "`")
-    f_pur = _frozen(exp.backdoored_model() if target_info.name == "none" else exp.model_from_file(target_info.model_file))
+    f_pur = _frozen(exp.backdoored_model() if target_info.name == "none"
+                    else exp.model_from_file(target_info.model_file))
     f_ra = _frozen(exp.model_from_file(ra_file))
     f_clean = _frozen(f_clean)
     target = _record_target(exp)
@@ -522,20 +533,21 @@ def run_qra(ctx: RecordRun):
         if epoch % max(1, cfg.eval_every) == 0 or epoch == cfg.epochs:
             m = qra_metrics(exp, {"pur": f_pur, "clean_model": f_clean}, gen, target)
             row.update(m)
-            log(f"epoch {epoch}: loss {row['train_loss']:.4f} (KL {row['train_kl']:.4f}, CE {row['train_ce']:.4f}); with delta: "
-                f"purified {_fmt(m, 'test_')} | clean model {_fmt(m, 'clean_model_test_')}")
+            log(f"epoch {epoch}: loss {row['train_loss']:.4f} (KL {row['train_kl']:.4f}, CE {row['train_ce']:.4f}); "
+                f"with delta: purified {_fmt(m, 'test_')} | clean model {_fmt(m, 'clean_model_test_')}")
 
     rows = train_generator(gen, data, f_pur, f_ra, f_clean, exp.norm, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                           lr=cfg.lr, momentum=cfg.sgd_momentum, alpha=cfg.alpha, seed=cfg.random_seed, on_epoch_end=evaluate,
-                           eval_batch_size=cfg.eval_batch_size, desc=f"QRA {target_info.name}", progress=exp.progress,
-                           access=cfg.access, zo_queries=cfg.zo_queries, zo_mu=cfg.zo_mu)
+                           lr=cfg.lr, momentum=cfg.sgd_momentum, alpha=cfg.alpha, seed=cfg.random_seed,
+                           on_epoch_end=evaluate, eval_batch_size=cfg.eval_batch_size, desc=f"QRA {target_info.name}",
+                           progress=exp.progress, access=cfg.access, zo_queries=cfg.zo_queries, zo_mu=cfg.zo_mu)
     after = qra_metrics(exp, {"pur": f_pur, "clean_model": f_clean}, gen, target)
     row0 = {"epoch": 0, **{k: v for k, v in base.items() if not k.startswith("ra_model_")}}
     rows = [row0] + rows
 
     compare = pd.DataFrame([
         _compare_row("purified", False, base, "test_"), _compare_row("purified", True, after, "test_"),
-        _compare_row("clean_model", False, base, "clean_model_test_"), _compare_row("clean_model", True, after, "clean_model_test_"),
+        _compare_row("clean_model", False, base, "clean_model_test_"),
+        _compare_row("clean_model", True, after, "clean_model_test_"),
         _compare_row("ra_model", False, base, "ra_model_test_"),
     ])
     compare.insert(0, "access", cfg.access)
@@ -544,12 +556,12 @@ def run_qra(ctx: RecordRun):
     state = {k: v.detach().cpu() for k, v in gen.state_dict().items()}
     grid = example_grid(exp, gen, cfg.grid_n,
                         title=f"QRA ({cfg.access}) on {target_info.name}: ASR {100 * base['test_asr']:.1f}% -> "
-                              f"{100 * after['test_asr']:.1f}% (clean model {100 * after['clean_model_test_asr']:.1f}%)"
-                              f", eps {cfg.eps:.4f}")
+                              f"{100 * after['test_asr']:.1f}% (clean model "
+                              f"{100 * after['clean_model_test_asr']:.1f}%), eps {cfg.eps:.4f}")
     info = dict(retune_attack="qra", access=cfg.access, target_label=target, defense=target_info.name,
                 purified_model=str(target_info.model_file), ra_model=str(ra_file), clean_model=clean_src,
-                poison_source=meta["poison_source"], triggered_source_used=meta["triggered_source"], generator=gen.spec(),
-                without_delta=base, with_delta=after)
+                poison_source=meta["poison_source"], triggered_source_used=meta["triggered_source"],
+                generator=gen.spec(), without_delta=base, with_delta=after)
     yield target_info.name, Output(
         "qra", rows, artifacts={"generator.pt": {"state_dict": state, **gen.spec()}, "qra_compare.csv": compare,
                                 "qra_examples.png": figure_bytes(grid, dpi=100)},
@@ -562,7 +574,8 @@ def _fmt(m: dict, pre: str) -> str:
 
 
 def _compare_row(model: str, delta: bool, m: dict, pre: str) -> dict:
-    return {"model": model, "delta": delta, **{f"test_{k}": m.get(pre + k) for k in ("acc", "asr", "ra", "target_rate")}}
+    return {"model": model, "delta": delta,
+            **{f"test_{k}": m.get(pre + k) for k in ("acc", "asr", "ra", "target_rate")}}
 
 
 def study_summary(folder: Path) -> dict:
@@ -583,10 +596,11 @@ def study_summary(folder: Path) -> dict:
                 qra_acc=pick("purified", True, "test_acc"), qra_clean_asr=pick("clean_model", True, "test_asr"))
 
 
-register("retune", "qra", schema=lambda: dict(QRA_SCHEMA), needs=("defense", "ra_model", "clean_reference", "poisoned_pool"),
+register("retune", "qra", schema=lambda: dict(QRA_SCHEMA),
+         needs=("defense", "ra_model", "clean_reference", "poisoned_pool"),
          on=("defense",), skip=triggered_source_note, summary=study_summary, outputs=qra_outputs, resolve=check_config,
-         description="query-based reactivation attack (QRA): learn a sample-specific input perturbation that reactivates a "
-                     "purified model's backdoor but not a clean model's")(run_qra)
+         description="query-based reactivation attack (QRA): learn a sample-specific input perturbation that "
+                     "reactivates a purified model's backdoor but not a clean model's")(run_qra)
 
 
 def main(argv=None) -> Path:

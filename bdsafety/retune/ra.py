@@ -58,9 +58,12 @@ RA_SCHEMA = {
                             "(ft,fst,pam), 'all' (every defense of the record) or 'none' (the record's own model)",
                      none_is_name=True),
     "poison_source": Option(None, "record (name under record_root, or path) whose bd_train supplies the poisoned "
-                                  "samples (default: the same record; needed for a clean reference record made with --pratio 0)"),
-    "ratio": Option(0.02, "size of the RA set: ratio (<1) or count (>=1) of the training set, poisoned samples included", check=AMOUNT),
-    "poison_num": Option(5, "real poisoned training samples (with their backdoor labels) that replace clean ones", check=NONNEG_INT),
+                                  "samples (default: the same record; needed for a clean reference "
+                                  "record made with --pratio 0)"),
+    "ratio": Option(0.02, "size of the RA set: ratio (<1) or count (>=1) of the training set, poisoned samples "
+                          "included", check=AMOUNT),
+    "poison_num": Option(5, "real poisoned training samples (with their backdoor labels) that replace clean ones",
+                         check=NONNEG_INT),
     "epochs": Option(5, "retuning epochs", check=POS_INT),
     "batch_size": Option(128, "batch size", check=POS_INT),
     "lr": Option(0.01, "SGD learning rate (constant)", check=POSITIVE),
@@ -68,12 +71,13 @@ RA_SCHEMA = {
     "wd": Option(0.0, "weight decay", check=NONNEG),
     "augment": Option(True, "standard train augmentation (random crop, flip where the dataset uses it) of the CLEAN "
                             "samples"),
-    "augment_draw": Option("once", "'once': each clean sample's crop / flip is drawn once and kept for every epoch (the "
-                                   "official RA builds its set once through the train transform); 'redraw': drawn anew "
-                                   "every epoch (a departure: a standard train loader)", choices=AUGMENT_DRAWS),
-    "augment_poison": Option(False, "ablation: augment the poisoned samples too (the official RA does not: they keep the "
-                                    "test transform, so a random crop never cuts the trigger away)"),
-    "save_name": Option("ra", "output folder name, created inside the defense folder (or the record for --defense none)",
+    "augment_draw": Option("once", "'once': each clean sample's crop / flip is drawn once and kept for every epoch "
+                                   "(the official RA builds its set once through the train transform); 'redraw': drawn "
+                                   "anew every epoch (a departure: a standard train loader)", choices=AUGMENT_DRAWS),
+    "augment_poison": Option(False, "ablation: augment the poisoned samples too (the official RA does not: they keep "
+                                    "the test transform, so a random crop never cuts the trigger away)"),
+    "save_name": Option("ra",
+                        "output folder name, created inside the defense folder (or the record for --defense none)",
                         kind="folder_name"),
 }
 
@@ -102,11 +106,11 @@ def ra_subset_indices(n_train: int, poison_pool: np.ndarray, amount: float, pois
     if poison_num < 0:
         raise ConfigError(f"poison_num must be >= 0, got {poison_num}")
     if poison_num > total:
-        raise ConfigError(f"poison_num {poison_num} is larger than the whole RA set ({total} samples from ratio {amount}); "
-                         f"lower --poison_num or raise --ratio")
+        raise ConfigError(f"poison_num {poison_num} is larger than the whole RA set ({total} samples from ratio "
+                          f"{amount}); lower --poison_num or raise --ratio")
     if poison_num > len(poison_pool):
-        raise ConfigError(f"poison_num {poison_num} is larger than the {len(poison_pool)} poisoned training samples available; "
-                         f"lower --poison_num to at most {len(poison_pool)}")
+        raise ConfigError(f"poison_num {poison_num} is larger than the {len(poison_pool)} poisoned training samples "
+                          f"available; lower --poison_num to at most {len(poison_pool)}")
     rng = np.random.default_rng([int(seed), RA_SEED_STREAM])
     poison_sel = np.sort(rng.choice(len(poison_pool), size=poison_num, replace=False)).astype(np.int64)
     candidates = np.setdiff1d(np.arange(n_train, dtype=np.int64), poison_pool[poison_sel])
@@ -155,7 +159,8 @@ def _source_warnings(exp, rec) -> list[str]:
     out = []
     t_rec, t_src = exp.record.attack_target, rec.attack_target
     if t_rec is not None and t_src is not None and int(t_rec) != int(t_src):
-        out.append(f"warning: poison source target {t_src} differs from record target {t_rec}: ASR measures target {t_rec}")
+        out.append(f"warning: poison source target {t_src} differs from record target {t_rec}: "
+                   f"ASR measures target {t_rec}")
     trig = lambda r: r.info.get("trigger") or r.attack  # noqa: E731
     if trig(exp.record) and trig(rec) and trig(rec) != trig(exp.record) and trig(exp.record) != "clean":
         out.append(f"warning: poison source trigger {trig(rec)!r} differs from the record's {trig(exp.record)!r}")
@@ -194,11 +199,11 @@ def resolve_targets(record_dir: Path, defense: str | None) -> list[RATarget]:
     listing = (f"defenses of record {record_dir.name}: {', '.join(existing)}" if existing else
                f"record {record_dir.name} has no defense folders yet")
     if not defense:
-        raise ConfigError(f"--defense is required: a defense folder name, a comma list, 'all', or 'none' (the record's own "
-                         f"model); {listing}")
+        raise ConfigError(f"--defense is required: a defense folder name, a comma list, 'all', or 'none' (the record's "
+                          f"own model); {listing}")
     names = name_list(defense, existing, what=f"defense folder of record {record_dir.name}", allow_none=True,
-                      strict=False, hint=f"run a defense first (e.g. python defense/fst.py --result_file {record_dir.name}) "
-                                         f"or use --defense none")
+                      strict=False, hint=f"run a defense first (e.g. python defense/fst.py --result_file "
+                                         f"{record_dir.name}) or use --defense none")
     out = []
     for n in names:
         if n == "none":
@@ -269,9 +274,9 @@ def run_ra(ctx: RecordRun):
     ra, warnings_ = build_ra_set(exp, cfg)
     header = [
         f"record {exp.record_dir.name}: {exp.model_name}, {exp.record.clean_data}, target {exp.target}",
-        f"RA set: {len(ra.data)} samples = {len(ra.clean_idx)} clean + {ra.n_poison} poisoned (from {ra.poison_source}); "
-        f"poisoned training indices {ra.poison_idx.tolist()}, backdoor labels {ra.poison_labels.tolist()}, "
-        f"original labels {ra.poison_orig_labels.tolist()}",
+        f"RA set: {len(ra.data)} samples = {len(ra.clean_idx)} clean + {ra.n_poison} poisoned (from "
+        f"{ra.poison_source}); poisoned training indices {ra.poison_idx.tolist()}, backdoor labels "
+        f"{ra.poison_labels.tolist()}, original labels {ra.poison_orig_labels.tolist()}",
         f"SGD lr {cfg.lr} momentum {cfg.sgd_momentum} wd {cfg.wd}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
         f"augment {cfg.augment}" + (f" (augment_draw {cfg.augment_draw})" if cfg.augment else "")
         + f" (poisoned samples: {'augmented' if cfg.augment and cfg.augment_poison else 'never augmented'}), "
@@ -326,8 +331,8 @@ def study_summary(folder: Path) -> dict:
 
 register("retune", "ra", schema=lambda: dict(RA_SCHEMA), needs=("defense", "poisoned_pool"),
          on=("record", "clean", "defense"), variants=study_variants, summary=study_summary, outputs=ra_outputs,
-         description="retuning attack (RA): fine-tune a (purified) model on a small set with a few real poisoned samples "
-                     "and track C-Acc/ASR/RA per epoch")(run_ra)
+         description="retuning attack (RA): fine-tune a (purified) model on a small set with a few real poisoned "
+                     "samples and track C-Acc/ASR/RA per epoch")(run_ra)
 
 
 def main(argv=None) -> list[Path]:

@@ -1,6 +1,6 @@
 """The audit: which defenses of a record are only superficially safe?
 
-    python analysis/audit.py --result_file badnet_demo                       # every defense folder of record/badnet_demo
+    python analysis/audit.py --result_file badnet_demo                   # every defense folder of record/badnet_demo
     python analysis/audit.py --result_file badnet_demo --defense fst,anp --run pam --clean_reference --ra_draws 5
     python analysis/audit.py --result_file /path/to/BackdoorBench/record/badnet_0_1 --dry_run
 
@@ -74,13 +74,15 @@ def audit_study(result_file: str, record_root: str = "./record", defense: str = 
     data = dict(read_yaml(yaml_path))
     for k in ("records", "external_defenses", "defenses", "study_dir", "report_dir", "record_root"):
         if data.get(k):
-            raise ConfigError(f"{yaml_path}: '{k}' is set by the audit (from --result_file, --defense, --run); remove it")
+            raise ConfigError(f"{yaml_path}: '{k}' is set by the audit (from --result_file, --defense, "
+                              f"--run); remove it")
     ours = _names(run)
     own_folders = {registry.get("defense", d).folder for d in ours if d in registry.names("defense")}
     found = list_defenses(rec)
     # 'all': the folders found, less those this audit makes (--run)
     avail = [f for f in found if f not in own_folders]
-    chosen = registry.name_list(defense, avail, what="defense folder", strict=False) if avail or defense.strip() != "all" else []
+    chosen = (registry.name_list(defense, avail, what="defense folder", strict=False)
+              if avail or defense.strip() != "all" else [])
     if defense.strip() != "all":
         missing = [f for f in chosen if f not in found]
         if missing:
@@ -133,20 +135,22 @@ def write_audit_report(oc, ranked: list) -> tuple[Path, Path]:
 
     st = oc.plan.study
     rec = st.study_dir / st.records[0]
-    clean = "yes (badnet at pratio 0 on its dataset and model)" if st.clean_reference else "no (QRA left out; --clean_reference)"
+    clean = ("yes (badnet at pratio 0 on its dataset and model)" if st.clean_reference
+             else "no (QRA left out; --clean_reference)")
     intro = [f"Record `{rec}`. Defense folders found: {', '.join(st.external_defenses) or 'none'}; run here: "
              f"{', '.join(st.defenses) or 'none'}. Clean reference: {clean}.",
-             f"Each model was retuned by RA ({st.ra_draws} draw(s)), by its benign control (0 poisoned samples), and with "
-             f"{', '.join(map(str, st.ra_poison_nums)) or 'no'} poisoned samples (budget sweep); "
-             f"{', '.join(st.analyses) or 'no analyses'}{', QRA' if 'qra' in st.retune and st.clean_reference else ''}.",
+             f"Each model was retuned by RA ({st.ra_draws} draw(s)), by its benign control (0 poisoned samples), and "
+             f"with {', '.join(map(str, st.ra_poison_nums)) or 'no'} poisoned samples (budget sweep); "
+             f"{', '.join(st.analyses) or 'no analyses'}"
+             f"{', QRA' if 'qra' in st.retune and st.clean_reference else ''}.",
              "Ranked by post-retuning robustness: the defenses that purified (ASR at or below the threshold below) by "
-             "P-ASR (ASR after RA), lowest first, then those that did not purify, by P-ASR; none (the backdoored model) "
-             "and clean (the clean reference) are references, not ranked.",
+             "P-ASR (ASR after RA), lowest first, then those that did not purify, by P-ASR; none (the backdoored "
+             "model) and clean (the clean reference) are references, not ranked.",
              VERDICT_TEXT.format(**{k: 100 * v for k, v in st.verdict.items()})]
     measured = _measured_by_ra(oc)
     if measured:
-        intro.append(f"C-Acc and ASR of {', '.join(measured)}: measured by RA before its first step (the defense folder "
-                     f"holds no <name>_df_summary.csv of its own), on the record's test sets.")
+        intro.append(f"C-Acc and ASR of {', '.join(measured)}: measured by RA before its first step (the defense "
+                     f"folder holds no <name>_df_summary.csv of its own), on the record's test sets.")
     n_failed = len(oc.failed)
     tail = [f"{n_failed} job(s) failed: see report.md and logs/." if n_failed else "Every job finished.",
             "Every table, figure and note: report.md / report.html; one row per model: results.csv."]
@@ -157,7 +161,8 @@ def write_audit_report(oc, ranked: list) -> tuple[Path, Path]:
         md += ["No verdicts: no RA run finished.", ""]
     md += [p + "\n" for p in tail]
     md_path = atomic_write_text(st.report_dir / "audit.md", "\n".join(md))
-    parts = ["<h1>Audit: which defenses are only superficially safe?</h1>"] + [f"<p>{html.escape(p)}</p>" for p in intro]
+    parts = (["<h1>Audit: which defenses are only superficially safe?</h1>"]
+             + [f"<p>{html.escape(p)}</p>" for p in intro])
     parts.append(legend_html(st.verdict))
     for title, t in ranked:
         parts += [f"<h2>{html.escape(title)}</h2>", html_table(t, st.verdict, "verdicts")]
@@ -196,13 +201,14 @@ def run_audit(a: argparse.Namespace, out=None, command: str | None = None) -> tu
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="analysis/audit.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Defaults: config/study/audit.yaml. Output: <record>/audit/audit.md (and .html).")
+                                epilog="Defaults: config/study/audit.yaml. "
+                                       "Output: <record>/audit/audit.md (and .html).")
     p.add_argument("--result_file", required=True, help="the record: a folder name under --record_root, or a path")
     p.add_argument("--record_root", default="./record", help="folder holding the record (default ./record)")
     p.add_argument("--defense", default="all", help="defense folders of the record to audit: 'all' (default: every "
                                                     "defense/<folder>/ with a defense_result.pt) or a comma list")
-    p.add_argument("--run", default=None, help="registered defenses to run on the record first, then audit (comma list, "
-                                               "e.g. fst,pam); needed for a record without defense folders")
+    p.add_argument("--run", default=None, help="registered defenses to run on the record first, then audit (comma "
+                                               "list, e.g. fst,pam); needed for a record without defense folders")
     p.add_argument("--clean_reference", action="store_true",
                    help="train a clean reference through the study (the badnet attack at pratio 0 with the record's "
                         "dataset and model and config/attack/badnet/<dataset>.yaml): enables QRA and the paired "

@@ -3,8 +3,8 @@
 A finished job leaves a marker ``<output>/log/study_job.json`` (written atomically, after the output folder was
 moved into place by the method's own safe output path) holding the job id, a fresh run id, the run ids of
 the upstream outputs it read, its wall time, when it finished and the study run that ran it (bdsafety.study.history:
-its id, start, command and code version). A job is up to date when its marker has its id, its output file is there, and the
-upstream run ids it recorded are the current ones. So:
+its id, start, command and code version). A job is up to date when its marker has its id, its output file is there, and
+the upstream run ids it recorded are the current ones. So:
   * a rerun skips finished jobs;
   * a changed config changes the job id (and, through the upstream ids, the ids of everything downstream);
   * a deleted (or externally replaced) output lost its marker, so it reruns, and its dependents see a new upstream
@@ -142,10 +142,10 @@ def check_replaceable(study_dir, job, report_dir=None) -> None:
     if found:
 
         listing = ", ".join(str(p) for p in found)
-        raise OutputError(f"{job.key} would replace or delete {len(found)} output(s) this study did not make: {listing}. "
-                          f"Nothing was changed. Move them out of {study_dir} (or run the study in another --study_dir) and "
-                          f"run it again; a defense folder made elsewhere belongs to the record it was made from and is "
-                          f"stale once that record is retrained")
+        raise OutputError(f"{job.key} would replace or delete {len(found)} output(s) this study did not make: "
+                          f"{listing}. Nothing was changed. Move them out of {study_dir} (or run the study in another "
+                          f"--study_dir) and run it again; a defense folder made elsewhere belongs to the record it "
+                          f"was made from and is stale once that record is retrained")
 
 
 def _external_run(study_dir, key: str) -> str | None:
@@ -216,7 +216,8 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
                      "study_run": study_run, "config": job.config}, indent=1, default=str))
                 started.unlink(missing_ok=True)
                 print(f"=== done in {wall:.1f}s", flush=True)
-                return {**res, "status": "ran", "run": run, "wall_s": wall, "finished": finished, "study_run": study_run}
+                return {**res, "status": "ran", "run": run, "wall_s": wall, "finished": finished,
+                        "study_run": study_run}
             except KeyboardInterrupt:
                 raise
             except BaseException as e:  # noqa: BLE001  (a job's failure must not stop the study)

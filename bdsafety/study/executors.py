@@ -46,7 +46,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None):
     try:
         import ray  # lazy: ray is needed only by the ray executor
     except ImportError:
-        raise ConfigError("--executor ray needs the ray package: pip install 'ray>=2.9' (it is in requirements.txt)") from None
+        raise ConfigError("--executor ray needs the ray package: pip install 'ray>=2.9' (it is in "
+                          "requirements.txt)") from None
     if ray.is_initialized():
         return ray, False
     path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -60,9 +61,9 @@ def start_ray(address: str | None = None, num_cpus: int | None = None):
         else:
             ray.init(num_cpus=num_cpus, **kw)
     except ConnectionError as e:
-        raise ConfigError(f"could not join the Ray cluster at {address}: {str(e).splitlines()[0]}. Start it first (ray start "
-                          f"--head prints the address), check the address, or leave out --ray_address to start a local "
-                          f"Ray instance") from None
+        raise ConfigError(f"could not join the Ray cluster at {address}: {str(e).splitlines()[0]}. Start it first (ray "
+                          f"start --head prints the address), check the address, or leave out --ray_address to start a "
+                          f"local Ray instance") from None
     return ray, True
 
 
@@ -74,8 +75,9 @@ def check_resources(ray, todo: list) -> None:
         have = float(total.get(name, 0))
         if need > have:
             worst = max(todo, key=lambda j: float(j.resources.get(res, 0)))
-            raise ConfigError(f"job {worst.key} asks for {res} {need:g} but the Ray cluster has {have:g} {name} in all; "
-                              f"lower resources.{worst.kind}.{res} in the study yaml (or resources.default) or add nodes")
+            raise ConfigError(f"job {worst.key} asks for {res} {need:g} but the Ray cluster has {have:g} {name} in "
+                              f"all; lower resources.{worst.kind}.{res} in the study yaml (or "
+                              f"resources.default) or add nodes")
 
 
 def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None], address: str | None = None,
@@ -89,9 +91,10 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
         for j in todo:
             static_up = {d: current[d] for d in j.deps if d in current}
             dyn = [d for d in j.deps if d in refs]
-            ref = task.options(num_cpus=float(j.resources.get("num_cpus", 1)), num_gpus=float(j.resources.get("num_gpus", 0)),
-                               name=j.key, max_retries=1).remote(j.to_dict(), str(study_dir), str(report_dir), study_run, static_up, dyn,
-                                                              *[refs[d] for d in dyn])
+            ref = task.options(num_cpus=float(j.resources.get("num_cpus", 1)),
+                               num_gpus=float(j.resources.get("num_gpus", 0)),
+                               name=j.key, max_retries=1).remote(j.to_dict(), str(study_dir), str(report_dir),
+                                                                 study_run, static_up, dyn, *[refs[d] for d in dyn])
             refs[j.key] = ref
             key_of[ref] = j
         results = dict(current)
@@ -104,8 +107,8 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
             except Exception as e:  # the worker died (killed, out of memory, node lost): the job failed
 
                 bad = [d for d in j.deps if results.get(d, {}).get("status") not in ("done", "ran")]
-                r = ({"key": j.key, "id": j.id, "status": "skipped", "error": f"upstream {bad[0]} failed", "wall_s": 0.0,
-                      "log": str(log_path(report_dir, j.key))} if bad else
+                r = ({"key": j.key, "id": j.id, "status": "skipped", "error": f"upstream {bad[0]} failed",
+                      "wall_s": 0.0, "log": str(log_path(report_dir, j.key))} if bad else
                      {"key": j.key, "id": j.id, "status": "failed", "error": f"Ray task failed: {type(e).__name__}: "
                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", "wall_s": 0.0,
                       "log": str(log_path(report_dir, j.key))})

@@ -3,9 +3,9 @@
 Each invocation of the study runner is a *study run* (``new_run``): an id, its start time, its command, its working
 folder and the code it ran (``code_version``: the git commit of the checkout bdsafety is imported from and whether the
 working tree differs from it; 'unknown' for an installed package). Every job it runs writes that run into its marker
-(``<output>/log/study_job.json``, key ``study_run``), beside the job's own ``finished`` time and ``wall_s``. A rerun reads
-the markers of the jobs that are up to date, so the report's header (``summarize``) describes the outputs as they are:
-how many jobs were produced by how many runs, when, at what summed compute time, with which commits, and what the
+(``<output>/log/study_job.json``, key ``study_run``), beside the job's own ``finished`` time and ``wall_s``. A rerun
+reads the markers of the jobs that are up to date, so the report's header (``summarize``) describes the outputs as they
+are: how many jobs were produced by how many runs, when, at what summed compute time, with which commits, and what the
 last run did. A marker written before study runs were recorded counts as one "earlier run" without details.
 """
 from __future__ import annotations
@@ -75,8 +75,9 @@ def summarize(results: dict, run: dict, wall_s: float) -> dict:
             e["last"] = max(e["last"] or fin, fin)
     count = {s: sum(r.get("status") == s for r in results.values()) for s in ("ran", "done", "failed", "skipped")}
     ordered = sorted(runs.values(), key=lambda e: (e["id"] is not None, e.get("started") or "", e["id"] or ""))
-    return {"jobs": len(results), "produced": len(produced), "compute_s": round(sum(e["compute_s"] for e in ordered), 1),
-            "runs": ordered, "last_run": {**run, **count, "wall_s": round(wall_s, 1)}}
+    return {"jobs": len(results), "produced": len(produced),
+            "compute_s": round(sum(e["compute_s"] for e in ordered), 1), "runs": ordered,
+            "last_run": {**run, **count, "wall_s": round(wall_s, 1)}}
 
 
 def fmt_duration(s: float) -> str:
@@ -93,7 +94,8 @@ def fmt_code(code: dict | None) -> str:
         return "unknown (not recorded)"
     if code.get("commit", "unknown") == "unknown":
         return f"unknown: {code.get('source', '')}"
-    return f"git {code['commit'][:12]}{' (dirty: uncommitted changes)' if code.get('dirty') else ''}, {code.get('source', '')}"
+    return (f"git {code['commit'][:12]}{' (dirty: uncommitted changes)' if code.get('dirty') else ''}, "
+            f"{code.get('source', '')}")
 
 
 def header_facts(hist: dict) -> dict:
@@ -108,15 +110,17 @@ def header_facts(hist: dict) -> dict:
     missing = f"; {n - p} not produced (failed, or skipped after a failure)" if n > p else ""
     jobs = (f"{n} jobs: {p} produced over {len(runs)} run{'s' if len(runs) != 1 else ''}{when}{missing}; compute "
             f"{fmt_duration(hist['compute_s'])} (the produced jobs' wall times summed)")
-    last_line = (f"{last['id']} (started {last['started']}, {last['executor']} executor, {fmt_duration(last['wall_s'])}): "
-                 f"{last['ran']} ran, {last['done']} up to date, {last['failed']} failed, {last['skipped']} skipped")
+    last_line = (f"{last['id']} (started {last['started']}, {last['executor']} executor, "
+                 f"{fmt_duration(last['wall_s'])}): {last['ran']} ran, {last['done']} up to date, {last['failed']} "
+                 f"failed, {last['skipped']} skipped")
     lines = []
     for e in runs:
         if e["id"] is None:
-            lines.append(f"earlier run(s) that did not record their run: {e['jobs']} jobs, compute {fmt_duration(e['compute_s'])}")
+            lines.append(f"earlier run(s) that did not record their run: {e['jobs']} jobs, compute "
+                         f"{fmt_duration(e['compute_s'])}")
             continue
-        lines.append(f"{e['id']} (started {e.get('started')}): {e['jobs']} jobs, compute {fmt_duration(e['compute_s'])}, "
-                     f"code {fmt_code(e.get('code'))}, command `{e.get('command')}`")
+        lines.append(f"{e['id']} (started {e.get('started')}): {e['jobs']} jobs, compute "
+                     f"{fmt_duration(e['compute_s'])}, code {fmt_code(e.get('code'))}, command `{e.get('command')}`")
     codes: dict = {}
     for e in runs:
         c = fmt_code(e.get("code")) if e["id"] is not None else "unknown (not recorded)"

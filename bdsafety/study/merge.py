@@ -67,8 +67,8 @@ def read_chunks(inputs: list, label: str | None = None) -> tuple[dict, list]:
     sources: list[dict] = []
     for d in map(Path, inputs):
         if not (d / "results.csv").is_file():
-            raise ConfigError(f"{d}: no results.csv; give a study's report folder (the study folder, or its report_dir) or "
-                              f"an earlier output of analysis/merge_studies.py")
+            raise ConfigError(f"{d}: no results.csv; give a study's report folder (the study folder, or its "
+                              f"report_dir) or an earlier output of analysis/merge_studies.py")
         for t in TABLES:
             if (d / t).is_file():
                 f = pd.read_csv(d / t)
@@ -86,7 +86,8 @@ def read_chunks(inputs: list, label: str | None = None) -> tuple[dict, list]:
     return out, sources
 
 
-def merge(inputs: list, out: Path, verdict: dict | None = None, title: str | None = None, chunk: str | None = None) -> Path:
+def merge(inputs: list, out: Path, verdict: dict | None = None, title: str | None = None,
+          chunk: str | None = None) -> Path:
     """Write the merged tables, chunks.json and report.md to ``out``; returns report.md. ``chunk``: the label of one
     study's report folder exported as a chunk (default its folder's name)."""
 
@@ -102,9 +103,9 @@ def merge(inputs: list, out: Path, verdict: dict | None = None, title: str | Non
     df = frames["results.csv"]
     runs = frames.get("ra_runs.csv", pd.DataFrame())
     md = [f"# {title or 'Merged study'}", "",
-          f"{len(sources)} chunk(s), {len(df)} result rows; P-ASR: ASR after the retuning attack (RA). Each grid point: "
-          f"the verdict table (mean [95% interval] over seeds and RA draws), the paper's claims (paired differences) and "
-          f"the per-stage table. Figures: in each chunk's own report.", "", "## Chunks", ""]
+          f"{len(sources)} chunk(s), {len(df)} result rows; P-ASR: ASR after the retuning attack (RA). Each grid "
+          f"point: the verdict table (mean [95% interval] over seeds and RA draws), the paper's claims (paired "
+          f"differences) and the per-stage table. Figures: in each chunk's own report.", "", "## Chunks", ""]
     md += [f"- `{s.get('folder')}`: {s.get('jobs')}; command {s.get('command')}; code {s.get('code')}" for s in sources]
     verdicts = verdict_tables(df, runs, th) if not runs.empty else []
     md += ["", "## Verdicts", "", VERDICT_TEXT.format(**{k: 100 * v for k, v in th.items()}), "", legend(th), ""]

@@ -37,8 +37,8 @@ from bdsafety.study.spec import OWN_PRATIO
 RUNTIME_KEYS = ("record_root", "dataset_path", "device", "no_progress", "overwrite", "dependents", "trust_record",
                 "eval_batch_size", "yaml_path")
 # file whose presence means an output of this kind is complete (besides the study's marker)
-DONE_FILE = {"attack": "attack_result.pt", "defense": "defense_result.pt", "ra": "ra_result.pt", "qra": "qra_compare.csv",
-             "lmc": "lmc.csv"}
+DONE_FILE = {"attack": "attack_result.pt", "defense": "defense_result.pt", "ra": "ra_result.pt",
+             "qra": "qra_compare.csv", "lmc": "lmc.csv"}
 ROOT = Path(__file__).resolve().parent.parent.parent
 # RA draw k of a grid point retunes with random_seed = seed + RA_DRAW_STRIDE * k: the draws of one seed never meet the
 # seeds of the grid's other points as long as the grid's seeds stay below the stride
@@ -54,7 +54,8 @@ class Job:
     overrides: dict  # values set by the study (on top of the yaml)
     deps: list  # keys of the jobs this one reads from
     resources: dict
-    point: dict  # grid coordinates: dataset, attack, pratio, model, seed, role ('attack', 'clean', 'defense', ...), target
+    # grid coordinates: dataset, attack, pratio, model, seed, role ('attack', 'clean', 'defense', ...), target
+    point: dict
     id: str = ""
     config: dict = field(default_factory=dict)  # the resolved config, runtime keys removed
 
@@ -63,8 +64,8 @@ class Job:
         return DONE_FILE.get(self.method, DONE_FILE.get(self.kind, ""))
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("key", "kind", "method", "yaml_path", "overrides", "deps", "resources", "point",
-                                               "id", "config")}
+        return {k: getattr(self, k) for k in ("key", "kind", "method", "yaml_path", "overrides", "deps", "resources",
+                                              "point", "id", "config")}
 
     @staticmethod
     def from_dict(d: dict) -> "Job":
@@ -202,7 +203,8 @@ class _Planner:
         m = registry.get("attack", attack)
         yaml_path = m.config_path(self.study.config_name("attack", attack, dataset, False))
         if not yaml_path.is_file():
-            self.notes.append(f"{attack} on {dataset}: no config {yaml_path.name} to read its own pratio from; left out")
+            self.notes.append(f"{attack} on {dataset}: no config {yaml_path.name} to read its own "
+                              f"pratio from; left out")
             return None
         return float(resolve(m.schema(), str(yaml_path), {}).pratio)
 
@@ -216,9 +218,10 @@ class _Planner:
         deps = list(dict.fromkeys(deps))
         if key in jobs and jobs[key].point != point:
             a, b = jobs[key].point, point
-            diff = ", ".join(f"{k} {a.get(k)!r} / {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-            raise ConfigError(f"{study.path}: two grid points give the same output folder {key} ({diff}); make the grid's "
-                              f"values distinct (e.g. pratios that differ in their first 6 significant digits)")
+            diff = ", ".join(f"{k} {a.get(k)!r} / {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                             if a.get(k) != b.get(k))
+            raise ConfigError(f"{study.path}: two grid points give the same output folder {key} ({diff}); make the "
+                              f"grid's values distinct (e.g. pratios that differ in their first 6 significant digits)")
         if key in jobs or key in self.failed_keys:
             return key in jobs
         if any(d in self.failed_keys for d in deps):
@@ -230,8 +233,8 @@ class _Planner:
         if not yaml_path.is_file():
             shown = yaml_path.relative_to(ROOT) if yaml_path.is_relative_to(ROOT) else yaml_path
             have = ", ".join(sorted(p.stem for p in m.config_dir.glob("*.yaml"))) or "nothing"
-            self.notes.append(f"{key}: no config {shown} (config/{registry.KIND_DIRS[kind]}/{method}/ has: {have}); job and "
-                              f"dependents left out")
+            self.notes.append(f"{key}: no config {shown} (config/{registry.KIND_DIRS[kind]}/{method}/ has: {have}); "
+                              f"job and dependents left out")
             self.failed_keys.add(key)
             return False
         schema = m.schema()
@@ -248,12 +251,13 @@ class _Planner:
             over["random_seed"] = point["seed"] + RA_DRAW_STRIDE * point.get("draw", 0)
         bad = [k for k in over if k not in schema]
         if bad:
-            raise ConfigError(f"{study.path}: set: {kind} {method} has no key(s) {bad}; valid: {', '.join(sorted(schema))}")
+            raise ConfigError(f"{study.path}: set: {kind} {method} has no key(s) {bad}; valid: "
+                              f"{', '.join(sorted(schema))}")
         cfg = resolve(schema, str(yaml_path), over)
         if "clean_reference" in m.needs_of(cfg) and not clean:
             if clean_ref is None:
-                self.notes.append(f"{key}: {method} (as configured) needs the clean reference: set clean_reference: true; "
-                                  f"job and dependents left out")
+                self.notes.append(f"{key}: {method} (as configured) needs the clean reference: set clean_reference: "
+                                  f"true; job and dependents left out")
                 self.failed_keys.add(key)
                 return False
             over[m.need_key("clean_reference")] = clean_ref
@@ -269,7 +273,8 @@ class _Planner:
         return True
 
     def skipped(self, attack: str) -> dict:
-        """The study's retuning attacks and analyses that cannot use ``attack``'s records: name -> why (their ``skip``)."""
+        """The study's retuning attacks and analyses that cannot use ``attack``'s records: name -> why (their
+        ``skip``)."""
         if attack not in registry.names("attack"):
             return {}
         out = {m.name: m.skip(attack) for m in self.downstream if m.skip is not None}
@@ -299,7 +304,8 @@ class _Planner:
             if mod.which not in m.on or m.name in skipped:
                 continue
             only = self.study.only_defenses.get(m.name)
-            if mod.which == "defense" and only is not None and mod.label not in only and mod.point["defense"] not in only:
+            if (mod.which == "defense" and only is not None and mod.label not in only
+                    and mod.point["defense"] not in only):
                 continue
             deps, fixed = list(mod.deps), {}
             if m.kind == "retune":  # written inside the model's folder, named after the method (BackdoorBench's way)
@@ -339,16 +345,18 @@ class _Planner:
         self.plan_model(Model("record", rname, "none", tuple(rdeps), {**pt, "target": "none"},
                               {**rec, "defense": "none"}), rname, cname, skipped)
         if cname is not None:
-            self.plan_model(Model("clean", cname, "clean", tuple([cname] + rdeps), {**pt, "target": "clean", "clean": cname},
-                                  {"result_file": cname, "defense": "none"}), rname, cname, skipped)
+            self.plan_model(Model("clean", cname, "clean", tuple([cname] + rdeps),
+                                  {**pt, "target": "clean", "clean": cname}, {"result_file": cname, "defense": "none"}),
+                            rname, cname, skipped)
         targets = [(d, registry.get("defense", d).folder, True) for d in study.defenses]
         targets += [(d, d, False) for d in study.external_defenses]
         if found:  # a folder made elsewhere must be there now; the grid's records are made by this study
             rdir = study.study_dir / rname
-            gone = [f for d, f, ours in targets if not ours and not (rdir / "defense" / f / "defense_result.pt").is_file()]
+            gone = [f for d, f, ours in targets
+                    if not ours and not (rdir / "defense" / f / "defense_result.pt").is_file()]
             if gone:
-                self.notes.append(f"{rname}: no defense folder {', '.join(gone)} (no defense/<folder>/defense_result.pt); "
-                                  f"left out")
+                self.notes.append(f"{rname}: no defense folder {', '.join(gone)} (no "
+                                  f"defense/<folder>/defense_result.pt); left out")
             targets = [t for t in targets if t[2] or t[1] not in gone]
         planned: list = []  # the defense folders whose model is in the plan (made here, or found)
         self.records.append({"key": rname, "point": dict(pt), "clean": cname, "found": found, "defenses": planned})
@@ -405,8 +413,8 @@ class _Planner:
             known = set().union(*(m.schema() for m in registry.methods(kind)))
             typos = [k for k in unused if k not in known]
             if typos:  # no method of that kind has them: a typo
-                raise ConfigError(f"{study.path}: set.{scope} has key(s) {typos} that no {kind} method accepts; valid for "
-                                  f"this study's {scope} jobs: {', '.join(sorted(keys))}")
+                raise ConfigError(f"{study.path}: set.{scope} has key(s) {typos} that no {kind} method accepts; valid "
+                                  f"for this study's {scope} jobs: {', '.join(sorted(keys))}")
             self.notes.append(f"set.{scope}: {', '.join(unused)} not used (no {scope} method of this study has them)")
 
 

@@ -25,8 +25,8 @@ METRICS = ("test_acc", "test_asr", "test_ra")
 
 
 def _row(label: str, model_folder: Path, name: str | None, ra_folder: Path, defended: bool = True) -> dict:
-    """One model's row: its metrics (bdsafety.study.results.model_metrics, the study's reader: a defense folder without a
-    summary of its own reads RA's epoch-0 evaluation, ``source``) and RA's columns (RA's registered summary)."""
+    """One model's row: its metrics (bdsafety.study.results.model_metrics, the study's reader: a defense folder without
+    a summary of its own reads RA's epoch-0 evaluation, ``source``) and RA's columns (RA's registered summary)."""
     after, source = model_metrics(model_folder, name, ra_folder, defended)
     p = registry.get("retune", "ra").summary(ra_folder)
     return {"model": label, **{k: after.get(k, math.nan) for k in METRICS},
@@ -47,7 +47,8 @@ def collect(result_file: str, record_root: str = "./record", clean_record: str |
     return pd.DataFrame(rows).set_index("model")
 
 
-def ra_curves(result_file: str, record_root: str = "./record", clean_record: str | None = None) -> dict[str, pd.DataFrame]:
+def ra_curves(result_file: str, record_root: str = "./record",
+              clean_record: str | None = None) -> dict[str, pd.DataFrame]:
     """{model: ra_df} for every model that has a retuning-attack run."""
     rd = resolve_record_dir(result_file, record_root)
     found = {"No defense": rd / "ra"}
@@ -89,7 +90,8 @@ def to_markdown(df: pd.DataFrame) -> str:
     def pct(v):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
-    lines = [f"| {m} | " + " | ".join(pct(r[k]) for k in (*METRICS, *(f"p_{k}" for k in METRICS))) + " |" for m, r in df.iterrows()]
+    lines = [f"| {m} | " + " | ".join(pct(r[k]) for k in (*METRICS, *(f"p_{k}" for k in METRICS))) + " |"
+             for m, r in df.iterrows()]
     return head + "\n".join(lines) + "\n"
 
 
@@ -115,7 +117,8 @@ def plot_ra_curves(curves: dict[str, pd.DataFrame], path: Path, title: str = "")
 
 def main(argv=None) -> None:
 
-    p = argparse.ArgumentParser(prog="analysis/report.py", description="Paper-style table (+ RA curves plot) of one record")
+    p = argparse.ArgumentParser(prog="analysis/report.py",
+                                description="Paper-style table (+ RA curves plot) of one record")
     p.add_argument("--result_file", required=True)
     p.add_argument("--record_root", default="./record")
     p.add_argument("--clean_record", default=None, help="clean reference record (pratio 0) to add as the 'Clean' row")

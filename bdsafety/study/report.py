@@ -3,8 +3,8 @@
 Header: the study's jobs and the study runs that produced their outputs (bdsafety.study.history, from the job markers:
 so a rerun that ran nothing still describes the outputs' history), the last run, its command and the code (git commit,
 dirty flag). Then, per dataset / attack / pratio / model: the verdict table (mean [95% interval] of C-Acc, ASR, P-ASR,
-DER, P-DER and a plain verdict per defense), the paper's claims, the per-stage table (mean ± std [min, max] over seeds in
-percent of C-Acc and ASR at the paper's three stages and QRA, DER / P-DER), and beside them that grid point's figures
+DER, P-DER and a plain verdict per defense), the paper's claims, the per-stage table (mean ± std [min, max] over seeds
+in percent of C-Acc and ASR at the paper's three stages and QRA, DER / P-DER), and beside them that grid point's figures
 (ASR vs RA epoch, LMC path, P-ASR vs RA budget, QRA examples). In report.html the cells are coloured by robustness with
 the study's verdict thresholds (``tone``, stated in the legend).
 """
@@ -45,8 +45,8 @@ def _cell(vals: pd.Series, scale: float = 100.0, digits: int = 1) -> str:
 VERDICT_TEXT = (
     "Cells: percent, mean [95% interval]: RA draws are averaged within each seed, the interval is Student's t over the "
     "seeds (one seed: over the RA draws, which then shows only the retuning draw's spread). P-ASR: ASR after the "
-    "retuning attack; benign-retune P-ASR: the same RA with 0 poisoned samples; P-ASR - clean: paired difference to the "
-    "clean reference model under the same RA draws. DER / P-DER: BackdoorBench's defense effectiveness rating from "
+    "retuning attack; benign-retune P-ASR: the same RA with 0 poisoned samples; P-ASR - clean: paired difference to "
+    "the clean reference model under the same RA draws. DER / P-DER: BackdoorBench's defense effectiveness rating from "
     "the ASR after the defense / after RA (1 best, 0.5 no change). Thresholds, fixed before any result: purified when "
     "ASR <= {purified_asr:g}%; the backdoor returns under RA when P-ASR - clean > {returns_margin:g} points with the "
     "interval above 0 (dormant: the same under benign retuning); claim (c)'s C-Acc cost is close to FST's when the "
@@ -150,8 +150,8 @@ def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict) -> pd.DataFrame:
             if kind == "regain":
                 e = paired(gm, "p_asr", d, "clean") if "clean" in present else NAN
                 holds = e.mean > th["returns_margin"] and e.above_zero
-                rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(clean)", "difference": e.fmt(),
-                             "holds": _yes(e, holds)})
+                rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(clean)",
+                             "difference": e.fmt(), "holds": _yes(e, holds)})
             elif kind == "no_regain":
                 if d == "clean":
                     e = clustered(gm[gm["defense"] == "clean"], "p_asr")
@@ -161,17 +161,17 @@ def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict) -> pd.DataFrame:
                 else:
                     e = paired(gm, "p_asr", d, "clean") if "clean" in present else NAN
                     holds = e.mean <= th["returns_margin"]
-                    rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(clean)", "difference": e.fmt(),
-                                 "holds": _yes(e, holds)})
+                    rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(clean)",
+                                 "difference": e.fmt(), "holds": _yes(e, holds)})
             elif "fst" in present:
                 e1 = paired(gm, "p_asr", d, "fst")
                 e2 = paired(g, "o_robustness_acc", d, "fst", match=("seed",))
                 ok1 = e1.below_zero
                 ok2 = (e2.low if e2.n > 1 else e2.mean) >= -th["acc_margin"]
-                rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(fst)", "difference": e1.fmt(),
-                             "holds": _yes(e1, ok1)})
-                rows.append({"claim": label, "defense": d, "comparison": f"C-Acc({d}) - C-Acc(fst)", "difference": e2.fmt(),
-                             "holds": _yes(e2, ok2)})
+                rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(fst)",
+                             "difference": e1.fmt(), "holds": _yes(e1, ok1)})
+                rows.append({"claim": label, "defense": d, "comparison": f"C-Acc({d}) - C-Acc(fst)",
+                             "difference": e2.fmt(), "holds": _yes(e2, ok2)})
     return pd.DataFrame(rows)
 
 
@@ -200,14 +200,15 @@ def _title(key) -> str:
 
 # Cell colours of report.html. Columns of an ASR (percent): low is robust. DER / P-DER: a shade from red at 0.5 (no
 # change) to green at 1 (the whole backdoor removed at no C-Acc cost).
-ASR_COLUMNS = {"ASR", "P-ASR", "benign-retune P-ASR", "O-Backdoor ASR", "O-Robustness ASR", "P-ASR (after RA)", "QRA ASR",
-               "QRA ASR on clean model"}
+ASR_COLUMNS = {"ASR", "P-ASR", "benign-retune P-ASR", "O-Backdoor ASR", "O-Robustness ASR", "P-ASR (after RA)",
+               "QRA ASR", "QRA ASR on clean model"}
 DER_COLUMNS = {"DER", "P-DER"}
 _NUM = re.compile(r"^(-?\d+(?:\.\d+)?)(?: ± \d+(?:\.\d+)?)?(?: \[(-?\d+(?:\.\d+)?), (-?\d+(?:\.\d+)?)\])?$")
 
 
 def _numbers(text) -> tuple:
-    """(mean, low, high) of a formatted cell ('12.3', '12.3 [10.1, 14.5]', '12.3 ± 1.0 [min, max]'); NaN where absent."""
+    """(mean, low, high) of a formatted cell ('12.3', '12.3 [10.1, 14.5]', '12.3 ± 1.0 [min, max]'); NaN where
+    absent."""
     m = _NUM.match(str(text).strip())
     if not m:
         return math.nan, math.nan, math.nan
@@ -254,22 +255,22 @@ def html_table(t: pd.DataFrame, th: dict, cls: str = "results") -> str:
 
 def legend(th: dict) -> str:
     """The colours of report.html and their thresholds (the study's ``verdict``), as one sentence."""
-    return (f"Colours (report.html): ASR, P-ASR and QRA ASR cells green when <= {100 * th['purified_asr']:g}% (purified_asr), "
-            f"red above; P-ASR - clean green when <= {100 * th['returns_margin']:g} points (returns_margin), red above with "
-            f"its interval above 0, amber above with an interval reaching 0; DER / P-DER shaded from red at 0.5 (no change) "
-            f"to green at 1 (all of the backdoor removed at no C-Acc cost); verdicts green (stays purified), amber (dormant), "
-            f"red (not purified, or returns under RA).")
+    return (f"Colours (report.html): ASR, P-ASR and QRA ASR cells green when <= {100 * th['purified_asr']:g}% "
+            f"(purified_asr), red above; P-ASR - clean green when <= {100 * th['returns_margin']:g} points "
+            f"(returns_margin), red above with its interval above 0, amber above with an interval reaching 0; DER / "
+            f"P-DER shaded from red at 0.5 (no change) to green at 1 (all of the backdoor removed at no C-Acc cost); "
+            f"verdicts green (stays purified), amber (dormant), red (not purified, or returns under RA).")
 
 
 def legend_html(th: dict) -> str:
     items = [("ok", f"ASR / P-ASR <= {100 * th['purified_asr']:g}%; P-ASR - clean <= {100 * th['returns_margin']:g} "
                     f"points; stays purified"),
              ("warn", f"P-ASR - clean > {100 * th['returns_margin']:g} points, interval reaching 0; dormant"),
-             ("bad", f"ASR / P-ASR > {100 * th['purified_asr']:g}%; P-ASR - clean > {100 * th['returns_margin']:g} points, "
-                     f"interval above 0; not purified, or returns under RA")]
+             ("bad", f"ASR / P-ASR > {100 * th['purified_asr']:g}%; P-ASR - clean > {100 * th['returns_margin']:g} "
+                     f"points, interval above 0; not purified, or returns under RA")]
     spans = "".join(f"<span class='key {k}'>{html.escape(text)}</span>" for k, text in items)
-    der = ("<span class='key' style='background:linear-gradient(90deg,hsl(0,70%,85%),hsl(120,70%,85%))'>DER / P-DER: 0.5 "
-           "(no change) to 1 (all of the backdoor removed at no C-Acc cost)</span>")
+    der = ("<span class='key' style='background:linear-gradient(90deg,hsl(0,70%,85%),hsl(120,70%,85%))'>DER / P-DER: "
+           "0.5 (no change) to 1 (all of the backdoor removed at no C-Acc cost)</span>")
     return f"<p class='legend'>Colours: {spans}{der}</p>"
 
 
@@ -298,8 +299,8 @@ def _plot(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, path: 
 
 
 def figures(plan, study_dir: Path, valid: set | None = None, report_dir: Path | None = None) -> list:
-    """[(grid point title, caption, png path)] under ``report_dir`` (default the study folder)/figures, from the outputs in
-    ``study_dir``; the title is the heading of the grid point's tables (``_title``)."""
+    """[(grid point title, caption, png path)] under ``report_dir`` (default the study folder)/figures, from the outputs
+    in ``study_dir``; the title is the heading of the grid point's tables (``_title``)."""
     report_dir = Path(report_dir or study_dir)
     fig_dir = report_dir / "figures"
     out = []
@@ -351,15 +352,16 @@ def header(summary: dict) -> list:
 
 
 def _sections(df: pd.DataFrame, verdicts: list, figs: list) -> list:
-    """[(title, verdict table or None, claims table or None, detail table or None, [(caption, path)])] per grid point, in
-    the order of the tables; figures of no table's grid point come last under 'Other figures'."""
+    """[(title, verdict table or None, claims table or None, detail table or None, [(caption, path)])] per grid point,
+    in the order of the tables; figures of no table's grid point come last under 'Other figures'."""
     by_title: dict = {}
     for title, t, c in verdicts:
         by_title.setdefault(title, [title, None, None, None, []])[1:3] = [t, c]
     for title, t in tables(df):
         by_title.setdefault(title, [title, None, None, None, []])[3] = t
     for title, cap, path in figs:
-        by_title.setdefault(title if title in by_title else "Other figures", ["Other figures", None, None, None, []])[4].append(
+        by_title.setdefault(title if title in by_title else "Other figures",
+                            ["Other figures", None, None, None, []])[4].append(
             (cap, path))
     return [tuple(v) for v in by_title.values()]
 
@@ -387,16 +389,18 @@ def time_lines(times: pd.DataFrame, top: int = 5) -> list:
         return []
     path = done[done["on_critical_path"]]
     total, crit = float(done["wall_s"].sum()), float(path["wall_s"].sum())
-    out = [f"Compute: {total:,.0f} s summed over {len(done)} jobs (their wall times; jobs.csv lists each). Critical path: "
-           f"{crit:,.0f} s, the chain of dependent jobs no number of workers can shorten: "
+    out = [f"Compute: {total:,.0f} s summed over {len(done)} jobs (their wall times; jobs.csv lists each). Critical "
+           f"path: {crit:,.0f} s, the chain of dependent jobs no number of workers can shorten: "
            + " -> ".join(f"`{r.key}` ({r.wall_s:.0f} s)" for r in path.itertuples()) + "."]
     longest = done.sort_values("wall_s", ascending=False).head(top)
-    out.append("Longest jobs: " + ", ".join(f"`{r.key}` ({r.method}, {r.wall_s:.0f} s)" for r in longest.itertuples()) + ".")
+    out.append("Longest jobs: "
+               + ", ".join(f"`{r.key}` ({r.method}, {r.wall_s:.0f} s)" for r in longest.itertuples()) + ".")
     return out
 
 
 CLAIMS_LINE = "Claims (paired differences, percent points, mean [95% interval]):"
-DETAIL_LINE = "Per stage: percent, mean ± std [min, max] over seeds (one value when one seed); DER / P-DER as fractions."
+DETAIL_LINE = ("Per stage: percent, mean ± std [min, max] over seeds (one value when one seed); "
+               "DER / P-DER as fractions.")
 
 
 def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: set | None = None,
@@ -428,12 +432,14 @@ def write_report(plan, study_dir: Path, df: pd.DataFrame, summary: dict, valid: 
     if timing:
         md += ["## Time", ""] + timing + [""]
     if fails:
-        md += ["## Failed jobs", ""] + [f"- `{r['key']}`: {r.get('error', '')} (log: `{r.get('log', '')}`)" for r in fails] + [""]
+        md += (["## Failed jobs", ""]
+               + [f"- `{r['key']}`: {r.get('error', '')} (log: `{r.get('log', '')}`)" for r in fails] + [""])
     if plan.notes:
         md += ["## Notes", ""] + [f"- {n}" for n in plan.notes] + [""]
     md_path = atomic_write_text(report_dir / "report.md", "\n".join(md).rstrip("\n") + "\n")
-    html_path = atomic_write_text(report_dir / "report.html", _html(plan, facts, intro, verdict_text if verdicts else None,
-                                                                    sections, fails, th, timing))
+    html_path = atomic_write_text(report_dir / "report.html",
+                                  _html(plan, facts, intro, verdict_text if verdicts else None,
+                                        sections, fails, th, timing))
     return md_path, html_path
 
 
@@ -444,8 +450,9 @@ def _code(text: str) -> str:
 
 
 STYLE = ("body{font-family:sans-serif;max-width:1700px;margin:auto;padding:0 12px}table{border-collapse:collapse;"
-         "margin:6px 0}td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child"
-         "{text-align:left}dl.head{display:grid;grid-template-columns:max-content auto;gap:2px 12px}dl.head dt{font-weight:bold}"
+         "margin:6px 0}td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+         "td:first-child,th:first-child{text-align:left}"
+         "dl.head{display:grid;grid-template-columns:max-content auto;gap:2px 12px}dl.head dt{font-weight:bold}"
          "dl.head dd{margin:0}.ok{background:#c8efc8}.warn{background:#ffe3a6}.bad{background:#f7c1c1}"
          ".key{padding:1px 6px;margin:0 4px;border-radius:3px;display:inline-block}"
          ".point{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.tables{flex:1 1 760px;overflow-x:auto}"
@@ -477,9 +484,12 @@ def _html(plan, facts: list, intro: str, verdict_text: str | None, sections: lis
     if timing:
         parts += ["<h2>Time</h2>"] + [f"<p>{_code(t)}</p>" for t in timing]
     if fails:
-        parts += ["<h2>Failed jobs</h2><ul>"] + [f"<li><code>{html.escape(r['key'])}</code>: {html.escape(str(r.get('error', '')))} "
-                                                 f"(log <code>{html.escape(str(r.get('log', '')))}</code>)</li>" for r in fails] + ["</ul>"]
+        parts += ["<h2>Failed jobs</h2><ul>"] + [f"<li><code>{html.escape(r['key'])}</code>: "
+                                                 f"{html.escape(str(r.get('error', '')))} (log "
+                                                 f"<code>{html.escape(str(r.get('log', '')))}</code>)</li>"
+                                                 for r in fails] + ["</ul>"]
     if plan.notes:
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{html.escape(n)}</li>" for n in plan.notes] + ["</ul>"]
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>Study " + html.escape(plan.study.name) + "</title><style>"
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>Study " + html.escape(plan.study.name)
+            + "</title><style>"
             + STYLE + "</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

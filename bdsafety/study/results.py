@@ -65,7 +65,8 @@ def _summary(folder: Path, name: str | None) -> dict:
         return {}
 
 
-def model_metrics(folder: Path, name: str | None, ra_dir: Path | None = None, defended: bool = True) -> tuple[dict, str | None]:
+def model_metrics(folder: Path, name: str | None, ra_dir: Path | None = None,
+                  defended: bool = True) -> tuple[dict, str | None]:
     """(last C-Acc/ASR/RA of the model in ``folder``, where they come from): its metrics summary ('summary'), or, for a
     ``defended`` model's folder without one (a BackdoorBench run that wrote only defense_result.pt), the evaluation
     its retuning attack ``ra_dir`` made before the first step ('ra_epoch0'); ({}, None) when neither exists.
@@ -146,7 +147,8 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
     study_dir = Path(study_dir)
     if valid is not None:  # what the study reads as found (records and defense folders made elsewhere) is current
         valid = set(valid) | {r["key"] for r in plan.records if r["found"]}
-        valid |= {f"{r['key']}/defense/{f}" for r in plan.records for f in r["defenses"] if f in plan.study.external_defenses}
+        valid |= {f"{r['key']}/defense/{f}" for r in plan.records for f in r["defenses"]
+                  if f in plan.study.external_defenses}
 
     def ok(folder: Path) -> Path:
         if valid is None or folder.relative_to(study_dir).as_posix() in valid:
@@ -167,10 +169,11 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
         for name, folder, sname in targets:
             mains = {m: output_dir(study_dir, k) for m, k in plan.mains.get((rname, name), {}).items()}
             ra_dir = mains.get("ra", study_dir / ".missing")
-            row = {"dataset": p["dataset"], "attack": p["attack"], "pratio": p["pratio"], "model": p["model"], "defense": name,
-                   "seed": p["seed"], "record": rname}
+            row = {"dataset": p["dataset"], "attack": p["attack"], "pratio": p["pratio"], "model": p["model"],
+                   "defense": name, "seed": p["seed"], "record": rname}
             _stage(row, "o_backdoor", bd)
-            after, row["o_robustness_source"] = model_metrics(ok(folder), sname, ok(ra_dir), name not in ("none", "clean"))
+            after, row["o_robustness_source"] = model_metrics(ok(folder), sname, ok(ra_dir),
+                                                              name not in ("none", "clean"))
             _stage(row, "o_robustness", after)
             for m in down:  # each retuning attack's and analysis's own columns (registry: summary)
                 if m.summary is not None:
@@ -182,7 +185,8 @@ def collect(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
             row["defense_wall_s"] = _wall(ok(folder)) if name not in ("none", "clean") else math.nan
             for m in down:
                 row[f"{m.name}_wall_s"] = _wall(ok(mains.get(m.name, study_dir / ".missing")))
-            missing = [s for s, k in (("attack", "o_backdoor_asr"), ("model", "o_robustness_asr")) if math.isnan(row[k])]
+            missing = [s for s, k in (("attack", "o_backdoor_asr"), ("model", "o_robustness_asr"))
+                       if math.isnan(row[k])]
             if "ra" in study.retune and math.isnan(row["p_robustness_asr"]):
                 missing.append("ra")
             row["status"] = "ok" if not missing else "missing " + ",".join(missing)
@@ -201,8 +205,10 @@ def _draws(row: dict, runs: pd.DataFrame, defense: str, p: dict) -> None:
     row.update(p_robustness_asr_draws=math.nan, p_robustness_asr_draws_n=0, ra_control_asr=math.nan)
     if not runs.empty:
         mine = runs[(runs["record"] == p["record"]) & (runs["defense"] == defense)]
-        main, control = mine[mine["role"] == "ra"]["p_asr"].dropna(), mine[mine["role"] == "ra_control"]["p_asr"].dropna()
-        row.update(p_robustness_asr_draws=float(main.mean()) if len(main) else math.nan, p_robustness_asr_draws_n=len(main),
+        main, control = (mine[mine["role"] == "ra"]["p_asr"].dropna(),
+                         mine[mine["role"] == "ra_control"]["p_asr"].dropna())
+        row.update(p_robustness_asr_draws=float(main.mean()) if len(main) else math.nan,
+                   p_robustness_asr_draws_n=len(main),
                    ra_control_asr=float(control.mean()) if len(control) else math.nan)
     bd = (row["o_backdoor_acc"], row["o_backdoor_asr"])
     row["der"] = float(der(*bd, row["o_robustness_acc"], row["o_robustness_asr"]))
@@ -229,10 +235,11 @@ def ra_runs(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
             continue
         c = pd.read_csv(f).sort_values("epoch")
         out.append({**{k: p.get(k) for k in ("dataset", "attack", "pratio", "model")}, "defense": p["target"],
-                    "seed": p["seed"], "record": p["record"], "role": p["role"], "poison_num": int(j.config["poison_num"]),
-                    "draw": int(p.get("draw", 0)), "random_seed": int(j.config["random_seed"]),
-                    "before_acc": float(c["test_acc"].iloc[0]), "before_asr": float(c["test_asr"].iloc[0]),
-                    "p_acc": float(c["test_acc"].iloc[-1]), "p_asr": float(c["test_asr"].iloc[-1])})
+                    "seed": p["seed"], "record": p["record"], "role": p["role"],
+                    "poison_num": int(j.config["poison_num"]), "draw": int(p.get("draw", 0)),
+                    "random_seed": int(j.config["random_seed"]), "before_acc": float(c["test_acc"].iloc[0]),
+                    "before_asr": float(c["test_asr"].iloc[0]), "p_acc": float(c["test_acc"].iloc[-1]),
+                    "p_asr": float(c["test_asr"].iloc[-1])})
     return pd.DataFrame(out)
 
 
@@ -246,15 +253,16 @@ def ra_curves(plan, study_dir: Path, valid: set | None = None) -> pd.DataFrame:
     out = []
     for j in plan.jobs:
         p = j.point
-        if j.kind != "retune" or j.method != "ra" or p.get("role") != "ra" or (valid is not None and j.key not in valid):
+        if (j.kind != "retune" or j.method != "ra" or p.get("role") != "ra"
+                or (valid is not None and j.key not in valid)):
             continue
         f = output_dir(study_dir, j.key) / "ra_df.csv"
         if f.is_file():
             c = pd.read_csv(f)
             for _, r in c.iterrows():
-                out.append({**{k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")}, "defense": p["target"],
-                            "draw": int(p.get("draw", 0)), "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),
-                            "test_acc": r.get("test_acc")})
+                out.append({**{k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")},
+                            "defense": p["target"], "draw": int(p.get("draw", 0)), "epoch": int(r["epoch"]),
+                            "test_asr": r.get("test_asr"), "test_acc": r.get("test_acc")})
     return pd.DataFrame(out)
 
 
@@ -266,7 +274,8 @@ def lmc_curves(plan, study_dir: Path, analysis: str = "lmc", valid: set | None =
         if f.is_file() and (valid is None or key in valid):
             c = pd.read_csv(f)
             for _, r in c.iterrows():
-                out.append({**{k: t[k] for k in POINT}, "alpha": float(r["alpha"]), "asr": r["asr"], "clean_acc": r["clean_acc"]})
+                out.append({**{k: t[k] for k in POINT}, "alpha": float(r["alpha"]), "asr": r["asr"],
+                            "clean_acc": r["clean_acc"]})
     return pd.DataFrame(out)
 
 
@@ -279,8 +288,8 @@ def collect_targets(plan, study_dir: Path) -> list:
         base = {k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")}
         if j.kind == "retune" and j.method == "ra" and p.get("role") == "ra" and not p.get("draw", 0):
             rdir = output_dir(study_dir, p["record"])
-            out.append({**base, "defense": p["target"], "record_dir": rdir, "ra_dir": output_dir(study_dir, j.key), "ra_key": j.key,
-                        "folder": output_dir(study_dir, j.key).parent})
+            out.append({**base, "defense": p["target"], "record_dir": rdir, "ra_dir": output_dir(study_dir, j.key),
+                        "ra_key": j.key, "folder": output_dir(study_dir, j.key).parent})
     return out
 
 
@@ -297,9 +306,9 @@ def ra_budget_curves(plan, study_dir: Path, valid: set | None = None) -> pd.Data
         f = output_dir(study_dir, j.key) / "ra_df.csv"
         if f.is_file() and (valid is None or j.key in valid):
             for _, r in pd.read_csv(f).iterrows():
-                out.append({**{k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")}, "defense": p["target"],
-                            "poison_num": int(j.config["poison_num"]), "draw": int(p.get("draw", 0)), "epoch": int(r["epoch"]),
-                            "test_asr": r.get("test_asr"),
+                out.append({**{k: p.get(k) for k in ("dataset", "attack", "pratio", "model", "seed")},
+                            "defense": p["target"], "poison_num": int(j.config["poison_num"]),
+                            "draw": int(p.get("draw", 0)), "epoch": int(r["epoch"]), "test_asr": r.get("test_asr"),
                             "test_acc": r.get("test_acc")})
     return pd.DataFrame(out)
 

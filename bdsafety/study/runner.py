@@ -2,7 +2,8 @@
 
 Expands the study's grid into jobs, runs those that are not up to date (new, config changed, output deleted, or
 downstream of one of those), skips the dependents of a failed job, then writes results.csv, report.md and
-report.html to the study's report_dir (default: the study folder), whose path it prints last. Exit status 1 when a job failed.
+report.html to the study's report_dir (default: the study folder), whose path it prints last. Exit status 1 when a job
+failed.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def assess(plan: Plan, force: bool = False) -> tuple[dict, list, dict]:
             why[j.key] = ("new" if not (sd / j.key).exists() else "output without a finished marker" if other is None
                           else f"output of another study (report folder {other}): it will be refused, not replaced")
         elif marker.get("id") != j.id:
-            same = json.dumps(marker.get("config"), sort_keys=True, default=str) == json.dumps(j.config, sort_keys=True, default=str)
+            same = (json.dumps(marker.get("config"), sort_keys=True, default=str)
+                    == json.dumps(j.config, sort_keys=True, default=str))
             why[j.key] = "upstream config changed" if same else "config changed"
         else:
             why[j.key] = "upstream reran"
@@ -88,7 +90,8 @@ def print_plan(plan: Plan, todo: list, why: dict, out=None) -> None:
     kinds: dict = {}
     st = plan.study
     where = f"in {st.study_dir}" + ("" if st.report_dir == st.study_dir else f", its report in {st.report_dir}")
-    print(f"study {st.name}: {len(plan.jobs)} jobs ({len(plan.jobs) - len(todo)} up to date, {len(todo)} to run) {where}",
+    print(f"study {st.name}: {len(plan.jobs)} jobs ({len(plan.jobs) - len(todo)} up to date, "
+          f"{len(todo)} to run) {where}",
           file=out)
     for j in plan.jobs:
         kinds[f"{j.kind} {j.method}"] = kinds.get(f"{j.kind} {j.method}", 0) + 1
@@ -102,11 +105,11 @@ def print_plan(plan: Plan, todo: list, why: dict, out=None) -> None:
     print(f"{len(plan.jobs)} jobs, {len(todo)} to run", file=out)
 
 
-def run_study(yaml_path: str | None, executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
-              dry_run: bool = False, fresh: bool = False, progress: bool = True, record_root: str | None = None,
-              study_dir: str | None = None, out=None, threads: int | None = None, trust_record: bool = False,
-              study: Study | None = None, command: str | None = None, attacks: list | None = None,
-              seeds: list | None = None) -> Outcome:
+def run_study(yaml_path: str | None, executor: str = "local", ray_address: str | None = None,
+              ray_num_cpus: int | None = None, dry_run: bool = False, fresh: bool = False, progress: bool = True,
+              record_root: str | None = None, study_dir: str | None = None, out=None, threads: int | None = None,
+              trust_record: bool = False, study: Study | None = None, command: str | None = None,
+              attacks: list | None = None, seeds: list | None = None) -> Outcome:
     """Run the study of ``yaml_path`` (or the ``study`` given, e.g. built in memory by bdsafety.study.audit).
     ``command``: the command line that started it, for the report's header (default: the equivalent
     analysis/run_study.py command)."""
@@ -122,11 +125,12 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
     study.trust_record = bool(trust_record)
     if study.unknown and not dry_run:
 
-        raise ConfigError(f"{yaml_path}: {'; '.join(study.unknown)}. Fix the name, or list it under expected_later: in the "
-                          f"study yaml if it is a method still to be merged (it is then left out with a note)")
+        raise ConfigError(f"{yaml_path}: {'; '.join(study.unknown)}. Fix the name, or list it under expected_later: in "
+                          f"the study yaml if it is a method still to be merged (it is then left out with a note)")
     if trust_record and not dry_run:
         print("WARNING: --trust_record: every job of this study loads its records' pickles without the safe-loading "
-              "allow-list; code inside a record file may run. Use it only for records you made or trust.", file=out, flush=True)
+              "allow-list; code inside a record file may run. Use it only for records you made or trust.",
+              file=out, flush=True)
     plan = build_plan(study)
     current, todo, why = assess(plan, force=fresh)
     sd, rd = study.study_dir, study.report_dir
@@ -137,7 +141,8 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
         return Outcome(sd, plan, current, 0.0)
     sd.mkdir(parents=True, exist_ok=True)
     rd.mkdir(parents=True, exist_ok=True)
-    run = new_run(command or cli_command("analysis/run_study.py", ["--yaml_path", str(yaml_path), "--study_dir", str(sd)]
+    run = new_run(command or cli_command("analysis/run_study.py",
+                                         ["--yaml_path", str(yaml_path), "--study_dir", str(sd)]
                                          + (["--executor", executor] if executor != "local" else [])), executor)
     for n in plan.notes:
         print(f"note: {n}", file=out)
@@ -154,7 +159,8 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
         count[0] += 1
         prog.record(r)
         prog.write()
-        what = {"ran": f"done in {r.get('wall_s', 0):.0f}s", "failed": f"FAILED: {r.get('error', '')} (log {r.get('log')})",
+        what = {"ran": f"done in {r.get('wall_s', 0):.0f}s",
+                "failed": f"FAILED: {r.get('error', '')} (log {r.get('log')})",
                 "skipped": f"skipped: {r.get('error', '')}"}.get(r["status"], r["status"])
         eta = "" if count[0] == len(todo) else f", {format_eta(prog.eta_s())}"
         line = f"[study {count[0]}/{len(todo)} {time.time() - t0:5.0f}s{eta}] {r['key']}: {what}"
@@ -187,8 +193,8 @@ def finish(oc: Outcome, executor: str, out=None) -> None:
     valid = {k for k, r in oc.results.items() if r.get("status") in ("done", "ran")}
     df = collect(plan, sd, valid=valid)
     oc.results_csv = atomic_write_text(rd / "results.csv", df.to_csv(index=False))
-    summary = {"state": "finished", "line": line, "executor": executor, "wall_s": round(oc.wall_s, 1), "failed": oc.failed,
-               "skipped": [r for r in oc.results.values() if r.get("status") == "skipped"],
+    summary = {"state": "finished", "line": line, "executor": executor, "wall_s": round(oc.wall_s, 1),
+               "failed": oc.failed, "skipped": [r for r in oc.results.values() if r.get("status") == "skipped"],
                "jobs": {k: {kk: r.get(kk) for kk in ("status", "wall_s", "id", "log", "error", "finished")}
                         | {"study_run": (r.get("study_run") or {}).get("id")} for k, r in oc.results.items()},
                "notes": plan.notes, "history": summarize(oc.results, oc.run or new_run("-", executor), oc.wall_s)}
@@ -212,23 +218,27 @@ def finish(oc: Outcome, executor: str, out=None) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="analysis/run_study.py", description=__doc__.split("\n")[0])
     p.add_argument("--yaml_path", required=True, help="the study yaml, e.g. config/study/demo.yaml")
-    p.add_argument("--executor", default="local", choices=EXECUTORS, help="local (default: one job after the other, in this "
-                                                                         "process) or ray (jobs as Ray tasks)")
-    p.add_argument("--ray_address", default=None, help="join this Ray cluster (e.g. auto, or the head's ip:6379); default: "
-                                                       "start a local Ray instance")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local (default: one job after the other, in this process) or ray (jobs as Ray tasks)")
+    p.add_argument("--ray_address", default=None, help="join this Ray cluster (e.g. auto, or the head's ip:6379); "
+                                                       "default: start a local Ray instance")
     p.add_argument("--ray_num_cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--record_root", default=None, help="folder holding the study folder (default: the yaml's, else ./record)")
+    p.add_argument("--record_root", default=None, help="folder holding the study folder (default: the yaml's, "
+                                                       "else ./record)")
     p.add_argument("--study_dir", default=None, help="the study folder (default <record_root>/study_<name>)")
-    p.add_argument("--dry_run", action="store_true", help="print the jobs (DAG, what would run and why) and their count")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the jobs (DAG, what would run and why) and their count")
     p.add_argument("--fresh", action="store_true", help="rerun every job")
-    p.add_argument("--threads", type=int, default=None, help="local executor: torch threads per job (default: all of this "
-                                                             "machine's); on Ray each job gets its num_cpus")
-    p.add_argument("--attacks", default=None, help="run only these of the yaml's attacks (comma-separated): a chunk of the "
-                                                   "grid, e.g. one attack and seed per sitting (merge: analysis/merge_studies.py)")
+    p.add_argument("--threads", type=int, default=None, help="local executor: torch threads per job (default: all of "
+                                                             "this machine's); on Ray each job gets its num_cpus")
+    p.add_argument("--attacks", default=None, help="run only these of the yaml's attacks (comma-separated): a chunk of "
+                                                   "the grid, e.g. one attack and seed per sitting (merge: "
+                                                   "analysis/merge_studies.py)")
     p.add_argument("--seeds", default=None, help="run only these of the yaml's seeds (comma-separated)")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--trust_record", action="store_true", help="let every job load its records' pickles without the "
-                                                               "safe-loading allow-list (code in them may run); never a yaml value")
+                                                               "safe-loading allow-list (code in them may run); "
+                                                               "never a yaml value")
     a = p.parse_args(argv)
     if a.ray_address and a.executor != "ray":
         p.error("--ray_address needs --executor ray")

@@ -1,32 +1,33 @@
-"""The study yaml: a grid of datasets x attacks x poison ratios x models x defenses x retuning attacks x analyses x seeds.
+"""The study yaml: a grid of datasets x attacks x poison ratios x models x defenses x retuning attacks x analyses x
+seeds.
 
-    name: demo                      # the study folder: <record_root>/study_<name>/ (records, results.csv, report)
+    name: demo                    # the study folder: <record_root>/study_<name>/ (records, results.csv, report)
     datasets: [synthetic]
     models: [cnn_small]
-    attacks: [badnet]               # registered attack names ('all' = every registered attack)
-    pratios: [0.1]                  # or [attack]: each attack's own pratio (its yaml's value)
+    attacks: [badnet]             # registered attack names ('all' = every registered attack)
+    pratios: [0.1]                # or [attack]: each attack's own pratio (its yaml's value)
     seeds: [0]
-    clean_reference: true           # a clean record (the attack's own settings, pratio 0) per attack/dataset/model/seed
-    defenses: [fst, pam]            # registered defense names, or 'all'
-    external_defenses: []           # defense folders made elsewhere (e.g. by BackdoorBench) to retune/analyse as found
-    records: []                     # records made elsewhere (folder names under the study folder), read as found: no
-                                    # attack job, dataset / model / attack / pratio read from each record; the grid keys
-                                    # (datasets, models, attacks, pratios) may then be left out; at most one seed
-    report_dir: audit               # the study's own files (results.csv, report.*, study.json, logs/, figures/);
-                                    # relative to the study folder; default: the study folder itself
-    retune: [ra, qra]               # registered retuning attacks
-    ra_poison_nums: [1, 10]         # optional RA budget: one more RA per model and number of poisoned samples
-    ra_control: true                # optional benign-retune control: the same RA with 0 poisoned samples on every model
-    ra_draws: 5                     # RA draws per model (other poisoned samples, clean subset and batch order); default 1
-    ra_budget_draws: 1              # draws of each budget RA (default 1)
-    verdict: {purified_asr: 0.2}    # thresholds of the report's verdicts (bdsafety/study/stats.py VERDICT_DEFAULTS)
-    qra_defenses: all               # which defenses QRA attacks (default: all of them)
-    analyses: [lmc]                 # registered analyses (one run per defense)
-    configs: {synthetic: demo}      # yaml of each method: config/<kind>/<method>/<name>.yaml; keys: a method, a kind,
-                                    # 'clean' or a dataset ('{dataset}' is replaced); default: the dataset's name
-    set:                            # key: value overrides of those yamls; keys: a kind, 'clean' or a method name
-      attack: {epochs: 20}          # (method beats 'clean' beats kind)
-    resources:                      # per job (Ray executor): 'default', a kind, 'clean' or a method name
+    clean_reference: true         # a clean record (the attack's own settings, pratio 0) per attack/dataset/model/seed
+    defenses: [fst, pam]          # registered defense names, or 'all'
+    external_defenses: []         # defense folders made elsewhere (e.g. by BackdoorBench) to retune/analyse as found
+    records: []                   # records made elsewhere (folder names under the study folder), read as found: no
+                                  # attack job, dataset / model / attack / pratio read from each record; the grid keys
+                                  # (datasets, models, attacks, pratios) may then be left out; at most one seed
+    report_dir: audit             # the study's own files (results.csv, report.*, study.json, logs/, figures/);
+                                  # relative to the study folder; default: the study folder itself
+    retune: [ra, qra]             # registered retuning attacks
+    ra_poison_nums: [1, 10]       # optional RA budget: one more RA per model and number of poisoned samples
+    ra_control: true              # optional benign-retune control: the same RA with 0 poisoned samples on every model
+    ra_draws: 5                   # RA draws per model (other poisoned samples, clean subset and batch order); default 1
+    ra_budget_draws: 1            # draws of each budget RA (default 1)
+    verdict: {purified_asr: 0.2}  # thresholds of the report's verdicts (bdsafety/study/stats.py VERDICT_DEFAULTS)
+    qra_defenses: all             # which defenses QRA attacks (default: all of them)
+    analyses: [lmc]               # registered analyses (one run per defense)
+    configs: {synthetic: demo}    # yaml of each method: config/<kind>/<method>/<name>.yaml; keys: a method, a kind,
+                                  # 'clean' or a dataset ('{dataset}' is replaced); default: the dataset's name
+    set:                          # key: value overrides of those yamls; keys: a kind, 'clean' or a method name
+      attack: {epochs: 20}        # (method beats 'clean' beats kind)
+    resources:                    # per job (Ray executor): 'default', a kind, 'clean' or a method name
       default: {num_cpus: 1, num_gpus: 0}
       defense: {num_cpus: 1, num_gpus: 0.25}
 
@@ -70,10 +71,12 @@ _KEYS = {
     "defenses": "list of registered defenses, or 'all'",
     "external_defenses": "defense folders already in the records (e.g. BackdoorBench's) to retune and analyse",
     "records": "records made elsewhere (folder names under the study folder) to defend, retune and analyse as found",
-    "report_dir": "folder of the study's own files (results.csv, report, study.json, logs/, figures/); default the study folder",
+    "report_dir": "folder of the study's own files (results.csv, report, study.json, logs/, figures/); "
+                  "default the study folder",
     "retune": "list of retuning attacks (ra, qra)",
     "ra_poison_nums": "RA budget: extra RA runs per model with these numbers of poisoned samples (P-ASR vs budget)",
-    "ra_control": "benign-retune control: the same RA with 0 poisoned samples on every model (true/false, default false)",
+    "ra_control": "benign-retune control: the same RA with 0 poisoned samples on every model "
+                  "(true/false, default false)",
     "ra_draws": "RA draws per model: draw k retunes with random_seed = seed + 1000 k (default 1: the seed itself)",
     "ra_budget_draws": "draws of each RA budget run (default 1)",
     "expected_later": "method names that are not registered yet but will be (another branch): notes instead of errors",
@@ -188,7 +191,8 @@ def _resolve_names(kind: str, given: list, notes: list, what: str, unknown: list
             m = registry.get(kind, n)
         except ConfigError:
             close = difflib.get_close_matches(n, available, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else " (not registered yet: its jobs appear once it is merged)"
+            hint = (f" (did you mean '{close[0]}'?)" if close
+                    else " (not registered yet: its jobs appear once it is merged)")
             notes.append(f"{what} '{n}' is not a registered {kind}{hint}; registered: {', '.join(available)}")
             if unknown is not None and n not in expected:
                 unknown.append(notes[-1])
@@ -234,8 +238,8 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
             raise ConfigError(f"{path}: '{key}' is required: a non-empty list"
                               + (" (the grid keys go together)" if found else " (or list records: made elsewhere)"))
     if found and not grid and len(_list(data.get("seeds"), "seeds")) > 1:
-        raise ConfigError(f"{path}: records: a found record is one trained model: give at most one seed (its RA draws use "
-                          f"random_seed = seed + 1000 k; for more draws set ra_draws)")
+        raise ConfigError(f"{path}: records: a found record is one trained model: give at most one seed (its RA draws "
+                          f"use random_seed = seed + 1000 k; for more draws set ra_draws)")
     rdir = Path(data.get("report_dir") or ".")
     report_dir = (rdir if rdir.is_absolute() else sdir / rdir).resolve()
     pratios = []
@@ -249,7 +253,8 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
             raise ConfigError(f"{path}: pratios must be numbers in (0, 1), or '{OWN_PRATIO}' (each attack's own value "
                               f"from its yaml), got {p!r}") from None
         if not 0 < p < 1:
-            raise ConfigError(f"{path}: pratios must be in (0, 1) (the clean reference is clean_reference: true), got {p}")
+            raise ConfigError(f"{path}: pratios must be in (0, 1) (the clean reference is clean_reference: "
+                              f"true), got {p}")
         pratios.append(p)
     seeds = []
     for s in _list(data.get("seeds"), "seeds") or [0]:
@@ -265,8 +270,8 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
                 raise ConfigError(f"{path}: resources.{k}.{rk} must be a number >= 0, got {rv!r}")
     unregistered: list[str] = []
     expected = tuple(str(n) for n in _list(data.get("expected_later"), "expected_later"))
-    for key in ("datasets", "models", "attacks", "pratios", "seeds", "defenses", "external_defenses", "records", "retune",
-                "analyses"):
+    for key in ("datasets", "models", "attacks", "pratios", "seeds", "defenses", "external_defenses", "records",
+                "retune", "analyses"):
         vals = [str(v) for v in _list(data.get(key), key)]
         dup = sorted({v for v in vals if vals.count(v) > 1})
         if dup:
@@ -295,20 +300,21 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
         try:
             str(v).format(dataset="x")
         except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"{path}: configs.{k} = {v!r} is not a config name pattern ({type(e).__name__}: {e}); the only "
-                              f"placeholder is {{dataset}}, e.g. {{dataset}}_paper") from None
+            raise ConfigError(f"{path}: configs.{k} = {v!r} is not a config name pattern ({type(e).__name__}: {e}); "
+                              f"the only placeholder is {{dataset}}, e.g. {{dataset}}_paper") from None
     if (control or draws["ra_draws"] > 1) and "ra" not in retune:
         raise ConfigError(f"{path}: ra_control / ra_draws need ra in retune")
     verdict = verdict_thresholds(_mapping(data.get("verdict"), "verdict", nested=False), path)
     st = Study(
-        name=name, path=path, study_dir=sdir, dataset_path=Path(data["dataset_path"]).resolve() if data.get("dataset_path") else None,
-        device=str(data.get("device") or "auto"),
-        datasets=[str(d) for d in _list(data.get("datasets"), "datasets")],
+        name=name, path=path, study_dir=sdir,
+        dataset_path=Path(data["dataset_path"]).resolve() if data.get("dataset_path") else None,
+        device=str(data.get("device") or "auto"), datasets=[str(d) for d in _list(data.get("datasets"), "datasets")],
         models=[str(m) for m in _list(data.get("models"), "models")],
         attacks=names("attack", "attacks", "attack"), pratios=pratios, seeds=seeds,
         clean_reference=bool(data.get("clean_reference", True)),
         defenses=names("defense", "defenses", "defense"),
-        external_defenses=[check_folder_name(str(d), "external_defenses") for d in _list(data.get("external_defenses"), "")],
+        external_defenses=[check_folder_name(str(d), "external_defenses")
+                           for d in _list(data.get("external_defenses"), "")],
         records=found, report_dir=report_dir,
         retune=retune, ra_poison_nums=nums, ra_control=control, ra_draws=draws["ra_draws"],
         ra_budget_draws=draws["ra_budget_draws"], verdict=verdict,
@@ -334,7 +340,8 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
             if d not in known:
                 close = difflib.get_close_matches(d, sorted(known), n=1)
                 msg = (f"{m}_defenses names '{d}', which is not a defense of this study"
-                       f"{f' (did you mean {close[0]!r}?)' if close else ''}; its defenses: {', '.join(sorted(known)) or 'none'}")
+                       f"{f' (did you mean {close[0]!r}?)' if close else ''}; its defenses: "
+                       f"{', '.join(sorted(known)) or 'none'}")
                 notes.append(msg)
                 if d not in expected:
                     st.unknown.append(msg)
@@ -345,13 +352,14 @@ def study_from_dict(data: dict, path: Path, record_root: str | None = None, stud
 # keys every job gets from the study itself: never from set:
 STUDY_SET_KEYS = {
     "save_folder_name": "the study names every output folder", "save_name": "the study names every output folder",
-    "result_file": "the study chooses the record each job reads", "defense": "the study chooses the model each job reads",
-    "clean_record": "the study chooses the clean reference", "poison_source": "the study chooses the poison source",
-    "ra_name": "the study chooses the RA model QRA reads", "dataset": "use the study key datasets",
-    "model": "use the study key models", "pratio": "use the study key pratios", "random_seed": "use the study key seeds",
-    "record_root": "use the study key record_root (or --record_root)", "dataset_path": "use the study key dataset_path",
-    "device": "use the study key device", "overwrite": "the study decides what it may replace",
-    "dependents": "the study decides what it may replace", "no_progress": "the study prints its own progress",
+    "result_file": "the study chooses the record each job reads",
+    "defense": "the study chooses the model each job reads", "clean_record": "the study chooses the clean reference",
+    "poison_source": "the study chooses the poison source", "ra_name": "the study chooses the RA model QRA reads",
+    "dataset": "use the study key datasets", "model": "use the study key models", "pratio": "use the study key pratios",
+    "random_seed": "use the study key seeds", "record_root": "use the study key record_root (or --record_root)",
+    "dataset_path": "use the study key dataset_path", "device": "use the study key device",
+    "overwrite": "the study decides what it may replace", "dependents": "the study decides what it may replace",
+    "no_progress": "the study prints its own progress",
     "trust_record": "trusting a record's pickles is the command-line decision --trust_record of analysis/run_study.py",
 }
 
@@ -360,8 +368,8 @@ def _check_set(st: Study, path) -> None:
     for scope, over in st.set.items():
         for k in over:
             if k in STUDY_SET_KEYS:
-                raise ConfigError(f"{path}: set.{scope}.{k}: '{k}' is set by the study itself ({STUDY_SET_KEYS[k]}); remove "
-                                  f"it from set:")
+                raise ConfigError(f"{path}: set.{scope}.{k}: '{k}' is set by the study itself ({STUDY_SET_KEYS[k]}); "
+                                  f"remove it from set:")
 
 
 def narrow(study: Study, attacks: list | None = None, seeds: list | None = None) -> Study:
@@ -375,8 +383,8 @@ def narrow(study: Study, attacks: list | None = None, seeds: list | None = None)
             continue
         bad = [v for v in given if v not in have]
         if bad:
-            raise ConfigError(f"--{key} {','.join(map(str, bad))}: not in {study.path}'s {key} ({', '.join(map(str, have))}); "
-                              f"a chunk is part of the yaml's grid")
+            raise ConfigError(f"--{key} {','.join(map(str, bad))}: not in {study.path}'s {key} "
+                              f"({', '.join(map(str, have))}); a chunk is part of the yaml's grid")
         change[key] = [v for v in have if v in given]
     return dataclasses.replace(study, **change) if change else study
 

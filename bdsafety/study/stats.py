@@ -149,9 +149,11 @@ def verdict(asr: Estimate, returns: Estimate | None, dormant: Estimate | None, t
     if returns is not None and not math.isnan(returns.mean):
         if returns.mean > th["returns_margin"] and returns.above_zero:
             out = "purified, backdoor returns under RA"
-    if dormant is not None and not math.isnan(dormant.mean) and dormant.mean > th["returns_margin"] and dormant.above_zero:
+    if (dormant is not None and not math.isnan(dormant.mean) and dormant.mean > th["returns_margin"]
+            and dormant.above_zero):
         out += "; dormant: returns under benign retuning"
     return out
 
 
-__all__ = ["VERDICT_DEFAULTS", "Estimate", "interval", "clustered", "paired", "der", "verdict", "verdict_thresholds", "t975"]
+__all__ = ["VERDICT_DEFAULTS", "Estimate", "interval", "clustered", "paired", "der", "verdict",
+           "verdict_thresholds", "t975"]
