@@ -83,7 +83,7 @@ class Method:
     configs: tuple = DATASET_CONFIGS + ("demo",)  # config/<kind dir>/<name>/<config>.yaml that must exist
     module: str = ""
     expand: Callable | None = None  # cfg -> list of cfgs: one run per element (e.g. PAM's --rho_sweep); None: one run
-    select: Callable | None = None  # (cfg, outputs of the expanded runs) -> None: picks one on validation data
+    select: Callable | None = None  # (cfg, [(run cfg, its output folder)]) -> None: picks one on validation data
     resolve: Callable | None = None  # cfg -> cfg before the run: fills values that depend on others (ANP's variant)
     on: tuple = ()  # retune / analysis: the models of each record a study runs it on (ON)
     variants: Callable | None = None  # study -> [Variant]: the runs per model (None: one, Variant())

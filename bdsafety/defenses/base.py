@@ -125,7 +125,7 @@ def run_defense_method(method, cfg: SimpleNamespace):
     cfgs = method.expand(cfg)
     outs = [run_defense(method, c) for c in cfgs]
     if method.select is not None and len(cfgs) > 1:
-        method.select(cfg, outs)
+        method.select(cfg, list(zip(cfgs, outs)))  # each run's own config with its output folder
     return outs
 
 

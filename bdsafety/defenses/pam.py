@@ -352,18 +352,18 @@ def sweep_configs(cfg: SimpleNamespace, name: str = NAME) -> list[SimpleNamespac
     return out
 
 
-def select_rho(cfg: SimpleNamespace, outputs: list, name: str = NAME) -> Path | None:
+def select_rho(cfg: SimpleNamespace, runs: list, name: str = NAME) -> Path | None:
     """After a rho sweep with rho_select val: choose one rho from the runs' VALIDATION C-Acc (bdsafety.selection)
     and write defense/<base>_rho_selection.yaml."""
     if cfg.rho_select != "val":
         return None
 
     cands = []
-    for out in outputs:
+    for run_cfg, out in runs:  # rho from the run's own config; its validation accuracy from what the run wrote
         meta = yaml.safe_load((Path(out) / "config.yaml").read_text())
-        cands.append({"rho": float(meta["config"]["rho"]), "val_acc": meta.get("val_acc"), "output": Path(out).name})
+        cands.append({"rho": float(run_cfg.rho), "val_acc": meta.get("val_acc"), "output": Path(out).name})
     chosen, criterion = select(cands, key="rho", criterion="largest_within_tol", tol=cfg.rho_select_tol)
-    path = Path(outputs[0]).parent / f"{cfg.save_name or name}_rho_selection.yaml"
+    path = Path(runs[0][1]).parent / f"{cfg.save_name or name}_rho_selection.yaml"
     write_selection(path, what="PAM rho", key="rho", chosen=chosen, criterion=criterion, candidates=cands)
     print(f"[pam] rho selected on validation data: {chosen['rho']:g} ({criterion}) -> {path}", flush=True)
     return path
