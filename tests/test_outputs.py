@@ -325,3 +325,48 @@ def test_a_new_analysis_is_one_function_the_kind_runner_writes(root):
     assert len(calls) == 1  # refused before the method ran
     (again,) = m.run_config(cfg.replace(overwrite=True))
     assert again == out and len(calls) == 2
+
+
+# ------------------------------------------------------------------------------- a shared inversion, prepared once
+def _defense_job(root: Path, method: str, **over):
+    from bdsafety.config import resolve
+    from bdsafety.study.plan import Job, id_config
+
+    m = get("defense", method)
+    yaml_path = str(m.config_path("demo"))
+    over = {"result_file": "tiny", "record_root": str(root), "device": "cpu", "no_progress": True, "overwrite": True,
+            "dependents": "delete", "ratio": 0.2, "n_rounds": 1, "epochs": 1, "bti_pretrain_epochs": 1,
+            "bti_mask_epochs": 1, "bti_gen_epochs": 1, **over}
+    over = {k: v for k, v in over.items() if k in m.schema()}
+    cfg = resolve(m.schema(), yaml_path, over)
+    return Job(key=f"tiny/defense/{method}", kind="defense", method=method, yaml_path=yaml_path, overrides=over,
+               deps=[], resources={"num_cpus": 1}, point={"record": "tiny"}, config=id_config(cfg, m.schema()))
+
+
+def test_a_shared_inversion_is_prepared_once_without_writing_the_defense(root):
+    """The Ray executor's prepare task (bdsafety.study.execute.prepare_job) runs a job's own code path up to its shared
+    trigger inversion and stops there: the inversion is cached in the record, no defense folder is written; the job
+    then reads it from the cache. Only the jobs that read an inversion (not PAM's real-sample oracle, not a
+    bti_refresh) share one, and the executor groups them by record."""
+    from bdsafety.study.execute import prepare_job, run_job, shares_inversion
+    from bdsafety.study.executors import inversion_groups
+
+    job = _defense_job(root, "pam")
+    r = prepare_job(job.to_dict(), str(root), {})
+    assert r["status"] == "prepared", r
+    cached = list((root / "tiny" / "bti_inversion").glob("*.pt"))
+    assert len(cached) == 1 and not (root / "tiny" / "defense" / "pam").exists()
+    stamp = cached[0].stat().st_mtime_ns
+    r = run_job(job.to_dict(), str(root), {})
+    assert r["status"] == "ran", r
+    assert (root / "tiny" / "defense" / "pam" / "defense_result.pt").is_file()
+    assert cached[0].stat().st_mtime_ns == stamp  # read from the cache, not computed again
+    bti_dbf, real = _defense_job(root, "bti_dbf"), _defense_job(root, "pam_reinvert", pam_source="real")
+    assert shares_inversion(job) and shares_inversion(bti_dbf) and not shares_inversion(real)
+    assert not shares_inversion(_defense_job(root, "pam", bti_refresh=True))
+    ft = _defense_job(root, "ft")
+    assert inversion_groups([job, ft, bti_dbf, real]) == {"tiny": [job, bti_dbf]}
+    assert inversion_groups([job, ft]) == {}
+    before = digest(root / "tiny" / "defense" / "ft")
+    r = prepare_job(ft.to_dict(), str(root), {})  # a method that shares no cache: nothing prepared, nothing written
+    assert r["status"] == "nothing to prepare" and digest(root / "tiny" / "defense" / "ft") == before

@@ -205,6 +205,27 @@ def test_local_and_ray_give_the_same_results(tiny_study, tmp_path):
     pd.testing.assert_frame_equal(a.drop(columns=timing_columns(a)), b.drop(columns=timing_columns(b)))
 
 
+@pytest.mark.slow
+def test_ray_prepares_a_shared_inversion_once_and_gives_the_local_results(tmp_path):
+    """On Ray, BTI-DBF(U) and pam on one record wait in Ray's queue for a prepare task that computes their shared
+    trigger inversion once (bdsafety.study.execute.prepare_job), instead of one of them holding a worker while the
+    other computes it; the results are those of the local executor."""
+    pytest.importorskip("ray")
+    bti = {"n_rounds": 1, "epochs": 1, "ratio": 0.2, "bti_pretrain_epochs": 1, "bti_mask_epochs": 1,
+           "bti_gen_epochs": 1}
+    y = _yaml(tmp_path / "inv.yaml", top={"name": "inv", "defenses": ["bti_dbf", "pam"], "retune": [], "analyses": [],
+                                         "clean_reference": False}, bti_dbf=bti, pam=bti)
+    local, _ = _run(y, tmp_path / "local")
+    oc, _ = _run(y, tmp_path / "ray", executor="ray", ray_num_cpus=2)
+    assert not oc.failed and not local.failed
+    rec = tmp_path / "ray" / REC
+    assert len(list((rec / "bti_inversion").glob("*.pt"))) == 1
+    logs = [(tmp_path / "ray" / "logs" / f"{REC}__defense__{d}.log").read_text() for d in ("bti_dbf", "pam")]
+    assert sum("prepare" in log.splitlines()[0] for log in logs) == 1  # one prepare run, logged first by its job
+    a, b = pd.read_csv(tmp_path / "local" / "results.csv"), pd.read_csv(tmp_path / "ray" / "results.csv")
+    pd.testing.assert_frame_equal(a.drop(columns=timing_columns(a)), b.drop(columns=timing_columns(b)))
+
+
 def test_paper_grid_dry_run_lists_its_jobs(capsys):
     attacks = [a for a in ("badnet", "blended", "ssba", "lc") if a in registry.names("attack")]
     defenses = [d for d in ("exact_purification", "anp", "i_bau", "ft_sam", "fst", "bti_dbf", "pam", "pam_reinvert")

@@ -16,6 +16,8 @@ every artifact, and every extra index file the defense reports (``indices``).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import time
 from dataclasses import dataclass, field
@@ -52,6 +54,32 @@ DEFENSE_SCHEMA = {
     "lr": Option(0.01, "learning rate", check=Check(lo=0, lo_open=True, text="a finite number > 0")),
     "eval_every": Option(1, "evaluate C-Acc/ASR/RA every N epochs (and at the last)", check=POS_INT),
 }
+
+
+class Prepared(Exception):
+    """Raised in prepare mode (``prepare_only``) once a run's shared cache exists: the rest of the run is not done."""
+
+
+_PREPARE_ONLY = contextvars.ContextVar("bdsafety_prepare_only", default=False)
+
+
+@contextlib.contextmanager
+def prepare_only():
+    """Inside this block a defense run stops with ``Prepared`` as soon as the cache it shares with other runs exists
+    (``shared_cache_ready``, e.g. the BTI-DBF trigger inversion of PAM, pam_reinvert and BTI-DBF(U)), and never writes
+    its output: the study's Ray executor computes a shared inversion once this way, through the first run's own code
+    path, so that the runs sharing it never hold a worker while they wait for it."""
+    token = _PREPARE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _PREPARE_ONLY.reset(token)
+
+
+def shared_cache_ready(what: str) -> None:
+    """Called by a method once its shared cache (``what``) is in place: in prepare mode the run stops here."""
+    if _PREPARE_ONLY.get():
+        raise Prepared(what)
 
 
 def defense_schema(**extra: Option) -> dict:
@@ -151,6 +179,8 @@ def run_defense(method, cfg: SimpleNamespace) -> Path:
         f"{len(idx)} reserved clean samples" + (f" + {len(val_idx)} for validation" if len(val_idx) else "")
         + f"; before: {format_metrics(before)}")
     result = method.run(ctx)
+    if _PREPARE_ONLY.get():  # the method shares no cache: nothing to prepare, and a prepare run never writes
+        raise Prepared("")
     if not isinstance(result, DefenseResult):
         raise TypeError(f"defense {method.name} returned {type(result).__name__}, expected a DefenseResult")
     model = result.model

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from bdsafety.config import NONNEG, POS_INT, POSITIVE, Option
 from bdsafety.data.device import DeviceDataset, iterate_batches
-from bdsafety.defenses.base import defense_schema
+from bdsafety.defenses.base import defense_schema, shared_cache_ready
 from bdsafety.engine import autocast
 from bdsafety.errors import ConfigError, TrainingDiverged
 from bdsafety.safeio import RecordError, atomic_torch_save, safe_torch_load
@@ -777,7 +777,9 @@ def load_or_invert(exp, model: nn.Module, reserved_idx, reserved: DeviceDataset,
     key = cache_key(cfg, reserved_idx, model, reserved if reserved_idx is None else None)
     path = cache_path(exp, key)
     with _cache_lock(path, log):
-        return _load_or_invert(exp, model, reserved, cfg, log, refresh, key, path)
+        inv = _load_or_invert(exp, model, reserved, cfg, log, refresh, key, path)
+    shared_cache_ready(str(path))  # a prepare run (bdsafety.defenses.base.prepare_only) stops here
+    return inv
 
 
 def _load_or_invert(exp, model, reserved, cfg, log, refresh, key, path) -> InversionResult:

@@ -377,10 +377,15 @@ DESCRIPTIONS = {
 }
 
 
+def _needs_for(cfg) -> tuple:
+    """PAM shares the BTI-DBF inversion only when it uses it (pam_source inverted, not the real-sample oracle)."""
+    return ("inversion_cache",) if cfg.pam_source == "inverted" else ()
+
+
 def _register_variants() -> None:
     for variant in VARIANTS:
         register("defense", variant, schema=functools.partial(schema, variant), needs=("inversion_cache",),
-                 expand=functools.partial(sweep_configs, name=variant),
+                 needs_for=_needs_for, expand=functools.partial(sweep_configs, name=variant),
                  select=functools.partial(select_rho, name=variant), description=DESCRIPTIONS[variant])(pam)
 
 

@@ -35,6 +35,7 @@ import torch
 
 from bdsafety import registry
 from bdsafety.config import resolve
+from bdsafety.defenses.base import Prepared, prepare_only
 from bdsafety.errors import ConfigError, OutputError
 from bdsafety.safeio import atomic_write_text
 from bdsafety.study.plan import Job, id_config
@@ -224,6 +225,54 @@ def run_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None 
                 traceback.print_exc()
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 return {**res, "status": "failed", "error": f"{type(e).__name__}: {msg}", "wall_s": time.time() - t0}
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def shares_inversion(job) -> bool:
+    """Whether ``job`` reads a trigger inversion it may share with other runs on its record (its method's
+    ``inversion_cache`` need, for its config) without recomputing it (``bti_refresh``)."""
+    if job.kind != "defense" or job.config.get("bti_refresh"):
+        return False
+    m = registry.get(job.kind, job.method)
+    return "inversion_cache" in m.needs_of(resolve(m.schema(), job.yaml_path, job.overrides))
+
+
+def prepare_job(job_dict: dict, study_dir: str, upstream: dict, threads: int | None = None,
+                report_dir: str | None = None) -> dict:
+    """Compute the cache ``job`` shares with other jobs (its trigger inversion) through the job's own code path, and
+    stop there (bdsafety.defenses.base.prepare_only): no output, no marker. The Ray executor runs this before the
+    jobs sharing the cache, so that none of them holds a worker while another computes it. Never raises for the job's
+    own error: the job itself runs afterwards and reports it."""
+    job = Job.from_dict(job_dict)
+    report_dir = study_dir if report_dir is None else report_dir
+    res = {"key": job.key, "id": job.id}
+    if any((upstream.get(k) or {}).get("status") not in ("done", "ran") for k in job.deps):
+        return {**res, "status": "skipped"}
+    log = log_path(report_dir, job.key)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads or round(float(job.resources.get("num_cpus", 1)) or 1))))
+    t0 = time.time()
+    try:
+        with open(log, "a") as f, contextlib.redirect_stdout(_Tee(f)), contextlib.redirect_stderr(_Tee(f)):
+            print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} prepare {job.method} -> {job.key}: its shared trigger "
+                  f"inversion only (pid {os.getpid()})", flush=True)
+            try:
+                with prepare_only():
+                    _run_method(job, study_dir)
+            except Prepared as e:
+                what = str(e)  # '': the method ran to its end without a shared cache (nothing written)
+                print(f"=== {'prepared ' + what if what else 'nothing to prepare'} in {time.time() - t0:.1f}s",
+                      flush=True)
+                return {**res, "status": "prepared" if what else "nothing to prepare", "wall_s": time.time() - t0}
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # noqa: BLE001  (the job itself runs next and reports its error)
+                print(f"=== prepare failed ({type(e).__name__}: {e}); the job computes what it needs itself",
+                      flush=True)
+                return {**res, "status": "failed", "wall_s": time.time() - t0}
+            return {**res, "status": "nothing to prepare", "wall_s": time.time() - t0}  # not a defense: never here
     finally:
         torch.set_num_threads(old_threads)
 

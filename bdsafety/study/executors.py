@@ -4,7 +4,10 @@
 torch threads (``threads``; the study's num_cpus only matter on Ray). ``ray`` makes each job a Ray task with
 the resources the study yaml gives its kind (fractional GPUs let several small jobs share one device); a job's
 upstream results are passed to it as Ray object refs, so Ray starts it when they are ready and independent jobs
-run concurrently. Both call ``bdsafety.study.execute.run_job``, so they write the same outputs.
+run concurrently. Jobs of one record that share a trigger inversion (BTI-DBF(U), pam, pam_reinvert) wait, in Ray's
+queue rather than on a worker, for a prepare task that computes it once through the first job's own code path
+(``bdsafety.study.execute.prepare_job``). Both executors call ``bdsafety.study.execute.run_job``, so they write the
+same outputs.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from bdsafety.errors import ConfigError
-from bdsafety.study.execute import log_path, run_job
+from bdsafety.study.execute import log_path, prepare_job, run_job, shares_inversion
 
 EXECUTORS = ("local", "ray")
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -38,6 +41,21 @@ def _ray_task(job: dict, study_dir: str, report_dir: str, study_run: dict | None
 
     return run_job(job, study_dir, {**static_up, **dict(zip(dyn_keys, dyn_results))}, report_dir=report_dir,
                    study_run=study_run)
+
+
+def _ray_prepare(job: dict, study_dir: str, report_dir: str, static_up: dict, dyn_keys: list, *dyn_results):
+
+    return prepare_job(job, study_dir, {**static_up, **dict(zip(dyn_keys, dyn_results))}, report_dir=report_dir)
+
+
+def inversion_groups(todo: list) -> dict:
+    """record -> the jobs of ``todo`` on it that share a trigger inversion (execute.shares_inversion), where two or more
+    do: the Ray executor computes the inversion once, in a prepare task, before any of them starts."""
+    groups: dict = {}
+    for j in todo:
+        if shares_inversion(j):
+            groups.setdefault(j.point.get("record"), []).append(j)
+    return {r: js for r, js in groups.items() if len(js) > 1}
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None):
@@ -86,15 +104,26 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
     ray, started = start_ray(address, num_cpus)
     try:
         check_resources(ray, todo)
-        task = ray.remote(_ray_task)
+        task, prepare = ray.remote(_ray_task), ray.remote(_ray_prepare)
         refs, key_of = {}, {}
+        # jobs sharing a trigger inversion (BTI-DBF(U), pam, pam_reinvert on one record): a prepare task computes it
+        # first, through the first job's own code path; the jobs wait for it in Ray's queue, not on a worker
+        group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js}
+        prepared: dict = {}
         for j in todo:
             static_up = {d: current[d] for d in j.deps if d in current}
             dyn = [d for d in j.deps if d in refs]
-            ref = task.options(num_cpus=float(j.resources.get("num_cpus", 1)),
-                               num_gpus=float(j.resources.get("num_gpus", 0)),
-                               name=j.key, max_retries=1).remote(j.to_dict(), str(study_dir), str(report_dir),
-                                                                 study_run, static_up, dyn, *[refs[d] for d in dyn])
+            opts = dict(num_cpus=float(j.resources.get("num_cpus", 1)), num_gpus=float(j.resources.get("num_gpus", 0)))
+            extra = []
+            if j.key in group_of:
+                g = group_of[j.key]
+                if g not in prepared:
+                    prepared[g] = prepare.options(**opts, name=f"{j.key} (prepare)", max_retries=0).remote(
+                        j.to_dict(), str(study_dir), str(report_dir), static_up, dyn, *[refs[d] for d in dyn])
+                extra = [prepared[g]]
+            ref = task.options(**opts, name=j.key, max_retries=1).remote(
+                j.to_dict(), str(study_dir), str(report_dir), study_run, static_up, dyn + ["(prepare)"] * len(extra),
+                *[refs[d] for d in dyn], *extra)
             refs[j.key] = ref
             key_of[ref] = j
         results = dict(current)
