@@ -642,6 +642,22 @@ def test_chunks_of_a_grid_merge_into_one_report(tiny_study, tmp_path):
         merge_main(["--inputs", str(a), str(a), "--out", str(tmp_path / "twice")])
 
 
+def _register_probe(tmp_path, monkeypatch, base, **fields):
+    """Register a new method ``fields['name']`` in the test only, with ``base``'s demo.yaml as its only config."""
+    cdir = tmp_path / fields["name"]
+    cdir.mkdir()
+    shutil.copy(base.config_path("demo"), cdir / "demo.yaml")
+
+    class _Probe(registry.Method):
+        @property
+        def config_dir(self):
+            return cdir
+
+    probe = _Probe(kind=base.kind, run=base.run, description="probe", folder=fields["name"], **fields)
+    monkeypatch.setitem(registry._REGISTRY, (base.kind, fields["name"]), probe)
+    return probe
+
+
 def test_a_new_retuning_attack_is_planned_from_its_declarations_alone(tmp_path, monkeypatch):
     """The planner has no case for any retuning attack: a new one (here 'probe', registered in the test with RA's run
     and schema plus QRA's ra_name) is planned from what it declares -- the models it runs on, its needs (ra_model: after
@@ -652,21 +668,10 @@ def test_a_new_retuning_attack_is_planned_from_its_declarations_alone(tmp_path, 
     from bdsafety.study.spec import load_study
 
     ra = registry.get("retune", "ra")
-    cdir = tmp_path / "probe"
-    cdir.mkdir()
-    shutil.copy(ra.config_path("demo"), cdir / "demo.yaml")
-
-    class _Probe(registry.Method):
-        @property
-        def config_dir(self):
-            return cdir
-
     ra_name = registry.get("retune", "qra").schema()["ra_name"]
-    probe = _Probe(kind="retune", name="probe", run=ra.run, schema=lambda: {**ra.schema(), "ra_name": ra_name},
-                   description="probe", folder="probe",
-                   needs=frozenset({"defense", "ra_model", "poisoned_pool"}), on=("clean", "defense"),
-                   variants=lambda st: [registry.Variant(), registry.Variant("probe_p2", "_p2", {"poison_num": 2}, 2)])
-    monkeypatch.setitem(registry._REGISTRY, ("retune", "probe"), probe)
+    _register_probe(tmp_path, monkeypatch, ra, name="probe", schema=lambda: {**ra.schema(), "ra_name": ra_name},
+                    needs=frozenset({"defense", "ra_model", "poisoned_pool"}), on=("clean", "defense"),
+                    variants=lambda st: [registry.Variant(), registry.Variant("probe_p2", "_p2", {"poison_num": 2}, 2)])
     y = _yaml(tmp_path / "p.yaml", top={"retune": ["probe", "ra"], "analyses": [], "defenses": ["ft", "fst"],
                                         "probe_defenses": ["fst"]})
     jobs = build_plan(load_study(y)).by_key()
@@ -693,19 +698,8 @@ def test_a_new_analysis_is_planned_from_its_declarations_alone(tmp_path, monkeyp
     from bdsafety.study.spec import load_study
 
     lmc = registry.get("analysis", "lmc")
-    cdir = tmp_path / "probe_an"
-    cdir.mkdir()
-    shutil.copy(lmc.config_path("demo"), cdir / "demo.yaml")
-
-    class _Probe(registry.Method):
-        @property
-        def config_dir(self):
-            return cdir
-
-    probe = _Probe(kind="analysis", name="probe_an", run=lmc.run, schema=lmc.schema, description="probe",
-                   folder="probe_an", needs=frozenset({"defense"}), on=("defense",), outputs=lmc.outputs,
-                   summary=lambda folder: {"probe_an_x": 1.0})
-    monkeypatch.setitem(registry._REGISTRY, ("analysis", "probe_an"), probe)
+    _register_probe(tmp_path, monkeypatch, lmc, name="probe_an", schema=lmc.schema, needs=frozenset({"defense"}),
+                    on=("defense",), outputs=lmc.outputs, summary=lambda folder: {"probe_an_x": 1.0})
     y = _yaml(tmp_path / "p.yaml", top={"retune": ["ra"], "analyses": ["probe_an"], "defenses": ["ft", "fst"]})
     plan = build_plan(load_study(y))
     jobs = plan.by_key()
