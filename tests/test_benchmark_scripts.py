@@ -1,0 +1,18 @@
+"""The benchmark scripts that print the figures of benchmarks/README.md run at smoke-test sizes, so they cannot rot."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bti_modes_prints_every_mode_against_eager(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bti_modes
+
+    bti_modes.main(["--threads", "1", "--bti_unet_base", "4", "--batch_size", "4", "--steps", "1", "--warmup", "1",
+                    "--modes", "eager", "channels_last", "bf16"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[3:]}
+    assert set(rows) == {"eager", "channels_last", "bf16"}
+    assert rows["eager"][4] == "1.00x" and float(rows["eager"][5]) == 0.0
+    # channels-last changes only the order of the sums; bf16 may move the loss further, but not wildly
+    assert float(rows["channels_last"][5]) < 1e-3 and float(rows["bf16"][5]) < 0.1
