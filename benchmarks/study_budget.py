@@ -9,19 +9,10 @@ Measured (``--threads`` torch threads, 1 = what one Ray worker with num_cpus 1 u
   job    a fresh Python process importing bdsafety and torch (each Ray task reuses its worker process, so this is
          an upper bound of the per-job start cost)
 
-The estimate walks the study's planned jobs (``build_plan``: every job's resolved config) and adds, per job, the
-images it trains on and evaluates, priced with the figures above:
-  attack     epochs x n_train training + (epochs / eval_every) x 2 test sets evaluated; SSBA: its encoder once
-             (cached per ssba_* settings, shared by the seeds)
-  clean      the same with pratio 0
-  defense    epochs (x n_rounds) x ratio x n_train training + its evaluations; BTI-DBF / PAM: the inversion
-             (bti_pretrain + bti_mask + bti_gen epochs x reserved images x the bti figure) once per seed and model
-             (cached and shared), pam_reinvert: mask + generator again every round after the first
-  ra / qra   epochs x its training set + evaluations
-  lmc        points x (a BN recompute pass over the reserved data + 2 test sets)
-and divides the sum by the number of parallel workers (the grid's independent chains keep 2 workers busy except at
-its start and end). It is an estimate, stated as one: the attack's poisoning and the defenses' extra passes (EP's
-unlearning, FST's feature term) are not priced.
+The estimate walks the study's planned jobs (``build_plan``: every job's resolved config) and prices each with the
+figures above (bdsafety.study.cost: what is priced and what is not), then divides the sum by the number of parallel
+workers (the grid's independent chains keep 2 workers busy except at its start and end). It is an estimate, stated
+as one.
 
     python benchmarks/study_budget.py --models cnn_tiny cnn_small --threads 1 \
         --yaml_path config/study/bench_cifar10size.yaml --workers 2
@@ -42,6 +33,7 @@ from bdsafety import engine
 from bdsafety.data.device import DeviceDataset, Normalizer
 from bdsafety.data.synthetic import make_synthetic
 from bdsafety.models import build_model
+from bdsafety.study.cost import job_data, job_seconds
 
 
 def _timed(fn, repeats: int) -> float:
@@ -115,71 +107,20 @@ def job_start_seconds() -> float:
     return _timed(lambda: subprocess.run([sys.executable, "-c", code], check=True), 2)
 
 
-def _evals(cfg: dict, epochs: int, n_test: int) -> float:
-    """Images evaluated by a training run that evaluates the clean and the backdoor test set every eval_every epochs."""
-    every = int(cfg.get("eval_every") or 1)
-    return math.ceil(epochs / every) * 2 * n_test
-
-
-def job_seconds(job, fig: dict, data: dict, seen_bti: set, seen_ssba: set) -> float:
-    """Estimated seconds of one planned job (see the module docstring for what is priced)."""
-    c, kind, m = job.config, job.kind, job.method
-    n_train, n_test = data["n_train"], data["n_test"]
-    tr, ev = fig["train"] / 1000, fig["eval"] / 1000
-    sec = fig["job"]
-    if kind == "attack":
-        e = int(c["epochs"])
-        sec += e * n_train * tr + _evals(c, e, n_test) * ev
-        key = tuple(sorted((k, v) for k, v in c.items() if k.startswith("ssba_")))
-        if m == "ssba" and key not in seen_ssba:
-            seen_ssba.add(key)
-            sec += int(c["ssba_steps"]) * int(c["ssba_batch_size"]) * fig["ssba"] / 1000
-        return sec
-    if kind == "defense":
-        reserved = float(c.get("ratio", 0.05)) * n_train
-        rounds, e = int(c.get("n_rounds", 1)), int(c.get("epochs", 10))
-        sec += rounds * e * reserved * tr + rounds * _evals(c, e, n_test) * ev
-        if "bti_pretrain_epochs" in c:
-            # generator epochs run G and the classifier (the bti figure); the mask epochs only the classifier
-            mask = int(c["bti_mask_epochs"]) * reserved * tr
-            gen = int(c["bti_gen_epochs"]) * reserved * fig["bti"] / 1000
-            point = (job.point.get("attack"), job.point.get("model"), job.point.get("seed"), job.point.get("pratio"))
-            if point not in seen_bti:  # one inversion per model, shared by bti_dbf, pam, pam_reinvert
-                seen_bti.add(point)
-                sec += int(c["bti_pretrain_epochs"]) * reserved * fig["bti"] / 1000 + mask + gen
-            if c.get("retrain_generator"):  # every round after the first re-learns the mask and retrains G
-                sec += (rounds - 1) * (mask + gen)
-        return sec
-    if kind == "retune":
-        n = int(c.get("clean_num", 0)) + int(c.get("poison_num", 0)) if m == "qra" else float(c["ratio"]) * n_train
-        e = int(c["epochs"])
-        return sec + e * n * tr + _evals(c, e, n_test) * ev
-    if kind == "analysis":
-        reserved = float(c.get("ratio", 0.05)) * n_train
-        return sec + int(c.get("points", 21)) * (reserved + 2 * n_test) * ev
-    return sec
-
-
 def estimate(yaml_path: str, figs: dict, workers: int) -> None:
     from bdsafety.study.plan import build_plan
     from bdsafety.study.spec import load_study
 
     plan = build_plan(load_study(yaml_path))
     by_kind: dict[str, list] = {}
-    by_model: dict[str, float] = {}
+    data = job_data(plan.jobs)
     seen_bti: set = set()
     seen_ssba: set = set()
     for job in plan.jobs:
-        c = job.config
-        data = {"n_train": int(c.get("synthetic_n_train") or 50000), "n_test": int(c.get("synthetic_n_test") or 10000)}
-        if job.kind == "attack":
-            by_model[job.key] = data  # the data of every job downstream of this record
         model = job.point.get("model")
         if model not in figs:
             continue
-        for dep in job.deps:
-            data = by_model.get(dep, data)
-        s = job_seconds(job, figs[model], data, seen_bti, seen_ssba)
+        s = job_seconds(job, figs[model], data[job.key], seen_bti, seen_ssba)
         by_kind.setdefault(f"{job.kind}:{job.method}", []).append(s)
     total = sum(sum(v) for v in by_kind.values())
     print(f"\nestimate for {yaml_path} ({sum(len(v) for v in by_kind.values())} jobs):")

@@ -207,7 +207,7 @@ def test_local_and_ray_give_the_same_results(tiny_study, tmp_path):
 
 @pytest.mark.slow
 def test_ray_prepares_a_shared_inversion_once_and_gives_the_local_results(tmp_path):
-    """On Ray, BTI-DBF(U) and pam on one record wait in Ray's queue for a prepare task that computes their shared
+    """On Ray, BTI-DBF(U) and pam on one record wait for a prepare task that computes their shared
     trigger inversion once (bdsafety.study.execute.prepare_job), instead of one of them holding a worker while the
     other computes it; the results are those of the local executor."""
     pytest.importorskip("ray")

@@ -2,16 +2,19 @@
 
 ``local`` runs them one after the other in this process (nothing to start), each with all of this machine's
 torch threads (``threads``; the study's num_cpus only matter on Ray). ``ray`` makes each job a Ray task with
-the resources the study yaml gives its kind (fractional GPUs let several small jobs share one device); a job's
-upstream results are passed to it as Ray object refs, so Ray starts it when they are ready and independent jobs
-run concurrently. Jobs of one record that share a trigger inversion (BTI-DBF(U), pam, pam_reinvert) wait, in Ray's
-queue rather than on a worker, for a prepare task that computes it once through the first job's own code path
-(``bdsafety.study.execute.prepare_job``). Both executors call ``bdsafety.study.execute.run_job``, so they write the
-same outputs.
+the resources the study yaml gives its kind (fractional GPUs let several small jobs share one device) and runs
+independent jobs concurrently. It schedules them itself (``schedule``): a job starts when its upstream jobs are done
+and the cluster has its resources free, and among the ready jobs the one with the longest estimated chain of work
+after it starts first (list scheduling on bdsafety.study.cost's estimates), so a two-hour defense does not wait behind
+a queue of one-minute jobs and finish alone at the end. Jobs of one record that share a trigger inversion (BTI-DBF(U),
+pam, pam_reinvert) wait for a prepare task that computes it once through the first job's own code path
+(``bdsafety.study.execute.prepare_job``), so none of them holds a worker while another computes it. Both executors
+call ``bdsafety.study.execute.run_job``, so they write the same outputs.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,16 +39,14 @@ def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[d
     return results
 
 
-def _ray_task(job: dict, study_dir: str, report_dir: str, study_run: dict | None, static_up: dict, dyn_keys: list,
-              *dyn_results):
+def _ray_task(job: dict, study_dir: str, report_dir: str, study_run: dict | None, upstream: dict):
 
-    return run_job(job, study_dir, {**static_up, **dict(zip(dyn_keys, dyn_results))}, report_dir=report_dir,
-                   study_run=study_run)
+    return run_job(job, study_dir, upstream, report_dir=report_dir, study_run=study_run)
 
 
-def _ray_prepare(job: dict, study_dir: str, report_dir: str, static_up: dict, dyn_keys: list, *dyn_results):
+def _ray_prepare(job: dict, study_dir: str, report_dir: str, upstream: dict):
 
-    return prepare_job(job, study_dir, {**static_up, **dict(zip(dyn_keys, dyn_results))}, report_dir=report_dir)
+    return prepare_job(job, study_dir, upstream, report_dir=report_dir)
 
 
 def inversion_groups(todo: list) -> dict:
@@ -56,6 +57,103 @@ def inversion_groups(todo: list) -> dict:
         if shares_inversion(j):
             groups.setdefault(j.point.get("record"), []).append(j)
     return {r: js for r, js in groups.items() if len(js) > 1}
+
+
+@dataclass
+class Node:
+    """One task of the schedule: a job, or the prepare task of an inversion group (``prepare``: its first job)."""
+
+    key: str
+    job: object
+    deps: list  # keys of the nodes (or already finished jobs) it waits for
+    cost: float  # estimated seconds (bdsafety.study.cost)
+    cpus: float = 1.0
+    gpus: float = 0.0
+    prepare: bool = False
+    rank: float = field(default=0.0)  # its cost plus the longest chain of costs after it
+
+
+def build_nodes(todo: list) -> list:
+    """The schedule's nodes in topological order: every job of ``todo``, and before the first job of each inversion
+    group a prepare node that its members wait for. Costs from bdsafety.study.cost with its default figures (a job
+    the estimate cannot price costs one job start: the order then falls back to the plan's)."""
+    from bdsafety.study.cost import DEFAULT_FIGURES, inversion_point, inversion_seconds, job_data, job_seconds
+
+    data = job_data(todo)
+    group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js}
+    prepared: dict = {}
+    nodes = []
+
+    def cost(fn, *args) -> float:
+        try:
+            return float(fn(*args))
+        except (KeyError, TypeError, ValueError):
+            return DEFAULT_FIGURES["job"]
+
+    for j in todo:
+        res = dict(cpus=float(j.resources.get("num_cpus", 1)), gpus=float(j.resources.get("num_gpus", 0)))
+        deps = list(j.deps)
+        seen_bti: set = set()
+        if j.key in group_of:
+            g = group_of[j.key]
+            if g not in prepared:
+                prepared[g] = f"{j.key} (prepare)"
+                nodes.append(Node(prepared[g], j, list(j.deps),
+                                  cost(inversion_seconds, j, DEFAULT_FIGURES, data[j.key]), prepare=True, **res))
+            deps.append(prepared[g])
+            seen_bti = {inversion_point(j)}  # the inversion is the prepare node's: not in the job's own cost
+        nodes.append(Node(j.key, j, deps, cost(job_seconds, j, DEFAULT_FIGURES, data[j.key], seen_bti, set()), **res))
+    chain_ranks(nodes)
+    return nodes
+
+
+def chain_ranks(nodes: list) -> None:
+    """Set every node's ``rank``: its cost plus the largest rank among the nodes that wait for it (``nodes`` in
+    topological order)."""
+    after: dict = {n.key: [] for n in nodes}
+    for n in nodes:
+        for d in n.deps:
+            if d in after:
+                after[d].append(n)
+    for n in reversed(nodes):
+        n.rank = n.cost + max((c.rank for c in after[n.key]), default=0.0)
+
+
+def schedule(nodes: list, capacity: dict, submit: Callable, wait: Callable, on_done: Callable) -> None:
+    """Run ``nodes`` (topological order, ranks set): start every ready node that fits the free ``capacity``
+    ({'cpus', 'gpus'}), the highest rank first (a node that does not fit yet is passed over for a smaller one), then
+    wait for one to finish. ``submit(node) -> handle``, ``wait(handles) -> the handle that finished``,
+    ``on_done(node, handle)``."""
+    keys = {n.key for n in nodes}
+    waiting = {n.key: {d for d in n.deps if d in keys} for n in nodes}
+    after: dict = {n.key: [] for n in nodes}
+    for n in nodes:
+        for d in waiting[n.key]:
+            after[d].append(n)
+    ready = [n for n in nodes if not waiting[n.key]]
+    running: dict = {}
+    free = {"cpus": float(capacity.get("cpus", 0)), "gpus": float(capacity.get("gpus", 0))}
+    while ready or running:
+        ready.sort(key=lambda n: -n.rank)  # stable: equal ranks keep the plan's order
+        for n in list(ready):
+            if n.cpus <= free["cpus"] + 1e-9 and n.gpus <= free["gpus"] + 1e-9:
+                ready.remove(n)
+                free["cpus"] -= n.cpus
+                free["gpus"] -= n.gpus
+                running[submit(n)] = n
+        if not running:
+            worst = ready[0]
+            raise ConfigError(f"job {worst.key} asks for num_cpus {worst.cpus:g}, num_gpus {worst.gpus:g}, more "
+                              f"than the cluster has in all ({capacity}); lower its resources in the study yaml")
+        handle = wait(list(running))
+        n = running.pop(handle)
+        free["cpus"] += n.cpus
+        free["gpus"] += n.gpus
+        on_done(n, handle)
+        for c in after[n.key]:
+            waiting[c.key].discard(n.key)
+            if not waiting[c.key]:
+                ready.append(c)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None):
@@ -105,45 +203,42 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
     try:
         check_resources(ray, todo)
         task, prepare = ray.remote(_ray_task), ray.remote(_ray_prepare)
-        refs, key_of = {}, {}
-        # jobs sharing a trigger inversion (BTI-DBF(U), pam, pam_reinvert on one record): a prepare task computes it
-        # first, through the first job's own code path; the jobs wait for it in Ray's queue, not on a worker
-        group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js}
-        prepared: dict = {}
-        for j in todo:
-            static_up = {d: current[d] for d in j.deps if d in current}
-            dyn = [d for d in j.deps if d in refs]
-            opts = dict(num_cpus=float(j.resources.get("num_cpus", 1)), num_gpus=float(j.resources.get("num_gpus", 0)))
-            extra = []
-            if j.key in group_of:
-                g = group_of[j.key]
-                if g not in prepared:
-                    prepared[g] = prepare.options(**opts, name=f"{j.key} (prepare)", max_retries=0).remote(
-                        j.to_dict(), str(study_dir), str(report_dir), static_up, dyn, *[refs[d] for d in dyn])
-                extra = [prepared[g]]
-            ref = task.options(**opts, name=j.key, max_retries=1).remote(
-                j.to_dict(), str(study_dir), str(report_dir), study_run, static_up, dyn + ["(prepare)"] * len(extra),
-                *[refs[d] for d in dyn], *extra)
-            refs[j.key] = ref
-            key_of[ref] = j
+        total = ray.cluster_resources()
         results = dict(current)
-        pending = list(refs.values())
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            j = key_of[ready[0]]
-            try:
-                r = ray.get(ready[0])
-            except Exception as e:  # the worker died (killed, out of memory, node lost): the job failed
 
+        def submit(n: Node):
+            up = {d: results[d] for d in n.deps if d in results}
+            opts = dict(num_cpus=n.cpus, num_gpus=n.gpus, name=n.key)
+            if n.prepare:
+                return prepare.options(**opts, max_retries=0).remote(n.job.to_dict(), str(study_dir), str(report_dir),
+                                                                      up)
+            return task.options(**opts, max_retries=1).remote(n.job.to_dict(), str(study_dir), str(report_dir),
+                                                               study_run, up)
+
+        def wait(refs: list):
+            return ray.wait(refs, num_returns=1)[0][0]
+
+        def on_done(n: Node, ref) -> None:
+            j = n.job
+            try:
+                r = ray.get(ref)
+            except Exception as e:  # the worker died (killed, out of memory, node lost): the job failed
+                if n.prepare:  # its jobs compute the inversion themselves
+                    results[n.key] = {"key": n.key, "status": "failed", "wall_s": 0.0}
+                    return
                 bad = [d for d in j.deps if results.get(d, {}).get("status") not in ("done", "ran")]
                 r = ({"key": j.key, "id": j.id, "status": "skipped", "error": f"upstream {bad[0]} failed",
                       "wall_s": 0.0, "log": str(log_path(report_dir, j.key))} if bad else
                      {"key": j.key, "id": j.id, "status": "failed", "error": f"Ray task failed: {type(e).__name__}: "
                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", "wall_s": 0.0,
                       "log": str(log_path(report_dir, j.key))})
-            results[j.key] = r
-            on_result(r)
-        return results
+            results[n.key] = r
+            if not n.prepare:
+                on_result(r)
+
+        schedule(build_nodes(todo), {"cpus": total.get("CPU", 0), "gpus": total.get("GPU", 0)}, submit, wait,
+                 on_done)
+        return {k: v for k, v in results.items() if not k.endswith(" (prepare)")}
     finally:
         if started:
             ray.shutdown()

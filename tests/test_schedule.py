@@ -1,0 +1,91 @@
+"""The Ray executor's list scheduler (bdsafety.study.executors.schedule), without Ray: ready jobs start longest chain
+first while they fit the free resources, dependencies are respected, and a shared inversion becomes a prepare node its
+jobs wait for. bdsafety.study.cost prices planned jobs (benchmarks/study_budget.py prints the same estimate)."""
+import pytest
+
+from bdsafety.errors import ConfigError
+from bdsafety.study.executors import Node, build_nodes, chain_ranks, schedule
+
+
+def _nodes(spec: dict) -> list:
+    """spec: key -> (cost, deps[, cpus[, gpus]]) in topological order."""
+    nodes = [Node(k, None, list(v[1]), float(v[0]), *(float(x) for x in v[2:])) for k, v in spec.items()]
+    chain_ranks(nodes)
+    return nodes
+
+
+def _run(nodes: list, cpus: float = 1, gpus: float = 0, finish=lambda running: running[0]) -> list:
+    """Events ('start', key) / ('end', key); ``finish`` picks which running node ends next."""
+    events, running = [], []
+
+    def submit(n):
+        events.append(("start", n.key))
+        running.append(n.key)
+        return n.key
+
+    def wait(handles):
+        assert sorted(handles) == sorted(running)
+        k = finish(running)
+        running.remove(k)
+        return k
+
+    schedule(nodes, {"cpus": cpus, "gpus": gpus}, submit, wait, lambda n, h: events.append(("end", n.key)))
+    return events
+
+
+def test_the_longest_chain_starts_first_and_dependencies_are_kept():
+    # attack -> long defense (100) and short jobs; 'c' is short but heads a chain longer than 'big' alone
+    nodes = _nodes({"attack": (10, []), "short1": (1, ["attack"]), "big": (100, ["attack"]), "c": (5, ["attack"]),
+                    "c_next": (200, ["c"]), "short2": (1, ["attack"])})
+    assert [n.rank for n in nodes] == [215, 1, 100, 205, 200, 1]
+    ev = _run(nodes)
+    starts = [k for e, k in ev if e == "start"]
+    assert starts == ["attack", "c", "c_next", "big", "short1", "short2"]  # one CPU: by rank, deps first
+    for n in nodes:  # no node starts before all its dependencies ended
+        assert all(ev.index(("end", d)) < ev.index(("start", n.key)) for d in n.deps)
+
+
+def test_resources_bound_what_runs_at_once_and_a_job_too_big_is_refused():
+    nodes = _nodes({f"g{i}": (1, [], 1, 0.25) for i in range(4)} | {"cpu_only": (9, [], 1)})
+    peak, running = 0, set()
+    ev = _run(nodes, cpus=4, gpus=1)
+    for e, k in ev:
+        running.add(k) if e == "start" else running.discard(k)
+        peak = max(peak, len(running))
+    assert peak == 4 and ev[0] == ("start", "cpu_only")  # 4 CPUs: 4 at once, highest rank first
+    with pytest.raises(ConfigError, match="more than the cluster has"):
+        _run(_nodes({"gpu_job": (1, [], 1, 1)}), cpus=2, gpus=0)
+
+
+def test_a_node_that_does_not_fit_yet_is_passed_over_for_one_that_does():
+    # one GPU: 'a' holds it; 'b' (GPU, higher rank) must wait, 'c' (CPU only) starts beside 'a'
+    nodes = _nodes({"a": (50, [], 1, 1), "b": (40, [], 1, 1), "c": (1, [], 1, 0)})
+    ev = _run(nodes, cpus=2, gpus=1)
+    assert ev[:2] == [("start", "a"), ("start", "c")]
+    assert ev.index(("end", "a")) < ev.index(("start", "b"))
+
+
+def test_a_shared_inversion_is_a_prepare_node_before_its_jobs(monkeypatch):
+    from bdsafety.study.plan import Job
+
+    bti = {"bti_pretrain_epochs": 50, "bti_mask_epochs": 20, "bti_gen_epochs": 30, "ratio": 0.05, "n_rounds": 3,
+           "epochs": 30}
+    point = {"record": "r", "attack": "badnet", "model": "cnn_tiny", "seed": 0, "pratio": 0.05, "dataset": "synthetic"}
+
+    def job(key, kind, method, deps, config):
+        return Job(key, kind, method, None, {}, deps, {"num_cpus": 1}, point, id=key, config=config)
+
+    attack = job("r", "attack", "badnet", [], {"epochs": 30, "synthetic_n_train": 50000, "synthetic_n_test": 10000})
+    pam = job("r/defense/pam", "defense", "pam", ["r"], bti)
+    reinv = job("r/defense/pam_reinvert", "defense", "pam_reinvert", ["r"], {**bti, "retrain_generator": True})
+    fst = job("r/defense/fst", "defense", "fst", ["r"], {"ratio": 0.02, "epochs": 10})
+    monkeypatch.setattr("bdsafety.study.executors.inversion_groups", lambda todo: {"r": [pam, reinv]})
+    nodes = build_nodes([attack, pam, reinv, fst])
+    keys = [n.key for n in nodes]
+    assert keys == ["r", "r/defense/pam (prepare)", "r/defense/pam", "r/defense/pam_reinvert", "r/defense/fst"]
+    prep = nodes[1]
+    assert prep.prepare and prep.deps == ["r"] and prep.job is pam
+    assert all("r/defense/pam (prepare)" in n.deps for n in nodes[2:4])
+    # the inversion is priced once, on the prepare node; re-inverting every round makes pam_reinvert dearer than pam
+    assert prep.cost > nodes[2].cost and nodes[3].cost > nodes[2].cost > nodes[4].cost
+    assert nodes[0].rank > prep.rank > nodes[3].rank
