@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from bdsafety.errors import ConfigError
+from bdsafety.study.cost import DEFAULT_FIGURES, inversion_point, inversion_seconds, job_data, job_seconds
 from bdsafety.study.execute import log_path, prepare_job, run_job, shares_inversion
 
 EXECUTORS = ("local", "ray")
@@ -77,8 +78,6 @@ def build_nodes(todo: list) -> list:
     """The schedule's nodes in topological order: every job of ``todo``, and before the first job of each inversion
     group a prepare node that its members wait for. Costs from bdsafety.study.cost with its default figures (a job
     the estimate cannot price costs one job start: the order then falls back to the plan's)."""
-    from bdsafety.study.cost import DEFAULT_FIGURES, inversion_point, inversion_seconds, job_data, job_seconds
-
     data = job_data(todo)
     group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js}
     prepared: dict = {}
