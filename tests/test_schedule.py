@@ -89,3 +89,56 @@ def test_a_shared_inversion_is_a_prepare_node_before_its_jobs(monkeypatch):
     # the inversion is priced once, on the prepare node; re-inverting every round makes pam_reinvert dearer than pam
     assert prep.cost > nodes[2].cost and nodes[3].cost > nodes[2].cost > nodes[4].cost
     assert nodes[0].rank > prep.rank > nodes[3].rank
+
+
+def test_a_time_budget_holds_what_would_not_end_in_time_and_fills_it_with_shorter_jobs():
+    # a sitting of 50 s: the 100-s job (and the job waiting for it) is left for the next one; the short jobs run
+    nodes = _nodes({"attack": (10, []), "long": (100, ["attack"]), "after_long": (1, ["long"]),
+                    "s1": (5, ["attack"]), "s2": (5, ["s1"])})
+    clock = [0.0]
+
+    def finish(running):  # time advances by the cost of the node that ends
+        k = running[0]
+        clock[0] += next(n.cost for n in nodes if n.key == k)
+        return k
+
+    events = []
+
+    def submit(n):
+        events.append(n.key)
+        running.append(n.key)
+        return n.key
+
+    def wait(handles):
+        k = finish(running)
+        running.remove(k)
+        return k
+
+    running: list = []
+    left = schedule(nodes, {"cpus": 1, "gpus": 0}, submit, wait, lambda n, h: None, time_budget_s=50,
+                    clock=lambda: clock[0])
+    assert events == ["attack", "s1", "s2"] and [n.key for n in left] == ["long", "after_long"]
+    running.clear()
+    assert schedule(_nodes({"a": (1, [])}), {"cpus": 1}, submit, wait, lambda n, h: None, time_budget_s=0.5) != []
+
+
+def test_the_local_executor_defers_every_job_past_the_budget(tmp_path):
+    """A budget shorter than any job: nothing runs or is written, every job is reported deferred, and the status line
+    says to run the same command again (tests/test_study.py's tiny study)."""
+    from test_study import _run, _yaml
+
+    oc, text = _run(_yaml(tmp_path / "tiny.yaml"), tmp_path / "study_tiny", time_budget_s=1.0)
+    assert oc.results and {r["status"] for r in oc.results.values()} == {"deferred"}
+    assert "deferred to the next sitting" in text and "run the same command again" in text
+    assert not any(p.name == "attack_result.pt" for p in (tmp_path / "study_tiny").rglob("*"))
+
+
+@pytest.mark.slow
+def test_the_ray_executor_defers_every_job_past_the_budget(tmp_path):
+    pytest.importorskip("ray")
+    from test_study import _run, _yaml
+
+    oc, text = _run(_yaml(tmp_path / "tiny.yaml"), tmp_path / "study_tiny", executor="ray", ray_num_cpus=2,
+                    time_budget_s=1.0)
+    assert oc.results and {r["status"] for r in oc.results.values()} == {"deferred"}
+    assert "run the same command again" in text

@@ -14,6 +14,7 @@ call ``bdsafety.study.execute.run_job``, so they write the same outputs.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,12 +28,22 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None], threads: int | None = None,
-              report_dir: Path | None = None, study_run: dict | None = None) -> dict:
+              report_dir: Path | None = None, study_run: dict | None = None,
+              time_budget_s: float | None = None) -> dict:
     import torch  # lazy: keeps this module importable without loading torch (CLI --help, study planning)
 
     threads = threads or torch.get_num_threads()
     results = dict(current)
+    costs = {n.key: n.cost for n in build_nodes(todo, prepare=False)} if time_budget_s is not None else {}
+    t0 = time.monotonic()
     for j in todo:
+        if time_budget_s is not None and (
+                any(results.get(d, {}).get("status") == "deferred" for d in j.deps)
+                or time.monotonic() - t0 + costs[j.key] > time_budget_s):
+            r = deferred_result(j)
+            results[j.key] = r
+            on_result(r)
+            continue
         r = run_job(j.to_dict(), str(study_dir), {d: results[d] for d in j.deps if d in results}, threads=threads,
                     report_dir=str(report_dir or study_dir), study_run=study_run)
         results[j.key] = r
@@ -74,13 +85,15 @@ class Node:
     rank: float = field(default=0.0)  # its cost plus the longest chain of costs after it
 
 
-def build_nodes(todo: list) -> list:
+def build_nodes(todo: list, prepare: bool = True) -> list:
     """The schedule's nodes in topological order: every job of ``todo``, and before the first job of each inversion
-    group a prepare node that its members wait for. Costs from bdsafety.study.cost with its default figures (a job
-    the estimate cannot price costs one job start: the order then falls back to the plan's)."""
+    group a prepare node that its members wait for (``prepare`` False: no prepare nodes; the first job of a group
+    carries the inversion's cost, as on the local executor). Costs from bdsafety.study.cost with its default figures
+    (a job the estimate cannot price costs one job start: the order then falls back to the plan's)."""
     data = job_data(todo)
-    group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js}
+    group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js} if prepare else {}
     prepared: dict = {}
+    seen_inv: set = set()
     nodes = []
 
     def cost(fn, *args) -> float:
@@ -92,7 +105,7 @@ def build_nodes(todo: list) -> list:
     for j in todo:
         res = dict(cpus=float(j.resources.get("num_cpus", 1)), gpus=float(j.resources.get("num_gpus", 0)))
         deps = list(j.deps)
-        seen_bti: set = set()
+        seen_bti: set = seen_inv  # without prepare nodes: the first job needing an inversion pays for it
         if j.key in group_of:
             g = group_of[j.key]
             if g not in prepared:
@@ -118,11 +131,15 @@ def chain_ranks(nodes: list) -> None:
         n.rank = n.cost + max((c.rank for c in after[n.key]), default=0.0)
 
 
-def schedule(nodes: list, capacity: dict, submit: Callable, wait: Callable, on_done: Callable) -> None:
+def schedule(nodes: list, capacity: dict, submit: Callable, wait: Callable, on_done: Callable,
+             time_budget_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> list:
     """Run ``nodes`` (topological order, ranks set): start every ready node that fits the free ``capacity``
     ({'cpus', 'gpus'}), the highest rank first (a node that does not fit yet is passed over for a smaller one), then
     wait for one to finish. ``submit(node) -> handle``, ``wait(handles) -> the handle that finished``,
-    ``on_done(node, handle)``."""
+    ``on_done(node, handle)``. ``time_budget_s``: start no node whose estimated cost would end past this many seconds
+    from the start (shorter ones still fill the time left). Returns the nodes never started, in plan order."""
+    t0 = clock()
+    started: set = set()
     keys = {n.key for n in nodes}
     waiting = {n.key: {d for d in n.deps if d in keys} for n in nodes}
     after: dict = {n.key: [] for n in nodes}
@@ -135,11 +152,16 @@ def schedule(nodes: list, capacity: dict, submit: Callable, wait: Callable, on_d
     while ready or running:
         ready.sort(key=lambda n: -n.rank)  # stable: equal ranks keep the plan's order
         for n in list(ready):
+            if time_budget_s is not None and clock() - t0 + n.cost > time_budget_s:
+                continue  # held: it would not end within the budget
             if n.cpus <= free["cpus"] + 1e-9 and n.gpus <= free["gpus"] + 1e-9:
                 ready.remove(n)
                 free["cpus"] -= n.cpus
                 free["gpus"] -= n.gpus
+                started.add(n.key)
                 running[submit(n)] = n
+        if not running and time_budget_s is not None:
+            break  # what is ready would pass the budget, and nothing running can make more ready
         if not running:
             worst = ready[0]
             raise ConfigError(f"job {worst.key} asks for num_cpus {worst.cpus:g}, num_gpus {worst.gpus:g}, more "
@@ -153,6 +175,14 @@ def schedule(nodes: list, capacity: dict, submit: Callable, wait: Callable, on_d
             waiting[c.key].discard(n.key)
             if not waiting[c.key]:
                 ready.append(c)
+    return [n for n in nodes if n.key not in started]
+
+
+def deferred_result(job) -> dict:
+    """The result of a job left for the next sitting by the time budget (nothing ran, nothing written)."""
+    return {"key": job.key, "id": job.id, "status": "deferred", "wall_s": 0.0,
+            "error": "left for the next sitting: it, or a job it waits for, would not end within --time_budget_s "
+                     "(bdsafety.study.cost's estimate)"}
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None):
@@ -196,7 +226,8 @@ def check_resources(ray, todo: list) -> None:
 
 
 def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dict], None], address: str | None = None,
-            num_cpus: int | None = None, report_dir: Path | None = None, study_run: dict | None = None) -> dict:
+            num_cpus: int | None = None, report_dir: Path | None = None, study_run: dict | None = None,
+            time_budget_s: float | None = None) -> dict:
     report_dir = report_dir or study_dir
     ray, started = start_ray(address, num_cpus)
     try:
@@ -235,8 +266,12 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
             if not n.prepare:
                 on_result(r)
 
-        schedule(build_nodes(todo), {"cpus": total.get("CPU", 0), "gpus": total.get("GPU", 0)}, submit, wait,
-                 on_done)
+        left = schedule(build_nodes(todo), {"cpus": total.get("CPU", 0), "gpus": total.get("GPU", 0)}, submit, wait,
+                        on_done, time_budget_s=time_budget_s)
+        for n in left:
+            if not n.prepare:
+                results[n.key] = deferred_result(n.job)
+                on_result(results[n.key])
         return {k: v for k, v in results.items() if not k.endswith(" (prepare)")}
     finally:
         if started:

@@ -109,7 +109,7 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
               ray_num_cpus: int | None = None, dry_run: bool = False, fresh: bool = False, progress: bool = True,
               record_root: str | None = None, study_dir: str | None = None, out=None, threads: int | None = None,
               trust_record: bool = False, study: Study | None = None, command: str | None = None,
-              attacks: list | None = None, seeds: list | None = None) -> Outcome:
+              attacks: list | None = None, seeds: list | None = None, time_budget_s: float | None = None) -> Outcome:
     """Run the study of ``yaml_path`` (or the ``study`` given, e.g. built in memory by bdsafety.study.audit).
     ``command``: the command line that started it, for the report's header (default: the equivalent
     analysis/run_study.py command)."""
@@ -161,7 +161,8 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
         prog.write()
         what = {"ran": f"done in {r.get('wall_s', 0):.0f}s",
                 "failed": f"FAILED: {r.get('error', '')} (log {r.get('log')})",
-                "skipped": f"skipped: {r.get('error', '')}"}.get(r["status"], r["status"])
+                "skipped": f"skipped: {r.get('error', '')}", "deferred": "deferred to the next sitting (time budget)"
+                }.get(r["status"], r["status"])
         eta = "" if count[0] == len(todo) else f", {format_eta(prog.eta_s())}"
         line = f"[study {count[0]}/{len(todo)} {time.time() - t0:5.0f}s{eta}] {r['key']}: {what}"
         if bar is not None and not bar.disable:
@@ -173,9 +174,10 @@ def run_study(yaml_path: str | None, executor: str = "local", ray_address: str |
     try:
         if executor == "ray" and todo:
             results = run_ray(todo, current, sd, on_result, address=ray_address, num_cpus=ray_num_cpus, report_dir=rd,
-                              study_run=run)
+                              study_run=run, time_budget_s=time_budget_s)
         else:
-            results = run_local(todo, current, sd, on_result, threads=threads, report_dir=rd, study_run=run)
+            results = run_local(todo, current, sd, on_result, threads=threads, report_dir=rd, study_run=run,
+                                time_budget_s=time_budget_s)
     finally:
         if bar is not None:
             bar.close()
@@ -188,8 +190,10 @@ def finish(oc: Outcome, executor: str, out=None) -> None:
     out = out or sys.stdout
 
     sd, plan, rd = oc.study_dir, oc.plan, oc.report_dir
-    n = {s: len(oc.keys(s)) for s in ("ran", "done", "failed", "skipped")}
+    n = {s: len(oc.keys(s)) for s in ("ran", "done", "failed", "skipped", "deferred")}
     line = f"{n['ran']} ran, {n['done']} up to date, {n['failed']} failed, {n['skipped']} skipped"
+    if n["deferred"]:
+        line += f", {n['deferred']} deferred to the next sitting (--time_budget_s): run the same command again"
     valid = {k for k, r in oc.results.items() if r.get("status") in ("done", "ran")}
     df = collect(plan, sd, valid=valid)
     oc.results_csv = atomic_write_text(rd / "results.csv", df.to_csv(index=False))
@@ -235,6 +239,10 @@ def main(argv=None) -> int:
                                                    "the grid, e.g. one attack and seed per sitting (merge: "
                                                    "analysis/merge_studies.py)")
     p.add_argument("--seeds", default=None, help="run only these of the yaml's seeds (comma-separated)")
+    p.add_argument("--time_budget_s", type=float, default=None,
+                   help="start no job whose estimated time (bdsafety.study.cost) would end past this many seconds from "
+                        "now; shorter jobs fill the time left and the rest is deferred to the next run of the same "
+                        "command (a sitting of limited length: a lent machine, a session)")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--trust_record", action="store_true", help="let every job load its records' pickles without the "
                                                                "safe-loading allow-list (code in them may run); "
@@ -242,6 +250,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.ray_address and a.executor != "ray":
         p.error("--ray_address needs --executor ray")
+    if a.time_budget_s is not None and a.time_budget_s <= 0:
+        p.error(f"--time_budget_s must be a positive number of seconds, got {a.time_budget_s}")
     if a.ray_num_cpus is not None and a.ray_num_cpus < 1:
         p.error(f"--ray_num_cpus must be an integer >= 1, got {a.ray_num_cpus}")
     try:
@@ -251,5 +261,6 @@ def main(argv=None) -> int:
     oc = run_study(a.yaml_path, a.executor, a.ray_address, a.ray_num_cpus, a.dry_run, a.fresh, not a.no_progress,
                    a.record_root, a.study_dir, threads=a.threads, trust_record=a.trust_record,
                    command=cli_command("analysis/run_study.py", argv),
-                   attacks=[v.strip() for v in a.attacks.split(",")] if a.attacks else None, seeds=seeds)
+                   attacks=[v.strip() for v in a.attacks.split(",")] if a.attacks else None, seeds=seeds,
+                   time_budget_s=a.time_budget_s)
     return 1 if oc.failed else 0
