@@ -48,3 +48,22 @@ def test_core_benchmark_runs_the_unscaled_protocol():
     pam = [j.config for j in jobs if j.method in ("pam", "pam_reinvert")]
     assert {(c["n_rounds"], c["epochs"], c["rho"], c["ratio"]) for c in pam} == {(3, 30, 0.5, 0.05)}
     assert {c["retrain_generator"] for c in pam} == {False, True}
+
+
+def test_adaptive_benchmark_plans_both_attacks_at_their_official_rates_on_the_benchmark_data():
+    """config/study/bench_cifar10size_adaptive.yaml (issue 25: the two adaptive rows the demo cannot carry)."""
+    from bdsafety.study.plan import build_plan
+    from bdsafety.study.spec import load_study
+
+    jobs = build_plan(load_study(ROOT / "config" / "study" / "bench_cifar10size_adaptive.yaml")).jobs
+    attacks = {j.method: j.config for j in jobs if j.kind == "attack" and j.point["role"] == "attack"}
+    assert set(attacks) == {"adaptive_blend", "narcissus"}
+    assert attacks["adaptive_blend"]["pratio"] == attacks["adaptive_blend"]["cover_rate"] == 0.003
+    assert attacks["narcissus"]["pratio"] == 0.0005
+    sizes = {(c["synthetic_n_train"], c["synthetic_n_test"], c["epochs"]) for c in attacks.values()}
+    assert sizes == {(50000, 10000, 30)}
+    keys = {j.key for j in jobs}
+    for rec in ("adaptive_blend_synthetic_cnn_tiny_p0.003_s2", "narcissus_synthetic_cnn_tiny_p0.0005_s2"):
+        for d in ("exact_purification", "fst", "pam", "pam_reinvert"):
+            base = f"{rec}/defense/{d}"
+            assert {f"{base}/ra_d4", f"{base}/ra_control", f"{base}/ra_budget_p10"} <= keys
