@@ -170,6 +170,27 @@ class EvalSets:
 
 
 @torch.no_grad()
+def recompute_bn_stats(model, ds: DeviceDataset, norm: Normalizer, batch_size: int = 256, *, augment: bool = False,
+                       hflip: bool = True, generator: torch.Generator | None = None) -> None:
+    """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average over one pass of ``ds``
+    in train mode: in order, or shuffled through the train augmentation (``augment``, drawn from ``generator``). The
+    model's train / eval mode is restored. Used where weights were moved without their statistics (LMC's
+    interpolated models, TSC's curve points: the official update_bn)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was = model.training
+    model.train()
+    for xb, _, _ in iterate_batches(ds, batch_size, shuffle=augment, augment=augment, hflip=hflip, generator=generator):
+        model(norm.from_uint8(xb))
+    model.train(was)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+
+@torch.no_grad()
 def predict(model, ds: DeviceDataset, norm: Normalizer, batch_size: int = 1024,
             transform: Callable | None = None) -> torch.Tensor:
     """Predicted labels for every image of ``ds``; ``transform`` maps a [0,1] batch before normalising."""

@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from bdsafety.analysis.lmc import interpolate_state, recompute_bn_stats
+from bdsafety.analysis.lmc import interpolate_state
 from bdsafety.analysis.lmc import main as lmc_main
 from bdsafety.data.device import DeviceDataset, Normalizer
 from bdsafety.data.info import DATASETS
+from bdsafety.engine import recompute_bn_stats
 from bdsafety.models import build_model
 from bdsafety.records import save_model_result
 from bdsafety.study.record_report import collect, to_markdown

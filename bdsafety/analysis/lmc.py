@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from bdsafety import engine
 from bdsafety.config import AMOUNT, FRACTION, POS_INT, Option, float_list, str_list
-from bdsafety.data.device import iterate_batches
 from bdsafety.experiment import RECORD_SCHEMA, Output, RecordRun, reserved_indices
 from bdsafety.records import list_defenses
 from bdsafety.registry import get, name_list, register
@@ -49,25 +48,6 @@ def interpolate_state(sd_a: dict, sd_b: dict, alpha: float, interpolate_buffers:
     return out
 
 
-@torch.no_grad()
-def recompute_bn_stats(model: torch.nn.Module, ds, norm, batch_size: int = 256) -> None:
-    """Reset BN running statistics and re-estimate them (cumulative average) on ``ds``."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    was = model.training
-    model.train()
-    for xb, _, _ in iterate_batches(ds, batch_size):
-        model(norm.from_uint8(xb))
-    model.train(was)
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-
-
 def lmc_path(exp, theta_def: dict, theta_bd: dict, alphas, bn: str, reserved, bn_batch_size: int = 256,
              progress: bool = True) -> pd.DataFrame:
     """Metrics at each alpha of the path from theta_def (alpha 0) to theta_bd (alpha 1)."""
@@ -78,7 +58,7 @@ def lmc_path(exp, theta_def: dict, theta_bd: dict, alphas, bn: str, reserved, bn
     for a in tqdm(list(alphas), desc="LMC path", disable=not engine.use_progress(progress), leave=False):
         model.load_state_dict(interpolate_state(theta_def, theta_bd, float(a), bn == "interpolate", param_names))
         if bn == "recompute":
-            recompute_bn_stats(model, reserved, exp.norm, bn_batch_size)
+            engine.recompute_bn_stats(model, reserved, exp.norm, bn_batch_size)
         m = exp.metrics(model)
         rows.append({"alpha": float(a), "clean_loss": m["test_loss"], "clean_acc": m["test_acc"],
                      "backdoor_loss": m.get("bd_test_loss", np.nan), "asr": m.get("test_asr", np.nan),

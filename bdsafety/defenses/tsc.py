@@ -310,23 +310,6 @@ def curve_loss(curve: BezierCurve, l2_weight: float):
     return loss_fn
 
 
-@torch.no_grad()
-def update_bn_(model: nn.Module, ds, norm, batch_size: int, hflip: bool, generator) -> None:
-    """Reset the BatchNorm statistics and re-estimate them (cumulative average) over one pass of ``ds`` with the train
-    augmentation (the official update_bn)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for xb, _, _ in iterate_batches(ds, batch_size, shuffle=True, augment=True, hflip=hflip, generator=generator):
-        model(norm.from_uint8(xb))
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    model.eval()
-
-
 def point_on_curve(curve: BezierCurve, template: nn.Module, t: float) -> nn.Module:
     """A plain model with the curve's weights at t (buffers from ``template``; re-estimate BN afterwards)."""
     model = copy.deepcopy(template)
@@ -356,7 +339,8 @@ def tsc(ctx) -> DefenseResult:
                               step_fn=engine.sgd_step(opt, loss_fn=curve_loss(curve, cfg.curve_l2)), scheduler=sched,
                               optimizer=opt, hflip=hflip, generator=gen, desc=desc, progress=exp.progress)
         point = point_on_curve(curve, start, cfg.curve_t)
-        update_bn_(point, ds, norm, cfg.batch_size, hflip, gen)
+        engine.recompute_bn_stats(point, ds, norm, cfg.batch_size, augment=True, hflip=hflip, generator=gen)
+        point.eval()
         return point, fit_rows[-1]["train_loss"]
 
     current = ctx.model
