@@ -403,7 +403,7 @@ def anp(ctx) -> DefenseResult:
                 f"{engine.format_metrics(m)}")
             tot_loss, tot_correct, seen = 0.0, 0, 0
     mask_values = trainer.mask_values()
-    files = {"mask_values.txt": _mask_file_text(mask_values)}
+    files = {"mask_values.txt": mask_file_text(mask_values)}
     selection = None
     if cfg.pruning_select == "val":
         threshold, selection = select_threshold(model, mask_values, ctx.val, norm, cfg)
@@ -449,7 +449,7 @@ def anp(ctx) -> DefenseResult:
     return DefenseResult(pruned_model, rows, artifacts=files, info=info)
 
 
-def _mask_file_text(mask_values) -> str:
+def mask_file_text(mask_values) -> str:
     """mask_values.txt in the official ANP layout."""
     lines = ["No \t Layer Name \t Neuron Idx \t Mask Score"]
     lines += [f"{i} \t {n} \t {c} \t {v:.4f}" for i, (n, c, v) in enumerate(mask_values)]

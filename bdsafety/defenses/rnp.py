@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from bdsafety import engine
 from bdsafety.config import AMOUNT, FRACTION, NONNEG, POS_INT, POSITIVE, Option, dump_yaml, int_list
 from bdsafety.data.device import iterate_batches
-from bdsafety.defenses.anp import _mask_file_text, clip_masks, prune_model, select_pruned, thresholds, wrap_batchnorms
+from bdsafety.defenses.anp import clip_masks, mask_file_text, prune_model, select_pruned, thresholds, wrap_batchnorms
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.errors import ConfigError, TrainingDiverged
 from bdsafety.registry import register
@@ -196,7 +196,7 @@ def rnp(ctx) -> DefenseResult:
     n_neurons = len(mask_values)
     log(f"masks recovered on {n_neurons} neurons ({time.time() - t0:.0f}s): mask loss "
         f"{rec_rows[-1]['train_loss']:.4f}, training accuracy {rec_rows[-1]['train_acc']:.4f}")
-    files, selection = {"mask_values.txt": _mask_file_text(mask_values)}, None
+    files, selection = {"mask_values.txt": mask_file_text(mask_values)}, None
     if cfg.pruning_select == "val":
         threshold, selection = select_threshold(model, mask_values, ctx.val, norm, cfg)
         files["rnp_threshold_selection.yaml"] = dump_yaml(selection)
