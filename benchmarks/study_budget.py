@@ -107,11 +107,37 @@ def job_start_seconds() -> float:
     return _timed(lambda: subprocess.run([sys.executable, "-c", code], check=True), 2)
 
 
-def estimate(yaml_path: str, figs: dict, workers: int) -> None:
+def simulate(nodes: list, workers: int, order: str) -> float:
+    """Estimated wall time of ``nodes`` on ``workers`` one-CPU workers, through the Ray executor's own scheduler
+    (bdsafety.study.executors.schedule) on a simulated clock: ``order`` 'chain' = its longest-chain-first order,
+    'plan' = first ready, first started in the plan's order (roughly what Ray does when it is given every task)."""
+    from bdsafety.study.executors import schedule
+
+    if order == "plan":
+        for i, n in enumerate(nodes):
+            n.rank = -i
+    clock, ends = [0.0], {}
+
+    def submit(n):
+        ends[n.key] = clock[0] + n.cost
+        return n.key
+
+    def wait(handles):
+        k = min(handles, key=ends.get)
+        clock[0] = ends.pop(k)
+        return k
+
+    schedule(nodes, {"cpus": workers, "gpus": 0}, submit, wait, lambda n, h: None, clock=lambda: clock[0])
+    return clock[0]
+
+
+def estimate(yaml_path: str, figs: dict, workers: int, attacks=None, seeds=None) -> None:
+    from bdsafety.study.executors import build_nodes
     from bdsafety.study.plan import build_plan
+    from bdsafety.study.runner import narrow
     from bdsafety.study.spec import load_study
 
-    plan = build_plan(load_study(yaml_path))
+    plan = build_plan(narrow(load_study(yaml_path), attacks, seeds))
     by_kind: dict[str, list] = {}
     data = job_data(plan.jobs)
     seen_bti: set = set()
@@ -128,6 +154,12 @@ def estimate(yaml_path: str, figs: dict, workers: int) -> None:
     for k, v in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
         print(f"{k:28s} {len(v):5d} {sum(v) / 3600:7.2f}")
     print(f"total {total / 3600:.2f} worker-hours; with {workers} workers about {total / workers / 3600:.1f} h wall")
+    model = next(iter(figs))
+    walls = {o: simulate(build_nodes(plan.jobs, figures=figs[model]), workers, o) / 3600 for o in ("chain", "plan")}
+    path = max(n.rank for n in build_nodes(plan.jobs, figures=figs[model])) / 3600
+    print(f"simulated on {workers} one-CPU workers (the Ray executor's scheduler, estimated job times, {model}): "
+          f"longest chain first {walls['chain']:.2f} h, plan order {walls['plan']:.2f} h; lower bound "
+          f"max(work / workers {total / workers / 3600:.2f} h, longest chain {path:.2f} h)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (a one-CPU Ray worker uses 1)")
     p.add_argument("--yaml_path", default=None, help="a study yaml to estimate (its models must be among --models)")
     p.add_argument("--workers", type=int, default=2, help="parallel jobs of the study (Ray workers)")
+    p.add_argument("--attacks", default=None, help="estimate only these attacks (comma-separated), as run_study's")
+    p.add_argument("--seeds", default=None, help="estimate only these seeds (comma-separated), as run_study's")
     p.add_argument("--ssba_width", type=int, default=32)
     p.add_argument("--bti_unet_base", type=int, default=32, help="width of the BTI-DBF generator (official: 32)")
     p.add_argument("--figures", default=None, metavar="K=V,...",
@@ -143,9 +177,11 @@ def main(argv: list[str] | None = None) -> None:
                         "train=0.38,eval=0.21,bti=16.5,ssba=5.8,job=3.4 (the table's units)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    chunk = ([v.strip() for v in a.attacks.split(",")] if a.attacks else None,
+             [int(v) for v in a.seeds.split(",")] if a.seeds else None)
     if a.figures:
         given = {k: float(v) for k, v in (kv.split("=") for kv in a.figures.split(","))}
-        estimate(a.yaml_path, {name: given for name in a.models}, a.workers)
+        estimate(a.yaml_path, {name: given for name in a.models}, a.workers, *chunk)
         return
     print(f"torch threads {a.threads}, load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     start = job_start_seconds()
@@ -160,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         figs[name] = f
         print(f"{name:14s} {f['train']:17.2f} {f['eval']:10.3f} {f['bti']:9.2f} {f['train'] * 50:12.0f}", flush=True)
     if a.yaml_path:
-        estimate(a.yaml_path, figs, a.workers)
+        estimate(a.yaml_path, figs, a.workers, *chunk)
 
 
 if __name__ == "__main__":

@@ -16,3 +16,22 @@ def test_bti_modes_prints_every_mode_against_eager(capsys):
     assert rows["eager"][4] == "1.00x" and float(rows["eager"][5]) == 0.0
     # channels-last changes only the order of the sums; bf16 may move the loss further, but not wildly
     assert float(rows["channels_last"][5]) < 1e-3 and float(rows["bf16"][5]) < 0.1
+
+
+def test_study_budget_prices_a_plan_and_simulates_its_schedule(capsys):
+    """benchmarks/study_budget.py with given figures (nothing measured): the per-kind table and the simulated wall
+    time of the Ray executor's longest-chain-first order, never below the lower bound it prints."""
+    import re
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import study_budget
+
+    study_budget.main(["--yaml_path", str(ROOT / "config" / "study" / "demo.yaml"), "--models", "cnn_small",
+                       "--figures", "train=1,eval=0.5,bti=20,ssba=5,job=3", "--workers", "2"])
+    out = capsys.readouterr().out
+    assert "defense:pam" in out and "total" in out
+    m = re.search(r"longest chain first ([\d.]+) h, plan order ([\d.]+) h; lower bound max\(work / workers "
+                  r"([\d.]+) h, longest chain ([\d.]+) h\)", out)
+    assert m, out
+    chain, plan, work, path = map(float, m.groups())
+    assert chain >= max(work, path) - 0.01 and plan >= max(work, path) - 0.01

@@ -85,22 +85,24 @@ class Node:
     rank: float = field(default=0.0)  # its cost plus the longest chain of costs after it
 
 
-def build_nodes(todo: list, prepare: bool = True) -> list:
+def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None) -> list:
     """The schedule's nodes in topological order: every job of ``todo``, and before the first job of each inversion
     group a prepare node that its members wait for (``prepare`` False: no prepare nodes; the first job of a group
     carries the inversion's cost, as on the local executor). Costs from bdsafety.study.cost with its default figures
-    (a job the estimate cannot price costs one job start: the order then falls back to the plan's)."""
+    (a job the estimate cannot price costs one job start: the order then falls back to the plan's), or ``figures``."""
+    fig = figures or DEFAULT_FIGURES
     data = job_data(todo)
     group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js} if prepare else {}
     prepared: dict = {}
     seen_inv: set = set()
+    seen_ssba: set = set()  # a cached resource (SSBA's encoder) is priced for the first job that makes it
     nodes = []
 
     def cost(fn, *args) -> float:
         try:
             return float(fn(*args))
         except (KeyError, TypeError, ValueError):
-            return DEFAULT_FIGURES["job"]
+            return fig["job"]
 
     for j in todo:
         res = dict(cpus=float(j.resources.get("num_cpus", 1)), gpus=float(j.resources.get("num_gpus", 0)))
@@ -111,10 +113,10 @@ def build_nodes(todo: list, prepare: bool = True) -> list:
             if g not in prepared:
                 prepared[g] = f"{j.key} (prepare)"
                 nodes.append(Node(prepared[g], j, list(j.deps),
-                                  cost(inversion_seconds, j, DEFAULT_FIGURES, data[j.key]), prepare=True, **res))
+                                  cost(inversion_seconds, j, fig, data[j.key]), prepare=True, **res))
             deps.append(prepared[g])
             seen_bti = {inversion_point(j)}  # the inversion is the prepare node's: not in the job's own cost
-        nodes.append(Node(j.key, j, deps, cost(job_seconds, j, DEFAULT_FIGURES, data[j.key], seen_bti, set()), **res))
+        nodes.append(Node(j.key, j, deps, cost(job_seconds, j, fig, data[j.key], seen_bti, seen_ssba), **res))
     chain_ranks(nodes)
     return nodes
 
