@@ -13,6 +13,7 @@ Inspect a record from the shell::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -420,9 +421,67 @@ def _check_info(info: dict, num_classes: int, path: Path) -> None:
         raise RecordError(f"{path}: attack_label_trans is {lt!r}, expected all2one or all2all")
 
 
+# Decoded records kept in this process: the jobs of a study run in one process (the local executor) or in Ray workers
+# that are reused from job to job, and a model's retuning jobs (RA draws, its control, the budget) load the same record
+# one after the other; decoding its poisoned PNGs and unpickling its attack_result.pt is 15-20% of such a job. A
+# record is served from here only while every one of its files has the size, modification time and inode it had when
+# it was decoded (``_record_stamp``); its image arrays are read-only.
+_RECORD_CACHE: OrderedDict = OrderedDict()
+RECORD_CACHE_SIZE = 2
+
+
+def _record_stamp(record_dir: Path) -> tuple:
+    """(name, inode, mtime_ns, size) of attack_result.pt, info.pickle and every file under the record's bd_*
+    folders: any rewrite, replacement or corruption of a file the loader reads changes it."""
+    out = []
+    paths = [record_dir / "attack_result.pt", record_dir / "info.pickle"]
+    for sub in sorted(record_dir.glob("bd_*")):
+        if sub.is_dir():
+            for top, dirs, files in os.walk(sub):
+                dirs.sort()
+                paths += [Path(top) / f for f in sorted(files)]
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            out.append((str(p), None))
+            continue
+        out.append((str(p), st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def clear_record_cache() -> None:
+    """Forget every decoded record of this process."""
+    _RECORD_CACHE.clear()
+
+
 def load_attack_record(record_dir: str | os.PathLike, trust_record: bool = False) -> AttackRecord:
-    """Load a BackdoorBench v2.0/v2.2 record, wherever its folder lives now (images decoded to RGB uint8)."""
+    """Load a BackdoorBench v2.0/v2.2 record, wherever its folder lives now (images decoded to RGB uint8). A record
+    this process decoded before and whose files are unchanged comes from memory (``_RECORD_CACHE``)."""
     record_dir = Path(record_dir)
+    if not record_dir.is_dir():
+        _read_attack_result(record_dir, trust_record)  # raises the missing-record error
+    key = (str(record_dir.resolve()), bool(trust_record))
+    stamp = _record_stamp(record_dir)
+    hit = _RECORD_CACHE.get(key)
+    if hit is not None and hit[0] == stamp:
+        _RECORD_CACHE.move_to_end(key)
+        rec = hit[1]
+        return dataclasses.replace(rec, record_dir=record_dir, state_dict=OrderedDict(rec.state_dict),
+                                   info=dict(rec.info))
+    rec = _decode_attack_record(record_dir, trust_record)
+    for split in (rec.bd_train, rec.bd_test):
+        if split is not None:
+            for a in (split.images, split.indices, split.bd_labels, split.orig_labels):
+                a.setflags(write=False)
+    _RECORD_CACHE[key] = (stamp, rec)
+    _RECORD_CACHE.move_to_end(key)
+    while len(_RECORD_CACHE) > RECORD_CACHE_SIZE:
+        _RECORD_CACHE.popitem(last=False)
+    return dataclasses.replace(rec, state_dict=OrderedDict(rec.state_dict), info=dict(rec.info))
+
+
+def _decode_attack_record(record_dir: Path, trust_record: bool) -> AttackRecord:
     result = _read_attack_result(record_dir, trust_record)
     pt_path = record_dir / "attack_result.pt"
     img_size = _checked_img_size(result["img_size"], pt_path)

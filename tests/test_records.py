@@ -594,3 +594,39 @@ def test_info_values_are_validated_when_read(tmp_path, field, value, match):
     torch.save(info, rec.record_dir / "info.pickle")
     with pytest.raises(RecordError, match=match):
         load_attack_record(rec.record_dir)
+
+
+# ----------------------------------------------------------------------------------------------- in-process cache
+
+def test_a_record_decoded_before_comes_from_memory_until_one_of_its_files_changes(tmp_path):
+    """The jobs of a study in one process (local executor, a reused Ray worker) load the same record again and again:
+    the second load reuses the decoded images (read-only) and the unpickled state; rewriting any file the loader
+    reads (a PNG in place, attack_result.pt) makes the next load decode again, so a changed or damaged record is
+    never hidden."""
+    from bdsafety.records import _RECORD_CACHE, clear_record_cache
+
+    clear_record_cache()
+    record_dir = tmp_path / "record" / "my_attack"
+    state, bd_train, bd_test, info = save_demo_record(record_dir)
+    a = load_attack_record(record_dir)
+    b = load_attack_record(record_dir)
+    assert b.bd_test.images is a.bd_test.images and not b.bd_test.images.flags.writeable  # served from memory
+    assert b.state_dict is not a.state_dict and b.info is not a.info  # the containers are each caller's own
+    b.info["attack"] = "changed"
+    assert load_attack_record(record_dir).info == info
+    assert_split_equal(b.bd_test, bd_test)
+    assert_state_equal(b.state_dict, state)
+    # a PNG rewritten in place (same folder entries, same size): decoded again, and the new pixels are read
+    png = sorted((record_dir / "bd_test_dataset").rglob("*.png"))[0]
+    img = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(png), 255 - img)
+    st = png.stat()
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    c = load_attack_record(record_dir)
+    assert c.bd_test.images is not a.bd_test.images and not np.array_equal(c.bd_test.images, a.bd_test.images)
+    # a damaged record is reported even after a clean load of it
+    png.write_bytes(b"not a png")
+    with pytest.raises(RecordError, match="not a readable image"):
+        load_attack_record(record_dir)
+    assert len(_RECORD_CACHE) <= 2
+    clear_record_cache()
