@@ -35,3 +35,14 @@ def test_study_budget_prices_a_plan_and_simulates_its_schedule(capsys):
     assert m, out
     chain, plan, work, path = map(float, m.groups())
     assert chain >= max(work, path) - 0.01 and plan >= max(work, path) - 0.01
+
+
+def test_record_cache_benchmark_times_a_decoded_and_a_remembered_load(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "tests"))
+    import record_cache
+    from test_records import save_demo_record
+
+    save_demo_record(tmp_path / "record" / "r")
+    out = record_cache.main(["--record", str(tmp_path / "record" / "r"), "--repeats", "1"])
+    assert out["images"] == 18 and out["decoded_s"] > 0 and out["from_memory_s"] > 0
