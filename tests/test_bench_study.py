@@ -27,6 +27,7 @@ def test_core_benchmark_dry_run_lists_every_job(tmp_path, capsys):
                         f"{base}/ra_budget_p1", f"{base}/ra_budget_p10"]
                 assert not [k for k in want if k not in keys], [k for k in want if k not in keys]
             assert f"{rec}/defense/fst/qra" in keys
+            assert {f"{rec}/lmc_{d}" for d in ("exact_purification", "fst", "bti_dbf", "pam", "pam_reinvert")} <= keys
             assert f"{rec}/ra_control" in keys and f"{rec}/ra_budget_p1" in keys
     assert f"{rec}/ra_d5" not in keys and f"{rec}/defense/fst/ra_budget_p5" not in keys  # 5 draws; 5 is the main RA
 
