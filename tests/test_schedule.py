@@ -142,3 +142,21 @@ def test_the_ray_executor_defers_every_job_past_the_budget(tmp_path):
                     time_budget_s=1.0)
     assert oc.results and {r["status"] for r in oc.results.values()} == {"deferred"}
     assert "run the same command again" in text
+
+
+def test_an_inversion_already_on_disk_costs_its_prepare_node_nothing(monkeypatch):
+    """With the record's inversion cached (a previous sitting made it), the prepare node is priced as a job start, so a
+    time budget does not defer the cheap jobs waiting for it (bdsafety.study.executors.inversion_on_disk)."""
+    from bdsafety.study.plan import Job
+
+    bti = {"bti_pretrain_epochs": 50, "bti_mask_epochs": 20, "bti_gen_epochs": 30, "ratio": 0.05, "n_rounds": 3,
+           "epochs": 30}
+    point = {"record": "r", "attack": "badnet", "model": "cnn_tiny", "seed": 0, "pratio": 0.05}
+    pam = Job("r/defense/pam", "defense", "pam", None, {}, [], {"num_cpus": 1}, point, id="p", config=bti)
+    reinv = Job("r/defense/pam_reinvert", "defense", "pam_reinvert", None, {}, [], {"num_cpus": 1}, point, id="q",
+                config={**bti, "retrain_generator": True})
+    monkeypatch.setattr("bdsafety.study.executors.inversion_groups", lambda todo: {"r": [pam, reinv]})
+    cold = build_nodes([pam, reinv])
+    warm = build_nodes([pam, reinv], inversion_ready=lambda j: True)
+    assert cold[0].prepare and cold[0].cost > 600 and warm[0].cost < 10
+    assert [n.cost for n in cold[1:]] == [n.cost for n in warm[1:]]

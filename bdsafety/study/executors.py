@@ -34,7 +34,9 @@ def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[d
 
     threads = threads or torch.get_num_threads()
     results = dict(current)
-    costs = {n.key: n.cost for n in build_nodes(todo, prepare=False)} if time_budget_s is not None else {}
+    costs = ({n.key: n.cost for n in build_nodes(todo, prepare=False,
+                                                  inversion_ready=lambda j: inversion_on_disk(j, study_dir))}
+             if time_budget_s is not None else {})
     t0 = time.monotonic()
     for j in todo:
         if time_budget_s is not None and (
@@ -61,6 +63,12 @@ def _ray_prepare(job: dict, study_dir: str, report_dir: str, upstream: dict):
     return prepare_job(job, study_dir, upstream, report_dir=report_dir)
 
 
+def inversion_on_disk(job, study_dir: Path) -> bool:
+    """Whether the record of ``job`` (a folder of the study) already holds a cached trigger inversion."""
+    record = job.point.get("record")
+    return bool(record) and any((Path(study_dir) / record / "bti_inversion").glob("*.pt"))
+
+
 def inversion_groups(todo: list) -> dict:
     """record -> the jobs of ``todo`` on it that share a trigger inversion (execute.shares_inversion), where two or more
     do: the Ray executor computes the inversion once, in a prepare task, before any of them starts."""
@@ -85,11 +93,14 @@ class Node:
     rank: float = field(default=0.0)  # its cost plus the longest chain of costs after it
 
 
-def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None) -> list:
+def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None,
+                inversion_ready: Callable | None = None) -> list:
     """The schedule's nodes in topological order: every job of ``todo``, and before the first job of each inversion
     group a prepare node that its members wait for (``prepare`` False: no prepare nodes; the first job of a group
     carries the inversion's cost, as on the local executor). Costs from bdsafety.study.cost with its default figures
-    (a job the estimate cannot price costs one job start: the order then falls back to the plan's), or ``figures``."""
+    (a job the estimate cannot price costs one job start: the order then falls back to the plan's), or ``figures``.
+    ``inversion_ready(job)``: True where the job's record already holds a cached inversion, which then costs nothing
+    (a heuristic: a cache of other settings would still be computed, past the estimate)."""
     fig = figures or DEFAULT_FIGURES
     data = job_data(todo)
     group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js} if prepare else {}
@@ -108,12 +119,15 @@ def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None) -
         res = dict(cpus=float(j.resources.get("num_cpus", 1)), gpus=float(j.resources.get("num_gpus", 0)))
         deps = list(j.deps)
         seen_bti: set = seen_inv  # without prepare nodes: the first job needing an inversion pays for it
+        if inversion_ready is not None and inversion_ready(j):
+            seen_bti = {inversion_point(j)}
         if j.key in group_of:
             g = group_of[j.key]
             if g not in prepared:
                 prepared[g] = f"{j.key} (prepare)"
-                nodes.append(Node(prepared[g], j, list(j.deps),
-                                  cost(inversion_seconds, j, fig, data[j.key]), prepare=True, **res))
+                inv = fig["job"] if inversion_ready is not None and inversion_ready(j) else cost(
+                    inversion_seconds, j, fig, data[j.key])
+                nodes.append(Node(prepared[g], j, list(j.deps), inv, prepare=True, **res))
             deps.append(prepared[g])
             seen_bti = {inversion_point(j)}  # the inversion is the prepare node's: not in the job's own cost
         nodes.append(Node(j.key, j, deps, cost(job_seconds, j, fig, data[j.key], seen_bti, seen_ssba), **res))
@@ -268,8 +282,9 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
             if not n.prepare:
                 on_result(r)
 
-        left = schedule(build_nodes(todo), {"cpus": total.get("CPU", 0), "gpus": total.get("GPU", 0)}, submit, wait,
-                        on_done, time_budget_s=time_budget_s)
+        nodes = build_nodes(todo, inversion_ready=lambda j: inversion_on_disk(j, study_dir))
+        left = schedule(nodes, {"cpus": total.get("CPU", 0), "gpus": total.get("GPU", 0)}, submit, wait, on_done,
+                        time_budget_s=time_budget_s)
         for n in left:
             if not n.prepare:
                 results[n.key] = deferred_result(n.job)
