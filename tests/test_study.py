@@ -789,6 +789,24 @@ def test_verdict_tables_over_several_grid_points_without_a_clean_reference():
         assert "returns under RA" in v["fst"] and "dormant" in v["pam"] and "dormant" not in v["fst"]
 
 
+def test_claim_a_needs_a_purified_model():
+    """Claim (a), 'superficial defenses regain the backdoor under RA', is about purified models: a defense that left the
+    backdoor in place (ASR above purified_asr) is 'n/a: not purified', not a 'yes' from its high P-ASR (the first
+    CIFAR-10-size chunk: BTI-DBF(U) with a wrongly inverted target kept ASR 72.6 and was counted as regaining)."""
+    from bdsafety.study.report import claims_table
+    from bdsafety.study.stats import VERDICT_DEFAULTS
+
+    rows, runs = [], []
+    for seed in (0, 1, 2):
+        for d, asr, p_asr in (("clean", 0.01, 0.03), ("fst", 0.01, 0.40), ("bti_dbf", 0.75, 0.80)):
+            rows.append({"defense": d, "seed": seed, "o_robustness_asr": asr, "o_robustness_acc": 0.9})
+            for draw in range(2):
+                runs.append({"defense": d, "seed": seed, "draw": draw, "p_asr": p_asr + 0.01 * (seed + draw)})
+    t = claims_table(pd.DataFrame(rows), pd.DataFrame(runs), dict(VERDICT_DEFAULTS)).set_index("defense")
+    assert t.loc["fst", "holds"] == "yes"
+    assert t.loc["bti_dbf", "holds"] == "n/a: not purified (ASR 75.0% > 20%)"
+
+
 def test_a_chunk_export_names_the_command_that_produced_its_outputs():
     """A later run that only re-read the outputs (0 ran) is the report's last run, but the chunk export (merge's
     chunks.json) names the run that produced them."""

@@ -150,8 +150,12 @@ def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict) -> pd.DataFrame:
             if kind == "regain":
                 e = paired(gm, "p_asr", d, "clean") if "clean" in present else NAN
                 holds = e.mean > th["returns_margin"] and e.above_zero
+                asr = clustered(g[g["defense"] == d], "o_robustness_asr")
+                # regaining presupposes a purified model: a defense that left the backdoor in place says nothing here
+                said = (f"n/a: not purified (ASR {100 * asr.mean:.1f}% > {100 * th['purified_asr']:g}%)"
+                        if asr.n and asr.mean > th["purified_asr"] else _yes(e, holds))
                 rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(clean)",
-                             "difference": e.fmt(), "holds": _yes(e, holds)})
+                             "difference": e.fmt(), "holds": said})
             elif kind == "no_regain":
                 if d == "clean":
                     e = clustered(gm[gm["defense"] == "clean"], "p_asr")
