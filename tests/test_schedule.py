@@ -160,3 +160,18 @@ def test_an_inversion_already_on_disk_costs_its_prepare_node_nothing(monkeypatch
     warm = build_nodes([pam, reinv], inversion_ready=lambda j: True)
     assert cold[0].prepare and cold[0].cost > 600 and warm[0].cost < 10
     assert [n.cost for n in cold[1:]] == [n.cost for n in warm[1:]]
+
+
+def test_a_resource_shared_across_records_is_priced_on_every_job_that_may_make_it():
+    """SSBA's encoder is cached per setting and shared by the seeds' attack and clean-reference jobs; whichever Ray runs
+    first makes it, so each is priced with it (a time budget must not start an attack that trains a 1.6-hour encoder
+    in its last half hour); a total (benchmarks/study_budget.py) prices it once."""
+    from bdsafety.study.plan import Job
+
+    c = {"epochs": 30, "synthetic_n_train": 50000, "synthetic_n_test": 10000, "ssba_steps": 15625,
+         "ssba_batch_size": 64}
+    jobs = [Job(k, "attack", "ssba", None, {}, [], {"num_cpus": 1}, {"record": k}, id=k, config=c)
+            for k in ("clean-ssba_s0", "ssba_s0")]
+    each = [n.cost for n in build_nodes(jobs)]
+    once = [n.cost for n in build_nodes(jobs, price_shared_once=True)]
+    assert each[0] == each[1] == once[0] > once[1] + 3000

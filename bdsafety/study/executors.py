@@ -94,19 +94,21 @@ class Node:
 
 
 def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None,
-                inversion_ready: Callable | None = None) -> list:
+                inversion_ready: Callable | None = None, price_shared_once: bool = False) -> list:
     """The schedule's nodes in topological order: every job of ``todo``, and before the first job of each inversion
     group a prepare node that its members wait for (``prepare`` False: no prepare nodes; the first job of a group
     carries the inversion's cost, as on the local executor). Costs from bdsafety.study.cost with its default figures
     (a job the estimate cannot price costs one job start: the order then falls back to the plan's), or ``figures``.
     ``inversion_ready(job)``: True where the job's record already holds a cached inversion, which then costs nothing
-    (a heuristic: a cache of other settings would still be computed, past the estimate)."""
+    (a heuristic: a cache of other settings would still be computed, past the estimate). A resource cached across
+    records (SSBA's encoder) is priced on every job that may make it, since any of them may run first and a time
+    budget must not start one that would make it past the end; ``price_shared_once``: on the first only (a total)."""
     fig = figures or DEFAULT_FIGURES
     data = job_data(todo)
     group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js} if prepare else {}
     prepared: dict = {}
     seen_inv: set = set()
-    seen_ssba: set = set()  # a cached resource (SSBA's encoder) is priced for the first job that makes it
+    seen_ssba: set = set()
     nodes = []
 
     def cost(fn, *args) -> float:
@@ -130,7 +132,8 @@ def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None,
                 nodes.append(Node(prepared[g], j, list(j.deps), inv, prepare=True, **res))
             deps.append(prepared[g])
             seen_bti = {inversion_point(j)}  # the inversion is the prepare node's: not in the job's own cost
-        nodes.append(Node(j.key, j, deps, cost(job_seconds, j, fig, data[j.key], seen_bti, seen_ssba), **res))
+        ssba = seen_ssba if price_shared_once else set()
+        nodes.append(Node(j.key, j, deps, cost(job_seconds, j, fig, data[j.key], seen_bti, ssba), **res))
     chain_ranks(nodes)
     return nodes
 
