@@ -141,12 +141,12 @@ def estimate(yaml_path: str, figs: dict, workers: int, attacks=None, seeds=None)
     by_kind: dict[str, list] = {}
     data = job_data(plan.jobs)
     seen_bti: set = set()
-    seen_ssba: set = set()
+    seen_shared: set = set()
     for job in plan.jobs:
         model = job.point.get("model")
         if model not in figs:
             continue
-        s = job_seconds(job, figs[model], data[job.key], seen_bti, seen_ssba)
+        s = job_seconds(job, figs[model], data[job.key], seen_bti, seen_shared)
         by_kind.setdefault(f"{job.kind}:{job.method}", []).append(s)
     total = sum(sum(v) for v in by_kind.values())
     print(f"\nestimate for {yaml_path} ({sum(len(v) for v in by_kind.values())} jobs):")

@@ -175,3 +175,25 @@ def test_a_resource_shared_across_records_is_priced_on_every_job_that_may_make_i
     each = [n.cost for n in build_nodes(jobs)]
     once = [n.cost for n in build_nodes(jobs, price_shared_once=True)]
     assert each[0] == each[1] == once[0] > once[1] + 3000
+
+
+def test_narcissus_surrogate_and_trigger_are_priced_once_per_setting_like_ssba_encoder():
+    """Narcissus caches its surrogate (200 epochs over the POOD and the target class) and its trigger (1,000 rounds
+    over the target class) per narcissus_* setting and data size, not per seed: each seed's attack may make them, a
+    total prices them once, and another data size is another cache."""
+    from bdsafety.study.cost import DEFAULT_FIGURES, shared_resource
+    from bdsafety.study.plan import Job
+
+    c = {"epochs": 30, "synthetic_n_train": 50000, "synthetic_n_test": 10000, "narcissus_surrogate_epochs": 200,
+         "narcissus_warmup_epochs": 5, "narcissus_gen_rounds": 1000, "narcissus_pood": "synthetic"}
+    jobs = [Job(k, "attack", "narcissus", None, {}, [], {"num_cpus": 1}, {"record": k}, id=k, config=c)
+            for k in ("narcissus_s0", "narcissus_s1", "narcissus_s2")]
+    each = [n.cost for n in build_nodes(jobs)]
+    once = [n.cost for n in build_nodes(jobs, price_shared_once=True)]
+    assert each[0] == each[1] == each[2] == once[0] > once[1] + 3600 and once[1] == once[2]
+    key, sec = shared_resource("narcissus", c, DEFAULT_FIGURES, {"n_train": 50000})
+    # 200 x (45,000 POOD + 5,000 target) + (5 + 1,000) x 5,000 images at 0.38 s per 1,000
+    assert sec == pytest.approx((200 * 50000 + 1005 * 5000) * 0.38 / 1000)
+    assert shared_resource("narcissus", c, DEFAULT_FIGURES, {"n_train": 2000})[0] != key
+    assert shared_resource("narcissus", {**c, "narcissus_pood": "tiny"}, DEFAULT_FIGURES, {"n_train": 50000})[1] > sec
+    assert shared_resource("badnet", c, DEFAULT_FIGURES, {"n_train": 50000}) is None

@@ -4,8 +4,9 @@ it measures) and the Ray executor uses to start the longest chains first (with t
 the estimates matters there).
 
 Priced, per job (``job_seconds``):
-  attack     epochs x n_train training + (epochs / eval_every) x 2 test sets evaluated; SSBA: its encoder once
-             (cached per ssba_* settings, shared by the seeds)
+  attack     epochs x n_train training + (epochs / eval_every) x 2 test sets evaluated; the resources an attack
+             caches across records, once each (``shared_resource``): SSBA's encoder (per ssba_* settings, shared by
+             the seeds), Narcissus's surrogate, warm-up and trigger (per narcissus_* settings and data size)
   clean      the same with pratio 0
   defense    epochs (x n_rounds) x ratio x n_train training + its evaluations; BTI-DBF / PAM: the inversion
              (bti_pretrain + bti_mask + bti_gen epochs x reserved images x the bti figure) once per seed and model
@@ -48,10 +49,33 @@ def inversion_seconds(job, fig: dict, data: dict) -> float:
     return int(c["bti_pretrain_epochs"]) * reserved * fig["bti"] / 1000 + mask + gen
 
 
-def job_seconds(job, fig: dict, data: dict, seen_bti: set, seen_ssba: set) -> float:
-    """Estimated seconds of one planned job. ``seen_bti`` / ``seen_ssba``: the shared caches already priced (an
-    inversion or an SSBA encoder is counted for the first job that needs it; pass a set holding the job's point to
-    leave its inversion out)."""
+# images of a public out-of-distribution set Narcissus's surrogate may learn (its train split; others: n_train)
+POOD_SIZES = {"tiny": 100000}
+NUM_CLASSES = 10  # the estimate's class count (CIFAR-10-like data) where a job's config does not give one
+
+
+def shared_resource(method: str, c: dict, fig: dict, data: dict) -> tuple[tuple, float] | None:
+    """(cache key, seconds) of what an attack job makes once and caches for every record of the same settings: SSBA's
+    encoder (ssba_steps x ssba_batch_size images at the ssba figure); Narcissus's surrogate (surrogate epochs over
+    the POOD images plus the target class), warm-up and trigger generation (each round a pass over the target class
+    with an input gradient, priced as a training pass; the early stop is not priced). None for other attacks."""
+    if method == "ssba":
+        key = tuple(sorted((k, v) for k, v in c.items() if k.startswith("ssba_")))
+        return ("ssba", *key), int(c.get("ssba_steps", 0)) * int(c.get("ssba_batch_size", 0)) * fig["ssba"] / 1000
+    if method == "narcissus":
+        n_target = data["n_train"] / NUM_CLASSES
+        pood = c.get("narcissus_pood_n") or POOD_SIZES.get(c.get("narcissus_pood"), data["n_train"] - n_target)
+        images = (int(c.get("narcissus_surrogate_epochs", 200)) * (float(pood) + n_target)
+                  + (int(c.get("narcissus_warmup_epochs", 5)) + int(c.get("narcissus_gen_rounds", 1000))) * n_target)
+        key = tuple(sorted((k, str(v)) for k, v in c.items() if k.startswith("narcissus_")))
+        return ("narcissus", data["n_train"], *key), images * fig["train"] / 1000
+    return None
+
+
+def job_seconds(job, fig: dict, data: dict, seen_bti: set, seen_shared: set) -> float:
+    """Estimated seconds of one planned job. ``seen_bti`` / ``seen_shared``: the shared caches already priced (an
+    inversion, or an attack's cached resource such as SSBA's encoder, is counted for the first job that needs it;
+    pass a set holding the job's point to leave its inversion out)."""
     c, kind, m = job.config, job.kind, job.method
     n_train, n_test = data["n_train"], data["n_test"]
     tr, ev = fig["train"] / 1000, fig["eval"] / 1000
@@ -59,10 +83,10 @@ def job_seconds(job, fig: dict, data: dict, seen_bti: set, seen_ssba: set) -> fl
     if kind == "attack":
         e = int(c.get("epochs", 100))
         sec += e * n_train * tr + _evals(c, e, n_test) * ev
-        key = tuple(sorted((k, v) for k, v in c.items() if k.startswith("ssba_")))
-        if m == "ssba" and key not in seen_ssba:
-            seen_ssba.add(key)
-            sec += int(c.get("ssba_steps", 0)) * int(c.get("ssba_batch_size", 0)) * fig["ssba"] / 1000
+        shared = shared_resource(m, c, fig, data)
+        if shared is not None and shared[0] not in seen_shared:
+            seen_shared.add(shared[0])
+            sec += shared[1]
         return sec
     if kind == "defense":
         reserved = float(c.get("ratio", 0.05)) * n_train

@@ -101,14 +101,15 @@ def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None,
     (a job the estimate cannot price costs one job start: the order then falls back to the plan's), or ``figures``.
     ``inversion_ready(job)``: True where the job's record already holds a cached inversion, which then costs nothing
     (a heuristic: a cache of other settings would still be computed, past the estimate). A resource cached across
-    records (SSBA's encoder) is priced on every job that may make it, since any of them may run first and a time
-    budget must not start one that would make it past the end; ``price_shared_once``: on the first only (a total)."""
+    records (SSBA's encoder, Narcissus's surrogate and trigger) is priced on every job that may make it, since any of
+    them may run first and a time budget must not start one that would make it past the end; ``price_shared_once``:
+    on the first only (a total)."""
     fig = figures or DEFAULT_FIGURES
     data = job_data(todo)
     group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js} if prepare else {}
     prepared: dict = {}
     seen_inv: set = set()
-    seen_ssba: set = set()
+    seen_shared: set = set()
     nodes = []
 
     def cost(fn, *args) -> float:
@@ -132,8 +133,8 @@ def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None,
                 nodes.append(Node(prepared[g], j, list(j.deps), inv, prepare=True, **res))
             deps.append(prepared[g])
             seen_bti = {inversion_point(j)}  # the inversion is the prepare node's: not in the job's own cost
-        ssba = seen_ssba if price_shared_once else set()
-        nodes.append(Node(j.key, j, deps, cost(job_seconds, j, fig, data[j.key], seen_bti, ssba), **res))
+        shared = seen_shared if price_shared_once else set()
+        nodes.append(Node(j.key, j, deps, cost(job_seconds, j, fig, data[j.key], seen_bti, shared), **res))
     chain_ranks(nodes)
     return nodes
 
