@@ -28,7 +28,7 @@ import torch
 from bdsafety.errors import OutputError, UserError
 
 __all__ = ["RecordError", "safe_torch_load", "atomic_torch_save", "atomic_write_text", "atomic_write_bytes",
-           "ensure_safe_loadable"]
+           "ensure_safe_loadable", "file_lock"]
 
 
 class RecordError(UserError):
@@ -262,3 +262,30 @@ def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
 
 
 _ensure_safe_loadable = ensure_safe_loadable  # old private name
+
+
+# ----------------------------------------------------------------------------------------------- cache locks
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, log: Callable[[str], None], what: str):
+    """Hold an exclusive lock on the cache file ``path`` (a hidden ``.<stem>.lock`` beside it) while it is checked and,
+    if need be, made: processes that need the same cache entry at the same time (study jobs on Ray or not, or two
+    commands) make it once; the later one logs that it waits, then reuses it. Without fcntl (Windows) there is no
+    lock: both make it."""
+    try:
+        import fcntl  # lazy and guarded: POSIX only
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.stem}.lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another run is making this {what} ({path.name}); waiting to reuse it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

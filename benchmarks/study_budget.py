@@ -155,9 +155,9 @@ def estimate(yaml_path: str, figs: dict, workers: int, attacks=None, seeds=None)
         print(f"{k:28s} {len(v):5d} {sum(v) / 3600:7.2f}")
     print(f"total {total / 3600:.2f} worker-hours; with {workers} workers about {total / workers / 3600:.1f} h wall")
     model = next(iter(figs))
-    walls = {o: simulate(build_nodes(plan.jobs, figures=figs[model], price_shared_once=True), workers, o) / 3600
+    walls = {o: simulate(build_nodes(plan.jobs, figures=figs[model]), workers, o) / 3600
              for o in ("chain", "plan")}
-    path = max(n.rank for n in build_nodes(plan.jobs, figures=figs[model], price_shared_once=True)) / 3600
+    path = max(n.rank for n in build_nodes(plan.jobs, figures=figs[model])) / 3600
     print(f"simulated on {workers} one-CPU workers (the Ray executor's scheduler, estimated job times, {model}): "
           f"longest chain first {walls['chain']:.2f} h, plan order {walls['plan']:.2f} h; lower bound "
           f"max(work / workers {total / workers / 3600:.2f} h, longest chain {path:.2f} h)")

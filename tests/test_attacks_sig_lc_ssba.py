@@ -110,6 +110,34 @@ def test_resource_cache_reuses_rebuilds_and_says_why(tmp_path):
     assert len(calls) == 3 and "reusing" in logs[-1]  # the rebuilt file is valid again
 
 
+
+def test_concurrent_runs_build_one_resource(tmp_path):
+    """An attack and its clean reference, run at once by a study, both need SSBA's encoder: one builds it, the other
+    waits on the cache's lock and reuses it (before the lock both trained the 1.6-hour encoder side by side)."""
+    import threading
+    import time
+
+    path, logs, calls = tmp_path / "ssba" / "enc.pt", [[], []], []
+
+    def build():
+        calls.append(1)
+        time.sleep(1.0)  # long enough for the second run to arrive while the first holds the entry
+        return {"x": torch.arange(3)}
+
+    out = [None, None]
+
+    def run(i):
+        out[i] = load_or_build(path, {"steps": 1}, build, logs[i].append, "SSBA encoder")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and all(torch.equal(o["x"], torch.arange(3)) for o in out)
+    assert any("another run is making this SSBA encoder" in m for m in logs[1]) and "reusing" in logs[1][-1]
+
 def _robust_toy(n: int, seed: int):
     """Two classes, 16x16: a robust feature (green brightness +-32 grey levels, per-image noise sd 64: about 70%
     predictive) and a non-robust one (R - B of +-8 grey levels, below the PGD budget of 8 per channel, but averaged over
@@ -224,7 +252,7 @@ def test_lc_end_to_end_tiny(tmp_path, capsys):
     assert np.array_equal(te.images, apply_lc_corners(data.test_x[te.indices], 1.0))  # trigger only
     assert (te.bd_labels == 0).all() and (te.orig_labels != 0).all()
     # rerun on a corrupted cache: rebuilt with a message, identical images (the clean record is reused, not retrained)
-    cache = next((tmp_path / ".cache" / "lc").iterdir())
+    cache = next((tmp_path / ".cache" / "lc").glob("*.pt"))
     cache.write_bytes(b"garbage")
     get("attack", "lc").main(args + ["--overwrite"])
     out = capsys.readouterr().out
@@ -303,4 +331,4 @@ def test_ssba_min_psnr_check(tmp_path):
     with pytest.raises(ConfigError, match="below ssba_min_psnr"):
         get("attack", "ssba").main(args + ["--ssba_min_psnr", "99"])
     assert not any(p.name != ".cache" for p in tmp_path.iterdir())
-    assert len(list((tmp_path / ".cache" / "ssba").iterdir())) == 1  # the encoder is cached even so
+    assert len(list((tmp_path / ".cache" / "ssba").glob("*.pt"))) == 1  # the encoder is cached even so

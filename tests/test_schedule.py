@@ -162,25 +162,37 @@ def test_an_inversion_already_on_disk_costs_its_prepare_node_nothing(monkeypatch
     assert [n.cost for n in cold[1:]] == [n.cost for n in warm[1:]]
 
 
-def test_a_resource_shared_across_records_is_priced_on_every_job_that_may_make_it():
-    """SSBA's encoder is cached per setting and shared by the seeds' attack and clean-reference jobs; whichever Ray runs
-    first makes it, so each is priced with it (a time budget must not start an attack that trains a 1.6-hour encoder
-    in its last half hour); a total (benchmarks/study_budget.py) prices it once."""
+def test_one_job_makes_a_resource_shared_across_records_and_the_others_wait_for_it(tmp_path):
+    """SSBA's encoder is cached per setting and shared by the seeds' attack and clean-reference jobs. Handed both at
+    once, Ray trained it twice side by side (1.6 hours each); now the attack makes it, priced with it, and the clean
+    reference waits for the attack, priced without it. Once it is on disk nobody waits and nobody pays for it."""
+    from bdsafety.study.executors import resource_on_disk
     from bdsafety.study.plan import Job
 
     c = {"epochs": 30, "synthetic_n_train": 50000, "synthetic_n_test": 10000, "ssba_steps": 15625,
          "ssba_batch_size": 64}
-    jobs = [Job(k, "attack", "ssba", None, {}, [], {"num_cpus": 1}, {"record": k}, id=k, config=c)
-            for k in ("clean-ssba_s0", "ssba_s0")]
-    each = [n.cost for n in build_nodes(jobs)]
-    once = [n.cost for n in build_nodes(jobs, price_shared_once=True)]
-    assert each[0] == each[1] == once[0] > once[1] + 3000
+    jobs = [Job(k, "attack", "ssba", None, {}, [], {"num_cpus": 1}, {"record": k, "role": role}, id=k, config=c)
+            for k, role in (("clean-ssba_s0", "clean"), ("ssba_s0", "attack"), ("ssba_s1", "attack"))]
+    cold = {n.key: n for n in build_nodes(jobs)}
+    assert [n.key for n in build_nodes(jobs)][0] == "ssba_s0"  # the maker comes first, whatever the plan's order
+    assert cold["clean-ssba_s0"].deps == ["ssba_s0"] and cold["ssba_s1"].deps == ["ssba_s0"]
+    assert cold["ssba_s0"].cost > cold["ssba_s1"].cost + 3000 and cold["ssba_s1"].cost == cold["clean-ssba_s0"].cost
+    assert cold["ssba_s0"].rank >= cold["ssba_s0"].cost + cold["ssba_s1"].cost
+    on_disk = [Job(j.key, j.kind, j.method, None, {}, [], j.resources, j.point, id=j.id,
+                   config={**c, "record_root": str(tmp_path)}) for j in jobs]
+    assert not any(resource_on_disk(j, tmp_path) for j in on_disk)
+    (tmp_path / ".cache" / "ssba").mkdir(parents=True)
+    (tmp_path / ".cache" / "ssba" / "synthetic_abc.pt").write_bytes(b"")
+    assert all(resource_on_disk(j, tmp_path) for j in on_disk)
+    warm = build_nodes(on_disk, resource_ready=lambda j: resource_on_disk(j, tmp_path))
+    assert all(n.deps == [] for n in warm) and len({n.cost for n in warm}) == 1
+    assert warm[0].cost == cold["ssba_s1"].cost
 
 
 def test_narcissus_surrogate_and_trigger_are_priced_once_per_setting_like_ssba_encoder():
     """Narcissus caches its surrogate (200 epochs over the POOD and the target class) and its trigger (1,000 rounds
-    over the target class) per narcissus_* setting and data size, not per seed: each seed's attack may make them, a
-    total prices them once, and another data size is another cache."""
+    over the target class) per narcissus_* setting and data size, not per seed: the first seed's attack makes them,
+    the others wait for it, and another data size is another cache."""
     from bdsafety.study.cost import DEFAULT_FIGURES, shared_resource
     from bdsafety.study.plan import Job
 
@@ -188,9 +200,9 @@ def test_narcissus_surrogate_and_trigger_are_priced_once_per_setting_like_ssba_e
          "narcissus_warmup_epochs": 5, "narcissus_gen_rounds": 1000, "narcissus_pood": "synthetic"}
     jobs = [Job(k, "attack", "narcissus", None, {}, [], {"num_cpus": 1}, {"record": k}, id=k, config=c)
             for k in ("narcissus_s0", "narcissus_s1", "narcissus_s2")]
-    each = [n.cost for n in build_nodes(jobs)]
-    once = [n.cost for n in build_nodes(jobs, price_shared_once=True)]
-    assert each[0] == each[1] == each[2] == once[0] > once[1] + 3600 and once[1] == once[2]
+    nodes = build_nodes(jobs)
+    assert nodes[0].cost > nodes[1].cost + 3600 and nodes[1].cost == nodes[2].cost
+    assert nodes[1].deps == nodes[2].deps == ["narcissus_s0"]
     key, sec = shared_resource("narcissus", c, DEFAULT_FIGURES, {"n_train": 50000})
     # 200 x (45,000 POOD + 5,000 target) + (5 + 1,000) x 5,000 images at 0.38 s per 1,000
     assert sec == pytest.approx((200 * 50000 + 1005 * 5000) * 0.38 / 1000)

@@ -1,6 +1,8 @@
 """Attack resources generated in-project and cached under <record_root>/.cache/ (LC's adversarial images, SSBA's
-encoder): one loader that reuses a cache file only when it was made from exactly the same inputs, and otherwise
-rebuilds it and says why (missing, unreadable/corrupt, or made for other weights / data / settings)."""
+encoder, Narcissus's surrogate and trigger): one loader that reuses a cache file only when it was made from exactly
+the same inputs, and otherwise rebuilds it and says why (missing, unreadable/corrupt, or made for other weights / data
+/ settings). Runs that need the same entry at once (an attack and its clean reference as concurrent study jobs) make
+it once: the later one waits on a file lock, then reuses it."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from bdsafety.safeio import atomic_torch_save, safe_torch_load
+from bdsafety.safeio import atomic_torch_save, file_lock, safe_torch_load
 
 
 def array_digest(*arrays: np.ndarray) -> str:
@@ -31,9 +33,17 @@ def cache_key(meta: dict) -> str:
 def load_or_build(path: str | Path, meta: dict, build: Callable[[], dict], log: Callable[[str], None], what: str,
                   check: Callable[[dict], None] | None = None) -> dict:
     """The dict cached at ``path`` if its ``meta`` equals ``meta`` (and ``check`` accepts it), else ``build()``,
-    stored atomically with ``meta`` and returned. ``meta`` holds plain values: everything the resource depends on."""
+    stored atomically with ``meta`` and returned. ``meta`` holds plain values: everything the resource depends on.
+    Under a file lock on ``path``: concurrent calls for the same entry build it once."""
 
     path = Path(path)
+    with file_lock(path, log, what):
+        return _load_or_build(path, meta, build, log, what, check)
+
+
+def _load_or_build(path: Path, meta: dict, build: Callable[[], dict], log: Callable[[str], None], what: str,
+                   check: Callable[[dict], None] | None) -> dict:
+
     if path.is_file():
         reason = None
         try:

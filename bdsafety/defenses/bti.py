@@ -62,7 +62,7 @@ from bdsafety.data.device import DeviceDataset, iterate_batches
 from bdsafety.defenses.base import defense_schema, shared_cache_ready
 from bdsafety.engine import autocast
 from bdsafety.errors import ConfigError, TrainingDiverged
-from bdsafety.safeio import RecordError, atomic_torch_save, safe_torch_load
+from bdsafety.safeio import RecordError, atomic_torch_save, file_lock, safe_torch_load
 
 CACHE_DIR = "bti_inversion"
 CACHE_FORMAT = 2
@@ -745,29 +745,6 @@ def load_inversion(path, device) -> InversionResult:
                            optimizer_state=obj["optimizer_state"])
 
 
-@contextlib.contextmanager
-def _cache_lock(path: Path, log: Callable):
-    """Hold an exclusive lock on this cache entry (a hidden ``.<key>.lock`` beside it): runs on the same record that
-    need the same inversion at the same time (PAM and BTI-DBF(U) as concurrent study jobs, on Ray or not) compute it
-    once; the later one waits, then loads it. Without fcntl (Windows) there is no lock: both compute it."""
-    try:
-        import fcntl  # lazy and guarded: POSIX only
-    except ImportError:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.stem}.lock"), "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"another run is computing this trigger inversion ({path.name}); waiting to reuse it")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def load_or_invert(exp, model: nn.Module, reserved_idx, reserved: DeviceDataset, cfg, log: Callable,
                    refresh: bool = False) -> InversionResult:
     """The cached inversion for these settings / data / seed / model if present (and not ``refresh``), else
@@ -776,7 +753,7 @@ def load_or_invert(exp, model: nn.Module, reserved_idx, reserved: DeviceDataset,
     refresh = bool(refresh or getattr(cfg, "bti_refresh", False))
     key = cache_key(cfg, reserved_idx, model, reserved if reserved_idx is None else None)
     path = cache_path(exp, key)
-    with _cache_lock(path, log):
+    with file_lock(path, log, "trigger inversion"):
         inv = _load_or_invert(exp, model, reserved, cfg, log, refresh, key, path)
     shared_cache_ready(str(path))  # a prepare run (bdsafety.defenses.base.prepare_only) stops here
     return inv

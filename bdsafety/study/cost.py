@@ -49,6 +49,8 @@ def inversion_seconds(job, fig: dict, data: dict) -> float:
     return int(c["bti_pretrain_epochs"]) * reserved * fig["bti"] / 1000 + mask + gen
 
 
+# where an attack's cached resource lies once made, under <record_root>/.cache/ (the last file each one writes)
+SHARED_RESOURCE_FILES = {"ssba": "ssba/*.pt", "narcissus": "narcissus/trigger_*.pt"}
 # images of a public out-of-distribution set Narcissus's surrogate may learn (its train split; others: n_train)
 POOD_SIZES = {"tiny": 100000}
 NUM_CLASSES = 10  # the estimate's class count (CIFAR-10-like data) where a job's config does not give one

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 from bdsafety.errors import ConfigError
-from bdsafety.study.cost import DEFAULT_FIGURES, inversion_point, inversion_seconds, job_data, job_seconds
+from bdsafety.study.cost import (
+    DEFAULT_FIGURES,
+    SHARED_RESOURCE_FILES,
+    inversion_point,
+    inversion_seconds,
+    job_data,
+    job_seconds,
+    shared_resource,
+)
 from bdsafety.study.execute import log_path, prepare_job, run_job, shares_inversion
 
 EXECUTORS = ("local", "ray")
@@ -35,7 +43,8 @@ def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[d
     threads = threads or torch.get_num_threads()
     results = dict(current)
     costs = ({n.key: n.cost for n in build_nodes(todo, prepare=False,
-                                                  inversion_ready=lambda j: inversion_on_disk(j, study_dir))}
+                                                  inversion_ready=lambda j: inversion_on_disk(j, study_dir),
+                                                  resource_ready=lambda j: resource_on_disk(j, study_dir))}
              if time_budget_s is not None else {})
     t0 = time.monotonic()
     for j in todo:
@@ -69,6 +78,37 @@ def inversion_on_disk(job, study_dir: Path) -> bool:
     return bool(record) and any((Path(study_dir) / record / "bti_inversion").glob("*.pt"))
 
 
+def resource_on_disk(job, study_dir: Path) -> bool:
+    """Whether the attack resource ``job`` would make (SSBA's encoder, Narcissus's trigger) is already cached under its
+    record root (a heuristic, as ``inversion_on_disk``: any cache file of that attack counts)."""
+    pattern = SHARED_RESOURCE_FILES.get(job.method)
+    root = Path(job.config.get("record_root") or study_dir) / ".cache"
+    return job.kind == "attack" and pattern is not None and any(root.glob(pattern))
+
+
+def resource_builders(todo: list, fig: dict, resource_ready: Callable | None = None) -> dict:
+    """job key -> the key of the job it waits for: of the attack jobs of ``todo`` that need the same cached resource
+    (``bdsafety.study.cost.shared_resource``: an SSBA encoder, a Narcissus trigger) not yet on disk, one makes it (the
+    first attack job, else the first clean reference) and the others start after it, so two workers never make the
+    same resource side by side, nor does one sit waiting on the other's file lock."""
+    data = job_data(todo)
+    groups: dict = {}
+    for j in todo:
+        if j.kind != "attack" or (resource_ready is not None and resource_ready(j)):
+            continue
+        try:
+            shared = shared_resource(j.method, j.config, fig, data[j.key])
+        except (KeyError, TypeError, ValueError):
+            shared = None
+        if shared is not None:
+            groups.setdefault(shared[0], []).append(j)
+    out = {}
+    for js in groups.values():
+        builder = next((j for j in js if j.point.get("role") != "clean"), js[0])
+        out.update({j.key: builder.key for j in js if j is not builder})
+    return out
+
+
 def inversion_groups(todo: list) -> dict:
     """record -> the jobs of ``todo`` on it that share a trigger inversion (execute.shares_inversion), where two or more
     do: the Ray executor computes the inversion once, in a prepare task, before any of them starts."""
@@ -94,22 +134,22 @@ class Node:
 
 
 def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None,
-                inversion_ready: Callable | None = None, price_shared_once: bool = False) -> list:
+                inversion_ready: Callable | None = None, resource_ready: Callable | None = None) -> list:
     """The schedule's nodes in topological order: every job of ``todo``, and before the first job of each inversion
     group a prepare node that its members wait for (``prepare`` False: no prepare nodes; the first job of a group
     carries the inversion's cost, as on the local executor). Costs from bdsafety.study.cost with its default figures
     (a job the estimate cannot price costs one job start: the order then falls back to the plan's), or ``figures``.
     ``inversion_ready(job)``: True where the job's record already holds a cached inversion, which then costs nothing
-    (a heuristic: a cache of other settings would still be computed, past the estimate). A resource cached across
-    records (SSBA's encoder, Narcissus's surrogate and trigger) is priced on every job that may make it, since any of
-    them may run first and a time budget must not start one that would make it past the end; ``price_shared_once``:
-    on the first only (a total)."""
+    (a heuristic: a cache of other settings would still be computed, past the estimate). A resource an attack caches
+    across records (SSBA's encoder, Narcissus's surrogate and trigger) is made by one of the jobs needing it, priced
+    with it; the others wait for it (``resource_builders``) and are priced without it; where ``resource_ready(job)``
+    finds it on disk, nobody waits and nobody pays for it."""
     fig = figures or DEFAULT_FIGURES
     data = job_data(todo)
+    builders = resource_builders(todo, fig, resource_ready)
     group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js} if prepare else {}
     prepared: dict = {}
     seen_inv: set = set()
-    seen_shared: set = set()
     nodes = []
 
     def cost(fn, *args) -> float:
@@ -133,10 +173,41 @@ def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None,
                 nodes.append(Node(prepared[g], j, list(j.deps), inv, prepare=True, **res))
             deps.append(prepared[g])
             seen_bti = {inversion_point(j)}  # the inversion is the prepare node's: not in the job's own cost
-        shared = seen_shared if price_shared_once else set()
+        shared = _priced_shared(j, fig, data[j.key], builders, resource_ready)
+        if j.key in builders:
+            deps.append(builders[j.key])
         nodes.append(Node(j.key, j, deps, cost(job_seconds, j, fig, data[j.key], seen_bti, shared), **res))
+    nodes = topological(nodes)  # a job waiting for a later job's resource moves after it
     chain_ranks(nodes)
     return nodes
+
+
+def topological(nodes: list) -> list:
+    """``nodes`` reordered so each comes after the nodes it waits for, otherwise in the given order (stable)."""
+    keys = {n.key for n in nodes}
+    left = list(nodes)
+    done: set = set()
+    out = []
+    while left:
+        n = next((n for n in left if all(d in done or d not in keys for d in n.deps)), None)
+        if n is None:
+            raise ValueError(f"the jobs wait for each other in a cycle: {', '.join(m.key for m in left)}")
+        left.remove(n)
+        done.add(n.key)
+        out.append(n)
+    return out
+
+
+def _priced_shared(job, fig: dict, data: dict, builders: dict, resource_ready: Callable | None) -> set:
+    """The resources to leave out of ``job``'s price: its attack's cached resource where the job waits for another to
+    make it, or where it is on disk."""
+    if job.key not in builders and not (resource_ready is not None and resource_ready(job)):
+        return set()
+    try:
+        shared = shared_resource(job.method, job.config, fig, data)
+    except (KeyError, TypeError, ValueError):
+        return set()
+    return {shared[0]} if shared is not None else set()
 
 
 def chain_ranks(nodes: list) -> None:
@@ -286,7 +357,8 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
             if not n.prepare:
                 on_result(r)
 
-        nodes = build_nodes(todo, inversion_ready=lambda j: inversion_on_disk(j, study_dir))
+        nodes = build_nodes(todo, inversion_ready=lambda j: inversion_on_disk(j, study_dir),
+                            resource_ready=lambda j: resource_on_disk(j, study_dir))
         left = schedule(nodes, {"cpus": total.get("CPU", 0), "gpus": total.get("GPU", 0)}, submit, wait, on_done,
                         time_budget_s=time_budget_s)
         for n in left:
