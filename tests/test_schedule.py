@@ -178,6 +178,8 @@ def test_one_job_makes_a_resource_shared_across_records_and_the_others_wait_for_
     assert cold["clean-ssba_s0"].deps == ["ssba_s0"] and cold["ssba_s1"].deps == ["ssba_s0"]
     assert cold["ssba_s0"].cost > cold["ssba_s1"].cost + 3000 and cold["ssba_s1"].cost == cold["clean-ssba_s0"].cost
     assert cold["ssba_s0"].rank >= cold["ssba_s0"].cost + cold["ssba_s1"].cost
+    local = {n.key: n for n in build_nodes(jobs, prepare=False)}  # the local executor runs the plan's order
+    assert local["clean-ssba_s0"].cost == cold["ssba_s0"].cost and local["ssba_s0"].deps == ["clean-ssba_s0"]
     on_disk = [Job(j.key, j.kind, j.method, None, {}, [], j.resources, j.point, id=j.id,
                    config={**c, "record_root": str(tmp_path)}) for j in jobs]
     assert not any(resource_on_disk(j, tmp_path) for j in on_disk)

@@ -86,11 +86,12 @@ def resource_on_disk(job, study_dir: Path) -> bool:
     return job.kind == "attack" and pattern is not None and any(root.glob(pattern))
 
 
-def resource_builders(todo: list, fig: dict, resource_ready: Callable | None = None) -> dict:
+def resource_builders(todo: list, fig: dict, resource_ready: Callable | None = None, in_order: bool = False) -> dict:
     """job key -> the key of the job it waits for: of the attack jobs of ``todo`` that need the same cached resource
     (``bdsafety.study.cost.shared_resource``: an SSBA encoder, a Narcissus trigger) not yet on disk, one makes it (the
-    first attack job, else the first clean reference) and the others start after it, so two workers never make the
-    same resource side by side, nor does one sit waiting on the other's file lock."""
+    first attack job, else the first clean reference; ``in_order``: the first in ``todo``, as the local executor
+    runs them) and the others start after it, so two workers never make the same resource side by side, nor does
+    one sit waiting on the other's file lock."""
     data = job_data(todo)
     groups: dict = {}
     for j in todo:
@@ -104,7 +105,7 @@ def resource_builders(todo: list, fig: dict, resource_ready: Callable | None = N
             groups.setdefault(shared[0], []).append(j)
     out = {}
     for js in groups.values():
-        builder = next((j for j in js if j.point.get("role") != "clean"), js[0])
+        builder = js[0] if in_order else next((j for j in js if j.point.get("role") != "clean"), js[0])
         out.update({j.key: builder.key for j in js if j is not builder})
     return out
 
@@ -146,7 +147,7 @@ def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None,
     finds it on disk, nobody waits and nobody pays for it."""
     fig = figures or DEFAULT_FIGURES
     data = job_data(todo)
-    builders = resource_builders(todo, fig, resource_ready)
+    builders = resource_builders(todo, fig, resource_ready, in_order=not prepare)
     group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js} if prepare else {}
     prepared: dict = {}
     seen_inv: set = set()
