@@ -807,6 +807,28 @@ def test_claim_a_needs_a_purified_model():
     assert t.loc["bti_dbf", "holds"] == "n/a: not purified (ASR 75.0% > 20%)"
 
 
+def test_claim_c_says_where_pam_did_not_purify_and_whether_its_inversion_was_right():
+    """Claim (c) fails plainly where PAM left the backdoor in place, and the table says why where it can: on how many
+    seeds it did not purify and on how many its trigger inversion found the wrong target (the first CIFAR-10-size
+    chunk: PAM kept ASR 80.1 after an inversion that found class 6 instead of 0; the report said only 'no')."""
+    from bdsafety.study.report import claims_table
+    from bdsafety.study.stats import VERDICT_DEFAULTS
+
+    rows, runs = [], []
+    for seed in (0, 1, 2):
+        for d, asr, p_asr, match in (("clean", 0.01, 0.03, None), ("fst", 0.01, 0.40, None),
+                                     ("pam", 0.80 if seed == 0 else 0.01, 0.85 if seed == 0 else 0.05, seed != 0),
+                                     ("pam_reinvert", 0.01, 0.04, True)):
+            rows.append({"defense": d, "seed": seed, "o_robustness_asr": asr, "o_robustness_acc": 0.9,
+                         "target_match": match})
+            for draw in range(2):
+                runs.append({"defense": d, "seed": seed, "draw": draw, "p_asr": p_asr + 0.01 * (seed + draw)})
+    t = claims_table(pd.DataFrame(rows), pd.DataFrame(runs), dict(VERDICT_DEFAULTS))
+    t = t[t["comparison"].str.startswith("P-ASR")].set_index("defense")
+    assert t.loc["pam", "holds"].endswith("; not purified on 1/3 seeds (ASR > 20%), inverted target wrong on 1/3")
+    assert t.loc["pam_reinvert", "holds"] == "yes"
+
+
 def test_a_chunk_export_names_the_command_that_produced_its_outputs():
     """A later run that only re-read the outputs (0 ran) is the report's last run, but the chunk export (merge's
     chunks.json) names the run that produced them."""

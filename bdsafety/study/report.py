@@ -173,10 +173,26 @@ def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict) -> pd.DataFrame:
                 ok1 = e1.below_zero
                 ok2 = (e2.low if e2.n > 1 else e2.mean) >= -th["acc_margin"]
                 rows.append({"claim": label, "defense": d, "comparison": f"P-ASR({d}) - P-ASR(fst)",
-                             "difference": e1.fmt(), "holds": _yes(e1, ok1)})
+                             "difference": e1.fmt(), "holds": _yes(e1, ok1) + _unpurified(g, d, th)})
                 rows.append({"claim": label, "defense": d, "comparison": f"C-Acc({d}) - C-Acc(fst)",
                              "difference": e2.fmt(), "holds": _yes(e2, ok2)})
     return pd.DataFrame(rows)
+
+
+def _unpurified(g: pd.DataFrame, d: str, th: dict) -> str:
+    """Why claim (c) may fail for reasons other than path-aware minimization: on how many seeds ``d`` did not purify
+    (ASR above purified_asr), and on how many its trigger inversion found the wrong target ('' when it purified on
+    every seed)."""
+    gd = g[g["defense"] == d]
+    asr = gd.groupby("seed")["o_robustness_asr"].mean().dropna()
+    bad = int((asr > th["purified_asr"]).sum())
+    if not bad:
+        return ""
+    out = f"; not purified on {bad}/{len(asr)} seeds (ASR > {100 * th['purified_asr']:g}%)"
+    if "target_match" in gd.columns and gd["target_match"].notna().any():
+        tm = gd["target_match"].dropna().astype(str).str.lower().isin(("true", "1", "1.0"))
+        out += f", inverted target wrong on {int((~tm).sum())}/{len(tm)}"
+    return out
 
 
 def _yes(e, holds: bool) -> str:
