@@ -42,15 +42,12 @@ def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[d
 
     threads = threads or torch.get_num_threads()
     results = dict(current)
-    costs = ({n.key: n.cost for n in build_nodes(todo, prepare=False,
-                                                  inversion_ready=lambda j: inversion_on_disk(j, study_dir),
-                                                  resource_ready=lambda j: resource_on_disk(j, study_dir))}
-             if time_budget_s is not None else {})
+    data = job_data(todo)
     t0 = time.monotonic()
     for j in todo:
         if time_budget_s is not None and (
                 any(results.get(d, {}).get("status") == "deferred" for d in j.deps)
-                or time.monotonic() - t0 + costs[j.key] > time_budget_s):
+                or time.monotonic() - t0 + local_cost(j, study_dir, data[j.key]) > time_budget_s):
             r = deferred_result(j)
             results[j.key] = r
             on_result(r)
@@ -60,6 +57,21 @@ def run_local(todo: list, current: dict, study_dir: Path, on_result: Callable[[d
         results[j.key] = r
         on_result(r)
     return results
+
+
+def local_cost(job, study_dir: Path, data: dict, fig: dict | None = None) -> float:
+    """Estimated seconds of ``job`` run now, one job after the other: with the trigger inversion or the attack's
+    cached resource it needs unless that is on disk already. Decided when the job comes up, not in advance: an
+    earlier job that would have made it may have been deferred (the first sitting of a chunk deferred BTI-DBF(U),
+    priced with the inversion, then started PAM, priced without it, which then computed the 55-minute inversion
+    itself past the budget)."""
+    fig = fig or DEFAULT_FIGURES
+    seen_bti = {inversion_point(job)} if inversion_on_disk(job, study_dir) else set()
+    try:
+        shared = shared_resource(job.method, job.config, fig, data) if resource_on_disk(job, study_dir) else None
+        return float(job_seconds(job, fig, data, seen_bti, {shared[0]} if shared else set()))
+    except (KeyError, TypeError, ValueError):
+        return fig["job"]
 
 
 def _ray_task(job: dict, study_dir: str, report_dir: str, study_run: dict | None, upstream: dict):
@@ -86,12 +98,11 @@ def resource_on_disk(job, study_dir: Path) -> bool:
     return job.kind == "attack" and pattern is not None and any(root.glob(pattern))
 
 
-def resource_builders(todo: list, fig: dict, resource_ready: Callable | None = None, in_order: bool = False) -> dict:
+def resource_builders(todo: list, fig: dict, resource_ready: Callable | None = None) -> dict:
     """job key -> the key of the job it waits for: of the attack jobs of ``todo`` that need the same cached resource
     (``bdsafety.study.cost.shared_resource``: an SSBA encoder, a Narcissus trigger) not yet on disk, one makes it (the
-    first attack job, else the first clean reference; ``in_order``: the first in ``todo``, as the local executor
-    runs them) and the others start after it, so two workers never make the same resource side by side, nor does
-    one sit waiting on the other's file lock."""
+    first attack job, else the first clean reference) and the others start after it, so two workers never make the
+    same resource side by side, nor does one sit waiting on the other's file lock."""
     data = job_data(todo)
     groups: dict = {}
     for j in todo:
@@ -105,7 +116,7 @@ def resource_builders(todo: list, fig: dict, resource_ready: Callable | None = N
             groups.setdefault(shared[0], []).append(j)
     out = {}
     for js in groups.values():
-        builder = js[0] if in_order else next((j for j in js if j.point.get("role") != "clean"), js[0])
+        builder = next((j for j in js if j.point.get("role") != "clean"), js[0])
         out.update({j.key: builder.key for j in js if j is not builder})
     return out
 
@@ -147,7 +158,7 @@ def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None,
     finds it on disk, nobody waits and nobody pays for it."""
     fig = figures or DEFAULT_FIGURES
     data = job_data(todo)
-    builders = resource_builders(todo, fig, resource_ready, in_order=not prepare)
+    builders = resource_builders(todo, fig, resource_ready)
     group_of = {j.key: r for r, js in inversion_groups(todo).items() for j in js} if prepare else {}
     prepared: dict = {}
     seen_inv: set = set()
