@@ -149,8 +149,9 @@ def build_nodes(todo: list, prepare: bool = True, figures: dict | None = None,
                 inversion_ready: Callable | None = None, resource_ready: Callable | None = None) -> list:
     """The schedule's nodes in topological order: every job of ``todo``, and before the first job of each inversion
     group a prepare node that its members wait for (``prepare`` False: no prepare nodes; the first job of a group
-    carries the inversion's cost, as on the local executor). Costs from bdsafety.study.cost with its default figures
-    (a job the estimate cannot price costs one job start: the order then falls back to the plan's), or ``figures``.
+    carries the inversion's cost; the local executor prices its jobs with ``local_cost`` instead). Costs from
+    bdsafety.study.cost with its default figures (a job the estimate cannot price costs one job start: the order then
+    falls back to the plan's), or ``figures``.
     ``inversion_ready(job)``: True where the job's record already holds a cached inversion, which then costs nothing
     (a heuristic: a cache of other settings would still be computed, past the estimate). A resource an attack caches
     across records (SSBA's encoder, Narcissus's surrogate and trigger) is made by one of the jobs needing it, priced
