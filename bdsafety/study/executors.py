@@ -67,9 +67,9 @@ def local_cost(job, study_dir: Path, data: dict, fig: dict | None = None) -> flo
     itself past the budget)."""
     fig = fig or DEFAULT_FIGURES
     seen_bti = {inversion_point(job)} if inversion_on_disk(job, study_dir) else set()
+    shared = _priced_shared(job, fig, data, {}, lambda j: resource_on_disk(j, study_dir))
     try:
-        shared = shared_resource(job.method, job.config, fig, data) if resource_on_disk(job, study_dir) else None
-        return float(job_seconds(job, fig, data, seen_bti, {shared[0]} if shared else set()))
+        return float(job_seconds(job, fig, data, seen_bti, shared))
     except (KeyError, TypeError, ValueError):
         return fig["job"]
 
