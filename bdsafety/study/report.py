@@ -123,7 +123,7 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
                    "DER": clustered(gd, "der").fmt(scale=1, digits=3) if "der" in gd else "-",
                    "P-DER": clustered(gm[gm["defense"] == d], "p_der").fmt(scale=1, digits=3)}
             if "target_match" in gd.columns and gd["target_match"].notna().any():
-                tm = gd["target_match"].dropna().astype(str).str.lower().isin(("true", "1", "1.0"))
+                tm = _target_right(gd)
                 row["inverted target right"] = f"{int(tm.sum())}/{len(tm)}"
             row["verdict"] = v
             rows.append(row)
@@ -179,6 +179,11 @@ def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _target_right(gd: pd.DataFrame) -> pd.Series:
+    """Per run with a trigger inversion: whether it found the true target (the results' target_match column)."""
+    return gd["target_match"].dropna().astype(str).str.lower().isin(("true", "1", "1.0"))
+
+
 def _unpurified(g: pd.DataFrame, d: str, th: dict) -> str:
     """Why claim (c) may fail for reasons other than path-aware minimization: on how many seeds ``d`` did not purify
     (ASR above purified_asr), and on how many its trigger inversion found the wrong target ('' when it purified on
@@ -190,7 +195,7 @@ def _unpurified(g: pd.DataFrame, d: str, th: dict) -> str:
         return ""
     out = f"; not purified on {bad}/{len(asr)} seeds (ASR > {100 * th['purified_asr']:g}%)"
     if "target_match" in gd.columns and gd["target_match"].notna().any():
-        tm = gd["target_match"].dropna().astype(str).str.lower().isin(("true", "1", "1.0"))
+        tm = _target_right(gd)
         out += f", inverted target wrong on {int((~tm).sum())}/{len(tm)}"
     return out
 
