@@ -841,3 +841,36 @@ def test_a_chunk_export_names_the_command_that_produced_its_outputs():
     f = header_facts({"last_run": last, "runs": [made], "jobs": 108, "produced": 108, "compute_s": 9000})
     assert ("--executor local" in f["command"]
             and f["produced_by"] == "`python analysis/run_study.py --executor ray` in /w")
+
+
+def test_a_grid_point_without_a_backdoor_gets_no_verdicts_and_the_attack_bar_is_counted():
+    """A backdoor that was never implanted (undefended ASR and benign-retune P-ASR at or below purified_asr) gets no
+    verdicts and no claims: every defense would 'purify' it. A dormant one (low ASR, back under benign retuning) keeps
+    them. The 'no defense' row counts the seeds meeting the attack bar (ASR >= 90%, C-Acc within 5 points of clean):
+    ASR 0.899 misses it, and so does a C-Acc drop of 6 points."""
+    from bdsafety.study.report import verdict_tables
+    from bdsafety.study.stats import VERDICT_DEFAULTS
+
+    def frames(none_asr, none_ctrl, none_acc):
+        rows, runs = [], []
+        for seed in (0, 1, 2):
+            for d, asr, acc, p_asr, ctrl in (("none", none_asr[seed], none_acc[seed], 0.9, none_ctrl),
+                                             ("clean", 0.01, 0.92, 0.03, 0.02), ("fst", 0.01, 0.80, 0.40, 0.02)):
+                rows.append({"dataset": "synthetic", "attack": "a", "pratio": 0.05, "model": "m", "defense": d,
+                             "seed": seed, "record": f"a_s{seed}", "o_backdoor_acc": 0.9, "o_backdoor_asr": 0.9,
+                             "o_robustness_acc": acc, "o_robustness_asr": asr, "der": 0.9})
+                for role, v in (("ra", p_asr + 0.01 * seed), ("ra_control", ctrl + 0.01 * seed)):
+                    runs.append({"dataset": "synthetic", "attack": "a", "pratio": 0.05, "model": "m", "defense": d,
+                                 "seed": seed, "record": f"a_s{seed}", "role": role, "draw": 0, "p_asr": v})
+        (_, table, claims), = verdict_tables(pd.DataFrame(rows), pd.DataFrame(runs), dict(VERDICT_DEFAULTS))
+        return table.set_index("defense")["verdict"], claims
+
+    v, claims = frames((0.95, 0.899, 0.95), 0.9, (0.91, 0.91, 0.86))
+    assert v["none"].endswith("attack bar (ASR >= 90%, C-Acc within 5 points of clean) met on 1/3 seeds")
+    assert v["fst"].startswith("purified, backdoor returns under RA")
+    assert (claims["holds"] == "yes").any()
+    v, claims = frames((0.05, 0.04, 0.06), 0.6, (0.91, 0.91, 0.91))  # dormant by design: still a backdoor
+    assert v["fst"].startswith("purified") and "met on 0/3 seeds" in v["none"]
+    v, claims = frames((0.05, 0.04, 0.06), 0.05, (0.91, 0.91, 0.91))  # never implanted
+    assert v["fst"].startswith("n/a: no backdoor to remove")
+    assert set(claims["holds"]) == {"n/a: no backdoor to remove"}

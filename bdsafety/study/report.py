@@ -50,7 +50,10 @@ VERDICT_TEXT = (
     "the ASR after the defense / after RA (1 best, 0.5 no change). Thresholds, fixed before any result: purified when "
     "ASR <= {purified_asr:g}%; the backdoor returns under RA when P-ASR - clean > {returns_margin:g} points with the "
     "interval above 0 (dormant: the same under benign retuning); claim (c)'s C-Acc cost is close to FST's when the "
-    "interval of C-Acc(PAM) - C-Acc(FST) stays above -{acc_margin:g} points.")
+    "interval of C-Acc(PAM) - C-Acc(FST) stays above -{acc_margin:g} points. A grid point whose undefended model "
+    "stays at or below {purified_asr:g}% ASR, also under benign retuning, has no backdoor to remove and gets no "
+    "verdicts; the 'no defense' row says on how many seeds the attack met the project's bar (ASR >= {attack_asr:g}%, "
+    "C-Acc within {attack_acc_margin:g} points of the clean reference).")
 
 
 def tables(df: pd.DataFrame) -> list:
@@ -99,6 +102,7 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
         gm = main.loc[(main[list(GROUP)] == pd.Series(sel)).all(axis=1)]
         gc = control.loc[(control[list(GROUP)] == pd.Series(sel)).all(axis=1)] if not control.empty else control
         has_clean = "clean" in set(gm["defense"])
+        present, bar = implant(g, gc, th)
         rows, order = [], []
         for d, gd in g.groupby("defense", sort=False):
             asr = clustered(gd, "o_robustness_asr")
@@ -106,9 +110,11 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
             dormant = paired(gc, "p_asr", d, "clean") if has_clean and d != "clean" and not gc.empty else None
             p_asr = clustered(gm[gm["defense"] == d], "p_asr")
             if d == "none":
-                v = "no defense"
+                v = "no defense" + (f"; {bar}" if bar else "")
             elif d == "clean":
                 v = "reference (never backdoored)"
+            elif present is False:
+                v = NOT_IMPLANTED
             else:
                 v = verdict(asr, returns, dormant, th)
                 if returns is None and asr.mean <= th["purified_asr"] and p_asr.mean > th["purified_asr"]:
@@ -137,13 +143,44 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
         table = pd.DataFrame(rows)
         if "inverted target right" in table:  # the defenses without a trigger inversion have nothing to show there
             table["inverted target right"] = table["inverted target right"].fillna("-")
-        out.append((_title(key), table, claims_table(g, gm, th)))
+        out.append((_title(key), table, claims_table(g, gm, th, gc)))
     return out
 
 
-def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict) -> pd.DataFrame:
-    """The paper's three claims on one grid point, each as paired differences with 95% intervals."""
+NOT_IMPLANTED = "n/a: no backdoor to remove (undefended model at or below purified_asr, also under benign retuning)"
+
+
+def implant(g: pd.DataFrame, gc: pd.DataFrame | None, th: dict) -> tuple[bool | None, str]:
+    """(present, note) of the backdoor at one grid point, read from the undefended model (defense 'none').
+
+    present: the undefended model's mean ASR, or for a backdoor kept dormant by design its benign-retune P-ASR (RA
+    with 0 poisoned samples), lies above purified_asr, the report's own line between a backdoor and none (no new
+    threshold); None without an undefended row. A grid point without a backdoor gets no verdicts: every defense would
+    'purify' it. note: on how many seeds the attack met the project's bar (attack_asr, attack_acc_margin), so a weak
+    backdoor's verdicts are read as such rather than silently kept or dropped."""
+    none = g[g["defense"] == "none"]
+    asr = none.groupby("seed")["o_robustness_asr"].mean().dropna()
+    if asr.empty:
+        return None, ""
+    ctrl = gc[gc["defense"] == "none"]["p_asr"].dropna() if gc is not None and not gc.empty else pd.Series(dtype=float)
+    present = bool(asr.mean() > th["purified_asr"] or (len(ctrl) and ctrl.mean() > th["purified_asr"]))
+    acc = none.groupby("seed")["o_robustness_acc"].mean()
+    clean = g[g["defense"] == "clean"].groupby("seed")["o_robustness_acc"].mean()
+    met = asr >= th["attack_asr"] - 1e-9
+    if not clean.empty:
+        met &= (clean.reindex(asr.index) - acc.reindex(asr.index)).fillna(math.inf) <= th["attack_acc_margin"] + 1e-9
+    cond = f"ASR >= {100 * th['attack_asr']:g}%" + (
+        f", C-Acc within {100 * th['attack_acc_margin']:g} points of clean" if not clean.empty else
+        " (no clean reference: C-Acc not checked)")
+    return present, f"attack bar ({cond}) met on {int(met.sum())}/{len(met)} seeds"
+
+
+def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict, gc: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The paper's three claims on one grid point, each as paired differences with 95% intervals. ``gc``: the
+    benign-retune control runs (they show a dormant backdoor); a grid point whose attack left no backdoor (``implant``)
+    has every claim 'n/a'."""
     present = set(g["defense"])
+    implanted, _ = implant(g, gc, th)
     rows = []
     for label, names, kind in CLAIMS:
         for d in [n for n in names if n in present]:
@@ -176,7 +213,10 @@ def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict) -> pd.DataFrame:
                              "difference": e1.fmt(), "holds": _yes(e1, ok1) + _unpurified(g, d, th)})
                 rows.append({"claim": label, "defense": d, "comparison": f"C-Acc({d}) - C-Acc(fst)",
                              "difference": e2.fmt(), "holds": _yes(e2, ok2)})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if implanted is False and not out.empty:
+        out["holds"] = "n/a: no backdoor to remove"
+    return out
 
 
 def _target_right(gd: pd.DataFrame) -> pd.Series:

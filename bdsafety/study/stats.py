@@ -39,6 +39,11 @@ VERDICT_DEFAULTS = {
     # claim (c): PAM's C-Acc cost is close to FST's when the 95% interval of C-Acc(PAM) - C-Acc(FST) has its lower end
     # at or above -acc_margin
     "acc_margin": 0.02,
+    # the project's attack bar (issue 25, stated before any benchmark result): an attack meets it on a seed when the
+    # undefended model's ASR is at least attack_asr and its C-Acc at most attack_acc_margin below the clean reference
+    # model's on the same seed. The report counts the seeds that meet it; it does not drop the others.
+    "attack_asr": 0.9,
+    "attack_acc_margin": 0.05,
 }
 
 
