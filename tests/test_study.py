@@ -847,7 +847,7 @@ def test_a_grid_point_without_a_backdoor_gets_no_verdicts_and_the_attack_bar_is_
     """A backdoor that was never implanted (undefended ASR and benign-retune P-ASR at or below purified_asr) gets no
     verdicts and no claims: every defense would 'purify' it. A dormant one (low ASR, back under benign retuning) keeps
     them. The 'no defense' row counts the seeds meeting the attack bar (ASR >= 90%, C-Acc within 5 points of clean):
-    ASR 0.899 misses it, and so does a C-Acc drop of 6 points."""
+    ASR 0.899 misses it, and so does a C-Acc drop of 6 points. A backdoor on some seeds only is said so everywhere."""
     from bdsafety.study.report import verdict_tables
     from bdsafety.study.stats import VERDICT_DEFAULTS
 
@@ -874,3 +874,7 @@ def test_a_grid_point_without_a_backdoor_gets_no_verdicts_and_the_attack_bar_is_
     v, claims = frames((0.05, 0.04, 0.06), 0.05, (0.91, 0.91, 0.91))  # never implanted
     assert v["fst"].startswith("n/a: no backdoor to remove")
     assert set(claims["holds"]) == {"n/a: no backdoor to remove"}
+    v, claims = frames((0.95, 0.04, 0.06), 0.05, (0.91, 0.91, 0.91))  # implanted on one seed of three (Narcissus)
+    assert v["none"].startswith("no defense; backdoor present on 1/3 seeds; attack bar")
+    assert v["fst"].endswith("; backdoor present on 1/3 seeds only")
+    assert claims["holds"].str.endswith("; backdoor present on 1/3 seeds only").all()

@@ -102,7 +102,7 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
         gm = main.loc[(main[list(GROUP)] == pd.Series(sel)).all(axis=1)]
         gc = control.loc[(control[list(GROUP)] == pd.Series(sel)).all(axis=1)] if not control.empty else control
         has_clean = "clean" in set(gm["defense"])
-        present, bar = implant(g, gc, th)
+        with_bd, n_seeds, bar = implant(g, gc, th)
         rows, order = [], []
         for d, gd in g.groupby("defense", sort=False):
             asr = clustered(gd, "o_robustness_asr")
@@ -113,7 +113,7 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
                 v = "no defense" + (f"; {bar}" if bar else "")
             elif d == "clean":
                 v = "reference (never backdoored)"
-            elif present is False:
+            elif n_seeds and not with_bd:
                 v = NOT_IMPLANTED
             else:
                 v = verdict(asr, returns, dormant, th)
@@ -131,7 +131,7 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
             if "target_match" in gd.columns and gd["target_match"].notna().any():
                 tm = _target_right(gd)
                 row["inverted target right"] = f"{int(tm.sum())}/{len(tm)}"
-            row["verdict"] = v
+            row["verdict"] = v + (_partial(with_bd, n_seeds) if d not in ("none", "clean") else "")
             rows.append(row)
             purified = not math.isnan(asr.mean) and asr.mean <= th["purified_asr"]
             order.append((d in ("none", "clean"), math.isnan(p_asr.mean), not purified,
@@ -150,20 +150,23 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
 NOT_IMPLANTED = "n/a: no backdoor to remove (undefended model at or below purified_asr, also under benign retuning)"
 
 
-def implant(g: pd.DataFrame, gc: pd.DataFrame | None, th: dict) -> tuple[bool | None, str]:
-    """(present, note) of the backdoor at one grid point, read from the undefended model (defense 'none').
+def implant(g: pd.DataFrame, gc: pd.DataFrame | None, th: dict) -> tuple[int, int, str]:
+    """(seeds with a backdoor, seeds, note) at one grid point, read from the undefended model (defense 'none').
 
-    present: the undefended model's mean ASR, or for a backdoor kept dormant by design its benign-retune P-ASR (RA
-    with 0 poisoned samples), lies above purified_asr, the report's own line between a backdoor and none (no new
-    threshold); None without an undefended row. A grid point without a backdoor gets no verdicts: every defense would
-    'purify' it. note: on how many seeds the attack met the project's bar (attack_asr, attack_acc_margin), so a weak
-    backdoor's verdicts are read as such rather than silently kept or dropped."""
+    A seed has a backdoor when its undefended model's ASR, or for a backdoor kept dormant by design its benign-retune
+    P-ASR (RA with 0 poisoned samples), lies above purified_asr, the report's own line between a backdoor and none (no
+    new threshold). (0, 0, '') without an undefended row. Where no seed has one the grid point gets no verdicts (every
+    defense would 'purify' it); where only some have one, the verdicts say so. The note also counts the seeds that met
+    the project's attack bar (attack_asr, attack_acc_margin), so a weak backdoor's verdicts are read as such rather
+    than silently kept or dropped."""
     none = g[g["defense"] == "none"]
     asr = none.groupby("seed")["o_robustness_asr"].mean().dropna()
     if asr.empty:
-        return None, ""
-    ctrl = gc[gc["defense"] == "none"]["p_asr"].dropna() if gc is not None and not gc.empty else pd.Series(dtype=float)
-    present = bool(asr.mean() > th["purified_asr"] or (len(ctrl) and ctrl.mean() > th["purified_asr"]))
+        return 0, 0, ""
+    has = asr > th["purified_asr"]
+    if gc is not None and not gc.empty:
+        ctrl = gc[gc["defense"] == "none"].groupby("seed")["p_asr"].mean().reindex(asr.index)
+        has |= (ctrl > th["purified_asr"]).fillna(False)
     acc = none.groupby("seed")["o_robustness_acc"].mean()
     clean = g[g["defense"] == "clean"].groupby("seed")["o_robustness_acc"].mean()
     met = asr >= th["attack_asr"] - 1e-9
@@ -172,15 +175,22 @@ def implant(g: pd.DataFrame, gc: pd.DataFrame | None, th: dict) -> tuple[bool | 
     cond = f"ASR >= {100 * th['attack_asr']:g}%" + (
         f", C-Acc within {100 * th['attack_acc_margin']:g} points of clean" if not clean.empty else
         " (no clean reference: C-Acc not checked)")
-    return present, f"attack bar ({cond}) met on {int(met.sum())}/{len(met)} seeds"
+    k, n = int(has.sum()), len(asr)
+    note = f"attack bar ({cond}) met on {int(met.sum())}/{n} seeds"
+    return k, n, (note if k == n else f"backdoor present on {k}/{n} seeds; {note}")
+
+
+def _partial(k: int, n: int) -> str:
+    """The suffix of a verdict or claim where only some seeds carry a backdoor."""
+    return f"; backdoor present on {k}/{n} seeds only" if 0 < k < n else ""
 
 
 def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict, gc: pd.DataFrame | None = None) -> pd.DataFrame:
     """The paper's three claims on one grid point, each as paired differences with 95% intervals. ``gc``: the
-    benign-retune control runs (they show a dormant backdoor); a grid point whose attack left no backdoor (``implant``)
-    has every claim 'n/a'."""
+    benign-retune control runs (they show a dormant backdoor); a grid point whose attack left no backdoor on any seed
+    (``implant``) has every claim 'n/a', one with a backdoor on some seeds only says so."""
     present = set(g["defense"])
-    implanted, _ = implant(g, gc, th)
+    with_bd, n_seeds, _ = implant(g, gc, th)
     rows = []
     for label, names, kind in CLAIMS:
         for d in [n for n in names if n in present]:
@@ -214,8 +224,10 @@ def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict, gc: pd.DataFrame |
                 rows.append({"claim": label, "defense": d, "comparison": f"C-Acc({d}) - C-Acc(fst)",
                              "difference": e2.fmt(), "holds": _yes(e2, ok2)})
     out = pd.DataFrame(rows)
-    if implanted is False and not out.empty:
+    if n_seeds and not with_bd and not out.empty:
         out["holds"] = "n/a: no backdoor to remove"
+    elif not out.empty:
+        out["holds"] += _partial(with_bd, n_seeds)
     return out
 
 
