@@ -45,9 +45,11 @@ from bdsafety.safeio import (
 )
 
 DEPENDENTS = ("ask", "delete", "archive")
+# the folder of a record that caches its trigger inversions (bdsafety.defenses.bti): data, never a result
+INVERSION_DIR = "bti_inversion"
 # names an output may never take: folders and files that records, defense folders and studies hold themselves
 RESERVED_NAMES = frozenset({
-    "log", "logs", "defense", "bd_train_dataset", "bd_test_dataset", "cross_test_dataset", "bti_inversion", "figures",
+    "log", "logs", "defense", "bd_train_dataset", "bd_test_dataset", "cross_test_dataset", INVERSION_DIR, "figures",
     "attack_result.pt", "defense_result.pt", "ra_result.pt", "info.pickle", "config.yaml", "pool_split.json",
     "results.csv", "study.json", "report.md", "report.html",
 })

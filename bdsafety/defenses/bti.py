@@ -62,9 +62,10 @@ from bdsafety.data.device import DeviceDataset, iterate_batches
 from bdsafety.defenses.base import defense_schema, shared_cache_ready
 from bdsafety.engine import autocast
 from bdsafety.errors import ConfigError, TrainingDiverged
+from bdsafety.outputs import INVERSION_DIR
 from bdsafety.safeio import RecordError, atomic_torch_save, file_lock, safe_torch_load
 
-CACHE_DIR = "bti_inversion"
+CACHE_DIR = INVERSION_DIR
 CACHE_FORMAT = 2
 
 GENERATORS = ("official", "residual")

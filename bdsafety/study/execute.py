@@ -37,6 +37,7 @@ from bdsafety import registry
 from bdsafety.config import resolve
 from bdsafety.defenses.base import Prepared, prepare_only
 from bdsafety.errors import ConfigError, OutputError
+from bdsafety.outputs import INVERSION_DIR
 from bdsafety.safeio import atomic_write_text
 from bdsafety.study.plan import Job, id_config
 
@@ -106,7 +107,7 @@ def started_path(report_dir, key: str) -> Path:
 # files whose presence makes a folder a result of its own (an attack record, a defense, an RA, QRA or LMC output)
 RESULT_FILES = ("attack_result.pt", "defense_result.pt", "ra_result.pt", "qra_compare.csv", "lmc.csv")
 # sub-folders of outputs that hold data, never results: not searched
-_DATA_DIRS = {"log", "bd_train_dataset", "bd_test_dataset", "cross_test_dataset", "bti_inversion"}
+_DATA_DIRS = {"log", "bd_train_dataset", "bd_test_dataset", "cross_test_dataset", INVERSION_DIR}
 
 
 def _made_here(study_dir: Path, folder: Path, who: str = ".") -> bool:

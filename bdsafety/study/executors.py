@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from bdsafety.errors import ConfigError
+from bdsafety.outputs import INVERSION_DIR
 from bdsafety.study.cost import (
     DEFAULT_FIGURES,
     SHARED_RESOURCE_FILES,
@@ -87,7 +88,7 @@ def _ray_prepare(job: dict, study_dir: str, report_dir: str, upstream: dict):
 def inversion_on_disk(job, study_dir: Path) -> bool:
     """Whether the record of ``job`` (a folder of the study) already holds a cached trigger inversion."""
     record = job.point.get("record")
-    return bool(record) and any((Path(study_dir) / record / "bti_inversion").glob("*.pt"))
+    return bool(record) and any((Path(study_dir) / record / INVERSION_DIR).glob("*.pt"))
 
 
 def resource_on_disk(job, study_dir: Path) -> bool:
