@@ -829,6 +829,22 @@ def test_claim_c_says_where_pam_did_not_purify_and_whether_its_inversion_was_rig
     assert t.loc["pam_reinvert", "holds"] == "yes"
 
 
+def test_a_one_seed_claim_says_which_interval_it_has():
+    """One seed: a P-ASR difference has an interval over the RA draws, a C-Acc difference (one value per seed) has
+    none, and the claims table says which (regression: the C-Acc row read 'interval over RA draws only')."""
+    from bdsafety.study.report import claims_table
+    from bdsafety.study.stats import VERDICT_DEFAULTS
+
+    rows, runs = [], []
+    for d, acc, p_asr in (("clean", 0.92, 0.03), ("fst", 0.72, 0.10), ("pam", 0.89, 0.05)):
+        rows.append({"defense": d, "seed": 0, "o_robustness_asr": 0.01, "o_robustness_acc": acc})
+        for draw in range(3):
+            runs.append({"defense": d, "seed": 0, "draw": draw, "p_asr": p_asr + 0.01 * draw})
+    t = claims_table(pd.DataFrame(rows), pd.DataFrame(runs), dict(VERDICT_DEFAULTS)).set_index("comparison")
+    assert t.loc["P-ASR(pam) - P-ASR(fst)", "holds"] == "yes (one seed: interval over RA draws only)"
+    assert t.loc["C-Acc(pam) - C-Acc(fst)", "holds"] == "yes (one value: no interval)"
+
+
 def test_a_chunk_export_names_the_command_that_produced_its_outputs():
     """A later run that only re-read the outputs (0 ran) is the report's last run, but the chunk export (merge's
     chunks.json) names the run that produced them."""

@@ -255,7 +255,10 @@ def _unpurified(g: pd.DataFrame, d: str, th: dict) -> str:
 def _yes(e, holds: bool) -> str:
     if e.n == 0:
         return "-"
-    note = "" if e.unit == "seed" and e.n > 1 else " (one seed: interval over RA draws only)"
+    if e.n > 1:
+        note = "" if e.unit == "seed" else " (one seed: interval over RA draws only)"
+    else:  # one value (a per-seed quantity such as C-Acc on one seed): no interval at all
+        note = " (one value: no interval)"
     return ("yes" if holds else "no") + note
 
 
