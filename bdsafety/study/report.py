@@ -147,7 +147,8 @@ def verdict_tables(df: pd.DataFrame, runs: pd.DataFrame, th: dict, rank: bool = 
     return out
 
 
-NOT_IMPLANTED = "n/a: no backdoor to remove (undefended model at or below purified_asr, also under benign retuning)"
+NO_BACKDOOR = "n/a: no backdoor to remove"  # the claims' wording; the verdicts add why
+NOT_IMPLANTED = f"{NO_BACKDOOR} (undefended model at or below purified_asr, also under benign retuning)"
 
 
 def implant(g: pd.DataFrame, gc: pd.DataFrame | None, th: dict) -> tuple[int, int, str]:
@@ -225,7 +226,7 @@ def claims_table(g: pd.DataFrame, gm: pd.DataFrame, th: dict, gc: pd.DataFrame |
                              "difference": e2.fmt(), "holds": _yes(e2, ok2)})
     out = pd.DataFrame(rows)
     if n_seeds and not with_bd and not out.empty:
-        out["holds"] = "n/a: no backdoor to remove"
+        out["holds"] = NO_BACKDOOR
     elif not out.empty:
         out["holds"] += _partial(with_bd, n_seeds)
     return out
