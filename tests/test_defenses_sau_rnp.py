@@ -16,6 +16,7 @@ from bdsafety.data.info import DatasetInfo
 from bdsafety.defenses import rnp as rnp_mod
 from bdsafety.defenses import sau as sau_mod
 from bdsafety.models import build_model, load_state_dict_compat
+from tests.tiny_models import ConvBN
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,17 +167,6 @@ def rnp_cfg(**over):
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg
-
-
-class ConvBN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 def tiny_data(n=12, size=8, classes=3, seed=0):

@@ -15,24 +15,14 @@ import yaml
 
 from bdsafety.defenses.mixing import mixing_batch_fn
 from bdsafety.defenses.pam import PathAwareStep, parameter_snapshot
-
-
-class TinyBN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+from tests.tiny_models import ConvBN
 
 
 def _pair(seed=0):
     """(model at theta_t, theta_bd snapshot of a different model), a batch."""
     torch.manual_seed(seed)
-    bd = TinyBN()
-    model = TinyBN()
+    bd = ConvBN()
+    model = ConvBN()
     x = torch.randn(8, 3, 6, 6)
     y = torch.randint(0, 3, (8,))
     return model, parameter_snapshot(bd), x, y
