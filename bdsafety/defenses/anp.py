@@ -318,9 +318,16 @@ def prune_model(model: nn.Module, pruned: list[tuple[str, int]], prune_bias: boo
     return model
 
 
+def pruned_copy(model, mask_values, by: str, number: float, prune_bias: bool = False):
+    """A copy of ``model`` with the selected neurons' BN weights (and biases, ``prune_bias``) set to 0, and the
+    pruned (layer, channel)s."""
+    pruned = select_pruned(mask_values, by, number)
+    return prune_model(copy.deepcopy(model), pruned, prune_bias), pruned
+
+
 def _pruned_copy(model, mask_values, cfg, by=None, number=None):
-    pruned = select_pruned(mask_values, by or cfg.pruning_by, cfg.pruning_number if number is None else number)
-    return prune_model(copy.deepcopy(model), pruned, cfg.anp_prune_bias), pruned
+    return pruned_copy(model, mask_values, by or cfg.pruning_by, cfg.pruning_number if number is None else number,
+                       cfg.anp_prune_bias)
 
 
 def thresholds(cfg) -> list[float]:
@@ -328,21 +335,22 @@ def thresholds(cfg) -> list[float]:
     return [round(float(t), 6) for t in np.arange(0.0, cfg.pruning_max + cfg.pruning_step / 2, cfg.pruning_step)]
 
 
-def select_threshold(model, mask_values, val, norm, cfg) -> tuple[float | None, dict]:
-    """pruning_select val: score every threshold of the sweep on the VALIDATION DeviceDataset ``val`` (the only data
-    this function sees) and keep the largest whose relative C-Acc drop against the unpruned model is below
-    cfg.acc_ratio (bdsafety.selection, criterion largest_within_drop). Returns (the threshold, or None when none
+def select_threshold(model, mask_values, val, norm, cfg, prune_bias: bool = False,
+                     method: str = "ANP") -> tuple[float | None, dict]:
+    """pruning_select val (ANP and RNP): score every threshold of the sweep on the VALIDATION DeviceDataset ``val``
+    (the only data this function sees) and keep the largest whose relative C-Acc drop against the unpruned model is
+    below cfg.acc_ratio (bdsafety.selection, criterion largest_within_drop). Returns (the threshold, or None when none
     qualifies and nothing is pruned; the selection record: criterion, reference, candidates)."""
 
     ref = val_accuracy(model, val, norm, cfg.eval_batch_size)
     cands = []
     for thr in thresholds(cfg):
-        pm, pr = _pruned_copy(model, mask_values, cfg, by="threshold", number=thr)
+        pm, pr = pruned_copy(model, mask_values, "threshold", thr, prune_bias)
         cands.append({"threshold": thr, "n_pruned": len(pr),
                       "val_acc": val_accuracy(pm, val, norm, cfg.eval_batch_size)})
     chosen, criterion = select(cands, key="threshold", criterion="largest_within_drop", tol=cfg.acc_ratio,
                                reference=ref)
-    doc = selection_doc(what="ANP pruning threshold", key="threshold", chosen=chosen, criterion=criterion,
+    doc = selection_doc(what=f"{method} pruning threshold", key="threshold", chosen=chosen, criterion=criterion,
                         candidates=cands, val_acc_unpruned=ref, acc_ratio=float(cfg.acc_ratio), val_size=int(len(val)))
     return (None if chosen is None else chosen["threshold"]), doc
 
@@ -406,7 +414,7 @@ def anp(ctx) -> DefenseResult:
     files = {"mask_values.txt": mask_file_text(mask_values)}
     selection = None
     if cfg.pruning_select == "val":
-        threshold, selection = select_threshold(model, mask_values, ctx.val, norm, cfg)
+        threshold, selection = select_threshold(model, mask_values, ctx.val, norm, cfg, cfg.anp_prune_bias)
         files["anp_threshold_selection.yaml"] = dump_yaml(selection)
         log(f"threshold selected on validation data: {'none (nothing pruned)' if threshold is None else threshold} "
             f"({selection['criterion']}); candidates " + ", ".join(

@@ -49,11 +49,11 @@ import torch.nn.functional as F
 from bdsafety import engine
 from bdsafety.config import AMOUNT, FRACTION, NONNEG, POS_INT, POSITIVE, Option, dump_yaml, int_list
 from bdsafety.data.device import iterate_batches
-from bdsafety.defenses.anp import clip_masks, mask_file_text, prune_model, select_pruned, thresholds, wrap_batchnorms
+from bdsafety.defenses.anp import clip_masks, mask_file_text, pruned_copy, thresholds, wrap_batchnorms
+from bdsafety.defenses.anp import select_threshold as anp_select_threshold
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.errors import ConfigError, TrainingDiverged
 from bdsafety.registry import register
-from bdsafety.selection import select, selection_doc, val_accuracy
 
 NAME = "rnp"
 METRICS = ("test_loss", "test_acc", "test_asr", "test_ra")
@@ -148,26 +148,10 @@ def recover_masks(unlearned, reserved, norm, cfg, hflip: bool, generator, progre
     return values, rows
 
 
-def pruned_copy(model, mask_values, by: str, number: float):
-    """Stage 3: a copy of ``model`` with the selected neurons' BN weights set to 0, and the pruned (layer, channel)s."""
-    pruned = select_pruned(mask_values, by, number)
-    return prune_model(copy.deepcopy(model), pruned, prune_bias=False), pruned
-
-
 def select_threshold(model, mask_values, val, norm, cfg) -> tuple[float | None, dict]:
-    """pruning_select val: the largest threshold of the sweep within the relative validation C-Acc budget."""
-
-    ref = val_accuracy(model, val, norm, cfg.eval_batch_size)
-    cands = []
-    for thr in thresholds(cfg):
-        pm, pr = pruned_copy(model, mask_values, "threshold", thr)
-        cands.append({"threshold": thr, "n_pruned": len(pr),
-                      "val_acc": val_accuracy(pm, val, norm, cfg.eval_batch_size)})
-    chosen, criterion = select(cands, key="threshold", criterion="largest_within_drop", tol=cfg.acc_ratio,
-                               reference=ref)
-    doc = selection_doc(what="RNP pruning threshold", key="threshold", chosen=chosen, criterion=criterion,
-                        candidates=cands, val_acc_unpruned=ref, acc_ratio=float(cfg.acc_ratio), val_size=int(len(val)))
-    return (None if chosen is None else chosen["threshold"]), doc
+    """pruning_select val: the largest threshold of the sweep within the relative validation C-Acc budget (ANP's
+    rule, BN weights only)."""
+    return anp_select_threshold(model, mask_values, val, norm, cfg, prune_bias=False, method="RNP")
 
 
 # ------------------------------------------------------------------------------------------- the defense
