@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, Option
+from bdsafety.config import NONNEG, POS_INT, POSITIVE, Check, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, keep_eval, make_sgd
 from bdsafety.errors import ConfigError
@@ -48,8 +48,6 @@ WARM_UP = ("random", "far", "middle", "noise", "near")
 
 def schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
-                     check=AMOUNT),
         epochs=Option(100, "training epochs", check=POS_INT),
         batch_size=Option(256, "batch size", check=POS_INT),
         lr=Option(0.01, "SGD learning rate", check=POSITIVE),

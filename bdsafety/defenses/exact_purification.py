@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, OPEN_FRACTION, POS_INT, POSITIVE, Option
+from bdsafety.config import OPEN_FRACTION, POS_INT, POSITIVE, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
 from bdsafety.defenses.mixing import mixing_batch_fn, pool_replacer, true_label_pool
@@ -38,8 +38,6 @@ from bdsafety.registry import register
 
 def ep_schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
-                     check=AMOUNT),
         epochs=Option(10, "training epochs", check=POS_INT),
         batch_size=Option(128, "batch size", check=POS_INT),
         lr=Option(0.01, "SGD learning rate", check=POSITIVE),

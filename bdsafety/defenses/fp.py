@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, FRACTION, NONNEG, POS_INT, POSITIVE, Check, Option, dump_yaml
+from bdsafety.config import FRACTION, NONNEG, POS_INT, POSITIVE, Check, Option, dump_yaml
 from bdsafety.data.device import iterate_batches
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
@@ -53,8 +53,6 @@ NAME = "fp"
 
 def schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
-                     check=AMOUNT),
         val_ratio=Option(0.2, "fraction of the reserved data held out as the clean validation split that chooses the "
                               "number of pruned channels (never ranked on or trained on)",
                          check=Check(lo=0, hi=0.5, lo_open=True, hi_open=True, text="a fraction in (0, 0.5)")),

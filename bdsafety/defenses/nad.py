@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, Option
+from bdsafety.config import NONNEG, POS_INT, POSITIVE, Check, Option
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import check_common, make_sgd
 from bdsafety.errors import ConfigError
@@ -66,8 +66,6 @@ NAD_SCHEDULE = ((2, None), (20, 0.01), (None, 1e-4))
 
 def schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
-                     check=AMOUNT),
         te_epochs=Option(10, "epochs of the teacher's fine-tuning on the reserved data", check=POS_INT),
         epochs=Option(10, "epochs of the student's attention distillation (BackdoorBench uses te_epochs for both)",
                       check=POS_INT),

@@ -45,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, FRACTION, NONNEG, OPEN_FRACTION, POS_INT, POSITIVE, Check, Option
+from bdsafety.config import FRACTION, NONNEG, OPEN_FRACTION, POS_INT, POSITIVE, Check, Option
 from bdsafety.data.device import DeviceDataset, iterate_batches
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.defenses.finetune import OPTIM_SCHEMA, check_common, fit_reserved, make_sgd
@@ -58,8 +58,6 @@ MAD_CONSISTENCY = 1.4826  # MAD -> standard deviation of a normal distribution
 
 def schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
-                     check=AMOUNT),
         epochs=Option(100, "unlearning epochs (when a class is flagged)", check=POS_INT),
         batch_size=Option(256, "batch size of reverse engineering and unlearning", check=POS_INT),
         lr=Option(0.01, "SGD learning rate of the unlearning", check=POSITIVE),

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from bdsafety import engine
-from bdsafety.config import AMOUNT, NONNEG, POS_INT, POSITIVE, Check, Option
+from bdsafety.config import NONNEG, POS_INT, POSITIVE, Check, Option
 from bdsafety.data.device import iterate_batches
 from bdsafety.defenses.base import DefenseResult, defense_schema
 from bdsafety.errors import ConfigError
@@ -65,8 +65,6 @@ CORR_EPS = 1e-4
 
 def schema() -> dict:
     return defense_schema(
-        ratio=Option(0.05, "defender's reserved clean data: ratio (<1) or count (>=1) of the training set",
-                     check=AMOUNT),
         rounds=Option(3, "rounds of the two stages (official TSPC_epoch)", check=POS_INT),
         epochs=Option(200, "curve-training epochs of each stage", check=POS_INT),
         batch_size=Option(256, "batch size of curve training, fine-tuning and BatchNorm re-estimation", check=POS_INT),
