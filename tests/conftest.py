@@ -32,6 +32,18 @@ def _threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it (tiny batches: as fast, and immune to an oversubscribed
+    machine). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _build_record(root, name: str, extra: list[str]) -> str:
     """Run the demo BadNets attack (config/attack/badnet/demo.yaml) into ``root``; returns the record folder."""
     from bdsafety.registry import get

@@ -14,14 +14,7 @@ from bdsafety.models import build_model, classifier_layer, identify_model, load_
 from bdsafety.models.registry import VIT_MLP_RENAMES
 from bdsafety.models.zoo import UNBUILDABLE, ZOO, BackdoorBenchViT
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batches of 2 tiny images: one intra-op thread is as fast, and immune to an oversubscribed machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _FIXTURE = "backdoorbench_model_zoo_keys.json"

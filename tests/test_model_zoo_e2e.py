@@ -28,12 +28,7 @@ SIZED = {"alexnet": 64, "inception_v3": 80,  # too small at 32 px: upsampled on 
 TINY = ["--no_progress", "--ratio", "20", "--batch_size", "20", "--epochs", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

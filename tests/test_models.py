@@ -19,7 +19,7 @@ from bdsafety.models import (
     load_state_dict_compat,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # the models built with real weights here (every registered name is checked on the meta device in test_model_zoo.py)
 CORE = ("preactresnet18", "resnet18", "resnet18_cifar", "vgg19_bn", "preactresnet18_narrow", "cnn_small", "cnn_tiny")

@@ -34,7 +34,7 @@ from bdsafety.records import (
 )
 from bdsafety.safeio import RecordError, atomic_torch_save, atomic_write_text, safe_torch_load
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Benign:

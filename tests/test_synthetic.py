@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from bdsafety.data import datasets
 from bdsafety.data.synthetic import CLASSES, _shape_mask, make_synthetic
@@ -139,7 +138,6 @@ def _clean_val_acc(difficulty: float, n_fit: int = 2000, n_val: int = 300, epoch
     from bdsafety.data.device import DeviceDataset, Normalizer
     from bdsafety.models import build_model
 
-    torch.set_num_threads(1)
     data = make_synthetic(n_fit + n_val, 10, seed=0, difficulty=difficulty)
     gen = engine.seed_everything(0)
     model = build_model("cnn_tiny", 10)
@@ -151,6 +149,7 @@ def _clean_val_acc(difficulty: float, n_fit: int = 2000, n_val: int = 300, epoch
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_a_clean_model_learns_hard_data_above_chance_but_less_than_the_easy_data():
     """At difficulty 0.3 a small slice (2,000 images, 10 epochs) is learned above chance (0.1) but clearly worse than
     the easy data on the same budget (measured: 0.99 easy; the hard data needs the full 45,000 images to reach the
