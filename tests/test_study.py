@@ -206,7 +206,7 @@ def test_local_and_ray_give_the_same_results(tiny_study, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_prepares_a_shared_inversion_once_and_gives_the_local_results(tmp_path):
+def test_ray_prepares_a_shared_inversion_once_and_gives_the_local_results(tmp_path, capsys):
     """On Ray, BTI-DBF(U) and pam on one record wait for a prepare task that computes their shared
     trigger inversion once (bdsafety.study.execute.prepare_job), instead of one of them holding a worker while the
     other computes it; the results are those of the local executor."""
@@ -216,8 +216,13 @@ def test_ray_prepares_a_shared_inversion_once_and_gives_the_local_results(tmp_pa
     y = _yaml(tmp_path / "inv.yaml", top={"name": "inv", "defenses": ["bti_dbf", "pam"], "retune": [], "analyses": [],
                                          "clean_reference": False}, bti_dbf=bti, pam=bti)
     local, _ = _run(y, tmp_path / "local")
+    capsys.readouterr()
     oc, _ = _run(y, tmp_path / "ray", executor="ray", ray_num_cpus=2)
+    out = capsys.readouterr().out
     assert not oc.failed and not local.failed
+    # the console says when the shared inversion starts and ends (jobs are silent while it runs)
+    assert out.count("computing the shared trigger inversion") == 1, out
+    assert out.count("shared trigger inversion prepared in") == 1, out
     rec = tmp_path / "ray" / REC
     assert len(list((rec / "bti_inversion").glob("*.pt"))) == 1
     logs = [(tmp_path / "ray" / "logs" / f"{REC}__defense__{d}.log").read_text() for d in ("bti_dbf", "pam")]

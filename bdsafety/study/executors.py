@@ -344,7 +344,8 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
         def submit(n: Node):
             up = {d: results[d] for d in n.deps if d in results}
             opts = dict(num_cpus=n.cpus, num_gpus=n.gpus, name=n.key)
-            if n.prepare:
+            if n.prepare:  # the console is otherwise silent until the first job after it ends (up to an hour)
+                print(f"[study] {n.key}: computing the shared trigger inversion; its jobs wait for it", flush=True)
                 return prepare.options(**opts, max_retries=0).remote(n.job.to_dict(), str(study_dir), str(report_dir),
                                                                       up)
             return task.options(**opts, max_retries=1).remote(n.job.to_dict(), str(study_dir), str(report_dir),
@@ -360,6 +361,8 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
             except Exception as e:  # the worker died (killed, out of memory, node lost): the job failed
                 if n.prepare:  # its jobs compute the inversion themselves
                     results[n.key] = {"key": n.key, "status": "failed", "wall_s": 0.0}
+                    print(f"[study] {n.key}: the shared trigger inversion failed ({type(e).__name__}); each of its "
+                          f"jobs computes it itself", flush=True)
                     return
                 bad = [d for d in j.deps if results.get(d, {}).get("status") not in ("done", "ran")]
                 r = ({"key": j.key, "id": j.id, "status": "skipped", "error": f"upstream {bad[0]} failed",
@@ -368,7 +371,10 @@ def run_ray(todo: list, current: dict, study_dir: Path, on_result: Callable[[dic
                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}", "wall_s": 0.0,
                       "log": str(log_path(report_dir, j.key))})
             results[n.key] = r
-            if not n.prepare:
+            if n.prepare:
+                print(f"[study] {n.key}: shared trigger inversion {r.get('status')} in {r.get('wall_s') or 0:.0f}s",
+                      flush=True)
+            else:
                 on_result(r)
 
         nodes = build_nodes(todo, inversion_ready=lambda j: inversion_on_disk(j, study_dir),
